@@ -1,0 +1,114 @@
+package envoy
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+)
+
+// TestShippedConfigs checks every bootstrap in this directory: each must
+// load and pass with no errors and no warnings.
+func TestShippedConfigs(t *testing.T) {
+	files, err := filepath.Glob("*.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) == 0 {
+		t.Fatal("no Envoy configs found")
+	}
+	for _, f := range files {
+		t.Run(f, func(t *testing.T) {
+			b, err := Load(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ps := Check(b); len(ps) > 0 {
+				t.Fatalf("%s has problems: %v", f, ps)
+			}
+		})
+	}
+}
+
+// TestBrokenConfigs breaks envoy.yaml one way at a time; each copy must be
+// refused, with a message that names the problem.
+func TestBrokenConfigs(t *testing.T) {
+	orig, err := os.ReadFile("envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name      string
+		old, new  string
+		wantParse string // the parse must fail with this
+		wantCheck string // or the check must report this
+		warning   bool   // the check's report is a warning only
+	}{
+		{name: "unknown field", old: "codec_type: AUTO", new: "codec_typo: AUTO", wantParse: "codec_typo"},
+		{name: "bad enum", old: "request_body_mode: BUFFERED", new: "request_body_mode: BUFFERD", wantParse: "BUFFERD"},
+		{name: "unknown typed_config", old: "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router", new: "type.googleapis.com/envoy.extensions.filters.http.nope.v3.Nope", wantParse: "nope"},
+		{name: "PGV rule in typed_config", old: "stat_prefix: openai", new: `stat_prefix: ""`, wantCheck: "StatPrefix"},
+		{name: "PGV rule at top level", old: "connect_timeout: 1s", new: "connect_timeout: -1s", wantCheck: "ConnectTimeout"},
+		{name: "missing ext_proc cluster", old: "envoy_grpc: { cluster_name: vgw_extproc }", new: "envoy_grpc: { cluster_name: nowhere }", wantCheck: `cluster "nowhere" is not defined`},
+		{name: "ext_proc cluster without HTTP/2", old: "          http2_protocol_options: {}\n", new: "          http_protocol_options: {}\n", wantCheck: "must speak HTTP/2"},
+		{name: "router not last", old: "          - name: envoy.filters.http.ext_proc\n", new: "          - name: envoy.filters.http.router\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n          - name: envoy.filters.http.ext_proc\n", wantCheck: "router filter must be the last"},
+		{name: "fail open", old: "failure_mode_allow: false", new: "failure_mode_allow: true", wantCheck: "fail-open"},
+		{name: "body not buffered", old: "request_body_mode: BUFFERED", new: "request_body_mode: STREAMED", wantCheck: "must be BUFFERED"},
+		{name: "stream closes before response ends", old: "response_trailer_mode: SEND", new: "response_trailer_mode: SKIP", wantCheck: "frees the slot early"},
+		{name: "buffered response body", old: "response_body_mode: NONE", new: "response_body_mode: BUFFERED", wantCheck: "must be NONE or STREAMED"},
+		{name: "idle timeout under the wait", old: "stream_idle_timeout: 960s", new: "stream_idle_timeout: 300s", wantCheck: "stream_idle_timeout"},
+		{name: "idle timeout default", old: "          stream_idle_timeout: 960s\n", new: "", wantCheck: "408"},
+		{name: "no cluster_header route", old: "cluster_header: x-vgw-cluster", new: "cluster: vgw_extproc", wantCheck: "cluster_header"},
+		{name: "route to missing cluster", old: "cluster_header: x-vgw-cluster", new: "cluster: nowhere", wantCheck: `cluster "nowhere" is not defined`},
+		{name: "duplicate cluster", old: "  clusters:\n", new: "  clusters:\n  - name: vgw_extproc\n    connect_timeout: 1s\n", wantCheck: "duplicate cluster"},
+		{name: "no max_message_timeout", old: "              max_message_timeout: 900s\n", new: "", wantCheck: "override_message_timeout", warning: true},
+		{name: "route timeout default", old: "                  timeout: 0s\n", new: "", wantCheck: "cuts streamed responses", warning: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if !strings.Contains(string(orig), tt.old) {
+				t.Fatalf("envoy.yaml no longer contains %q; update the test", tt.old)
+			}
+			broken := strings.Replace(string(orig), tt.old, tt.new, 1)
+			b, err := Parse([]byte(broken))
+			if tt.wantParse != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantParse) {
+					t.Fatalf("Parse error = %v, want one mentioning %q", err, tt.wantParse)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Parse: %v", err)
+			}
+			ps := Check(b)
+			for _, p := range ps {
+				if strings.Contains(p.String(), tt.wantCheck) {
+					if p.Warning != tt.warning {
+						t.Fatalf("problem %q: warning = %v, want %v", p, p.Warning, tt.warning)
+					}
+					return
+				}
+			}
+			t.Fatalf("Check found %v, want a problem mentioning %q", ps, tt.wantCheck)
+		})
+	}
+}
+
+func TestExtProc(t *testing.T) {
+	b, err := Load("envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep, err := ExtProc(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := ep.GetGrpcService().GetEnvoyGrpc().GetClusterName(); got != "vgw_extproc" {
+		t.Fatalf("ext_proc cluster = %q", got)
+	}
+	if _, err := ExtProc(&bootstrapv3.Bootstrap{}); err == nil {
+		t.Fatal("ExtProc found a filter in an empty bootstrap")
+	}
+}

@@ -1,0 +1,140 @@
+package envoy
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+)
+
+// ClusterHeader is the request header vgw sets to choose the upstream
+// cluster, which the route must read with cluster_header.
+const ClusterHeader = "x-vgw-cluster"
+
+// Envoy's defaults that vgw's checks compare against.
+const (
+	defaultStreamIdleTimeout = 5 * time.Minute  // http_connection_manager.proto, stream_idle_timeout
+	defaultRouteTimeout      = 15 * time.Second // route_components.proto, RouteAction.timeout
+)
+
+// ExtProc returns the first ext_proc filter configured in b's static
+// listeners, which is the one vgw serves.
+func ExtProc(b *bootstrapv3.Bootstrap) (*extprocv3.ExternalProcessor, error) {
+	for _, l := range b.GetStaticResources().GetListeners() {
+		for _, fc := range l.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				hcm, ok := unpack(f.GetTypedConfig(), &hcmv3.HttpConnectionManager{})
+				if !ok {
+					continue
+				}
+				for _, hf := range hcm.GetHttpFilters() {
+					if ep, ok := unpack(hf.GetTypedConfig(), &extprocv3.ExternalProcessor{}); ok {
+						return ep, nil
+					}
+				}
+			}
+		}
+	}
+	return nil, errors.New("no ext_proc HTTP filter in the static listeners")
+}
+
+// extProc checks an ext_proc filter against what vgw relies on. The
+// reasons cite Envoy's source; see ../shared/ENVOY-FACTS.md.
+func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcmv3.HttpConnectionManager, clusters map[string]*clusterv3.Cluster, hasCDS bool) {
+	gs := ep.GetGrpcService()
+	switch {
+	case gs == nil:
+		c.errorf(path, "vgw is a gRPC external processor: set grpc_service")
+	case gs.GetEnvoyGrpc() != nil:
+		name := gs.GetEnvoyGrpc().GetClusterName()
+		cl := clusters[name]
+		switch {
+		case cl == nil && !hasCDS:
+			c.errorf(path+".grpc_service.envoy_grpc.cluster_name", "cluster %q is not defined", name)
+		case cl == nil:
+			c.warnf(path+".grpc_service.envoy_grpc.cluster_name", "cluster %q is not static; it must arrive by CDS before the first request", name)
+		case !speaksHTTP2(cl):
+			c.errorf(path+".grpc_service.envoy_grpc.cluster_name",
+				"cluster %q must speak HTTP/2 for gRPC: set typed_extension_protocol_options[envoy.extensions.upstreams.http.v3.HttpProtocolOptions].explicit_http_config.http2_protocol_options", name)
+		}
+	}
+	if ep.GetFailureModeAllow() {
+		// ext_proc.cc onGrpcError: fail-open sends the request upstream
+		// unprocessed, unadmitted and routed by whatever x-vgw-cluster the
+		// client sent.
+		c.errorf(path+".failure_mode_allow", "must be false: fail-open bypasses admission and lets clients pick the cluster")
+	}
+	if ep.GetObservabilityMode() {
+		c.errorf(path+".observability_mode", "must be false: Envoy ignores the processor's replies in observability mode, so nothing can be admitted")
+	}
+
+	pm := ep.GetProcessingMode()
+	if m := pm.GetRequestHeaderMode(); m != extprocv3.ProcessingMode_DEFAULT && m != extprocv3.ProcessingMode_SEND {
+		c.errorf(path+".processing_mode.request_header_mode", "must be SEND: vgw decides on the request headers or body")
+	}
+	if m := pm.GetRequestBodyMode(); m != extprocv3.ProcessingMode_BUFFERED {
+		c.errorf(path+".processing_mode.request_body_mode", "must be BUFFERED: the model name is in the body, which must reach vgw whole before Envoy routes, got %v", m)
+	}
+	switch pm.GetResponseBodyMode() {
+	case extprocv3.ProcessingMode_NONE:
+		// The response's end is seen only as the stream's end, which Envoy
+		// delays until the HTTP stream is destroyed only if a later phase is
+		// still configured (ext_proc.cc, processor_state.cc early close).
+		if pm.GetResponseTrailerMode() != extprocv3.ProcessingMode_SEND {
+			c.errorf(path+".processing_mode.response_trailer_mode",
+				"must be SEND when response_body_mode is NONE: otherwise Envoy closes the ext_proc stream before a streamed response ends and vgw frees the slot early")
+		}
+	case extprocv3.ProcessingMode_STREAMED:
+		c.warnf(path+".processing_mode.response_body_mode", "STREAMED costs a round trip to vgw per response chunk; NONE with response_trailer_mode SEND costs none")
+	default:
+		c.errorf(path+".processing_mode.response_body_mode", "must be NONE or STREAMED: %v holds back or reshapes streamed (SSE) responses", pm.GetResponseBodyMode())
+	}
+	if ep.GetSendBodyWithoutWaitingForHeaderResponse() {
+		c.warnf(path+".send_body_without_waiting_for_header_response", "makes Envoy ignore mode overrides, so the x-vgw-model fast path still buffers the body")
+	}
+
+	maxMsg := ep.GetMaxMessageTimeout().AsDuration()
+	if maxMsg == 0 {
+		c.warnf(path+".max_message_timeout", "unset: Envoy accepts no override_message_timeout, so a request can wait for a slot or a load only message_timeout (default 200ms)")
+	}
+	idle := defaultStreamIdleTimeout
+	if t := hcm.GetStreamIdleTimeout(); t != nil {
+		idle = t.AsDuration()
+	}
+	if idle != 0 && maxMsg > idle {
+		c.errorf(path, "max_message_timeout (%v) exceeds the connection manager's stream_idle_timeout (%v): a request still waiting would be cut with 408; raise stream_idle_timeout", maxMsg, idle)
+	}
+
+	found := false
+	for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+		for ri, r := range vh.GetRoutes() {
+			ra := r.GetRoute()
+			if ra.GetClusterHeader() != ClusterHeader {
+				continue
+			}
+			found = true
+			if ra.GetTimeout() == nil {
+				c.warnf(fmt.Sprintf("route_config.virtual_hosts[%d].routes[%d].route.timeout", vi, ri),
+					"unset: Envoy's default %v cuts streamed responses that take longer; set 0s", defaultRouteTimeout)
+			}
+		}
+	}
+	if !found && hcm.GetRouteConfig() != nil {
+		c.errorf(path, "no route of this connection manager reads cluster_header %q, so vgw's routing answer is never used", ClusterHeader)
+	}
+}
+
+// speaksHTTP2 reports whether Envoy talks HTTP/2 to the cluster.
+func speaksHTTP2(cl *clusterv3.Cluster) bool {
+	//lint:ignore SA1019 Envoy still honours the deprecated field, so the check must too.
+	if cl.GetHttp2ProtocolOptions() != nil {
+		return true
+	}
+	opts, ok := unpack(cl.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"], &upstreamhttpv3.HttpProtocolOptions{})
+	return ok && opts.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil
+}

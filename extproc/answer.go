@@ -1,0 +1,141 @@
+package extproc
+
+import (
+	"encoding/json"
+	"strconv"
+	"unicode/utf8"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+)
+
+// Headers vgw sets. Envoy's route picks the upstream cluster from
+// HeaderCluster (route_components.proto: cluster_header); Envoy ignores
+// mutations of x-envoy-* and :authority, so these names are vgw's own.
+const (
+	HeaderModel      = "x-vgw-model"
+	HeaderCluster    = "x-vgw-cluster"
+	HeaderQueueDepth = "x-vgw-queue-depth"
+)
+
+// rejection is an answer vgw gives instead of sending the request on.
+type rejection struct {
+	status     int
+	errType    string // OpenAI error "type"
+	code       string // OpenAI error "code"; empty renders null
+	param      string // OpenAI error "param"; empty renders null
+	message    string
+	retryAfter int // seconds; 0 sends no Retry-After
+	reason     Reason
+	outcome    Outcome
+}
+
+// openAIError is the error shape of the OpenAI API, which clients of an
+// OpenAI-compatible server parse.
+type openAIError struct {
+	Error struct {
+		Message string  `json:"message"`
+		Type    string  `json:"type"`
+		Param   *string `json:"param"`
+		Code    *string `json:"code"`
+	} `json:"error"`
+}
+
+func (r *rejection) body() []byte {
+	var e openAIError
+	e.Error.Message, e.Error.Type = r.message, r.errType
+	if r.param != "" {
+		e.Error.Param = &r.param
+	}
+	if r.code != "" {
+		e.Error.Code = &r.code
+	}
+	b, err := json.Marshal(&e)
+	if err != nil { // cannot happen for strings; keep the answer well-formed anyway
+		return []byte(`{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}`)
+	}
+	return b
+}
+
+// immediate renders r as the ImmediateResponse Envoy sends to the client.
+// Envoy's local reply keeps our content-type (source/common/http/utility.cc
+// sets text/plain only when none is set).
+func (r *rejection) immediate(depth int) *extprocv3.ProcessingResponse {
+	hs := []*corev3.HeaderValueOption{
+		setHeader("content-type", []byte("application/json")),
+		setHeader(HeaderQueueDepth, strconv.AppendInt(nil, int64(depth), 10)),
+	}
+	if r.retryAfter > 0 {
+		hs = append(hs, setHeader("retry-after", strconv.AppendInt(nil, int64(r.retryAfter), 10)))
+	}
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
+		ImmediateResponse: &extprocv3.ImmediateResponse{
+			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(r.status)},
+			Headers: &extprocv3.HeaderMutation{SetHeaders: hs},
+			Body:    r.body(),
+			Details: "vgw_" + r.reason.String(),
+		},
+	}}
+}
+
+// setHeader builds a header mutation entry. Envoy reads only raw_value in
+// mutations (source/extensions/filters/http/ext_proc/mutation_utils.cc,
+// applyHeaderMutations), so the value goes there.
+func setHeader(key string, value []byte) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{Header: &corev3.HeaderValue{Key: key, RawValue: value}}
+}
+
+// printable returns s cut to at most n bytes of valid UTF-8, for echoing a
+// client's value in an error message.
+func printable(s []byte, n int) string {
+	if len(s) > n {
+		s = s[:n]
+		for len(s) > 0 && !utf8.Valid(s) {
+			s = s[:len(s)-1]
+		}
+	}
+	return string(s)
+}
+
+func badRequest(msg, code string) *rejection {
+	return &rejection{status: 400, errType: "invalid_request_error", code: code, message: msg,
+		reason: ReasonBadRequest, outcome: OutcomeRejected}
+}
+
+func unknownModel(name []byte) *rejection {
+	return &rejection{status: 404, errType: "invalid_request_error", param: "model", code: "model_not_found",
+		message: "The model '" + printable(name, 256) + "' does not exist or is not served here.",
+		reason:  ReasonUnknownModel, outcome: OutcomeRejected}
+}
+
+func tooLarge(limit int) *rejection {
+	return &rejection{status: 413, errType: "invalid_request_error", code: "request_too_large",
+		message: "The request body is larger than " + strconv.Itoa(limit) + " bytes.",
+		reason:  ReasonTooLarge, outcome: OutcomeRejected}
+}
+
+func queueFull(model string, retryAfter int) *rejection {
+	return &rejection{status: 429, errType: "rate_limit_exceeded", code: "queue_full",
+		message:    "Too many requests are waiting for model '" + model + "'; retry later.",
+		retryAfter: retryAfter, reason: ReasonQueueFull, outcome: OutcomeRejected}
+}
+
+func timedOut(model string, r Reason) *rejection {
+	what := "a free slot"
+	if r == ReasonLoadTimeout {
+		what = "the model to load"
+	}
+	return &rejection{status: 504, errType: "timeout", code: r.String(),
+		message: "The request for model '" + model + "' timed out waiting for " + what + ".",
+		reason:  r, outcome: OutcomeTimedOut}
+}
+
+func unavailable(model string, err error, retryAfter int, r Reason) *rejection {
+	msg := "Model '" + model + "' is unavailable"
+	if err != nil {
+		msg += ": " + err.Error()
+	}
+	return &rejection{status: 503, errType: "server_error", code: "model_unavailable", message: msg,
+		retryAfter: retryAfter, reason: r, outcome: OutcomeRejected}
+}

@@ -1,0 +1,163 @@
+package extproc
+
+import (
+	"sync/atomic"
+	"time"
+)
+
+// Outcome is what admission did with a request.
+type Outcome uint8
+
+const (
+	OutcomeAdmitted  Outcome = iota + 1 // sent on to the model
+	OutcomeQueued                       // waiting for a slot or for the model to load
+	OutcomeRejected                     // answered with an error by vgw
+	OutcomeTimedOut                     // waited past its deadline: 504
+	OutcomeAbandoned                    // the client went away while it waited
+)
+
+var outcomeNames = [...]string{"", "admitted", "queued", "rejected", "timed_out", "abandoned"}
+
+func (o Outcome) String() string {
+	if int(o) < len(outcomeNames) {
+		return outcomeNames[o]
+	}
+	return "unknown"
+}
+
+// ParseOutcome is the inverse of Outcome.String.
+func ParseOutcome(s string) (Outcome, bool) {
+	for i, n := range outcomeNames {
+		if i > 0 && n == s {
+			return Outcome(i), true
+		}
+	}
+	return 0, false
+}
+
+// Reason says why a request got its outcome.
+type Reason uint8
+
+const (
+	ReasonNone         Reason = iota
+	ReasonSlotFree            // a slot was free at once
+	ReasonSlotGranted         // a slot was handed over after waiting
+	ReasonQueueFull           // 429
+	ReasonQueueTimeout        // 504 waiting for a slot
+	ReasonLoadTimeout         // 504 waiting for the model to load
+	ReasonLoadFailed          // 503 the model could not be placed or loaded
+	ReasonUnknownModel        // 404
+	ReasonBadRequest          // 400 bad JSON or no model
+	ReasonTooLarge            // 413
+	ReasonWaitSlot            // queued behind other requests
+	ReasonWaitLoad            // waiting for the model to load
+	ReasonClientGone          // the client left
+	ReasonDraining            // 503 the gateway is draining
+)
+
+var reasonNames = [...]string{"", "slot_free", "slot_granted", "queue_full", "queue_timeout", "load_timeout",
+	"load_failed", "unknown_model", "bad_request", "too_large", "wait_slot", "wait_load", "client_gone", "draining"}
+
+func (r Reason) String() string {
+	if int(r) < len(reasonNames) {
+		return reasonNames[r]
+	}
+	return "unknown"
+}
+
+// A Decision is one admission decision, rendered from the ring on demand.
+type Decision struct {
+	Time       time.Time
+	Model      string
+	Outcome    Outcome
+	Reason     Reason
+	Status     int // HTTP status vgw answered with; 0 when it answered none
+	QueueDepth int
+	Wait       time.Duration
+}
+
+// DecisionLog is a bounded ring of the most recent decisions. Writers never
+// lock and never allocate: each claims a slot with one atomic add and fills
+// it with atomic stores guarded by a per-slot sequence number, so a reader
+// sees a slot whole or skips it. Nothing is formatted until Recent is called.
+type DecisionLog struct {
+	next  atomic.Uint64
+	mask  uint64
+	slots []decisionSlot
+}
+
+type decisionSlot struct {
+	seq    atomic.Uint64 // 2*pos+1 while slot pos is written, 2*pos+2 once whole
+	at     atomic.Int64  // unix nanoseconds
+	wait   atomic.Int64
+	packed atomic.Uint64 // outcome<<56 | reason<<48 | status<<32 | depth
+	model  atomic.Pointer[string]
+}
+
+// NewDecisionLog returns a ring that keeps the last size decisions, size
+// rounded up to a power of two (at least 2).
+func NewDecisionLog(size int) *DecisionLog {
+	n := 2
+	for n < size {
+		n <<= 1
+	}
+	return &DecisionLog{mask: uint64(n - 1), slots: make([]decisionSlot, n)}
+}
+
+// record stores a decision. model must point to a string that is never
+// changed afterwards (a configured name, or a copy made for the record).
+func (l *DecisionLog) record(at time.Time, model *string, o Outcome, r Reason, status, depth int, wait time.Duration) {
+	pos := l.next.Add(1) - 1
+	s := &l.slots[pos&l.mask]
+	s.seq.Store(2*pos + 1)
+	s.at.Store(at.UnixNano())
+	s.wait.Store(int64(wait))
+	s.packed.Store(uint64(o)<<56 | uint64(r)<<48 | uint64(uint16(status))<<32 | uint64(uint32(depth)))
+	s.model.Store(model)
+	s.seq.Store(2*pos + 2)
+}
+
+// Filter selects decisions in Recent; zero fields match everything.
+type Filter struct {
+	Model   string
+	Outcome Outcome
+	Limit   int // at most this many; 0 means the whole ring
+}
+
+// Recent returns the newest decisions first. Slots being overwritten while
+// it reads are skipped rather than waited for.
+func (l *DecisionLog) Recent(f Filter) []Decision {
+	end := l.next.Load()
+	n := uint64(len(l.slots))
+	start := uint64(0)
+	if end > n {
+		start = end - n
+	}
+	var out []Decision
+	for pos := end; pos > start; {
+		pos--
+		s := &l.slots[pos&l.mask]
+		if s.seq.Load() != 2*pos+2 {
+			continue
+		}
+		d := Decision{Time: time.Unix(0, s.at.Load())}
+		d.Wait = time.Duration(s.wait.Load())
+		p := s.packed.Load()
+		d.Outcome, d.Reason = Outcome(p>>56), Reason(p>>48)
+		d.Status, d.QueueDepth = int(uint16(p>>32)), int(uint32(p))
+		if m := s.model.Load(); m != nil {
+			d.Model = *m
+		}
+		if s.seq.Load() != 2*pos+2 {
+			continue // overwritten while we read it
+		}
+		if (f.Model != "" && d.Model != f.Model) || (f.Outcome != 0 && d.Outcome != f.Outcome) {
+			continue
+		}
+		out = append(out, d)
+		if f.Limit > 0 && len(out) == f.Limit {
+			break
+		}
+	}
+	return out
+}

@@ -1,0 +1,228 @@
+package extproc_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/vgw-project/vgw/envoy"
+	"github.com/vgw-project/vgw/extproc"
+	"github.com/vgw-project/vgw/extproc/extproctest"
+)
+
+// repoFilter reads the ext_proc filter settings from the bootstrap vgw
+// ships, so the Envoy these tests play is configured as the real one.
+func repoFilter(t testing.TB) extproctest.Filter {
+	t.Helper()
+	b, err := envoy.Load("../envoy/envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep, err := envoy.ExtProc(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := extproctest.FilterFrom(ep)
+	// The virtual host's request_body_buffer_limit is Envoy's own 413.
+	for _, l := range b.GetStaticResources().GetListeners() {
+		for _, fc := range l.GetFilterChains() {
+			for _, nf := range fc.GetFilters() {
+				hcm := &hcmv3.HttpConnectionManager{}
+				if nf.GetTypedConfig().UnmarshalTo(hcm) != nil {
+					continue
+				}
+				for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+					f.BufferLimit = int(vh.GetRequestBodyBufferLimit().GetValue())
+				}
+			}
+		}
+	}
+	if f.BufferLimit == 0 {
+		t.Fatal("envoy.yaml sets no request_body_buffer_limit")
+	}
+	return f
+}
+
+// fakeManager stands in for the GPU manager. Models are resident unless
+// marked loading; a loading model's Ensure waits for load to be closed.
+type fakeManager struct {
+	mu       sync.Mutex
+	loading  map[string]chan error // closed or sent to when the load ends
+	observed []observation
+	obsCh    chan observation
+}
+
+type observation struct {
+	model string
+	res   extproc.Result
+}
+
+func newFakeManager() *fakeManager {
+	return &fakeManager{loading: map[string]chan error{}, obsCh: make(chan observation, 10000)}
+}
+
+func clusterOf(model string) string { return "vgw/" + model }
+
+func (m *fakeManager) Route(model string) (extproc.Route, bool) {
+	m.mu.Lock()
+	_, loading := m.loading[model]
+	m.mu.Unlock()
+	if loading {
+		return extproc.Route{}, false
+	}
+	return extproc.Route{Cluster: clusterOf(model)}, true
+}
+
+func (m *fakeManager) Ensure(ctx context.Context, model string) (extproc.Route, error) {
+	m.mu.Lock()
+	ch, loading := m.loading[model]
+	m.mu.Unlock()
+	if !loading {
+		return extproc.Route{Cluster: clusterOf(model)}, nil
+	}
+	select {
+	case err, ok := <-ch:
+		if ok && err != nil {
+			return extproc.Route{}, err
+		}
+		m.mu.Lock()
+		delete(m.loading, model)
+		m.mu.Unlock()
+		return extproc.Route{Cluster: clusterOf(model)}, nil
+	case <-ctx.Done():
+		return extproc.Route{}, ctx.Err()
+	}
+}
+
+func (m *fakeManager) Observe(model string, r extproc.Result) {
+	m.mu.Lock()
+	m.observed = append(m.observed, observation{model, r})
+	m.mu.Unlock()
+	m.obsCh <- observation{model, r}
+}
+
+// startLoading marks model as not resident; closing (or sending an error
+// on) the returned channel ends the load.
+func (m *fakeManager) startLoading(model string) chan error {
+	ch := make(chan error, 1)
+	m.mu.Lock()
+	m.loading[model] = ch
+	m.mu.Unlock()
+	return ch
+}
+
+type harness struct {
+	srv  *extproc.Server
+	mgr  *fakeManager
+	conn *grpc.ClientConn
+	env  *extproctest.Envoy
+	up   *upstreams
+}
+
+// start runs an ext_proc server on a loopback listener and an Envoy that
+// talks to it over real gRPC.
+func start(t testing.TB, models []extproc.Model, opts ...extproc.Option) *harness {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{mgr: newFakeManager(), up: newUpstreams()}
+	f := repoFilter(t)
+	opts = append([]extproc.Option{extproc.WithMessageTimeouts(f.MessageTimeout, f.MaxMessageTimeout)}, opts...)
+	h.srv = extproc.New(models, h.mgr, opts...)
+	g := grpc.NewServer()
+	h.srv.Register(g)
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+	h.conn, err = grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.conn.Close() })
+	h.env = extproctest.New(h.conn, f, h.up.serve)
+	return h
+}
+
+// upstreams plays the model servers. By default each answers 200 at once;
+// a test can hold responses open with hold.
+type upstreams struct {
+	mu      sync.Mutex
+	held    map[string]chan *held // by request id header
+	arrived chan *extproctest.Forwarded
+}
+
+type held struct {
+	fwd    *extproctest.Forwarded
+	chunks chan []byte
+}
+
+func newUpstreams() *upstreams {
+	return &upstreams{held: map[string]chan *held{}, arrived: make(chan *extproctest.Forwarded, 10000)}
+}
+
+// hold makes the request whose x-request-id is id stream its response:
+// the returned channel yields the response's chunk channel once the request
+// arrives; closing that ends the response.
+func (u *upstreams) hold(id string) chan *held {
+	ch := make(chan *held, 1)
+	u.mu.Lock()
+	u.held[id] = ch
+	u.mu.Unlock()
+	return ch
+}
+
+func (u *upstreams) serve(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
+	u.arrived <- f
+	u.mu.Lock()
+	ch, ok := u.held[f.Get("x-request-id")]
+	u.mu.Unlock()
+	if !ok {
+		return &extproctest.Response{Status: 200, Headers: []extproctest.Header{{Key: "content-type", Value: "application/json"}},
+			Body: []byte(`{"choices":[]}`)}, nil
+	}
+	chunks := make(chan []byte)
+	ch <- &held{fwd: f, chunks: chunks}
+	return &extproctest.Response{Status: 200, Headers: []extproctest.Header{{Key: "content-type", Value: "text/event-stream"}},
+		Stream: chunks}, nil
+}
+
+// eventually polls cond until it holds or the deadline passes.
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(time.Millisecond) // polling interval, not synchronisation
+	}
+}
+
+func (h *harness) stats(t testing.TB, model string) extproc.GateStats {
+	t.Helper()
+	st, ok := h.srv.Stats(model)
+	if !ok {
+		t.Fatalf("no stats for model %q", model)
+	}
+	return st
+}
+
+// idle waits until model has nothing in flight or queued: every slot taken
+// has been given back.
+func (h *harness) idle(t testing.TB, model string) {
+	t.Helper()
+	eventually(t, model+" is idle", func() bool {
+		st := h.stats(t, model)
+		return st.InFlight == 0 && st.Queued == 0
+	})
+}
+
+var errLoad = errors.New("no GPU has room: needs 40 GiB, 12 GiB free")

@@ -1,0 +1,488 @@
+package extproc
+
+import (
+	"bytes"
+	"errors"
+	"strconv"
+	"unicode/utf16"
+	"unicode/utf8"
+)
+
+// MaxNesting is the deepest nesting of arrays and objects that ExtractModel
+// accepts before the model key is found. It matches encoding/json's limit; a
+// deeper body is answered 400 rather than walked.
+const MaxNesting = 10000
+
+// Errors from ExtractModel. Each maps to a 400 answer; *SyntaxError says
+// where the body stopped being JSON.
+var (
+	ErrNotObject      = errors.New("request body is not a JSON object")
+	ErrNoModel        = errors.New(`request body has no top-level "model" key`)
+	ErrModelNotString = errors.New(`"model" must be a non-empty string`)
+	ErrTooDeep        = errors.New("request body nests deeper than 10000 levels")
+)
+
+// A SyntaxError reports malformed JSON at a byte offset of the body.
+type SyntaxError struct {
+	Offset int
+	msg    string
+}
+
+func (e *SyntaxError) Error() string {
+	return "invalid JSON at byte " + strconv.Itoa(e.Offset) + ": " + e.msg
+}
+
+// ExtractModel returns the value of the top-level "model" key of the JSON
+// object in body, reading only as far as that key.
+//
+// It never unmarshals the body. When the model string holds no escapes the
+// result aliases body and nothing is allocated. Keys named "model" inside
+// nested values (messages, tools) are skipped, whatever the key order. The
+// body is checked as JSON up to the model key, including every nested value
+// it skips; what follows the key is left for the backend to judge. When a
+// body repeats the top-level key, the first one decides the route: the
+// backend serves that one model, so a later, different key is answered by
+// the backend as an unknown model and cannot reach another model's server.
+func ExtractModel(body []byte) ([]byte, error) {
+	s := scanner{b: body}
+	s.skipSpace()
+	if s.i >= len(s.b) || s.b[s.i] != '{' {
+		return nil, ErrNotObject
+	}
+	s.i++
+	s.skipSpace()
+	if s.i < len(s.b) && s.b[s.i] == '}' {
+		s.i++
+		if err := s.end(); err != nil {
+			return nil, err
+		}
+		return nil, ErrNoModel
+	}
+	for {
+		isModel, err := s.key()
+		if err != nil {
+			return nil, err
+		}
+		if isModel {
+			s.skipSpace()
+			if s.i >= len(s.b) || s.b[s.i] != '"' {
+				if s.i >= len(s.b) {
+					return nil, s.fail("unexpected end of body")
+				}
+				return nil, ErrModelNotString
+			}
+			v, err := s.stringValue()
+			if err != nil {
+				return nil, err
+			}
+			if len(v) == 0 {
+				return nil, ErrModelNotString
+			}
+			return v, nil
+		}
+		if err := s.skipValue(); err != nil {
+			return nil, err
+		}
+		s.skipSpace()
+		if s.i >= len(s.b) {
+			return nil, s.fail("unexpected end of body")
+		}
+		switch s.b[s.i] {
+		case ',':
+			s.i++
+			s.skipSpace()
+		case '}':
+			s.i++
+			if err := s.end(); err != nil {
+				return nil, err
+			}
+			return nil, ErrNoModel
+		default:
+			return nil, s.fail("expected ',' or '}' after object value")
+		}
+	}
+}
+
+// scanner walks a JSON text without building anything from it.
+type scanner struct {
+	b []byte
+	i int
+}
+
+func (s *scanner) fail(msg string) error {
+	return &SyntaxError{Offset: s.i, msg: msg}
+}
+
+func (s *scanner) skipSpace() {
+	for s.i < len(s.b) {
+		switch s.b[s.i] {
+		case ' ', '\t', '\n', '\r':
+			s.i++
+		default:
+			return
+		}
+	}
+}
+
+// end checks that only whitespace follows the top-level object.
+func (s *scanner) end() error {
+	s.skipSpace()
+	if s.i != len(s.b) {
+		return s.fail("data after the top-level object")
+	}
+	return nil
+}
+
+// key reads an object key and the colon after it, positioned at the key's
+// opening quote (after whitespace). It reports whether the key is "model",
+// escapes decoded.
+func (s *scanner) key() (bool, error) {
+	if s.i >= len(s.b) {
+		return false, s.fail("unexpected end of body")
+	}
+	if s.b[s.i] != '"' {
+		return false, s.fail("expected a string key")
+	}
+	start := s.i + 1
+	escaped, err := s.skipString()
+	if err != nil {
+		return false, err
+	}
+	raw := s.b[start : s.i-1]
+	var isModel bool
+	if !escaped {
+		isModel = string(raw) == "model"
+	} else {
+		// Escaped keys are rare; decode on the stack when short.
+		var buf [16]byte
+		k, ok := unescape(buf[:0], raw)
+		if !ok {
+			return false, &SyntaxError{Offset: start, msg: "invalid escape in key"}
+		}
+		isModel = string(k) == "model"
+	}
+	s.skipSpace()
+	if s.i >= len(s.b) || s.b[s.i] != ':' {
+		return false, s.fail("expected ':' after object key")
+	}
+	s.i++
+	return isModel, nil
+}
+
+// skipString moves past the string whose opening quote is at s.i and reports
+// whether it held a backslash. Strings the scanner skips are not checked for
+// raw control characters: the backend owns that check, and skipping them with
+// IndexByte is what keeps a long message cheap to step over.
+func (s *scanner) skipString() (escaped bool, err error) {
+	i := s.i + 1
+	for {
+		q := bytes.IndexByte(s.b[i:], '"')
+		if q < 0 {
+			s.i = len(s.b)
+			return escaped, s.fail("unterminated string")
+		}
+		bs := bytes.IndexByte(s.b[i:i+q], '\\')
+		if bs < 0 {
+			s.i = i + q + 1
+			return escaped, nil
+		}
+		escaped = true
+		i += bs + 1
+		if i >= len(s.b) {
+			s.i = i
+			return escaped, s.fail("unterminated string")
+		}
+		switch s.b[i] {
+		case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+			i++
+		case 'u':
+			if i+5 > len(s.b) || !isHex4(s.b[i+1:i+5]) {
+				s.i = i
+				return escaped, s.fail(`invalid \u escape`)
+			}
+			i += 5
+		default:
+			s.i = i
+			return escaped, s.fail("invalid escape")
+		}
+	}
+}
+
+// stringValue reads the string at s.i strictly: control characters and
+// invalid UTF-8 are errors, since this value becomes a route. It aliases the
+// body unless the string holds escapes.
+func (s *scanner) stringValue() ([]byte, error) {
+	start := s.i + 1
+	escaped, err := s.skipString()
+	if err != nil {
+		return nil, err
+	}
+	raw := s.b[start : s.i-1]
+	for j, c := range raw {
+		if c < 0x20 {
+			return nil, &SyntaxError{Offset: start + j, msg: "control character in string"}
+		}
+	}
+	if !escaped {
+		if !utf8.Valid(raw) {
+			return nil, &SyntaxError{Offset: start, msg: "invalid UTF-8 in string"}
+		}
+		return raw, nil
+	}
+	v, ok := unescape(make([]byte, 0, len(raw)), raw)
+	if !ok || !utf8.Valid(v) {
+		return nil, &SyntaxError{Offset: start, msg: "invalid escape in string"}
+	}
+	return v, nil
+}
+
+// nesting is a stack of container kinds, one bit each (set: object, clear:
+// array). The first 64 levels live in a word; deeper ones, which only odd or
+// hostile bodies reach, spill to a lazily allocated array.
+type nesting struct {
+	depth int
+	low   uint64
+	high  *[(MaxNesting + 63) / 64]uint64
+}
+
+func (n *nesting) push(object bool) bool {
+	if n.depth == MaxNesting {
+		return false
+	}
+	word, bit := &n.low, uint(n.depth)
+	if n.depth >= 64 {
+		if n.high == nil {
+			n.high = new([(MaxNesting + 63) / 64]uint64)
+		}
+		word, bit = &n.high[n.depth/64], uint(n.depth%64)
+	}
+	if object {
+		*word |= 1 << bit
+	} else {
+		*word &^= 1 << bit
+	}
+	n.depth++
+	return true
+}
+
+// inObject reports whether the innermost open container is an object.
+func (n *nesting) inObject() bool {
+	top := n.depth - 1
+	if top < 64 {
+		return n.low&(1<<uint(top)) != 0
+	}
+	return n.high[top/64]&(1<<uint(top%64)) != 0
+}
+
+// skipValue moves past one JSON value of any kind. Nesting is tracked with a
+// bit stack, not recursion, so hostile depth costs no goroutine stack.
+func (s *scanner) skipValue() error {
+	var n nesting
+	for {
+		// A value is expected here.
+		s.skipSpace()
+		if s.i >= len(s.b) {
+			return s.fail("unexpected end of body")
+		}
+		switch c := s.b[s.i]; c {
+		case '{', '[':
+			if !n.push(c == '{') {
+				return ErrTooDeep
+			}
+			s.i++
+			s.skipSpace()
+			if s.i < len(s.b) && s.b[s.i] == c+2 { // '}' is '{'+2, ']' is '['+2
+				s.i++
+				n.depth--
+				break
+			}
+			if c == '{' {
+				if _, err := s.key(); err != nil {
+					return err
+				}
+			}
+			continue
+		case '"':
+			if _, err := s.skipString(); err != nil {
+				return err
+			}
+		default:
+			if err := s.skipScalar(); err != nil {
+				return err
+			}
+		}
+		// A value ended; close containers until one wants another value.
+		for {
+			if n.depth == 0 {
+				return nil
+			}
+			s.skipSpace()
+			if s.i >= len(s.b) {
+				return s.fail("unexpected end of body")
+			}
+			inObject := n.inObject()
+			c := s.b[s.i]
+			s.i++
+			if c == ',' {
+				if inObject {
+					s.skipSpace()
+					if _, err := s.key(); err != nil {
+						return err
+					}
+				}
+				break
+			}
+			if (inObject && c == '}') || (!inObject && c == ']') {
+				n.depth--
+				continue
+			}
+			s.i--
+			return s.fail("expected ',' or a closing bracket")
+		}
+	}
+}
+
+// skipScalar moves past a number, true, false or null.
+func (s *scanner) skipScalar() error {
+	start := s.i
+	for s.i < len(s.b) {
+		c := s.b[s.i]
+		if ('0' <= c && c <= '9') || ('a' <= c && c <= 'z') || c == '-' || c == '+' || c == '.' || c == 'E' {
+			s.i++
+			continue
+		}
+		break
+	}
+	tok := s.b[start:s.i]
+	switch {
+	case len(tok) == 0:
+		return s.fail("expected a value")
+	case string(tok) == "true", string(tok) == "false", string(tok) == "null":
+		return nil
+	case validNumber(tok):
+		return nil
+	}
+	s.i = start
+	return s.fail("invalid literal")
+}
+
+// validNumber reports whether tok follows JSON's number grammar.
+func validNumber(tok []byte) bool {
+	i := 0
+	if i < len(tok) && tok[i] == '-' {
+		i++
+	}
+	switch {
+	case i < len(tok) && tok[i] == '0':
+		i++
+	case i < len(tok) && '1' <= tok[i] && tok[i] <= '9':
+		for i < len(tok) && '0' <= tok[i] && tok[i] <= '9' {
+			i++
+		}
+	default:
+		return false
+	}
+	if i < len(tok) && tok[i] == '.' {
+		i++
+		d := i
+		for i < len(tok) && '0' <= tok[i] && tok[i] <= '9' {
+			i++
+		}
+		if i == d {
+			return false
+		}
+	}
+	if i < len(tok) && (tok[i] == 'e' || tok[i] == 'E') {
+		i++
+		if i < len(tok) && (tok[i] == '+' || tok[i] == '-') {
+			i++
+		}
+		d := i
+		for i < len(tok) && '0' <= tok[i] && tok[i] <= '9' {
+			i++
+		}
+		if i == d {
+			return false
+		}
+	}
+	return i == len(tok)
+}
+
+func isHex4(b []byte) bool {
+	for _, c := range b[:4] {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return false
+		}
+	}
+	return true
+}
+
+func hex4(b []byte) rune {
+	var r rune
+	for _, c := range b[:4] {
+		r <<= 4
+		switch {
+		case c <= '9':
+			r |= rune(c - '0')
+		case c <= 'F':
+			r |= rune(c - 'A' + 10)
+		default:
+			r |= rune(c - 'a' + 10)
+		}
+	}
+	return r
+}
+
+// unescape appends the decoded form of the JSON string contents raw to dst.
+// A lone surrogate decodes to U+FFFD, as encoding/json does.
+func unescape(dst, raw []byte) ([]byte, bool) {
+	for i := 0; i < len(raw); {
+		c := raw[i]
+		if c != '\\' {
+			dst = append(dst, c)
+			i++
+			continue
+		}
+		if i+1 >= len(raw) {
+			return dst, false
+		}
+		switch raw[i+1] {
+		case '"', '\\', '/':
+			dst = append(dst, raw[i+1])
+		case 'b':
+			dst = append(dst, '\b')
+		case 'f':
+			dst = append(dst, '\f')
+		case 'n':
+			dst = append(dst, '\n')
+		case 'r':
+			dst = append(dst, '\r')
+		case 't':
+			dst = append(dst, '\t')
+		case 'u':
+			if i+6 > len(raw) || !isHex4(raw[i+2:i+6]) {
+				return dst, false
+			}
+			r := hex4(raw[i+2 : i+6])
+			i += 6
+			if utf16.IsSurrogate(r) {
+				if i+6 <= len(raw) && raw[i] == '\\' && raw[i+1] == 'u' && isHex4(raw[i+2:i+6]) {
+					if d := utf16.DecodeRune(r, hex4(raw[i+2:i+6])); d != utf8.RuneError {
+						r = d
+						i += 6
+					} else {
+						r = utf8.RuneError
+					}
+				} else {
+					r = utf8.RuneError
+				}
+			}
+			dst = utf8.AppendRune(dst, r)
+			continue
+		default:
+			return dst, false
+		}
+		i += 2
+	}
+	return dst, true
+}

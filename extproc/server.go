@@ -1,0 +1,269 @@
+// Package extproc is vgw's Envoy external processor: for every request
+// Envoy proxies, it reads the model name, admits, queues or rejects the
+// request against that model's limits, and tells Envoy which cluster to
+// route it to. It knows the GPU manager only through the Manager interface
+// it declares here.
+package extproc
+
+import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+)
+
+// Manager is the GPU manager as the request path sees it.
+type Manager interface {
+	// Route returns where model's requests go if the model can take traffic
+	// now, without blocking. It runs for every request, so it must be cheap
+	// for a resident model.
+	Route(model string) (Route, bool)
+	// Ensure makes model ready, loading it (and evicting others) if need
+	// be, and returns its route. It returns an error when the model cannot
+	// be placed or fails to load, and ctx's error when ctx ends first.
+	Ensure(ctx context.Context, model string) (Route, error)
+	// Observe reports that a request admitted for model has finished.
+	Observe(model string, r Result)
+}
+
+// Route is where Envoy sends a model's requests.
+type Route struct {
+	// Cluster is the Envoy cluster name, set as the x-vgw-cluster header
+	// that the Envoy route's cluster_header reads.
+	Cluster string
+}
+
+// Result is what became of an admitted request.
+type Result struct {
+	// Status is the upstream HTTP status, or 0 if no response started.
+	Status int
+	// Duration runs from admission to the end of the response.
+	Duration time.Duration
+}
+
+// Model is a model clients may name, with its admission limits.
+type Model struct {
+	Name   string
+	Limits Limits
+}
+
+// Server implements envoy.service.ext_proc.v3.ExternalProcessor.
+type Server struct {
+	extprocv3.UnimplementedExternalProcessorServer
+
+	mgr       Manager
+	log       *slog.Logger
+	decisions *DecisionLog
+	now       func() time.Time
+
+	maxBody           int
+	loadTimeout       time.Duration
+	messageTimeout    time.Duration
+	maxMessageTimeout time.Duration
+
+	models atomic.Pointer[modelTable]
+	setMu  sync.Mutex // serialises SetModels
+}
+
+// modelTable is an immutable snapshot of the configured models, swapped
+// whole on reload so the request path reads it without a lock.
+type modelTable struct {
+	byName map[string]*modelEntry
+	list   []byte // the pre-rendered GET /v1/models answer
+}
+
+type modelEntry struct {
+	name  string
+	gate  *gate
+	route atomic.Pointer[routeHeaders]
+}
+
+// routeHeaders caches the immutable header mutations for a model's current
+// route, so admitting a request builds no strings.
+type routeHeaders struct {
+	cluster    string
+	model      *corev3.HeaderValueOption
+	clusterHdr *corev3.HeaderValueOption
+}
+
+func (m *modelEntry) headersFor(r Route) *routeHeaders {
+	if h := m.route.Load(); h != nil && h.cluster == r.Cluster {
+		return h
+	}
+	h := &routeHeaders{
+		cluster:    r.Cluster,
+		model:      setHeader(HeaderModel, []byte(m.name)),
+		clusterHdr: setHeader(HeaderCluster, []byte(r.Cluster)),
+	}
+	m.route.Store(h)
+	return h
+}
+
+// An Option configures a Server.
+type Option func(*Server)
+
+// WithLogger sets the logger; decisions are logged at debug level.
+func WithLogger(l *slog.Logger) Option { return func(s *Server) { s.log = l } }
+
+// WithDecisionLog sets the ring that keeps recent decisions.
+func WithDecisionLog(d *DecisionLog) Option { return func(s *Server) { s.decisions = d } }
+
+// WithMaxBody sets the largest request body vgw reads; larger ones are 413.
+// It should not exceed Envoy's buffer limit for the route, or Envoy answers
+// 413 itself before vgw sees the body.
+func WithMaxBody(n int) Option { return func(s *Server) { s.maxBody = n } }
+
+// WithLoadTimeout bounds how long a request waits for its model to load.
+func WithLoadTimeout(d time.Duration) Option { return func(s *Server) { s.loadTimeout = d } }
+
+// WithMessageTimeouts tells vgw the message_timeout and max_message_timeout
+// of Envoy's ext_proc filter. A request may wait only as long as Envoy lets
+// it (see waitBudget); max 0 means Envoy accepts no override.
+func WithMessageTimeouts(message, max time.Duration) Option {
+	return func(s *Server) { s.messageTimeout, s.maxMessageTimeout = message, max }
+}
+
+// WithClock replaces time.Now, for tests.
+func WithClock(now func() time.Time) Option { return func(s *Server) { s.now = now } }
+
+// Defaults, matching Envoy's own where the value mirrors an Envoy setting.
+const (
+	DefaultMaxBody        = 1 << 20                // Envoy's default per-connection buffer limit
+	DefaultMessageTimeout = 200 * time.Millisecond // ext_proc filter config.h
+	DefaultLoadTimeout    = 10 * time.Minute
+)
+
+// New returns a server for models, backed by mgr.
+func New(models []Model, mgr Manager, opts ...Option) *Server {
+	s := &Server{
+		mgr:            mgr,
+		log:            slog.Default(),
+		now:            time.Now,
+		maxBody:        DefaultMaxBody,
+		loadTimeout:    DefaultLoadTimeout,
+		messageTimeout: DefaultMessageTimeout,
+	}
+	for _, o := range opts {
+		o(s)
+	}
+	if s.decisions == nil {
+		s.decisions = NewDecisionLog(4096)
+	}
+	s.SetModels(models)
+	return s
+}
+
+// Register adds the service to g.
+func (s *Server) Register(g *grpc.Server) { extprocv3.RegisterExternalProcessorServer(g, s) }
+
+// Decisions returns the ring of recent decisions.
+func (s *Server) Decisions() *DecisionLog { return s.decisions }
+
+// SetModels replaces the configured models. A model that stays keeps its
+// queue, in-flight count and statistics, and takes the new limits; a model
+// that goes is answered 404 from now on, while its admitted requests finish.
+func (s *Server) SetModels(models []Model) {
+	s.setMu.Lock()
+	defer s.setMu.Unlock()
+	old := s.models.Load()
+	t := &modelTable{byName: make(map[string]*modelEntry, len(models))}
+	names := make([]string, 0, len(models))
+	for _, m := range models {
+		if old != nil {
+			if e, ok := old.byName[m.Name]; ok {
+				e.gate.setLimits(m.Limits)
+				t.byName[m.Name] = e
+				names = append(names, m.Name)
+				continue
+			}
+		}
+		t.byName[m.Name] = &modelEntry{name: m.Name, gate: newGate(m.Limits)}
+		names = append(names, m.Name)
+	}
+	slices.Sort(names)
+	t.list = renderModelList(names)
+	s.models.Store(t)
+}
+
+// Stats returns the admission state of one model.
+func (s *Server) Stats(model string) (GateStats, bool) {
+	e, ok := s.models.Load().byName[model]
+	if !ok {
+		return GateStats{}, false
+	}
+	return e.gate.stats(), true
+}
+
+// AllStats returns the admission state of every configured model.
+func (s *Server) AllStats() map[string]GateStats {
+	t := s.models.Load()
+	out := make(map[string]GateStats, len(t.byName))
+	for name, e := range t.byName {
+		out[name] = e.gate.stats()
+	}
+	return out
+}
+
+func (s *Server) lookup(name []byte) *modelEntry {
+	return s.models.Load().byName[string(name)] // no allocation: the compiler special-cases this conversion
+}
+
+// renderModelList renders the answer to GET /v1/models, the OpenAI model
+// list clients call to discover what a server offers.
+func renderModelList(names []string) []byte {
+	type model struct {
+		ID      string `json:"id"`
+		Object  string `json:"object"`
+		Created int64  `json:"created"`
+		OwnedBy string `json:"owned_by"`
+	}
+	list := struct {
+		Object string  `json:"object"`
+		Data   []model `json:"data"`
+	}{Object: "list", Data: make([]model, 0, len(names))}
+	for _, n := range names {
+		list.Data = append(list.Data, model{ID: n, Object: "model", OwnedBy: "vgw"})
+	}
+	b, _ := json.Marshal(list) // strings and ints only: cannot fail
+	return b
+}
+
+// record files a decision in the ring and, at debug level only, the log.
+// The Enabled check comes first so that at info level nothing is formatted
+// or allocated; no lock is held here.
+func (s *Server) record(ctx context.Context, model *string, o Outcome, r Reason, status, depth int, wait time.Duration) {
+	s.decisions.record(s.now(), model, o, r, status, depth, wait)
+	if s.log.Enabled(ctx, slog.LevelDebug) {
+		s.log.LogAttrs(ctx, slog.LevelDebug, "decision",
+			slog.String("model", *model),
+			slog.String("outcome", o.String()),
+			slog.String("reason", r.String()),
+			slog.Int("status", status),
+			slog.Int("queue_depth", depth),
+			slog.Duration("wait", wait))
+	}
+}
+
+// waitBudget is how long a request may wait in all (for a slot, then for
+// its model), and the margin kept before Envoy's own timer would fire.
+// Envoy gives a reply message_timeout (200 ms by default) unless vgw
+// extends it, once per phase, with override_message_timeout, which Envoy
+// accepts only up to max_message_timeout
+// (source/extensions/filters/http/ext_proc/processor_state.cc,
+// ext_proc.cc). vgw therefore answers 504 itself a margin before the longest
+// timer it can ask for, so the client gets vgw's answer, not Envoy's.
+func (s *Server) waitBudget(queueTimeout time.Duration) (budget, margin time.Duration) {
+	limit := s.maxMessageTimeout
+	if limit <= 0 {
+		limit = s.messageTimeout
+	}
+	margin = min(time.Second, limit/4)
+	return min(queueTimeout+s.loadTimeout, limit-margin), margin
+}

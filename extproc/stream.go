@@ -1,0 +1,537 @@
+package extproc
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+// Process serves one ext_proc stream, which Envoy opens for each HTTP
+// request. What Envoy sends, and when it closes the stream, follows from the
+// filter's processing mode; envoy/envoy.yaml sets the one vgw is built for:
+//
+//	request headers SEND, request body BUFFERED, request trailers SKIP,
+//	response headers SEND, response body NONE, response trailers SEND.
+//
+// With response trailers SEND and no response body processing, Envoy keeps
+// the stream open until the HTTP stream is destroyed: when the response has
+// been fully sent, or the client has gone (ext_proc.cc onDestroy, and the
+// early-close rules in ext_proc.cc and processor_state.cc, which close
+// earlier only when the response has already ended). Envoy adds no
+// synthetic trailers since 1.28, so no message marks the end of a streamed
+// body; the stream's end does. The slot a request holds is therefore
+// released when the response headers end the stream, when trailers arrive,
+// when a STREAMED body's last chunk arrives, or when the stream ends,
+// whichever comes first, and exactly once.
+func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
+	st := &stream{s: s, srv: srv, ctx: srv.Context()}
+	defer st.close()
+	for {
+		req, err := st.recv()
+		if err != nil {
+			return nil // Envoy closed or reset the stream: nothing left to answer
+		}
+		done, err := st.handle(req)
+		if err != nil || done {
+			return err
+		}
+	}
+}
+
+// phase is where a stream stands in Envoy's exchange.
+type phase uint8
+
+const (
+	phaseRequestHeaders phase = iota // nothing received yet
+	phaseRequestBody                 // headers answered; the model is in the body
+	phaseResponse                    // admitted: the request went upstream
+)
+
+// stream is the state of one ext_proc stream; only its handler goroutine
+// touches it, apart from the receive pump's channel.
+type stream struct {
+	s   *Server
+	srv extprocv3.ExternalProcessor_ProcessServer
+	ctx context.Context
+
+	phase    phase
+	extended bool // override_message_timeout used in this phase
+
+	// respBodyMode is the response body mode Envoy reported, which a mode
+	// override must restate (ext_proc.cc effectiveModeOverride copies both
+	// body modes verbatim).
+	respBodyMode filterv3.ProcessingMode_BodySendMode
+
+	model      *modelEntry
+	held       bool // a slot of model.gate is ours
+	admittedAt time.Time
+	status     int // upstream :status
+
+	// The receive pump: started when the stream must wait, so that a
+	// client leaving is seen at once. See startPump.
+	pump    chan received
+	done    chan struct{}
+	cancel  context.CancelFunc
+	pending []*extprocv3.ProcessingRequest // messages that arrived while waiting
+	recvErr error
+}
+
+type received struct {
+	req *extprocv3.ProcessingRequest
+	err error
+}
+
+func (st *stream) recv() (*extprocv3.ProcessingRequest, error) {
+	if len(st.pending) > 0 {
+		r := st.pending[0]
+		st.pending = st.pending[1:]
+		return r, nil
+	}
+	if st.recvErr != nil {
+		return nil, st.recvErr
+	}
+	if st.pump == nil {
+		return st.srv.Recv()
+	}
+	select {
+	case r := <-st.pump:
+		if r.err != nil {
+			st.recvErr = r.err
+		}
+		return r.req, r.err
+	case <-st.ctx.Done():
+		return nil, st.ctx.Err()
+	}
+}
+
+// startPump moves receiving onto its own goroutine for the rest of the
+// stream, so that a wait can watch for the stream ending. Envoy's close is
+// END_STREAM plus RST_STREAM, which cancels the context, but with the
+// ext_proc_graceful_grpc_close runtime flag it is a half-close only
+// (grpc_client_impl.h), which only a pending Recv sees. The pump cancels the
+// stream's context when Recv fails, so every wait, and Manager.Ensure, sees
+// the client leave.
+func (st *stream) startPump() {
+	if st.pump != nil {
+		return
+	}
+	st.ctx, st.cancel = context.WithCancel(st.ctx)
+	st.pump = make(chan received, 1)
+	st.done = make(chan struct{})
+	go func(srv extprocv3.ExternalProcessor_ProcessServer, out chan<- received, done <-chan struct{}, cancel context.CancelFunc) {
+		for {
+			req, err := srv.Recv()
+			if err != nil {
+				cancel()
+			}
+			select {
+			case out <- received{req, err}:
+			case <-done:
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}(st.srv, st.pump, st.done, st.cancel)
+}
+
+// close runs when the stream's handler returns, however it returns.
+func (st *stream) close() {
+	st.finish()
+	if st.pump != nil {
+		close(st.done)
+		st.cancel()
+	}
+}
+
+func (st *stream) send(r *extprocv3.ProcessingResponse) error {
+	return st.srv.Send(r)
+}
+
+// Replies that carry nothing are shared: gRPC only reads a message it sends.
+var (
+	continueRequestHeaders   = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{}}}
+	continueRequestBody      = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{}}}
+	continueRequestTrailers  = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{RequestTrailers: &extprocv3.TrailersResponse{}}}
+	continueResponseBody     = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{ResponseBody: &extprocv3.BodyResponse{}}}
+	continueResponseTrailers = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{ResponseTrailers: &extprocv3.TrailersResponse{}}}
+)
+
+// handle answers one message. done means the stream has nothing more to do.
+func (st *stream) handle(req *extprocv3.ProcessingRequest) (done bool, err error) {
+	if pc := req.GetProtocolConfig(); pc != nil {
+		st.respBodyMode = pc.GetResponseBodyMode()
+	}
+	switch r := req.GetRequest().(type) {
+	case *extprocv3.ProcessingRequest_RequestHeaders:
+		if st.phase != phaseRequestHeaders {
+			return true, status.Error(codes.FailedPrecondition, "request headers received twice")
+		}
+		return st.requestHeaders(r.RequestHeaders)
+	case *extprocv3.ProcessingRequest_RequestBody:
+		if st.phase == phaseResponse {
+			// Decided at the headers; Envoy sends the body anyway when it
+			// ignored the mode override (allow_mode_override off).
+			return false, st.send(continueRequestBody)
+		}
+		return st.requestBody(r.RequestBody)
+	case *extprocv3.ProcessingRequest_RequestTrailers:
+		return false, st.send(continueRequestTrailers)
+	case *extprocv3.ProcessingRequest_ResponseHeaders:
+		return false, st.responseHeaders(r.ResponseHeaders)
+	case *extprocv3.ProcessingRequest_ResponseBody:
+		if r.ResponseBody.GetEndOfStream() {
+			st.finish()
+		}
+		return false, st.send(continueResponseBody)
+	case *extprocv3.ProcessingRequest_ResponseTrailers:
+		st.finish()
+		return false, st.send(continueResponseTrailers)
+	default:
+		return true, status.Errorf(codes.InvalidArgument, "unsupported ext_proc message %T", r)
+	}
+}
+
+// headerValue reads a header as Envoy sends it: in raw_value since Envoy
+// 1.27 (mutation_utils.cc headersToProto), in value before.
+func headerValue(h *corev3.HeaderValue) []byte {
+	if len(h.RawValue) > 0 || h.Value == "" {
+		return h.RawValue
+	}
+	return []byte(h.Value)
+}
+
+func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
+	var method, path, model, contentLength []byte
+	var hasModel bool
+	for _, hv := range h.GetHeaders().GetHeaders() {
+		switch hv.GetKey() {
+		case ":method":
+			method = headerValue(hv)
+		case ":path":
+			path = headerValue(hv)
+		case HeaderModel:
+			model, hasModel = headerValue(hv), true
+		case "content-length":
+			contentLength = headerValue(hv)
+		}
+	}
+	if len(contentLength) > 0 {
+		n, err := strconv.ParseInt(string(contentLength), 10, 64)
+		if err == nil && n > int64(st.s.maxBody) {
+			return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, 0)
+		}
+	}
+	if hasModel {
+		// The header fast path: decide now and tell Envoy not to send the
+		// body at all.
+		return st.decide(model, true)
+	}
+	if h.GetEndOfStream() {
+		if string(method) == "GET" && isModelList(path) {
+			return true, st.send(modelList(st.s.models.Load().list))
+		}
+		return true, st.reject(emptyModel, badRequest(`The request has no body, so no "model" to route by.`, "missing_model"), 0, 0)
+	}
+	st.phase = phaseRequestBody
+	st.extended = false
+	return false, st.send(continueRequestHeaders)
+}
+
+// isModelList reports whether path is /v1/models, with or without a query.
+func isModelList(path []byte) bool {
+	for i, c := range path {
+		if c == '?' {
+			path = path[:i]
+			break
+		}
+	}
+	return string(path) == "/v1/models" || string(path) == "/v1/models/"
+}
+
+func modelList(body []byte) *extprocv3.ProcessingResponse {
+	r := &rejection{status: 200}
+	resp := r.immediate(0)
+	resp.GetImmediateResponse().Body = body
+	resp.GetImmediateResponse().Details = "vgw_model_list"
+	return resp
+}
+
+// emptyModel stands for the model of a request that named none.
+var emptyModel = new(string)
+
+func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
+	body := b.GetBody()
+	// Only BUFFERED mode sends the body whole, in one message; a message
+	// without end_of_stream is BUFFERED_PARTIAL cutting a body that
+	// overflowed Envoy's buffer.
+	if !b.GetEndOfStream() || len(body) > st.s.maxBody {
+		return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, 0)
+	}
+	name, err := ExtractModel(body)
+	if err != nil {
+		var se *SyntaxError
+		switch {
+		case errors.As(err, &se), errors.Is(err, ErrNotObject), errors.Is(err, ErrTooDeep):
+			return true, st.reject(emptyModel, badRequest("The request body is not valid JSON: "+err.Error(), "invalid_json"), 0, 0)
+		default:
+			return true, st.reject(emptyModel, badRequest("The request body has no usable \"model\": "+err.Error(), "missing_model"), 0, 0)
+		}
+	}
+	return st.decide(name, false)
+}
+
+// decide admits, queues or rejects a request for the named model, and
+// sends the answer. atHeaders says the name came from the x-vgw-model
+// header, so the answer is a headers reply.
+func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
+	s := st.s
+	m := s.lookup(name)
+	if m == nil {
+		copied := printable(name, 256)
+		return true, st.reject(&copied, unknownModel(name), 0, 0)
+	}
+	st.model = m
+	start := s.now()
+	if m.gate.tryAcquire() {
+		st.held = true
+		if r, ok := s.mgr.Route(m.name); ok {
+			return false, st.admit(r, ReasonSlotFree, 0, 0, atHeaders)
+		}
+		budget, margin := s.waitBudget(0)
+		return st.waitForModel(start, start.Add(budget), margin, 0, atHeaders)
+	}
+
+	limits := m.gate.stats().Limits
+	budget, margin := s.waitBudget(limits.QueueTimeout)
+	deadline := start.Add(budget)
+	w := waiterPool.Get().(*waiter)
+	res, depth := m.gate.enqueue(w, start)
+	switch res {
+	case admitted:
+		waiterPool.Put(w)
+		st.held = true
+		if r, ok := s.mgr.Route(m.name); ok {
+			return false, st.admit(r, ReasonSlotFree, 0, 0, atHeaders)
+		}
+		return st.waitForModel(start, deadline, margin, 0, atHeaders)
+	case full:
+		waiterPool.Put(w)
+		return true, st.reject(&m.name, queueFull(m.name, m.gate.retryAfter(depth)), depth, 0)
+	}
+
+	s.record(st.ctx, &m.name, OutcomeQueued, ReasonWaitSlot, 0, depth, 0)
+	if err := st.extendTimeout(deadline, margin); err != nil {
+		m.gate.abandon(w) // sending failed: the stream is gone
+		return true, err
+	}
+	slotDeadline := start.Add(limits.QueueTimeout)
+	if deadline.Before(slotDeadline) {
+		slotDeadline = deadline
+	}
+	switch got := st.waitSlot(w, slotDeadline); got {
+	case ReasonSlotGranted:
+		st.held = true
+	case ReasonClientGone:
+		s.record(st.ctx, &m.name, OutcomeAbandoned, ReasonClientGone, 0, m.gate.depth(), s.now().Sub(start))
+		return true, nil
+	default:
+		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), s.now().Sub(start))
+	}
+	if r, ok := s.mgr.Route(m.name); ok {
+		return false, st.admit(r, ReasonSlotGranted, m.gate.depth(), s.now().Sub(start), atHeaders)
+	}
+	return st.waitForModel(start, deadline, margin, m.gate.depth(), atHeaders)
+}
+
+// waitSlot waits for w to be handed a slot, for the deadline, or for the
+// client to leave, and reports which came first. A slot handed over as the
+// wait gives up is given straight back.
+func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
+	st.startPump()
+	timer := time.NewTimer(deadline.Sub(st.s.now()))
+	defer timer.Stop()
+	giveUp := func(r Reason) Reason {
+		if st.model.gate.abandon(w) {
+			<-w.ready
+			st.model.gate.release()
+		}
+		waiterPool.Put(w)
+		return r
+	}
+	for {
+		select {
+		case <-w.ready:
+			waiterPool.Put(w)
+			return ReasonSlotGranted
+		case <-timer.C:
+			return giveUp(ReasonQueueTimeout)
+		case <-st.ctx.Done():
+			return giveUp(ReasonClientGone)
+		case r := <-st.pump:
+			if r.err != nil {
+				st.recvErr = r.err
+				return giveUp(ReasonClientGone)
+			}
+			st.pending = append(st.pending, r.req)
+		}
+	}
+}
+
+// waitForModel holds an admitted slot while the manager makes the model
+// ready, then admits or answers why not.
+func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, depth int, atHeaders bool) (bool, error) {
+	s, m := st.s, st.model
+	s.record(st.ctx, &m.name, OutcomeQueued, ReasonWaitLoad, 0, depth, s.now().Sub(start))
+	if err := st.extendTimeout(deadline, margin); err != nil {
+		return true, err
+	}
+	st.startPump()
+	ctx, cancel := context.WithDeadline(st.ctx, deadline)
+	r, err := s.mgr.Ensure(ctx, m.name)
+	cancel()
+	if err == nil {
+		return false, st.admit(r, ReasonSlotGranted, m.gate.depth(), s.now().Sub(start), atHeaders)
+	}
+	st.releaseSlot()
+	switch {
+	case st.ctx.Err() != nil:
+		s.record(st.ctx, &m.name, OutcomeAbandoned, ReasonClientGone, 0, m.gate.depth(), s.now().Sub(start))
+		return true, nil
+	case errors.Is(err, context.DeadlineExceeded):
+		return true, st.reject(&m.name, timedOut(m.name, ReasonLoadTimeout), m.gate.depth(), s.now().Sub(start))
+	default:
+		return true, st.reject(&m.name, unavailable(m.name, err, retryAfterOf(err), ReasonLoadFailed), m.gate.depth(), s.now().Sub(start))
+	}
+}
+
+// DefaultRetryAfter is the Retry-After of a 503 whose error gives none.
+const DefaultRetryAfter = 30 * time.Second
+
+// retryAfterOf reads a retry hint from a manager error that offers one.
+func retryAfterOf(err error) int {
+	var h interface{ RetryAfter() time.Duration }
+	d := DefaultRetryAfter
+	if errors.As(err, &h) {
+		d = h.RetryAfter()
+	}
+	return max(1, int((d+time.Second-1)/time.Second))
+}
+
+// extendTimeout asks Envoy, once per phase, to wait for vgw's answer until
+// a margin past deadline (override_message_timeout; ext_proc.cc accepts it
+// only within max_message_timeout and only the first time in a phase).
+func (st *stream) extendTimeout(deadline time.Time, margin time.Duration) error {
+	if st.extended || st.s.maxMessageTimeout <= 0 {
+		return nil
+	}
+	st.extended = true
+	d := min(deadline.Sub(st.s.now())+margin, st.s.maxMessageTimeout)
+	d = max(d, time.Millisecond)
+	return st.send(&extprocv3.ProcessingResponse{OverrideMessageTimeout: durationpb.New(d)})
+}
+
+// admit sends the request on: the route headers, the queue depth, and
+// clear_route_cache so that Envoy's router picks the cluster from
+// x-vgw-cluster (ENVOY-FACTS §5; router.cc recomputes the route).
+func (st *stream) admit(r Route, reason Reason, depth int, wait time.Duration, atHeaders bool) error {
+	s, m := st.s, st.model
+	h := m.headersFor(r)
+	common := &extprocv3.CommonResponse{
+		HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
+			h.model, h.clusterHdr, depthHeader(depth),
+		}},
+		ClearRouteCache: true,
+	}
+	var resp *extprocv3.ProcessingResponse
+	if atHeaders {
+		resp = &extprocv3.ProcessingResponse{
+			Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: common}},
+			// The body is not needed: skip it. A mode override replaces
+			// both body modes, so the response one is restated.
+			ModeOverride: &filterv3.ProcessingMode{
+				RequestBodyMode:  filterv3.ProcessingMode_NONE,
+				ResponseBodyMode: st.respBodyMode,
+			},
+		}
+	} else {
+		resp = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: common}}}
+	}
+	st.phase = phaseResponse
+	st.admittedAt = s.now()
+	s.record(st.ctx, &m.name, OutcomeAdmitted, reason, 0, depth, wait)
+	return st.send(resp)
+}
+
+// depthHeaders are the x-vgw-queue-depth entries for small depths, shared
+// so the common case allocates nothing.
+var depthHeaders = func() (hs [64]*corev3.HeaderValueOption) {
+	for i := range hs {
+		hs[i] = setHeader(HeaderQueueDepth, strconv.AppendInt(nil, int64(i), 10))
+	}
+	return hs
+}()
+
+func depthHeader(depth int) *corev3.HeaderValueOption {
+	if depth >= 0 && depth < len(depthHeaders) {
+		return depthHeaders[depth]
+	}
+	return setHeader(HeaderQueueDepth, strconv.AppendInt(nil, int64(depth), 10))
+}
+
+func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) error {
+	for _, hv := range h.GetHeaders().GetHeaders() {
+		if hv.GetKey() == ":status" {
+			st.status, _ = strconv.Atoi(string(headerValue(hv)))
+			break
+		}
+	}
+	if h.GetEndOfStream() {
+		st.finish()
+	}
+	depth := 0
+	if st.model != nil {
+		depth = st.model.gate.depth()
+	}
+	return st.send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
+			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{depthHeader(depth)}},
+		}},
+	}})
+}
+
+// reject answers the request with an error and records why.
+func (st *stream) reject(model *string, r *rejection, depth int, wait time.Duration) error {
+	st.s.record(st.ctx, model, r.outcome, r.reason, r.status, depth, wait)
+	return st.send(r.immediate(depth))
+}
+
+// releaseSlot gives back a slot the request took but never used.
+func (st *stream) releaseSlot() {
+	if st.held {
+		st.held = false
+		st.model.gate.release()
+	}
+}
+
+// finish ends an admitted request: its slot goes back and the manager
+// hears how it went. It runs at most once per slot; later calls do nothing.
+func (st *stream) finish() {
+	if !st.held {
+		return
+	}
+	st.held = false
+	st.model.gate.release()
+	if st.phase == phaseResponse {
+		st.s.mgr.Observe(st.model.name, Result{Status: st.status, Duration: st.s.now().Sub(st.admittedAt)})
+	}
+}
