@@ -1,0 +1,264 @@
+// Package config reads vgw's YAML configuration: gateway-wide limits and
+// listeners, the runtime that runs models, the GPUs, and the models clients
+// may ask for. Unknown keys and wrong types are errors, and every error
+// names the file and line it comes from.
+package config
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/goccy/go-yaml"
+)
+
+// Config is one vgw configuration file.
+type Config struct {
+	Listen    Listen `yaml:"listen"`
+	LogLevel  string `yaml:"log_level"`  // debug, info, warn or error
+	LogFormat string `yaml:"log_format"` // json or text
+
+	// Gateway-wide defaults; each model may override the admission ones.
+	MaxConcurrent     int      `yaml:"max_concurrent"`
+	MaxQueue          int      `yaml:"max_queue"`
+	QueueTimeout      Duration `yaml:"queue_timeout"`
+	LoadTimeout       Duration `yaml:"load_timeout"`
+	InactivityTimeout Duration `yaml:"inactivity_timeout"`
+	MaxModels         int      `yaml:"max_models"`   // resident at once; 0 = no limit
+	MinResident       Duration `yaml:"min_resident"` // no eviction before this, but as a last resort
+	MaxBodyBytes      Bytes    `yaml:"max_body_bytes"`
+	ShutdownTimeout   Duration `yaml:"shutdown_timeout"`
+
+	Envoy   Envoy             `yaml:"envoy"`
+	Runtime Runtime           `yaml:"runtime"`
+	GPUs    GPUs              `yaml:"gpus"`
+	Models  map[string]*Model `yaml:"models"`
+
+	// Path is the file the config was read from.
+	Path string `yaml:"-"`
+}
+
+// Listen holds the listener addresses.
+type Listen struct {
+	ExtProc string `yaml:"extproc"`
+	XDS     string `yaml:"xds"`
+	Admin   string `yaml:"admin"`
+	HTTP    string `yaml:"http"`
+}
+
+// Envoy mirrors the settings of Envoy's ext_proc filter that vgw must
+// respect; keep them equal to envoy/envoy.yaml.
+type Envoy struct {
+	// MessageTimeout is the filter's message_timeout.
+	MessageTimeout Duration `yaml:"message_timeout"`
+	// MaxMessageTimeout is the filter's max_message_timeout: the longest a
+	// request can wait in vgw. 0 means Envoy allows no override.
+	MaxMessageTimeout Duration `yaml:"max_message_timeout"`
+}
+
+// Runtime says how models are run.
+type Runtime struct {
+	Kind     string            `yaml:"kind"` // docker or sim
+	Image    string            `yaml:"image"`
+	Network  string            `yaml:"network"`
+	CacheDir string            `yaml:"cache_dir"`
+	Env      map[string]string `yaml:"env"`
+}
+
+// GPUs is either auto (read from NVML) or a declared list, for sim.
+type GPUs struct {
+	Auto     bool
+	Declared []GPU
+}
+
+// GPU is a declared GPU.
+type GPU struct {
+	Name   string `yaml:"name"`
+	Memory Bytes  `yaml:"memory"`
+}
+
+// Model is one model clients may name. Pointer fields are unset when nil
+// and then take the gateway-wide value.
+type Model struct {
+	Repo                 string            `yaml:"repo"`
+	GPUMemoryUtilization float64           `yaml:"gpu_memory_utilization"`
+	MaxModelLen          int               `yaml:"max_model_len"`
+	MaxNumSeqs           int               `yaml:"max_num_seqs"`
+	TensorParallelSize   int               `yaml:"tensor_parallel_size"`
+	Quantization         string            `yaml:"quantization"`
+	DType                string            `yaml:"dtype"`
+	VRAM                 Bytes             `yaml:"vram"` // declared footprint; learned when 0
+	AlwaysOn             bool              `yaml:"always_on"`
+	InactivityTimeout    *Duration         `yaml:"inactivity_timeout"`
+	MaxConcurrent        *int              `yaml:"max_concurrent"`
+	MaxQueue             *int              `yaml:"max_queue"`
+	QueueTimeout         *Duration         `yaml:"queue_timeout"`
+	GPUs                 []int             `yaml:"gpus"` // pinned GPU indexes
+	ExtraArgs            []string          `yaml:"extra_args"`
+	Env                  map[string]string `yaml:"env"`
+}
+
+// Defaults. The admission ones are the Python gateway's (50 in flight,
+// 200 waiting per model); the Envoy ones match envoy/envoy.yaml.
+var Defaults = Config{
+	Listen: Listen{
+		ExtProc: "127.0.0.1:9002",
+		XDS:     "127.0.0.1:18000",
+		Admin:   "127.0.0.1:9090",
+		HTTP:    "127.0.0.1:9091",
+	},
+	LogLevel:          "info",
+	LogFormat:         "json",
+	MaxConcurrent:     50,
+	MaxQueue:          200,
+	QueueTimeout:      Duration(30 * time.Second),
+	LoadTimeout:       Duration(10 * time.Minute),
+	InactivityTimeout: Duration(30 * time.Minute),
+	MinResident:       Duration(90 * time.Second),
+	MaxBodyBytes:      8 << 20,
+	ShutdownTimeout:   Duration(30 * time.Second),
+	Envoy: Envoy{
+		MessageTimeout:    Duration(200 * time.Millisecond),
+		MaxMessageTimeout: Duration(900 * time.Second),
+	},
+	Runtime: Runtime{Kind: "docker", Network: "vgw"},
+}
+
+// Load reads and validates the config file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse decodes and validates a config. path only labels errors.
+func Parse(path string, data []byte) (*Config, error) {
+	c := Defaults
+	c.Runtime.Env = nil
+	if err := yaml.UnmarshalWithOptions(data, &c, yaml.DisallowUnknownField()); err != nil {
+		return nil, decodeError(path, err)
+	}
+	c.Path = path
+	if err := c.validate(newLocator(data)); err != nil {
+		var le *ListError
+		if errors.As(err, &le) {
+			le.File = path
+		}
+		return nil, err
+	}
+	return &c, nil
+}
+
+// decodeError turns a go-yaml error into file:line: message.
+func decodeError(path string, err error) error {
+	var ye yaml.Error
+	if errors.As(err, &ye) && ye.GetToken() != nil {
+		return &ListError{File: path, Problems: []Problem{{Line: ye.GetToken().Position.Line, Message: ye.GetMessage()}}}
+	}
+	return &ListError{File: path, Problems: []Problem{{Message: err.Error()}}}
+}
+
+// A Problem is one thing wrong with a config, at a line (0 if unknown).
+type Problem struct {
+	Line    int
+	Message string
+}
+
+// ListError is every problem found in one file.
+type ListError struct {
+	File     string
+	Problems []Problem
+}
+
+func (e *ListError) Error() string {
+	var b strings.Builder
+	for i, p := range e.Problems {
+		if i > 0 {
+			b.WriteByte('\n')
+		}
+		if p.Line > 0 {
+			fmt.Fprintf(&b, "%s:%d: %s", e.File, p.Line, p.Message)
+		} else {
+			fmt.Fprintf(&b, "%s: %s", e.File, p.Message)
+		}
+	}
+	return b.String()
+}
+
+// ModelNames returns the configured model names, sorted.
+func (c *Config) ModelNames() []string {
+	names := make([]string, 0, len(c.Models))
+	for n := range c.Models {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// Limits are a model's admission limits, resolved against the defaults.
+type Limits struct {
+	MaxConcurrent int
+	MaxQueue      int
+	QueueTimeout  time.Duration
+}
+
+// LimitsOf resolves a model's admission limits: its own setting, else the
+// gateway-wide one.
+func (c *Config) LimitsOf(name string) Limits {
+	m := c.Models[name]
+	return Limits{
+		MaxConcurrent: deref(m.MaxConcurrent, c.MaxConcurrent),
+		MaxQueue:      deref(m.MaxQueue, c.MaxQueue),
+		QueueTimeout:  deref(m.QueueTimeout, c.QueueTimeout).Std(),
+	}
+}
+
+func deref[T any](p *T, def T) T {
+	if p == nil {
+		return def
+	}
+	return *p
+}
+
+// SlogLevel returns the configured log level.
+func (c *Config) SlogLevel() slog.Level {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(c.LogLevel)) // validated already
+	return l
+}
+
+// ApplyEnv overrides listener addresses from the environment
+// (VGW_EXTPROC_ADDR, VGW_XDS_ADDR, VGW_ADMIN_ADDR, VGW_HTTP_ADDR).
+func (c *Config) ApplyEnv(getenv func(string) string) {
+	for env, dst := range map[string]*string{
+		"VGW_EXTPROC_ADDR": &c.Listen.ExtProc,
+		"VGW_XDS_ADDR":     &c.Listen.XDS,
+		"VGW_ADMIN_ADDR":   &c.Listen.Admin,
+		"VGW_HTTP_ADDR":    &c.Listen.HTTP,
+	} {
+		if v := getenv(env); v != "" {
+			*dst = v
+		}
+	}
+}
+
+// sortProblems orders problems by line for stable output.
+func sortProblems(ps []Problem) {
+	slices.SortStableFunc(ps, func(a, b Problem) int { return cmp.Compare(a.Line, b.Line) })
+}
+
+// trimmed is a short, printable rendering of a user string for messages.
+func trimmed(s string) string {
+	const max = 80
+	if len(s) > max {
+		s = s[:max] + "…"
+	}
+	return fmt.Sprintf("%q", s)
+}

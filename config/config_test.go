@@ -1,0 +1,136 @@
+package config
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestExample(t *testing.T) {
+	c, err := Load("../examples/sim.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Runtime.Kind != "sim" || len(c.GPUs.Declared) != 2 || c.GPUs.Declared[0].Memory != 80<<30 {
+		t.Fatalf("runtime %+v gpus %+v", c.Runtime, c.GPUs)
+	}
+	if got := c.LimitsOf("qwen2.5-32b"); got != (Limits{MaxConcurrent: 4, MaxQueue: 16, QueueTimeout: 30 * time.Second}) {
+		t.Errorf("qwen limits %+v", got)
+	}
+	if got := c.LimitsOf("mistral-7b"); got != (Limits{MaxConcurrent: 8, MaxQueue: 32, QueueTimeout: 30 * time.Second}) {
+		t.Errorf("mistral limits %+v, want the gateway defaults", got)
+	}
+	if c.MaxBodyBytes != 8<<20 || c.Envoy.MaxMessageTimeout.Std() != 900*time.Second {
+		t.Errorf("max body %v, max message timeout %v", c.MaxBodyBytes, c.Envoy.MaxMessageTimeout)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	c, err := Parse("min.yaml", []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nmodels:\n  m: {}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != Defaults.Listen || c.MaxConcurrent != 50 || c.MaxQueue != 200 || c.LoadTimeout.Std() != 10*time.Minute {
+		t.Fatalf("defaults not applied: %+v", c)
+	}
+}
+
+// TestErrors checks that each mistake is reported at its file and line.
+func TestErrors(t *testing.T) {
+	const base = "runtime: {kind: sim}\ngpus: [{name: g, memory: 80GiB}]\n"
+	tests := []struct {
+		name string
+		yaml string
+		want string // file:line: message fragment
+	}{
+		{"unknown top-level key", base + "max_concurent: 3\nmodels: {m: {}}\n", `c.yaml:3: unknown field "max_concurent"`},
+		{"unknown model key", base + "models:\n  m:\n    rep: x\n", `c.yaml:5: unknown field "rep"`},
+		{"wrong type", base + "max_queue: lots\nmodels: {m: {}}\n", "c.yaml:3:"},
+		{"bad duration", base + "queue_timeout: soon\nmodels: {m: {}}\n", "c.yaml:3:"},
+		{"bad memory", "runtime: {kind: sim}\ngpus: [{name: g, memory: lots}]\nmodels: {m: {}}\n", "c.yaml:2:"},
+		{"bad gpus word", "runtime: {kind: sim}\ngpus: some\nmodels: {m: {}}\n", "c.yaml:2:"},
+		{"no models", base, "c.yaml: no models configured"},
+		{"zero concurrency", base + "max_concurrent: 0\nmodels: {m: {}}\n", "c.yaml:3: max_concurrent must be at least 1"},
+		{"model override", base + "models:\n  m:\n    max_concurrent: 0\n", "c.yaml:5: max_concurrent must be at least 1"},
+		{"bad model name", base + "models:\n  \"a b\": {}\n", "c.yaml:4: model name"},
+		{"dotdot model name", base + "models:\n  ../etc: {}\n", "c.yaml:4: model name"},
+		{"managed flag", base + "models:\n  m:\n    extra_args: [--max-num-seqs=9]\n", "c.yaml:5: extra_args may not set --max-num-seqs"},
+		{"managed flag, second arg", base + "models:\n  m:\n    extra_args:\n      - --enforce-eager\n      - --gpu-memory-utilization\n", "c.yaml:7: extra_args may not set --gpu-memory-utilization"},
+		{"log level", base + "log_level: loud\nmodels: {m: {}}\n", "c.yaml:3: log_level"},
+		{"listen address", base + "listen: {extproc: nowhere}\nmodels: {m: {}}\n", "c.yaml:3: listen.extproc"},
+		{"docker needs image", "models: {m: {repo: x}}\n", "c.yaml: the docker runtime needs runtime.image"},
+		{"docker needs repo", "runtime: {kind: docker, image: vllm}\nmodels:\n  m: {}\n", "c.yaml:3: model \"m\" needs repo"},
+		{"tp too wide", base + "models:\n  m:\n    tensor_parallel_size: 2\n", "c.yaml:5: tensor_parallel_size 2 exceeds"},
+		{"pin mismatch", base + "models:\n  m:\n    gpus: [0, 0]\n", "c.yaml:5: gpus pins 2 GPUs"},
+		{"max message timeout", base + "envoy: {max_message_timeout: 1s}\nmodels: {m: {}}\n", "c.yaml:3: envoy.max_message_timeout"},
+		{"utilization", base + "models:\n  m:\n    gpu_memory_utilization: 1.5\n", "c.yaml:5: gpu_memory_utilization"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse("c.yaml", []byte(tt.yaml))
+			if err == nil {
+				t.Fatal("Parse accepted the config")
+			}
+			var le *ListError
+			if !errors.As(err, &le) {
+				t.Fatalf("error %T %v, want a *ListError", err, err)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error:\n%v\nwant it to contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestAllProblemsReported(t *testing.T) {
+	_, err := Parse("c.yaml", []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nmax_concurrent: 0\nmax_queue: -1\nmodels:\n  m: {}\n"))
+	var le *ListError
+	if !errors.As(err, &le) || len(le.Problems) != 2 || le.Problems[0].Line != 3 || le.Problems[1].Line != 4 {
+		t.Fatalf("got %v, want two problems at lines 3 and 4", err)
+	}
+}
+
+func TestApplyEnv(t *testing.T) {
+	c := Defaults
+	c.ApplyEnv(func(k string) string {
+		if k == "VGW_EXTPROC_ADDR" {
+			return "0.0.0.0:9002"
+		}
+		return ""
+	})
+	if c.Listen.ExtProc != "0.0.0.0:9002" || c.Listen.Admin != Defaults.Listen.Admin {
+		t.Fatalf("listen %+v", c.Listen)
+	}
+}
+
+func TestParseBytes(t *testing.T) {
+	for in, want := range map[string]Bytes{"1024": 1024, "80GiB": 80 << 30, "80Gi": 80 << 30, "1.5 GiB": 3 << 29, "2GB": 2e9, "512MiB": 512 << 20} {
+		got, err := ParseBytes(in)
+		if err != nil || got != want {
+			t.Errorf("ParseBytes(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "GiB", "-1GiB", "lots", "1e30TiB"} {
+		if _, err := ParseBytes(in); err == nil {
+			t.Errorf("ParseBytes(%q) accepted", in)
+		}
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{
+		"runtime: {kind: sim}\ngpus: [{name: g, memory: 80GiB}]\nmodels: {m: {}}\n",
+		"models:\n  a/b:\n    extra_args: [--x]\n    gpus: [0]\n",
+		"gpus: auto\n",
+		"max_body_bytes: 8MiB\nenvoy: {max_message_timeout: 10m}\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := Parse("f.yaml", data)
+		if err == nil && (c.MaxConcurrent < 1 || len(c.Models) == 0) {
+			t.Fatalf("accepted an invalid config: %+v", c)
+		}
+	})
+}

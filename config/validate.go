@@ -1,0 +1,229 @@
+package config
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/goccy/go-yaml/ast"
+	"github.com/goccy/go-yaml/parser"
+)
+
+// ModelNamePattern is what a model name may look like: the names clients
+// send (Hugging Face style "org/name", Ollama style "name:tag"), and no
+// more, since a name reaches HTTP headers, logs and container labels.
+var ModelNamePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}$`)
+
+// managedFlags are the vLLM flags vgw sets itself; extra_args may not
+// override them, or placement would plan with numbers vLLM does not use
+// (the Python gateway's lesson 7).
+var managedFlags = []string{
+	"--model", "--served-model-name", "--gpu-memory-utilization", "--tensor-parallel-size",
+	"--pipeline-parallel-size", "--max-model-len", "--max-num-seqs", "--port", "--host",
+	"--quantization", "--dtype",
+}
+
+type validator struct {
+	loc      *locator
+	problems []Problem
+}
+
+func (v *validator) at(path []string, format string, args ...any) {
+	v.problems = append(v.problems, Problem{Line: v.loc.line(path...), Message: fmt.Sprintf(format, args...)})
+}
+
+// validate checks the values that decoding cannot.
+func (c *Config) validate(loc *locator) error {
+	v := &validator{loc: loc}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		v.at([]string{"log_level"}, "log_level %s is not one of debug, info, warn, error", trimmed(c.LogLevel))
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		v.at([]string{"log_format"}, "log_format %s is not json or text", trimmed(c.LogFormat))
+	}
+	for key, addr := range map[string]string{"extproc": c.Listen.ExtProc, "xds": c.Listen.XDS, "admin": c.Listen.Admin, "http": c.Listen.HTTP} {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			v.at([]string{"listen", key}, "listen.%s %s is not host:port", key, trimmed(addr))
+		}
+	}
+	v.positive("max_concurrent", c.MaxConcurrent, 1)
+	v.positive("max_queue", c.MaxQueue, 0)
+	v.positive("max_models", c.MaxModels, 0)
+	if c.MaxBodyBytes < 1024 || c.MaxBodyBytes > 1<<30 {
+		v.at([]string{"max_body_bytes"}, "max_body_bytes must be between 1KiB and 1GiB, got %v", c.MaxBodyBytes)
+	}
+	v.duration([]string{"queue_timeout"}, c.QueueTimeout)
+	v.duration([]string{"load_timeout"}, c.LoadTimeout)
+	v.duration([]string{"inactivity_timeout"}, c.InactivityTimeout)
+	v.duration([]string{"shutdown_timeout"}, c.ShutdownTimeout)
+	if c.MinResident < 0 {
+		v.at([]string{"min_resident"}, "min_resident must not be negative")
+	}
+	v.envoy(c)
+	v.runtime(c)
+	if len(c.Models) == 0 {
+		v.at([]string{"models"}, "no models configured")
+	}
+	for _, name := range c.ModelNames() {
+		v.model(c, name, c.Models[name])
+	}
+	if len(v.problems) > 0 {
+		sortProblems(v.problems)
+		return &ListError{File: c.Path, Problems: v.problems}
+	}
+	return nil
+}
+
+func (v *validator) positive(key string, n, min int) {
+	if n < min {
+		v.at([]string{key}, "%s must be at least %d, got %d", key, min, n)
+	}
+}
+
+func (v *validator) duration(path []string, d Duration) {
+	if d <= 0 {
+		v.at(path, "%s must be a positive duration such as 30s", strings.Join(path, "."))
+	}
+}
+
+func (v *validator) envoy(c *Config) {
+	e := c.Envoy
+	v.duration([]string{"envoy", "message_timeout"}, e.MessageTimeout)
+	if e.MaxMessageTimeout < 0 || e.MaxMessageTimeout.Std() > time.Hour {
+		// Envoy's own bound (ext_proc.proto: max_message_timeout <= 3600s).
+		v.at([]string{"envoy", "max_message_timeout"}, "envoy.max_message_timeout must be between 0 and 1h, as in Envoy")
+	}
+	if e.MaxMessageTimeout > 0 && e.MaxMessageTimeout.Std() < 2*time.Second {
+		v.at([]string{"envoy", "max_message_timeout"}, "envoy.max_message_timeout must be 0 or at least 2s to leave vgw room to answer before Envoy's timer")
+	}
+}
+
+func (v *validator) runtime(c *Config) {
+	r := c.Runtime
+	switch r.Kind {
+	case "sim":
+		if !c.GPUs.Auto && len(c.GPUs.Declared) == 0 {
+			v.at([]string{"gpus"}, "the sim runtime needs declared gpus (a list of name and memory)")
+		}
+	case "docker":
+		if r.Image == "" {
+			v.at([]string{"runtime", "image"}, "the docker runtime needs runtime.image (the vLLM image)")
+		}
+	default:
+		v.at([]string{"runtime", "kind"}, "runtime.kind %s is not docker or sim", trimmed(r.Kind))
+	}
+	for i, g := range c.GPUs.Declared {
+		if g.Memory <= 0 {
+			v.at([]string{"gpus", fmt.Sprint(i)}, "gpus[%d] needs memory, such as 80GiB", i)
+		}
+	}
+}
+
+func (v *validator) model(c *Config, name string, m *Model) {
+	path := func(keys ...string) []string { return append([]string{"models", name}, keys...) }
+	if !ModelNamePattern.MatchString(name) || strings.Contains(name, "..") {
+		v.at(path(), "model name %s must be 1-128 of letters, digits and . _ : @ + / -, start with a letter or digit, and not contain ..", trimmed(name))
+	}
+	if m == nil {
+		v.at(path(), "model %s has no settings", trimmed(name))
+		return
+	}
+	if m.Repo == "" && c.Runtime.Kind == "docker" {
+		v.at(path(), "model %s needs repo (the Hugging Face repository vLLM loads)", trimmed(name))
+	}
+	if u := m.GPUMemoryUtilization; u < 0 || u > 1 {
+		v.at(path("gpu_memory_utilization"), "gpu_memory_utilization must be in (0, 1], got %v", u)
+	}
+	for key, n := range map[string]int{"max_model_len": m.MaxModelLen, "max_num_seqs": m.MaxNumSeqs, "tensor_parallel_size": m.TensorParallelSize} {
+		if n < 0 {
+			v.at(path(key), "%s must not be negative", key)
+		}
+	}
+	if m.MaxConcurrent != nil && *m.MaxConcurrent < 1 {
+		v.at(path("max_concurrent"), "max_concurrent must be at least 1")
+	}
+	if m.MaxQueue != nil && *m.MaxQueue < 0 {
+		v.at(path("max_queue"), "max_queue must not be negative")
+	}
+	if m.QueueTimeout != nil && *m.QueueTimeout <= 0 {
+		v.at(path("queue_timeout"), "queue_timeout must be a positive duration")
+	}
+	if m.InactivityTimeout != nil && *m.InactivityTimeout < 0 {
+		v.at(path("inactivity_timeout"), "inactivity_timeout must not be negative (0 keeps the model loaded)")
+	}
+	tp := max(m.TensorParallelSize, 1)
+	if len(m.GPUs) > 0 && len(m.GPUs) != tp {
+		v.at(path("gpus"), "gpus pins %d GPUs but tensor_parallel_size is %d", len(m.GPUs), tp)
+	}
+	for _, g := range m.GPUs {
+		if g < 0 || (len(c.GPUs.Declared) > 0 && g >= len(c.GPUs.Declared)) {
+			v.at(path("gpus"), "gpu index %d does not exist", g)
+		}
+	}
+	if len(c.GPUs.Declared) > 0 && tp > len(c.GPUs.Declared) {
+		v.at(path("tensor_parallel_size"), "tensor_parallel_size %d exceeds the %d declared GPUs", tp, len(c.GPUs.Declared))
+	}
+	for i, a := range m.ExtraArgs {
+		flag, _, _ := strings.Cut(a, "=")
+		if slices.Contains(managedFlags, flag) {
+			v.at(path("extra_args", fmt.Sprint(i)), "extra_args may not set %s: vgw manages it from the model's settings", flag)
+		}
+	}
+}
+
+// locator finds the line of a key path in the parsed YAML, so that a
+// semantic error can say where it is. A path that does not exist resolves
+// to the line of its deepest existing ancestor.
+type locator struct {
+	root ast.Node
+}
+
+func newLocator(data []byte) *locator {
+	f, err := parser.ParseBytes(data, 0)
+	if err != nil || len(f.Docs) == 0 {
+		return &locator{}
+	}
+	return &locator{root: f.Docs[0].Body}
+}
+
+func (l *locator) line(keys ...string) int {
+	node, line := l.root, 0
+	for _, k := range keys {
+		var next ast.Node
+		switch n := node.(type) {
+		case *ast.MappingNode:
+			for _, mv := range n.Values {
+				if keyIs(mv, k) {
+					next, line = mv.Value, mv.Key.GetToken().Position.Line
+					break
+				}
+			}
+		case *ast.MappingValueNode: // a mapping with a single entry
+			if keyIs(n, k) {
+				next, line = n.Value, n.Key.GetToken().Position.Line
+			}
+		case *ast.SequenceNode:
+			if i, err := strconv.Atoi(k); err == nil && i >= 0 && i < len(n.Values) {
+				next = n.Values[i]
+				if tk := next.GetToken(); tk != nil {
+					line = tk.Position.Line
+				}
+			}
+		}
+		if next == nil {
+			break
+		}
+		node = next
+	}
+	return line
+}
+
+func keyIs(mv *ast.MappingValueNode, k string) bool {
+	return strings.Trim(mv.Key.String(), `"'`) == k
+}
