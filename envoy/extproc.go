@@ -138,3 +138,77 @@ func speaksHTTP2(cl *clusterv3.Cluster) bool {
 	opts, ok := unpack(cl.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"], &upstreamhttpv3.HttpProtocolOptions{})
 	return ok && opts.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil
 }
+
+// Expect is what a vgw config says Envoy's ext_proc filter is set to.
+type Expect struct {
+	MessageTimeout    time.Duration
+	MaxMessageTimeout time.Duration
+	MaxBodyBytes      int64
+}
+
+// CheckAgainst reports where b's ext_proc filter and body buffer limit
+// disagree with the vgw config that will serve it. vgw sizes its waits by
+// max_message_timeout and its 413 by the buffer limit, so a mismatch means
+// Envoy answers (504, or 413 in text) where vgw should have.
+func CheckAgainst(b *bootstrapv3.Bootstrap, want Expect) []Problem {
+	c := &checker{}
+	ep, err := ExtProc(b)
+	if err != nil {
+		c.errorf("", "%v", err)
+		return c.problems
+	}
+	msg := 200 * time.Millisecond
+	if t := ep.GetMessageTimeout(); t != nil {
+		msg = t.AsDuration()
+	}
+	if msg != want.MessageTimeout {
+		c.errorf("ext_proc.message_timeout", "is %v, vgw's envoy.message_timeout is %v", msg, want.MessageTimeout)
+	}
+	if got := ep.GetMaxMessageTimeout().AsDuration(); got != want.MaxMessageTimeout {
+		c.errorf("ext_proc.max_message_timeout", "is %v, vgw's envoy.max_message_timeout is %v", got, want.MaxMessageTimeout)
+	}
+	for _, limit := range bodyLimits(b) {
+		if limit.bytes < want.MaxBodyBytes {
+			c.errorf(limit.path, "is %d bytes, under vgw's max_body_bytes %d: Envoy would answer 413 in plain text before vgw sees the body", limit.bytes, want.MaxBodyBytes)
+		}
+	}
+	return c.problems
+}
+
+type bodyLimit struct {
+	path  string
+	bytes int64
+}
+
+// bodyLimits returns the request body buffer limit of every virtual host
+// in the static listeners: request_body_buffer_limit, else the listener's
+// per_connection_buffer_limit_bytes (1 MiB by default), as
+// route_components.proto orders them.
+func bodyLimits(b *bootstrapv3.Bootstrap) []bodyLimit {
+	var out []bodyLimit
+	for li, l := range b.GetStaticResources().GetListeners() {
+		conn := int64(1 << 20)
+		if v := l.GetPerConnectionBufferLimitBytes(); v != nil {
+			conn = int64(v.GetValue())
+		}
+		for _, fc := range l.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				hcm, ok := unpack(f.GetTypedConfig(), &hcmv3.HttpConnectionManager{})
+				if !ok {
+					continue
+				}
+				for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+					path := fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].request_body_buffer_limit", li, vi)
+					limit := conn
+					if v := vh.GetRequestBodyBufferLimit(); v != nil {
+						limit = int64(v.GetValue())
+					} else if v := vh.GetPerRequestBufferLimitBytes(); v != nil {
+						limit = min(int64(v.GetValue()), conn)
+					}
+					out = append(out, bodyLimit{path, limit})
+				}
+			}
+		}
+	}
+	return out
+}

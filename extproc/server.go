@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -17,6 +18,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
 )
 
 // Manager is the GPU manager as the request path sees it.
@@ -266,4 +268,16 @@ func (s *Server) waitBudget(queueTimeout time.Duration) (budget, margin time.Dur
 	}
 	margin = min(time.Second, limit/4)
 	return min(queueTimeout+s.loadTimeout, limit-margin), margin
+}
+
+// GRPCOptions are the gRPC server settings an ext_proc listener needs:
+// messages large enough for a request body of maxBody bytes, no cap on
+// concurrent streams (each request, waiting ones included, is one stream),
+// and keepalive pings from Envoy accepted without a stream open.
+func GRPCOptions(maxBody int) []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(maxBody + 1<<20),
+		grpc.MaxConcurrentStreams(math.MaxUint32),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+	}
 }

@@ -158,17 +158,17 @@ const (
 
 // exchange is one request's ext_proc stream.
 type exchange struct {
-	e      *Envoy
-	stream extprocv3.ExternalProcessor_ProcessClient
-	ctx    context.Context // the stream's; done once Envoy closes it
-	cancel context.CancelFunc
+	e       *Envoy
+	stream  extprocv3.ExternalProcessor_ProcessClient
+	ctx     context.Context // the stream's; done once Envoy closes it
+	cancel  context.CancelFunc
 	replies chan reply
-	mode   *filterv3.ProcessingMode
-	res    *Result
-	closed bool
+	mode    *filterv3.ProcessingMode
+	res     *Result
+	closed  bool
 	// bypass: the server ended the stream with OK; Envoy carries on
 	// without ext_proc for the rest of the request.
-	bypass bool
+	bypass    bool
 	sentFirst bool
 }
 

@@ -1,0 +1,199 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/vgw-project/vgw/envoy"
+	"github.com/vgw-project/vgw/extproc/extproctest"
+)
+
+func TestValidate(t *testing.T) {
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	os.WriteFile(bad, []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nmax_queue: -1\nmodels:\n  m: {rep: x}\n"), 0o600)
+	tests := []struct {
+		args     []string
+		code     int
+		stdout   string
+		stderr   string
+		notInOut string
+	}{
+		{args: []string{"validate", "--config", "../../examples/sim.yaml"}, code: 0, stdout: "ok: 3 models"},
+		{args: []string{"validate", "--config", bad}, code: 1, stderr: bad + `:5: unknown field "rep"`},
+		{args: []string{"validate"}, code: 2, stderr: "--config is required"},
+		{args: []string{"validate", "--nope"}, code: 2},
+		{args: []string{"envoy-check", "../../envoy/envoy.yaml"}, code: 0, stdout: "envoy.yaml: ok"},
+		{args: []string{"envoy-check", "--config", "../../examples/sim.yaml", "../../envoy/envoy.yaml"}, code: 0, stdout: "envoy.yaml: ok"},
+		{args: []string{"envoy-check", bad}, code: 1, stdout: "bad.yaml"},
+		{args: []string{"envoy-check"}, code: 2},
+		{args: []string{"frobnicate"}, code: 2, stderr: "unknown command"},
+		{args: []string{"version"}, code: 0, stdout: "vgw dev"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			var out, errOut bytes.Buffer
+			code := run(context.Background(), tt.args, &out, &errOut)
+			if code != tt.code {
+				t.Fatalf("exit %d, want %d\nstdout: %s\nstderr: %s", code, tt.code, out.String(), errOut.String())
+			}
+			if !strings.Contains(out.String(), tt.stdout) || !strings.Contains(errOut.String(), tt.stderr) {
+				t.Fatalf("stdout %q stderr %q, want %q and %q", out.String(), errOut.String(), tt.stdout, tt.stderr)
+			}
+		})
+	}
+}
+
+// TestEnvoyCheckAgainstConfig: a vgw config whose Envoy settings disagree
+// with the bootstrap fails the check.
+func TestEnvoyCheckAgainstConfig(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "vgw.yaml")
+	os.WriteFile(cfg, []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nmax_body_bytes: 32MiB\nenvoy: {max_message_timeout: 10m}\nmodels: {m: {}}\n"), 0o600)
+	var out bytes.Buffer
+	if code := run(context.Background(), []string{"envoy-check", "--config", cfg, "../../envoy/envoy.yaml"}, &out, io.Discard); code != 1 {
+		t.Fatalf("exit %d, want 1: %s", code, out.String())
+	}
+	for _, want := range []string{"max_message_timeout", "max_body_bytes"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+// lines returns the JSON log lines written so far.
+func (l *lockedBuffer) lines() []map[string]any {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []map[string]any
+	for _, s := range strings.Split(l.b.String(), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(s), &m) == nil {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func (l *lockedBuffer) waitFor(t *testing.T, msg string) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, m := range l.lines() {
+			if m["msg"] == msg {
+				return m
+			}
+		}
+		time.Sleep(5 * time.Millisecond) // polling interval
+	}
+	t.Fatalf("no log line %q in:\n%s", msg, l.b.String())
+	return nil
+}
+
+const serveConfig = `log_format: json
+runtime: {kind: sim}
+gpus: [{name: g, memory: 80GiB}]
+models:
+  llama: {vram: 20GiB}
+`
+
+// TestServe runs vgw serve, sends it a request as Envoy would, reloads its
+// config on SIGHUP (a good file, then a bad one), and shuts it down.
+func TestServe(t *testing.T) {
+	cfgPath := filepath.Join(t.TempDir(), "vgw.yaml")
+	if err := os.WriteFile(cfgPath, []byte(serveConfig), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var logs lockedBuffer
+	exit := make(chan int)
+	go func() {
+		exit <- run(ctx, []string{"serve", "--config", cfgPath, "--extproc-addr", "127.0.0.1:0"}, io.Discard, &logs)
+	}()
+	addr, _ := logs.waitFor(t, "vgw serving")["extproc"].(string)
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	hc, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || hc.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", hc, err)
+	}
+
+	b, err := envoy.Load("../../envoy/envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep, _ := envoy.ExtProc(b)
+	env := extproctest.New(conn, extproctest.FilterFrom(ep), func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
+		return &extproctest.Response{Status: 200, Body: []byte(f.Cluster)}, nil
+	})
+	ask := func(model string) *extproctest.Result {
+		t.Helper()
+		res, err := env.Do(ctx, extproctest.Request{Body: []byte(`{"model":"` + model + `"}`)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	if res := ask("llama"); res.Status != 200 || string(res.Body) != "model/llama" {
+		t.Fatalf("llama: %d %q", res.Status, res.Body)
+	}
+	if res := ask("qwen"); res.Status != 404 {
+		t.Fatalf("qwen before reload: %d", res.Status)
+	}
+
+	// A good reload adds a model.
+	os.WriteFile(cfgPath, []byte(serveConfig+"  qwen: {vram: 30GiB}\n"), 0o600)
+	syscall.Kill(os.Getpid(), syscall.SIGHUP)
+	logs.waitFor(t, "config reloaded")
+	if res := ask("qwen"); res.Status != 200 || string(res.Body) != "model/qwen" {
+		t.Fatalf("qwen after reload: %d %q", res.Status, res.Body)
+	}
+
+	// A bad one is refused and the running config stays.
+	os.WriteFile(cfgPath, []byte(serveConfig+"  bad: {nope: 1}\n"), 0o600)
+	syscall.Kill(os.Getpid(), syscall.SIGHUP)
+	refused := logs.waitFor(t, "config reload refused; keeping the running config")
+	if e, _ := refused["error"].(string); !strings.Contains(e, "vgw.yaml:6:") {
+		t.Errorf("refusal %q does not say where", e)
+	}
+	if res := ask("qwen"); res.Status != 200 {
+		t.Fatalf("qwen after a refused reload: %d", res.Status)
+	}
+
+	cancel()
+	select {
+	case code := <-exit:
+		if code != 0 {
+			t.Fatalf("serve exited %d", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("serve did not shut down")
+	}
+}
