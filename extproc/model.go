@@ -171,23 +171,23 @@ func (s *scanner) key() (bool, error) {
 
 // skipString moves past the string whose opening quote is at s.i and reports
 // whether it held a backslash. Strings the scanner skips are not checked for
-// raw control characters: the backend owns that check, and skipping them with
-// IndexByte is what keeps a long message cheap to step over.
+// raw control characters: the backend owns that check, and not looking at
+// every byte is what keeps a long message cheap to step over.
 func (s *scanner) skipString() (escaped bool, err error) {
 	i := s.i + 1
 	for {
-		q := bytes.IndexByte(s.b[i:], '"')
-		if q < 0 {
+		j := quoteOrBackslash(s.b[i:])
+		if j < 0 {
 			s.i = len(s.b)
 			return escaped, s.fail("unterminated string")
 		}
-		bs := bytes.IndexByte(s.b[i:i+q], '\\')
-		if bs < 0 {
-			s.i = i + q + 1
+		i += j
+		if s.b[i] == '"' {
+			s.i = i + 1
 			return escaped, nil
 		}
 		escaped = true
-		i += bs + 1
+		i++
 		if i >= len(s.b) {
 			s.i = i
 			return escaped, s.fail("unterminated string")
@@ -206,6 +206,35 @@ func (s *scanner) skipString() (escaped bool, err error) {
 			return escaped, s.fail("invalid escape")
 		}
 	}
+}
+
+// stopsString marks the bytes that end a run of plain string content.
+var stopsString = [256]bool{'"': true, '\\': true}
+
+// quoteOrBackslash returns the index of the first '"' or '\\' in b, or -1.
+// JSON strings in requests are mostly short (keys, roles, short turns),
+// where a plain loop beats calling into IndexByte, with some long ones
+// (prompts, documents), where IndexByte's vector loop is many times faster:
+// so the first 32 bytes are looked at one by one, the rest with IndexByte.
+func quoteOrBackslash(b []byte) int {
+	head := b[:min(len(b), 32)]
+	for i, c := range head {
+		if stopsString[c] {
+			return i
+		}
+	}
+	rest := b[len(head):]
+	q := bytes.IndexByte(rest, '"')
+	if q < 0 {
+		q = len(rest)
+	}
+	if e := bytes.IndexByte(rest[:q], '\\'); e >= 0 {
+		return len(head) + e
+	}
+	if q == len(rest) {
+		return -1
+	}
+	return len(head) + q
 }
 
 // stringValue reads the string at s.i strictly: control characters and

@@ -111,6 +111,7 @@ func TestExtractModelAllocs(t *testing.T) {
 	}{
 		{"first", chatBody(1024, true)},
 		{"last", chatBody(1024, false)},
+		{"dense", denseChatBody(1024, false)},
 		{"deep", []byte(`{"a":` + strings.Repeat("[", 60) + strings.Repeat("]", 60) + `,"model":"m"}`)},
 	} {
 		allocs := testing.AllocsPerRun(100, func() {
@@ -124,18 +125,32 @@ func TestExtractModelAllocs(t *testing.T) {
 	}
 }
 
-// chatBody builds an OpenAI chat request of about size bytes whose model key
-// comes first or last.
+// chatBody builds an OpenAI chat request of about size bytes whose model
+// key comes first or last: a system prompt and turns of plain prose, with
+// the odd newline and quoted word, as chat clients send.
 func chatBody(size int, modelFirst bool) []byte {
+	return buildChat(size, modelFirst, []string{
+		`{"role":"user","content":"I run several language models on one GPU server and want to understand how memory is shared between them. Each model reserves a fraction of the card when it starts.\nHow do I tell how much a model really uses, and what happens when a new one does not fit?"}`,
+		`{"role":"assistant","content":"Each vLLM server takes the share of GPU memory it is given with \"--gpu-memory-utilization\" and fills most of it with its KV cache. What it really needs is the weights plus enough cache for your longest requests; measure it once and reuse the number."}`,
+	})
+}
+
+// denseChatBody is a worst case for the scanner: many short strings, each
+// with escapes.
+func denseChatBody(size int, modelFirst bool) []byte {
+	return buildChat(size, modelFirst, []string{`{"role":"user","content":"Tell me about \"GPUs\" and the model of memory they use.\n"}`})
+}
+
+func buildChat(size int, modelFirst bool, turns []string) []byte {
 	var b bytes.Buffer
 	b.WriteString("{")
 	if modelFirst {
 		b.WriteString(`"model":"llama-3.1-8b",`)
 	}
-	b.WriteString(`"messages":[{"role":"system","content":"You are a helpful assistant."}`)
-	filler := `,{"role":"user","content":"Tell me about \"GPUs\" and the model of memory they use.\n"}`
-	for b.Len() < size-len(filler)-64 {
-		b.WriteString(filler)
+	b.WriteString(`"messages":[{"role":"system","content":"You are a helpful assistant. Answer concisely."}`)
+	for i := 0; b.Len() < size-len(turns[i%len(turns)])-64; i++ {
+		b.WriteString(",")
+		b.WriteString(turns[i%len(turns)])
 	}
 	b.WriteString(`],"temperature":0.7,"max_tokens":256,"stream":true`)
 	if !modelFirst {

@@ -63,7 +63,6 @@ type Server struct {
 	mgr       Manager
 	log       *slog.Logger
 	decisions *DecisionLog
-	now       func() time.Time
 
 	maxBody           int
 	loadTimeout       time.Duration
@@ -132,9 +131,6 @@ func WithMessageTimeouts(message, max time.Duration) Option {
 	return func(s *Server) { s.messageTimeout, s.maxMessageTimeout = message, max }
 }
 
-// WithClock replaces time.Now, for tests.
-func WithClock(now func() time.Time) Option { return func(s *Server) { s.now = now } }
-
 // Defaults, matching Envoy's own where the value mirrors an Envoy setting.
 const (
 	DefaultMaxBody        = 1 << 20                // Envoy's default per-connection buffer limit
@@ -147,7 +143,6 @@ func New(models []Model, mgr Manager, opts ...Option) *Server {
 	s := &Server{
 		mgr:            mgr,
 		log:            slog.Default(),
-		now:            time.Now,
 		maxBody:        DefaultMaxBody,
 		loadTimeout:    DefaultLoadTimeout,
 		messageTimeout: DefaultMessageTimeout,
@@ -240,8 +235,8 @@ func renderModelList(names []string) []byte {
 // record files a decision in the ring and, at debug level only, the log.
 // The Enabled check comes first so that at info level nothing is formatted
 // or allocated; no lock is held here.
-func (s *Server) record(ctx context.Context, model *string, o Outcome, r Reason, status, depth int, wait time.Duration) {
-	s.decisions.record(s.now(), model, o, r, status, depth, wait)
+func (s *Server) record(ctx context.Context, at time.Time, model *string, o Outcome, r Reason, status, depth int, wait time.Duration) {
+	s.decisions.record(at, model, o, r, status, depth, wait)
 	if s.log.Enabled(ctx, slog.LevelDebug) {
 		s.log.LogAttrs(ctx, slog.LevelDebug, "decision",
 			slog.String("model", *model),

@@ -228,7 +228,7 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 	if len(contentLength) > 0 {
 		n, err := strconv.ParseInt(string(contentLength), 10, 64)
 		if err == nil && n > int64(st.s.maxBody) {
-			return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, 0)
+			return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, time.Time{})
 		}
 	}
 	if hasModel {
@@ -240,7 +240,7 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 		if string(method) == "GET" && isModelList(path) {
 			return true, st.send(modelList(st.s.models.Load().list))
 		}
-		return true, st.reject(emptyModel, badRequest(`The request has no body, so no "model" to route by.`, "missing_model"), 0, 0)
+		return true, st.reject(emptyModel, badRequest(`The request has no body, so no "model" to route by.`, "missing_model"), 0, time.Time{})
 	}
 	st.phase = phaseRequestBody
 	st.extended = false
@@ -275,16 +275,16 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 	// without end_of_stream is BUFFERED_PARTIAL cutting a body that
 	// overflowed Envoy's buffer.
 	if !b.GetEndOfStream() || len(body) > st.s.maxBody {
-		return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, 0)
+		return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, time.Time{})
 	}
 	name, err := ExtractModel(body)
 	if err != nil {
 		var se *SyntaxError
 		switch {
 		case errors.As(err, &se), errors.Is(err, ErrNotObject), errors.Is(err, ErrTooDeep):
-			return true, st.reject(emptyModel, badRequest("The request body is not valid JSON: "+err.Error(), "invalid_json"), 0, 0)
+			return true, st.reject(emptyModel, badRequest("The request body is not valid JSON: "+err.Error(), "invalid_json"), 0, time.Time{})
 		default:
-			return true, st.reject(emptyModel, badRequest("The request body has no usable \"model\": "+err.Error(), "missing_model"), 0, 0)
+			return true, st.reject(emptyModel, badRequest("The request body has no usable \"model\": "+err.Error(), "missing_model"), 0, time.Time{})
 		}
 	}
 	return st.decide(name, false)
@@ -298,14 +298,14 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	m := s.lookup(name)
 	if m == nil {
 		copied := printable(name, 256)
-		return true, st.reject(&copied, unknownModel(name), 0, 0)
+		return true, st.reject(&copied, unknownModel(name), 0, time.Time{})
 	}
 	st.model = m
-	start := s.now()
+	start := time.Now()
 	if m.gate.tryAcquire() {
 		st.held = true
 		if r, ok := s.mgr.Route(m.name); ok {
-			return false, st.admit(r, ReasonSlotFree, 0, 0, atHeaders)
+			return false, st.admit(r, ReasonSlotFree, 0, start, 0, atHeaders)
 		}
 		budget, margin := s.waitBudget(0)
 		return st.waitForModel(start, start.Add(budget), margin, 0, atHeaders)
@@ -321,15 +321,15 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 		waiterPool.Put(w)
 		st.held = true
 		if r, ok := s.mgr.Route(m.name); ok {
-			return false, st.admit(r, ReasonSlotFree, 0, 0, atHeaders)
+			return false, st.admit(r, ReasonSlotFree, 0, start, 0, atHeaders)
 		}
 		return st.waitForModel(start, deadline, margin, 0, atHeaders)
 	case full:
 		waiterPool.Put(w)
-		return true, st.reject(&m.name, queueFull(m.name, m.gate.retryAfter(depth)), depth, 0)
+		return true, st.reject(&m.name, queueFull(m.name, m.gate.retryAfter(depth)), depth, time.Time{})
 	}
 
-	s.record(st.ctx, &m.name, OutcomeQueued, ReasonWaitSlot, 0, depth, 0)
+	s.record(st.ctx, start, &m.name, OutcomeQueued, ReasonWaitSlot, 0, depth, 0)
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		m.gate.abandon(w) // sending failed: the stream is gone
 		return true, err
@@ -342,13 +342,14 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	case ReasonSlotGranted:
 		st.held = true
 	case ReasonClientGone:
-		s.record(st.ctx, &m.name, OutcomeAbandoned, ReasonClientGone, 0, m.gate.depth(), s.now().Sub(start))
+		st.abandoned(start)
 		return true, nil
 	default:
-		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), s.now().Sub(start))
+		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), start)
 	}
 	if r, ok := s.mgr.Route(m.name); ok {
-		return false, st.admit(r, ReasonSlotGranted, m.gate.depth(), s.now().Sub(start), atHeaders)
+		now := time.Now()
+		return false, st.admit(r, ReasonSlotGranted, m.gate.depth(), now, now.Sub(start), atHeaders)
 	}
 	return st.waitForModel(start, deadline, margin, m.gate.depth(), atHeaders)
 }
@@ -358,7 +359,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 // wait gives up is given straight back.
 func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
 	st.startPump()
-	timer := time.NewTimer(deadline.Sub(st.s.now()))
+	timer := time.NewTimer(deadline.Sub(time.Now()))
 	defer timer.Stop()
 	giveUp := func(r Reason) Reason {
 		if st.model.gate.abandon(w) {
@@ -391,7 +392,8 @@ func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
 // ready, then admits or answers why not.
 func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, depth int, atHeaders bool) (bool, error) {
 	s, m := st.s, st.model
-	s.record(st.ctx, &m.name, OutcomeQueued, ReasonWaitLoad, 0, depth, s.now().Sub(start))
+	now := time.Now()
+	s.record(st.ctx, now, &m.name, OutcomeQueued, ReasonWaitLoad, 0, depth, now.Sub(start))
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		return true, err
 	}
@@ -400,17 +402,18 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 	r, err := s.mgr.Ensure(ctx, m.name)
 	cancel()
 	if err == nil {
-		return false, st.admit(r, ReasonSlotGranted, m.gate.depth(), s.now().Sub(start), atHeaders)
+		now = time.Now()
+		return false, st.admit(r, ReasonSlotGranted, m.gate.depth(), now, now.Sub(start), atHeaders)
 	}
 	st.releaseSlot()
 	switch {
 	case st.ctx.Err() != nil:
-		s.record(st.ctx, &m.name, OutcomeAbandoned, ReasonClientGone, 0, m.gate.depth(), s.now().Sub(start))
+		st.abandoned(start)
 		return true, nil
 	case errors.Is(err, context.DeadlineExceeded):
-		return true, st.reject(&m.name, timedOut(m.name, ReasonLoadTimeout), m.gate.depth(), s.now().Sub(start))
+		return true, st.reject(&m.name, timedOut(m.name, ReasonLoadTimeout), m.gate.depth(), start)
 	default:
-		return true, st.reject(&m.name, unavailable(m.name, err, retryAfterOf(err), ReasonLoadFailed), m.gate.depth(), s.now().Sub(start))
+		return true, st.reject(&m.name, unavailable(m.name, err, retryAfterOf(err), ReasonLoadFailed), m.gate.depth(), start)
 	}
 }
 
@@ -435,7 +438,7 @@ func (st *stream) extendTimeout(deadline time.Time, margin time.Duration) error 
 		return nil
 	}
 	st.extended = true
-	d := min(deadline.Sub(st.s.now())+margin, st.s.maxMessageTimeout)
+	d := min(deadline.Sub(time.Now())+margin, st.s.maxMessageTimeout)
 	d = max(d, time.Millisecond)
 	return st.send(&extprocv3.ProcessingResponse{OverrideMessageTimeout: durationpb.New(d)})
 }
@@ -443,7 +446,7 @@ func (st *stream) extendTimeout(deadline time.Time, margin time.Duration) error 
 // admit sends the request on: the route headers, the queue depth, and
 // clear_route_cache so that Envoy's router picks the cluster from
 // x-vgw-cluster (ENVOY-FACTS §5; router.cc recomputes the route).
-func (st *stream) admit(r Route, reason Reason, depth int, wait time.Duration, atHeaders bool) error {
+func (st *stream) admit(r Route, reason Reason, depth int, now time.Time, wait time.Duration, atHeaders bool) error {
 	s, m := st.s, st.model
 	h := m.headersFor(r)
 	common := &extprocv3.CommonResponse{
@@ -467,8 +470,8 @@ func (st *stream) admit(r Route, reason Reason, depth int, wait time.Duration, a
 		resp = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: common}}}
 	}
 	st.phase = phaseResponse
-	st.admittedAt = s.now()
-	s.record(st.ctx, &m.name, OutcomeAdmitted, reason, 0, depth, wait)
+	st.admittedAt = now
+	s.record(st.ctx, now, &m.name, OutcomeAdmitted, reason, 0, depth, wait)
 	return st.send(resp)
 }
 
@@ -509,10 +512,22 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) error {
 	}})
 }
 
-// reject answers the request with an error and records why.
-func (st *stream) reject(model *string, r *rejection, depth int, wait time.Duration) error {
-	st.s.record(st.ctx, model, r.outcome, r.reason, r.status, depth, wait)
+// reject answers the request with an error and records why. start is when
+// the request began to wait, or zero if it never did.
+func (st *stream) reject(model *string, r *rejection, depth int, start time.Time) error {
+	now := time.Now()
+	var wait time.Duration
+	if !start.IsZero() {
+		wait = now.Sub(start)
+	}
+	st.s.record(st.ctx, now, model, r.outcome, r.reason, r.status, depth, wait)
 	return st.send(r.immediate(depth))
+}
+
+// abandoned records that the client left while its request waited.
+func (st *stream) abandoned(start time.Time) {
+	now := time.Now()
+	st.s.record(st.ctx, now, &st.model.name, OutcomeAbandoned, ReasonClientGone, 0, st.model.gate.depth(), now.Sub(start))
 }
 
 // releaseSlot gives back a slot the request took but never used.
@@ -532,6 +547,6 @@ func (st *stream) finish() {
 	st.held = false
 	st.model.gate.release()
 	if st.phase == phaseResponse {
-		st.s.mgr.Observe(st.model.name, Result{Status: st.status, Duration: st.s.now().Sub(st.admittedAt)})
+		st.s.mgr.Observe(st.model.name, Result{Status: st.status, Duration: time.Since(st.admittedAt)})
 	}
 }

@@ -1,0 +1,195 @@
+package extproc
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"strconv"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+)
+
+// readyManager routes every model at once, as a resident model is.
+type readyManager struct{ route Route }
+
+func (m readyManager) Route(string) (Route, bool)                    { return m.route, true }
+func (m readyManager) Ensure(context.Context, string) (Route, error) { return m.route, nil }
+func (m readyManager) Observe(string, Result)                        {}
+
+// discardStream is a server stream whose sends go nowhere, so a benchmark
+// measures vgw's work on a message and not gRPC's.
+type discardStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (d *discardStream) Context() context.Context                    { return d.ctx }
+func (d *discardStream) Send(*extprocv3.ProcessingResponse) error    { return nil }
+func (d *discardStream) Recv() (*extprocv3.ProcessingRequest, error) { return nil, io.EOF }
+
+func benchServer(level slog.Level) *Server {
+	log := slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: level}))
+	return New([]Model{{Name: "llama-3.1-8b", Limits: Limits{MaxConcurrent: 1 << 20, MaxQueue: 1 << 20, QueueTimeout: time.Minute}}},
+		readyManager{Route{Cluster: "model/llama-3.1-8b"}}, WithLogger(log))
+}
+
+// BenchmarkExtractModel times reading the model from chat bodies of 1 KiB
+// and 32 KiB, with the model key first and last, in prose (chatBody) and
+// in the scanner's worst case of short escaped strings (denseChatBody).
+func BenchmarkExtractModel(b *testing.B) {
+	for _, size := range []int{1 << 10, 32 << 10} {
+		for _, shape := range []string{"prose", "dense"} {
+			for _, first := range []bool{true, false} {
+				if shape == "dense" && first {
+					continue // the model comes before any string: same as prose
+				}
+				body := chatBody(size, first)
+				if shape == "dense" {
+					body = denseChatBody(size, first)
+				}
+				b.Run("size="+strconv.Itoa(size>>10)+"KiB/"+shape+"/model="+map[bool]string{true: "first", false: "last"}[first], func(b *testing.B) {
+					b.SetBytes(int64(len(body)))
+					b.ReportAllocs()
+					for b.Loop() {
+						if _, err := ExtractModel(body); err != nil {
+							b.Fatal(err)
+						}
+					}
+				})
+			}
+		}
+	}
+}
+
+// BenchmarkAdmitRelease times the admission core of one request: extract
+// the model, look it up, take a slot, ask the manager for the route,
+// record the decision (and log it where the level allows), give the slot
+// back and report the result. This is the work vgw adds per request on top
+// of gRPC; the protobuf answer is measured in BenchmarkStream.
+func BenchmarkAdmitRelease(b *testing.B) {
+	for _, level := range []slog.Level{slog.LevelInfo, slog.LevelDebug} {
+		for _, first := range []bool{true, false} {
+			s := benchServer(level)
+			body := chatBody(1<<10, first)
+			ctx := context.Background()
+			b.Run("level="+level.String()+"/model="+map[bool]string{true: "first", false: "last"}[first], func(b *testing.B) {
+				b.ReportAllocs()
+				for b.Loop() {
+					admitRelease(ctx, s, body)
+				}
+			})
+		}
+	}
+}
+
+// admitRelease is the admission core, in the order the stream runs it,
+// with the same two clock reads: at the decision and at the response's end.
+func admitRelease(ctx context.Context, s *Server, body []byte) {
+	name, err := ExtractModel(body)
+	if err != nil {
+		panic(err)
+	}
+	m := s.lookup(name)
+	if m == nil || !m.gate.tryAcquire() {
+		panic("not admitted")
+	}
+	r, ok := s.mgr.Route(m.name)
+	if !ok {
+		panic("no route")
+	}
+	_ = m.headersFor(r)
+	start := time.Now()
+	s.record(ctx, start, &m.name, OutcomeAdmitted, ReasonSlotFree, 0, 0, 0)
+	m.gate.release()
+	s.mgr.Observe(m.name, Result{Status: 200, Duration: time.Since(start)})
+}
+
+func TestAdmitReleaseAllocs(t *testing.T) {
+	s := benchServer(slog.LevelInfo)
+	for _, first := range []bool{true, false} {
+		body := chatBody(1<<10, first)
+		if n := testing.AllocsPerRun(200, func() { admitRelease(context.Background(), s, body) }); n != 0 {
+			t.Errorf("model first=%v: %v allocs per request at info level, want 0", first, n)
+		}
+	}
+}
+
+// BenchmarkStream runs one whole request through the stream handler, the
+// way Envoy's messages arrive (headers, buffered body, response headers
+// that end the response), answers included, with sends discarded.
+func BenchmarkStream(b *testing.B) {
+	for _, level := range []slog.Level{slog.LevelInfo, slog.LevelDebug} {
+		s := benchServer(level)
+		body := chatBody(1<<10, false)
+		msgs := []*extprocv3.ProcessingRequest{
+			{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+				{Key: ":method", RawValue: []byte("POST")}, {Key: ":path", RawValue: []byte("/v1/chat/completions")},
+				{Key: "content-type", RawValue: []byte("application/json")}, {Key: "content-length", RawValue: []byte(strconv.Itoa(len(body)))},
+			}}}}},
+			{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: body, EndOfStream: true}}},
+			{Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{EndOfStream: true, Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
+				{Key: ":status", RawValue: []byte("200")},
+			}}}}},
+		}
+		srv := &discardStream{ctx: context.Background()}
+		b.Run("level="+level.String(), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				st := &stream{s: s, srv: srv, ctx: srv.ctx}
+				for _, m := range msgs {
+					if _, err := st.handle(m); err != nil {
+						b.Fatal(err)
+					}
+				}
+				st.close()
+			}
+		})
+	}
+}
+
+// BenchmarkQueueDepth times a new request joining the tail of a queue of
+// the given depth and a finishing request handing its slot to the head:
+// the costs a long queue must not raise.
+func BenchmarkQueueDepth(b *testing.B) {
+	for _, depth := range []int{0, 10, 1000, 10000} {
+		b.Run("depth="+strconv.Itoa(depth), func(b *testing.B) {
+			g := newGate(Limits{MaxConcurrent: 1, MaxQueue: depth + 2, QueueTimeout: time.Minute})
+			if !g.tryAcquire() {
+				b.Fatal("first slot")
+			}
+			now := time.Now()
+			ws := make([]*waiter, 0, depth)
+			for range depth {
+				w := &waiter{ready: make(chan struct{}, 1)}
+				if res, _ := g.enqueue(w, now); res != enqueued {
+					b.Fatal("not queued")
+				}
+				ws = append(ws, w)
+			}
+			spare := &waiter{ready: make(chan struct{}, 1)}
+			h := 0
+			b.ReportAllocs()
+			for b.Loop() {
+				// One joins at the tail, the slot moves to the head, and the
+				// old head, now holding it, leaves; depth is back where it was.
+				if res, _ := g.enqueue(spare, now); res != enqueued {
+					b.Fatal("not queued")
+				}
+				g.release()
+				if depth == 0 {
+					<-spare.ready
+					continue
+				}
+				// ws is a ring in queue order from h: the head leaves position h
+				// and the new tail takes it.
+				<-ws[h].ready
+				ws[h], spare = spare, ws[h]
+				h = (h + 1) % depth
+			}
+		})
+	}
+}
