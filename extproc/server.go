@@ -87,11 +87,13 @@ type modelEntry struct {
 }
 
 // routeHeaders caches the immutable header mutations for a model's current
-// route, so admitting a request builds no strings.
+// route, and the whole common admit reply, so admitting a request builds
+// nothing. gRPC only reads a message it sends, so streams share them.
 type routeHeaders struct {
 	cluster    string
 	model      *corev3.HeaderValueOption
 	clusterHdr *corev3.HeaderValueOption
+	bodyReply  *extprocv3.ProcessingResponse // admits at the body phase, queue depth 0
 }
 
 func (m *modelEntry) headersFor(r Route) *routeHeaders {
@@ -103,6 +105,7 @@ func (m *modelEntry) headersFor(r Route) *routeHeaders {
 		model:      setHeader(HeaderModel, []byte(m.name)),
 		clusterHdr: setHeader(HeaderCluster, []byte(r.Cluster)),
 	}
+	h.bodyReply = bodyReply(h, 0)
 	m.route.Store(h)
 	return h
 }

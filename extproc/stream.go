@@ -443,22 +443,15 @@ func (st *stream) extendTimeout(deadline time.Time, margin time.Duration) error 
 	return st.send(&extprocv3.ProcessingResponse{OverrideMessageTimeout: durationpb.New(d)})
 }
 
-// admit sends the request on: the route headers, the queue depth, and
-// clear_route_cache so that Envoy's router picks the cluster from
-// x-vgw-cluster (ENVOY-FACTS §5; router.cc recomputes the route).
+// admit sends the request on with its route (see routeResponse).
 func (st *stream) admit(r Route, reason Reason, depth int, now time.Time, wait time.Duration, atHeaders bool) error {
 	s, m := st.s, st.model
 	h := m.headersFor(r)
-	common := &extprocv3.CommonResponse{
-		HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
-			h.model, h.clusterHdr, depthHeader(depth),
-		}},
-		ClearRouteCache: true,
-	}
 	var resp *extprocv3.ProcessingResponse
-	if atHeaders {
+	switch {
+	case atHeaders:
 		resp = &extprocv3.ProcessingResponse{
-			Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: common}},
+			Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: routeResponse(h, depth)}},
 			// The body is not needed: skip it. A mode override replaces
 			// both body modes, so the response one is restated.
 			ModeOverride: &filterv3.ProcessingMode{
@@ -466,13 +459,34 @@ func (st *stream) admit(r Route, reason Reason, depth int, now time.Time, wait t
 				ResponseBodyMode: st.respBodyMode,
 			},
 		}
-	} else {
-		resp = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: common}}}
+	case depth == 0:
+		resp = h.bodyReply // the common case, built once per route
+	default:
+		resp = bodyReply(h, depth)
 	}
 	st.phase = phaseResponse
 	st.admittedAt = now
 	s.record(st.ctx, now, &m.name, OutcomeAdmitted, reason, 0, depth, wait)
 	return st.send(resp)
+}
+
+// routeResponse sets the route headers and the queue depth, and clears the
+// route cache so that Envoy's router picks the cluster from x-vgw-cluster
+// (ENVOY-FACTS §5; router.cc recomputes the route).
+func routeResponse(h *routeHeaders, depth int) *extprocv3.CommonResponse {
+	return &extprocv3.CommonResponse{
+		HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
+			h.model, h.clusterHdr, depthHeader(depth),
+		}},
+		ClearRouteCache: true,
+	}
+}
+
+// bodyReply admits a request at the body phase.
+func bodyReply(h *routeHeaders, depth int) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{
+		RequestBody: &extprocv3.BodyResponse{Response: routeResponse(h, depth)},
+	}}
 }
 
 // depthHeaders are the x-vgw-queue-depth entries for small depths, shared
@@ -505,12 +519,29 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) error {
 	if st.model != nil {
 		depth = st.model.gate.depth()
 	}
-	return st.send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
+	if depth < len(responseHeaderReplies) {
+		return st.send(responseHeaderReplies[depth])
+	}
+	return st.send(responseHeaderReply(depth))
+}
+
+// responseHeaderReply tells the client the model's queue depth.
+func responseHeaderReply(depth int) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{
 		ResponseHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{
 			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{depthHeader(depth)}},
 		}},
-	}})
+	}}
 }
+
+// responseHeaderReplies are the replies for small depths, built once: gRPC
+// only reads a message it sends, so they are shared by every stream.
+var responseHeaderReplies = func() (rs [64]*extprocv3.ProcessingResponse) {
+	for i := range rs {
+		rs[i] = responseHeaderReply(i)
+	}
+	return rs
+}()
 
 // reject answers the request with an error and records why. start is when
 // the request began to wait, or zero if it never did.
