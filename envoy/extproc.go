@@ -7,6 +7,7 @@ import (
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
@@ -180,6 +181,19 @@ type bodyLimit struct {
 	bytes int64
 }
 
+// vhostBodyLimit applies route_components.proto's precedence for one
+// virtual host, given the listener's per-connection limit.
+func vhostBodyLimit(vh *routev3.VirtualHost, conn int64) int64 {
+	if v := vh.GetRequestBodyBufferLimit(); v != nil {
+		return int64(v.GetValue())
+	}
+	//lint:ignore SA1019 Envoy still honours the deprecated field, so the check must too.
+	if v := vh.GetPerRequestBufferLimitBytes(); v != nil {
+		return min(int64(v.GetValue()), conn)
+	}
+	return conn
+}
+
 // bodyLimits returns the request body buffer limit of every virtual host
 // in the static listeners: request_body_buffer_limit, else the listener's
 // per_connection_buffer_limit_bytes (1 MiB by default), as
@@ -199,13 +213,7 @@ func bodyLimits(b *bootstrapv3.Bootstrap) []bodyLimit {
 				}
 				for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
 					path := fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].request_body_buffer_limit", li, vi)
-					limit := conn
-					if v := vh.GetRequestBodyBufferLimit(); v != nil {
-						limit = int64(v.GetValue())
-					} else if v := vh.GetPerRequestBufferLimitBytes(); v != nil {
-						limit = min(int64(v.GetValue()), conn)
-					}
-					out = append(out, bodyLimit{path, limit})
+					out = append(out, bodyLimit{path, vhostBodyLimit(vh, conn)})
 				}
 			}
 		}

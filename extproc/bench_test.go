@@ -2,9 +2,13 @@ package extproc
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -40,7 +44,19 @@ func benchServer(level slog.Level) *Server {
 // BenchmarkExtractModel times reading the model from chat bodies of 1 KiB
 // and 32 KiB, with the model key first and last, in prose (chatBody) and
 // in the scanner's worst case of short escaped strings (denseChatBody).
+// impl=json is the baseline: encoding/json decoding the same body into a
+// struct with a Model field, the way one would write it without care.
 func BenchmarkExtractModel(b *testing.B) {
+	var naive struct {
+		Model string `json:"model"`
+	}
+	impls := []struct {
+		name string
+		f    func([]byte) error
+	}{
+		{"vgw", func(body []byte) error { _, err := ExtractModel(body); return err }},
+		{"json", func(body []byte) error { return json.Unmarshal(body, &naive) }},
+	}
 	for _, size := range []int{1 << 10, 32 << 10} {
 		for _, shape := range []string{"prose", "dense"} {
 			for _, first := range []bool{true, false} {
@@ -51,16 +67,31 @@ func BenchmarkExtractModel(b *testing.B) {
 				if shape == "dense" {
 					body = denseChatBody(size, first)
 				}
-				b.Run("size="+strconv.Itoa(size>>10)+"KiB/"+shape+"/model="+map[bool]string{true: "first", false: "last"}[first], func(b *testing.B) {
-					b.SetBytes(int64(len(body)))
-					b.ReportAllocs()
-					for b.Loop() {
-						if _, err := ExtractModel(body); err != nil {
-							b.Fatal(err)
+				for _, impl := range impls {
+					name := fmt.Sprintf("size=%dKiB/%s/model=%s/impl=%s", size>>10, shape, map[bool]string{true: "first", false: "last"}[first], impl.name)
+					b.Run(name, func(b *testing.B) {
+						b.SetBytes(int64(len(body)))
+						b.ReportAllocs()
+						for b.Loop() {
+							if err := impl.f(body); err != nil {
+								b.Fatal(err)
+							}
 						}
-					}
-				})
+					})
+				}
 			}
+		}
+	}
+}
+
+// BenchmarkLongString times stepping over one 30 KiB string, where the
+// vector search does the work.
+func BenchmarkLongString(b *testing.B) {
+	body := []byte(`{"prompt":"` + strings.Repeat("All work and no play makes Jack a dull boy. ", 700) + `","model":"m"}`)
+	b.SetBytes(int64(len(body)))
+	for b.Loop() {
+		if _, err := ExtractModel(body); err != nil {
+			b.Fatal(err)
 		}
 	}
 }
@@ -83,6 +114,39 @@ func BenchmarkAdmitRelease(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// BenchmarkAdmitReleaseNaive is the baseline for BenchmarkAdmitRelease:
+// the same steps done the plain way, as the Python gateway did them, with
+// encoding/json for the model, one lock around the counters, and a log
+// line per request at info level.
+func BenchmarkAdmitReleaseNaive(b *testing.B) {
+	log := slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	var mu sync.Mutex
+	inflight := map[string]int{"llama-3.1-8b": 0}
+	for _, first := range []bool{true, false} {
+		body := chatBody(1<<10, first)
+		b.Run("model="+map[bool]string{true: "first", false: "last"}[first], func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				var req struct {
+					Model string `json:"model"`
+				}
+				if err := json.Unmarshal(body, &req); err != nil {
+					b.Fatal(err)
+				}
+				start := time.Now()
+				mu.Lock()
+				inflight[req.Model]++
+				log.Info("admitted", "model", req.Model, "in_flight", inflight[req.Model])
+				mu.Unlock()
+				mu.Lock()
+				inflight[req.Model]--
+				mu.Unlock()
+				log.Info("finished", "model", req.Model, "duration", time.Since(start))
+			}
+		})
 	}
 }
 

@@ -37,12 +37,16 @@ func (e *SyntaxError) Error() string {
 //
 // It never unmarshals the body. When the model string holds no escapes the
 // result aliases body and nothing is allocated. Keys named "model" inside
-// nested values (messages, tools) are skipped, whatever the key order. The
-// body is checked as JSON up to the model key, including every nested value
-// it skips; what follows the key is left for the backend to judge. When a
-// body repeats the top-level key, the first one decides the route: the
-// backend serves that one model, so a later, different key is answered by
-// the backend as an unknown model and cannot reach another model's server.
+// nested values (messages, tools) are skipped, whatever the key order.
+//
+// Up to the model key the body is checked as JSON: its structure
+// (brackets, commas, colons, numbers, literals) in full, object keys and
+// the model string in full, and the strings inside skipped values only for
+// where they end; what follows the key is not read. The backend parses the
+// whole body anyway and answers what vgw did not look at. When a body
+// repeats the top-level key, the first one decides the route: the backend
+// serves that one model, so a later, different key is answered by the
+// backend as an unknown model and cannot reach another model's server.
 func ExtractModel(body []byte) ([]byte, error) {
 	s := scanner{b: body}
 	s.skipSpace()
@@ -144,13 +148,12 @@ func (s *scanner) key() (bool, error) {
 		return false, s.fail("expected a string key")
 	}
 	start := s.i + 1
-	escaped, err := s.skipString()
-	if err != nil {
+	if err := s.skipString(); err != nil {
 		return false, err
 	}
 	raw := s.b[start : s.i-1]
 	var isModel bool
-	if !escaped {
+	if bytes.IndexByte(raw, '\\') < 0 {
 		isModel = string(raw) == "model"
 	} else {
 		// Escaped keys are rare; decode on the stack when short.
@@ -169,72 +172,51 @@ func (s *scanner) key() (bool, error) {
 	return isModel, nil
 }
 
-// skipString moves past the string whose opening quote is at s.i and reports
-// whether it held a backslash. Strings the scanner skips are not checked for
-// raw control characters: the backend owns that check, and not looking at
-// every byte is what keeps a long message cheap to step over.
-func (s *scanner) skipString() (escaped bool, err error) {
-	i := s.i + 1
+// skipString moves past the string whose opening quote is at s.i. It finds
+// the closing quote (one not escaped by an odd run of backslashes) and looks
+// at nothing else: a string vgw skips is checked only for where it ends.
+// Its escapes and control characters are the backend's to judge; not
+// looking at them is what keeps stepping over a long conversation cheap.
+// Keys and the model value, which vgw uses, are checked in full by their
+// callers.
+func (s *scanner) skipString() error {
+	start := s.i + 1
+	i := start
 	for {
-		j := quoteOrBackslash(s.b[i:])
-		if j < 0 {
+		q := quoteIndex(s.b[i:])
+		if q < 0 {
 			s.i = len(s.b)
-			return escaped, s.fail("unterminated string")
+			return s.fail("unterminated string")
 		}
-		i += j
-		if s.b[i] == '"' {
+		i += q
+		backslashes := 0
+		for j := i - 1; j >= start && s.b[j] == '\\'; j-- {
+			backslashes++
+		}
+		if backslashes%2 == 0 {
 			s.i = i + 1
-			return escaped, nil
+			return nil
 		}
-		escaped = true
-		i++
-		if i >= len(s.b) {
-			s.i = i
-			return escaped, s.fail("unterminated string")
-		}
-		switch s.b[i] {
-		case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
-			i++
-		case 'u':
-			if i+5 > len(s.b) || !isHex4(s.b[i+1:i+5]) {
-				s.i = i
-				return escaped, s.fail(`invalid \u escape`)
-			}
-			i += 5
-		default:
-			s.i = i
-			return escaped, s.fail("invalid escape")
-		}
+		i++ // an escaped quote
 	}
 }
 
-// stopsString marks the bytes that end a run of plain string content.
-var stopsString = [256]bool{'"': true, '\\': true}
-
-// quoteOrBackslash returns the index of the first '"' or '\\' in b, or -1.
-// JSON strings in requests are mostly short (keys, roles, short turns),
-// where a plain loop beats calling into IndexByte, with some long ones
-// (prompts, documents), where IndexByte's vector loop is many times faster:
-// so the first 32 bytes are looked at one by one, the rest with IndexByte.
-func quoteOrBackslash(b []byte) int {
-	head := b[:min(len(b), 32)]
+// quoteIndex returns the index of the first '"' in b, or -1. JSON strings
+// in requests are mostly short (keys, roles), where a plain loop beats a
+// call into IndexByte, with some long ones (prompts, documents), where
+// IndexByte's vector loop is many times faster: so the first 16 bytes are
+// looked at one by one, the rest with IndexByte.
+func quoteIndex(b []byte) int {
+	head := b[:min(len(b), 16)]
 	for i, c := range head {
-		if stopsString[c] {
+		if c == '"' {
 			return i
 		}
 	}
-	rest := b[len(head):]
-	q := bytes.IndexByte(rest, '"')
-	if q < 0 {
-		q = len(rest)
+	if q := bytes.IndexByte(b[len(head):], '"'); q >= 0 {
+		return len(head) + q
 	}
-	if e := bytes.IndexByte(rest[:q], '\\'); e >= 0 {
-		return len(head) + e
-	}
-	if q == len(rest) {
-		return -1
-	}
-	return len(head) + q
+	return -1
 }
 
 // stringValue reads the string at s.i strictly: control characters and
@@ -242,11 +224,11 @@ func quoteOrBackslash(b []byte) int {
 // body unless the string holds escapes.
 func (s *scanner) stringValue() ([]byte, error) {
 	start := s.i + 1
-	escaped, err := s.skipString()
-	if err != nil {
+	if err := s.skipString(); err != nil {
 		return nil, err
 	}
 	raw := s.b[start : s.i-1]
+	escaped := bytes.IndexByte(raw, '\\') >= 0
 	for j, c := range raw {
 		if c < 0x20 {
 			return nil, &SyntaxError{Offset: start + j, msg: "control character in string"}
@@ -332,7 +314,7 @@ func (s *scanner) skipValue() error {
 			}
 			continue
 		case '"':
-			if _, err := s.skipString(); err != nil {
+			if err := s.skipString(); err != nil {
 				return err
 			}
 		default:

@@ -34,6 +34,9 @@ func TestExtractModel(t *testing.T) {
 		{name: "deep nesting allowed", body: `{"a":` + deep + `,"model":"m"}`, want: "m"},
 		{name: "first of duplicate keys", body: `{"model":"a","model":"b"}`, want: "a"},
 		{name: "rest of body not judged", body: `{"model":"m", garbage`, want: "m"},
+		// Strings inside skipped values are checked only for where they end.
+		{name: "escaped quotes in skipped string", body: `{"a":"x\"y\\","model":"m"}`, want: "m"},
+		{name: "escape not judged in skipped string", body: `{"a":"\q","model":"m"}`, want: "m"},
 
 		{name: "empty body", body: ``, wantErr: ErrNotObject},
 		{name: "array", body: `[{"model":"m"}]`, wantErr: ErrNotObject},
@@ -55,8 +58,9 @@ func TestExtractModel(t *testing.T) {
 		{name: "mismatched brackets", body: `{"a":[1,2},"model":"m"}`, wantErr: errSyntax},
 		{name: "bad literal", body: `{"a":tru,"model":"m"}`, wantErr: errSyntax},
 		{name: "bad number", body: `{"a":01,"model":"m"}`, wantErr: errSyntax},
-		{name: "bad escape", body: `{"a":"\q","model":"m"}`, wantErr: errSyntax},
-		{name: "bad unicode escape", body: `{"a":"\u12G4","model":"m"}`, wantErr: errSyntax},
+		{name: "bad escape in key", body: `{"\q":1,"model":"m"}`, wantErr: errSyntax},
+		{name: "bad escape in model", body: `{"model":"a\qb"}`, wantErr: errSyntax},
+		{name: "bad unicode escape in model", body: `{"model":"\u12G4"}`, wantErr: errSyntax},
 		{name: "unquoted key", body: `{model:"m"}`, wantErr: errSyntax},
 		{name: "data after object", body: `{"a":1} {"model":"m"}`, wantErr: errSyntax},
 		{name: "control char in model", body: "{\"model\":\"a\nb\"}", wantErr: errSyntax},
@@ -208,6 +212,10 @@ func FuzzExtractModel(f *testing.F) {
 	f.Add(chatBody(512, false))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		got, err := ExtractModel(body)
+		// Whatever the input, a model returned is a non-empty UTF-8 string.
+		if err == nil && (len(got) == 0 || !utf8.Valid(got)) {
+			t.Fatalf("ExtractModel(%q) = %q: not a usable model name", body, got)
+		}
 		if !json.Valid(body) || !utf8.Valid(body) {
 			return
 		}

@@ -359,7 +359,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 // wait gives up is given straight back.
 func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
 	st.startPump()
-	timer := time.NewTimer(deadline.Sub(time.Now()))
+	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
 	giveUp := func(r Reason) Reason {
 		if st.model.gate.abandon(w) {
@@ -438,7 +438,7 @@ func (st *stream) extendTimeout(deadline time.Time, margin time.Duration) error 
 		return nil
 	}
 	st.extended = true
-	d := min(deadline.Sub(time.Now())+margin, st.s.maxMessageTimeout)
+	d := min(time.Until(deadline)+margin, st.s.maxMessageTimeout)
 	d = max(d, time.Millisecond)
 	return st.send(&extprocv3.ProcessingResponse{OverrideMessageTimeout: durationpb.New(d)})
 }

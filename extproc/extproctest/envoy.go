@@ -603,6 +603,7 @@ func mutate(hs []Header, m *extprocv3.HeaderMutation) []Header {
 		if !allowed(k) {
 			continue
 		}
+		//lint:ignore SA1019 ext_proc's mutation code reads the deprecated append field (mutation_utils.cc).
 		if !o.GetAppend().GetValue() {
 			hs = remove(hs, k)
 		}

@@ -1,0 +1,51 @@
+# vgw developer commands. `make help` lists them.
+GO        ?= go
+BIN       ?= bin
+CONFIG    ?= examples/sim.yaml
+# Tools the checks need, pinned; `make tools` installs them.
+STATICCHECK_VERSION ?= v0.8.2
+GOBIN     ?= $(shell $(GO) env GOPATH)/bin
+FUZZTIME  ?= 20s
+
+.PHONY: help build test lint fmt bench bench-go bench-load fuzz run tools clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+build: ## build bin/vgw and bin/vgwload
+	$(GO) build -o $(BIN)/vgw ./cmd/vgw
+	$(GO) build -o $(BIN)/vgwload ./cmd/vgwload
+
+test: ## run every test under the race detector (the fuzz corpora run as tests)
+	$(GO) test -race -count=1 ./...
+	$(GO) run ./cmd/vgw validate --config $(CONFIG)
+	$(GO) run ./cmd/vgw envoy-check --config $(CONFIG) envoy/*.yaml
+
+lint: ## go vet, staticcheck and gofmt
+	$(GO) vet ./...
+	$(GOBIN)/staticcheck ./...
+	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
+
+fmt: ## format the code
+	gofmt -w .
+
+bench: bench-go bench-load ## every benchmark (see BENCHMARKS.md)
+
+bench-go: ## Go benchmarks of the request path
+	$(GO) test -run '^$$' -bench . -benchmem ./extproc/
+
+bench-load: build ## drive vgw and a no-op floor over loopback gRPC as Envoy would
+	$(BIN)/vgwload --vgw $(BIN)/vgw
+
+fuzz: ## fuzz the parsers for FUZZTIME each
+	$(GO) test -run '^$$' -fuzz FuzzExtractModel -fuzztime $(FUZZTIME) ./extproc/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./config/
+
+run: ## serve the sim config: no GPU, no Docker
+	$(GO) run ./cmd/vgw serve --config $(CONFIG)
+
+tools: ## install the pinned tools the checks use
+	$(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+clean:
+	rm -rf $(BIN)
