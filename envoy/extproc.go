@@ -145,6 +145,8 @@ type Expect struct {
 	MessageTimeout    time.Duration
 	MaxMessageTimeout time.Duration
 	MaxBodyBytes      int64
+	// RecvLimit is the largest message vgw's ext_proc listener accepts.
+	RecvLimit int64
 }
 
 // CheckAgainst reports where b's ext_proc filter and body buffer limit
@@ -171,6 +173,9 @@ func CheckAgainst(b *bootstrapv3.Bootstrap, want Expect) []Problem {
 	for _, limit := range bodyLimits(b) {
 		if limit.bytes < want.MaxBodyBytes {
 			c.errorf(limit.path, "is %d bytes, under vgw's max_body_bytes %d: Envoy would answer 413 in plain text before vgw sees the body", limit.bytes, want.MaxBodyBytes)
+		}
+		if want.RecvLimit > 0 && limit.bytes > want.RecvLimit {
+			c.errorf(limit.path, "is %d bytes, over the %d bytes vgw's ext_proc listener receives: such a body would fail with Envoy's 500 instead of vgw's 413", limit.bytes, want.RecvLimit)
 		}
 	}
 	return c.problems

@@ -2,6 +2,7 @@ package extproc
 
 import (
 	"encoding/json"
+	"errors"
 	"strconv"
 	"unicode/utf8"
 
@@ -29,6 +30,7 @@ type rejection struct {
 	retryAfter int // seconds; 0 sends no Retry-After
 	reason     Reason
 	outcome    Outcome
+	rendered   []byte // the body, when already rendered
 }
 
 // openAIError is the error shape of the OpenAI API, which clients of an
@@ -43,6 +45,9 @@ type openAIError struct {
 }
 
 func (r *rejection) body() []byte {
+	if r.rendered != nil {
+		return r.rendered
+	}
 	var e openAIError
 	e.Error.Message, e.Error.Type = r.message, r.errType
 	if r.param != "" {
@@ -59,25 +64,38 @@ func (r *rejection) body() []byte {
 }
 
 // immediate renders r as the ImmediateResponse Envoy sends to the client.
+func (r *rejection) immediate(depth int) *extprocv3.ProcessingResponse {
+	return immediateResponse(r.status, r.body(), depth, r.retryAfter, reasonDetails[r.reason])
+}
+
+// immediateResponse is an answer vgw gives in Envoy's place, as JSON.
 // Envoy's local reply keeps our content-type (source/common/http/utility.cc
 // sets text/plain only when none is set).
-func (r *rejection) immediate(depth int) *extprocv3.ProcessingResponse {
-	hs := []*corev3.HeaderValueOption{
-		setHeader("content-type", []byte("application/json")),
-		setHeader(HeaderQueueDepth, strconv.AppendInt(nil, int64(depth), 10)),
-	}
-	if r.retryAfter > 0 {
-		hs = append(hs, setHeader("retry-after", strconv.AppendInt(nil, int64(r.retryAfter), 10)))
+func immediateResponse(status int, body []byte, depth, retryAfter int, details string) *extprocv3.ProcessingResponse {
+	hs := []*corev3.HeaderValueOption{jsonContentType, depthHeader(depth)}
+	if retryAfter > 0 {
+		hs = append(hs, setHeader("retry-after", strconv.AppendInt(nil, int64(retryAfter), 10)))
 	}
 	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
 		ImmediateResponse: &extprocv3.ImmediateResponse{
-			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(r.status)},
+			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(status)},
 			Headers: &extprocv3.HeaderMutation{SetHeaders: hs},
-			Body:    r.body(),
-			Details: "vgw_" + r.reason.String(),
+			Body:    body,
+			Details: details,
 		},
 	}}
 }
+
+var jsonContentType = setHeader("content-type", []byte("application/json"))
+
+// reasonDetails are Envoy's response code details for vgw's answers, as
+// access logs show them (%RESPONSE_CODE_DETAILS%).
+var reasonDetails = func() (d [len(reasonNames)]string) {
+	for i, n := range reasonNames {
+		d[i] = "vgw_" + n
+	}
+	return d
+}()
 
 // setHeader builds a header mutation entry. Envoy reads only raw_value in
 // mutations (source/extensions/filters/http/ext_proc/mutation_utils.cc,
@@ -103,9 +121,11 @@ func badRequest(msg, code string) *rejection {
 		reason: ReasonBadRequest, outcome: OutcomeRejected}
 }
 
-func unknownModel(name []byte) *rejection {
+// unknownModel answers a model name that is not configured; name is the
+// client's, already cut to a printable length.
+func unknownModel(name string) *rejection {
 	return &rejection{status: 404, errType: "invalid_request_error", param: "model", code: "model_not_found",
-		message: "The model '" + printable(name, 256) + "' does not exist or is not served here.",
+		message: "The model '" + name + "' does not exist or is not served here.",
 		reason:  ReasonUnknownModel, outcome: OutcomeRejected}
 }
 
@@ -115,6 +135,9 @@ func tooLarge(limit int) *rejection {
 		reason:  ReasonTooLarge, outcome: OutcomeRejected}
 }
 
+// queueFull answers a request that found the model's queue full. Its body
+// depends on the model alone, so callers keep it rendered (modelEntry);
+// under overload this is the answer most requests get.
 func queueFull(model string, retryAfter int) *rejection {
 	return &rejection{status: 429, errType: "rate_limit_exceeded", code: "queue_full",
 		message:    "Too many requests are waiting for model '" + model + "'; retry later.",
@@ -139,3 +162,9 @@ func unavailable(model string, err error, retryAfter int, r Reason) *rejection {
 	return &rejection{status: 503, errType: "server_error", code: "model_unavailable", message: msg,
 		retryAfter: retryAfter, reason: r, outcome: OutcomeRejected}
 }
+
+func draining(model string) *rejection {
+	return unavailable(model, errDraining, retryAfterOf(nil), ReasonDraining)
+}
+
+var errDraining = errors.New("vgw is draining for maintenance or shutdown")

@@ -1,6 +1,7 @@
 package extproc
 
 import (
+	"runtime"
 	"sync/atomic"
 	"time"
 )
@@ -77,9 +78,10 @@ type Decision struct {
 }
 
 // DecisionLog is a bounded ring of the most recent decisions. Writers never
-// lock and never allocate: each claims a slot with one atomic add and fills
-// it with atomic stores guarded by a per-slot sequence number, so a reader
-// sees a slot whole or skips it. Nothing is formatted until Recent is called.
+// allocate and never take a lock: each takes a position with one atomic
+// add, claims its slot with a compare-and-swap on the slot's sequence
+// number, and fills it with atomic stores, so a reader sees a slot whole or
+// skips it. Nothing is formatted until Recent is called.
 type DecisionLog struct {
 	next  atomic.Uint64
 	mask  uint64
@@ -109,7 +111,22 @@ func NewDecisionLog(size int) *DecisionLog {
 func (l *DecisionLog) record(at time.Time, model *string, o Outcome, r Reason, status, depth int, wait time.Duration) {
 	pos := l.next.Add(1) - 1
 	s := &l.slots[pos&l.mask]
-	s.seq.Store(2*pos + 1)
+	// Two writers meet on a slot only when the ring wraps while one of
+	// them is still writing. The older record then gives way: it would be
+	// overwritten at once anyway.
+	for {
+		cur := s.seq.Load()
+		if cur >= 2*pos+1 {
+			return // a newer record holds or is taking the slot
+		}
+		if cur%2 == 1 {
+			runtime.Gosched() // an older writer is mid-write
+			continue
+		}
+		if s.seq.CompareAndSwap(cur, 2*pos+1) {
+			break
+		}
+	}
 	s.at.Store(at.UnixNano())
 	s.wait.Store(int64(wait))
 	s.packed.Store(uint64(o)<<56 | uint64(r)<<48 | uint64(uint16(status))<<32 | uint64(uint32(depth)))

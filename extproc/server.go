@@ -16,6 +16,7 @@ import (
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
@@ -69,8 +70,9 @@ type Server struct {
 	messageTimeout    time.Duration
 	maxMessageTimeout time.Duration
 
-	models atomic.Pointer[modelTable]
-	setMu  sync.Mutex // serialises SetModels
+	models   atomic.Pointer[modelTable]
+	setMu    sync.Mutex // serialises SetModels
+	draining atomic.Bool
 }
 
 // modelTable is an immutable snapshot of the configured models, swapped
@@ -81,9 +83,14 @@ type modelTable struct {
 }
 
 type modelEntry struct {
-	name  string
-	gate  *gate
-	route atomic.Pointer[routeHeaders]
+	name          string
+	gate          *gate
+	route         atomic.Pointer[routeHeaders]
+	queueFullBody []byte // the 429 body, rendered once
+}
+
+func newModelEntry(m Model) *modelEntry {
+	return &modelEntry{name: m.Name, gate: newGate(m.Limits), queueFullBody: queueFull(m.Name, 0).body()}
 }
 
 // routeHeaders caches the immutable header mutations for a model's current
@@ -94,6 +101,9 @@ type routeHeaders struct {
 	model      *corev3.HeaderValueOption
 	clusterHdr *corev3.HeaderValueOption
 	bodyReply  *extprocv3.ProcessingResponse // admits at the body phase, queue depth 0
+	// headersReply admits at the headers phase (x-vgw-model), queue depth
+	// 0, response body mode NONE.
+	headersReply *extprocv3.ProcessingResponse
 }
 
 func (m *modelEntry) headersFor(r Route) *routeHeaders {
@@ -106,6 +116,7 @@ func (m *modelEntry) headersFor(r Route) *routeHeaders {
 		clusterHdr: setHeader(HeaderCluster, []byte(r.Cluster)),
 	}
 	h.bodyReply = bodyReply(h, 0)
+	h.headersReply = headersReply(h, 0, filterv3.ProcessingMode_NONE)
 	m.route.Store(h)
 	return h
 }
@@ -184,13 +195,23 @@ func (s *Server) SetModels(models []Model) {
 				continue
 			}
 		}
-		t.byName[m.Name] = &modelEntry{name: m.Name, gate: newGate(m.Limits)}
+		t.byName[m.Name] = newModelEntry(m)
 		names = append(names, m.Name)
 	}
 	slices.Sort(names)
 	t.list = renderModelList(names)
 	s.models.Store(t)
 }
+
+// SetDraining starts or stops draining. While draining, vgw admits no new
+// request: each is answered 503 with Retry-After, so that clients go to
+// another replica or come back. Requests already admitted or queued carry
+// on. vgw drains when it shuts down; the admin service drains for
+// maintenance.
+func (s *Server) SetDraining(on bool) { s.draining.Store(on) }
+
+// Draining reports whether vgw is draining.
+func (s *Server) Draining() bool { return s.draining.Load() }
 
 // Stats returns the admission state of one model.
 func (s *Server) Stats(model string) (GateStats, bool) {
@@ -268,13 +289,21 @@ func (s *Server) waitBudget(queueTimeout time.Duration) (budget, margin time.Dur
 	return min(queueTimeout+s.loadTimeout, limit-margin), margin
 }
 
+// RecvLimit is the largest message the ext_proc listener receives when
+// vgw answers bodies over maxBody with 413. It is well above maxBody so
+// that a body Envoy buffered beyond it (a chunked body, with no
+// content-length for the headers check) still arrives and gets vgw's 413:
+// a message gRPC refuses becomes Envoy's plain 500 instead. Envoy's own
+// buffer limit should not exceed it; vgw envoy-check --config says so.
+func RecvLimit(maxBody int) int { return max(2*maxBody, 64<<20) + 1<<20 }
+
 // GRPCOptions are the gRPC server settings an ext_proc listener needs:
-// messages large enough for a request body of maxBody bytes, no cap on
-// concurrent streams (each request, waiting ones included, is one stream),
-// and keepalive pings from Envoy accepted without a stream open.
+// messages up to RecvLimit, no cap on concurrent streams (each request,
+// waiting ones included, is one stream), and keepalive pings from Envoy
+// accepted without a stream open.
 func GRPCOptions(maxBody int) []grpc.ServerOption {
 	return []grpc.ServerOption{
-		grpc.MaxRecvMsgSize(maxBody + 1<<20),
+		grpc.MaxRecvMsgSize(RecvLimit(maxBody)),
 		grpc.MaxConcurrentStreams(math.MaxUint32),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 	}

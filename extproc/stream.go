@@ -3,6 +3,7 @@ package extproc
 import (
 	"context"
 	"errors"
+	"io"
 	"strconv"
 	"time"
 
@@ -37,13 +38,26 @@ func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	for {
 		req, err := st.recv()
 		if err != nil {
-			return nil // Envoy closed or reset the stream: nothing left to answer
+			return endErr(err)
 		}
 		done, err := st.handle(req)
 		if err != nil || done {
 			return err
 		}
 	}
+}
+
+// endErr is what the handler returns once receiving has failed: nothing
+// for Envoy's orderly close (io.EOF), else the failure. gRPC must never end
+// with OK a stream that still has a message unanswered, such as a body too
+// large to receive: Envoy would carry on without vgw, even failing closed
+// (ext_proc.cc onGrpcClose), and route by the client's own headers. When
+// Envoy has reset the stream, what the handler returns reaches no one.
+func endErr(err error) error {
+	if err == nil || errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
 }
 
 // phase is where a stream stands in Envoy's exchange.
@@ -259,11 +273,7 @@ func isModelList(path []byte) bool {
 }
 
 func modelList(body []byte) *extprocv3.ProcessingResponse {
-	r := &rejection{status: 200}
-	resp := r.immediate(0)
-	resp.GetImmediateResponse().Body = body
-	resp.GetImmediateResponse().Details = "vgw_model_list"
-	return resp
+	return immediateResponse(200, body, 0, 0, "vgw_model_list")
 }
 
 // emptyModel stands for the model of a request that named none.
@@ -298,9 +308,12 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	m := s.lookup(name)
 	if m == nil {
 		copied := printable(name, 256)
-		return true, st.reject(&copied, unknownModel(name), 0, time.Time{})
+		return true, st.reject(&copied, unknownModel(copied), 0, time.Time{})
 	}
 	st.model = m
+	if s.draining.Load() {
+		return true, st.reject(&m.name, draining(m.name), m.gate.depth(), time.Time{})
+	}
 	start := time.Now()
 	if m.gate.tryAcquire() {
 		st.held = true
@@ -326,12 +339,14 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 		return st.waitForModel(start, deadline, margin, 0, atHeaders)
 	case full:
 		waiterPool.Put(w)
-		return true, st.reject(&m.name, queueFull(m.name, m.gate.retryAfter(depth)), depth, time.Time{})
+		r := queueFull(m.name, m.gate.retryAfter(depth))
+		r.rendered = m.queueFullBody
+		return true, st.reject(&m.name, r, depth, time.Time{})
 	}
 
 	s.record(st.ctx, start, &m.name, OutcomeQueued, ReasonWaitSlot, 0, depth, 0)
 	if err := st.extendTimeout(deadline, margin); err != nil {
-		m.gate.abandon(w) // sending failed: the stream is gone
+		st.leaveQueue(w) // sending failed: the stream is gone
 		return true, err
 	}
 	slotDeadline := start.Add(limits.QueueTimeout)
@@ -343,7 +358,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 		st.held = true
 	case ReasonClientGone:
 		st.abandoned(start)
-		return true, nil
+		return true, endErr(st.recvErr)
 	default:
 		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), start)
 	}
@@ -362,11 +377,7 @@ func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
 	giveUp := func(r Reason) Reason {
-		if st.model.gate.abandon(w) {
-			<-w.ready
-			st.model.gate.release()
-		}
-		waiterPool.Put(w)
+		st.leaveQueue(w)
 		return r
 	}
 	for {
@@ -386,6 +397,16 @@ func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
 			st.pending = append(st.pending, r.req)
 		}
 	}
+}
+
+// leaveQueue takes w out of its model's queue for a request that gives up.
+// A slot handed to w as it gave up is given straight back.
+func (st *stream) leaveQueue(w *waiter) {
+	if st.model.gate.abandon(w) {
+		<-w.ready
+		st.model.gate.release()
+	}
+	waiterPool.Put(w)
 }
 
 // waitForModel holds an admitted slot while the manager makes the model
@@ -409,7 +430,7 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 	switch {
 	case st.ctx.Err() != nil:
 		st.abandoned(start)
-		return true, nil
+		return true, endErr(st.recvErr)
 	case errors.Is(err, context.DeadlineExceeded):
 		return true, st.reject(&m.name, timedOut(m.name, ReasonLoadTimeout), m.gate.depth(), start)
 	default:
@@ -449,16 +470,10 @@ func (st *stream) admit(r Route, reason Reason, depth int, now time.Time, wait t
 	h := m.headersFor(r)
 	var resp *extprocv3.ProcessingResponse
 	switch {
+	case atHeaders && depth == 0 && st.respBodyMode == filterv3.ProcessingMode_NONE:
+		resp = h.headersReply // the fast path's common case, built once per route
 	case atHeaders:
-		resp = &extprocv3.ProcessingResponse{
-			Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: routeResponse(h, depth)}},
-			// The body is not needed: skip it. A mode override replaces
-			// both body modes, so the response one is restated.
-			ModeOverride: &filterv3.ProcessingMode{
-				RequestBodyMode:  filterv3.ProcessingMode_NONE,
-				ResponseBodyMode: st.respBodyMode,
-			},
-		}
+		resp = headersReply(h, depth, st.respBodyMode)
 	case depth == 0:
 		resp = h.bodyReply // the common case, built once per route
 	default:
@@ -479,6 +494,19 @@ func routeResponse(h *routeHeaders, depth int) *extprocv3.CommonResponse {
 			h.model, h.clusterHdr, depthHeader(depth),
 		}},
 		ClearRouteCache: true,
+	}
+}
+
+// headersReply admits a request at the headers phase and tells Envoy not
+// to send the body. A mode override replaces both body modes
+// (ext_proc.cc effectiveModeOverride), so the response one is restated.
+func headersReply(h *routeHeaders, depth int, respBodyMode filterv3.ProcessingMode_BodySendMode) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{
+		Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{Response: routeResponse(h, depth)}},
+		ModeOverride: &filterv3.ProcessingMode{
+			RequestBodyMode:  filterv3.ProcessingMode_NONE,
+			ResponseBodyMode: respBodyMode,
+		},
 	}
 }
 

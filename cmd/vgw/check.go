@@ -6,6 +6,7 @@ import (
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/envoy"
+	"github.com/vgw-project/vgw/extproc"
 )
 
 // validate checks a config file and prints every problem as file:line.
@@ -50,6 +51,7 @@ func envoyCheck(args []string, stdout, stderr io.Writer) error {
 			MessageTimeout:    c.Envoy.MessageTimeout.Std(),
 			MaxMessageTimeout: c.Envoy.MaxMessageTimeout.Std(),
 			MaxBodyBytes:      int64(c.MaxBodyBytes),
+			RecvLimit:         int64(extproc.RecvLimit(int(c.MaxBodyBytes))),
 		}
 	}
 	failed := 0

@@ -82,6 +82,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			return fmt.Errorf("ext_proc server: %w", err)
 		case <-ctx.Done():
 			log.Info("shutting down", slog.Duration("grace", cfg.ShutdownTimeout.Std()))
+			ep.SetDraining(true)
 			hs.Shutdown()
 			stopGracefully(g, cfg.ShutdownTimeout.Std())
 			return nil

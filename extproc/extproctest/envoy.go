@@ -449,9 +449,11 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 			x.res.ClientReset = true
 			return nil, true
 		case <-timer.C:
-			// ext_proc.cc onMessageTimeout: 504 when failing closed.
+			// ext_proc.cc onMessageTimeout: 504 when failing closed; when
+			// failing open, the stream is closed and the request goes on.
 			if f.FailureModeAllow {
 				x.bypass = true
+				x.closeEarly()
 				return nil, false
 			}
 			return nil, x.fail(DetailMessageTimeout)
@@ -465,6 +467,7 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 			if rp.err != nil {
 				if f.FailureModeAllow {
 					x.bypass = true
+					x.closeEarly()
 					return nil, false
 				}
 				return nil, x.fail(DetailGrpcError)

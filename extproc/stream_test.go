@@ -1,0 +1,119 @@
+package extproc
+
+import (
+	"context"
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// scriptedStream feeds Process a fixed list of messages, then a final
+// receive error, and lets a test intercept each send.
+type scriptedStream struct {
+	grpc.ServerStream
+	ctx    context.Context
+	msgs   []*extprocv3.ProcessingRequest
+	end    error
+	onSend func(*extprocv3.ProcessingResponse) error
+	sent   []*extprocv3.ProcessingResponse
+}
+
+func (s *scriptedStream) Context() context.Context { return s.ctx }
+
+func (s *scriptedStream) Recv() (*extprocv3.ProcessingRequest, error) {
+	if len(s.msgs) == 0 {
+		return nil, s.end
+	}
+	m := s.msgs[0]
+	s.msgs = s.msgs[1:]
+	return m, nil
+}
+
+func (s *scriptedStream) Send(r *extprocv3.ProcessingResponse) error {
+	s.sent = append(s.sent, r)
+	if s.onSend != nil {
+		return s.onSend(r)
+	}
+	return nil
+}
+
+func bodyMsg(body string) *extprocv3.ProcessingRequest {
+	return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
+		RequestBody: &extprocv3.HttpBody{Body: []byte(body), EndOfStream: true}}}
+}
+
+// TestProcessNeverEndsOKWithAMessageUnanswered: a receive that fails for
+// any reason but Envoy's orderly close must end the stream with an error.
+// An OK would make Envoy carry on without vgw (ext_proc.cc onGrpcClose).
+func TestProcessNeverEndsOKWithAMessageUnanswered(t *testing.T) {
+	s := benchServer(0)
+	for _, tc := range []struct {
+		name   string
+		end    error
+		wantOK bool
+	}{
+		{"orderly close", io.EOF, true},
+		{"message too large", status.Error(codes.ResourceExhausted, "grpc: received message larger than max"), false},
+		{"reset", status.Error(codes.Canceled, "context canceled"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := s.Process(&scriptedStream{ctx: context.Background(), end: tc.end})
+			if (err == nil) != tc.wantOK {
+				t.Fatalf("Process returned %v; want OK: %v", err, tc.wantOK)
+			}
+		})
+	}
+}
+
+// TestOverrideSendFailsAfterGrant: a queued request whose timeout override
+// cannot be sent (Envoy reset the stream) gives back the slot that was
+// handed to it in the meantime.
+func TestOverrideSendFailsAfterGrant(t *testing.T) {
+	s := New([]Model{{Name: "m", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}},
+		readyManager{Route{Cluster: "c"}}, WithMessageTimeouts(200*time.Millisecond, time.Minute))
+	g := s.lookup([]byte("m")).gate
+	if !g.tryAcquire() {
+		t.Fatal("could not take the only slot")
+	}
+	srv := &scriptedStream{ctx: context.Background(), msgs: []*extprocv3.ProcessingRequest{bodyMsg(`{"model":"m"}`)}, end: io.EOF}
+	srv.onSend = func(r *extprocv3.ProcessingResponse) error {
+		if r.GetOverrideMessageTimeout() != nil {
+			g.release() // the slot goes to the queued request now
+			return errors.New("stream reset")
+		}
+		return nil
+	}
+	if err := s.Process(srv); err == nil {
+		t.Fatal("Process returned OK after a failed send")
+	}
+	if st := g.stats(); st.InFlight != 0 || st.Queued != 0 {
+		t.Fatalf("in flight %d, queued %d after the request gave up: a slot leaked", st.InFlight, st.Queued)
+	}
+}
+
+// TestDraining: while draining, new requests are answered 503 with
+// Retry-After and requests already admitted finish.
+func TestDraining(t *testing.T) {
+	s := New([]Model{{Name: "m", Limits: Limits{MaxConcurrent: 4, MaxQueue: 4, QueueTimeout: time.Minute}}}, readyManager{Route{Cluster: "c"}})
+	s.SetDraining(true)
+	srv := &scriptedStream{ctx: context.Background(), msgs: []*extprocv3.ProcessingRequest{bodyMsg(`{"model":"m"}`)}, end: io.EOF}
+	if err := s.Process(srv); err != nil {
+		t.Fatal(err)
+	}
+	ir := srv.sent[len(srv.sent)-1].GetImmediateResponse()
+	if ir == nil || ir.GetStatus().GetCode() != 503 || ir.GetDetails() != "vgw_draining" {
+		t.Fatalf("answer %v, want a 503 for draining", srv.sent)
+	}
+	s.SetDraining(false)
+	srv = &scriptedStream{ctx: context.Background(), msgs: []*extprocv3.ProcessingRequest{bodyMsg(`{"model":"m"}`)}, end: io.EOF}
+	s.Process(srv)
+	if srv.sent[0].GetRequestBody() == nil {
+		t.Fatalf("after draining ends the request was not admitted: %v", srv.sent)
+	}
+}
