@@ -171,13 +171,9 @@ func TestRejections(t *testing.T) {
 // override_message_timeout, and is sent on only after the first ends.
 func TestQueueThenAdmit(t *testing.T) {
 	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, 30*time.Second)}})
-	holdA := h.up.hold("a")
-	doneA := make(chan *extproctest.Result)
-	go func() { doneA <- do(t, h, context.Background(), req("a", chat("llama"))) }()
-	a := <-holdA
+	a, doneA := h.streaming(t, context.Background(), "a", "llama")
 
-	doneB := make(chan *extproctest.Result)
-	go func() { doneB <- do(t, h, context.Background(), req("b", chat("llama"))) }()
+	doneB := h.async(t, context.Background(), req("b", chat("llama")))
 	eventually(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 
 	// Well past Envoy's 200ms message timeout, b must still be waiting.
@@ -223,12 +219,8 @@ func TestQueueThenAdmit(t *testing.T) {
 
 func TestOverflow429(t *testing.T) {
 	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, 20*time.Second)}})
-	holdA := h.up.hold("a")
-	doneA := make(chan *extproctest.Result)
-	go func() { doneA <- do(t, h, context.Background(), req("a", chat("llama"))) }()
-	a := <-holdA
-	doneB := make(chan *extproctest.Result)
-	go func() { doneB <- do(t, h, context.Background(), req("b", chat("llama"))) }()
+	a, doneA := h.streaming(t, context.Background(), "a", "llama")
+	doneB := h.async(t, context.Background(), req("b", chat("llama")))
 	eventually(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 
 	res := do(t, h, context.Background(), req("c", chat("llama")))
@@ -255,10 +247,7 @@ func TestOverflow429(t *testing.T) {
 
 func TestQueueTimeout504(t *testing.T) {
 	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, 300*time.Millisecond)}})
-	holdA := h.up.hold("a")
-	doneA := make(chan *extproctest.Result)
-	go func() { doneA <- do(t, h, context.Background(), req("a", chat("llama"))) }()
-	a := <-holdA
+	a, doneA := h.streaming(t, context.Background(), "a", "llama")
 	res := do(t, h, context.Background(), req("b", chat("llama")))
 	if res.Status != 504 || !res.Immediate {
 		t.Fatalf("b: %d (%s) %q, want vgw's own 504", res.Status, res.Details, res.Body)
@@ -280,14 +269,10 @@ func TestQueueTimeout504(t *testing.T) {
 
 func TestDisconnectWhileQueued(t *testing.T) {
 	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, 30*time.Second)}})
-	holdA := h.up.hold("a")
-	doneA := make(chan *extproctest.Result)
-	go func() { doneA <- do(t, h, context.Background(), req("a", chat("llama"))) }()
-	a := <-holdA
+	a, doneA := h.streaming(t, context.Background(), "a", "llama")
 
 	ctx, cancel := context.WithCancel(context.Background())
-	doneB := make(chan *extproctest.Result)
-	go func() { doneB <- do(t, h, ctx, req("b", chat("llama"))) }()
+	doneB := h.async(t, ctx, req("b", chat("llama")))
 	eventually(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 	cancel()
 	if res := <-doneB; !res.ClientReset || res.Forwarded != nil {
@@ -318,12 +303,9 @@ func TestStreamHoldsSlot(t *testing.T) {
 	}{{"to the end", false}, {"client leaves mid-stream", true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(2, 4, time.Second)}})
-			hold := h.up.hold("s")
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			done := make(chan *extproctest.Result)
-			go func() { done <- do(t, h, ctx, req("s", chat("llama"))) }()
-			s := <-hold
+			s, done := h.streaming(t, ctx, "s", "llama")
 			for i := range 3 {
 				// An unbuffered send returns once Envoy has taken the chunk,
 				// so the response headers have been processed.
@@ -376,8 +358,7 @@ func TestModelLoad(t *testing.T) {
 	t.Run("loads", func(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}})
 		load := h.mgr.startLoading("llama")
-		done := make(chan *extproctest.Result)
-		go func() { done <- do(t, h, context.Background(), req("l", chat("llama"))) }()
+		done := h.async(t, context.Background(), req("l", chat("llama")))
 		eventually(t, "the request waits for the load", func() bool {
 			return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeQueued})) == 1
 		})

@@ -226,3 +226,27 @@ func (h *harness) idle(t testing.TB, model string) {
 }
 
 var errLoad = errors.New("no GPU has room: needs 40 GiB, 12 GiB free")
+
+// async sends a request in the background; its result arrives on the
+// returned channel.
+func (h *harness) async(t *testing.T, ctx context.Context, r extproctest.Request) <-chan *extproctest.Result {
+	done := make(chan *extproctest.Result, 1)
+	go func() {
+		res, err := h.env.Do(ctx, r)
+		if err != nil {
+			t.Errorf("Envoy: %v", err)
+		} else if res.Bypassed {
+			t.Error("the server ended the stream with OK before answering")
+		}
+		done <- res
+	}()
+	return done
+}
+
+// streaming sends request id for model and returns once the upstream has
+// it, holding the response open until the test closes its chunks.
+func (h *harness) streaming(t *testing.T, ctx context.Context, id, model string) (*held, <-chan *extproctest.Result) {
+	hold := h.up.hold(id)
+	done := h.async(t, ctx, req(id, chat(model)))
+	return <-hold, done
+}

@@ -387,36 +387,38 @@ func validNumber(tok []byte) bool {
 	case i < len(tok) && tok[i] == '0':
 		i++
 	case i < len(tok) && '1' <= tok[i] && tok[i] <= '9':
-		for i < len(tok) && '0' <= tok[i] && tok[i] <= '9' {
-			i++
-		}
+		i = digits(tok, i)
 	default:
 		return false
 	}
 	if i < len(tok) && tok[i] == '.' {
-		i++
-		d := i
-		for i < len(tok) && '0' <= tok[i] && tok[i] <= '9' {
-			i++
-		}
-		if i == d {
+		if i = digits(tok, i+1); i < 0 {
 			return false
 		}
 	}
-	if i < len(tok) && (tok[i] == 'e' || tok[i] == 'E') {
+	if i >= 0 && i < len(tok) && (tok[i] == 'e' || tok[i] == 'E') {
 		i++
 		if i < len(tok) && (tok[i] == '+' || tok[i] == '-') {
 			i++
 		}
-		d := i
-		for i < len(tok) && '0' <= tok[i] && tok[i] <= '9' {
-			i++
-		}
-		if i == d {
+		if i = digits(tok, i); i < 0 {
 			return false
 		}
 	}
 	return i == len(tok)
+}
+
+// digits returns the index after the run of digits starting at i, or -1
+// if there is none.
+func digits(tok []byte, i int) int {
+	d := i
+	for i < len(tok) && '0' <= tok[i] && tok[i] <= '9' {
+		i++
+	}
+	if i == d {
+		return -1
+	}
+	return i
 }
 
 func isHex4(b []byte) bool {
