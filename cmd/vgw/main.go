@@ -5,6 +5,7 @@
 //	vgw serve --config FILE        run everything
 //	vgw validate --config FILE     check a config; errors as file:line: message
 //	vgw envoy-check FILE...        check Envoy bootstraps as Envoy would
+//	vgw fakevllm --model NAME      a vLLM stand-in for running without a GPU
 package main
 
 import (
@@ -16,6 +17,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/vgw-project/vgw/internal/fakevllm"
 )
 
 const usage = `vgw serves many vLLM models from one GPU box behind Envoy.
@@ -25,6 +28,7 @@ Usage:
   vgw validate --config FILE          check a config file
   vgw envoy-check [--config FILE] ENVOY.yaml...
                                       check Envoy bootstraps, optionally against a vgw config
+  vgw fakevllm --model NAME [flags]   a vLLM stand-in (see vgw fakevllm -h)
   vgw version                         print the version
 `
 
@@ -54,6 +58,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = validate(args[1:], stdout, stderr)
 	case "envoy-check":
 		err = envoyCheck(args[1:], stdout, stderr)
+	case "fakevllm":
+		return fakevllm.Main(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "vgw", version)
 	case "help", "-h", "--help":

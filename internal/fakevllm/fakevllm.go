@@ -1,0 +1,325 @@
+// Package fakevllm is a stand-in for a vLLM OpenAI server: the endpoints
+// vgw and its clients use, the same shapes and status codes, a token rate
+// instead of a GPU, and switches for the failures vgw must handle. It has
+// no cgo, so it runs anywhere and in a FROM scratch image.
+package fakevllm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Options shape a fake server.
+type Options struct {
+	// Model is the served model name (vLLM's --served-model-name).
+	Model string
+	// StartupDelay is how long /health answers 503, as vLLM does while it
+	// loads weights and profiles memory.
+	StartupDelay time.Duration
+	// TokensPerSecond is the generation rate per request; 0 means instant.
+	TokensPerSecond float64
+	// MaxNumSeqs caps requests generating at once; more wait, as in vLLM's
+	// scheduler. 0 means no cap.
+	MaxNumSeqs int
+	// FailStart makes the server exit with an error instead of becoming
+	// ready, after StartupDelay.
+	FailStart bool
+	// CrashAfter makes the server die when its Nth request starts (0: never).
+	CrashAfter int
+	// SlowHealth delays every /health answer.
+	SlowHealth time.Duration
+	// Log receives the server's log lines; nil discards them.
+	Log *slog.Logger
+	// Exit is called when the server must die (FailStart, CrashAfter); the
+	// command exits the process, tests observe.
+	Exit func(code int)
+}
+
+// Server is one fake vLLM.
+type Server struct {
+	opt     Options
+	start   time.Time
+	ready   atomic.Bool
+	started atomic.Int64 // requests started
+	running atomic.Int64
+	waiting atomic.Int64
+	seqs    chan struct{} // generation slots, when MaxNumSeqs > 0
+	once    sync.Once
+}
+
+// New returns a server; its startup clock runs from now.
+func New(opt Options) *Server {
+	if opt.Log == nil {
+		opt.Log = slog.New(slog.DiscardHandler)
+	}
+	if opt.Exit == nil {
+		opt.Exit = func(int) {}
+	}
+	s := &Server{opt: opt, start: time.Now()}
+	if opt.MaxNumSeqs > 0 {
+		s.seqs = make(chan struct{}, opt.MaxNumSeqs)
+	}
+	return s
+}
+
+// Serve serves HTTP on lis until ctx ends. It marks the server ready once
+// the startup delay has passed, or dies then if told to fail.
+func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
+	s.opt.Log.Info("starting vLLM API server", "model", s.opt.Model, "addr", lis.Addr().String())
+	go func() {
+		select {
+		case <-time.After(time.Until(s.start.Add(s.opt.StartupDelay))):
+		case <-ctx.Done():
+			return
+		}
+		if s.opt.FailStart {
+			s.opt.Log.Error("Error in memory profiling: CUDA out of memory. Tried to allocate 2.00 GiB")
+			s.die(1)
+			return
+		}
+		s.ready.Store(true)
+		s.opt.Log.Info("Application startup complete.")
+	}()
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(shutdown)
+	}()
+	if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func (s *Server) die(code int) { s.once.Do(func() { s.opt.Exit(code) }) }
+
+// Ready reports whether /health answers 200.
+func (s *Server) Ready() bool { return s.ready.Load() }
+
+// Handler serves vLLM's OpenAI endpoints.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /health", s.health)
+	mux.HandleFunc("GET /v1/models", s.models)
+	mux.HandleFunc("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, true) })
+	mux.HandleFunc("POST /v1/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, false) })
+	mux.HandleFunc("GET /metrics", s.metrics)
+	return mux
+}
+
+func (s *Server) health(w http.ResponseWriter, r *http.Request) {
+	if s.opt.SlowHealth > 0 {
+		select {
+		case <-time.After(s.opt.SlowHealth):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	if !s.ready.Load() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{
+		"object": "list",
+		"data":   []any{map[string]any{"id": s.opt.Model, "object": "model", "created": s.start.Unix(), "owned_by": "vllm", "root": s.opt.Model}},
+	})
+}
+
+func (s *Server) metrics(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+	label := `{model_name="` + strings.ReplaceAll(s.opt.Model, `"`, `\"`) + `"}`
+	fmt.Fprintf(w, "# HELP vllm:num_requests_running Number of requests currently running on GPU.\n# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running%s %d\n", label, s.running.Load())
+	fmt.Fprintf(w, "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting%s %d\n", label, s.waiting.Load())
+}
+
+// request is the part of an OpenAI completion request the fake reads.
+type request struct {
+	Model         string `json:"model"`
+	MaxTokens     *int   `json:"max_tokens"`
+	Stream        bool   `json:"stream"`
+	StreamOptions *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+}
+
+// vllmError writes an error the way vLLM's OpenAI server does.
+func vllmError(w http.ResponseWriter, status int, typ, msg string) {
+	writeJSON(w, status, map[string]any{"object": "error", "message": msg, "type": typ, "param": nil, "code": status})
+}
+
+func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
+	if !s.ready.Load() {
+		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The server is not ready yet.")
+		return
+	}
+	var req request
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<20)).Decode(&req); err != nil {
+		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid JSON: "+err.Error())
+		return
+	}
+	if req.Model != s.opt.Model {
+		vllmError(w, http.StatusNotFound, "NotFoundError", "The model `"+req.Model+"` does not exist.")
+		return
+	}
+	if n := s.started.Add(1); s.opt.CrashAfter > 0 && n >= int64(s.opt.CrashAfter) {
+		s.opt.Log.Error("engine core died unexpectedly", "requests", n)
+		s.die(1)
+		panic(http.ErrAbortHandler) // cut this connection, as a dead process would
+	}
+	if s.seqs != nil {
+		s.waiting.Add(1)
+		select {
+		case s.seqs <- struct{}{}:
+			s.waiting.Add(-1)
+		case <-r.Context().Done():
+			s.waiting.Add(-1)
+			return
+		}
+		defer func() { <-s.seqs }()
+	}
+	s.running.Add(1)
+	defer s.running.Add(-1)
+
+	tokens := 16
+	if req.MaxTokens != nil && *req.MaxTokens > 0 {
+		tokens = *req.MaxTokens
+	}
+	g := &generation{s: s, chat: chat, id: "cmpl-" + strconv.FormatInt(time.Now().UnixNano(), 36), tokens: tokens}
+	if req.Stream {
+		g.stream(w, r, req.StreamOptions != nil && req.StreamOptions.IncludeUsage)
+		return
+	}
+	if !g.wait(r.Context(), tokens) {
+		return
+	}
+	writeJSON(w, http.StatusOK, g.final())
+}
+
+// generation is one request's output: the word "token", tokens times.
+type generation struct {
+	s      *Server
+	chat   bool
+	id     string
+	tokens int
+}
+
+// wait spends the time n tokens take at the configured rate.
+func (g *generation) wait(ctx context.Context, n int) bool {
+	if g.s.opt.TokensPerSecond <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(time.Duration(float64(n) / g.s.opt.TokensPerSecond * float64(time.Second)))
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (g *generation) object() string {
+	if g.chat {
+		return "chat.completion"
+	}
+	return "text_completion"
+}
+
+func (g *generation) usage() map[string]int {
+	return map[string]int{"prompt_tokens": 8, "completion_tokens": g.tokens, "total_tokens": 8 + g.tokens}
+}
+
+func (g *generation) final() map[string]any {
+	text := strings.TrimSpace(strings.Repeat("token ", g.tokens))
+	choice := map[string]any{"index": 0, "finish_reason": "length"}
+	if g.chat {
+		choice["message"] = map[string]any{"role": "assistant", "content": text}
+	} else {
+		choice["text"] = text
+	}
+	return map[string]any{"id": g.id, "object": g.object(), "created": time.Now().Unix(), "model": g.s.opt.Model,
+		"choices": []any{choice}, "usage": g.usage()}
+}
+
+// stream sends one SSE event per token, then the finish, the usage if
+// asked, and [DONE], as vLLM does.
+func (g *generation) stream(w http.ResponseWriter, r *http.Request, includeUsage bool) {
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	object := g.object() + ".chunk"
+	if !g.chat {
+		object = "text_completion"
+	}
+	event := func(choice map[string]any, usage map[string]int) bool {
+		chunk := map[string]any{"id": g.id, "object": object, "created": time.Now().Unix(), "model": g.s.opt.Model, "choices": []any{}}
+		if choice != nil {
+			chunk["choices"] = []any{choice}
+		}
+		if usage != nil {
+			chunk["usage"] = usage
+		}
+		b, _ := json.Marshal(chunk)
+		if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
+			return false
+		}
+		if flusher != nil {
+			flusher.Flush()
+		}
+		return true
+	}
+	piece := func(text string, finish any) map[string]any {
+		c := map[string]any{"index": 0, "finish_reason": finish}
+		if g.chat {
+			c["delta"] = map[string]any{"content": text}
+		} else {
+			c["text"] = text
+		}
+		return c
+	}
+	for i := range g.tokens {
+		if !g.wait(r.Context(), 1) {
+			return
+		}
+		text := "token"
+		if i > 0 {
+			text = " token"
+		}
+		if !event(piece(text, nil), nil) {
+			return
+		}
+	}
+	if !event(piece("", "length"), nil) {
+		return
+	}
+	if includeUsage && !event(nil, g.usage()) {
+		return
+	}
+	fmt.Fprint(w, "data: [DONE]\n\n")
+	if flusher != nil {
+		flusher.Flush()
+	}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}

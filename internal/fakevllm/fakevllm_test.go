@@ -1,0 +1,216 @@
+package fakevllm
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// serve runs a fake on a loopback port and returns its base URL.
+func serve(t *testing.T, opt Options) (*Server, string) {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := New(opt)
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, lis) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return s, "http://" + lis.Addr().String()
+}
+
+func waitReady(t *testing.T, url string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(url + "/health")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		time.Sleep(2 * time.Millisecond) // polling interval
+	}
+	t.Fatal("never became ready")
+}
+
+func post(t *testing.T, url, body string) *http.Response {
+	t.Helper()
+	resp, err := http.Post(url, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp
+}
+
+func TestHealthFollowsStartup(t *testing.T) {
+	_, url := serve(t, Options{Model: "m", StartupDelay: 100 * time.Millisecond})
+	resp, err := http.Get(url + "/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 503 {
+		t.Fatalf("health while loading: %d, want 503", resp.StatusCode)
+	}
+	if r := post(t, url+"/v1/completions", `{"model":"m"}`); r.StatusCode != 503 {
+		t.Fatalf("completion while loading: %d, want 503", r.StatusCode)
+	}
+	waitReady(t, url)
+}
+
+func TestCompletions(t *testing.T) {
+	_, url := serve(t, Options{Model: "m"})
+	waitReady(t, url)
+
+	var chat struct {
+		Object  string `json:"object"`
+		Model   string `json:"model"`
+		Choices []struct {
+			Message struct{ Content string } `json:"message"`
+		} `json:"choices"`
+		Usage struct {
+			CompletionTokens int `json:"completion_tokens"`
+		} `json:"usage"`
+	}
+	r := post(t, url+"/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3}`)
+	if err := json.NewDecoder(r.Body).Decode(&chat); err != nil || r.StatusCode != 200 {
+		t.Fatalf("chat: %d %v", r.StatusCode, err)
+	}
+	if chat.Object != "chat.completion" || chat.Choices[0].Message.Content != "token token token" || chat.Usage.CompletionTokens != 3 {
+		t.Fatalf("chat answer %+v", chat)
+	}
+
+	r = post(t, url+"/v1/completions", `{"model":"other"}`)
+	var e struct {
+		Object string `json:"object"`
+		Code   int    `json:"code"`
+	}
+	json.NewDecoder(r.Body).Decode(&e)
+	if r.StatusCode != 404 || e.Object != "error" || e.Code != 404 {
+		t.Fatalf("wrong model: %d %+v", r.StatusCode, e)
+	}
+
+	resp, err := http.Get(url + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if !bytes.Contains(b, []byte(`"id":"m"`)) {
+		t.Fatalf("models: %s", b)
+	}
+}
+
+func TestStream(t *testing.T) {
+	_, url := serve(t, Options{Model: "m", TokensPerSecond: 1000})
+	waitReady(t, url)
+	r := post(t, url+"/v1/chat/completions", `{"model":"m","stream":true,"max_tokens":4,"stream_options":{"include_usage":true}}`)
+	if ct := r.Header.Get("Content-Type"); ct != "text/event-stream" {
+		t.Fatalf("content-type %q", ct)
+	}
+	var events []string
+	sc := bufio.NewScanner(r.Body)
+	for sc.Scan() {
+		if line, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+			events = append(events, line)
+		}
+	}
+	// 4 tokens, the finish, the usage, [DONE].
+	if len(events) != 7 || events[6] != "[DONE]" || !strings.Contains(events[4], `"finish_reason":"length"`) || !strings.Contains(events[5], `"completion_tokens":4`) {
+		t.Fatalf("events %q", events)
+	}
+	var text strings.Builder
+	for _, e := range events[:4] {
+		var c struct {
+			Choices []struct {
+				Delta struct{ Content string } `json:"delta"`
+			} `json:"choices"`
+		}
+		json.Unmarshal([]byte(e), &c)
+		text.WriteString(c.Choices[0].Delta.Content)
+	}
+	if text.String() != "token token token token" {
+		t.Fatalf("streamed text %q", text.String())
+	}
+}
+
+func TestMetricsAndQueueing(t *testing.T) {
+	s, url := serve(t, Options{Model: "m", MaxNumSeqs: 1, TokensPerSecond: 20})
+	waitReady(t, url)
+	for range 2 {
+		go func() {
+			r, err := http.Post(url+"/v1/completions", "application/json", strings.NewReader(`{"model":"m","max_tokens":40}`))
+			if err == nil {
+				r.Body.Close()
+			}
+		}()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for s.running.Load() != 1 || s.waiting.Load() != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("running %d waiting %d, want 1 and 1", s.running.Load(), s.waiting.Load())
+		}
+		time.Sleep(time.Millisecond) // polling interval
+	}
+	resp, err := http.Get(url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{`vllm:num_requests_running{model_name="m"} 1`, `vllm:num_requests_waiting{model_name="m"} 1`} {
+		if !bytes.Contains(b, []byte(want)) {
+			t.Errorf("metrics lack %q:\n%s", want, b)
+		}
+	}
+}
+
+func TestFaults(t *testing.T) {
+	t.Run("fail start", func(t *testing.T) {
+		exited := make(chan int, 1)
+		_, url := serve(t, Options{Model: "m", StartupDelay: 10 * time.Millisecond, FailStart: true, Exit: func(c int) { exited <- c }})
+		if code := <-exited; code != 1 {
+			t.Fatalf("exit %d", code)
+		}
+		resp, err := http.Get(url + "/health")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				t.Fatal("a failed start became healthy")
+			}
+		}
+	})
+	t.Run("crash after", func(t *testing.T) {
+		exited := make(chan int, 1)
+		_, url := serve(t, Options{Model: "m", CrashAfter: 2, Exit: func(c int) { exited <- c }})
+		waitReady(t, url)
+		if r := post(t, url+"/v1/completions", `{"model":"m"}`); r.StatusCode != 200 {
+			t.Fatalf("first request: %d", r.StatusCode)
+		}
+		if _, err := http.Post(url+"/v1/completions", "application/json", strings.NewReader(`{"model":"m"}`)); err == nil {
+			t.Fatal("the crashing request got an answer")
+		}
+		if code := <-exited; code != 1 {
+			t.Fatalf("exit %d", code)
+		}
+	})
+}
+
+func TestMainFlags(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if code := Main([]string{"--port", "0"}, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), "--model is required") {
+		t.Fatalf("exit %d: %s", code, errOut.String())
+	}
+}
