@@ -33,6 +33,12 @@ type Config struct {
 	MinResident       Duration `yaml:"min_resident"` // no eviction before this, but as a last resort
 	MaxBodyBytes      Bytes    `yaml:"max_body_bytes"`
 	ShutdownTimeout   Duration `yaml:"shutdown_timeout"`
+	// DrainTimeout bounds how long unloading a model waits for its
+	// requests in flight to finish.
+	DrainTimeout Duration `yaml:"drain_timeout"`
+	// FootprintsFile keeps the GPU memory each model was measured to use,
+	// so placement knows it after a restart; empty keeps it in memory.
+	FootprintsFile string `yaml:"footprints_file"`
 
 	Envoy   Envoy             `yaml:"envoy"`
 	Runtime Runtime           `yaml:"runtime"`
@@ -68,6 +74,9 @@ type Runtime struct {
 	Network  string            `yaml:"network"`
 	CacheDir string            `yaml:"cache_dir"`
 	Env      map[string]string `yaml:"env"`
+	// Fakevllm is the command the sim runtime runs for each model; empty
+	// runs this vgw binary's own "vgw fakevllm".
+	Fakevllm []string `yaml:"fakevllm"`
 }
 
 // GPUs is either auto (read from NVML) or a declared list, for sim.
@@ -101,6 +110,17 @@ type Model struct {
 	GPUs                 []int             `yaml:"gpus"` // pinned GPU indexes
 	ExtraArgs            []string          `yaml:"extra_args"`
 	Env                  map[string]string `yaml:"env"`
+	// Sim is how the sim runtime's fake server for this model behaves.
+	Sim Sim `yaml:"sim"`
+}
+
+// Sim shapes a model's fake server under the sim runtime.
+type Sim struct {
+	StartupDelay    Duration `yaml:"startup_delay"`
+	TokensPerSecond float64  `yaml:"tokens_per_second"`
+	FailStart       bool     `yaml:"fail_start"`
+	CrashAfter      int      `yaml:"crash_after"`
+	SlowHealth      Duration `yaml:"slow_health"`
 }
 
 // Defaults. The admission ones are the Python gateway's (50 in flight,
@@ -122,6 +142,7 @@ var Defaults = Config{
 	MinResident:       Duration(90 * time.Second),
 	MaxBodyBytes:      8 << 20,
 	ShutdownTimeout:   Duration(30 * time.Second),
+	DrainTimeout:      Duration(30 * time.Second),
 	Envoy: Envoy{
 		MessageTimeout:    Duration(200 * time.Millisecond),
 		MaxMessageTimeout: Duration(900 * time.Second),
@@ -225,6 +246,11 @@ func deref[T any](p *T, def T) T {
 		return def
 	}
 	return *p
+}
+
+// InactivityOf resolves a model's inactivity timeout; 0 keeps it loaded.
+func (c *Config) InactivityOf(name string) time.Duration {
+	return deref(c.Models[name].InactivityTimeout, c.InactivityTimeout).Std()
 }
 
 // SlogLevel returns the configured log level.

@@ -60,8 +60,11 @@ func (c *Config) validate(loc *locator) error {
 	}
 	v.duration([]string{"queue_timeout"}, c.QueueTimeout)
 	v.duration([]string{"load_timeout"}, c.LoadTimeout)
-	v.duration([]string{"inactivity_timeout"}, c.InactivityTimeout)
+	if c.InactivityTimeout < 0 {
+		v.at([]string{"inactivity_timeout"}, "inactivity_timeout must not be negative (0 keeps models loaded)")
+	}
 	v.duration([]string{"shutdown_timeout"}, c.ShutdownTimeout)
+	v.duration([]string{"drain_timeout"}, c.DrainTimeout)
 	if c.MinResident < 0 {
 		v.at([]string{"min_resident"}, "min_resident must not be negative")
 	}
@@ -153,6 +156,9 @@ func (v *validator) model(c *Config, name string, m *Model) {
 	}
 	if m.QueueTimeout != nil && *m.QueueTimeout <= 0 {
 		v.at(path("queue_timeout"), "queue_timeout must be a positive duration")
+	}
+	if m.Sim.StartupDelay < 0 || m.Sim.TokensPerSecond < 0 || m.Sim.CrashAfter < 0 || m.Sim.SlowHealth < 0 {
+		v.at(path("sim"), "sim settings must not be negative")
 	}
 	if m.InactivityTimeout != nil && *m.InactivityTimeout < 0 {
 		v.at(path("inactivity_timeout"), "inactivity_timeout must not be negative (0 keeps the model loaded)")

@@ -23,7 +23,7 @@ type Resident struct {
 	Model    string
 	GPUs     []int
 	PerGPU   uint64    // its footprint on each of its GPUs
-	Since    time.Time // when it was placed; see State.MinResident
+	Since    time.Time // when it was placed; see Snapshot.MinResident
 	LastUsed time.Time
 	InFlight int
 	AlwaysOn bool
@@ -31,9 +31,9 @@ type Resident struct {
 	Busy     bool // loading or unloading: its memory counts, but it cannot be evicted now
 }
 
-// State is everything placement decides from: a copy, so that Place does no
-// I/O, reads no clock and can be table-tested.
-type State struct {
+// Snapshot is everything placement decides from: a copy, so that Place
+// does no I/O, reads no clock and can be table-tested.
+type Snapshot struct {
 	GPUs      []GPUState
 	Residents []Resident
 	// MaxModels caps how many models are resident at once; 0 is no cap.
@@ -70,7 +70,7 @@ const SimilarGPUs = 1.05
 // are never evicted; models placed less than MinResident ago only when
 // nothing else makes room. MaxModels counts too. Place is pure: it does no
 // I/O and no logging, and the same state always gives the same plan.
-func Place(s State, w Want) (Plan, error) {
+func Place(s Snapshot, w Want) (Plan, error) {
 	tp := max(w.TP, 1)
 	sets := candidateSets(s.GPUs, tp, w.Allowed)
 	free := freeMemory(s)
@@ -112,7 +112,7 @@ func (o option) better(than *option) bool {
 // freeMemory is each GPU's memory not used by others or reserved by a
 // resident model, by GPU index. It goes negative when a GPU is over
 // committed.
-func freeMemory(s State) map[int]int64 {
+func freeMemory(s Snapshot) map[int]int64 {
 	free := make(map[int]int64, len(s.GPUs))
 	for _, g := range s.GPUs {
 		free[g.Index] = int64(g.Total) - int64(g.External)
@@ -168,7 +168,7 @@ func similar(a, b uint64) bool {
 }
 
 // evictable says whether r may be evicted, and if not, why.
-func evictable(s State, r Resident, young bool) (bool, string) {
+func evictable(s Snapshot, r Resident, young bool) (bool, string) {
 	switch {
 	case r.AlwaysOn:
 		return false, "always_on"
@@ -187,7 +187,7 @@ func evictable(s State, r Resident, young bool) (bool, string) {
 // tryEvictions finds, for one GPU set, the least recently used evictable
 // models whose unloading makes room (and keeps MaxModels), then keeps any
 // of them that turned out not to be needed, most recently used first.
-func tryEvictions(s State, free map[int]int64, w Want, set []int, young bool) (option, bool) {
+func tryEvictions(s Snapshot, free map[int]int64, w Want, set []int, young bool) (option, bool) {
 	var lru []Resident
 	for _, r := range s.Residents {
 		if ok, _ := evictable(s, r, young); ok {
@@ -279,7 +279,7 @@ type Holder struct {
 	Why   string
 }
 
-func noRoom(s State, free map[int]int64, w Want, tp int, noSet bool) *NoRoom {
+func noRoom(s Snapshot, free map[int]int64, w Want, tp int, noSet bool) *NoRoom {
 	e := &NoRoom{Model: w.Model, Need: w.PerGPU, TP: tp}
 	switch {
 	case noSet && len(w.Allowed) > 0:

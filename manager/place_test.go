@@ -33,7 +33,7 @@ func with(r Resident, f func(*Resident)) Resident { f(&r); return r }
 func TestPlace(t *testing.T) {
 	tests := []struct {
 		name      string
-		state     State
+		state     Snapshot
 		want      Want
 		wantGPUs  []int
 		wantEvict []string
@@ -41,32 +41,32 @@ func TestPlace(t *testing.T) {
 	}{
 		{
 			name:     "empty machine: the GPU with the most free memory",
-			state:    State{GPUs: []GPUState{{Index: 0, Total: 40 * gb}, {Index: 1, Total: 80 * gb}}},
+			state:    Snapshot{GPUs: []GPUState{{Index: 0, Total: 40 * gb}, {Index: 1, Total: 80 * gb}}},
 			want:     Want{Model: "m", PerGPU: 20 * gb},
 			wantGPUs: []int{1},
 		},
 		{
 			name:     "fits beside residents, on the emptier GPU",
-			state:    State{GPUs: gpus(80, 80), Residents: []Resident{idle("a", 0, 30, time.Minute), idle("b", 1, 50, time.Minute)}},
+			state:    Snapshot{GPUs: gpus(80, 80), Residents: []Resident{idle("a", 0, 30, time.Minute), idle("b", 1, 50, time.Minute)}},
 			want:     Want{Model: "m", PerGPU: 20 * gb},
 			wantGPUs: []int{0},
 		},
 		{
 			name:     "external usage counts against a GPU",
-			state:    State{GPUs: []GPUState{{Index: 0, Total: 80 * gb, External: 70 * gb}, {Index: 1, Total: 80 * gb}}, Residents: []Resident{idle("a", 1, 50, time.Minute)}},
+			state:    Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb, External: 70 * gb}, {Index: 1, Total: 80 * gb}}, Residents: []Resident{idle("a", 1, 50, time.Minute)}},
 			want:     Want{Model: "m", PerGPU: 20 * gb},
 			wantGPUs: []int{1},
 		},
 		{
 			name:      "LRU: the least recently used idle model goes",
-			state:     State{GPUs: gpus(80), Residents: []Resident{idle("new", 0, 40, time.Minute), idle("old", 0, 40, time.Hour)}},
+			state:     Snapshot{GPUs: gpus(80), Residents: []Resident{idle("new", 0, 40, time.Minute), idle("old", 0, 40, time.Hour)}},
 			want:      Want{Model: "m", PerGPU: 30 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"old"},
 		},
 		{
 			name: "never always_on",
-			state: State{GPUs: gpus(80), Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80), Residents: []Resident{
 				idle("recent", 0, 40, time.Minute),
 				with(idle("pinned-on", 0, 40, time.Hour), func(r *Resident) { r.AlwaysOn = true }),
 			}},
@@ -76,7 +76,7 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name: "never one with requests in flight",
-			state: State{GPUs: gpus(80), Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80), Residents: []Resident{
 				idle("recent", 0, 40, time.Minute),
 				with(idle("busy", 0, 40, time.Hour), func(r *Resident) { r.InFlight = 3 }),
 			}},
@@ -86,7 +86,7 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name: "never an operator-pinned or loading model",
-			state: State{GPUs: gpus(80), Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80), Residents: []Resident{
 				with(idle("pinned", 0, 40, time.Hour), func(r *Resident) { r.Pinned = true }),
 				with(idle("loading", 0, 40, time.Hour), func(r *Resident) { r.Busy = true }),
 			}},
@@ -95,7 +95,7 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name: "two-pass cooldown: an older model goes before a young one, even if more recently used",
-			state: State{GPUs: gpus(80), MinResident: 90 * time.Second, Now: t0, Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80), MinResident: 90 * time.Second, Now: t0, Residents: []Resident{
 				with(idle("young", 0, 40, time.Hour), func(r *Resident) { r.Since = ago(10 * time.Second) }),
 				idle("settled", 0, 40, time.Minute),
 			}},
@@ -105,7 +105,7 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name: "two-pass cooldown: a young model goes when nothing else can",
-			state: State{GPUs: gpus(80), MinResident: 90 * time.Second, Now: t0, Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80), MinResident: 90 * time.Second, Now: t0, Residents: []Resident{
 				with(idle("young", 0, 40, time.Hour), func(r *Resident) { r.Since = ago(10 * time.Second) }),
 				with(idle("on", 0, 40, time.Hour), func(r *Resident) { r.AlwaysOn = true }),
 			}},
@@ -115,7 +115,7 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name: "fewer evictions win over LRU order across GPUs",
-			state: State{GPUs: gpus(80, 80), Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80, 80), Residents: []Resident{
 				idle("a", 0, 30, 3*time.Hour), idle("b", 0, 30, 2*time.Hour),
 				idle("c", 1, 60, time.Hour),
 			}},
@@ -125,7 +125,7 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name: "evictions that turn out unneeded are kept",
-			state: State{GPUs: gpus(80), Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80), Residents: []Resident{
 				idle("small-old", 0, 10, 3*time.Hour), idle("big", 0, 60, 2*time.Hour),
 			}},
 			want:      Want{Model: "m", PerGPU: 60 * gb},
@@ -134,14 +134,14 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name:      "max_models forces an eviction though memory fits",
-			state:     State{GPUs: gpus(80), MaxModels: 2, Residents: []Resident{idle("a", 0, 10, time.Minute), idle("b", 0, 10, time.Hour)}},
+			state:     Snapshot{GPUs: gpus(80), MaxModels: 2, Residents: []Resident{idle("a", 0, 10, time.Minute), idle("b", 0, 10, time.Hour)}},
 			want:      Want{Model: "m", PerGPU: 10 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"b"},
 		},
 		{
 			name: "max_models with nothing evictable",
-			state: State{GPUs: gpus(80), MaxModels: 1, Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80), MaxModels: 1, Residents: []Resident{
 				with(idle("a", 0, 10, time.Minute), func(r *Resident) { r.InFlight = 1 }),
 			}},
 			want:    Want{Model: "m", PerGPU: 10 * gb},
@@ -149,19 +149,19 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name:     "tensor parallel takes two similar GPUs",
-			state:    State{GPUs: []GPUState{{Index: 0, Total: 80 * gb}, {Index: 1, Total: 40 * gb}, {Index: 2, Total: 81 * gb}}},
+			state:    Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb}, {Index: 1, Total: 40 * gb}, {Index: 2, Total: 81 * gb}}},
 			want:     Want{Model: "m", PerGPU: 30 * gb, TP: 2},
 			wantGPUs: []int{0, 2},
 		},
 		{
 			name:    "tensor parallel with no similar pair",
-			state:   State{GPUs: []GPUState{{Index: 0, Total: 80 * gb}, {Index: 1, Total: 40 * gb}}},
+			state:   Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb}, {Index: 1, Total: 40 * gb}}},
 			want:    Want{Model: "m", PerGPU: 30 * gb, TP: 2},
 			wantErr: "no 2 GPUs of similar size",
 		},
 		{
 			name: "tensor parallel evicts on both of its GPUs",
-			state: State{GPUs: gpus(80, 80), Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80, 80), Residents: []Resident{
 				idle("a", 0, 60, time.Hour), idle("b", 1, 60, 2*time.Hour),
 			}},
 			want:      Want{Model: "m", PerGPU: 40 * gb, TP: 2},
@@ -170,7 +170,7 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name: "a tensor-parallel resident frees memory on each of its GPUs",
-			state: State{GPUs: gpus(80, 80), Residents: []Resident{
+			state: Snapshot{GPUs: gpus(80, 80), Residents: []Resident{
 				{Model: "tp", GPUs: []int{0, 1}, PerGPU: 70 * gb, Since: ago(time.Hour), LastUsed: ago(time.Hour)},
 			}},
 			want:      Want{Model: "m", PerGPU: 40 * gb},
@@ -179,19 +179,19 @@ func TestPlace(t *testing.T) {
 		},
 		{
 			name:     "config pinning",
-			state:    State{GPUs: gpus(80, 80, 80)},
+			state:    Snapshot{GPUs: gpus(80, 80, 80)},
 			want:     Want{Model: "m", PerGPU: 40 * gb, Allowed: []int{2}},
 			wantGPUs: []int{2},
 		},
 		{
 			name:    "pinned to a GPU that does not exist",
-			state:   State{GPUs: gpus(80)},
+			state:   Snapshot{GPUs: gpus(80)},
 			want:    Want{Model: "m", PerGPU: 40 * gb, Allowed: []int{3}},
 			wantErr: "pinned GPUs [3] do not all exist",
 		},
 		{
 			name:    "too big for any GPU",
-			state:   State{GPUs: []GPUState{{Index: 0, Total: 80 * gb, External: 2 * gb}}, Residents: []Resident{with(idle("a", 0, 20, time.Minute), func(r *Resident) { r.InFlight = 2 })}},
+			state:   Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb, External: 2 * gb}}, Residents: []Resident{with(idle("a", 0, 20, time.Minute), func(r *Resident) { r.InFlight = 2 })}},
 			want:    Want{Model: "huge", PerGPU: 90 * gb},
 			wantErr: "cannot place huge (needs 90.0GiB): no GPU has room and not enough can be unloaded now; gpu0: 58.0GiB free of 80.0GiB, held by a 20.0GiB (2 in flight), other processes 2.0GiB",
 		},
@@ -219,7 +219,7 @@ func TestPlace(t *testing.T) {
 // TestPlaceIsPure: the same state gives the same plan, and the state is
 // not changed.
 func TestPlaceIsPure(t *testing.T) {
-	s := State{GPUs: gpus(80, 80), Residents: []Resident{idle("a", 0, 60, time.Hour), idle("b", 1, 60, 2*time.Hour)}}
+	s := Snapshot{GPUs: gpus(80, 80), Residents: []Resident{idle("a", 0, 60, time.Hour), idle("b", 1, 60, 2*time.Hour)}}
 	before := slices.Clone(s.Residents)
 	first, _ := Place(s, Want{Model: "m", PerGPU: 40 * gb})
 	for range 10 {

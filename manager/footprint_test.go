@@ -1,0 +1,89 @@
+package manager
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestFootprints(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "footprints.json")
+	f, err := OpenFootprints(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fp := Footprint{Signature: "sig1", PerGPU: 21 << 30, Measured: time.Unix(1000, 0).UTC(), How: "processes"}
+	if err := f.Put("llama", fp); err != nil {
+		t.Fatal(err)
+	}
+	again, err := OpenFootprints(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := again.Get("llama", "sig1"); !ok || got != fp {
+		t.Fatalf("reloaded %+v %v, want %+v", got, ok, fp)
+	}
+	if _, ok := again.Get("llama", "sig2"); ok {
+		t.Fatal("a footprint measured under other settings was used")
+	}
+	// No temp files are left behind.
+	entries, _ := os.ReadDir(filepath.Dir(path))
+	if len(entries) != 1 {
+		t.Fatalf("directory holds %d files, want only the footprints file", len(entries))
+	}
+}
+
+// TestFootprintWriteFailureKeepsOld: when the new file cannot be written,
+// the old one stays whole.
+func TestFootprintWriteFailureKeepsOld(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "footprints.json")
+	f, _ := OpenFootprints(path)
+	f.Put("a", Footprint{Signature: "s", PerGPU: 1})
+	before, _ := os.ReadFile(path)
+	readOnly(t, dir)
+	if err := f.Put("b", Footprint{Signature: "s", PerGPU: 2}); err == nil {
+		t.Fatal("a write into a read-only directory succeeded")
+	}
+	after, _ := os.ReadFile(path)
+	if string(before) != string(after) {
+		t.Fatal("the old footprints file changed")
+	}
+}
+
+func TestFootprintPaths(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := OpenFootprints(dir); err == nil || !strings.Contains(err.Error(), "is a directory") {
+		t.Fatalf("a directory: %v", err)
+	}
+	if _, err := OpenFootprints(filepath.Join(dir, "missing", "f.json")); err == nil {
+		t.Fatal("a file in a missing directory was accepted")
+	}
+	bad := filepath.Join(dir, "bad.json")
+	os.WriteFile(bad, []byte("{not json"), 0o600)
+	if _, err := OpenFootprints(bad); err == nil {
+		t.Fatal("a corrupt file was accepted")
+	}
+	f, err := OpenFootprints("")
+	if err != nil || f.Put("a", Footprint{}) != nil {
+		t.Fatalf("in memory: %v", err)
+	}
+}
+
+// readOnly makes dir refuse new files, even to root (chattr +i), until the
+// test ends.
+func readOnly(t *testing.T, dir string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		os.Chmod(dir, 0o500)
+		t.Cleanup(func() { os.Chmod(dir, 0o700) })
+		return
+	}
+	if out, err := exec.Command("chattr", "+i", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot make %s read-only as root (chattr: %v %s)", dir, err, out)
+	}
+	t.Cleanup(func() { exec.Command("chattr", "-i", dir).Run() })
+}

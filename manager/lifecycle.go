@@ -1,0 +1,580 @@
+package manager
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vgw-project/vgw/config"
+)
+
+// Everything in this file runs on the loop, except the functions named
+// as workers, which run on their own goroutines and post back with do.
+
+// snapshot is the state Place decides from, built from the models and the
+// latest GPU reading. Memory a GPU reports in use beyond what vgw's model
+// servers account for is External: other processes, or a stopped server's
+// memory not yet freed (the Python gateway's lesson 5: wait for it).
+func (m *Manager) snapshot(now time.Time) Snapshot {
+	s := Snapshot{MaxModels: m.cfg.MaxModels, MinResident: m.cfg.MinResident.Std(), Now: now}
+	reading := m.reading.Load()
+	ours := map[int]uint64{}
+	for _, md := range m.models {
+		if md.state() == Stopped {
+			continue
+		}
+		s.Residents = append(s.Residents, Resident{
+			Model: md.name, GPUs: md.gpus, PerGPU: md.perGPU, Since: md.since,
+			LastUsed: time.Unix(0, md.h.lastUsed.Load()), InFlight: int(md.h.inflight.Load()),
+			AlwaysOn: md.cfg.AlwaysOn, Pinned: md.pinned, Busy: md.state() != Ready,
+		})
+		for g, used := range m.attributed(md, reading) {
+			ours[g] += used
+		}
+	}
+	slices.SortFunc(s.Residents, func(a, b Resident) int { return strings.Compare(a.Model, b.Model) })
+	for _, g := range m.gpus {
+		gs := GPUState{Index: g.Index, Total: g.Total}
+		if reading != nil && g.Index < len(reading.mem) {
+			if used := reading.mem[g.Index].Used; used > ours[g.Index] {
+				gs.External = used - ours[g.Index]
+			}
+		}
+		s.GPUs = append(s.GPUs, gs)
+	}
+	return s
+}
+
+// attributed is the memory md's server is seen using on each GPU: its
+// processes' memory where the driver lists them; else, once ready, its
+// footprint.
+func (m *Manager) attributed(md *model, r *gpuReading) map[int]uint64 {
+	out := map[int]uint64{}
+	if md.inst == nil {
+		return out
+	}
+	found := false
+	if r != nil {
+		for _, p := range r.procs {
+			if slices.Contains(md.inst.PIDs, p.PID) {
+				out[p.GPU] += p.Used
+				found = true
+			}
+		}
+	}
+	if !found && md.state() == Ready {
+		for _, g := range md.gpus {
+			out[g] = md.perGPU
+		}
+	}
+	return out
+}
+
+// begin commits a plan: evict, then start once the evicted are gone and
+// no other start or stop is under way on the plan's GPUs.
+func (m *Manager) begin(md *model, plan Plan) {
+	md.setState(Loading)
+	md.gpus, md.since, md.evicting = plan.GPUs, time.Now(), plan.Evict
+	md.lastErr = nil
+	m.log.Info("placing model", slog.String("model", md.name), slog.Any("gpus", plan.GPUs),
+		slog.String("per_gpu", gib(int64(md.perGPU))), slog.String("footprint", md.source), slog.Any("evict", plan.Evict))
+	for _, name := range plan.Evict {
+		if v := m.models[name]; v != nil {
+			m.event(v.name, "evicted", "to make room for "+md.name)
+			m.unload(v, "evicted for "+md.name)
+		}
+	}
+	m.startIfClear(md)
+}
+
+// startIfClear starts md's server once what it waits for is done.
+func (m *Manager) startIfClear(md *model) {
+	if md.state() != Loading || md.inst != nil || md.cancel != nil {
+		return
+	}
+	for _, name := range md.evicting {
+		if v := m.models[name]; v != nil && v.state() != Stopped {
+			return
+		}
+	}
+	for _, g := range md.gpus {
+		if _, busy := m.gpuBusy[g]; busy {
+			return
+		}
+	}
+	md.evicting = nil
+	for _, g := range md.gpus {
+		m.gpuBusy[g] = md.name
+	}
+	md.loadGen++
+	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.LoadTimeout.Std())
+	md.cancel = cancel
+	spec := m.spec(md)
+	m.event(md.name, "load_started", fmt.Sprintf("on GPUs %v", md.gpus))
+	go m.load(ctx, md, md.loadGen, spec)
+}
+
+// spec is what the runtime needs to start md.
+func (m *Manager) spec(md *model) Spec {
+	var gpus []GPU
+	var smallest uint64 = math.MaxUint64
+	for _, i := range md.gpus {
+		g := m.gpus[i]
+		gpus = append(gpus, g)
+		smallest = min(smallest, g.Total)
+	}
+	util := md.cfg.GPUMemoryUtilization
+	if util == 0 && smallest > 0 {
+		// The model's share of its GPUs, so that vLLM sizes its KV cache
+		// to the memory vgw reserved and cannot take a neighbour's.
+		util = math.Ceil(float64(md.perGPU)/float64(smallest)*100) / 100
+		util = min(util, DefaultUtilization)
+	}
+	env := map[string]string{}
+	for k, v := range m.cfg.Runtime.Env {
+		env[k] = v
+	}
+	for k, v := range md.cfg.Env {
+		env[k] = v
+	}
+	return Spec{
+		Model: md.name, Args: VLLMArgs(md.name, md.cfg, util), Env: env, GPUs: gpus, PerGPU: md.perGPU, Signature: md.sig,
+		Sim: SimBehaviour{StartupDelay: md.cfg.Sim.StartupDelay.Std(), TokensPerSecond: md.cfg.Sim.TokensPerSecond,
+			FailStart: md.cfg.Sim.FailStart, CrashAfter: md.cfg.Sim.CrashAfter, SlowHealth: md.cfg.Sim.SlowHealth.Std()},
+	}
+}
+
+// load is a worker: it starts the server and polls its health.
+func (m *Manager) load(ctx context.Context, md *model, gen int, spec Spec) {
+	began := time.Now()
+	inst, err := m.rt.Start(ctx, spec)
+	if err != nil {
+		m.do(func() { m.loadFailed(md, gen, err) })
+		return
+	}
+	m.do(func() { m.started(md, gen, inst) })
+	if err := m.waitHealthy(ctx, inst.Addr); err != nil {
+		m.do(func() { m.loadFailed(md, gen, err) })
+		return
+	}
+	m.do(func() { m.loadReady(md, gen, time.Since(began)) })
+}
+
+// waitHealthy polls GET /health until it answers 200. The first polls come
+// quickly, so a fast server adds little delay, then back off to 50ms.
+func (m *Manager) waitHealthy(ctx context.Context, addr string) error {
+	url := "http://" + addr + "/health"
+	wait := 2 * time.Millisecond
+	for {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if resp, err := m.health.Do(req); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return fmt.Errorf("not healthy within load_timeout %v", m.cfg.LoadTimeout)
+			}
+			return ctx.Err()
+		}
+		wait = min(wait*3/2+time.Millisecond, 50*time.Millisecond)
+	}
+}
+
+func (m *Manager) started(md *model, gen int, inst *Instance) {
+	if gen != md.loadGen || md.state() != Loading {
+		go m.rt.Stop(context.Background(), inst, m.cfg.DrainTimeout.Std()) // a load given up meanwhile
+		return
+	}
+	md.inst = inst
+}
+
+func (m *Manager) loadReady(md *model, gen int, took time.Duration) {
+	if gen != md.loadGen || md.state() != Loading {
+		return
+	}
+	md.cancel()
+	md.cancel = nil
+	md.failures, md.lastErr = 0, nil
+	md.h.addr.Store(&md.inst.Addr)
+	md.h.lastUsed.Store(time.Now().UnixNano())
+	md.setState(Ready)
+	m.event(md.name, "ready", fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr))
+	md.answer(nil)
+	m.freeGPUs(md) // the next start on these GPUs may begin
+	go m.measure(md.name, md.sig, md.inst, md.gpus)
+	m.schedule()
+}
+
+// BackoffBase and BackoffMax bound the wait after failed loads: it
+// doubles with each failure in a row.
+const (
+	BackoffBase = 5 * time.Second
+	BackoffMax  = 5 * time.Minute
+)
+
+// loadFailed ends a load that failed, for whatever reason: the start
+// failed, the server exited, it never became healthy, or it was given up.
+func (m *Manager) loadFailed(md *model, gen int, err error) {
+	if gen != md.loadGen || md.state() != Loading {
+		return
+	}
+	m.freeGPUs(md)
+	if md.cancel != nil {
+		md.cancel()
+		md.cancel = nil
+	}
+	tail := ""
+	var exit *exitError
+	if errors.As(err, &exit) {
+		tail = exit.LogTail
+	}
+	if inst := md.inst; inst != nil && exit == nil {
+		go m.rt.Stop(context.Background(), inst, 0)
+	}
+	md.inst = nil
+	md.setState(Stopped)
+	md.failures++
+	backoff := min(BackoffBase<<(md.failures-1), BackoffMax)
+	md.retryAt = time.Now().Add(backoff)
+	lerr := &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
+	md.lastErr = lerr
+	m.log.Error("model failed to load", slog.String("model", md.name), slog.String("error", err.Error()),
+		slog.Int("failures", md.failures), slog.Duration("retry_in", backoff), slog.String("log_tail", lastLines(tail, 20)))
+	m.event(md.name, "load_failed", err.Error())
+	md.answer(lerr)
+	m.schedule()
+}
+
+// exitError is an instance that exited, as a load error.
+type exitError struct{ Exit }
+
+func (e *exitError) Error() string {
+	return fmt.Sprintf("its server exited (%s, code %d)", e.Reason, e.Code)
+}
+
+// exited handles a server that stopped.
+func (m *Manager) exited(e Exit) {
+	for _, md := range m.models {
+		if md.inst == nil || md.inst.ID != e.ID {
+			continue
+		}
+		switch md.state() {
+		case Loading:
+			m.loadFailed(md, md.loadGen, &exitError{e})
+		case Ready:
+			m.log.Error("model crashed", slog.String("model", md.name), slog.Int("code", e.Code),
+				slog.String("reason", e.Reason), slog.String("log_tail", lastLines(e.LogTail, 20)))
+			m.event(md.name, "crashed", fmt.Sprintf("%s, code %d", e.Reason, e.Code))
+			md.inst = nil
+			md.h.addr.Store(nil)
+			md.setState(Stopped)
+			if m.keepLoaded(md) {
+				m.want(md)
+			}
+			m.schedule()
+		}
+		return // a Draining model's stop is finished by its stop worker
+	}
+}
+
+// unload drains md and then stops it.
+func (m *Manager) unload(md *model, reason string) {
+	switch md.state() {
+	case Ready:
+		md.setState(Draining) // before reading the count: see Acquire
+		md.drainBy = time.Now().Add(m.cfg.DrainTimeout.Std())
+		m.log.Info("unloading model", slog.String("model", md.name), slog.String("reason", reason),
+			slog.Int64("in_flight", md.h.inflight.Load()))
+		m.maybeStop(md)
+	case Loading:
+		if md.cancel != nil {
+			md.cancel() // the load worker reports the failure
+		}
+	}
+}
+
+// maybeStop stops a draining model once its requests are done (or the
+// drain timeout passed) and no other start or stop runs on its GPUs.
+func (m *Manager) maybeStop(md *model) {
+	if md.state() != Draining || md.stopping {
+		return
+	}
+	if md.h.inflight.Load() > 0 && time.Now().Before(md.drainBy) {
+		return
+	}
+	for _, g := range md.gpus {
+		if _, busy := m.gpuBusy[g]; busy {
+			return
+		}
+	}
+	for _, g := range md.gpus {
+		m.gpuBusy[g] = md.name
+	}
+	md.stopping = true
+	inst := md.inst
+	go func() {
+		err := m.rt.Stop(m.ctx, inst, m.cfg.DrainTimeout.Std())
+		m.do(func() { m.stopped(md, err) })
+	}()
+}
+
+func (m *Manager) stopped(md *model, err error) {
+	m.freeGPUs(md)
+	md.stopping = false
+	if err != nil {
+		m.log.Error("model did not stop cleanly", slog.String("model", md.name), slog.String("error", err.Error()))
+	}
+	md.inst = nil
+	md.h.addr.Store(nil)
+	md.setState(Stopped)
+	m.event(md.name, "unloaded", "")
+	if md.removed {
+		delete(m.models, md.name)
+		m.publish()
+	} else if len(md.liveWaiters()) > 0 || m.keepLoaded(md) {
+		m.want(md)
+	}
+	m.schedule()
+	m.startWaiting()
+}
+
+// freeGPUs ends md's start or stop on its GPUs.
+func (m *Manager) freeGPUs(md *model) {
+	for _, g := range md.gpus {
+		if m.gpuBusy[g] == md.name {
+			delete(m.gpuBusy, g)
+		}
+	}
+	if md.state() == Stopped || md.stopping {
+		return
+	}
+	m.startWaiting()
+}
+
+// startWaiting starts the loads that waited for a GPU or an eviction.
+func (m *Manager) startWaiting() {
+	for _, md := range m.sorted() {
+		if md.state() == Loading {
+			m.startIfClear(md)
+		}
+	}
+}
+
+// reconcile runs when something may have freed: a draining model's last
+// request ended, or the GPUs' memory changed.
+func (m *Manager) reconcile() {
+	for _, md := range m.sorted() {
+		m.maybeStop(md)
+	}
+	m.schedule()
+}
+
+// tick applies the timeouts: drains that ran out, idle models, models
+// whose settings changed; and retries placement, as memory may have come
+// back.
+func (m *Manager) tick(now time.Time) {
+	for _, md := range m.sorted() {
+		switch md.state() {
+		case Draining:
+			m.maybeStop(md)
+		case Ready:
+			idle := md.h.inflight.Load() == 0
+			switch {
+			case (md.stale || md.removed) && idle:
+				m.unload(md, "its settings changed")
+			case idle && !m.keepLoaded(md) && !md.pinned:
+				if t := m.cfg.InactivityOf(md.name); t > 0 && now.Sub(time.Unix(0, md.h.lastUsed.Load())) >= t {
+					m.unload(md, "idle for "+t.String())
+				}
+			}
+		}
+	}
+	m.schedule()
+}
+
+// sorted returns the models in name order, for deterministic loops.
+func (m *Manager) sorted() []*model {
+	out := make([]*model, 0, len(m.models))
+	for _, md := range m.models {
+		out = append(out, md)
+	}
+	slices.SortFunc(out, func(a, b *model) int { return strings.Compare(a.name, b.name) })
+	return out
+}
+
+func (m *Manager) event(model, kind, detail string) {
+	e := Event{Time: time.Now(), Model: model, Kind: kind, Detail: detail}
+	m.log.Info("model "+strings.ReplaceAll(kind, "_", " "), slog.String("model", model), slog.String("detail", detail))
+	m.opts.OnEvent(e)
+}
+
+// adopt takes over the servers a previous vgw left running: those whose
+// model is configured with the same settings become ready; the rest are
+// stopped.
+func (m *Manager) adopt(ctx context.Context) {
+	insts, err := m.rt.Adopt(ctx)
+	if err != nil {
+		m.log.Error("could not list running model servers to adopt", slog.String("error", err.Error()))
+		return
+	}
+	for _, inst := range insts {
+		md := m.models[inst.Model]
+		if md == nil || md.sig != inst.Signature || md.inst != nil {
+			m.log.Info("stopping a model server that does not match the config", slog.String("model", inst.Model), slog.String("id", inst.ID))
+			go m.rt.Stop(ctx, inst, m.cfg.DrainTimeout.Std())
+			continue
+		}
+		md.inst, md.gpus, md.since = inst, inst.GPUs, time.Now()
+		md.perGPU, md.source = m.need(md)
+		md.h.addr.Store(&inst.Addr)
+		md.setState(Ready)
+		m.event(md.name, "ready", "adopted "+inst.ID+" at "+inst.Addr)
+	}
+}
+
+// watchGPUs is a worker: it reads GPU memory regularly, and pokes the loop
+// when the reading changes, so that a model waiting for memory is placed
+// as soon as it is there.
+func (m *Manager) watchGPUs(ctx context.Context) {
+	t := time.NewTicker(m.opts.GPUPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			before := m.reading.Load()
+			m.readGPUs()
+			if after := m.reading.Load(); before == nil || !slices.Equal(before.mem, after.mem) {
+				m.pokeLoop()
+			}
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+func (m *Manager) readGPUs() {
+	mem, err := m.inv.Memory()
+	if err != nil {
+		m.log.Warn("could not read GPU memory", slog.String("error", err.Error()))
+		return
+	}
+	procs, err := m.inv.Processes()
+	if err != nil {
+		m.log.Warn("could not read GPU processes", slog.String("error", err.Error()))
+	}
+	m.reading.Store(&gpuReading{mem: mem, procs: procs})
+}
+
+// measure is a worker: once a model is ready and its memory has settled,
+// it records what the model really uses per GPU.
+func (m *Manager) measure(name, sig string, inst *Instance, gpus []int) {
+	var prev map[int]uint64
+	for range 20 {
+		procs, err := m.inv.Processes()
+		if err != nil {
+			return
+		}
+		cur := map[int]uint64{}
+		for _, p := range procs {
+			if slices.Contains(inst.PIDs, p.PID) {
+				cur[p.GPU] += p.Used
+			}
+		}
+		if len(cur) > 0 && settled(prev, cur) {
+			var total uint64
+			for _, g := range gpus {
+				total += cur[g]
+			}
+			// Tensor parallel: the footprint is per GPU (lesson 6).
+			fp := Footprint{Signature: sig, PerGPU: total / uint64(len(gpus)), Measured: time.Now(), How: "processes"}
+			if err := m.fps.Put(name, fp); err != nil {
+				m.log.Error("could not save footprints", slog.String("error", err.Error()))
+			}
+			return
+		}
+		prev = cur
+		select {
+		case <-time.After(250 * time.Millisecond):
+		case <-m.closed:
+			return
+		}
+	}
+}
+
+// settled reports whether two readings agree within 1%.
+func settled(prev, cur map[int]uint64) bool {
+	if prev == nil || len(prev) != len(cur) {
+		return false
+	}
+	for g, v := range cur {
+		p := prev[g]
+		if max(p, v)-min(p, v) > max(p, v)/100 {
+			return false
+		}
+	}
+	return true
+}
+
+// Signature identifies the settings that decide how much memory a model's
+// server takes; a footprint learned under another signature is stale.
+func Signature(c *config.Config, m *config.Model) string {
+	b, _ := json.Marshal(struct {
+		Image, Repo, Quantization, DType string
+		MaxModelLen, MaxNumSeqs, TP      int
+		Utilization                      float64
+		ExtraArgs                        []string
+	}{c.Runtime.Image, m.Repo, m.Quantization, m.DType, m.MaxModelLen, m.MaxNumSeqs, max(m.TensorParallelSize, 1), m.GPUMemoryUtilization, m.ExtraArgs})
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}
+
+// VLLMArgs builds the vLLM server arguments for a model: the flags vgw
+// manages, then the model's extra_args (which config validation keeps
+// from overriding them).
+func VLLMArgs(name string, m *config.Model, utilization float64) []string {
+	args := []string{
+		"--model", m.Repo,
+		"--served-model-name", name,
+		"--gpu-memory-utilization", strconv.FormatFloat(utilization, 'f', -1, 64),
+		"--tensor-parallel-size", strconv.Itoa(max(m.TensorParallelSize, 1)),
+	}
+	if m.MaxModelLen > 0 {
+		args = append(args, "--max-model-len", strconv.Itoa(m.MaxModelLen))
+	}
+	if m.MaxNumSeqs > 0 {
+		args = append(args, "--max-num-seqs", strconv.Itoa(m.MaxNumSeqs))
+	}
+	if m.Quantization != "" {
+		args = append(args, "--quantization", m.Quantization)
+	}
+	if m.DType != "" {
+		args = append(args, "--dtype", m.DType)
+	}
+	return append(args, m.ExtraArgs...)
+}
+
+// lastLines returns the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

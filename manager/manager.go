@@ -1,0 +1,595 @@
+// Package manager decides which models are resident on which GPUs, and
+// starts, stops and swaps their servers through a Runtime, within the
+// GPUs' memory as an Inventory reads it.
+//
+// One goroutine, the loop, owns all model state; everything else talks to
+// it through a channel of closures, and slow work (starting, health
+// polling, stopping, measuring) runs on worker goroutines that post their
+// results back. The request path does not go through the loop: Acquire and
+// Release use per-model atomics, so a resident model costs two atomic adds
+// per request. Placement (Place) is a pure function of a state snapshot.
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/vgw-project/vgw/config"
+)
+
+// State is where a model stands.
+type State int32
+
+const (
+	Stopped  State = iota // not resident
+	Loading               // placed; its server is starting (or waiting for room)
+	Ready                 // serving
+	Draining              // being unloaded: finishing requests, then stopping
+)
+
+var stateNames = [...]string{"stopped", "loading", "ready", "draining"}
+
+func (s State) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return "unknown"
+}
+
+// Errors callers tell apart.
+var (
+	ErrUnknownModel = errors.New("model is not configured")
+	ErrClosed       = errors.New("the GPU manager has stopped")
+)
+
+// LoadError says why a model failed to load and when it is tried again.
+type LoadError struct {
+	Model   string
+	Err     error
+	LogTail string
+	Retry   time.Duration
+}
+
+func (e *LoadError) Error() string {
+	msg := fmt.Sprintf("model %s failed to load: %v", e.Model, e.Err)
+	if e.LogTail != "" {
+		msg += "; last log lines: " + lastLines(e.LogTail, 5)
+	}
+	return msg
+}
+
+func (e *LoadError) Unwrap() error { return e.Err }
+
+// RetryAfter is when the next load of the model may be tried.
+func (e *LoadError) RetryAfter() time.Duration { return e.Retry }
+
+// RetryAfter suggests when a placement that found no room may succeed.
+func (e *NoRoom) RetryAfter() time.Duration { return 30 * time.Second }
+
+// Event is a lifecycle change worth telling an operator about.
+type Event struct {
+	Time   time.Time
+	Model  string
+	Kind   string // load_started, ready, load_failed, evicted, crashed, unloaded
+	Detail string
+}
+
+// Options are a Manager's optional settings.
+type Options struct {
+	Log        *slog.Logger
+	Footprints *Footprints
+	// OnEvent receives lifecycle events from the loop; it must not block.
+	OnEvent func(Event)
+	// Tick is how often the loop checks timeouts and retries placement.
+	Tick time.Duration
+	// GPUPoll is how often GPU memory is read.
+	GPUPoll time.Duration
+}
+
+// Manager runs models on GPUs.
+type Manager struct {
+	rt   Runtime
+	inv  Inventory
+	fps  *Footprints
+	log  *slog.Logger
+	opts Options
+
+	cmds    chan func()
+	poke    chan struct{}
+	closed  chan struct{}
+	handles atomic.Pointer[map[string]*handle]
+	coarse  atomic.Int64 // unix nanos, refreshed every tick: a clock the request path can afford
+	reading atomic.Pointer[gpuReading]
+	health  *http.Client
+
+	// Owned by the loop.
+	ctx     context.Context
+	cfg     *config.Config
+	gpus    []GPU
+	models  map[string]*model
+	gpuBusy map[int]string // GPU → model whose server is starting or stopping on it
+	pending []*model       // models wanted but not yet placed, oldest first
+	// quiesced stops always_on models from coming back, after StopAll.
+	quiesced bool
+}
+
+// handle is what the request path reads and writes without the loop.
+type handle struct {
+	removed  atomic.Bool // gone from the config: no new requests
+	state    atomic.Int32
+	inflight atomic.Int64
+	lastUsed atomic.Int64 // unix nanos
+	addr     atomic.Pointer[string]
+}
+
+// model is the loop's record of one model.
+type model struct {
+	name     string
+	h        *handle
+	cfg      *config.Model
+	sig      string
+	inst     *Instance
+	gpus     []int
+	perGPU   uint64
+	source   string // where perGPU came from: declared, learned, utilization, default
+	since    time.Time
+	loadGen  int
+	cancel   context.CancelFunc // ends the load in progress
+	waiters  []*waiter
+	evicting []string // models to be gone before this one starts
+	failures int
+	retryAt  time.Time
+	lastErr  error
+	drainBy  time.Time
+	stale    bool // settings changed: reload once idle
+	removed  bool // gone from the config: unload once idle
+	pinned   bool
+	stopping bool // a stop is under way
+}
+
+func (md *model) state() State { return State(md.h.state.Load()) }
+
+func (md *model) setState(s State) { md.h.state.Store(int32(s)) }
+
+// waiter is one Ensure call waiting for a model.
+type waiter struct {
+	reply   chan error
+	gone    atomic.Bool
+	lastErr atomic.Pointer[error] // why it could not be placed yet
+}
+
+type gpuReading struct {
+	mem   []GPUMemory
+	procs []ProcessMemory
+}
+
+// New returns a manager for cfg's models; Run starts it.
+func New(cfg *config.Config, rt Runtime, inv Inventory, opts Options) *Manager {
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	if opts.Footprints == nil {
+		opts.Footprints, _ = OpenFootprints("")
+	}
+	if opts.OnEvent == nil {
+		opts.OnEvent = func(Event) {}
+	}
+	if opts.Tick == 0 {
+		opts.Tick = 250 * time.Millisecond
+	}
+	if opts.GPUPoll == 0 {
+		opts.GPUPoll = 500 * time.Millisecond
+	}
+	m := &Manager{
+		rt: rt, inv: inv, fps: opts.Footprints, log: opts.Log, opts: opts,
+		cmds:    make(chan func(), 256),
+		poke:    make(chan struct{}, 1),
+		closed:  make(chan struct{}),
+		health:  &http.Client{Timeout: 2 * time.Second},
+		cfg:     cfg,
+		gpus:    inv.GPUs(),
+		models:  map[string]*model{},
+		gpuBusy: map[int]string{},
+	}
+	m.coarse.Store(time.Now().UnixNano())
+	for _, name := range cfg.ModelNames() {
+		m.models[name] = m.newModel(name, cfg.Models[name])
+	}
+	m.publish()
+	return m
+}
+
+func (m *Manager) newModel(name string, mc *config.Model) *model {
+	md := &model{name: name, h: &handle{}, cfg: mc, sig: Signature(m.cfg, mc)}
+	md.h.lastUsed.Store(m.coarse.Load())
+	return md
+}
+
+// publish gives the request path the current set of model handles.
+func (m *Manager) publish() {
+	hs := make(map[string]*handle, len(m.models))
+	for name, md := range m.models {
+		hs[name] = md.h
+	}
+	m.handles.Store(&hs)
+}
+
+// Run runs the loop until ctx ends. Model servers are left running: a
+// Docker runtime adopts them when vgw starts again.
+func (m *Manager) Run(ctx context.Context) error {
+	defer close(m.closed)
+	m.ctx = ctx
+	m.readGPUs()
+	go m.watchGPUs(ctx)
+	m.adopt(ctx)
+	for _, md := range m.sorted() {
+		if md.cfg.AlwaysOn && md.state() == Stopped {
+			m.want(md)
+		}
+	}
+	m.schedule()
+	tick := time.NewTicker(m.opts.Tick)
+	defer tick.Stop()
+	for {
+		select {
+		case f := <-m.cmds:
+			f()
+		case e := <-m.rt.Exits():
+			m.exited(e)
+		case <-m.poke:
+			m.reconcile()
+		case now := <-tick.C:
+			m.coarse.Store(now.UnixNano())
+			m.tick(now)
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+// do runs f on the loop. It reports false once the manager has stopped.
+func (m *Manager) do(f func()) bool {
+	select {
+	case m.cmds <- f:
+		return true
+	case <-m.closed:
+		return false
+	}
+}
+
+// call runs f on the loop and waits for it.
+func (m *Manager) call(f func()) bool {
+	done := make(chan struct{})
+	if !m.do(func() { f(); close(done) }) {
+		return false
+	}
+	select {
+	case <-done:
+		return true
+	case <-m.closed:
+		return false
+	}
+}
+
+// pokeLoop asks the loop to look again, without blocking.
+func (m *Manager) pokeLoop() {
+	select {
+	case m.poke <- struct{}{}:
+	default:
+	}
+}
+
+func (m *Manager) handle(name string) *handle { return (*m.handles.Load())[name] }
+
+// Acquire counts a request for model in and reports whether the model is
+// ready to serve it. Every true must be matched by one Release. It is the
+// request path's whole cost: two atomic operations and a store.
+//
+// The order of its steps pairs with the loop's when it unloads a model:
+// Acquire counts first and then checks the state, the loop sets the state
+// first and then reads the count, so a request either sees the model
+// draining or is seen in flight, never neither.
+func (m *Manager) Acquire(name string) bool {
+	h := m.handle(name)
+	if h == nil || h.removed.Load() {
+		return false
+	}
+	h.inflight.Add(1)
+	if State(h.state.Load()) != Ready {
+		m.release(h)
+		return false
+	}
+	h.lastUsed.Store(m.coarse.Load())
+	return true
+}
+
+// Release counts a request out.
+func (m *Manager) Release(name string) {
+	if h := m.handle(name); h != nil {
+		h.lastUsed.Store(m.coarse.Load())
+		m.release(h)
+	}
+}
+
+func (m *Manager) release(h *handle) {
+	if h.inflight.Add(-1) == 0 && State(h.state.Load()) == Draining {
+		m.pokeLoop()
+	}
+}
+
+// Endpoint returns where a ready model serves.
+func (m *Manager) Endpoint(name string) (string, bool) {
+	h := m.handle(name)
+	if h == nil || State(h.state.Load()) != Ready {
+		return "", false
+	}
+	a := h.addr.Load()
+	if a == nil {
+		return "", false
+	}
+	return *a, true
+}
+
+// Ensure returns once model is ready and counted in (as Acquire), loading
+// it, and evicting others, if need be. It waits while the model loads, and
+// while no GPU has room, until ctx ends. When ctx's deadline passes while
+// the model still could not be placed, it returns the *NoRoom diagnostic
+// rather than the deadline.
+func (m *Manager) Ensure(ctx context.Context, name string) error {
+	for {
+		if m.Acquire(name) {
+			return nil
+		}
+		w := &waiter{reply: make(chan error, 1)}
+		if !m.do(func() { m.ensure(name, w) }) {
+			return ErrClosed
+		}
+		select {
+		case err := <-w.reply:
+			if err != nil {
+				return err
+			}
+			// Ready: count in, unless it went again in the meantime.
+		case <-ctx.Done():
+			w.gone.Store(true)
+			if p := w.lastErr.Load(); p != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return *p
+			}
+			return ctx.Err()
+		}
+	}
+}
+
+// ensure is Ensure's part on the loop.
+func (m *Manager) ensure(name string, w *waiter) {
+	md := m.models[name]
+	if md == nil || md.removed {
+		w.reply <- fmt.Errorf("%w: %s", ErrUnknownModel, name)
+		return
+	}
+	switch md.state() {
+	case Ready:
+		w.reply <- nil
+	case Loading, Draining:
+		md.waiters = append(md.waiters, w)
+	case Stopped:
+		if now := time.Now(); now.Before(md.retryAt) {
+			w.reply <- &LoadError{Model: name, Err: md.lastErr, Retry: md.retryAt.Sub(now)}
+			return
+		}
+		md.waiters = append(md.waiters, w)
+		m.want(md)
+		m.schedule()
+	}
+}
+
+// want marks md as wanted: it waits in pending until it can be placed.
+func (m *Manager) want(md *model) {
+	if !slices.Contains(m.pending, md) {
+		m.pending = append(m.pending, md)
+	}
+}
+
+// liveWaiters drops the waiters that gave up.
+func (md *model) liveWaiters() []*waiter {
+	md.waiters = slices.DeleteFunc(md.waiters, func(w *waiter) bool { return w.gone.Load() })
+	return md.waiters
+}
+
+// answer replies to every waiter of md.
+func (md *model) answer(err error) {
+	for _, w := range md.waiters {
+		w.reply <- err
+	}
+	md.waiters = nil
+}
+
+// schedule places the pending models it can, oldest first.
+func (m *Manager) schedule() {
+	for _, md := range slices.Clone(m.pending) {
+		if len(md.liveWaiters()) == 0 && !m.keepLoaded(md) {
+			m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
+			continue
+		}
+		plan, err := Place(m.snapshot(time.Now()), m.want0(md))
+		if err != nil {
+			if md.lastErr == nil || md.lastErr.Error() != err.Error() {
+				m.log.Info("waiting for GPU memory", slog.String("model", md.name), slog.String("why", err.Error()))
+			}
+			md.lastErr = err
+			for _, w := range md.waiters {
+				w.lastErr.Store(&err)
+			}
+			continue
+		}
+		m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
+		m.begin(md, plan)
+	}
+}
+
+// keepLoaded says md is always on: loaded at start and after a crash.
+func (m *Manager) keepLoaded(md *model) bool { return md.cfg.AlwaysOn && !md.removed && !m.quiesced }
+
+// want0 is the placement request for md: its memory per GPU and GPUs.
+func (m *Manager) want0(md *model) Want {
+	md.perGPU, md.source = m.need(md)
+	return Want{Model: md.name, PerGPU: md.perGPU, TP: max(md.cfg.TensorParallelSize, 1), Allowed: md.cfg.GPUs}
+}
+
+// DefaultUtilization is vLLM's own default --gpu-memory-utilization: what a
+// model takes of a GPU when nothing says otherwise.
+const DefaultUtilization = 0.9
+
+// need is the memory md takes on each of its GPUs: declared, else learned
+// under the same settings, else what its utilization takes of a GPU.
+func (m *Manager) need(md *model) (uint64, string) {
+	tp := uint64(max(md.cfg.TensorParallelSize, 1))
+	if md.cfg.VRAM > 0 {
+		return uint64(md.cfg.VRAM) / tp, "declared"
+	}
+	if fp, ok := m.fps.Get(md.name, md.sig); ok {
+		return fp.PerGPU, "learned"
+	}
+	var largest uint64
+	for _, g := range m.gpus {
+		largest = max(largest, g.Total)
+	}
+	if u := md.cfg.GPUMemoryUtilization; u > 0 {
+		return uint64(u * float64(largest)), "utilization"
+	}
+	return uint64(DefaultUtilization * float64(largest)), "default"
+}
+
+// Update applies a new config. New models can be asked for at once; a
+// model that is gone, or whose memory settings changed, is unloaded once
+// it is idle (its requests in flight finish on the old server), and the
+// next request loads it under the new settings. Limits and timeouts apply
+// to the next decision.
+func (m *Manager) Update(cfg *config.Config) bool {
+	return m.call(func() {
+		m.cfg = cfg
+		for name, md := range m.models {
+			mc, ok := cfg.Models[name]
+			if !ok {
+				md.removed = true
+				md.h.removed.Store(true)
+				md.answer(fmt.Errorf("%w: %s", ErrUnknownModel, name))
+				if md.state() == Stopped {
+					delete(m.models, name)
+				}
+				continue
+			}
+			md.removed = false
+			md.h.removed.Store(false)
+			if sig := Signature(cfg, mc); sig != md.sig {
+				md.stale = md.state() != Stopped
+				md.sig = sig
+			}
+			md.cfg = mc
+			if mc.AlwaysOn && md.state() == Stopped {
+				m.want(md)
+			}
+		}
+		for _, name := range cfg.ModelNames() {
+			if _, ok := m.models[name]; !ok {
+				md := m.newModel(name, cfg.Models[name])
+				m.models[name] = md
+				if md.cfg.AlwaysOn {
+					m.want(md)
+				}
+			}
+		}
+		m.publish()
+		m.schedule()
+	})
+}
+
+// ModelStatus is one model as Status reports it.
+type ModelStatus struct {
+	Name      string
+	State     State
+	GPUs      []int
+	Addr      string
+	Instance  string
+	PerGPU    uint64
+	Footprint string // where PerGPU comes from: declared, learned, utilization, default
+	Since     time.Time
+	LastUsed  time.Time
+	InFlight  int64
+	Waiting   int
+	AlwaysOn  bool
+	Pinned    bool
+	LastError string
+	RetryAt   time.Time
+}
+
+// Status reports every model.
+func (m *Manager) Status() []ModelStatus {
+	var out []ModelStatus
+	m.call(func() {
+		for _, md := range m.sorted() {
+			st := ModelStatus{
+				Name: md.name, State: md.state(), GPUs: slices.Clone(md.gpus), PerGPU: md.perGPU, Footprint: md.source,
+				Since: md.since, LastUsed: time.Unix(0, md.h.lastUsed.Load()), InFlight: md.h.inflight.Load(),
+				Waiting: len(md.liveWaiters()), AlwaysOn: md.cfg.AlwaysOn, Pinned: md.pinned, RetryAt: md.retryAt,
+			}
+			if md.inst != nil {
+				st.Addr, st.Instance = md.inst.Addr, md.inst.ID
+			}
+			if md.lastErr != nil {
+				st.LastError = md.lastErr.Error()
+			}
+			out = append(out, st)
+		}
+	})
+	return out
+}
+
+// Unload drains and stops a model now, as an operator asks.
+func (m *Manager) Unload(name string) error {
+	var err error
+	m.call(func() {
+		md := m.models[name]
+		if md == nil {
+			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
+			return
+		}
+		m.unload(md, "asked to")
+	})
+	return err
+}
+
+// StopAll unloads every model and waits until all are stopped or ctx ends.
+// vgw does not call it when it exits (a restarted vgw adopts its servers);
+// it is for tests and for an operator emptying the GPUs.
+func (m *Manager) StopAll(ctx context.Context) error {
+	for {
+		running := 0
+		m.call(func() {
+			m.quiesced = true
+			m.pending = nil
+			for _, md := range m.sorted() {
+				if md.state() != Stopped {
+					running++
+					m.unload(md, "stopping all")
+				}
+			}
+		})
+		if running == 0 {
+			return nil
+		}
+		select {
+		case <-time.After(20 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-m.closed:
+			return ErrClosed
+		}
+	}
+}

@@ -1,0 +1,424 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/internal/fakevllm"
+)
+
+// The test binary doubles as the fake vLLM the sim runtime starts: run
+// with VGW_TEST_FAKEVLLM=1 it is fakevllm, not the tests.
+func TestMain(m *testing.M) {
+	if os.Getenv("VGW_TEST_FAKEVLLM") == "1" {
+		os.Exit(fakevllm.Main(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	os.Setenv("VGW_TEST_FAKEVLLM", "1")
+	os.Exit(m.Run())
+}
+
+// countingRuntime counts starts by model.
+type countingRuntime struct {
+	*SimRuntime
+	mu     sync.Mutex
+	starts map[string]int
+}
+
+func (c *countingRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
+	c.mu.Lock()
+	c.starts[spec.Model]++
+	c.mu.Unlock()
+	return c.SimRuntime.Start(ctx, spec)
+}
+
+func (c *countingRuntime) count(model string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.starts[model]
+}
+
+type testManager struct {
+	*Manager
+	rt     *countingRuntime
+	gpus   *DeclaredGPUs
+	mu     sync.Mutex
+	events []Event
+}
+
+func (tm *testManager) eventKinds(model string) []string {
+	tm.mu.Lock()
+	defer tm.mu.Unlock()
+	var out []string
+	for _, e := range tm.events {
+		if e.Model == model {
+			out = append(out, e.Kind)
+		}
+	}
+	return out
+}
+
+func (tm *testManager) eventAt(model, kind string) (time.Time, bool) {
+	tm.mu.Lock()
+	defer tm.mu.Unlock()
+	for _, e := range tm.events {
+		if e.Model == model && e.Kind == kind {
+			return e.Time, true
+		}
+	}
+	return time.Time{}, false
+}
+
+const baseConfig = `
+runtime: {kind: sim}
+load_timeout: 10s
+drain_timeout: 2s
+min_resident: 0s
+inactivity_timeout: 0s
+gpus:
+  - {name: sim0, memory: 80GiB}
+`
+
+func parseConfig(t *testing.T, yaml string) *config.Config {
+	t.Helper()
+	cfg, err := config.Parse("test.yaml", []byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// startManager runs a manager on the sim runtime, with the test binary as
+// the fake vLLM, and stops every model when the test ends.
+func startManager(t *testing.T, yaml string) *testManager {
+	t.Helper()
+	cfg := parseConfig(t, yaml)
+	var gs []GPU
+	for _, g := range cfg.GPUs.Declared {
+		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
+	}
+	inv := NewDeclaredGPUs(gs)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := &countingRuntime{SimRuntime: NewSimRuntime([]string{exe}, inv), starts: map[string]int{}}
+	tm := &testManager{rt: rt, gpus: inv}
+	tm.Manager = New(cfg, rt, inv, Options{
+		Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond,
+		OnEvent: func(e Event) { tm.mu.Lock(); tm.events = append(tm.events, e); tm.mu.Unlock() },
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { tm.Run(ctx); close(done) }()
+	t.Cleanup(func() {
+		stop, c := context.WithTimeout(context.Background(), 10*time.Second)
+		defer c()
+		if err := tm.StopAll(stop); err != nil {
+			t.Errorf("StopAll: %v", err)
+		}
+		cancel()
+		<-done
+	})
+	return tm
+}
+
+func (tm *testManager) status(name string) ModelStatus {
+	for _, s := range tm.Status() {
+		if s.Name == name {
+			return s
+		}
+	}
+	return ModelStatus{}
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(2 * time.Millisecond) // polling interval
+	}
+}
+
+func ensure(t *testing.T, tm *testManager, model string, timeout time.Duration) error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return tm.Ensure(ctx, model)
+}
+
+// get sends a chat request to a model's server directly, as Envoy would.
+func get(t *testing.T, addr, model string) int {
+	t.Helper()
+	resp, err := http.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(`{"model":"`+model+`","max_tokens":1}`))
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+func TestColdStart(t *testing.T) {
+	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB}\n")
+	if tm.Acquire("a") {
+		t.Fatal("a cold model was ready")
+	}
+	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	addr, ok := tm.Endpoint("a")
+	if !ok || get(t, addr, "a") != 200 {
+		t.Fatalf("endpoint %q %v does not serve", addr, ok)
+	}
+	st := tm.status("a")
+	if st.State != Ready || st.InFlight != 1 || st.Footprint != "declared" || len(st.GPUs) != 1 {
+		t.Fatalf("status %+v", st)
+	}
+	tm.Release("a")
+	// The sim charges the declared memory to the GPU while the server runs.
+	mem, _ := tm.gpus.Memory()
+	if mem[0].Used != 20<<30 {
+		t.Fatalf("GPU used %d, want 20GiB charged", mem[0].Used)
+	}
+	// Once ready, what it really uses is measured from its process.
+	eventually(t, "a's footprint is learned", func() bool {
+		fp, ok := tm.fps.Get("a", Signature(tm.cfg, tm.cfg.Models["a"]))
+		return ok && fp.PerGPU == 20<<30 && fp.How == "processes"
+	})
+	if err := ensure(t, tm, "nope", time.Second); !errors.Is(err, ErrUnknownModel) {
+		t.Fatalf("unknown model: %v", err)
+	}
+}
+
+// TestCoalescedLoad: 100 requests for a cold model start it once.
+func TestCoalescedLoad(t *testing.T) {
+	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 200ms}}\n")
+	var wg sync.WaitGroup
+	var failed atomic.Int32
+	for range 100 {
+		wg.Go(func() {
+			if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+				failed.Add(1)
+				return
+			}
+			tm.Release("a")
+		})
+	}
+	wg.Wait()
+	if failed.Load() != 0 || tm.rt.count("a") != 1 {
+		t.Fatalf("%d failed, %d starts; want 0 and exactly 1", failed.Load(), tm.rt.count("a"))
+	}
+}
+
+// TestEviction: a second model that does not fit beside the first evicts
+// it once it is idle, and waits while it is not.
+func TestEviction(t *testing.T) {
+	tm := startManager(t, baseConfig+"models:\n  a: {vram: 50GiB}\n  b: {vram: 50GiB}\n")
+	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// a has a request in flight: b cannot be placed, and says why.
+	err := ensure(t, tm, "b", 300*time.Millisecond)
+	var nr *NoRoom
+	if !errors.As(err, &nr) || !strings.Contains(err.Error(), "a 50.0GiB (1 in flight)") {
+		t.Fatalf("b while a is busy: %v; want a NoRoom naming a", err)
+	}
+	// b waits for the memory instead of failing at once: releasing a lets
+	// a waiting b in.
+	done := make(chan error, 1)
+	go func() { done <- ensure(t, tm, "b", 10*time.Second) }()
+	eventually(t, "b waits", func() bool { return tm.status("b").Waiting == 1 })
+	tm.Release("a")
+	if err := <-done; err != nil {
+		t.Fatalf("b after a was released: %v", err)
+	}
+	if st := tm.status("a"); st.State != Stopped {
+		t.Fatalf("a is %v, want evicted", st.State)
+	}
+	if kinds := strings.Join(tm.eventKinds("a"), ","); !strings.Contains(kinds, "evicted,unloaded") {
+		t.Fatalf("a's events %s", kinds)
+	}
+	tm.Release("b")
+}
+
+// TestStartsSerialisedPerGPU: two models placed on one GPU start one after
+// the other, as vLLM's memory profiling needs.
+func TestStartsSerialisedPerGPU(t *testing.T) {
+	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 150ms}}\n  b: {vram: 20GiB, sim: {startup_delay: 150ms}}\n")
+	var wg sync.WaitGroup
+	for _, m := range []string{"a", "b"} {
+		wg.Go(func() {
+			if err := ensure(t, tm, m, 10*time.Second); err != nil {
+				t.Error(err)
+				return
+			}
+			tm.Release(m)
+		})
+	}
+	wg.Wait()
+	aStart, _ := tm.eventAt("a", "load_started")
+	aReady, _ := tm.eventAt("a", "ready")
+	bStart, _ := tm.eventAt("b", "load_started")
+	bReady, _ := tm.eventAt("b", "ready")
+	if !(bStart.After(aReady) || aStart.After(bReady)) {
+		t.Fatalf("loads overlapped on one GPU: a %v–%v, b %v–%v", aStart, aReady, bStart, bReady)
+	}
+}
+
+// TestCrash: a ready model whose server dies is noticed, and the next
+// request loads it again.
+func TestCrash(t *testing.T) {
+	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {crash_after: 1}}\n")
+	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	addr, _ := tm.Endpoint("a")
+	first := tm.status("a").Instance
+	if code := get(t, addr, "a"); code == 200 {
+		t.Fatalf("the crashing request got %d", code)
+	}
+	tm.Release("a")
+	eventually(t, "the crash is noticed", func() bool { return tm.status("a").State == Stopped })
+	if _, ok := tm.Endpoint("a"); ok {
+		t.Fatal("a crashed model still has an endpoint")
+	}
+	mem, _ := tm.gpus.Memory()
+	if mem[0].Used != 0 {
+		t.Fatalf("a dead server still holds %d bytes", mem[0].Used)
+	}
+	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if second := tm.status("a").Instance; second == first || tm.rt.count("a") != 2 {
+		t.Fatalf("instances %s then %s, %d starts; want a new one", first, second, tm.rt.count("a"))
+	}
+	tm.Release("a")
+}
+
+// TestLoadFailures: a server that never becomes healthy, or exits while
+// loading, fails its waiters with the reason, and is not tried again at
+// once.
+func TestLoadFailures(t *testing.T) {
+	tm := startManager(t, strings.Replace(baseConfig, "load_timeout: 10s", "load_timeout: 300ms", 1)+
+		"models:\n  slow: {vram: 20GiB, sim: {startup_delay: 1h}}\n  broken: {vram: 20GiB, sim: {fail_start: true}}\n")
+
+	err := ensure(t, tm, "slow", 5*time.Second)
+	var le *LoadError
+	if !errors.As(err, &le) || !strings.Contains(err.Error(), "not healthy within load_timeout") || le.RetryAfter() <= 0 {
+		t.Fatalf("slow: %v", err)
+	}
+	err = ensure(t, tm, "slow", 5*time.Second)
+	if !errors.As(err, &le) || tm.rt.count("slow") != 1 {
+		t.Fatalf("retry during backoff: %v after %d starts; want the last error and no new start", err, tm.rt.count("slow"))
+	}
+	eventually(t, "slow's server is gone", func() bool { m, _ := tm.gpus.Memory(); return m[0].Used == 0 })
+
+	err = ensure(t, tm, "broken", 5*time.Second)
+	if !errors.As(err, &le) || !strings.Contains(err.Error(), "memory profiling") {
+		t.Fatalf("broken: %v; want its log tail", err)
+	}
+}
+
+func TestInactivityUnload(t *testing.T) {
+	tm := startManager(t, strings.Replace(baseConfig, "inactivity_timeout: 0s", "inactivity_timeout: 200ms", 1)+"models:\n  a: {vram: 20GiB}\n")
+	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(400 * time.Millisecond) // longer than the inactivity timeout, with a request in flight
+	if st := tm.status("a").State; st != Ready {
+		t.Fatalf("a busy model was unloaded: %v", st)
+	}
+	tm.Release("a")
+	eventually(t, "a idle model is unloaded", func() bool { return tm.status("a").State == Stopped })
+}
+
+func TestAlwaysOn(t *testing.T) {
+	tm := startManager(t, strings.Replace(baseConfig, "inactivity_timeout: 0s", "inactivity_timeout: 50ms", 1)+
+		"models:\n  a: {vram: 20GiB, always_on: true}\n")
+	eventually(t, "an always_on model loads at start", func() bool { return tm.status("a").State == Ready })
+	time.Sleep(200 * time.Millisecond) // longer than the inactivity timeout
+	if st := tm.status("a").State; st != Ready {
+		t.Fatalf("an always_on model was unloaded: %v", st)
+	}
+}
+
+// TestUpdate: a model whose memory settings change is reloaded once idle;
+// a new model can be asked for; a removed one is unknown.
+func TestUpdate(t *testing.T) {
+	models := "models:\n  a: {vram: 20GiB, max_model_len: 4096}\n"
+	tm := startManager(t, baseConfig+models)
+	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	first := tm.status("a").Instance
+	tm.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n  b: {vram: 20GiB}\n"))
+	time.Sleep(100 * time.Millisecond) // ticks pass: a is busy, so it stays
+	if st := tm.status("a"); st.State != Ready || st.Instance != first {
+		t.Fatalf("a busy model was reloaded: %+v", st)
+	}
+	tm.Release("a")
+	eventually(t, "a reloads once idle", func() bool { return tm.status("a").State == Stopped })
+	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if tm.status("a").Instance == first {
+		t.Fatal("a kept its old server")
+	}
+	tm.Release("a")
+	if err := ensure(t, tm, "b", 10*time.Second); err != nil {
+		t.Fatalf("the new model: %v", err)
+	}
+	tm.Release("b")
+	tm.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n"))
+	if err := ensure(t, tm, "a", time.Second); !errors.Is(err, ErrUnknownModel) {
+		t.Fatalf("a removed model: %v", err)
+	}
+	eventually(t, "the removed model's server stops", func() bool {
+		m, _ := tm.gpus.Memory()
+		return m[0].Used == 20<<30
+	})
+}
+
+// TestExternalMemory: memory used by processes vgw does not know about
+// keeps a model off a GPU.
+func TestExternalMemory(t *testing.T) {
+	tm := startManager(t, baseConfig+`  - {name: sim1, memory: 80GiB}
+models:
+  a: {vram: 40GiB}
+`)
+	tm.gpus.Charge(999999, []int{0}, 60<<30) // someone else's job on GPU 0
+	eventually(t, "the reading shows it", func() bool {
+		s := tm.Manager.reading.Load()
+		return s != nil && s.mem[0].Used == 60<<30
+	})
+	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if gs := tm.status("a").GPUs; len(gs) != 1 || gs[0] != 1 {
+		t.Fatalf("a placed on %v, want GPU 1", gs)
+	}
+	tm.Release("a")
+}
+
+func TestVLLMArgs(t *testing.T) {
+	m := &config.Model{Repo: "meta-llama/Llama-3.1-8B", MaxModelLen: 8192, TensorParallelSize: 2, Quantization: "awq", ExtraArgs: []string{"--enforce-eager"}}
+	got := strings.Join(VLLMArgs("llama", m, 0.45), " ")
+	want := "--model meta-llama/Llama-3.1-8B --served-model-name llama --gpu-memory-utilization 0.45 --tensor-parallel-size 2 --max-model-len 8192 --quantization awq --enforce-eager"
+	if got != want {
+		t.Fatalf("args\n%s\nwant\n%s", got, want)
+	}
+	if fmt.Sprint(Signature(&config.Config{}, m)) == Signature(&config.Config{}, &config.Model{Repo: m.Repo}) {
+		t.Fatal("signatures of different settings are equal")
+	}
+}

@@ -1,0 +1,147 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// SimRuntime runs each model as a fake vLLM process (vgw fakevllm) on a
+// loopback port, and charges the model's memory to the declared GPUs while
+// the process lives. Everything vgw does with a model (start, health,
+// requests, crashes, stop) happens for real; only the tokens are fake.
+type SimRuntime struct {
+	// Command runs a fake vLLM: the vgw binary and "fakevllm", or the
+	// fakevllm binary. The runtime adds the flags.
+	command []string
+	gpus    *DeclaredGPUs
+	exits   chan Exit
+
+	mu    sync.Mutex
+	procs map[string]*simProc // by instance ID
+}
+
+type simProc struct {
+	cmd      *exec.Cmd
+	log      *logTail
+	done     chan struct{} // closed once the process has been reaped
+	stopping bool
+}
+
+var _ Runtime = (*SimRuntime)(nil)
+
+// NewSimRuntime returns a runtime that starts command (for example
+// []string{"/usr/bin/vgw", "fakevllm"}) and charges gpus.
+func NewSimRuntime(command []string, gpus *DeclaredGPUs) *SimRuntime {
+	return &SimRuntime{command: command, gpus: gpus, exits: make(chan Exit, 64), procs: map[string]*simProc{}}
+}
+
+func (r *SimRuntime) Exits() <-chan Exit { return r.exits }
+
+// Adopt finds nothing: fake servers die with the vgw that started them.
+func (r *SimRuntime) Adopt(context.Context) ([]*Instance, error) { return nil, nil }
+
+// Start listens on a loopback port itself and hands the socket to the
+// fake, so there is no race for the port and the fake serves from its
+// first instant.
+func (r *SimRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("start %s: listen: %w", spec.Model, err)
+	}
+	defer lis.Close()
+	f, err := lis.(*net.TCPListener).File()
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.Model, err)
+	}
+	defer f.Close()
+
+	b := spec.Sim
+	args := append(r.command[1:len(r.command):len(r.command)],
+		"--model", spec.Model, "--listen-fd", "3",
+		"--startup-delay", b.StartupDelay.String(),
+		"--tokens-per-second", strconv.FormatFloat(b.TokensPerSecond, 'f', -1, 64),
+		"--crash-after", strconv.Itoa(b.CrashAfter),
+		"--slow-health", b.SlowHealth.String())
+	if b.FailStart {
+		args = append(args, "--fail-start")
+	}
+	cmd := exec.Command(r.command[0], args...)
+	cmd.ExtraFiles = []*os.File{f}
+	tail := newLogTail(50)
+	cmd.Stdout, cmd.Stderr = tail, tail
+	// The fake dies with vgw, as a sim model has nothing to outlive it for.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", spec.Model, err)
+	}
+	pid := cmd.Process.Pid
+	id := "sim-" + strconv.Itoa(pid)
+	p := &simProc{cmd: cmd, log: tail, done: make(chan struct{})}
+	r.mu.Lock()
+	r.procs[id] = p
+	r.mu.Unlock()
+	gpus := make([]int, len(spec.GPUs))
+	for i, g := range spec.GPUs {
+		gpus[i] = g.Index
+	}
+	r.gpus.Charge(pid, gpus, spec.PerGPU)
+	inst := &Instance{ID: id, Model: spec.Model, Addr: lis.Addr().String(), PIDs: []int{pid}, GPUs: gpus, Signature: spec.Signature}
+	go r.reap(inst, p)
+	return inst, nil
+}
+
+// reap waits for the process, frees its memory and reports the exit.
+func (r *SimRuntime) reap(inst *Instance, p *simProc) {
+	err := p.cmd.Wait()
+	r.gpus.Release(inst.PIDs[0])
+	r.mu.Lock()
+	delete(r.procs, inst.ID)
+	stopping := p.stopping
+	r.mu.Unlock()
+	close(p.done)
+	e := Exit{ID: inst.ID, Model: inst.Model, Reason: "exited", LogTail: p.log.String()}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		e.Code = ee.ExitCode()
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			e.Reason = "killed by " + ws.Signal().String()
+		}
+	}
+	if stopping {
+		e.Reason = "stopped"
+	}
+	r.exits <- e
+}
+
+// Stop sends SIGTERM, waits up to grace, then SIGKILL.
+func (r *SimRuntime) Stop(ctx context.Context, inst *Instance, grace time.Duration) error {
+	r.mu.Lock()
+	p, ok := r.procs[inst.ID]
+	if ok {
+		p.stopping = true
+	}
+	r.mu.Unlock()
+	if !ok {
+		return nil // already gone
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-p.done:
+		return nil
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	p.cmd.Process.Kill()
+	<-p.done
+	return nil
+}
