@@ -8,6 +8,7 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock/dgxa100"
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock/dgxh100"
+	"github.com/NVIDIA/go-nvml/pkg/nvml/mock/server"
 )
 
 func TestNVMLInventory(t *testing.T) {
@@ -53,11 +54,11 @@ func TestNVMLInventory(t *testing.T) {
 func TestNVMLProcesses(t *testing.T) {
 	lib := dgxa100.New()
 	devs := lib.Devices
-	devs[0].(*dgxa100.Device).GetComputeRunningProcessesFunc = func() ([]nvml.ProcessInfo, nvml.Return) {
+	devs[0].(*server.Device).GetComputeRunningProcessesFunc = func() ([]nvml.ProcessInfo, nvml.Return) {
 		return []nvml.ProcessInfo{{Pid: 4242, UsedGpuMemory: 20 << 30}, {Pid: 77, UsedGpuMemory: 1 << 30}}, nvml.SUCCESS
 	}
 	for _, d := range devs[1:] {
-		d.(*dgxa100.Device).GetComputeRunningProcessesFunc = func() ([]nvml.ProcessInfo, nvml.Return) {
+		d.(*server.Device).GetComputeRunningProcessesFunc = func() ([]nvml.ProcessInfo, nvml.Return) {
 			return nil, nvml.ERROR_NOT_SUPPORTED
 		}
 	}
