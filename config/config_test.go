@@ -12,7 +12,7 @@ func TestExample(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Runtime.Kind != "sim" || len(c.GPUs.Declared) != 2 || c.GPUs.Declared[0].Memory != 80<<30 {
+	if c.Runtime.Kind != "sim" || len(c.GPUs.Declared) != 2 || c.GPUs.Declared[0].Memory != 48<<30 {
 		t.Fatalf("runtime %+v gpus %+v", c.Runtime, c.GPUs)
 	}
 	if got := c.LimitsOf("qwen2.5-32b"); got != (Limits{MaxConcurrent: 4, MaxQueue: 16, QueueTimeout: 30 * time.Second}) {

@@ -417,7 +417,15 @@ func (m *Manager) schedule() {
 			m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
 			continue
 		}
-		plan, err := Place(m.snapshot(time.Now()), m.want0(md))
+		want := m.want0(md)
+		plan, err := Place(m.snapshot(time.Now()), want)
+		if err != nil && m.impossible(want) {
+			// It would not fit on empty GPUs either: waiting cannot help.
+			m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
+			md.lastErr = err
+			md.answer(err)
+			continue
+		}
 		if err != nil {
 			if md.lastErr == nil || md.lastErr.Error() != err.Error() {
 				m.log.Info("waiting for GPU memory", slog.String("model", md.name), slog.String("why", err.Error()))
@@ -431,6 +439,17 @@ func (m *Manager) schedule() {
 		m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
 		m.begin(md, plan)
 	}
+}
+
+// impossible reports whether w could not be placed even with every GPU
+// empty.
+func (m *Manager) impossible(w Want) bool {
+	s := Snapshot{}
+	for _, g := range m.gpus {
+		s.GPUs = append(s.GPUs, GPUState{Index: g.Index, Total: g.Total})
+	}
+	_, err := Place(s, w)
+	return err != nil
 }
 
 // keepLoaded says md is always on: loaded at start and after a crash.

@@ -21,6 +21,17 @@ import (
 	"github.com/vgw-project/vgw/extproc/extproctest"
 )
 
+// The test binary doubles as vgw for the processes a test starts (the sim
+// runtime runs "vgw fakevllm"): run with VGW_TEST_MAIN=1 it is vgw.
+func TestMain(m *testing.M) {
+	if os.Getenv("VGW_TEST_MAIN") == "1" {
+		os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
+	}
+	os.Setenv("VGW_TEST_MAIN", "1")
+	configPoll = 50 * time.Millisecond
+	os.Exit(m.Run())
+}
+
 func TestValidate(t *testing.T) {
 	bad := filepath.Join(t.TempDir(), "bad.yaml")
 	os.WriteFile(bad, []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nmax_queue: -1\nmodels:\n  m: {rep: x}\n"), 0o600)
@@ -31,7 +42,7 @@ func TestValidate(t *testing.T) {
 		stderr   string
 		notInOut string
 	}{
-		{args: []string{"validate", "--config", "../../examples/sim.yaml"}, code: 0, stdout: "ok: 3 models"},
+		{args: []string{"validate", "--config", "../../examples/sim.yaml"}, code: 0, stdout: "ok: 4 models"},
 		{args: []string{"validate", "--config", bad}, code: 1, stderr: bad + `:5: unknown field "rep"`},
 		{args: []string{"validate"}, code: 2, stderr: "--config is required"},
 		{args: []string{"validate", "--nope"}, code: 2},
@@ -161,22 +172,28 @@ func TestServe(t *testing.T) {
 		}
 		return res
 	}
+	// The first request for llama loads it (a fake vLLM process), then is
+	// routed to its cluster.
 	if res := ask("llama"); res.Status != 200 || string(res.Body) != "model/llama" {
 		t.Fatalf("llama: %d %q", res.Status, res.Body)
+	}
+	if m := logs.waitFor(t, "model ready"); m["model"] != "llama" {
+		t.Errorf("ready event %v", m)
 	}
 	if res := ask("qwen"); res.Status != 404 {
 		t.Fatalf("qwen before reload: %d", res.Status)
 	}
 
-	// A good reload adds a model.
+	// A change to the file adds a model.
 	os.WriteFile(cfgPath, []byte(serveConfig+"  qwen: {vram: 30GiB}\n"), 0o600)
-	syscall.Kill(os.Getpid(), syscall.SIGHUP)
-	logs.waitFor(t, "config reloaded")
+	if m := logs.waitFor(t, "config reloaded"); m["trigger"] != "the file changed" {
+		t.Errorf("reload trigger %v", m["trigger"])
+	}
 	if res := ask("qwen"); res.Status != 200 || string(res.Body) != "model/qwen" {
 		t.Fatalf("qwen after reload: %d %q", res.Status, res.Body)
 	}
 
-	// A bad one is refused and the running config stays.
+	// A bad one is refused and the running config stays; SIGHUP says so too.
 	os.WriteFile(cfgPath, []byte(serveConfig+"  bad: {nope: 1}\n"), 0o600)
 	syscall.Kill(os.Getpid(), syscall.SIGHUP)
 	refused := logs.waitFor(t, "config reload refused; keeping the running config")

@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/extproc"
+	"github.com/vgw-project/vgw/manager"
 )
 
 func serve(ctx context.Context, args []string, stderr io.Writer) error {
@@ -48,9 +48,18 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	log := slog.New(newHandler(cfg.LogFormat, stderr, level))
 
-	models := newStaticModels(cfg)
-	log.Warn("no GPU manager yet: every configured model is routed as if resident", slog.Int("models", len(cfg.Models)))
-	ep := extproc.New(extprocModels(cfg), models,
+	mgr, closeGPUs, err := newManager(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer closeGPUs()
+	runCtx, stopManager := context.WithCancel(context.Background())
+	managerDone := make(chan struct{})
+	go func() { mgr.Run(runCtx); close(managerDone) }()
+	defer func() { stopManager(); <-managerDone }()
+
+	routes := newRoutes(mgr, cfg)
+	ep := extproc.New(extprocModels(cfg), routes,
 		extproc.WithLogger(log),
 		extproc.WithMaxBody(int(cfg.MaxBodyBytes)),
 		extproc.WithLoadTimeout(cfg.LoadTimeout.Std()),
@@ -67,17 +76,20 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	healthpb.RegisterHealthServer(g, hs)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- g.Serve(lis) }()
-	log.Info("vgw serving", slog.String("config", cfg.Path), slog.String("extproc", lis.Addr().String()), slog.String("version", version))
+	log.Info("vgw serving", slog.String("config", cfg.Path), slog.String("extproc", lis.Addr().String()),
+		slog.String("runtime", cfg.Runtime.Kind), slog.Int("models", len(cfg.Models)), slog.String("version", version))
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	changed := watchFile(ctx, cfg.Path, configPoll)
+	r := &reloader{log: log, level: level, levelPinned: *logLevel != "", cfg: cfg, ep: ep, mgr: mgr, routes: routes}
 	for {
 		select {
 		case <-hup:
-			if next := reload(log, level, *logLevel != "", cfg, ep, models); next != nil {
-				cfg = next
-			}
+			r.reload("SIGHUP")
+		case <-changed:
+			r.reload("the file changed")
 		case err := <-serveErr:
 			return fmt.Errorf("ext_proc server: %w", err)
 		case <-ctx.Done():
@@ -85,10 +97,20 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			ep.SetDraining(true)
 			hs.Shutdown()
 			stopGracefully(g, cfg.ShutdownTimeout.Std())
+			if cfg.Runtime.Kind == "sim" {
+				// Fake servers cannot be adopted by the next vgw: stop them.
+				// (Docker's are left running and adopted.)
+				stop, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.Std())
+				mgr.StopAll(stop)
+				cancel()
+			}
 			return nil
 		}
 	}
 }
+
+// configPoll is how often the config file is checked for changes.
+var configPoll = 2 * time.Second
 
 // loadConfig reads the config file and applies the environment.
 func loadConfig(path string) (*config.Config, error) {
@@ -100,26 +122,42 @@ func loadConfig(path string) (*config.Config, error) {
 	return cfg, nil
 }
 
-// reload re-reads the config on SIGHUP. A bad file is refused and the old
-// config stays. Model limits and the log level apply at once; listeners
-// and Envoy settings need a restart.
-func reload(log *slog.Logger, level *slog.LevelVar, levelPinned bool, old *config.Config, ep *extproc.Server, models *staticModels) *config.Config {
-	cfg, err := loadConfig(old.Path)
+// reloader re-reads the config on SIGHUP or when the file changes.
+type reloader struct {
+	log         *slog.Logger
+	level       *slog.LevelVar
+	levelPinned bool
+	cfg         *config.Config // the running config
+	ep          *extproc.Server
+	mgr         *manager.Manager
+	routes      *routes
+}
+
+// reload applies a new config file. A bad file is refused and the running
+// config stays. Models, their limits and settings, and the log level
+// apply at once (a model whose memory settings changed is reloaded once
+// idle); listeners, the runtime, the GPUs and the Envoy settings need a
+// restart.
+func (r *reloader) reload(why string) {
+	cfg, err := loadConfig(r.cfg.Path)
 	if err != nil {
-		log.Error("config reload refused; keeping the running config", slog.String("error", err.Error()))
-		return nil
+		r.log.Error("config reload refused; keeping the running config", slog.String("trigger", why), slog.String("error", err.Error()))
+		return
 	}
-	models.set(cfg)
-	ep.SetModels(extprocModels(cfg))
-	if !levelPinned {
-		level.Set(cfg.SlogLevel())
+	old := r.cfg
+	if cfg.Listen != old.Listen || cfg.MaxBodyBytes != old.MaxBodyBytes || cfg.Envoy != old.Envoy || cfg.Runtime.Kind != old.Runtime.Kind {
+		r.log.Warn("config reloaded, but listeners, max_body_bytes, envoy settings and the runtime change only on restart")
+		cfg.Listen, cfg.MaxBodyBytes, cfg.Envoy, cfg.Runtime.Kind = old.Listen, old.MaxBodyBytes, old.Envoy, old.Runtime.Kind
 	}
-	if cfg.Listen != old.Listen || cfg.MaxBodyBytes != old.MaxBodyBytes || cfg.Envoy != old.Envoy {
-		log.Warn("config reloaded, but listeners, max_body_bytes and envoy settings change only on restart")
+	cfg.GPUs = old.GPUs
+	r.routes.set(cfg)
+	r.mgr.Update(cfg)
+	r.ep.SetModels(extprocModels(cfg))
+	if !r.levelPinned {
+		r.level.Set(cfg.SlogLevel())
 	}
-	log.Info("config reloaded", slog.Int("models", len(cfg.Models)))
-	cfg.Listen, cfg.MaxBodyBytes, cfg.Envoy = old.Listen, old.MaxBodyBytes, old.Envoy // what is running
-	return cfg
+	r.cfg = cfg
+	r.log.Info("config reloaded", slog.String("trigger", why), slog.Int("models", len(cfg.Models)))
 }
 
 // stopGracefully lets in-flight requests finish, then cuts the rest.
@@ -152,40 +190,3 @@ func extprocModels(cfg *config.Config) []extproc.Model {
 	}
 	return ms
 }
-
-// staticModels stands in for the GPU manager until it lands: it routes
-// every configured model to its cluster as though the model were loaded.
-type staticModels struct {
-	routes atomic.Pointer[map[string]extproc.Route]
-}
-
-func newStaticModels(cfg *config.Config) *staticModels {
-	s := &staticModels{}
-	s.set(cfg)
-	return s
-}
-
-func (s *staticModels) set(cfg *config.Config) {
-	routes := make(map[string]extproc.Route, len(cfg.Models))
-	for name := range cfg.Models {
-		routes[name] = extproc.Route{Cluster: ClusterName(name)}
-	}
-	s.routes.Store(&routes)
-}
-
-// ClusterName is the Envoy cluster that serves a model.
-func ClusterName(model string) string { return "model/" + model }
-
-func (s *staticModels) Route(model string) (extproc.Route, bool) {
-	r, ok := (*s.routes.Load())[model]
-	return r, ok
-}
-
-func (s *staticModels) Ensure(_ context.Context, model string) (extproc.Route, error) {
-	if r, ok := s.Route(model); ok {
-		return r, nil
-	}
-	return extproc.Route{}, fmt.Errorf("model %q is not configured", model)
-}
-
-func (s *staticModels) Observe(string, extproc.Result) {}
