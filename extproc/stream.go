@@ -70,7 +70,7 @@ const (
 )
 
 // stream is the state of one ext_proc stream; only its handler goroutine
-// touches it, apart from the receive pump's channel.
+// touches it.
 type stream struct {
 	s   *Server
 	srv extprocv3.ExternalProcessor_ProcessServer
@@ -89,83 +89,21 @@ type stream struct {
 	admittedAt time.Time
 	status     int // upstream :status
 
-	// The receive pump: started when the stream must wait, so that a
-	// client leaving is seen at once. See startPump.
-	pump    chan received
-	done    chan struct{}
-	cancel  context.CancelFunc
-	pending []*extprocv3.ProcessingRequest // messages that arrived while waiting
-	recvErr error
 }
 
-type received struct {
-	req *extprocv3.ProcessingRequest
-	err error
-}
-
-func (st *stream) recv() (*extprocv3.ProcessingRequest, error) {
-	if len(st.pending) > 0 {
-		r := st.pending[0]
-		st.pending = st.pending[1:]
-		return r, nil
-	}
-	if st.recvErr != nil {
-		return nil, st.recvErr
-	}
-	if st.pump == nil {
-		return st.srv.Recv()
-	}
-	select {
-	case r := <-st.pump:
-		if r.err != nil {
-			st.recvErr = r.err
-		}
-		return r.req, r.err
-	case <-st.ctx.Done():
-		return nil, st.ctx.Err()
-	}
-}
-
-// startPump moves receiving onto its own goroutine for the rest of the
-// stream, so that a wait can watch for the stream ending. Envoy's close is
-// END_STREAM plus RST_STREAM, which cancels the context, but with the
-// ext_proc_graceful_grpc_close runtime flag it is a half-close only
-// (grpc_client_impl.h), which only a pending Recv sees. The pump cancels the
-// stream's context when Recv fails, so every wait, and Manager.Ensure, sees
-// the client leave.
-func (st *stream) startPump() {
-	if st.pump != nil {
-		return
-	}
-	st.ctx, st.cancel = context.WithCancel(st.ctx)
-	st.pump = make(chan received, 1)
-	st.done = make(chan struct{})
-	go func(srv extprocv3.ExternalProcessor_ProcessServer, out chan<- received, done <-chan struct{}, cancel context.CancelFunc) {
-		for {
-			req, err := srv.Recv()
-			if err != nil {
-				cancel()
-			}
-			select {
-			case out <- received{req, err}:
-			case <-done:
-				return
-			}
-			if err != nil {
-				return
-			}
-		}
-	}(st.srv, st.pump, st.done, st.cancel)
-}
+// recv reads Envoy's next message. While a request waits (for a slot, for
+// its model) nothing is read: Envoy sends nothing then, and a client that
+// leaves is seen through the stream's context, which gRPC cancels when
+// Envoy resets the stream. Envoy's close is END_STREAM then RST_STREAM at
+// once (grpc_client_impl.h close()); with the ext_proc_graceful_grpc_close
+// runtime flag it half-closes and resets when its remote close timeout
+// (1 s by default, ext_proc.cc) runs out, so a wait sees the client leave
+// at most that late, and vgw keeps no second goroutine per waiting request
+// to watch for it sooner.
+func (st *stream) recv() (*extprocv3.ProcessingRequest, error) { return st.srv.Recv() }
 
 // close runs when the stream's handler returns, however it returns.
-func (st *stream) close() {
-	st.finish()
-	if st.pump != nil {
-		close(st.done)
-		st.cancel()
-	}
-}
+func (st *stream) close() { st.finish() }
 
 func (st *stream) send(r *extprocv3.ProcessingResponse) error {
 	return st.srv.Send(r)
@@ -358,7 +296,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 		st.held = true
 	case ReasonClientGone:
 		st.abandoned(start)
-		return true, endErr(st.recvErr)
+		return true, nil // Envoy reset the stream: nobody is listening
 	default:
 		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), start)
 	}
@@ -373,29 +311,18 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 // client to leave, and reports which came first. A slot handed over as the
 // wait gives up is given straight back.
 func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
-	st.startPump()
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
-	giveUp := func(r Reason) Reason {
+	select {
+	case <-w.ready:
+		waiterPool.Put(w)
+		return ReasonSlotGranted
+	case <-timer.C:
 		st.leaveQueue(w)
-		return r
-	}
-	for {
-		select {
-		case <-w.ready:
-			waiterPool.Put(w)
-			return ReasonSlotGranted
-		case <-timer.C:
-			return giveUp(ReasonQueueTimeout)
-		case <-st.ctx.Done():
-			return giveUp(ReasonClientGone)
-		case r := <-st.pump:
-			if r.err != nil {
-				st.recvErr = r.err
-				return giveUp(ReasonClientGone)
-			}
-			st.pending = append(st.pending, r.req)
-		}
+		return ReasonQueueTimeout
+	case <-st.ctx.Done():
+		st.leaveQueue(w)
+		return ReasonClientGone
 	}
 }
 
@@ -418,7 +345,6 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		return true, err
 	}
-	st.startPump()
 	ctx, cancel := context.WithDeadline(st.ctx, deadline)
 	r, err := s.mgr.Ensure(ctx, m.name)
 	cancel()
@@ -430,7 +356,7 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 	switch {
 	case st.ctx.Err() != nil:
 		st.abandoned(start)
-		return true, endErr(st.recvErr)
+		return true, nil // Envoy reset the stream: nobody is listening
 	case errors.Is(err, context.DeadlineExceeded):
 		return true, st.reject(&m.name, timedOut(m.name, ReasonLoadTimeout), m.gate.depth(), start)
 	default:

@@ -102,6 +102,7 @@ type Manager struct {
 
 	cmds    chan func()
 	poke    chan struct{}
+	reread  chan struct{} // asks the GPU watcher to read now
 	closed  chan struct{}
 	handles atomic.Pointer[map[string]*handle]
 	coarse  atomic.Int64 // unix nanos, refreshed every tick: a clock the request path can afford
@@ -190,6 +191,7 @@ func New(cfg *config.Config, rt Runtime, inv Inventory, opts Options) *Manager {
 		rt: rt, inv: inv, fps: opts.Footprints, log: opts.Log, opts: opts,
 		cmds:    make(chan func(), 256),
 		poke:    make(chan struct{}, 1),
+		reread:  make(chan struct{}, 1),
 		closed:  make(chan struct{}),
 		health:  &http.Client{Timeout: 2 * time.Second},
 		cfg:     cfg,
@@ -274,6 +276,15 @@ func (m *Manager) call(f func()) bool {
 		return true
 	case <-m.closed:
 		return false
+	}
+}
+
+// rereadGPUs asks the GPU watcher for a fresh reading, without blocking:
+// after a server stops, its memory shows free as soon as the driver says.
+func (m *Manager) rereadGPUs() {
+	select {
+	case m.reread <- struct{}{}:
+	default:
 	}
 }
 

@@ -4,6 +4,7 @@
 //
 //	vgwload --vgw bin/vgw [--duration 3s --rounds 3 --concurrency 8,64 --sizes 1024,32768]
 //	vgwload noop --addr 127.0.0.1:0     (the floor server; vgwload starts it itself)
+//	vgwload rss --vgw bin/vgw [--models 200 --waiting 10000]
 //
 // Both servers run as child processes, so the CPU each one spends is read
 // from /proc (utime + stime) around each measured run and divided by the
@@ -38,11 +39,19 @@ import (
 
 func main() {
 	log.SetFlags(0)
-	if len(os.Args) > 1 && os.Args[1] == "noop" {
-		if err := runNoop(os.Args[2:]); err != nil {
-			log.Fatal(err)
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "noop":
+			if err := runNoop(os.Args[2:]); err != nil {
+				log.Fatal(err)
+			}
+			return
+		case "rss":
+			if err := runRSS(os.Args[2:]); err != nil {
+				log.Fatal(err)
+			}
+			return
 		}
-		return
 	}
 	if err := drive(os.Args[1:]); err != nil {
 		log.Fatal(err)
