@@ -87,7 +87,7 @@ gpus:
   - {name: sim0, memory: 80GiB}
 `
 
-func parseConfig(t *testing.T, yaml string) *config.Config {
+func parseConfig(t testing.TB, yaml string) *config.Config {
 	t.Helper()
 	cfg, err := config.Parse("test.yaml", []byte(yaml))
 	if err != nil {
@@ -98,7 +98,7 @@ func parseConfig(t *testing.T, yaml string) *config.Config {
 
 // startManager runs a manager on the sim runtime, with the test binary as
 // the fake vLLM, and stops every model when the test ends.
-func startManager(t *testing.T, yaml string) *testManager {
+func startManager(t testing.TB, yaml string) *testManager {
 	t.Helper()
 	cfg := parseConfig(t, yaml)
 	var gs []GPU
