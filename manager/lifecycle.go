@@ -157,6 +157,7 @@ func (m *Manager) spec(md *model) Spec {
 // load is a worker: it starts the server and polls its health.
 func (m *Manager) load(ctx context.Context, md *model, gen int, spec Spec) {
 	began := time.Now()
+	before, _ := m.inv.Memory() // for measuring by difference; see measure
 	inst, err := m.rt.Start(ctx, spec)
 	if err != nil {
 		m.do(func() { m.loadFailed(md, gen, err) })
@@ -167,7 +168,7 @@ func (m *Manager) load(ctx context.Context, md *model, gen int, spec Spec) {
 		m.do(func() { m.loadFailed(md, gen, err) })
 		return
 	}
-	m.do(func() { m.loadReady(md, gen, time.Since(began)) })
+	m.do(func() { m.loadReady(md, gen, time.Since(began), before) })
 }
 
 // waitHealthy polls GET /health until it answers 200: every 2 ms at first,
@@ -207,7 +208,7 @@ func (m *Manager) started(md *model, gen int, inst *Instance) {
 	md.inst = inst
 }
 
-func (m *Manager) loadReady(md *model, gen int, took time.Duration) {
+func (m *Manager) loadReady(md *model, gen int, took time.Duration, before []GPUMemory) {
 	if gen != md.loadGen || md.state() != Loading {
 		return
 	}
@@ -220,7 +221,7 @@ func (m *Manager) loadReady(md *model, gen int, took time.Duration) {
 	m.event(md.name, "ready", fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr))
 	md.answer(nil)
 	m.freeGPUs(md) // the next start on these GPUs may begin
-	go m.measure(md.name, md.sig, md.inst, md.gpus)
+	go m.measure(md.name, md.sig, md.inst, md.gpus, before)
 	m.schedule()
 }
 
@@ -490,28 +491,23 @@ func (m *Manager) readGPUs() {
 	m.reading.Store(&gpuReading{mem: mem, procs: procs})
 }
 
-// measure is a worker: once a model is ready and its memory has settled,
-// it records what the model really uses per GPU.
-func (m *Manager) measure(name, sig string, inst *Instance, gpus []int) {
+// measure is a worker: once a model is ready and its memory has settled
+// (two readings 250 ms apart within 1%: memory a neighbour just freed may
+// still be coming back), it records what the model really uses per GPU:
+// its processes' memory where the driver lists them, else the rise in its
+// GPUs' used memory since before it started (before). Starts and stops on
+// a GPU are serialised, so no other vgw server came or went meanwhile.
+func (m *Manager) measure(name, sig string, inst *Instance, gpus []int, before []GPUMemory) {
 	var prev map[int]uint64
 	for range 20 {
-		procs, err := m.inv.Processes()
-		if err != nil {
-			return
-		}
-		cur := map[int]uint64{}
-		for _, p := range procs {
-			if slices.Contains(inst.PIDs, p.PID) {
-				cur[p.GPU] += p.Used
-			}
-		}
+		cur, how := m.usage(inst, before)
 		if len(cur) > 0 && settled(prev, cur) {
 			var total uint64
 			for _, g := range gpus {
 				total += cur[g]
 			}
 			// Tensor parallel: the footprint is per GPU (lesson 6).
-			fp := Footprint{Signature: sig, PerGPU: total / uint64(len(gpus)), Measured: time.Now(), How: "processes"}
+			fp := Footprint{Signature: sig, PerGPU: total / uint64(len(gpus)), Measured: time.Now(), How: how}
 			if err := m.fps.Put(name, fp); err != nil {
 				m.log.Error("could not save footprints", slog.String("error", err.Error()))
 			}
@@ -524,6 +520,31 @@ func (m *Manager) measure(name, sig string, inst *Instance, gpus []int) {
 			return
 		}
 	}
+}
+
+// usage is what inst uses on each of its GPUs now, and how that was read.
+func (m *Manager) usage(inst *Instance, before []GPUMemory) (map[int]uint64, string) {
+	cur := map[int]uint64{}
+	if procs, err := m.inv.Processes(); err == nil {
+		for _, p := range procs {
+			if slices.Contains(inst.PIDs, p.PID) {
+				cur[p.GPU] += p.Used
+			}
+		}
+	}
+	if len(cur) > 0 {
+		return cur, "processes"
+	}
+	mem, err := m.inv.Memory()
+	if err != nil || len(before) != len(mem) {
+		return nil, ""
+	}
+	for _, g := range inst.GPUs {
+		if g < len(mem) && mem[g].Used > before[g].Used {
+			cur[g] = mem[g].Used - before[g].Used
+		}
+	}
+	return cur, "delta"
 }
 
 // settled reports whether two readings agree within 1%.

@@ -422,3 +422,31 @@ func TestVLLMArgs(t *testing.T) {
 		t.Fatal("signatures of different settings are equal")
 	}
 }
+
+// noProcesses is an inventory whose driver lists no processes, as NVML in
+// a container without the host PID namespace.
+type noProcesses struct{ *DeclaredGPUs }
+
+func (noProcesses) Processes() ([]ProcessMemory, error) { return nil, nil }
+
+// TestFootprintByDelta: without per-process figures, a model's footprint
+// is the rise in its GPU's used memory across its load.
+func TestFootprintByDelta(t *testing.T) {
+	cfg := parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB}\n")
+	gpus := NewDeclaredGPUs([]GPU{{Name: "sim0", Total: 80 << 30}})
+	gpus.Charge(1, []int{0}, 5<<30) // someone else's, before and after
+	exe, _ := os.Executable()
+	m := New(cfg, NewSimRuntime([]string{exe}, gpus), noProcesses{gpus}, Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	defer func() { m.StopAll(context.Background()); cancel(); <-done }()
+	if err := m.Ensure(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	m.Release("a")
+	eventually(t, "a's footprint is learned by difference", func() bool {
+		fp, ok := m.fps.Get("a", Signature(cfg, cfg.Models["a"]))
+		return ok && fp.PerGPU == 20<<30 && fp.How == "delta"
+	})
+}
