@@ -8,6 +8,7 @@ package extproc
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"math"
 	"slices"
@@ -35,6 +36,10 @@ type Manager interface {
 	// Observe reports that a request admitted for model has finished.
 	Observe(model string, r Result)
 }
+
+// ErrModelNotFound is what Manager.Ensure wraps when the model is not
+// configured (any more): the request is answered 404, not 503.
+var ErrModelNotFound = errors.New("model not found")
 
 // Route is where Envoy sends a model's requests.
 type Route struct {

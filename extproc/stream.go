@@ -359,6 +359,8 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 		return true, nil // Envoy reset the stream: nobody is listening
 	case errors.Is(err, context.DeadlineExceeded):
 		return true, st.reject(&m.name, timedOut(m.name, ReasonLoadTimeout), m.gate.depth(), start)
+	case errors.Is(err, ErrModelNotFound):
+		return true, st.reject(&m.name, unknownModel(m.name), m.gate.depth(), start)
 	default:
 		return true, st.reject(&m.name, unavailable(m.name, err, retryAfterOf(err), ReasonLoadFailed), m.gate.depth(), start)
 	}

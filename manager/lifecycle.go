@@ -56,8 +56,7 @@ func (m *Manager) snapshot(now time.Time) Snapshot {
 }
 
 // attributed is the memory md's server is seen using on each GPU: its
-// processes' memory where the driver lists them; else, once ready, its
-// footprint.
+// processes' memory where the driver lists them, else its footprint.
 func (m *Manager) attributed(md *model, r *gpuReading) map[int]uint64 {
 	out := map[int]uint64{}
 	if md.inst == nil {
@@ -72,7 +71,10 @@ func (m *Manager) attributed(md *model, r *gpuReading) map[int]uint64 {
 			}
 		}
 	}
-	if !found && md.state() == Ready {
+	if !found {
+		// No per-process figures: count the model's whole reservation as
+		// in use, so that what it holds is not also taken for someone
+		// else's memory.
 		for _, g := range md.gpus {
 			out[g] = md.perGPU
 		}
@@ -97,9 +99,10 @@ func (m *Manager) begin(md *model, plan Plan) {
 	m.startIfClear(md)
 }
 
-// startIfClear starts md's server once what it waits for is done.
+// startIfClear starts md's server once what it waits for is done: the
+// models it evicts are stopped and no start or stop runs on its GPUs.
 func (m *Manager) startIfClear(md *model) {
-	if md.state() != Loading || md.inst != nil || md.cancel != nil {
+	if md.state() != Loading || md.loading != nil || md.inst != nil {
 		return
 	}
 	for _, name := range md.evicting {
@@ -107,22 +110,52 @@ func (m *Manager) startIfClear(md *model) {
 			return
 		}
 	}
-	for _, g := range md.gpus {
-		if _, busy := m.gpuBusy[g]; busy {
-			return
-		}
+	if !m.claimGPUs(md.name, md.gpus) {
+		return
 	}
 	md.evicting = nil
-	for _, g := range md.gpus {
-		m.gpuBusy[g] = md.name
-	}
-	md.loadGen++
 	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.LoadTimeout.Std())
-	md.cancel = cancel
+	op := &loadOp{cancel: cancel, gpus: md.gpus, ops: map[int]int{}, calm: true}
+	for _, g := range md.gpus {
+		op.ops[g] = m.gpuOps[g]
+		if time.Since(m.lastStop[g]) < settleTime {
+			op.calm = false
+		}
+	}
+	md.loading = op
 	spec := m.spec(md)
 	m.event(md.name, "load_started", fmt.Sprintf("on GPUs %v", md.gpus))
-	go m.load(ctx, md, md.loadGen, spec)
+	go m.load(ctx, md, op, spec, m.cfg.LoadTimeout.Std())
 }
+
+// claimGPUs marks gpus as having a start or stop under way for model, if
+// none has.
+func (m *Manager) claimGPUs(model string, gpus []int) bool {
+	for _, g := range gpus {
+		if _, busy := m.gpuBusy[g]; busy {
+			return false
+		}
+	}
+	for _, g := range gpus {
+		m.gpuBusy[g] = model
+		m.gpuOps[g]++
+	}
+	return true
+}
+
+// releaseGPUs ends model's start or stop on gpus, and starts what waited.
+func (m *Manager) releaseGPUs(model string, gpus []int) {
+	for _, g := range gpus {
+		if m.gpuBusy[g] == model {
+			delete(m.gpuBusy, g)
+		}
+	}
+	m.startWaiting()
+}
+
+// settleTime is how long GPU memory takes to come back after a server
+// stops (the Python gateway's lesson 5), for judging a measurement.
+const settleTime = 5 * time.Second
 
 // spec is what the runtime needs to start md.
 func (m *Manager) spec(md *model) Spec {
@@ -154,28 +187,32 @@ func (m *Manager) spec(md *model) Spec {
 	}
 }
 
-// load is a worker: it starts the server and polls its health.
-func (m *Manager) load(ctx context.Context, md *model, gen int, spec Spec) {
+// load is a worker: it starts the server and polls its health. When the
+// load fails it stops the server itself before reporting, so the GPUs the
+// load claimed are free only once nothing of it runs.
+func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec Spec, limit time.Duration) {
 	began := time.Now()
 	before, _ := m.inv.Memory() // for measuring by difference; see measure
 	inst, err := m.rt.Start(ctx, spec)
-	if err != nil {
-		m.do(func() { m.loadFailed(md, gen, err) })
+	if err == nil {
+		m.do(func() { m.started(md, op, inst) })
+		err = m.waitHealthy(ctx, inst.Addr, limit)
+	}
+	if err == nil {
+		m.do(func() { m.loadReady(md, op, time.Since(began), before) })
 		return
 	}
-	m.do(func() { m.started(md, gen, inst) })
-	if err := m.waitHealthy(ctx, inst.Addr); err != nil {
-		m.do(func() { m.loadFailed(md, gen, err) })
-		return
+	if inst != nil {
+		m.rt.Stop(context.Background(), inst, 0) // it never served: nothing to drain
 	}
-	m.do(func() { m.loadReady(md, gen, time.Since(began), before) })
+	m.do(func() { m.loadFailed(md, op, err) })
 }
 
 // waitHealthy polls GET /health until it answers 200: every 2 ms at first,
 // backing off to every 10 ms, so a server is seen ready at most 10 ms after
 // it is. A /health request on loopback or a Docker network costs vLLM
 // next to nothing, even a hundred a second for the minutes a load takes.
-func (m *Manager) waitHealthy(ctx context.Context, addr string) error {
+func (m *Manager) waitHealthy(ctx context.Context, addr string, limit time.Duration) error {
 	url := "http://" + addr + "/health"
 	wait := 2 * time.Millisecond
 	for {
@@ -192,7 +229,7 @@ func (m *Manager) waitHealthy(ctx context.Context, addr string) error {
 		case <-ctx.Done():
 			t.Stop()
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("not healthy within load_timeout %v", m.cfg.LoadTimeout)
+				return fmt.Errorf("not healthy within load_timeout %v", limit)
 			}
 			return ctx.Err()
 		}
@@ -200,28 +237,40 @@ func (m *Manager) waitHealthy(ctx context.Context, addr string) error {
 	}
 }
 
-func (m *Manager) started(md *model, gen int, inst *Instance) {
-	if gen != md.loadGen || md.state() != Loading {
-		go m.rt.Stop(context.Background(), inst, m.cfg.DrainTimeout.Std()) // a load given up meanwhile
+// started records the server a load started. Its exit may already have
+// been seen, as it travels on another channel.
+func (m *Manager) started(md *model, op *loadOp, inst *Instance) {
+	if md.loading != op {
 		return
 	}
 	md.inst = inst
+	for i, e := range m.orphans {
+		if e.ID == inst.ID {
+			m.orphans = slices.Delete(m.orphans, i, i+1)
+			m.exitedWhileLoading(md, e)
+			return
+		}
+	}
 }
 
-func (m *Manager) loadReady(md *model, gen int, took time.Duration, before []GPUMemory) {
-	if gen != md.loadGen || md.state() != Loading {
+func (m *Manager) loadReady(md *model, op *loadOp, took time.Duration, before []GPUMemory) {
+	if md.loading != op {
 		return
 	}
-	md.cancel()
-	md.cancel = nil
-	md.failures, md.lastErr = 0, nil
+	md.loading = nil
+	op.cancel()
+	md.failures, md.lastErr, md.lastLoad = 0, nil, nil
+	md.since = time.Now() // min_resident counts from here
 	md.h.addr.Store(&md.inst.Addr)
 	md.h.lastUsed.Store(time.Now().UnixNano())
 	md.setState(Ready)
 	m.event(md.name, "ready", fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr))
-	md.answer(nil)
-	m.freeGPUs(md) // the next start on these GPUs may begin
-	go m.measure(md.name, md.sig, md.inst, md.gpus, before)
+	md.answer(nil) // counts the waiters in, so the model is busy, not idle
+	go m.measure(md.name, md.inst, op, before)
+	m.releaseGPUs(md.name, op.gpus)
+	if op.cancelled {
+		m.unload(md, "asked to while it loaded")
+	}
 	m.schedule()
 }
 
@@ -235,36 +284,46 @@ const (
 	BackoffMax  = 5 * time.Minute
 )
 
-// loadFailed ends a load that failed, for whatever reason: the start
-// failed, the server exited, it never became healthy, or it was given up.
-func (m *Manager) loadFailed(md *model, gen int, err error) {
-	if gen != md.loadGen || md.state() != Loading {
+// errUnloaded answers the waiters of a model unloaded before it was ready.
+var errUnloaded = errors.New("unloaded while it was loading")
+
+// loadFailed ends a load that failed: the start failed, the server exited,
+// it never became healthy, or it was unloaded. The worker has stopped the
+// server by now.
+func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
+	if md.loading != op {
 		return
 	}
-	m.freeGPUs(md)
-	if md.cancel != nil {
-		md.cancel()
-		md.cancel = nil
-	}
-	tail := ""
-	var exit *exitError
-	if errors.As(err, &exit) {
-		tail = exit.LogTail
-	}
-	if inst := md.inst; inst != nil && exit == nil {
-		go m.rt.Stop(context.Background(), inst, 0)
-	}
+	md.loading = nil
+	op.cancel()
 	md.inst = nil
 	md.setState(Stopped)
+	m.rereadGPUs()
+	if op.cancelled {
+		m.event(md.name, "unloaded", "before it was ready")
+		md.answer(fmt.Errorf("model %s: %w", md.name, errUnloaded))
+		m.releaseGPUs(md.name, op.gpus)
+		m.forget(md)
+		m.schedule()
+		return
+	}
+	tail := ""
+	if op.exit != nil {
+		err, tail = &exitError{*op.exit}, op.exit.LogTail
+	}
 	md.failures++
-	backoff := min(BackoffBase<<(md.failures-1), BackoffMax)
+	backoff := min(m.opts.Backoff<<min(md.failures-1, 16), BackoffMax)
 	md.retryAt = time.Now().Add(backoff)
-	lerr := &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
-	md.lastErr = lerr
+	md.lastLoad = &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
+	md.lastErr = md.lastLoad
 	m.log.Error("model failed to load", slog.String("model", md.name), slog.String("error", err.Error()),
 		slog.Int("failures", md.failures), slog.Duration("retry_in", backoff), slog.String("log_tail", lastLines(tail, 20)))
 	m.event(md.name, "load_failed", err.Error())
-	md.answer(lerr)
+	md.answer(md.lastLoad)
+	if m.keepLoaded(md) {
+		m.want(md) // tried again once the backoff has passed
+	}
+	m.releaseGPUs(md.name, op.gpus)
 	m.schedule()
 }
 
@@ -283,7 +342,7 @@ func (m *Manager) exited(e Exit) {
 		}
 		switch md.state() {
 		case Loading:
-			m.loadFailed(md, md.loadGen, &exitError{e})
+			m.exitedWhileLoading(md, e)
 		case Ready:
 			m.log.Error("model crashed", slog.String("model", md.name), slog.Int("code", e.Code),
 				slog.String("reason", e.Reason), slog.String("log_tail", lastLines(e.LogTail, 20)))
@@ -292,6 +351,7 @@ func (m *Manager) exited(e Exit) {
 			md.h.addr.Store(nil)
 			md.setState(Stopped)
 			m.rereadGPUs()
+			m.forget(md)
 			if m.keepLoaded(md) {
 				m.want(md)
 			}
@@ -299,9 +359,24 @@ func (m *Manager) exited(e Exit) {
 		}
 		return // a Draining model's stop is finished by its stop worker
 	}
+	// Not known (yet): keep it for started, a few only.
+	m.orphans = append(m.orphans, e)
+	if len(m.orphans) > 64 {
+		m.orphans = m.orphans[1:]
+	}
 }
 
-// unload drains md and then stops it.
+// exitedWhileLoading ends the load at once rather than at load_timeout:
+// the worker stops polling, and reports the exit with its log tail. An
+// exit the worker asked for, stopping a load that failed, changes nothing.
+func (m *Manager) exitedWhileLoading(md *model, e Exit) {
+	if op := md.loading; op != nil && !e.Requested {
+		op.exit = &e
+		op.cancel()
+	}
+}
+
+// unload drains md and then stops it; a loading model's load is ended.
 func (m *Manager) unload(md *model, reason string) {
 	switch md.state() {
 	case Ready:
@@ -311,9 +386,17 @@ func (m *Manager) unload(md *model, reason string) {
 			slog.Int64("in_flight", md.h.inflight.Load()))
 		m.maybeStop(md)
 	case Loading:
-		if md.cancel != nil {
-			md.cancel() // the load worker reports the failure
+		if op := md.loading; op != nil {
+			op.cancelled = true
+			op.cancel() // the worker stops the server and reports
+			return
 		}
+		// Placed but not started (waiting for evictions or a GPU).
+		md.setState(Stopped)
+		md.gpus, md.evicting = nil, nil
+		md.answer(fmt.Errorf("model %s: %w", md.name, errUnloaded))
+		m.forget(md)
+		m.schedule()
 	}
 }
 
@@ -326,54 +409,47 @@ func (m *Manager) maybeStop(md *model) {
 	if md.h.inflight.Load() > 0 && time.Now().Before(md.drainBy) {
 		return
 	}
-	for _, g := range md.gpus {
-		if _, busy := m.gpuBusy[g]; busy {
-			return
-		}
-	}
-	for _, g := range md.gpus {
-		m.gpuBusy[g] = md.name
+	if !m.claimGPUs(md.name, md.gpus) {
+		return
 	}
 	md.stopping = true
-	inst := md.inst
+	inst, gpus, grace := md.inst, md.gpus, m.cfg.DrainTimeout.Std()
 	go func() {
-		err := m.rt.Stop(m.ctx, inst, m.cfg.DrainTimeout.Std())
-		m.do(func() { m.stopped(md, err) })
+		err := m.rt.Stop(m.ctx, inst, grace)
+		m.do(func() { m.stopped(md, gpus, err) })
 	}()
 }
 
-func (m *Manager) stopped(md *model, err error) {
-	m.freeGPUs(md)
+func (m *Manager) stopped(md *model, gpus []int, err error) {
 	md.stopping = false
 	if err != nil {
 		m.log.Error("model did not stop cleanly", slog.String("model", md.name), slog.String("error", err.Error()))
+	}
+	now := time.Now()
+	for _, g := range gpus {
+		m.lastStop[g] = now
 	}
 	md.inst = nil
 	md.h.addr.Store(nil)
 	md.setState(Stopped)
 	m.rereadGPUs()
 	m.event(md.name, "unloaded", "")
-	if md.removed {
-		delete(m.models, md.name)
-		m.publish()
-	} else if len(md.liveWaiters()) > 0 || m.keepLoaded(md) {
+	if len(md.liveWaiters()) > 0 || m.keepLoaded(md) {
 		m.want(md)
 	}
+	m.forget(md)
+	m.releaseGPUs(md.name, gpus)
 	m.schedule()
-	m.startWaiting()
 }
 
-// freeGPUs ends md's start or stop on its GPUs.
-func (m *Manager) freeGPUs(md *model) {
-	for _, g := range md.gpus {
-		if m.gpuBusy[g] == md.name {
-			delete(m.gpuBusy, g)
-		}
+// forget drops a model removed from the config once it is stopped and no
+// request of it is in flight, so a late Release cannot reach a new model
+// of the same name.
+func (m *Manager) forget(md *model) {
+	if md.removed && md.state() == Stopped && md.h.inflight.Load() <= 0 && m.models[md.name] == md {
+		delete(m.models, md.name)
+		m.publish()
 	}
-	if md.state() == Stopped || md.stopping {
-		return
-	}
-	m.startWaiting()
 }
 
 // startWaiting starts the loads that waited for a GPU or an eviction.
@@ -400,12 +476,16 @@ func (m *Manager) reconcile() {
 func (m *Manager) tick(now time.Time) {
 	for _, md := range m.sorted() {
 		switch md.state() {
+		case Stopped:
+			m.forget(md)
 		case Draining:
 			m.maybeStop(md)
 		case Ready:
 			idle := md.h.inflight.Load() == 0
 			switch {
-			case (md.stale || md.removed) && idle:
+			case md.removed && idle:
+				m.unload(md, "it was removed from the config")
+			case md.stale() && idle:
 				m.unload(md, "its settings changed")
 			case idle && !m.keepLoaded(md) && !md.pinned:
 				if t := m.cfg.InactivityOf(md.name); t > 0 && now.Sub(time.Unix(0, md.h.lastUsed.Load())) >= t {
@@ -492,22 +572,27 @@ func (m *Manager) readGPUs() {
 }
 
 // measure is a worker: once a model is ready and its memory has settled
-// (two readings 250 ms apart within 1%: memory a neighbour just freed may
-// still be coming back), it records what the model really uses per GPU:
-// its processes' memory where the driver lists them, else the rise in its
-// GPUs' used memory since before it started (before). Starts and stops on
-// a GPU are serialised, so no other vgw server came or went meanwhile.
-func (m *Manager) measure(name, sig string, inst *Instance, gpus []int, before []GPUMemory) {
+// (two readings 250 ms apart within 1%), it records what the model really
+// uses per GPU, under the signature of the settings its server runs: its
+// processes' memory where the driver lists them, else the rise in its
+// GPUs' used memory since before it started. That difference is trusted
+// only when nothing else of vgw's started or stopped on those GPUs from
+// settleTime before the load until the reading: a neighbour's memory may
+// still be coming back, or going.
+func (m *Manager) measure(name string, inst *Instance, op *loadOp, before []GPUMemory) {
 	var prev map[int]uint64
 	for range 20 {
 		cur, how := m.usage(inst, before)
 		if len(cur) > 0 && settled(prev, cur) {
+			if how == "delta" && !(op.calm && m.untouched(op)) {
+				return
+			}
 			var total uint64
-			for _, g := range gpus {
+			for _, g := range op.gpus {
 				total += cur[g]
 			}
 			// Tensor parallel: the footprint is per GPU (lesson 6).
-			fp := Footprint{Signature: sig, PerGPU: total / uint64(len(gpus)), Measured: time.Now(), How: how}
+			fp := Footprint{Signature: inst.Signature, PerGPU: total / uint64(len(op.gpus)), Measured: time.Now(), How: how}
 			if err := m.fps.Put(name, fp); err != nil {
 				m.log.Error("could not save footprints", slog.String("error", err.Error()))
 			}
@@ -520,6 +605,21 @@ func (m *Manager) measure(name, sig string, inst *Instance, gpus []int, before [
 			return
 		}
 	}
+}
+
+// untouched reports, from a worker, whether no start or stop but op's own
+// has claimed op's GPUs since it did.
+func (m *Manager) untouched(op *loadOp) bool {
+	ok := false
+	m.call(func() {
+		ok = true
+		for g, n := range op.ops {
+			if m.gpuOps[g] != n {
+				ok = false
+			}
+		}
+	})
+	return ok
 }
 
 // usage is what inst uses on each of its GPUs now, and how that was read.

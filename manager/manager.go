@@ -90,6 +90,9 @@ type Options struct {
 	Tick time.Duration
 	// GPUPoll is how often GPU memory is read.
 	GPUPoll time.Duration
+	// Backoff is the wait after a first failed load; it doubles with each
+	// failure in a row, up to BackoffMax. Default BackoffBase.
+	Backoff time.Duration
 }
 
 // Manager runs models on GPUs.
@@ -118,6 +121,13 @@ type Manager struct {
 	pending []*model       // models wanted but not yet placed, oldest first
 	// quiesced stops always_on models from coming back, after StopAll.
 	quiesced bool
+	// orphans are exits of servers not (yet) known to be a model's: an exit
+	// can overtake the news that its server started.
+	orphans []Exit
+	// gpuOps counts the starts and stops on each GPU, and lastStop is when
+	// the last stop on it ended, for judging a measurement by difference.
+	gpuOps   map[int]int
+	lastStop map[int]time.Time
 }
 
 // handle is what the request path reads and writes without the loop.
@@ -134,35 +144,69 @@ type model struct {
 	name     string
 	h        *handle
 	cfg      *config.Model
-	sig      string
+	sig      string // of the config in force; inst.Signature is what runs
 	inst     *Instance
 	gpus     []int
 	perGPU   uint64
 	source   string // where perGPU came from: declared, learned, utilization, default
 	since    time.Time
-	loadGen  int
-	cancel   context.CancelFunc // ends the load in progress
+	loading  *loadOp // the load worker in progress, if any
 	waiters  []*waiter
 	evicting []string // models to be gone before this one starts
 	failures int
 	retryAt  time.Time
-	lastErr  error
+	lastErr  error      // why the last load failed, or why it cannot be placed
+	lastLoad *LoadError // the last failed load, answered again during its backoff
 	drainBy  time.Time
-	stale    bool // settings changed: reload once idle
 	removed  bool // gone from the config: unload once idle
 	pinned   bool
 	stopping bool // a stop is under way
 }
 
+// loadOp is one run of a load worker. The GPUs it claims stay claimed until
+// the worker has finished, its server stopped if the load failed, so no
+// other start or stop overlaps it on those GPUs.
+type loadOp struct {
+	cancel    context.CancelFunc
+	gpus      []int
+	exit      *Exit // the server exited during the load
+	cancelled bool  // unloaded while loading: no backoff
+	ops       map[int]int
+	calm      bool // no stop on its GPUs just before it started
+}
+
+// stale says md's server runs settings that are no longer configured.
+func (md *model) stale() bool { return md.inst != nil && md.inst.Signature != md.sig }
+
 func (md *model) state() State { return State(md.h.state.Load()) }
 
 func (md *model) setState(s State) { md.h.state.Store(int32(s)) }
 
-// waiter is one Ensure call waiting for a model.
+// waiter is one Ensure call waiting for a model. Exactly one of the loop
+// (answering) and the caller (giving up) wins its state; an answer of nil
+// means the loop has counted the request in, as Acquire does, so a model
+// that just became ready is busy, not idle, until its waiters' requests end.
 type waiter struct {
 	reply   chan error
-	gone    atomic.Bool
+	state   atomic.Int32          // waiting, answered, gone
 	lastErr atomic.Pointer[error] // why it could not be placed yet
+}
+
+const (
+	waiting int32 = iota
+	answered
+	gone
+)
+
+// answer replies to w unless it gave up. For nil it counts the request in.
+func (w *waiter) answer(h *handle, err error) {
+	if !w.state.CompareAndSwap(waiting, answered) {
+		return
+	}
+	if err == nil {
+		h.inflight.Add(1)
+	}
+	w.reply <- err
 }
 
 type gpuReading struct {
@@ -187,17 +231,22 @@ func New(cfg *config.Config, rt Runtime, inv Inventory, opts Options) *Manager {
 	if opts.GPUPoll == 0 {
 		opts.GPUPoll = 500 * time.Millisecond
 	}
+	if opts.Backoff == 0 {
+		opts.Backoff = BackoffBase
+	}
 	m := &Manager{
 		rt: rt, inv: inv, fps: opts.Footprints, log: opts.Log, opts: opts,
-		cmds:    make(chan func(), 256),
-		poke:    make(chan struct{}, 1),
-		reread:  make(chan struct{}, 1),
-		closed:  make(chan struct{}),
-		health:  &http.Client{Timeout: 2 * time.Second},
-		cfg:     cfg,
-		gpus:    inv.GPUs(),
-		models:  map[string]*model{},
-		gpuBusy: map[int]string{},
+		cmds:     make(chan func(), 256),
+		poke:     make(chan struct{}, 1),
+		reread:   make(chan struct{}, 1),
+		closed:   make(chan struct{}),
+		health:   &http.Client{Timeout: 2 * time.Second},
+		cfg:      cfg,
+		gpus:     inv.GPUs(),
+		models:   map[string]*model{},
+		gpuBusy:  map[int]string{},
+		gpuOps:   map[int]int{},
+		lastStop: map[int]time.Time{},
 	}
 	m.coarse.Store(time.Now().UnixNano())
 	for _, name := range cfg.ModelNames() {
@@ -262,6 +311,18 @@ func (m *Manager) do(f func()) bool {
 		return true
 	case <-m.closed:
 		return false
+	}
+}
+
+// doCtx is do that also gives up when ctx ends.
+func (m *Manager) doCtx(ctx context.Context, f func()) error {
+	select {
+	case m.cmds <- f:
+		return nil
+	case <-m.closed:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -353,27 +414,24 @@ func (m *Manager) Endpoint(name string) (string, bool) {
 // the model still could not be placed, it returns the *NoRoom diagnostic
 // rather than the deadline.
 func (m *Manager) Ensure(ctx context.Context, name string) error {
-	for {
-		if m.Acquire(name) {
-			return nil
+	if m.Acquire(name) {
+		return nil
+	}
+	w := &waiter{reply: make(chan error, 1)}
+	if err := m.doCtx(ctx, func() { m.ensure(name, w) }); err != nil {
+		return err
+	}
+	select {
+	case err := <-w.reply:
+		return err
+	case <-ctx.Done():
+		if !w.state.CompareAndSwap(waiting, gone) {
+			return <-w.reply // answered as we gave up: take the answer
 		}
-		w := &waiter{reply: make(chan error, 1)}
-		if !m.do(func() { m.ensure(name, w) }) {
-			return ErrClosed
+		if p := w.lastErr.Load(); p != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return *p
 		}
-		select {
-		case err := <-w.reply:
-			if err != nil {
-				return err
-			}
-			// Ready: count in, unless it went again in the meantime.
-		case <-ctx.Done():
-			w.gone.Store(true)
-			if p := w.lastErr.Load(); p != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return *p
-			}
-			return ctx.Err()
-		}
+		return ctx.Err()
 	}
 }
 
@@ -381,17 +439,19 @@ func (m *Manager) Ensure(ctx context.Context, name string) error {
 func (m *Manager) ensure(name string, w *waiter) {
 	md := m.models[name]
 	if md == nil || md.removed {
-		w.reply <- fmt.Errorf("%w: %s", ErrUnknownModel, name)
+		w.answer(nil, fmt.Errorf("%w: %s", ErrUnknownModel, name))
 		return
 	}
 	switch md.state() {
 	case Ready:
-		w.reply <- nil
+		w.answer(md.h, nil)
 	case Loading, Draining:
 		md.waiters = append(md.waiters, w)
 	case Stopped:
-		if now := time.Now(); now.Before(md.retryAt) {
-			w.reply <- &LoadError{Model: name, Err: md.lastErr, Retry: md.retryAt.Sub(now)}
+		if now := time.Now(); now.Before(md.retryAt) && md.lastLoad != nil {
+			again := *md.lastLoad
+			again.Retry = md.retryAt.Sub(now)
+			w.answer(md.h, &again)
 			return
 		}
 		md.waiters = append(md.waiters, w)
@@ -409,27 +469,31 @@ func (m *Manager) want(md *model) {
 
 // liveWaiters drops the waiters that gave up.
 func (md *model) liveWaiters() []*waiter {
-	md.waiters = slices.DeleteFunc(md.waiters, func(w *waiter) bool { return w.gone.Load() })
+	md.waiters = slices.DeleteFunc(md.waiters, func(w *waiter) bool { return w.state.Load() == gone })
 	return md.waiters
 }
 
-// answer replies to every waiter of md.
+// answer replies to every waiter of md; nil counts each one in.
 func (md *model) answer(err error) {
 	for _, w := range md.waiters {
-		w.reply <- err
+		w.answer(md.h, err)
 	}
 	md.waiters = nil
 }
 
 // schedule places the pending models it can, oldest first.
 func (m *Manager) schedule() {
+	now := time.Now()
 	for _, md := range slices.Clone(m.pending) {
 		if len(md.liveWaiters()) == 0 && !m.keepLoaded(md) {
 			m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
 			continue
 		}
+		if now.Before(md.retryAt) {
+			continue // an always_on model in its backoff: tick comes back
+		}
 		want := m.want0(md)
-		plan, err := Place(m.snapshot(time.Now()), want)
+		plan, err := Place(m.snapshot(now), want)
 		if err != nil && m.impossible(want) {
 			// It would not fit on empty GPUs either: waiting cannot help.
 			m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
@@ -438,7 +502,8 @@ func (m *Manager) schedule() {
 			continue
 		}
 		if err != nil {
-			if md.lastErr == nil || md.lastErr.Error() != err.Error() {
+			var was *NoRoom
+			if !errors.As(md.lastErr, &was) {
 				m.log.Info("waiting for GPU memory", slog.String("model", md.name), slog.String("why", err.Error()))
 			}
 			md.lastErr = err
@@ -448,6 +513,9 @@ func (m *Manager) schedule() {
 			continue
 		}
 		m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
+		for _, w := range md.waiters {
+			w.lastErr.Store(nil)
+		}
 		m.begin(md, plan)
 	}
 }
@@ -510,17 +578,12 @@ func (m *Manager) Update(cfg *config.Config) bool {
 				md.removed = true
 				md.h.removed.Store(true)
 				md.answer(fmt.Errorf("%w: %s", ErrUnknownModel, name))
-				if md.state() == Stopped {
-					delete(m.models, name)
-				}
+				m.forget(md)
 				continue
 			}
 			md.removed = false
 			md.h.removed.Store(false)
-			if sig := Signature(cfg, mc); sig != md.sig {
-				md.stale = md.state() != Stopped
-				md.sig = sig
-			}
+			md.sig = Signature(cfg, mc) // a server running other settings is stale: see tick
 			md.cfg = mc
 			if mc.AlwaysOn && md.state() == Stopped {
 				m.want(md)
@@ -538,6 +601,21 @@ func (m *Manager) Update(cfg *config.Config) bool {
 		m.publish()
 		m.schedule()
 	})
+}
+
+// Pin keeps a model from being evicted or unloaded for idleness (on) or
+// lets it go again (off), as an operator asks.
+func (m *Manager) Pin(name string, on bool) error {
+	var err error
+	m.call(func() {
+		md := m.models[name]
+		if md == nil || md.removed {
+			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
+			return
+		}
+		md.pinned = on
+	})
+	return err
 }
 
 // ModelStatus is one model as Status reports it.
@@ -604,6 +682,9 @@ func (m *Manager) StopAll(ctx context.Context) error {
 		m.call(func() {
 			m.quiesced = true
 			m.pending = nil
+			for _, md := range m.models {
+				md.answer(ErrClosed)
+			}
 			for _, md := range m.sorted() {
 				if md.state() != Stopped {
 					running++

@@ -151,8 +151,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func ensure(t *testing.T, tm *testManager, model string, timeout time.Duration) error {
-	t.Helper()
+func ensure(_ *testing.T, tm *testManager, model string, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	return tm.Ensure(ctx, model)
@@ -449,4 +448,198 @@ func TestFootprintByDelta(t *testing.T) {
 		fp, ok := m.fps.Get("a", Signature(cfg, cfg.Models["a"]))
 		return ok && fp.PerGPU == 20<<30 && fp.How == "delta"
 	})
+}
+
+// startManagerWith is startManager with a runtime wrapper and options.
+func startManagerWith(t testing.TB, yaml string, inv func(*DeclaredGPUs) Inventory, wrap func(Runtime) Runtime, opts Options) *Manager {
+	t.Helper()
+	cfg := parseConfig(t, yaml)
+	var gs []GPU
+	for _, g := range cfg.GPUs.Declared {
+		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
+	}
+	gpus := NewDeclaredGPUs(gs)
+	exe, _ := os.Executable()
+	var rt Runtime = NewSimRuntime([]string{exe}, gpus)
+	if wrap != nil {
+		rt = wrap(rt)
+	}
+	var in Inventory = gpus
+	if inv != nil {
+		in = inv(gpus)
+	}
+	if opts.Tick == 0 {
+		opts.Tick, opts.GPUPoll = 20*time.Millisecond, 20*time.Millisecond
+	}
+	m := New(cfg, rt, in, opts)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	t.Cleanup(func() { m.StopAll(context.Background()); cancel(); <-done })
+	return m
+}
+
+func statusOf(m *Manager, name string) ModelStatus {
+	for _, s := range m.Status() {
+		if s.Name == name {
+			return s
+		}
+	}
+	return ModelStatus{}
+}
+
+// TestReloadedModelStays: after its settings change and it reloads, the
+// model's new server is not unloaded again.
+func TestReloadedModelStays(t *testing.T) {
+	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 4096}\n", nil, nil, Options{})
+	if err := ensure(nil, &testManager{Manager: m}, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	m.Release("a")
+	m.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n"))
+	eventually(t, "a reloads", func() bool { return statusOf(m, "a").State == Stopped })
+	if err := ensure(nil, &testManager{Manager: m}, "a", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	m.Release("a")
+	second := statusOf(m, "a").Instance
+	time.Sleep(200 * time.Millisecond) // ten ticks
+	if st := statusOf(m, "a"); st.State != Ready || st.Instance != second {
+		t.Fatalf("the reloaded model went again: %+v", st)
+	}
+}
+
+// TestNoPingPong: two models that cannot share the GPU, asked for in turn
+// by concurrent clients, each get served; a model that just became ready is
+// not evicted before its waiting requests run.
+func TestNoPingPong(t *testing.T) {
+	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 60GiB}\n  b: {vram: 60GiB}\n", nil, nil, Options{})
+	var wg sync.WaitGroup
+	var failed atomic.Int32
+	for _, model := range []string{"a", "b"} {
+		wg.Go(func() {
+			for range 5 {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				err := m.Ensure(ctx, model)
+				cancel()
+				if err != nil {
+					t.Logf("%s: %v", model, err)
+					failed.Add(1)
+					continue
+				}
+				m.Release(model)
+			}
+		})
+	}
+	wg.Wait()
+	if n := failed.Load(); n > 0 {
+		t.Fatalf("%d requests failed", n)
+	}
+}
+
+// TestAlwaysOnRetriedAfterFailure: an always_on model whose load fails is
+// tried again once its backoff has passed.
+func TestAlwaysOnRetriedAfterFailure(t *testing.T) {
+	var starts atomic.Int32
+	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, always_on: true, sim: {fail_start: true}}\n", nil,
+		func(rt Runtime) Runtime { return startHook{rt, func() { starts.Add(1) }} }, Options{Backoff: 50 * time.Millisecond})
+	eventually(t, "a second try", func() bool { return starts.Load() >= 2 })
+	_ = m
+}
+
+// startHook calls f on each start, and delays telling the manager by
+// delay after the server is started.
+type startHook struct {
+	Runtime
+	f func()
+}
+
+func (h startHook) Start(ctx context.Context, spec Spec) (*Instance, error) {
+	h.f()
+	return h.Runtime.Start(ctx, spec)
+}
+
+type slowStartReport struct {
+	Runtime
+	delay time.Duration
+}
+
+func (s slowStartReport) Start(ctx context.Context, spec Spec) (*Instance, error) {
+	inst, err := s.Runtime.Start(ctx, spec)
+	time.Sleep(s.delay) // the server may exit meanwhile: its exit overtakes this return
+	return inst, err
+}
+
+// TestExitBeforeStartReported: a server that exits before its start is
+// reported fails the load at once, with its log, not at load_timeout.
+func TestExitBeforeStartReported(t *testing.T) {
+	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {fail_start: true}}\n", nil,
+		func(rt Runtime) Runtime { return slowStartReport{rt, 300 * time.Millisecond} }, Options{})
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err := m.Ensure(ctx, "a")
+	if !strings.Contains(fmt.Sprint(err), "memory profiling") || time.Since(start) > 5*time.Second {
+		t.Fatalf("after %v: %v; want the exit with its log, well before the 10s load_timeout", time.Since(start), err)
+	}
+}
+
+// TestFootprintUnderRunningSettings: settings changed during a load; the
+// footprint measured is filed under the settings the server ran.
+func TestFootprintUnderRunningSettings(t *testing.T) {
+	old := baseConfig + "models:\n  a: {vram: 20GiB, max_model_len: 4096, sim: {startup_delay: 300ms}}\n"
+	m := startManagerWith(t, old, nil, nil, Options{})
+	done := make(chan error, 1)
+	go func() { done <- ensure(nil, &testManager{Manager: m}, "a", 10*time.Second) }()
+	eventually(t, "a is loading", func() bool { return statusOf(m, "a").Instance != "" })
+	newCfg := parseConfig(t, strings.Replace(old, "4096", "8192", 1))
+	m.Update(newCfg)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	oldCfg := parseConfig(t, old)
+	eventually(t, "the footprint is filed", func() bool { _, ok := m.fps.Get("a", Signature(oldCfg, oldCfg.Models["a"])); return ok })
+	if _, ok := m.fps.Get("a", Signature(newCfg, newCfg.Models["a"])); ok {
+		t.Fatal("the old server's footprint was filed under the new settings")
+	}
+	m.Release("a")
+}
+
+// TestLoadingModelNotCountedTwice: without per-process figures, a loading
+// model's memory is its reservation, not also someone else's.
+func TestLoadingModelNotCountedTwice(t *testing.T) {
+	m := startManagerWith(t, baseConfig+"models:\n  big: {vram: 50GiB, sim: {startup_delay: 1s}}\n  small: {vram: 20GiB}\n",
+		func(d *DeclaredGPUs) Inventory { return noProcesses{d} }, nil, Options{})
+	go ensure(nil, &testManager{Manager: m}, "big", 10*time.Second)
+	eventually(t, "big's server runs", func() bool { return statusOf(m, "big").Instance != "" })
+	time.Sleep(100 * time.Millisecond) // a GPU reading that shows it
+	done := make(chan error, 1)
+	go func() { done <- ensure(nil, &testManager{Manager: m}, "small", 10*time.Second) }()
+	// small is placed beside big at once (its start then waits for big's,
+	// as starts on one GPU are serialised), not held back for memory.
+	eventually(t, "small is placed", func() bool { return statusOf(m, "small").State == Loading })
+	if st := statusOf(m, "big"); st.State != Loading {
+		t.Fatalf("big is %v: small was placed only after big was ready", st.State)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	m.Release("small")
+}
+
+// TestUnloadWhileLoading: unloading a loading model ends the load, answers
+// its waiters, and costs no backoff.
+func TestUnloadWhileLoading(t *testing.T) {
+	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 1h}}\n", nil, nil, Options{})
+	done := make(chan error, 1)
+	go func() { done <- ensure(nil, &testManager{Manager: m}, "a", 10*time.Second) }()
+	eventually(t, "a is loading", func() bool { return statusOf(m, "a").Instance != "" })
+	m.Unload("a")
+	if err := <-done; !errors.Is(err, errUnloaded) {
+		t.Fatalf("waiter got %v", err)
+	}
+	eventually(t, "a is stopped", func() bool { return statusOf(m, "a").State == Stopped })
+	if st := statusOf(m, "a"); !st.RetryAt.IsZero() && time.Now().Before(st.RetryAt) {
+		t.Fatalf("an unload set a backoff until %v", st.RetryAt)
+	}
 }

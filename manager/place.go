@@ -152,7 +152,7 @@ func candidateSets(gpus []GPUState, tp int, allowed []int) [][]int {
 			return
 		}
 		for i := start; i < len(sorted); i++ {
-			if len(chosen) > 0 && !similar(chosen[0].Total, sorted[i].Total) {
+			if !similarToAll(chosen, sorted[i].Total) {
 				continue
 			}
 			pick(i+1, append(chosen, sorted[i]))
@@ -162,8 +162,13 @@ func candidateSets(gpus []GPUState, tp int, allowed []int) [][]int {
 	return sets
 }
 
-func similar(a, b uint64) bool {
-	lo, hi := min(a, b), max(a, b)
+// similarToAll reports whether a GPU of size total keeps the set within
+// SimilarGPUs of its smallest.
+func similarToAll(set []GPUState, total uint64) bool {
+	lo, hi := total, total
+	for _, g := range set {
+		lo, hi = min(lo, g.Total), max(hi, g.Total)
+	}
 	return float64(hi) <= float64(lo)*SimilarGPUs
 }
 

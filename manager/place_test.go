@@ -154,6 +154,12 @@ func TestPlace(t *testing.T) {
 			wantGPUs: []int{0, 2},
 		},
 		{
+			name:    "tensor parallel: each pair within 5%, the set too",
+			state:   Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb}, {Index: 1, Total: 83 * gb}, {Index: 2, Total: 86 * gb}}},
+			want:    Want{Model: "m", PerGPU: 30 * gb, TP: 3},
+			wantErr: "no 3 GPUs of similar size",
+		},
+		{
 			name:    "tensor parallel with no similar pair",
 			state:   Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb}, {Index: 1, Total: 40 * gb}}},
 			want:    Want{Model: "m", PerGPU: 30 * gb, TP: 2},

@@ -51,6 +51,8 @@ type Exit struct {
 	Model  string
 	Code   int
 	Reason string // "exited", "killed", "oom", ...
+	// Requested says the exit was asked for with Stop.
+	Requested bool
 	// LogTail is the end of its log, which says why a load failed.
 	LogTail string
 }

@@ -116,7 +116,7 @@ func (r *SimRuntime) reap(inst *Instance, p *simProc) {
 		}
 	}
 	if stopping {
-		e.Reason = "stopped"
+		e.Reason, e.Requested = "stopped", true
 	}
 	r.exits <- e
 }

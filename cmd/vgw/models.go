@@ -124,13 +124,17 @@ func (r *routes) Route(model string) (extproc.Route, bool) {
 
 // Ensure loads the model if need be and counts the request in.
 func (r *routes) Ensure(ctx context.Context, model string) (extproc.Route, error) {
-	if err := r.mgr.Ensure(ctx, model); err != nil {
+	err := r.mgr.Ensure(ctx, model)
+	if errors.Is(err, manager.ErrUnknownModel) {
+		return extproc.Route{}, fmt.Errorf("%w: %w", extproc.ErrModelNotFound, err)
+	}
+	if err != nil {
 		return extproc.Route{}, err
 	}
 	if rt, ok := r.route(model); ok {
 		return rt, nil
 	}
-	return extproc.Route{}, fmt.Errorf("%w: %s", manager.ErrUnknownModel, model)
+	return extproc.Route{}, fmt.Errorf("%w: %s", extproc.ErrModelNotFound, model)
 }
 
 // Observe counts the request out.
