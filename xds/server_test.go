@@ -1,0 +1,306 @@
+package xds_test
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/vgw-project/vgw/xds"
+	"github.com/vgw-project/vgw/xds/xdstest"
+)
+
+// models is a Source a test changes.
+type models struct {
+	mu sync.Mutex
+	ms map[string]*xds.Model
+}
+
+func newModels(names ...string) *models {
+	m := &models{ms: map[string]*xds.Model{}}
+	for _, n := range names {
+		m.ms[n] = &xds.Model{Cluster: "model/" + n, MaxConcurrent: 4}
+	}
+	return m
+}
+
+func (m *models) Models() []xds.Model {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []xds.Model
+	for _, x := range m.ms {
+		out = append(out, xds.Model{Cluster: x.Cluster, MaxConcurrent: x.MaxConcurrent, Endpoints: slices.Clone(x.Endpoints)})
+	}
+	return out
+}
+
+func (m *models) set(name string, eps ...string) {
+	m.mu.Lock()
+	m.ms[name].Endpoints = eps
+	m.mu.Unlock()
+}
+
+type fixture struct {
+	srv  *xds.Server
+	src  *models
+	conn *grpc.ClientConn
+	addr string
+}
+
+func start(t testing.TB, src *models) *fixture {
+	t.Helper()
+	f := &fixture{src: src}
+	f.serve(t)
+	return f
+}
+
+// serve runs a (new) xDS server for f.src, as a vgw (re)start does.
+func (f *fixture) serve(t testing.TB) {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.srv = xds.New(f.src, xds.DefaultSettings, slog.New(slog.DiscardHandler))
+	g := grpc.NewServer()
+	f.srv.Register(g)
+	ctx, cancel := context.WithCancel(context.Background())
+	go f.srv.Run(ctx)
+	go g.Serve(lis)
+	t.Cleanup(func() { g.Stop(); cancel() })
+	f.addr = lis.Addr().String()
+	f.conn, err = grpc.NewClient(f.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.conn.Close() })
+}
+
+func (f *fixture) envoy(t testing.TB, node string) *xdstest.Client {
+	t.Helper()
+	c, err := xdstest.Dial(context.Background(), f.conn, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+func wait(t testing.TB, c *xdstest.Client, what string, cond func(*xdstest.Client) bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := c.Wait(ctx, cond); err != nil {
+		t.Fatalf("waiting until %s: %v", what, err)
+	}
+}
+
+func routes(cluster string, eps ...string) func(*xdstest.Client) bool {
+	return func(c *xdstest.Client) bool { return slices.Equal(c.Endpoints(cluster), eps) }
+}
+
+// TestEndpointsFollowTheModels: a model's endpoint appears when it loads,
+// moves when it is swapped, and goes when it is unloaded.
+func TestEndpointsFollowTheModels(t *testing.T) {
+	f := start(t, newModels("llama", "qwen"))
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "the clusters arrive, without endpoints", func(c *xdstest.Client) bool {
+		return c.Cluster("model/llama") != nil && c.Cluster("model/qwen") != nil && len(c.Endpoints("model/llama")) == 0
+	})
+	cl := c.Cluster("model/llama")
+	if got := cl.GetCircuitBreakers().GetThresholds()[0].GetMaxRequests().GetValue(); got != 4 {
+		t.Errorf("circuit breaker max_requests %d, want max_concurrent 4", got)
+	}
+	if cl.GetConnectTimeout().AsDuration() != 5*time.Second || cl.GetEdsClusterConfig().GetEdsConfig().GetAds() == nil {
+		t.Errorf("cluster %v", cl)
+	}
+
+	f.src.set("llama", "10.0.0.5:8000")
+	f.srv.Notify()
+	wait(t, c, "llama's endpoint appears", routes("model/llama", "10.0.0.5:8000"))
+	eventually(t, "the server knows the Envoy acknowledged it", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	if f.srv.Acked("model/llama", "10.0.0.9:8000") {
+		t.Fatal("an address never published counts as known")
+	}
+
+	f.src.set("llama")
+	f.src.set("qwen", "10.0.0.5:8000")
+	f.srv.Notify()
+	wait(t, c, "the swap", func(c *xdstest.Client) bool {
+		return len(c.Endpoints("model/llama")) == 0 && slices.Equal(c.Endpoints("model/qwen"), []string{"10.0.0.5:8000"})
+	})
+
+	f.src.set("qwen")
+	f.srv.Notify()
+	wait(t, c, "qwen's endpoint goes", routes("model/qwen"))
+	eventually(t, "the status shows envoy-1 at the last version", func() bool {
+		nodes, _ := f.srv.Status()
+		return len(nodes) == 1 && nodes[0].Node == "envoy-1" && nodes[0].Routes == f.srv.Version()
+	})
+}
+
+// TestNACK: a rejected version is recorded with its error, and not sent
+// again until something changes.
+func TestNACK(t *testing.T) {
+	f := start(t, newModels("llama"))
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "the first config", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	good := c.Acked(resource.EndpointType)
+	c.Reject(resource.EndpointType, "endpoint port out of range")
+	f.src.set("llama", "10.0.0.5:8000")
+	f.srv.Notify()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		_, nacks := f.srv.Status()
+		if len(nacks) > 0 {
+			n := nacks[0]
+			if n.Node != "envoy-1" || n.Error != "endpoint port out of range" || n.Version != f.srv.Version() || n.TypeURL != resource.EndpointType {
+				t.Fatalf("NACK %+v", n)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no NACK recorded")
+		}
+		time.Sleep(time.Millisecond) // polling interval
+	}
+	time.Sleep(200 * time.Millisecond) // a resend loop would show by now
+	if _, nacks := f.srv.Status(); len(nacks) != 1 {
+		t.Fatalf("%d NACKs: the rejected version was sent again", len(nacks))
+	}
+	if got := c.Acked(resource.EndpointType); got != good {
+		t.Fatalf("the client runs %s, want still %s", got, good)
+	}
+	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
+		t.Fatal("a rejected endpoint counts as known")
+	}
+	nodes, _ := f.srv.Status()
+	if nodes[0].LastNACK == nil {
+		t.Fatal("the node's status has no NACK")
+	}
+	// The next change is sent, and accepted.
+	f.src.set("llama", "10.0.0.6:8000")
+	f.srv.Notify()
+	wait(t, c, "the next version", routes("model/llama", "10.0.0.6:8000"))
+}
+
+// TestTwoNodes: both Envoys get the config; a cluster is known when both
+// acknowledged it, and waiting for one node waits for that one only.
+func TestTwoNodes(t *testing.T) {
+	f := start(t, newModels("llama"))
+	a := f.envoy(t, "envoy-a")
+	b := f.envoy(t, "envoy-b")
+	b.Reject(resource.EndpointType, "held back")
+	wait(t, a, "a is configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	eventually(t, "b rejected the first version", func() bool { _, n := f.srv.Status(); return len(n) == 1 })
+	b.Reject(resource.EndpointType, "held back")
+	f.src.set("llama", "10.0.0.5:8000")
+	f.srv.Notify()
+	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if err := f.srv.WaitAcked(ctx, "envoy-a", "model/llama", "10.0.0.5:8000", time.Second); err != nil {
+		t.Fatalf("waiting for a: %v", err)
+	}
+	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
+		t.Fatal("known to every Envoy while b rejected it")
+	}
+	short, c2 := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer c2()
+	if err := f.srv.WaitAcked(short, "envoy-b", "model/llama", "10.0.0.5:8000", time.Second); err == nil {
+		t.Fatal("b acknowledged a version it rejected")
+	}
+}
+
+// TestReconnect: an Envoy that reconnects gets the current state at once;
+// after a vgw restart every Envoy is resynced, and a version from the old
+// process does not count as knowing the new one's endpoints.
+func TestReconnect(t *testing.T) {
+	src := newModels("llama")
+	src.set("llama", "10.0.0.5:8000")
+	f := start(t, src)
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
+	c.Close()
+	c = f.envoy(t, "envoy-1")
+	wait(t, c, "configured again on reconnect", routes("model/llama", "10.0.0.5:8000"))
+
+	src.set("llama", "10.0.0.9:8000")
+	f.serve(t) // a new vgw process
+	c = f.envoy(t, "envoy-1")
+	wait(t, c, "resynced by the new vgw", routes("model/llama", "10.0.0.9:8000"))
+	eventually(t, "the new vgw sees its version acknowledged", func() bool { return f.srv.Acked("model/llama", "10.0.0.9:8000") })
+}
+
+// TestHeldRequestReleasedAfterACK: a request waiting for its model's
+// endpoint is released only once the Envoy carrying it has acknowledged
+// the version holding that endpoint.
+func TestHeldRequestReleasedAfterACK(t *testing.T) {
+	f := start(t, newModels("llama"))
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	c.Reject(resource.EndpointType, "not yet")
+	f.src.set("llama", "10.0.0.5:8001") // the model loaded here
+	released := make(chan string, 1)
+	go func() {
+		if err := f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", "10.0.0.5:8001", time.Minute); err != nil {
+			released <- "error: " + err.Error()
+			return
+		}
+		released <- "released, Envoy routes to " + firstOr(c.Endpoints("model/llama"), "nothing")
+	}()
+	for i, step := range []string{"not yet published", "published, but the Envoy rejects it"} {
+		select {
+		case r := <-released:
+			t.Fatalf("released while %s: %s", step, r)
+		case <-time.After(200 * time.Millisecond):
+		}
+		if i == 0 {
+			f.srv.Notify()
+		}
+	}
+	f.srv.Notify() // published again as a new version, which is accepted
+	if r := <-released; r != "released, Envoy routes to 10.0.0.5:8001" {
+		t.Fatal(r)
+	}
+}
+
+// TestNoEnvoy: with no Envoy on xDS there is nothing to wait for beyond a
+// short grace.
+func TestNoEnvoy(t *testing.T) {
+	f := start(t, newModels("llama"))
+	f.src.set("llama", "10.0.0.5:8000")
+	f.srv.Notify()
+	start := time.Now()
+	if err := f.srv.WaitAcked(context.Background(), "", "model/llama", "10.0.0.5:8000", 50*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < 50*time.Millisecond || d > 2*time.Second {
+		t.Fatalf("waited %v, want the 50ms grace", d)
+	}
+}
+
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(time.Millisecond) // polling interval
+	}
+}
+
+func firstOr(xs []string, def string) string {
+	if len(xs) == 0 {
+		return def
+	}
+	return xs[0]
+}
