@@ -65,6 +65,13 @@ type Envoy struct {
 	// MaxMessageTimeout is the filter's max_message_timeout: the longest a
 	// request can wait in vgw. 0 means Envoy allows no override.
 	MaxMessageTimeout Duration `yaml:"max_message_timeout"`
+	// XDSGrace bounds how long a request for a model that just loaded
+	// waits for its Envoy to connect to xDS when it is not connected; then
+	// the request is sent anyway.
+	XDSGrace Duration `yaml:"xds_grace"`
+	// HealthCheckInterval turns on Envoy's active /health checks of model
+	// servers; 0 leaves them off (vgw checks /health before it routes).
+	HealthCheckInterval Duration `yaml:"health_check_interval"`
 }
 
 // Runtime says how models are run.
@@ -146,6 +153,7 @@ var Defaults = Config{
 	Envoy: Envoy{
 		MessageTimeout:    Duration(200 * time.Millisecond),
 		MaxMessageTimeout: Duration(900 * time.Second),
+		XDSGrace:          Duration(2 * time.Second),
 	},
 	Runtime: Runtime{Kind: "docker", Network: "vgw"},
 }

@@ -193,14 +193,21 @@ func (c *checker) crossReferences(b *bootstrapv3.Bootstrap) {
 		}
 		clusters[cl.GetName()] = cl
 	}
-	hasCDS := b.GetDynamicResources().GetCdsConfig() != nil
+	env := &bootEnv{clusters: clusters, usesXDS: b.GetDynamicResources() != nil, node: b.GetNode().GetId()}
 
 	// Every gRPC service Envoy itself dials (ADS, xDS sources) must name a
-	// static cluster: those streams start before CDS can deliver one.
+	// static cluster that speaks HTTP/2: those streams start before CDS
+	// can deliver one.
 	for _, ref := range envoyGrpcRefs("dynamic_resources", b.GetDynamicResources().ProtoReflect()) {
-		if clusters[ref.cluster] == nil {
+		switch cl := clusters[ref.cluster]; {
+		case cl == nil:
 			c.errorf(ref.path, "cluster %q is not a static cluster", ref.cluster)
+		case !speaksHTTP2(cl):
+			c.errorf(ref.path, "cluster %q must speak HTTP/2 for gRPC", ref.cluster)
 		}
+	}
+	if b.GetDynamicResources() != nil && b.GetNode().GetId() == "" {
+		c.errorf("node.id", "an Envoy that uses xDS must have a node id")
 	}
 
 	listeners := map[string]bool{}
@@ -210,7 +217,7 @@ func (c *checker) crossReferences(b *bootstrapv3.Bootstrap) {
 			c.errorf(path, "duplicate listener name %q", l.GetName())
 		}
 		listeners[l.GetName()] = true
-		c.listener(path, l, clusters, hasCDS)
+		c.listener(path, l, env)
 	}
 }
 
@@ -245,7 +252,14 @@ func envoyGrpcRefs(path string, m protoreflect.Message) []grpcRef {
 	return refs
 }
 
-func (c *checker) listener(path string, l *listenerv3.Listener, clusters map[string]*clusterv3.Cluster, hasCDS bool) {
+// bootEnv is what the checks of a listener need to know of the bootstrap.
+type bootEnv struct {
+	clusters map[string]*clusterv3.Cluster // the static ones
+	usesXDS  bool
+	node     string
+}
+
+func (c *checker) listener(path string, l *listenerv3.Listener, env *bootEnv) {
 	for i, fc := range l.GetFilterChains() {
 		for j, f := range fc.GetFilters() {
 			fpath := fmt.Sprintf("%s.filter_chains[%d].filters[%d]", path, i, j)
@@ -253,7 +267,7 @@ func (c *checker) listener(path string, l *listenerv3.Listener, clusters map[str
 			if !ok {
 				continue
 			}
-			c.httpConnectionManager(fpath+".typed_config", hcm, clusters, hasCDS)
+			c.httpConnectionManager(fpath+".typed_config", hcm, env)
 		}
 	}
 }
@@ -264,7 +278,7 @@ const (
 	ExtProcFilter = "envoy.filters.http.ext_proc"
 )
 
-func (c *checker) httpConnectionManager(path string, hcm *hcmv3.HttpConnectionManager, clusters map[string]*clusterv3.Cluster, hasCDS bool) {
+func (c *checker) httpConnectionManager(path string, hcm *hcmv3.HttpConnectionManager, env *bootEnv) {
 	filters := hcm.GetHttpFilters()
 	if len(filters) == 0 {
 		c.errorf(path+".http_filters", "no HTTP filters: requests would never reach a router")
@@ -279,20 +293,23 @@ func (c *checker) httpConnectionManager(path string, hcm *hcmv3.HttpConnectionMa
 			c.errorf(fpath, "the last HTTP filter must be the router (%s)", RouterFilter)
 		}
 		if ep, ok := unpack(f.GetTypedConfig(), &extprocv3.ExternalProcessor{}); ok {
-			c.extProc(fpath+".typed_config", ep, hcm, clusters, hasCDS)
+			c.extProc(fpath+".typed_config", ep, hcm, env)
 		}
 	}
 
-	// Static routes to a named cluster are resolved at load time (Envoy's
-	// route config validate_clusters defaults to true for static routes).
+	// Static routes to a named cluster are resolved when the route table
+	// loads, before CDS has delivered anything: validate_clusters defaults
+	// to true for a route_config inside the connection manager
+	// (route.proto).
+	validate := hcm.GetRouteConfig().GetValidateClusters() == nil || hcm.GetRouteConfig().GetValidateClusters().GetValue()
 	for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
 		for ri, r := range vh.GetRoutes() {
 			rpath := fmt.Sprintf("%s.route_config.virtual_hosts[%d].routes[%d].route", path, vi, ri)
-			if name := r.GetRoute().GetCluster(); name != "" && clusters[name] == nil && !hasCDS {
+			if name := r.GetRoute().GetCluster(); name != "" && env.clusters[name] == nil && validate {
 				c.errorf(rpath+".cluster", "cluster %q is not defined", name)
 			}
 			for wi, wc := range r.GetRoute().GetWeightedClusters().GetClusters() {
-				if clusters[wc.GetName()] == nil && !hasCDS {
+				if env.clusters[wc.GetName()] == nil && validate {
 					c.errorf(fmt.Sprintf("%s.weighted_clusters.clusters[%d]", rpath, wi), "cluster %q is not defined", wc.GetName())
 				}
 			}

@@ -7,6 +7,7 @@ import (
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -46,19 +47,19 @@ func ExtProc(b *bootstrapv3.Bootstrap) (*extprocv3.ExternalProcessor, error) {
 
 // extProc checks an ext_proc filter against what vgw relies on. The
 // reasons cite Envoy's source; see ../shared/ENVOY-FACTS.md.
-func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcmv3.HttpConnectionManager, clusters map[string]*clusterv3.Cluster, hasCDS bool) {
+func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcmv3.HttpConnectionManager, env *bootEnv) {
 	gs := ep.GetGrpcService()
+	c.nodeMetadata(path, gs.GetInitialMetadata(), env.usesXDS, env.node)
 	switch {
 	case gs == nil:
 		c.errorf(path, "vgw is a gRPC external processor: set grpc_service")
 	case gs.GetEnvoyGrpc() != nil:
 		name := gs.GetEnvoyGrpc().GetClusterName()
-		cl := clusters[name]
+		cl := env.clusters[name]
 		switch {
-		case cl == nil && !hasCDS:
-			c.errorf(path+".grpc_service.envoy_grpc.cluster_name", "cluster %q is not defined", name)
 		case cl == nil:
-			c.warnf(path+".grpc_service.envoy_grpc.cluster_name", "cluster %q is not static; it must arrive by CDS before the first request", name)
+			// vgw's xDS serves model clusters only: vgw's own must be static.
+			c.errorf(path+".grpc_service.envoy_grpc.cluster_name", "cluster %q is not defined", name)
 		case !speaksHTTP2(cl):
 			c.errorf(path+".grpc_service.envoy_grpc.cluster_name",
 				"cluster %q must speak HTTP/2 for gRPC: set typed_extension_protocol_options[envoy.extensions.upstreams.http.v3.HttpProtocolOptions].explicit_http_config.http2_protocol_options", name)
@@ -127,6 +128,28 @@ func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcm
 	}
 	if !found && hcm.GetRouteConfig() != nil {
 		c.errorf(path, "no route of this connection manager reads cluster_header %q, so vgw's routing answer is never used", ClusterHeader)
+	}
+}
+
+// NodeMetadata is the ext_proc stream metadata by which an Envoy names
+// itself to vgw (extproc.MetadataNode).
+const NodeMetadata = "x-vgw-node"
+
+// nodeMetadata checks that the ext_proc filter names this Envoy as its
+// node id says: vgw waits for that node's xDS acknowledgement before it
+// releases a request for a model that just loaded.
+func (c *checker) nodeMetadata(path string, md []*corev3.HeaderValue, usesXDS bool, node string) {
+	for _, h := range md {
+		if h.GetKey() != NodeMetadata {
+			continue
+		}
+		if node != "" && h.GetValue() != node {
+			c.errorf(path+".grpc_service.initial_metadata", "%s is %q but node.id is %q: vgw would wait for another Envoy's xDS acknowledgement", NodeMetadata, h.GetValue(), node)
+		}
+		return
+	}
+	if usesXDS {
+		c.warnf(path+".grpc_service.initial_metadata", "no %s: vgw cannot tell which Envoy a request comes from, so a request for a model that just loaded waits for every Envoy's xDS acknowledgement", NodeMetadata)
 	}
 }
 

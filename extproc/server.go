@@ -21,6 +21,7 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
 )
 
 // Manager is the GPU manager as the request path sees it.
@@ -40,6 +41,23 @@ type Manager interface {
 // ErrModelNotFound is what Manager.Ensure wraps when the model is not
 // configured (any more): the request is answered 404, not 503.
 var ErrModelNotFound = errors.New("model not found")
+
+// MetadataNode is the gRPC metadata key by which an Envoy names itself on
+// its ext_proc streams: its node id, set in the bootstrap as
+// grpc_service.initial_metadata. It tells whose xDS acknowledgement a
+// request must wait for.
+const MetadataNode = "x-vgw-node"
+
+// Node returns the Envoy node id of the ext_proc stream ctx belongs to, or
+// "" when the Envoy did not say.
+func Node(ctx context.Context) string {
+	if md, ok := metadata.FromIncomingContext(ctx); ok {
+		if v := md.Get(MetadataNode); len(v) > 0 {
+			return v[0]
+		}
+	}
+	return ""
+}
 
 // Route is where Envoy sends a model's requests.
 type Route struct {

@@ -382,8 +382,7 @@ func (m *Manager) unload(md *model, reason string) {
 	case Ready:
 		md.setState(Draining) // before reading the count: see Acquire
 		md.drainBy = time.Now().Add(m.cfg.DrainTimeout.Std())
-		m.log.Info("unloading model", slog.String("model", md.name), slog.String("reason", reason),
-			slog.Int64("in_flight", md.h.inflight.Load()))
+		m.event(md.name, "draining", fmt.Sprintf("%s; %d in flight", reason, md.h.inflight.Load()))
 		m.maybeStop(md)
 	case Loading:
 		if op := md.loading; op != nil {

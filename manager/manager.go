@@ -76,7 +76,7 @@ func (e *NoRoom) RetryAfter() time.Duration { return 30 * time.Second }
 type Event struct {
 	Time   time.Time
 	Model  string
-	Kind   string // load_started, ready, load_failed, evicted, crashed, unloaded
+	Kind   string // load_started, ready, load_failed, evicted, draining, crashed, unloaded
 	Detail string
 }
 

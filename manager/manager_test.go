@@ -245,7 +245,7 @@ func TestEviction(t *testing.T) {
 	if st := tm.status("a"); st.State != Stopped {
 		t.Fatalf("a is %v, want evicted", st.State)
 	}
-	if kinds := strings.Join(tm.eventKinds("a"), ","); !strings.Contains(kinds, "evicted,unloaded") {
+	if kinds := strings.Join(tm.eventKinds("a"), ","); !strings.Contains(kinds, "evicted,draining,unloaded") {
 		t.Fatalf("a's events %s", kinds)
 	}
 	tm.Release("b")

@@ -36,6 +36,7 @@ type Server struct {
 	ads      serverv3.Server
 	boot     string // tells this process's versions from a previous vgw's
 	notify   chan struct{}
+	force    atomic.Bool // the next publish bumps the version even if nothing changed
 
 	// The lock guards the fields below. It is never held while sending,
 	// building a snapshot or logging: state is copied out first.
@@ -50,6 +51,8 @@ type Server struct {
 	// connected Envoy knows them. The map is replaced, never changed, so
 	// the request path reads it without the lock.
 	ready atomic.Pointer[map[string]*atomic.Pointer[known]]
+
+	last []Model // what the last snapshot was built from; owned by Run
 }
 
 // known is a cluster's published endpoints, and whether every connected
@@ -131,6 +134,14 @@ func (s *Server) Notify() {
 	}
 }
 
+// Republish makes the next snapshot a new version even if nothing
+// changed, so that every Envoy is sent the config again: after an Envoy
+// rejected a version, once its cause is fixed.
+func (s *Server) Republish() {
+	s.force.Store(true)
+	s.Notify()
+}
+
 // Run publishes a first snapshot, then a new one after every Notify, until
 // ctx ends.
 func (s *Server) Run(ctx context.Context) {
@@ -145,9 +156,14 @@ func (s *Server) Run(ctx context.Context) {
 	}
 }
 
-// publish builds and sets the next snapshot.
+// publish builds and sets the next snapshot, unless nothing changed since
+// the last: a new version costs every Envoy a round of work.
 func (s *Server) publish(ctx context.Context) {
-	models := s.src.Models()
+	models := normalise(s.src.Models())
+	if !s.force.Swap(false) && s.last != nil && slices.EqualFunc(models, s.last, sameModel) {
+		return
+	}
+	s.last = models
 	s.mu.Lock()
 	s.version++
 	v := s.version
@@ -162,8 +178,7 @@ func (s *Server) publish(ctx context.Context) {
 	s.mu.Lock()
 	seen := map[string]bool{}
 	for _, m := range models {
-		eps := slices.Clone(m.Endpoints)
-		slices.Sort(eps)
+		eps := m.Endpoints
 		seen[m.Cluster] = true
 		if !slices.Equal(eps, s.current[m.Cluster]) {
 			s.current[m.Cluster] = eps
@@ -196,6 +211,22 @@ func (s *Server) publish(ctx context.Context) {
 	if s.log.Enabled(ctx, slog.LevelDebug) {
 		s.log.LogAttrs(ctx, slog.LevelDebug, "xDS snapshot published", slog.String("version", version), slog.Int("clusters", len(models)))
 	}
+}
+
+// normalise sorts models by cluster and each one's endpoints.
+func normalise(ms []Model) []Model {
+	out := make([]Model, len(ms))
+	for i, m := range ms {
+		m.Endpoints = slices.Clone(m.Endpoints)
+		slices.Sort(m.Endpoints)
+		out[i] = m
+	}
+	slices.SortFunc(out, func(a, b Model) int { return strings.Compare(a.Cluster, b.Cluster) })
+	return out
+}
+
+func sameModel(a, b Model) bool {
+	return a.Cluster == b.Cluster && a.MaxConcurrent == b.MaxConcurrent && slices.Equal(a.Endpoints, b.Endpoints)
 }
 
 // parse reads a version of this process's; 0 for another's or none.

@@ -12,6 +12,8 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/vgw-project/vgw/xds"
 	"github.com/vgw-project/vgw/xds/xdstest"
@@ -71,6 +73,7 @@ func (f *fixture) serve(t testing.TB) {
 	f.srv = xds.New(f.src, xds.DefaultSettings, slog.New(slog.DiscardHandler))
 	g := grpc.NewServer()
 	f.srv.Register(g)
+	healthpb.RegisterHealthServer(g, health.NewServer())
 	ctx, cancel := context.WithCancel(context.Background())
 	go f.srv.Run(ctx)
 	go g.Serve(lis)
@@ -266,7 +269,7 @@ func TestHeldRequestReleasedAfterACK(t *testing.T) {
 			f.srv.Notify()
 		}
 	}
-	f.srv.Notify() // published again as a new version, which is accepted
+	f.srv.Republish() // published again as a new version, which is accepted
 	if r := <-released; r != "released, Envoy routes to 10.0.0.5:8001" {
 		t.Fatal(r)
 	}

@@ -7,12 +7,14 @@ import (
 	"log/slog"
 	"os"
 	"sync/atomic"
+	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/manager"
+	"github.com/vgw-project/vgw/xds"
 )
 
 // machine is the GPUs and the runtime a config asks for.
@@ -64,8 +66,8 @@ func newMachine(cfg *config.Config) (*machine, error) {
 }
 
 // newManager builds the GPU manager the config asks for, with its
-// footprints file.
-func newManager(cfg *config.Config, log *slog.Logger) (*manager.Manager, func(), error) {
+// footprints file; onEvent hears its lifecycle events.
+func newManager(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event)) (*manager.Manager, func(), error) {
 	fps, err := manager.OpenFootprints(cfg.FootprintsFile)
 	if err != nil {
 		return nil, nil, err
@@ -77,14 +79,25 @@ func newManager(cfg *config.Config, log *slog.Logger) (*manager.Manager, func(),
 	for _, g := range m.gpus.GPUs() {
 		log.Info("GPU", slog.Int("index", g.Index), slog.String("name", g.Name), slog.String("uuid", g.UUID), slog.Uint64("memory_bytes", g.Total))
 	}
-	return manager.New(cfg, m.runtime, m.gpus, manager.Options{Log: log, Footprints: fps}), m.close, nil
+	return manager.New(cfg, m.runtime, m.gpus, manager.Options{Log: log, Footprints: fps, OnEvent: onEvent}), m.close, nil
 }
 
-// routes adapts the manager to what extproc needs: a resident model's
-// cluster, the wait for a cold one, and the end of each request.
+// routes adapts the manager and the xDS server to what extproc and xds
+// need: a model's cluster once its Envoy knows where it runs, the wait for
+// a cold model (its load, then its Envoy's acknowledgement), the end of
+// each request, and the models with their endpoints for xDS.
 type routes struct {
-	mgr      *manager.Manager
-	clusters atomic.Pointer[map[string]extproc.Route]
+	mgr   *manager.Manager
+	xds   *xds.Server // nil until set
+	grace time.Duration
+	cfg   atomic.Pointer[routeTable]
+}
+
+// routeTable is built once per config, so the request path builds no names.
+type routeTable struct {
+	routes map[string]extproc.Route
+	names  []string
+	models []xds.Model // names[i]'s, without endpoints
 }
 
 func newRoutes(mgr *manager.Manager, cfg *config.Config) *routes {
@@ -93,36 +106,40 @@ func newRoutes(mgr *manager.Manager, cfg *config.Config) *routes {
 	return r
 }
 
-// set builds the model → cluster table once per config, so the request
-// path builds no names.
 func (r *routes) set(cfg *config.Config) {
-	m := make(map[string]extproc.Route, len(cfg.Models))
-	for name := range cfg.Models {
-		m[name] = extproc.Route{Cluster: ClusterName(name)}
+	t := &routeTable{routes: make(map[string]extproc.Route, len(cfg.Models))}
+	for _, name := range cfg.ModelNames() {
+		cluster := ClusterName(name)
+		t.routes[name] = extproc.Route{Cluster: cluster}
+		t.names = append(t.names, name)
+		t.models = append(t.models, xds.Model{Cluster: cluster, MaxConcurrent: cfg.LimitsOf(name).MaxConcurrent})
 	}
-	r.clusters.Store(&m)
+	r.grace = cfg.Envoy.XDSGrace.Std()
+	r.cfg.Store(t)
 }
 
 // ClusterName is the Envoy cluster that serves a model.
 func ClusterName(model string) string { return "model/" + model }
 
-func (r *routes) route(model string) (extproc.Route, bool) {
-	rt, ok := (*r.clusters.Load())[model]
+// Route counts the request in with the manager when the model is ready
+// and every connected Envoy knows where it runs.
+func (r *routes) Route(model string) (extproc.Route, bool) {
+	if !r.mgr.Acquire(model) {
+		return extproc.Route{}, false
+	}
+	rt, ok := r.cfg.Load().routes[model]
+	if ok && r.xds != nil {
+		addr, _ := r.mgr.Endpoint(model)
+		ok = r.xds.Acked(rt.Cluster, addr)
+	}
 	if !ok {
 		r.mgr.Release(model)
 	}
 	return rt, ok
 }
 
-// Route counts the request in with the manager when the model is ready.
-func (r *routes) Route(model string) (extproc.Route, bool) {
-	if !r.mgr.Acquire(model) {
-		return extproc.Route{}, false
-	}
-	return r.route(model)
-}
-
-// Ensure loads the model if need be and counts the request in.
+// Ensure loads the model if need be, counts the request in, and waits
+// until the request's Envoy knows where the model runs.
 func (r *routes) Ensure(ctx context.Context, model string) (extproc.Route, error) {
 	err := r.mgr.Ensure(ctx, model)
 	if errors.Is(err, manager.ErrUnknownModel) {
@@ -131,11 +148,34 @@ func (r *routes) Ensure(ctx context.Context, model string) (extproc.Route, error
 	if err != nil {
 		return extproc.Route{}, err
 	}
-	if rt, ok := r.route(model); ok {
-		return rt, nil
+	rt, ok := r.cfg.Load().routes[model]
+	if !ok {
+		r.mgr.Release(model)
+		return extproc.Route{}, fmt.Errorf("%w: %s", extproc.ErrModelNotFound, model)
 	}
-	return extproc.Route{}, fmt.Errorf("%w: %s", extproc.ErrModelNotFound, model)
+	if r.xds != nil {
+		addr, _ := r.mgr.Endpoint(model)
+		if err := r.xds.WaitAcked(ctx, extproc.Node(ctx), rt.Cluster, addr, r.grace); err != nil {
+			r.mgr.Release(model)
+			return extproc.Route{}, err
+		}
+	}
+	return rt, nil
 }
 
 // Observe counts the request out.
 func (r *routes) Observe(model string, _ extproc.Result) { r.mgr.Release(model) }
+
+// Models lists every configured model with the endpoint of its server
+// while it is ready, for xDS.
+func (r *routes) Models() []xds.Model {
+	t := r.cfg.Load()
+	out := make([]xds.Model, len(t.models))
+	for i, m := range t.models {
+		out[i] = m
+		if addr, ok := r.mgr.Endpoint(t.names[i]); ok {
+			out[i].Endpoints = []string{addr}
+		}
+	}
+	return out
+}

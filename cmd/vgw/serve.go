@@ -5,25 +5,19 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"os/signal"
 	"syscall"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/health"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-
 	"github.com/vgw-project/vgw/config"
-	"github.com/vgw-project/vgw/extproc"
-	"github.com/vgw-project/vgw/manager"
 )
 
 func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	fs := newFlags("serve", stderr)
 	path := fs.String("config", "", "the config file (required)")
 	extprocAddr := fs.String("extproc-addr", "", "ext_proc gRPC listen address (default: config, then $VGW_EXTPROC_ADDR, then "+config.Defaults.Listen.ExtProc+")")
+	xdsAddr := fs.String("xds-addr", "", "xDS (ADS) gRPC listen address (default: config, then $VGW_XDS_ADDR, then "+config.Defaults.Listen.XDS+")")
 	logLevel := fs.String("log-level", "", "log level: debug, info, warn or error (default: config)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -39,6 +33,9 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if *extprocAddr != "" {
 		cfg.Listen.ExtProc = *extprocAddr
 	}
+	if *xdsAddr != "" {
+		cfg.Listen.XDS = *xdsAddr
+	}
 	level := new(slog.LevelVar)
 	level.Set(cfg.SlogLevel())
 	if *logLevel != "" {
@@ -48,62 +45,29 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	log := slog.New(newHandler(cfg.LogFormat, stderr, level))
 
-	mgr, closeGPUs, err := newManager(cfg, log)
+	a, err := startApp(cfg, log, nil)
 	if err != nil {
 		return err
 	}
-	defer closeGPUs()
-	runCtx, stopManager := context.WithCancel(context.Background())
-	managerDone := make(chan struct{})
-	go func() { mgr.Run(runCtx); close(managerDone) }()
-	defer func() { stopManager(); <-managerDone }()
-
-	routes := newRoutes(mgr, cfg)
-	ep := extproc.New(extprocModels(cfg), routes,
-		extproc.WithLogger(log),
-		extproc.WithMaxBody(int(cfg.MaxBodyBytes)),
-		extproc.WithLoadTimeout(cfg.LoadTimeout.Std()),
-		extproc.WithMessageTimeouts(cfg.Envoy.MessageTimeout.Std(), cfg.Envoy.MaxMessageTimeout.Std()),
-	)
-
-	lis, err := net.Listen("tcp", cfg.Listen.ExtProc)
-	if err != nil {
-		return fmt.Errorf("ext_proc listener: %w", err)
-	}
-	g := grpc.NewServer(extproc.GRPCOptions(int(cfg.MaxBodyBytes))...)
-	ep.Register(g)
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(g, hs)
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- g.Serve(lis) }()
-	log.Info("vgw serving", slog.String("config", cfg.Path), slog.String("extproc", lis.Addr().String()),
+	log.Info("vgw serving", slog.String("config", cfg.Path), slog.String("extproc", a.extprocAddr.String()), slog.String("xds", a.xdsAddr.String()),
 		slog.String("runtime", cfg.Runtime.Kind), slog.Int("models", len(cfg.Models)), slog.String("version", version))
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	changed := watchFile(ctx, cfg.Path, configPoll)
-	r := &reloader{log: log, level: level, levelPinned: *logLevel != "", cfg: cfg, ep: ep, mgr: mgr, routes: routes}
+	r := &reloader{log: log, level: level, levelPinned: *logLevel != "", cfg: cfg, app: a}
 	for {
 		select {
 		case <-hup:
 			r.reload("SIGHUP")
 		case <-changed:
 			r.reload("the file changed")
-		case err := <-serveErr:
-			return fmt.Errorf("ext_proc server: %w", err)
+		case err := <-a.serveErr:
+			a.shutdown()
+			return fmt.Errorf("a gRPC server stopped: %w", err)
 		case <-ctx.Done():
-			log.Info("shutting down", slog.Duration("grace", cfg.ShutdownTimeout.Std()))
-			ep.SetDraining(true)
-			hs.Shutdown()
-			stopGracefully(g, cfg.ShutdownTimeout.Std())
-			if cfg.Runtime.Kind == "sim" {
-				// Fake servers cannot be adopted by the next vgw: stop them.
-				// (Docker's are left running and adopted.)
-				stop, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.Std())
-				mgr.StopAll(stop)
-				cancel()
-			}
+			a.shutdown()
 			return nil
 		}
 	}
@@ -128,9 +92,7 @@ type reloader struct {
 	level       *slog.LevelVar
 	levelPinned bool
 	cfg         *config.Config // the running config
-	ep          *extproc.Server
-	mgr         *manager.Manager
-	routes      *routes
+	app         *app
 }
 
 // reload applies a new config file. A bad file is refused and the running
@@ -150,25 +112,12 @@ func (r *reloader) reload(why string) {
 		cfg.Listen, cfg.MaxBodyBytes, cfg.Envoy, cfg.Runtime.Kind = old.Listen, old.MaxBodyBytes, old.Envoy, old.Runtime.Kind
 	}
 	cfg.GPUs = old.GPUs
-	r.routes.set(cfg)
-	r.mgr.Update(cfg)
-	r.ep.SetModels(extprocModels(cfg))
+	r.app.reconfigure(cfg)
 	if !r.levelPinned {
 		r.level.Set(cfg.SlogLevel())
 	}
 	r.cfg = cfg
 	r.log.Info("config reloaded", slog.String("trigger", why), slog.Int("models", len(cfg.Models)))
-}
-
-// stopGracefully lets in-flight requests finish, then cuts the rest.
-func stopGracefully(g *grpc.Server, grace time.Duration) {
-	done := make(chan struct{})
-	go func() { g.GracefulStop(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(grace):
-		g.Stop()
-	}
 }
 
 func newHandler(format string, w io.Writer, level slog.Leveler) slog.Handler {
@@ -177,16 +126,4 @@ func newHandler(format string, w io.Writer, level slog.Leveler) slog.Handler {
 		return slog.NewTextHandler(w, opts)
 	}
 	return slog.NewJSONHandler(w, opts)
-}
-
-// extprocModels lists the configured models with their resolved limits.
-func extprocModels(cfg *config.Config) []extproc.Model {
-	var ms []extproc.Model
-	for _, name := range cfg.ModelNames() {
-		l := cfg.LimitsOf(name)
-		ms = append(ms, extproc.Model{Name: name, Limits: extproc.Limits{
-			MaxConcurrent: l.MaxConcurrent, MaxQueue: l.MaxQueue, QueueTimeout: l.QueueTimeout,
-		}})
-	}
-	return ms
 }

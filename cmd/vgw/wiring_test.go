@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -11,59 +12,52 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/envoy"
-	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 	"github.com/vgw-project/vgw/manager"
+	"github.com/vgw-project/vgw/xds/xdstest"
 )
 
-// stack is vgw's request path and GPU manager wired as vgw serve wires
-// them, with an Envoy-role client whose upstream sends each request over
-// HTTP to the fake vLLM the manager started for the model, as Envoy would
-// once xDS points the model's cluster there.
+// stack is a whole vgw (startApp, as vgw serve runs it) on loopback
+// ports, with an Envoy played in two parts: an ext_proc client that
+// follows envoy/envoy.yaml, and an ADS client under the same node id whose
+// endpoints are where the ext_proc client's requests go, as Envoy's router
+// would send them.
 type stack struct {
+	app   *app
 	mgr   *manager.Manager
-	ep    *extproc.Server
 	env   *extproctest.Envoy
-	cfg   *config.Config
+	ads   *xdstest.Client
 	loads func(model string) int
 }
 
-func startStack(t testing.TB, yaml string, opts ...extproc.Option) *stack {
+func startStack(t testing.TB, yaml string) *stack {
 	t.Helper()
 	cfg, err := config.Parse("stack.yaml", []byte(yaml))
 	if err != nil {
 		t.Fatal(err)
 	}
+	cfg.Listen.ExtProc, cfg.Listen.XDS = "127.0.0.1:0", "127.0.0.1:0"
 	var mu sync.Mutex
 	loads := map[string]int{}
-	mach, err := newMachine(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Count loads through the manager's events.
-	mgr := manager.New(cfg, mach.runtime, mach.gpus, manager.Options{OnEvent: func(e manager.Event) {
+	a, err := startApp(cfg, slog.New(slog.DiscardHandler), func(e manager.Event) {
 		if e.Kind == "load_started" {
 			mu.Lock()
 			loads[e.Model]++
 			mu.Unlock()
 		}
-	}})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { mgr.Run(ctx); close(done) }()
-	t.Cleanup(func() {
-		stop, c := context.WithTimeout(context.Background(), 10*time.Second)
-		mgr.StopAll(stop)
-		c()
-		cancel()
-		<-done
-		mach.close()
 	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.shutdown)
+	s := &stack{app: a, mgr: a.mgr}
+	s.loads = func(model string) int { mu.Lock(); defer mu.Unlock(); return loads[model] }
 
 	b, err := envoy.Load("../../envoy/envoy.yaml")
 	if err != nil {
@@ -71,37 +65,36 @@ func startStack(t testing.TB, yaml string, opts ...extproc.Option) *stack {
 	}
 	epc, _ := envoy.ExtProc(b)
 	filter := extproctest.FilterFrom(epc)
-	ep := extproc.New(extprocModels(cfg), newRoutes(mgr, cfg), append([]extproc.Option{
-		extproc.WithLoadTimeout(cfg.LoadTimeout.Std()),
-		extproc.WithMessageTimeouts(filter.MessageTimeout, filter.MaxMessageTimeout),
-	}, opts...)...)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	dial := func(addr net.Addr) *grpc.ClientConn {
+		conn, err := grpc.NewClient(addr.String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return conn
+	}
+	s.ads, err = xdstest.Dial(context.Background(), dial(a.xdsAddr), b.GetNode().GetId())
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer()
-	ep.Register(g)
-	go g.Serve(lis)
-	t.Cleanup(g.Stop)
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
+	t.Cleanup(s.ads.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.ads.Wait(ctx, func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" }); err != nil {
+		t.Fatalf("the Envoy never got its first xDS config: %v", err)
 	}
-	t.Cleanup(func() { conn.Close() })
-	s := &stack{mgr: mgr, ep: ep, cfg: cfg}
-	s.loads = func(model string) int { mu.Lock(); defer mu.Unlock(); return loads[model] }
-	s.env = extproctest.New(conn, filter, s.upstream)
+	s.env = extproctest.New(dial(a.extprocAddr), filter, s.upstream)
 	return s
 }
 
-// upstream plays the model's cluster: the model server the manager runs.
+// upstream is Envoy's router: the request goes to an endpoint of its
+// cluster as xDS told the Envoy, or fails as "no healthy upstream".
 func (s *stack) upstream(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
-	model := strings.TrimPrefix(f.Cluster, "model/")
-	addr, ok := s.mgr.Endpoint(model)
-	if !ok {
-		return nil, io.ErrUnexpectedEOF // no healthy upstream
+	eps := s.ads.Endpoints(f.Cluster)
+	if len(eps) == 0 {
+		return nil, io.ErrUnexpectedEOF
 	}
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+"/v1/chat/completions", bytes.NewReader(f.Body))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+eps[0]+"/v1/chat/completions", bytes.NewReader(f.Body))
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, err
@@ -176,5 +169,39 @@ func TestDistinctAnswers(t *testing.T) {
 	r = s.ask(t, "huge")
 	if r.Status != 503 || !strings.Contains(string(r.Body), "cannot place huge") || !strings.Contains(string(r.Body), "gpu0: 80.0GiB free of 80.0GiB") {
 		t.Fatalf("huge: %d %q", r.Status, r.Body)
+	}
+}
+
+// TestReleasedOnlyAfterACK: a request that waited for its model to load is
+// sent on only once its Envoy has acknowledged the xDS version with the
+// model's endpoint; while the Envoy rejects that version, the request
+// waits.
+func TestReleasedOnlyAfterACK(t *testing.T) {
+	s := startStack(t, stackConfig)
+	s.ads.Reject(resource.EndpointType, "not yet")
+	done := make(chan *extproctest.Result, 1)
+	go func() { done <- s.ask(t, "llama") }()
+	eventually(t, "llama's server is ready", func() bool { _, ok := s.mgr.Endpoint("llama"); return ok })
+	eventually(t, "the Envoy has rejected the version with its endpoint", func() bool { _, n := s.app.xds.Status(); return len(n) == 1 })
+	select {
+	case r := <-done:
+		t.Fatalf("answered while the Envoy had not the endpoint: %d %q", r.Status, r.Body)
+	case <-time.After(300 * time.Millisecond):
+	}
+	s.app.xds.Republish() // a new version, which the Envoy accepts
+	r := <-done
+	if r.Status != 200 || !bytes.Contains(r.Body, []byte("token")) {
+		t.Fatalf("got %d %q, want the model's answer", r.Status, r.Body)
+	}
+}
+
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(2 * time.Millisecond) // polling interval
 	}
 }

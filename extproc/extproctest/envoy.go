@@ -23,6 +23,7 @@ import (
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -40,6 +41,9 @@ type Filter struct {
 	BufferLimit int
 	// ClusterHeader is the route's cluster_header.
 	ClusterHeader string
+	// Metadata is the grpc_service's initial_metadata, sent on every
+	// ext_proc stream.
+	Metadata map[string]string
 }
 
 // FilterFrom reads a Filter from an ext_proc filter config, with Envoy's
@@ -58,6 +62,12 @@ func FilterFrom(ep *filterv3.ExternalProcessor) Filter {
 	}
 	if t := ep.GetMessageTimeout(); t != nil {
 		f.MessageTimeout = t.AsDuration()
+	}
+	for _, h := range ep.GetGrpcService().GetInitialMetadata() {
+		if f.Metadata == nil {
+			f.Metadata = map[string]string{}
+		}
+		f.Metadata[h.GetKey()] = h.GetValue()
 	}
 	return f
 }
@@ -183,6 +193,9 @@ type reply struct {
 func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
+	for k, v := range e.filter.Metadata {
+		sctx = metadata.AppendToOutgoingContext(sctx, k, v)
+	}
 	res := &Result{}
 	stream, err := e.client.Process(sctx)
 	if err != nil {
