@@ -9,7 +9,7 @@ FUZZTIME  ?= 20s
 # go-nvml's header marks old NVML calls deprecated; vgw calls none of them.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: help build test lint fmt bench bench-go bench-models bench-load bench-rss fuzz run tools clean
+.PHONY: help build test lint fmt bench bench-go bench-models bench-xds bench-load bench-rss fuzz run tools clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,7 +31,7 @@ lint: ## go vet, staticcheck and gofmt
 fmt: ## format the code
 	gofmt -w .
 
-bench: bench-go bench-models bench-load bench-rss ## every benchmark (see BENCHMARKS.md)
+bench: bench-go bench-models bench-xds bench-load bench-rss ## every benchmark (see BENCHMARKS.md)
 
 bench-go: ## Go benchmarks of the request path
 	$(GO) test -run '^$$' -bench . -benchmem ./extproc/
@@ -39,6 +39,9 @@ bench-go: ## Go benchmarks of the request path
 bench-models: ## cold start and swap overheads (sim runtime), the manager's memory per waiter
 	$(GO) test -run '^$$' -bench 'ColdStart|Swap' -benchtime 60x ./cmd/vgw/
 	$(GO) test -run '^$$' -bench WaitingMemory -benchtime 1x ./manager/
+
+bench-xds: ## change-to-ACK latency, snapshot build and push for 200 models
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 300x ./xds/
 
 bench-load: build ## drive vgw and a no-op floor over loopback gRPC as Envoy would
 	$(BIN)/vgwload --vgw $(BIN)/vgw
