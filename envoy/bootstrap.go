@@ -206,8 +206,15 @@ func (c *checker) crossReferences(b *bootstrapv3.Bootstrap) {
 			c.errorf(ref.path, "cluster %q must speak HTTP/2 for gRPC", ref.cluster)
 		}
 	}
-	if b.GetDynamicResources() != nil && b.GetNode().GetId() == "" {
-		c.errorf("node.id", "an Envoy that uses xDS must have a node id")
+	if dr := b.GetDynamicResources(); dr != nil {
+		if b.GetNode().GetId() == "" {
+			c.errorf("node.id", "an Envoy that uses xDS must have a node id")
+		}
+		// vgw serves clusters over ADS only, and names ADS as their EDS
+		// source.
+		if dr.GetCdsConfig().GetAds() == nil {
+			c.errorf("dynamic_resources.cds_config", "must be ads: {}: vgw's xDS serves the model clusters over ADS")
+		}
 	}
 
 	listeners := map[string]bool{}

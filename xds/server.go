@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -17,6 +18,7 @@ import (
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/server/sotw/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
 )
@@ -53,6 +55,12 @@ type Server struct {
 	ready atomic.Pointer[map[string]*atomic.Pointer[known]]
 
 	last []Model // what the last snapshot was built from; owned by Run
+
+	// connected counts streams whose Envoy has said its node id; with none,
+	// requests wait for an Envoy only until alone (unix nanos): vgw was
+	// started, or its last Envoy left, NoEnvoyGrace before.
+	connected atomic.Int32
+	alone     atomic.Int64
 }
 
 // known is a cluster's published endpoints, and whether every connected
@@ -110,12 +118,16 @@ func New(src Source, s Settings, log *slog.Logger) *Server {
 	}
 	srv.ready.Store(&map[string]*atomic.Pointer[known]{})
 	srv.cache = cache.NewSnapshotCache(true, group{}, nil)
+	// Ordered: a version's clusters reach an Envoy before their
+	// assignments, so a cluster it warms again finds its EDS (the cache
+	// orders an ADS node's watches; the option keeps one channel for them).
 	srv.ads = serverv3.NewServer(context.Background(), srv.cache, serverv3.CallbackFuncs{
 		StreamOpenFunc:     srv.streamOpen,
 		StreamClosedFunc:   srv.streamClosed,
 		StreamRequestFunc:  srv.streamRequest,
 		StreamResponseFunc: srv.streamResponse,
-	})
+	}, sotw.WithOrderedADS())
+	srv.alone.Store(time.Now().Add(s.NoEnvoyGrace).UnixNano())
 	return srv
 }
 
@@ -163,7 +175,6 @@ func (s *Server) publish(ctx context.Context) {
 	if !s.force.Swap(false) && s.last != nil && slices.EqualFunc(models, s.last, sameModel) {
 		return
 	}
-	s.last = models
 	s.mu.Lock()
 	s.version++
 	v := s.version
@@ -174,6 +185,7 @@ func (s *Server) publish(ctx context.Context) {
 		s.log.Error("xDS snapshot not built", slog.String("version", version), slog.String("error", err.Error()))
 		return
 	}
+	s.last = models
 	// Record what changed before Envoys can acknowledge it.
 	s.mu.Lock()
 	seen := map[string]bool{}
@@ -248,6 +260,11 @@ func (s *Server) streamOpen(_ context.Context, id int64, _ string) error {
 
 func (s *Server) streamClosed(id int64, node *corev3.Node) {
 	s.mu.Lock()
+	if st := s.streams[id]; st != nil && st.node != "" {
+		if s.connected.Add(-1) == 0 {
+			s.alone.Store(time.Now().Add(s.settings.NoEnvoyGrace).UnixNano())
+		}
+	}
 	delete(s.streams, id)
 	s.refreshLocked()
 	s.mu.Unlock()
@@ -266,9 +283,13 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		s.mu.Unlock()
 		return nil
 	}
-	first := st.node == ""
+	first := st.node == "" && req.GetNode().GetId() != ""
 	if first {
+		// A new Envoy knows nothing yet: clusters are no longer known to
+		// every connected Envoy until it acknowledges them.
 		st.node = req.GetNode().GetId()
+		s.connected.Add(1)
+		s.refreshLocked()
 	}
 	var nack *NACK
 	switch {
@@ -325,8 +346,7 @@ func (s *Server) refreshLocked() {
 
 // ackedLocked reports whether node (every connected node, for "") has
 // acknowledged the EDS version that holds cluster's current endpoints.
-// With no node to ask, nothing is known: false, except for "" with no
-// Envoy connected at all, which is vacuously true.
+// With no such node connected, nothing is known: false.
 func (s *Server) ackedLocked(node, cluster string) bool {
 	need := s.changed[cluster]
 	found := false
@@ -339,13 +359,17 @@ func (s *Server) ackedLocked(node, cluster string) bool {
 			return false
 		}
 	}
-	return found || node == ""
+	return found
 }
 
 // Acked reports whether addr is among cluster's published endpoints and
 // every connected Envoy has acknowledged them. It is the request path's
 // check: two atomic loads and a search of a short list.
 func (s *Server) Acked(cluster, addr string) bool {
+	if s.connected.Load() == 0 {
+		// No Envoy on xDS: wait only within the grace after the last left.
+		return time.Now().UnixNano() >= s.alone.Load()
+	}
 	k := (*s.ready.Load())[cluster]
 	if k == nil {
 		return false
@@ -354,44 +378,73 @@ func (s *Server) Acked(cluster, addr string) bool {
 	return kn != nil && kn.acked && slices.Contains(kn.endpoints, addr)
 }
 
-// WaitAcked returns once addr has been published as one of cluster's
+// WaitAcked returns once the address addr gives (the model's server, which
+// may move while the request waits) has been published as one of cluster's
 // endpoints and node's Envoy (every connected Envoy, for "") has
 // acknowledged the version holding it, so that a request released now is
-// routed where the model runs. An Envoy learns of
-// new hosts when it applies an EDS update, before it acknowledges it
-// (grpc_mux_impl.cc), and adds them to its workers right away
-// (cluster_manager_impl.cc). When the Envoy in question is not connected,
-// WaitAcked waits up to grace for it to connect and acknowledge, then
-// gives up waiting and returns nil: with no Envoy on xDS (one with a static
-// config, say) there is nothing to wait for, and the request is better
-// sent than held.
-func (s *Server) WaitAcked(ctx context.Context, node, cluster, addr string, grace time.Duration) error {
-	var giveUp <-chan time.Time
+// routed where the model runs. An Envoy learns of new hosts when it applies
+// an EDS update, before it acknowledges it (grpc_mux_impl.cc), and posts
+// them to its workers right away (cluster_manager_impl.cc); WaitAcked
+// allows applyGrace more for that.
+//
+// When no Envoy in question is connected, it waits until NoEnvoyGrace has
+// passed since vgw started or the last Envoy left, then returns nil: with
+// no Envoy on xDS (one with a static config, say) there is nothing to wait
+// for, and the request is better sent than held. addr returning "" means
+// the model is no longer ready: ErrGone.
+func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func() string) error {
 	for {
+		a := addr()
+		if a == "" {
+			return ErrGone
+		}
 		s.mu.Lock()
 		connected := false
 		for _, st := range s.streams {
 			connected = connected || (st.node != "" && (node == "" || st.node == node))
 		}
-		published := slices.Contains(s.current[cluster], addr)
+		published := slices.Contains(s.current[cluster], a)
 		ok := published && connected && s.ackedLocked(node, cluster)
 		wake := s.wake
 		s.mu.Unlock()
 		if ok {
-			return nil
+			return sleep(ctx, applyGrace)
 		}
-		if published && !connected && giveUp == nil {
-			t := time.NewTimer(grace)
+		var giveUp <-chan time.Time
+		if published && !connected {
+			until := time.Until(time.Unix(0, s.alone.Load()))
+			if until <= 0 {
+				return nil
+			}
+			t := time.NewTimer(until)
 			defer t.Stop()
 			giveUp = t.C
 		}
 		select {
 		case <-wake:
-		case <-giveUp:
-			return nil
+		case <-giveUp: // looked at again: the Envoy may have connected meanwhile
 		case <-ctx.Done():
 			return ctx.Err()
 		}
+	}
+}
+
+// applyGrace is how long an Envoy may take, after it acknowledged an EDS
+// update, to have its worker threads route by it (ENVOY-FACTS,
+// contradiction 1).
+const applyGrace = 5 * time.Millisecond
+
+// ErrGone is WaitAcked's answer when the model stopped while it waited.
+var ErrGone = errors.New("the model's server went away while the request waited for Envoy")
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -410,8 +463,13 @@ func (s *Server) Status() ([]NodeStatus, []NACK) {
 			byNode[st.node] = ns
 		}
 		ns.Streams++
-		ns.Clusters = s.versionString(st.acked[resource.ClusterType])
-		ns.Routes = s.versionString(st.acked[resource.EndpointType])
+		// With several streams from one node, report the furthest.
+		if v := s.versionString(st.acked[resource.ClusterType]); s.parse(v) > s.parse(ns.Clusters) {
+			ns.Clusters = v
+		}
+		if v := s.versionString(st.acked[resource.EndpointType]); s.parse(v) > s.parse(ns.Routes) {
+			ns.Routes = v
+		}
 	}
 	for i := range s.nacks {
 		if ns := byNode[s.nacks[i].Node]; ns != nil {

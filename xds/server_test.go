@@ -2,6 +2,7 @@ package xds_test
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"slices"
@@ -50,18 +51,27 @@ func (m *models) set(name string, eps ...string) {
 }
 
 type fixture struct {
-	srv  *xds.Server
-	src  *models
-	conn *grpc.ClientConn
-	addr string
+	srv      *xds.Server
+	src      *models
+	settings xds.Settings
+	conn     *grpc.ClientConn
+	addr     string
 }
 
 func start(t testing.TB, src *models) *fixture {
 	t.Helper()
-	f := &fixture{src: src}
+	return startWith(t, src, xds.DefaultSettings)
+}
+
+func startWith(t testing.TB, src *models, s xds.Settings) *fixture {
+	t.Helper()
+	f := &fixture{src: src, settings: s}
 	f.serve(t)
 	return f
 }
+
+// at is an address that does not move.
+func at(addr string) func() string { return func() string { return addr } }
 
 // serve runs a (new) xDS server for f.src, as a vgw (re)start does.
 func (f *fixture) serve(t testing.TB) {
@@ -70,7 +80,7 @@ func (f *fixture) serve(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.srv = xds.New(f.src, xds.DefaultSettings, slog.New(slog.DiscardHandler))
+	f.srv = xds.New(f.src, f.settings, slog.New(slog.DiscardHandler))
 	g := grpc.NewServer()
 	f.srv.Register(g)
 	healthpb.RegisterHealthServer(g, health.NewServer())
@@ -209,7 +219,7 @@ func TestTwoNodes(t *testing.T) {
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	if err := f.srv.WaitAcked(ctx, "envoy-a", "model/llama", "10.0.0.5:8000", time.Second); err != nil {
+	if err := f.srv.WaitAcked(ctx, "envoy-a", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("waiting for a: %v", err)
 	}
 	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
@@ -217,7 +227,7 @@ func TestTwoNodes(t *testing.T) {
 	}
 	short, c2 := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer c2()
-	if err := f.srv.WaitAcked(short, "envoy-b", "model/llama", "10.0.0.5:8000", time.Second); err == nil {
+	if err := f.srv.WaitAcked(short, "envoy-b", "model/llama", at("10.0.0.5:8000")); err == nil {
 		t.Fatal("b acknowledged a version it rejected")
 	}
 }
@@ -253,7 +263,7 @@ func TestHeldRequestReleasedAfterACK(t *testing.T) {
 	f.src.set("llama", "10.0.0.5:8001") // the model loaded here
 	released := make(chan string, 1)
 	go func() {
-		if err := f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", "10.0.0.5:8001", time.Minute); err != nil {
+		if err := f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", at("10.0.0.5:8001")); err != nil {
 			released <- "error: " + err.Error()
 			return
 		}
@@ -278,11 +288,24 @@ func TestHeldRequestReleasedAfterACK(t *testing.T) {
 // TestNoEnvoy: with no Envoy on xDS there is nothing to wait for beyond a
 // short grace.
 func TestNoEnvoy(t *testing.T) {
-	f := start(t, newModels("llama"))
+	s := xds.DefaultSettings
+	s.NoEnvoyGrace = 50 * time.Millisecond
+	f := startWith(t, newModels("llama"), s)
 	f.src.set("llama", "10.0.0.5:8000")
 	f.srv.Notify()
+	eventually(t, "published", func() bool { return f.srv.Version() != "" })
+	time.Sleep(60 * time.Millisecond) // the grace since start passes
+	if !f.srv.Acked("model/llama", "10.0.0.5:8000") {
+		t.Fatal("with no Envoy on xDS past the grace, the fast path still holds requests")
+	}
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
+	c.Close()
+	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
+		t.Fatal("right after the last Envoy left, requests are not held for the grace")
+	}
 	start := time.Now()
-	if err := f.srv.WaitAcked(context.Background(), "", "model/llama", "10.0.0.5:8000", 50*time.Millisecond); err != nil {
+	if err := f.srv.WaitAcked(context.Background(), "", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatal(err)
 	}
 	if d := time.Since(start); d < 50*time.Millisecond || d > 2*time.Second {
@@ -306,4 +329,71 @@ func firstOr(xs []string, def string) string {
 		return def
 	}
 	return xs[0]
+}
+
+// TestGraceDoesNotReleasePastAConnectedEnvoy: once an Envoy is connected,
+// the no-Envoy grace no longer releases a request it has not acknowledged.
+func TestGraceDoesNotReleasePastAConnectedEnvoy(t *testing.T) {
+	s := xds.DefaultSettings
+	s.NoEnvoyGrace = 100 * time.Millisecond
+	f := startWith(t, newModels("llama"), s)
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	c.Reject(resource.EndpointType, "never")
+	f.src.set("llama", "10.0.0.5:8000")
+	f.srv.Notify()
+	ctx, cancel := context.WithTimeout(context.Background(), 400*time.Millisecond)
+	defer cancel()
+	if err := f.srv.WaitAcked(ctx, "envoy-1", "model/llama", at("10.0.0.5:8000")); err == nil {
+		t.Fatal("released by the grace although the Envoy is connected and has not acknowledged")
+	}
+}
+
+// TestNewEnvoyKnowsNothing: when a second Envoy connects, a cluster is no
+// longer known to every Envoy until it too has acknowledged it.
+func TestNewEnvoyKnowsNothing(t *testing.T) {
+	f := start(t, newModels("llama"))
+	f.src.set("llama", "10.0.0.5:8000")
+	f.srv.Notify()
+	a := f.envoy(t, "envoy-a")
+	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
+	eventually(t, "known", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	b, err := xdstest.Dial(context.Background(), f.conn, "envoy-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	b.Reject(resource.EndpointType, "slow")
+	eventually(t, "b's arrival is noticed", func() bool { n, _ := f.srv.Status(); return len(n) == 2 })
+	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
+		t.Fatal("known to every Envoy before b acknowledged anything")
+	}
+}
+
+// TestWaitFollowsAMovingModel: a model that restarts elsewhere while a
+// request waits is waited for at its new address; one that stops ends the
+// wait.
+func TestWaitFollowsAMovingModel(t *testing.T) {
+	f := start(t, newModels("llama"))
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	var mu sync.Mutex
+	addr := "10.0.0.5:8000"
+	current := func() string { mu.Lock(); defer mu.Unlock(); return addr }
+	done := make(chan error, 1)
+	go func() { done <- f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", current) }()
+	mu.Lock()
+	addr = "10.0.0.6:8000" // it moved before the first address was ever published
+	mu.Unlock()
+	f.src.set("llama", "10.0.0.6:8000")
+	f.srv.Notify()
+	if err := <-done; err != nil {
+		t.Fatalf("waiting at the new address: %v", err)
+	}
+	mu.Lock()
+	addr = ""
+	mu.Unlock()
+	if err := f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", current); !errors.Is(err, xds.ErrGone) {
+		t.Fatalf("a stopped model: %v", err)
+	}
 }

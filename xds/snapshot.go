@@ -43,10 +43,20 @@ type Settings struct {
 	// /health at this interval; 0 leaves them off, as vgw has already
 	// checked /health before it publishes an endpoint.
 	HealthCheckInterval time.Duration
+	// NoEnvoyGrace is how long a request waits for an Envoy when none is
+	// connected to xDS (see WaitAcked).
+	NoEnvoyGrace time.Duration
 }
 
 // DefaultSettings are the cluster settings vgw uses unless told otherwise.
-var DefaultSettings = Settings{ConnectTimeout: 5 * time.Second}
+var DefaultSettings = Settings{ConnectTimeout: 5 * time.Second, NoEnvoyGrace: 2 * time.Second}
+
+// UpstreamIdleTimeout closes Envoy's idle connections to a model's server
+// before the server does: vLLM's OpenAI server (uvicorn) closes an idle
+// keep-alive connection after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), and a
+// request Envoy sends on a connection the server is closing fails with 503
+// (UC). It bounds idle connections only, never a request or stream.
+const UpstreamIdleTimeout = 4 * time.Second
 
 // Build makes the snapshot Envoy is served at version: one EDS cluster per
 // model and its load assignment, empty while the model is not resident.
@@ -57,9 +67,9 @@ var DefaultSettings = Settings{ConnectTimeout: 5 * time.Second}
 // models come and go all the time, and a changed cluster is rebuilt by
 // Envoy, warmed again and its connection pools drained
 // (cluster_manager_impl.cc addOrUpdateCluster), while an EDS update only
-// adds or removes hosts (eds.cc). Every response of a version carries both
-// the clusters and the assignments, so a cluster Envoy warms again always
-// gets its EDS (ENVOY-FACTS addendum §9).
+// adds or removes hosts (eds.cc). Every version carries both the clusters
+// and the assignments, and the server sends the clusters first, so a
+// cluster Envoy warms again finds its EDS coming (ENVOY-FACTS addendum §9).
 func Build(version string, models []Model, s Settings) (*cache.Snapshot, error) {
 	sorted := slices.Clone(models)
 	slices.SortFunc(sorted, func(a, b Model) int {
@@ -98,12 +108,13 @@ func Build(version string, models []Model, s Settings) (*cache.Snapshot, error) 
 }
 
 // httpOptions are the upstream HTTP settings of a model cluster: HTTP/1.1,
-// which vLLM's OpenAI server (uvicorn) speaks, and no idle timeout on a
-// stream, so a long SSE answer is never cut.
+// which vLLM's OpenAI server (uvicorn) speaks, idle connections closed
+// before the server closes them, and no timeout on a stream, so a long SSE
+// answer is never cut.
 var httpOptions = func() *anypb.Any {
 	a, err := anypb.New(&upstreamhttpv3.HttpProtocolOptions{
 		CommonHttpProtocolOptions: &corev3.HttpProtocolOptions{
-			IdleTimeout: durationpb.New(time.Hour), // idle connections, not streams
+			IdleTimeout: durationpb.New(UpstreamIdleTimeout),
 		},
 		UpstreamProtocolOptions: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_{
 			ExplicitHttpConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig{
@@ -145,6 +156,9 @@ func cluster(m Model, s Settings) (*clusterv3.Cluster, error) {
 		},
 	}
 	if s.HealthCheckInterval > 0 {
+		// A host taken out of EDS goes at once, whatever its health checks
+		// say (upstream_impl.cc keeps it otherwise while it passes them).
+		c.IgnoreHealthOnHostRemoval = true
 		c.HealthChecks = []*corev3.HealthCheck{{
 			Timeout:            durationpb.New(min(s.HealthCheckInterval, 5*time.Second)),
 			Interval:           durationpb.New(s.HealthCheckInterval),

@@ -60,7 +60,11 @@ func startApp(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event))
 	}
 	a.mgr, a.closeGPUs = mgr, closeGPUs
 	a.routes = newRoutes(mgr, cfg)
-	a.xds = xds.New(a.routes, xds.Settings{ConnectTimeout: xds.DefaultSettings.ConnectTimeout, HealthCheckInterval: cfg.Envoy.HealthCheckInterval.Std()}, log)
+	a.xds = xds.New(a.routes, xds.Settings{
+		ConnectTimeout:      xds.DefaultSettings.ConnectTimeout,
+		HealthCheckInterval: cfg.Envoy.HealthCheckInterval.Std(),
+		NoEnvoyGrace:        cfg.Envoy.XDSGrace.Std(),
+	}, log)
 	xs.Store(a.xds)
 	a.routes.xds = a.xds
 	a.ep = extproc.New(extprocModels(cfg), a.routes,
@@ -90,7 +94,7 @@ func startApp(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event))
 
 	// ADS streams last as long as Envoy runs: keepalives find dead peers.
 	a.xdsGRPC = grpc.NewServer(
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 5 * time.Second}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1<<20),
 	)

@@ -124,6 +124,7 @@ func (l *lockedBuffer) waitFor(t *testing.T, msg string) map[string]any {
 }
 
 const serveConfig = `log_format: json
+envoy: {xds_grace: 100ms}
 runtime: {kind: sim}
 gpus: [{name: g, memory: 80GiB}]
 models:
@@ -197,7 +198,7 @@ func TestServe(t *testing.T) {
 	os.WriteFile(cfgPath, []byte(serveConfig+"  bad: {nope: 1}\n"), 0o600)
 	syscall.Kill(os.Getpid(), syscall.SIGHUP)
 	refused := logs.waitFor(t, "config reload refused; keeping the running config")
-	if e, _ := refused["error"].(string); !strings.Contains(e, "vgw.yaml:6:") {
+	if e, _ := refused["error"].(string); !strings.Contains(e, "vgw.yaml:7:") {
 		t.Errorf("refusal %q does not say where", e)
 	}
 	if res := ask("qwen"); res.Status != 200 {

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"sync/atomic"
-	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 
@@ -87,10 +86,9 @@ func newManager(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event
 // a cold model (its load, then its Envoy's acknowledgement), the end of
 // each request, and the models with their endpoints for xDS.
 type routes struct {
-	mgr   *manager.Manager
-	xds   *xds.Server // nil until set
-	grace time.Duration
-	cfg   atomic.Pointer[routeTable]
+	mgr *manager.Manager
+	xds *xds.Server // nil until set
+	cfg atomic.Pointer[routeTable]
 }
 
 // routeTable is built once per config, so the request path builds no names.
@@ -114,7 +112,6 @@ func (r *routes) set(cfg *config.Config) {
 		t.names = append(t.names, name)
 		t.models = append(t.models, xds.Model{Cluster: cluster, MaxConcurrent: cfg.LimitsOf(name).MaxConcurrent})
 	}
-	r.grace = cfg.Envoy.XDSGrace.Std()
 	r.cfg.Store(t)
 }
 
@@ -154,8 +151,8 @@ func (r *routes) Ensure(ctx context.Context, model string) (extproc.Route, error
 		return extproc.Route{}, fmt.Errorf("%w: %s", extproc.ErrModelNotFound, model)
 	}
 	if r.xds != nil {
-		addr, _ := r.mgr.Endpoint(model)
-		if err := r.xds.WaitAcked(ctx, extproc.Node(ctx), rt.Cluster, addr, r.grace); err != nil {
+		addr := func() string { a, _ := r.mgr.Endpoint(model); return a }
+		if err := r.xds.WaitAcked(ctx, extproc.Node(ctx), rt.Cluster, addr); err != nil {
 			r.mgr.Release(model)
 			return extproc.Route{}, err
 		}

@@ -90,9 +90,12 @@ func startStack(t testing.TB, yaml string) *stack {
 // upstream is Envoy's router: the request goes to an endpoint of its
 // cluster as xDS told the Envoy, or fails as "no healthy upstream".
 func (s *stack) upstream(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
+	if s.ads.Cluster(f.Cluster) == nil {
+		return &extproctest.Response{Status: 503, Body: []byte("cluster not found")}, nil // NC
+	}
 	eps := s.ads.Endpoints(f.Cluster)
 	if len(eps) == 0 {
-		return nil, io.ErrUnexpectedEOF
+		return nil, io.ErrUnexpectedEOF // UH
 	}
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+eps[0]+"/v1/chat/completions", bytes.NewReader(f.Body))
 	resp, err := http.DefaultClient.Do(req)

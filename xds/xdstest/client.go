@@ -26,6 +26,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 )
 
 // Client is one Envoy's ADS stream.
@@ -102,6 +103,11 @@ func (c *Client) run() {
 		acked := c.acked[resp.GetTypeUrl()]
 		c.mu.Unlock()
 		if reject {
+			// Envoy keeps its version but takes the nonce of what it
+			// rejects (grpc_mux_impl.cc).
+			c.mu.Lock()
+			c.nonce(resp)
+			c.mu.Unlock()
 			if err := c.send(resp.GetTypeUrl(), acked, resp.GetNonce(), c.subscribed(resp.GetTypeUrl()), &status.Status{Code: 3, Message: detail}); err != nil {
 				c.fail(err)
 				return
@@ -110,13 +116,15 @@ func (c *Client) run() {
 		}
 		switch resp.GetTypeUrl() {
 		case resource.ClusterType:
-			names, err := c.applyClusters(resp)
+			names, warming, err := c.applyClusters(resp)
 			if err != nil {
 				c.fail(err)
 				return
 			}
 			// Ask for the clusters' endpoints, then acknowledge the
-			// clusters: at once the first time, else once EDS came.
+			// clusters: at once the first time, or when none is new or
+			// changed; else once their EDS came, as Envoy pauses CDS while
+			// clusters warm.
 			c.mu.Lock()
 			version := c.acked[resource.EndpointType]
 			c.mu.Unlock()
@@ -124,7 +132,7 @@ func (c *Client) run() {
 				c.fail(err)
 				return
 			}
-			if !warmed {
+			if !warmed || !warming {
 				warmed = true
 				if err := c.ack(resp); err != nil {
 					c.fail(err)
@@ -190,19 +198,26 @@ func (c *Client) subscribed(typeURL string) []string {
 	return names
 }
 
-func (c *Client) applyClusters(resp *discoverygrpc.DiscoveryResponse) ([]string, error) {
+// applyClusters takes a CDS response. warming says a cluster is new or
+// changed, which Envoy warms before it acknowledges the response.
+func (c *Client) applyClusters(resp *discoverygrpc.DiscoveryResponse) (names []string, warming bool, err error) {
 	next := map[string]*clusterv3.Cluster{}
 	for _, a := range resp.GetResources() {
 		cl := &clusterv3.Cluster{}
 		if err := a.UnmarshalTo(cl); err != nil {
-			return nil, fmt.Errorf("decode cluster: %w", err)
+			return nil, false, fmt.Errorf("decode cluster: %w", err)
 		}
 		if err := cl.ValidateAll(); err != nil {
-			return nil, fmt.Errorf("cluster %s is invalid: %w", cl.GetName(), err)
+			return nil, false, fmt.Errorf("cluster %s is invalid: %w", cl.GetName(), err)
 		}
 		next[cl.GetName()] = cl
 	}
 	c.mu.Lock()
+	for name, cl := range next {
+		if old := c.clusters[name]; old == nil || !proto.Equal(old, cl) {
+			warming = true
+		}
+	}
 	c.clusters = next
 	for name := range c.endpoints {
 		if next[name] == nil {
@@ -211,12 +226,12 @@ func (c *Client) applyClusters(resp *discoverygrpc.DiscoveryResponse) ([]string,
 	}
 	c.nonce(resp)
 	c.mu.Unlock()
-	names := make([]string, 0, len(next))
+	names = make([]string, 0, len(next))
 	for n := range next {
 		names = append(names, n)
 	}
 	slices.Sort(names)
-	return names, nil
+	return names, warming, nil
 }
 
 func (c *Client) applyEndpoints(resp *discoverygrpc.DiscoveryResponse) error {
