@@ -432,7 +432,7 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 // applyGrace is how long an Envoy may take, after it acknowledged an EDS
 // update, to have its worker threads route by it (ENVOY-FACTS,
 // contradiction 1).
-const applyGrace = 5 * time.Millisecond
+const applyGrace = time.Millisecond
 
 // ErrGone is WaitAcked's answer when the model stopped while it waited.
 var ErrGone = errors.New("the model's server went away while the request waited for Envoy")
