@@ -97,37 +97,18 @@ func parseConfig(t testing.TB, yaml string) *config.Config {
 }
 
 // startManager runs a manager on the sim runtime, with the test binary as
-// the fake vLLM, and stops every model when the test ends.
+// the fake vLLM, counting starts and recording events, and stops every
+// model when the test ends.
 func startManager(t testing.TB, yaml string) *testManager {
 	t.Helper()
-	cfg := parseConfig(t, yaml)
-	var gs []GPU
-	for _, g := range cfg.GPUs.Declared {
-		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
-	}
-	inv := NewDeclaredGPUs(gs)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rt := &countingRuntime{SimRuntime: NewSimRuntime([]string{exe}, inv), starts: map[string]int{}}
-	tm := &testManager{rt: rt, gpus: inv}
-	tm.Manager = New(cfg, rt, inv, Options{
-		Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond,
-		OnEvent: func(e Event) { tm.mu.Lock(); tm.events = append(tm.events, e); tm.mu.Unlock() },
-	})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { tm.Run(ctx); close(done) }()
-	t.Cleanup(func() {
-		stop, c := context.WithTimeout(context.Background(), 10*time.Second)
-		defer c()
-		if err := tm.StopAll(stop); err != nil {
-			t.Errorf("StopAll: %v", err)
-		}
-		cancel()
-		<-done
-	})
+	tm := &testManager{}
+	tm.Manager = startManagerWith(t, yaml,
+		func(d *DeclaredGPUs) Inventory { tm.gpus = d; return d },
+		func(rt Runtime) Runtime {
+			tm.rt = &countingRuntime{SimRuntime: rt.(*SimRuntime), starts: map[string]int{}}
+			return tm.rt
+		},
+		Options{OnEvent: func(e Event) { tm.mu.Lock(); tm.events = append(tm.events, e); tm.mu.Unlock() }})
 	return tm
 }
 
@@ -450,7 +431,10 @@ func TestFootprintByDelta(t *testing.T) {
 	})
 }
 
-// startManagerWith is startManager with a runtime wrapper and options.
+// startManagerWith runs a manager on the sim runtime over the config's
+// declared GPUs, with the test binary as the fake vLLM; inv and wrap, when
+// set, stand in for or wrap the inventory and the runtime. Every model is
+// stopped when the test ends.
 func startManagerWith(t testing.TB, yaml string, inv func(*DeclaredGPUs) Inventory, wrap func(Runtime) Runtime, opts Options) *Manager {
 	t.Helper()
 	cfg := parseConfig(t, yaml)
@@ -459,7 +443,10 @@ func startManagerWith(t testing.TB, yaml string, inv func(*DeclaredGPUs) Invento
 		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
 	}
 	gpus := NewDeclaredGPUs(gs)
-	exe, _ := os.Executable()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
 	var rt Runtime = NewSimRuntime([]string{exe}, gpus)
 	if wrap != nil {
 		rt = wrap(rt)
@@ -475,7 +462,15 @@ func startManagerWith(t testing.TB, yaml string, inv func(*DeclaredGPUs) Invento
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { m.Run(ctx); close(done) }()
-	t.Cleanup(func() { m.StopAll(context.Background()); cancel(); <-done })
+	t.Cleanup(func() {
+		stop, c := context.WithTimeout(context.Background(), 10*time.Second)
+		defer c()
+		if err := m.StopAll(stop); err != nil {
+			t.Errorf("StopAll: %v", err)
+		}
+		cancel()
+		<-done
+	})
 	return m
 }
 
