@@ -96,6 +96,9 @@ type Server struct {
 	models   atomic.Pointer[modelTable]
 	setMu    sync.Mutex // serialises SetModels
 	draining atomic.Bool
+	unknown  counts // decisions for requests that named no configured model
+
+	waited func(model string, d time.Duration) // see WithWaitObserver
 }
 
 // modelTable is an immutable snapshot of the configured models, swapped
@@ -110,6 +113,58 @@ type modelEntry struct {
 	gate          *gate
 	route         atomic.Pointer[routeHeaders]
 	queueFullBody []byte // the 429 body, rendered once
+	counts        counts
+}
+
+// counts are a model's decisions so far, for metrics: an atomic add each.
+type counts struct {
+	outcomes [len(outcomeNames)]atomic.Uint64
+	statuses [len(countedStatuses)]atomic.Uint64
+}
+
+// countedStatuses are the answers counted by status; other statuses count
+// under the last slot.
+var countedStatuses = [...]int{400, 404, 413, 429, 503, 504, 0}
+
+func (c *counts) add(o Outcome, status int) {
+	if int(o) < len(c.outcomes) {
+		c.outcomes[o].Add(1)
+	}
+	if status == 0 {
+		return
+	}
+	i := len(countedStatuses) - 1
+	for j, st := range countedStatuses[:i] {
+		if st == status {
+			i = j
+			break
+		}
+	}
+	c.statuses[i].Add(1)
+}
+
+// Counts is what a model's decisions have been so far.
+type Counts struct {
+	// Outcomes counts decisions by outcome, indexed by Outcome.
+	Outcomes map[Outcome]uint64
+	// Statuses counts the answers vgw gave itself, by HTTP status (0 for
+	// any status not listed in CountedStatuses).
+	Statuses map[int]uint64
+}
+
+func (c *counts) snapshot() Counts {
+	out := Counts{Outcomes: map[Outcome]uint64{}, Statuses: map[int]uint64{}}
+	for i := range c.outcomes {
+		if n := c.outcomes[i].Load(); n > 0 {
+			out.Outcomes[Outcome(i)] = n
+		}
+	}
+	for i, st := range countedStatuses {
+		if n := c.statuses[i].Load(); n > 0 {
+			out.Statuses[st] = n
+		}
+	}
+	return out
 }
 
 func newModelEntry(m Model) *modelEntry {
@@ -157,6 +212,13 @@ func WithDecisionLog(d *DecisionLog) Option { return func(s *Server) { s.decisio
 // It should not exceed Envoy's buffer limit for the route, or Envoy answers
 // 413 itself before vgw sees the body.
 func WithMaxBody(n int) Option { return func(s *Server) { s.maxBody = n } }
+
+// WithWaitObserver has f told how long each request that waited (for a
+// slot or for its model) waited, whatever became of it; for a histogram.
+// It runs on the request's goroutine and must be quick.
+func WithWaitObserver(f func(model string, d time.Duration)) Option {
+	return func(s *Server) { s.waited = f }
+}
 
 // WithLoadTimeout bounds how long a request waits for its model to load.
 func WithLoadTimeout(d time.Duration) Option { return func(s *Server) { s.loadTimeout = d } }
@@ -235,6 +297,18 @@ func (s *Server) SetDraining(on bool) { s.draining.Store(on) }
 
 // Draining reports whether vgw is draining.
 func (s *Server) Draining() bool { return s.draining.Load() }
+
+// Counts returns every configured model's decision counts, and under ""
+// those of requests that named no configured model.
+func (s *Server) Counts() map[string]Counts {
+	t := s.models.Load()
+	out := make(map[string]Counts, len(t.byName)+1)
+	for name, e := range t.byName {
+		out[name] = e.counts.snapshot()
+	}
+	out[""] = s.unknown.snapshot()
+	return out
+}
 
 // Stats returns the admission state of one model.
 func (s *Server) Stats(model string) (GateStats, bool) {

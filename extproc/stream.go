@@ -282,7 +282,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 		return true, st.reject(&m.name, r, depth, time.Time{})
 	}
 
-	s.record(st.ctx, start, &m.name, OutcomeQueued, ReasonWaitSlot, 0, depth, 0)
+	st.record(start, &m.name, OutcomeQueued, ReasonWaitSlot, 0, depth, 0)
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		st.leaveQueue(w) // sending failed: the stream is gone
 		return true, err
@@ -341,7 +341,7 @@ func (st *stream) leaveQueue(w *waiter) {
 func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, depth int, atHeaders bool) (bool, error) {
 	s, m := st.s, st.model
 	now := time.Now()
-	s.record(st.ctx, now, &m.name, OutcomeQueued, ReasonWaitLoad, 0, depth, now.Sub(start))
+	st.record(now, &m.name, OutcomeQueued, ReasonWaitLoad, 0, depth, now.Sub(start))
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		return true, err
 	}
@@ -394,7 +394,7 @@ func (st *stream) extendTimeout(deadline time.Time, margin time.Duration) error 
 
 // admit sends the request on with its route (see routeResponse).
 func (st *stream) admit(r Route, reason Reason, depth int, now time.Time, wait time.Duration, atHeaders bool) error {
-	s, m := st.s, st.model
+	m := st.model
 	h := m.headersFor(r)
 	var resp *extprocv3.ProcessingResponse
 	switch {
@@ -409,7 +409,7 @@ func (st *stream) admit(r Route, reason Reason, depth int, now time.Time, wait t
 	}
 	st.phase = phaseResponse
 	st.admittedAt = now
-	s.record(st.ctx, now, &m.name, OutcomeAdmitted, reason, 0, depth, wait)
+	st.record(now, &m.name, OutcomeAdmitted, reason, 0, depth, wait)
 	return st.send(resp)
 }
 
@@ -507,14 +507,30 @@ func (st *stream) reject(model *string, r *rejection, depth int, start time.Time
 	if !start.IsZero() {
 		wait = now.Sub(start)
 	}
-	st.s.record(st.ctx, now, model, r.outcome, r.reason, r.status, depth, wait)
+	st.record(now, model, r.outcome, r.reason, r.status, depth, wait)
 	return st.send(r.immediate(depth))
+}
+
+// record files a decision about this stream's request: the ring and log,
+// the model's counts (or the unknown-model counts before a model is
+// known), and, for a request that waited, the wait observer.
+func (st *stream) record(at time.Time, model *string, o Outcome, r Reason, status, depth int, wait time.Duration) {
+	s := st.s
+	s.record(st.ctx, at, model, o, r, status, depth, wait)
+	if st.model != nil {
+		st.model.counts.add(o, status)
+	} else {
+		s.unknown.add(o, status)
+	}
+	if wait > 0 && o != OutcomeQueued && s.waited != nil {
+		s.waited(*model, wait)
+	}
 }
 
 // abandoned records that the client left while its request waited.
 func (st *stream) abandoned(start time.Time) {
 	now := time.Now()
-	st.s.record(st.ctx, now, &st.model.name, OutcomeAbandoned, ReasonClientGone, 0, st.model.gate.depth(), now.Sub(start))
+	st.record(now, &st.model.name, OutcomeAbandoned, ReasonClientGone, 0, st.model.gate.depth(), now.Sub(start))
 }
 
 // releaseSlot gives back a slot the request took but never used.

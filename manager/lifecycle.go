@@ -92,7 +92,7 @@ func (m *Manager) begin(md *model, plan Plan) {
 		slog.String("per_gpu", gib(int64(md.perGPU))), slog.String("footprint", md.source), slog.Any("evict", plan.Evict))
 	for _, name := range plan.Evict {
 		if v := m.models[name]; v != nil {
-			m.event(v.name, "evicted", "to make room for "+md.name)
+			m.event(v.name, EventEvicted, "to make room for "+md.name)
 			m.unload(v, "evicted for "+md.name)
 		}
 	}
@@ -124,7 +124,7 @@ func (m *Manager) startIfClear(md *model) {
 	}
 	md.loading = op
 	spec := m.spec(md)
-	m.event(md.name, "load_started", fmt.Sprintf("on GPUs %v", md.gpus))
+	m.event(md.name, EventLoadStarted, fmt.Sprintf("on GPUs %v", md.gpus))
 	go m.load(ctx, md, op, spec, m.cfg.LoadTimeout.Std())
 }
 
@@ -265,9 +265,10 @@ func (m *Manager) loadReady(md *model, op *loadOp, took time.Duration, before []
 	md.h.addr.Store(&md.inst.Addr)
 	md.h.lastUsed.Store(time.Now().UnixNano())
 	md.setState(Ready)
-	m.event(md.name, "ready", fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr))
+	m.eventTook(md.name, EventReady, fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr), took)
 	md.answer(nil) // counts the waiters in, so the model is busy, not idle
 	go m.measure(md.name, md.inst, op, before)
+	m.rereadGPUs() // so that status shows the memory it took
 	m.releaseGPUs(md.name, op.gpus)
 	if op.cancelled {
 		m.unload(md, "asked to while it loaded")
@@ -301,7 +302,7 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	md.setState(Stopped)
 	m.rereadGPUs()
 	if op.cancelled {
-		m.event(md.name, "unloaded", "before it was ready")
+		m.event(md.name, EventUnloaded, "before it was ready")
 		md.answer(fmt.Errorf("model %s: %w", md.name, errUnloaded))
 		m.releaseGPUs(md.name, op.gpus)
 		m.forget(md)
@@ -319,7 +320,7 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	md.lastErr = md.lastLoad
 	m.log.Error("model failed to load", slog.String("model", md.name), slog.String("error", err.Error()),
 		slog.Int("failures", md.failures), slog.Duration("retry_in", backoff), slog.String("log_tail", lastLines(tail, 20)))
-	m.event(md.name, "load_failed", err.Error())
+	m.event(md.name, EventLoadFailed, err.Error())
 	md.answer(md.lastLoad)
 	if m.keepLoaded(md) {
 		m.want(md) // tried again once the backoff has passed
@@ -347,7 +348,7 @@ func (m *Manager) exited(e Exit) {
 		case Ready:
 			m.log.Error("model crashed", slog.String("model", md.name), slog.Int("code", e.Code),
 				slog.String("reason", e.Reason), slog.String("log_tail", lastLines(e.LogTail, 20)))
-			m.event(md.name, "crashed", fmt.Sprintf("%s, code %d", e.Reason, e.Code))
+			m.event(md.name, EventCrashed, fmt.Sprintf("%s, code %d", e.Reason, e.Code))
 			md.inst = nil
 			md.h.addr.Store(nil)
 			md.setState(Stopped)
@@ -383,7 +384,7 @@ func (m *Manager) unload(md *model, reason string) {
 	case Ready:
 		md.setState(Draining) // before reading the count: see Acquire
 		md.drainBy = time.Now().Add(m.cfg.DrainTimeout.Std())
-		m.event(md.name, "draining", fmt.Sprintf("%s; %d in flight", reason, md.h.inflight.Load()))
+		m.event(md.name, EventDraining, fmt.Sprintf("%s; %d in flight", reason, md.h.inflight.Load()))
 		m.maybeStop(md)
 	case Loading:
 		if op := md.loading; op != nil {
@@ -433,7 +434,7 @@ func (m *Manager) stopped(md *model, gpus []int, err error) {
 	md.h.addr.Store(nil)
 	md.setState(Stopped)
 	m.rereadGPUs()
-	m.event(md.name, "unloaded", "")
+	m.event(md.name, EventUnloaded, "")
 	if len(md.liveWaiters()) > 0 || m.keepLoaded(md) {
 		m.want(md)
 	}
@@ -507,8 +508,10 @@ func (m *Manager) sorted() []*model {
 	return out
 }
 
-func (m *Manager) event(model, kind, detail string) {
-	e := Event{Time: time.Now(), Model: model, Kind: kind, Detail: detail}
+func (m *Manager) event(model, kind, detail string) { m.eventTook(model, kind, detail, 0) }
+
+func (m *Manager) eventTook(model, kind, detail string, took time.Duration) {
+	e := Event{Time: time.Now(), Model: model, Kind: kind, Detail: detail, Took: took}
 	m.log.Info("model "+strings.ReplaceAll(kind, "_", " "), slog.String("model", model), slog.String("detail", detail))
 	m.opts.OnEvent(e)
 }
@@ -533,7 +536,7 @@ func (m *Manager) adopt(ctx context.Context) {
 		md.perGPU, md.source = m.need(md)
 		md.h.addr.Store(&inst.Addr)
 		md.setState(Ready)
-		m.event(md.name, "ready", "adopted "+inst.ID+" at "+inst.Addr)
+		m.event(md.name, EventReady, "adopted "+inst.ID+" at "+inst.Addr)
 	}
 }
 

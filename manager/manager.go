@@ -76,9 +76,25 @@ func (e *NoRoom) RetryAfter() time.Duration { return 30 * time.Second }
 type Event struct {
 	Time   time.Time
 	Model  string
-	Kind   string // load_started, ready, load_failed, evicted, draining, crashed, unloaded
+	Kind   string // one of EventKinds
 	Detail string
+	// Took is how long a load took, for a ready event.
+	Took time.Duration
 }
+
+// The kinds of Event.
+const (
+	EventLoadStarted = "load_started"
+	EventReady       = "ready"
+	EventLoadFailed  = "load_failed"
+	EventEvicted     = "evicted"
+	EventDraining    = "draining"
+	EventCrashed     = "crashed"
+	EventUnloaded    = "unloaded"
+)
+
+// EventKinds lists every kind of Event, for those who count them.
+var EventKinds = []string{EventLoadStarted, EventReady, EventLoadFailed, EventEvicted, EventDraining, EventCrashed, EventUnloaded}
 
 // Options are a Manager's optional settings.
 type Options struct {
@@ -159,6 +175,7 @@ type model struct {
 	lastLoad *LoadError // the last failed load, answered again during its backoff
 	drainBy  time.Time
 	removed  bool // gone from the config: unload once idle
+	keep     bool // an operator asked to load it: placed though no request waits
 	pinned   bool
 	stopping bool // a stop is under way
 }
@@ -485,7 +502,7 @@ func (md *model) answer(err error) {
 func (m *Manager) schedule() {
 	now := time.Now()
 	for _, md := range slices.Clone(m.pending) {
-		if len(md.liveWaiters()) == 0 && !m.keepLoaded(md) {
+		if len(md.liveWaiters()) == 0 && !m.wanted(md) {
 			m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
 			continue
 		}
@@ -513,6 +530,7 @@ func (m *Manager) schedule() {
 			continue
 		}
 		m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
+		md.keep = false
 		for _, w := range md.waiters {
 			w.lastErr.Store(nil)
 		}
@@ -533,6 +551,11 @@ func (m *Manager) impossible(w Want) bool {
 
 // keepLoaded says md is always on: loaded at start and after a crash.
 func (m *Manager) keepLoaded(md *model) bool { return md.cfg.AlwaysOn && !md.removed && !m.quiesced }
+
+// wanted says md should be placed though no request waits for it.
+func (m *Manager) wanted(md *model) bool {
+	return m.keepLoaded(md) || (md.keep && !md.removed && !m.quiesced)
+}
 
 // want0 is the placement request for md: its memory per GPU and GPUs.
 func (m *Manager) want0(md *model) Want {
@@ -618,6 +641,53 @@ func (m *Manager) Pin(name string, on bool) error {
 	return err
 }
 
+// Load loads a model as an operator asks, evicting idle ones if need be.
+// With wait it returns once the model is ready, or why it is not, by ctx's
+// end; without, it starts the load and returns.
+func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
+	if wait {
+		if err := m.Ensure(ctx, name); err != nil {
+			return err
+		}
+		m.Release(name)
+		return nil
+	}
+	var err error
+	m.call(func() {
+		md := m.models[name]
+		if md == nil || md.removed {
+			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
+			return
+		}
+		if md.state() == Stopped {
+			md.retryAt = time.Time{} // an operator's load is tried now
+			m.want(md)
+			md.keep = true
+			m.schedule()
+		}
+	})
+	return err
+}
+
+// GPUStatus is one GPU with its latest reading.
+type GPUStatus struct {
+	GPU
+	Used uint64
+}
+
+// GPUs reports every GPU and its memory in use at the latest reading.
+func (m *Manager) GPUs() []GPUStatus {
+	r := m.reading.Load()
+	out := make([]GPUStatus, len(m.gpus))
+	for i, g := range m.gpus {
+		out[i].GPU = g
+		if r != nil && g.Index < len(r.mem) {
+			out[i].Used = r.mem[g.Index].Used
+		}
+	}
+	return out
+}
+
 // ModelStatus is one model as Status reports it.
 type ModelStatus struct {
 	Name      string
@@ -628,7 +698,7 @@ type ModelStatus struct {
 	PerGPU    uint64
 	Footprint string // where PerGPU comes from: declared, learned, utilization, default
 	Since     time.Time
-	LastUsed  time.Time
+	LastUsed  time.Time // zero when never used
 	InFlight  int64
 	Waiting   int
 	AlwaysOn  bool
@@ -644,8 +714,11 @@ func (m *Manager) Status() []ModelStatus {
 		for _, md := range m.sorted() {
 			st := ModelStatus{
 				Name: md.name, State: md.state(), GPUs: slices.Clone(md.gpus), PerGPU: md.perGPU, Footprint: md.source,
-				Since: md.since, LastUsed: time.Unix(0, md.h.lastUsed.Load()), InFlight: md.h.inflight.Load(),
+				Since: md.since, InFlight: md.h.inflight.Load(),
 				Waiting: len(md.liveWaiters()), AlwaysOn: md.cfg.AlwaysOn, Pinned: md.pinned, RetryAt: md.retryAt,
+			}
+			if t := md.h.lastUsed.Load(); t != 0 {
+				st.LastUsed = time.Unix(0, t)
 			}
 			if md.inst != nil {
 				st.Addr, st.Instance = md.inst.Addr, md.inst.ID

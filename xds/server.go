@@ -56,6 +56,11 @@ type Server struct {
 
 	last []Model // what the last snapshot was built from; owned by Run
 
+	onNACK func(NACK) // see WithNACKHook
+	pushes atomic.Uint64
+	acks   atomic.Uint64
+	nackN  atomic.Uint64
+
 	// connected counts streams whose Envoy has said its node id; with none,
 	// requests wait for an Envoy only until alone (unix nanos): vgw was
 	// started, or its last Envoy left, NoEnvoyGrace before.
@@ -103,8 +108,26 @@ type group struct{}
 
 func (group) ID(*corev3.Node) string { return "vgw" }
 
+// An Option configures a Server.
+type Option func(*Server)
+
+// WithNACKHook has f told of every rejected version, off the lock.
+func WithNACKHook(f func(NACK)) Option { return func(s *Server) { s.onNACK = f } }
+
+// Counters are the server's totals since it started.
+type Counters struct {
+	Pushes uint64 // snapshots published
+	ACKs   uint64
+	NACKs  uint64
+}
+
+// Counters returns the server's totals.
+func (s *Server) Counters() Counters {
+	return Counters{Pushes: s.pushes.Load(), ACKs: s.acks.Load(), NACKs: s.nackN.Load()}
+}
+
 // New returns an xDS server for src.
-func New(src Source, s Settings, log *slog.Logger) *Server {
+func New(src Source, s Settings, log *slog.Logger, opts ...Option) *Server {
 	b := make([]byte, 3)
 	rand.Read(b)
 	srv := &Server{
@@ -128,6 +151,9 @@ func New(src Source, s Settings, log *slog.Logger) *Server {
 		StreamResponseFunc: srv.streamResponse,
 	}, sotw.WithOrderedADS())
 	srv.alone.Store(time.Now().Add(s.NoEnvoyGrace).UnixNano())
+	for _, o := range opts {
+		o(srv)
+	}
 	return srv
 }
 
@@ -220,6 +246,7 @@ func (s *Server) publish(ctx context.Context) {
 		s.log.Error("xDS snapshot not set", slog.String("version", version), slog.String("error", err.Error()))
 		return
 	}
+	s.pushes.Add(1)
 	if s.log.Enabled(ctx, slog.LevelDebug) {
 		s.log.LogAttrs(ctx, slog.LevelDebug, "xDS snapshot published", slog.String("version", version), slog.Int("clusters", len(models)))
 	}
@@ -305,6 +332,7 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		}
 	case req.GetResponseNonce() != "":
 		st.acked[req.GetTypeUrl()] = s.parse(req.GetVersionInfo())
+		s.acks.Add(1)
 		s.refreshLocked()
 	}
 	node := st.node
@@ -313,6 +341,10 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		s.log.Info("Envoy connected to xDS", slog.String("node", node), slog.String("version_info", req.GetVersionInfo()))
 	}
 	if nack != nil {
+		s.nackN.Add(1)
+		if s.onNACK != nil {
+			s.onNACK(*nack)
+		}
 		s.log.Error("Envoy rejected an xDS update", slog.String("node", nack.Node), slog.String("type", nack.TypeURL),
 			slog.String("version", nack.Version), slog.String("error", nack.Error))
 	}

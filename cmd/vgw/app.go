@@ -2,20 +2,28 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
 
+	"github.com/vgw-project/vgw/admin"
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/manager"
+	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 	"github.com/vgw-project/vgw/xds"
 )
 
@@ -23,36 +31,65 @@ import (
 // service, wired as the architecture says and serving on their listeners.
 // vgw serve runs one; tests run one on loopback ports.
 type app struct {
-	cfg    *config.Config
+	cfgMu  sync.Mutex
+	cfg    *config.Config // guarded by cfgMu after start
 	log    *slog.Logger
+	level  *slog.LevelVar
 	mgr    *manager.Manager
 	routes *routes
 	xds    *xds.Server
 	ep     *extproc.Server
 	health *health.Server
 
-	extprocGRPC, xdsGRPC *grpc.Server
-	extprocAddr, xdsAddr net.Addr
-	serveErr             chan error
+	extprocGRPC, xdsGRPC, adminGRPC *grpc.Server
+	extprocAddr, xdsAddr, adminAddr net.Addr
+	httpAddr                        net.Addr
+	http                            *http.Server
+	serveErr                        chan error
+
+	events  *admin.Hub
+	metrics *admin.Metrics
+	ready   atomic.Bool
 
 	closeGPUs func()
 	stop      context.CancelFunc // ends the manager's loop and the xDS publisher
 	done      chan struct{}      // closed when the manager's loop has ended
 }
 
-// startApp builds vgw for cfg and starts serving. onEvent, when set, also
-// hears the manager's lifecycle events.
-func startApp(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event)) (*app, error) {
-	a := &app{cfg: cfg, log: log, serveErr: make(chan error, 2), done: make(chan struct{})}
-	// The xDS server hears of every lifecycle event of the manager; the
-	// manager exists before the server, so the hook looks it up.
+// appOptions are the settings of an app that do not come from the config.
+type appOptions struct {
+	// level is the live log level, which the admin service changes.
+	level *slog.LevelVar
+	// onEvent, when set, also hears the manager's lifecycle events.
+	onEvent func(manager.Event)
+	// adminToken, when set, guards the admin RPCs and /status.
+	adminToken string
+	// adminTLS, when set, serves the admin service over TLS.
+	adminTLS *tls.Config
+}
+
+// startApp builds vgw for cfg and starts serving.
+func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) {
+	if o.level == nil {
+		o.level = new(slog.LevelVar)
+		o.level.Set(cfg.SlogLevel())
+	}
+	a := &app{cfg: cfg, log: log, level: o.level, serveErr: make(chan error, 4), done: make(chan struct{}), events: admin.NewHub()}
+	// The xDS server, the event watchers and the metrics hear of every
+	// lifecycle event of the manager; the manager exists before the xDS
+	// server and the metrics, so the hook looks them up.
 	var xs atomic.Pointer[xds.Server]
+	var ms atomic.Pointer[admin.Metrics]
 	mgr, closeGPUs, err := newManager(cfg, log, func(e manager.Event) {
 		if x := xs.Load(); x != nil {
 			x.Notify()
 		}
-		if onEvent != nil {
-			onEvent(e)
+		a.events.Publish(admin.Event{Time: e.Time, Kind: e.Kind, Model: e.Model, Detail: e.Detail})
+		if m := ms.Load(); m != nil {
+			m.Event(e.Model, e.Kind, e.Took)
+		}
+		if o.onEvent != nil {
+			o.onEvent(e)
 		}
 	})
 	if err != nil {
@@ -64,28 +101,37 @@ func startApp(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event))
 		ConnectTimeout:      xds.DefaultSettings.ConnectTimeout,
 		HealthCheckInterval: cfg.Envoy.HealthCheckInterval.Std(),
 		NoEnvoyGrace:        cfg.Envoy.XDSGrace.Std(),
-	}, log)
+	}, log, xds.WithNACKHook(func(n xds.NACK) {
+		a.events.Publish(admin.Event{Time: n.Time, Kind: "xds_nack",
+			Detail: "Envoy " + n.Node + " rejected " + n.TypeURL + " version " + n.Version + ": " + n.Error})
+	}))
 	xs.Store(a.xds)
 	a.routes.xds = a.xds
+	var waits func(string, time.Duration)
 	a.ep = extproc.New(extprocModels(cfg), a.routes,
 		extproc.WithLogger(log),
 		extproc.WithMaxBody(int(cfg.MaxBodyBytes)),
 		extproc.WithLoadTimeout(cfg.LoadTimeout.Std()),
 		extproc.WithMessageTimeouts(cfg.Envoy.MessageTimeout.Std(), cfg.Envoy.MaxMessageTimeout.Std()),
+		extproc.WithWaitObserver(func(model string, d time.Duration) { waits(model, d) }),
 	)
+	svc := admin.NewService(admin.Deps{
+		Manager: mgr, Admission: a.ep, Envoys: a.xds, Level: o.level,
+		Config: func() *config.Config { return a.currentConfig() }, Cluster: ClusterName,
+		Events: a.events, Log: log, Version: version, Started: time.Now(),
+	})
+	a.metrics = admin.NewMetrics(svc)
+	a.metrics.Models(cfg.ModelNames())
+	ms.Store(a.metrics)
+	waits = a.metrics.QueueWait
 
-	xdsLis, err := net.Listen("tcp", cfg.Listen.XDS)
+	lis, err := listenAll(map[string]string{"xDS": cfg.Listen.XDS, "ext_proc": cfg.Listen.ExtProc, "admin": cfg.Listen.Admin, "HTTP": cfg.Listen.HTTP})
 	if err != nil {
 		closeGPUs()
-		return nil, fmt.Errorf("xDS listener: %w", err)
+		return nil, err
 	}
-	extprocLis, err := net.Listen("tcp", cfg.Listen.ExtProc)
-	if err != nil {
-		xdsLis.Close()
-		closeGPUs()
-		return nil, fmt.Errorf("ext_proc listener: %w", err)
-	}
-	a.xdsAddr, a.extprocAddr = xdsLis.Addr(), extprocLis.Addr()
+	xdsLis, extprocLis, adminLis, httpLis := lis["xDS"], lis["ext_proc"], lis["admin"], lis["HTTP"]
+	a.xdsAddr, a.extprocAddr, a.adminAddr, a.httpAddr = xdsLis.Addr(), extprocLis.Addr(), adminLis.Addr(), httpLis.Addr()
 
 	ctx, stop := context.WithCancel(context.Background())
 	a.stop = stop
@@ -104,9 +150,59 @@ func startApp(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event))
 	a.ep.Register(a.extprocGRPC)
 	a.health = health.NewServer()
 	healthpb.RegisterHealthServer(a.extprocGRPC, a.health)
+
+	// The admin service: the token (if any) on every Admin RPC, not on
+	// health or reflection, so probes and `grpcurl list` work without it.
+	var adminOpts []grpc.ServerOption
+	if o.adminToken != "" {
+		adminOpts = append(adminOpts, admin.TokenAuth(o.adminToken)...)
+	}
+	if o.adminTLS != nil {
+		adminOpts = append(adminOpts, grpc.Creds(credentials.NewTLS(o.adminTLS)))
+	}
+	a.adminGRPC = grpc.NewServer(adminOpts...)
+	adminv1.RegisterAdminServer(a.adminGRPC, svc)
+	healthpb.RegisterHealthServer(a.adminGRPC, health.NewServer())
+	reflection.Register(a.adminGRPC)
+	go svc.WatchRejections(ctx, time.Second)
+
+	a.http = &http.Server{
+		Handler:           admin.Handler(svc, a.metrics, admin.HTTPOptions{Token: o.adminToken, Ready: a.ready.Load}),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
 	go func() { a.serveErr <- a.xdsGRPC.Serve(xdsLis) }()
 	go func() { a.serveErr <- a.extprocGRPC.Serve(extprocLis) }()
+	go func() { a.serveErr <- a.adminGRPC.Serve(adminLis) }()
+	go func() {
+		if err := a.http.Serve(httpLis); !errors.Is(err, http.ErrServerClosed) {
+			a.serveErr <- err
+		}
+	}()
+	a.ready.Store(true)
 	return a, nil
+}
+
+// listenAll opens every listener, or none.
+func listenAll(addrs map[string]string) (map[string]net.Listener, error) {
+	out := map[string]net.Listener{}
+	for name, addr := range addrs {
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			for _, o := range out {
+				o.Close()
+			}
+			return nil, fmt.Errorf("%s listener on %s: %w", name, addr, err)
+		}
+		out[name] = l
+	}
+	return out, nil
+}
+
+// currentConfig is the config in force.
+func (a *app) currentConfig() *config.Config {
+	a.cfgMu.Lock()
+	defer a.cfgMu.Unlock()
+	return a.cfg
 }
 
 // reconfigure applies a reloaded config to every part.
@@ -114,16 +210,21 @@ func (a *app) reconfigure(cfg *config.Config) {
 	a.routes.set(cfg)
 	a.mgr.Update(cfg)
 	a.ep.SetModels(extprocModels(cfg))
+	a.metrics.Models(cfg.ModelNames())
 	a.xds.Notify()
+	a.cfgMu.Lock()
 	a.cfg = cfg
+	a.cfgMu.Unlock()
 }
 
 // shutdown answers new requests 503, lets those in flight finish for up to
 // shutdown_timeout, and stops. Fake sim servers are stopped too, as no
 // next vgw can adopt them; Docker's are left running for the next to adopt.
 func (a *app) shutdown() {
-	grace := a.cfg.ShutdownTimeout.Std()
+	cfg := a.currentConfig()
+	grace := cfg.ShutdownTimeout.Std()
 	a.log.Info("shutting down", slog.Duration("grace", grace))
+	a.ready.Store(false)
 	a.ep.SetDraining(true)
 	a.health.Shutdown()
 	done := make(chan struct{})
@@ -133,13 +234,16 @@ func (a *app) shutdown() {
 	case <-time.After(grace):
 		a.extprocGRPC.Stop()
 	}
-	if a.cfg.Runtime.Kind == "sim" {
+	if cfg.Runtime.Kind == "sim" {
 		stop, cancel := context.WithTimeout(context.Background(), grace)
 		a.mgr.StopAll(stop)
 		cancel()
 	}
-	// Stop, not GracefulStop: ADS streams never end by themselves.
+	// Stop, not GracefulStop: ADS and WatchEvents streams never end by
+	// themselves.
 	a.xdsGRPC.Stop()
+	a.adminGRPC.Stop()
+	a.http.Close()
 	a.stop()
 	<-a.done
 	a.closeGPUs()

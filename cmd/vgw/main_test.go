@@ -28,6 +28,10 @@ func TestMain(m *testing.M) {
 		os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
 	}
 	os.Setenv("VGW_TEST_MAIN", "1")
+	// A binary built with -race sleeps a second as it exits (GORACE's
+	// atexit_sleep_ms); the fake vLLM servers this binary becomes must
+	// stop as fast as real ones would, or every eviction takes a second.
+	os.Setenv("GORACE", strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
 	configPoll = 50 * time.Millisecond
 	os.Exit(m.Run())
 }
@@ -94,6 +98,13 @@ func (l *lockedBuffer) Write(p []byte) (int, error) {
 	return l.b.Write(p)
 }
 
+// String returns everything written so far.
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
 // lines returns the JSON log lines written so far.
 func (l *lockedBuffer) lines() []map[string]any {
 	l.mu.Lock()
@@ -119,7 +130,7 @@ func (l *lockedBuffer) waitFor(t *testing.T, msg string) map[string]any {
 		}
 		time.Sleep(5 * time.Millisecond) // polling interval
 	}
-	t.Fatalf("no log line %q in:\n%s", msg, l.b.String())
+	t.Fatalf("no log line %q in:\n%s", msg, l.String())
 	return nil
 }
 
@@ -143,7 +154,7 @@ func TestServe(t *testing.T) {
 	var logs lockedBuffer
 	exit := make(chan int)
 	go func() {
-		exit <- run(ctx, []string{"serve", "--config", cfgPath, "--extproc-addr", "127.0.0.1:0"}, io.Discard, &logs)
+		exit <- run(ctx, []string{"serve", "--config", cfgPath, "--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"}, io.Discard, &logs)
 	}()
 	addr, _ := logs.waitFor(t, "vgw serving")["extproc"].(string)
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))

@@ -2,14 +2,17 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
 	"time"
 
+	"github.com/vgw-project/vgw/admin"
 	"github.com/vgw-project/vgw/config"
 )
 
@@ -18,6 +21,11 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	path := fs.String("config", "", "the config file (required)")
 	extprocAddr := fs.String("extproc-addr", "", "ext_proc gRPC listen address (default: config, then $VGW_EXTPROC_ADDR, then "+config.Defaults.Listen.ExtProc+")")
 	xdsAddr := fs.String("xds-addr", "", "xDS (ADS) gRPC listen address (default: config, then $VGW_XDS_ADDR, then "+config.Defaults.Listen.XDS+")")
+	adminAddr := fs.String("admin-addr", "", "admin gRPC listen address (default: config, then $VGW_ADMIN_ADDR, then "+config.Defaults.Listen.Admin+")")
+	httpAddr := fs.String("http-addr", "", "HTTP listen address for /metrics, /status, /healthz, /readyz (default: config, then $VGW_HTTP_ADDR, then "+config.Defaults.Listen.HTTP+")")
+	tokenFile := fs.String("admin-token-file", "", "a file holding the token every admin RPC and /status must carry as 'authorization: Bearer TOKEN'")
+	tlsCert := fs.String("admin-tls-cert", "", "serve the admin gRPC service over TLS with this certificate (PEM); needs --admin-tls-key")
+	tlsKey := fs.String("admin-tls-key", "", "the private key (PEM) for --admin-tls-cert")
 	logLevel := fs.String("log-level", "", "log level: debug, info, warn or error (default: config)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -30,11 +38,10 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *extprocAddr != "" {
-		cfg.Listen.ExtProc = *extprocAddr
-	}
-	if *xdsAddr != "" {
-		cfg.Listen.XDS = *xdsAddr
+	for flag, addr := range map[*string]*string{extprocAddr: &cfg.Listen.ExtProc, xdsAddr: &cfg.Listen.XDS, adminAddr: &cfg.Listen.Admin, httpAddr: &cfg.Listen.HTTP} {
+		if *flag != "" {
+			*addr = *flag
+		}
 	}
 	level := new(slog.LevelVar)
 	level.Set(cfg.SlogLevel())
@@ -43,13 +50,31 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			return fmt.Errorf("--log-level: %w", err)
 		}
 	}
+	opts := appOptions{level: level}
+	if *tokenFile != "" {
+		if opts.adminToken, err = admin.ReadToken(*tokenFile); err != nil {
+			return err
+		}
+	}
+	if *tlsCert != "" || *tlsKey != "" {
+		cert, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
+		if err != nil {
+			return fmt.Errorf("--admin-tls-cert %q, --admin-tls-key %q: %w", *tlsCert, *tlsKey, err)
+		}
+		opts.adminTLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
 	log := slog.New(newHandler(cfg.LogFormat, stderr, level))
 
-	a, err := startApp(cfg, log, nil)
+	a, err := startApp(cfg, log, opts)
 	if err != nil {
 		return err
 	}
+	if opts.adminToken == "" && !isLoopback(a.adminAddr) {
+		log.Warn("the admin service listens beyond loopback with no token: anyone who reaches it can load, unload and drain models; see --admin-token-file",
+			slog.String("admin", a.adminAddr.String()))
+	}
 	log.Info("vgw serving", slog.String("config", cfg.Path), slog.String("extproc", a.extprocAddr.String()), slog.String("xds", a.xdsAddr.String()),
+		slog.String("admin", a.adminAddr.String()), slog.String("http", a.httpAddr.String()), slog.Bool("admin_token", opts.adminToken != ""), slog.Bool("admin_tls", opts.adminTLS != nil),
 		slog.String("runtime", cfg.Runtime.Kind), slog.Int("models", len(cfg.Models)), slog.String("version", version))
 
 	hup := make(chan os.Signal, 1)
@@ -107,13 +132,16 @@ func (r *reloader) reload(why string) {
 		return
 	}
 	old := r.cfg
+	// The level follows the file only when the file's level changed, so a
+	// level an operator set with SetLogLevel survives an unrelated edit.
+	levelChanged := cfg.LogLevel != old.LogLevel
 	if cfg.Listen != old.Listen || cfg.MaxBodyBytes != old.MaxBodyBytes || cfg.Envoy != old.Envoy || cfg.Runtime.Kind != old.Runtime.Kind {
 		r.log.Warn("config reloaded, but listeners, max_body_bytes, envoy settings and the runtime change only on restart")
 		cfg.Listen, cfg.MaxBodyBytes, cfg.Envoy, cfg.Runtime.Kind = old.Listen, old.MaxBodyBytes, old.Envoy, old.Runtime.Kind
 	}
 	cfg.GPUs = old.GPUs
 	r.app.reconfigure(cfg)
-	if !r.levelPinned {
+	if !r.levelPinned && levelChanged {
 		r.level.Set(cfg.SlogLevel())
 	}
 	r.cfg = cfg
@@ -126,4 +154,10 @@ func newHandler(format string, w io.Writer, level slog.Leveler) slog.Handler {
 		return slog.NewTextHandler(w, opts)
 	}
 	return slog.NewJSONHandler(w, opts)
+}
+
+// isLoopback reports whether addr is a loopback address.
+func isLoopback(addr net.Addr) bool {
+	t, ok := addr.(*net.TCPAddr)
+	return ok && t.IP.IsLoopback()
 }

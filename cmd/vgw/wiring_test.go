@@ -5,7 +5,6 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -24,15 +23,11 @@ import (
 )
 
 // stack is a whole vgw (startApp, as vgw serve runs it) on loopback
-// ports, with an Envoy played in two parts: an ext_proc client that
-// follows envoy/envoy.yaml, and an ADS client under the same node id whose
-// endpoints are where the ext_proc client's requests go, as Envoy's router
-// would send them.
+// ports, with an Envoy in front of it.
 type stack struct {
+	*fakeEnvoy
 	app   *app
 	mgr   *manager.Manager
-	env   *extproctest.Envoy
-	ads   *xdstest.Client
 	loads func(model string) int
 }
 
@@ -42,58 +37,74 @@ func startStack(t testing.TB, yaml string) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Listen.ExtProc, cfg.Listen.XDS = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.Listen = config.Listen{ExtProc: "127.0.0.1:0", XDS: "127.0.0.1:0", Admin: "127.0.0.1:0", HTTP: "127.0.0.1:0"}
 	var mu sync.Mutex
 	loads := map[string]int{}
-	a, err := startApp(cfg, slog.New(slog.DiscardHandler), func(e manager.Event) {
-		if e.Kind == "load_started" {
+	a, err := startApp(cfg, slog.New(slog.DiscardHandler), appOptions{onEvent: func(e manager.Event) {
+		if e.Kind == manager.EventLoadStarted {
 			mu.Lock()
 			loads[e.Model]++
 			mu.Unlock()
 		}
-	})
+	}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(a.shutdown)
-	s := &stack{app: a, mgr: a.mgr}
+	s := &stack{app: a, mgr: a.mgr, fakeEnvoy: newFakeEnvoy(t, a.extprocAddr.String(), a.xdsAddr.String())}
 	s.loads = func(model string) int { mu.Lock(); defer mu.Unlock(); return loads[model] }
+	return s
+}
 
+// fakeEnvoy plays Envoy in two parts: an ext_proc client that follows
+// envoy/envoy.yaml, and an ADS client under the same node id whose
+// endpoints are where the ext_proc client's requests go, as Envoy's router
+// would send them.
+type fakeEnvoy struct {
+	env *extproctest.Envoy
+	ads *xdstest.Client
+}
+
+// newFakeEnvoy connects an Envoy to vgw's ext_proc and xDS addresses and
+// waits for its first xDS config.
+func newFakeEnvoy(t testing.TB, extprocAddr, xdsAddr string) *fakeEnvoy {
+	t.Helper()
 	b, err := envoy.Load("../../envoy/envoy.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
 	epc, _ := envoy.ExtProc(b)
 	filter := extproctest.FilterFrom(epc)
-	dial := func(addr net.Addr) *grpc.ClientConn {
-		conn, err := grpc.NewClient(addr.String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	dial := func(addr string) *grpc.ClientConn {
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { conn.Close() })
 		return conn
 	}
-	s.ads, err = xdstest.Dial(context.Background(), dial(a.xdsAddr), b.GetNode().GetId())
+	e := &fakeEnvoy{}
+	e.ads, err = xdstest.Dial(context.Background(), dial(xdsAddr), b.GetNode().GetId())
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(s.ads.Close)
+	t.Cleanup(e.ads.Close)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := s.ads.Wait(ctx, func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" }); err != nil {
+	if err := e.ads.Wait(ctx, func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" }); err != nil {
 		t.Fatalf("the Envoy never got its first xDS config: %v", err)
 	}
-	s.env = extproctest.New(dial(a.extprocAddr), filter, s.upstream)
-	return s
+	e.env = extproctest.New(dial(extprocAddr), filter, e.upstream)
+	return e
 }
 
 // upstream is Envoy's router: the request goes to an endpoint of its
 // cluster as xDS told the Envoy, or fails as "no healthy upstream".
-func (s *stack) upstream(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
-	if s.ads.Cluster(f.Cluster) == nil {
+func (e *fakeEnvoy) upstream(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
+	if e.ads.Cluster(f.Cluster) == nil {
 		return &extproctest.Response{Status: 503, Body: []byte("cluster not found")}, nil // NC
 	}
-	eps := s.ads.Endpoints(f.Cluster)
+	eps := e.ads.Endpoints(f.Cluster)
 	if len(eps) == 0 {
 		return nil, io.ErrUnexpectedEOF // UH
 	}
@@ -107,7 +118,7 @@ func (s *stack) upstream(ctx context.Context, f *extproctest.Forwarded) (*extpro
 	return &extproctest.Response{Status: resp.StatusCode, Body: body}, nil
 }
 
-func (s *stack) ask(t testing.TB, model string) *extproctest.Result {
+func (s *fakeEnvoy) ask(t testing.TB, model string) *extproctest.Result {
 	t.Helper()
 	res, err := s.env.Do(context.Background(), extproctest.Request{Body: []byte(`{"model":"` + model + `","messages":[],"max_tokens":2}`)})
 	if err != nil {

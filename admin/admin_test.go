@@ -1,0 +1,514 @@
+package admin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/vgw-project/vgw/admin/admintest"
+	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/extproc"
+	"github.com/vgw-project/vgw/manager"
+	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
+	"github.com/vgw-project/vgw/xds"
+)
+
+// fakes stand in for the manager, the request path and the xDS server;
+// the whole of vgw is tested in cmd/vgw against the real ones.
+type fakeManager struct {
+	mu      sync.Mutex
+	models  []manager.ModelStatus
+	gpus    []manager.GPUStatus
+	loadErr error
+	pinned  map[string]bool
+}
+
+func (f *fakeManager) Status() []manager.ModelStatus {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := append([]manager.ModelStatus(nil), f.models...)
+	for i := range out {
+		out[i].Pinned = f.pinned[out[i].Name]
+	}
+	return out
+}
+func (f *fakeManager) GPUs() []manager.GPUStatus { return f.gpus }
+func (f *fakeManager) Load(_ context.Context, name string, _ bool) error {
+	if f.loadErr != nil {
+		return f.loadErr
+	}
+	return f.known(name)
+}
+func (f *fakeManager) Unload(name string) error { return f.known(name) }
+func (f *fakeManager) Pin(name string, on bool) error {
+	if err := f.known(name); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pinned[name] = on
+	return nil
+}
+func (f *fakeManager) known(name string) error {
+	for _, m := range f.models {
+		if m.Name == name {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %s", manager.ErrUnknownModel, name)
+}
+
+type fakeAdmission struct {
+	mu       sync.Mutex
+	counts   map[string]extproc.Counts
+	reads    int // calls to Counts
+	draining bool
+}
+
+func (f *fakeAdmission) AllStats() map[string]extproc.GateStats {
+	return map[string]extproc.GateStats{"llama": {Limits: extproc.Limits{MaxConcurrent: 8, MaxQueue: 32}, InFlight: 3, Queued: 2}}
+}
+func (f *fakeAdmission) Counts() map[string]extproc.Counts {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.reads++
+	out := map[string]extproc.Counts{}
+	for k, v := range f.counts {
+		c := extproc.Counts{Outcomes: map[extproc.Outcome]uint64{}, Statuses: map[int]uint64{}}
+		for o, n := range v.Outcomes {
+			c.Outcomes[o] = n
+		}
+		for s, n := range v.Statuses {
+			c.Statuses[s] = n
+		}
+		out[k] = c
+	}
+	return out
+}
+
+// reject counts n answers of each status for model, at once.
+func (f *fakeAdmission) reject(model string, n map[int]uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c, ok := f.counts[model]
+	if !ok {
+		c = extproc.Counts{Outcomes: map[extproc.Outcome]uint64{}, Statuses: map[int]uint64{}}
+		f.counts[model] = c
+	}
+	for status, k := range n {
+		c.Statuses[status] += k
+		c.Outcomes[extproc.OutcomeRejected] += k
+	}
+}
+func (f *fakeAdmission) Decisions() *extproc.DecisionLog { return extproc.NewDecisionLog(8) }
+func (f *fakeAdmission) SetDraining(on bool)             { f.mu.Lock(); f.draining = on; f.mu.Unlock() }
+func (f *fakeAdmission) Draining() bool                  { f.mu.Lock(); defer f.mu.Unlock(); return f.draining }
+
+type fakeEnvoys struct{}
+
+func (fakeEnvoys) Status() ([]xds.NodeStatus, []xds.NACK) {
+	n := xds.NACK{Node: "edge-1", TypeURL: "type.googleapis.com/envoy.config.cluster.v3.Cluster", Version: "v7", Error: "bad cluster"}
+	return []xds.NodeStatus{{Node: "edge-1", Streams: 1, Clusters: "v8", Routes: "v8", LastNACK: &n}}, []xds.NACK{n}
+}
+func (fakeEnvoys) Version() string        { return "v8" }
+func (fakeEnvoys) Counters() xds.Counters { return xds.Counters{Pushes: 8, ACKs: 15, NACKs: 1} }
+
+const secret = "hf_do-not-show-me"
+
+func newTestService(t *testing.T) (*Service, *fakeManager, *fakeAdmission) {
+	t.Helper()
+	cfg, err := config.Parse("vgw.yaml", []byte(`runtime: {kind: sim, env: {HF_TOKEN: `+secret+`}}
+gpus: [{name: g, memory: 80GiB}]
+models:
+  llama: {vram: 20GiB, env: {HF_TOKEN: `+secret+`}}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgr := &fakeManager{
+		models: []manager.ModelStatus{{Name: "llama", State: manager.Ready, GPUs: []int{0}, Addr: "127.0.0.1:8001", PerGPU: 20 << 30, Footprint: "declared"}},
+		gpus:   []manager.GPUStatus{{GPU: manager.GPU{Index: 0, Name: "g", Total: 80 << 30}, Used: 20 << 30}},
+		pinned: map[string]bool{},
+	}
+	adm := &fakeAdmission{counts: map[string]extproc.Counts{}}
+	level := new(slog.LevelVar)
+	svc := NewService(Deps{
+		Manager: mgr, Admission: adm, Envoys: fakeEnvoys{}, Level: level,
+		Config: func() *config.Config { return cfg }, Cluster: func(m string) string { return "model/" + m },
+		Events: NewHub(), Log: slog.New(slog.DiscardHandler), Version: "test", Started: time.Now(),
+	})
+	return svc, mgr, adm
+}
+
+func TestStatus(t *testing.T) {
+	svc, _, _ := newTestService(t)
+	st := svc.Status()
+	if len(st.Gpus) != 1 || st.Gpus[0].FreeBytes != 60<<30 || st.Gpus[0].UsedBytes != 20<<30 {
+		t.Errorf("gpus %v", st.Gpus)
+	}
+	if len(st.Models) != 1 {
+		t.Fatalf("models %v", st.Models)
+	}
+	m := st.Models[0]
+	if m.State != "ready" || m.Cluster != "model/llama" || m.InFlight != 0 || m.QueueDepth != 2 || m.MaxConcurrent != 8 || m.LastUsed != nil {
+		t.Errorf("model %v", m)
+	}
+	if len(st.Envoys) != 1 || st.Envoys[0].LastNack.GetError() != "bad cluster" || st.Envoys[0].ClustersVersion != "v8" {
+		t.Errorf("envoys %v", st.Envoys)
+	}
+	if st.Config.LogLevel != "info" {
+		t.Errorf("log level %q", st.Config.LogLevel)
+	}
+	if strings.Contains(st.String(), secret) {
+		t.Errorf("status shows a secret: %v", st)
+	}
+}
+
+func TestGRPCError(t *testing.T) {
+	tests := []struct {
+		err  error
+		code codes.Code
+	}{
+		{fmt.Errorf("%w: x", manager.ErrUnknownModel), codes.NotFound},
+		{fmt.Errorf("waiting: %w", context.DeadlineExceeded), codes.DeadlineExceeded},
+		{context.Canceled, codes.Canceled},
+		{&manager.NoRoom{Model: "x"}, codes.Unavailable},
+		{&manager.LoadError{Model: "x", Err: errors.New("exit 1")}, codes.Unavailable},
+		{errors.New("odd"), codes.Internal},
+	}
+	for _, tt := range tests {
+		if got := status.Code(grpcError(tt.err)); got != tt.code {
+			t.Errorf("%v: %v, want %v", tt.err, got, tt.code)
+		}
+	}
+	if grpcError(nil) != nil {
+		t.Error("nil error mapped to an error")
+	}
+}
+
+func TestReadToken(t *testing.T) {
+	dir := t.TempDir()
+	tests := []struct {
+		content, want string
+		fails         bool
+	}{
+		{content: "s3cret\n", want: "s3cret"},
+		{content: "  s3cret  \nsecond line\n", want: "s3cret"},
+		{content: "\n", fails: true},
+		{content: "", fails: true},
+	}
+	for i, tt := range tests {
+		p := filepath.Join(dir, fmt.Sprint(i))
+		os.WriteFile(p, []byte(tt.content), 0o600)
+		got, err := ReadToken(p)
+		if (err != nil) != tt.fails || got != tt.want {
+			t.Errorf("%q: %q, %v", tt.content, got, err)
+		}
+	}
+	if _, err := ReadToken(filepath.Join(dir, "missing")); err == nil {
+		t.Error("a missing file gave a token")
+	}
+}
+
+// TestTokenAuth serves the admin service with a token over real gRPC: every
+// Admin RPC needs it, health does not, and a refusal never echoes what
+// was sent.
+func TestTokenAuth(t *testing.T) {
+	svc, _, _ := newTestService(t)
+	const token = "right-token"
+	srv := grpc.NewServer(TokenAuth(token)...)
+	adminv1.RegisterAdminServer(srv, svc)
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(lis)
+	t.Cleanup(srv.Stop)
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	client := adminv1.NewAdminClient(conn)
+
+	tests := []struct {
+		name   string
+		header []string
+		code   codes.Code
+	}{
+		{"none", nil, codes.Unauthenticated},
+		{"wrong", []string{"authorization", "Bearer wrong-token"}, codes.Unauthenticated},
+		{"prefix of the right one", []string{"authorization", "Bearer right"}, codes.Unauthenticated},
+		{"no Bearer", []string{"authorization", token}, codes.Unauthenticated},
+		{"right", []string{"authorization", "Bearer " + token}, codes.OK},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := metadata.AppendToOutgoingContext(context.Background(), tt.header...)
+			_, err := client.GetStatus(ctx, &adminv1.GetStatusRequest{})
+			if status.Code(err) != tt.code {
+				t.Fatalf("GetStatus: %v, want %v", err, tt.code)
+			}
+			if err != nil && strings.Contains(err.Error(), "wrong-token") {
+				t.Errorf("the refusal echoes the token sent: %v", err)
+			}
+			// The stream RPC is guarded too; its first event says it is live.
+			sctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			stream, err := client.WatchEvents(sctx, &adminv1.WatchEventsRequest{})
+			var e *adminv1.Event
+			if err == nil {
+				e, err = stream.Recv()
+			}
+			if status.Code(err) != tt.code || tt.code == codes.OK && e.GetKind() != "watching" {
+				t.Errorf("WatchEvents: %v %v, want %v", e, err, tt.code)
+			}
+		})
+	}
+	if _, err := healthpb.NewHealthClient(conn).Check(context.Background(), &healthpb.HealthCheckRequest{}); err != nil {
+		t.Errorf("health needs no token, got %v", err)
+	}
+}
+
+func TestActions(t *testing.T) {
+	svc, mgr, adm := newTestService(t)
+	ctx := context.Background()
+	if _, err := svc.PinModel(ctx, &adminv1.PinModelRequest{Model: "llama"}); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := svc.ListModels(ctx, nil); !r.Models[0].Pinned {
+		t.Error("not pinned after PinModel")
+	}
+	if r, err := svc.UnpinModel(ctx, &adminv1.UnpinModelRequest{Model: "llama"}); err != nil || r.Model.Pinned {
+		t.Errorf("UnpinModel: %v %v", r, err)
+	}
+	if _, err := svc.PinModel(ctx, &adminv1.PinModelRequest{Model: "nope"}); status.Code(err) != codes.NotFound {
+		t.Errorf("pin of an unknown model: %v", err)
+	}
+	mgr.loadErr = &manager.NoRoom{Model: "llama"}
+	if _, err := svc.LoadModel(ctx, &adminv1.LoadModelRequest{Model: "llama"}); status.Code(err) != codes.Unavailable {
+		t.Errorf("load with no room: %v", err)
+	}
+
+	r, err := svc.SetLogLevel(ctx, &adminv1.SetLogLevelRequest{Level: "debug"})
+	if err != nil || r.Previous != "info" || r.Level != "debug" || svc.d.Level.Level() != slog.LevelDebug {
+		t.Errorf("SetLogLevel: %v %v", r, err)
+	}
+	if svc.Status().Config.LogLevel != "debug" {
+		t.Error("status does not show the new level")
+	}
+	if _, err := svc.SetLogLevel(ctx, &adminv1.SetLogLevelRequest{Level: "loud"}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("bad level: %v", err)
+	}
+	if _, err := svc.ListDecisions(ctx, &adminv1.ListDecisionsRequest{Outcome: "maybe"}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("bad outcome: %v", err)
+	}
+
+	d, err := svc.Drain(ctx, &adminv1.DrainRequest{Drain: true})
+	if err != nil || !d.Draining || d.InFlight != 3 || !adm.Draining() {
+		t.Errorf("Drain: %v %v", d, err)
+	}
+	if d, _ := svc.Drain(ctx, &adminv1.DrainRequest{}); d.Draining || adm.Draining() {
+		t.Error("still draining after drain=false")
+	}
+}
+
+func TestHub(t *testing.T) {
+	h := NewHub()
+	ctx, cancel := context.WithCancel(context.Background())
+	all := h.Watch(ctx, "")
+	llama := h.Watch(ctx, "llama")
+	h.Publish(Event{Kind: "ready", Model: "qwen"})
+	h.Publish(Event{Kind: "ready", Model: "llama"})
+	if e := <-all; e.Model != "qwen" {
+		t.Errorf("all: %v", e)
+	}
+	if e := <-all; e.Model != "llama" {
+		t.Errorf("all: %v", e)
+	}
+	if e := <-llama; e.Model != "llama" {
+		t.Errorf("llama watcher got %v", e)
+	}
+	cancel()
+	for range all {
+	}
+	for range llama {
+	}
+}
+
+// TestHubSlowWatcher: a watcher that does not read loses events without
+// holding up Publish, and is told how many it lost.
+func TestHubSlowWatcher(t *testing.T) {
+	h := NewHub()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	slow := h.Watch(ctx, "")
+	// Past the buffer, plus what the forwarding goroutine holds.
+	const sent = watcherBuffer + 50
+	for i := range sent {
+		h.Publish(Event{Kind: "ready", Model: fmt.Sprint(i)})
+	}
+	// Reading now frees room; the next event brings the count of those lost.
+	got := 0
+	for got < watcherBuffer {
+		<-slow
+		got++
+	}
+	h.Publish(Event{Kind: "ready", Model: "last"})
+	var dropped Event
+	for e := range slow {
+		got++
+		if e.Kind == "dropped" {
+			dropped = e
+			break
+		}
+	}
+	if dropped.Kind != "dropped" || !strings.Contains(dropped.Detail, "events were dropped") {
+		t.Fatalf("no dropped notice; got %d events", got)
+	}
+	var n int
+	fmt.Sscanf(dropped.Detail, "%d", &n)
+	if delivered := got - 1; delivered+n != sent {
+		t.Errorf("%d delivered + %d dropped != %d sent", delivered, n, sent)
+	}
+	if e := <-slow; e.Model != "last" {
+		t.Errorf("after the notice: %v", e)
+	}
+}
+
+// TestWatchRejections: a burst of errors in a second becomes one event per
+// model that names the statuses; a quiet second publishes nothing.
+func TestWatchRejections(t *testing.T) {
+	svc, _, adm := newTestService(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events := svc.d.Events.Watch(ctx, "")
+	go svc.WatchRejections(ctx, 5*time.Millisecond)
+	// Count only once it has taken the counts it compares with.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) { // polling interval
+		adm.mu.Lock()
+		n := adm.reads
+		adm.mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("WatchRejections never read the counts")
+		}
+	}
+	adm.reject("llama", map[int]uint64{429: 12, 503: 1})
+	e := <-events
+	if e.Kind != "rejected" || e.Model != "llama" || !strings.HasPrefix(e.Detail, "12 answered 429, 1 answered 503 in the last") {
+		t.Fatalf("event %+v", e)
+	}
+	adm.reject("", map[int]uint64{404: 2})
+	for e := range events {
+		if e.Model == "" {
+			if !strings.Contains(e.Detail, "2 answered 404") {
+				t.Errorf("unknown-model burst: %+v", e)
+			}
+			break
+		}
+	}
+}
+
+func TestHTTP(t *testing.T) {
+	svc, _, _ := newTestService(t)
+	m := NewMetrics(svc)
+	m.Models([]string{"llama"})
+	m.Event("llama", manager.EventReady, 1500*time.Millisecond)
+	m.QueueWait("llama", 40*time.Millisecond)
+	ready := false
+	srv := httptest.NewServer(Handler(svc, m, HTTPOptions{Token: "tok", Ready: func() bool { return ready }}))
+	defer srv.Close()
+
+	get := func(path, token string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", srv.URL+path, nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	tests := []struct {
+		path, token string
+		code        int
+		body        string
+	}{
+		{"/healthz", "", 200, "ok"},
+		{"/readyz", "", 503, "not ready"},
+		{"/status", "", 401, "Bearer"},
+		{"/status", "wrong", 401, ""},
+		{"/status", "tok", 200, `"logLevel"`},
+	}
+	for _, tt := range tests {
+		code, body := get(tt.path, tt.token)
+		if code != tt.code || !strings.Contains(body, tt.body) {
+			t.Errorf("%s (token %q): %d %q", tt.path, tt.token, code, body)
+		}
+		if strings.Contains(body, secret) {
+			t.Errorf("%s shows a secret", tt.path)
+		}
+	}
+	_, body := get("/status", "tok")
+	var page adminv1.Status
+	if err := protojson.Unmarshal([]byte(body), &page); err != nil || page.GetConfig().GetLogLevel() != "info" || page.GetModels()[0].GetName() != "llama" {
+		t.Errorf("/status: %v\n%s", err, body)
+	}
+	ready = true
+	if code, _ := get("/readyz", ""); code != 200 {
+		t.Errorf("/readyz once ready: %d", code)
+	}
+
+	_, body = get("/metrics", "")
+	got, err := admintest.Parse(strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("/metrics: %v", err)
+	}
+	want := map[string]float64{
+		`vgw_gpu_memory_used_bytes{gpu="0",name="g",uuid=""}`:  20 << 30,
+		`vgw_gpu_memory_total_bytes{gpu="0",name="g",uuid=""}`: 80 << 30,
+		`vgw_in_flight{model="llama"}`:                         3,
+		`vgw_queue_depth{model="llama"}`:                       2,
+		`vgw_xds_pushes_total`:                                 8,
+		`vgw_xds_acks_total`:                                   15,
+		`vgw_xds_nacks_total`:                                  1,
+		`vgw_model_events_total{kind="crashed",model="llama"}`: 0,
+		`vgw_model_events_total{kind="ready",model="llama"}`:   1,
+		`vgw_model_state{model="llama",state="ready"}`:         1,
+		`vgw_model_load_seconds_count{model="llama"}`:          1,
+		`vgw_queue_wait_seconds_count{model="llama"}`:          1,
+	}
+	for k, v := range want {
+		if g, ok := got[k]; !ok || g != v {
+			t.Errorf("%s = %v (present %v), want %v", k, g, ok, v)
+		}
+	}
+}

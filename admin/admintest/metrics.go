@@ -1,0 +1,74 @@
+// Package admintest reads vgw's admin surfaces in tests: the Prometheus
+// text that /metrics serves, as a flat map a test can assert on.
+package admintest
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"strings"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+)
+
+// Samples are the values of a scrape, keyed by series as Prometheus
+// writes them: name{label="value",...} with labels sorted by name.
+// Histograms give NAME_count and NAME_sum; a counter or gauge its value.
+type Samples map[string]float64
+
+// Parse reads Prometheus text exposition format with Prometheus's own
+// parser, so what it accepts a Prometheus server accepts.
+func Parse(r io.Reader) (Samples, error) {
+	// Legacy validation: names a Prometheus of any version accepts.
+	p := expfmt.NewTextParser(model.LegacyValidation)
+	families, err := p.TextToMetricFamilies(r)
+	if err != nil {
+		return nil, fmt.Errorf("parse Prometheus text: %w", err)
+	}
+	out := Samples{}
+	for name, f := range families {
+		for _, m := range f.GetMetric() {
+			labels := series(m.GetLabel())
+			switch f.GetType() {
+			case dto.MetricType_COUNTER:
+				out[name+labels] = m.GetCounter().GetValue()
+			case dto.MetricType_GAUGE:
+				out[name+labels] = m.GetGauge().GetValue()
+			case dto.MetricType_HISTOGRAM:
+				out[name+"_count"+labels] = float64(m.GetHistogram().GetSampleCount())
+				out[name+"_sum"+labels] = m.GetHistogram().GetSampleSum()
+			case dto.MetricType_UNTYPED:
+				out[name+labels] = m.GetUntyped().GetValue()
+			}
+		}
+	}
+	return out, nil
+}
+
+// Scrape fetches and parses url.
+func Scrape(url string) (Samples, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("scrape %s: %s", url, resp.Status)
+	}
+	return Parse(resp.Body)
+}
+
+func series(labels []*dto.LabelPair) string {
+	if len(labels) == 0 {
+		return ""
+	}
+	parts := make([]string, len(labels))
+	for i, l := range labels {
+		parts[i] = fmt.Sprintf("%s=%q", l.GetName(), l.GetValue())
+	}
+	sort.Strings(parts)
+	return "{" + strings.Join(parts, ",") + "}"
+}

@@ -1,0 +1,143 @@
+package admin
+
+import (
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/vgw-project/vgw/manager"
+)
+
+// Metrics are vgw's Prometheus metrics. Counts the request path keeps
+// anyway (decisions, queue depth, in flight) and the GPU readings are read
+// when Prometheus scrapes, so the request path pays one atomic add per
+// decision and nothing more; histograms and lifecycle counters are fed as
+// things happen.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	queueWait *prometheus.HistogramVec
+	loadTime  *prometheus.HistogramVec
+	lifecycle *prometheus.CounterVec
+}
+
+// NewMetrics registers vgw's metrics, and Go's and the process's, in a
+// registry of their own.
+func NewMetrics(svc *Service) *Metrics {
+	m := &Metrics{
+		Registry: prometheus.NewRegistry(),
+		queueWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "vgw_queue_wait_seconds",
+			Help:    "How long requests waited, for a slot or for their model to load, whatever became of them.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 18), // 5 ms to about 11 min
+		}, []string{"model"}),
+		loadTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "vgw_model_load_seconds",
+			Help:    "How long loading a model took, from starting its server to its /health answering 200.",
+			Buckets: prometheus.ExponentialBuckets(0.1, 2, 14), // 100 ms to about 14 min
+		}, []string{"model"}),
+		lifecycle: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vgw_model_events_total",
+			Help: "Model lifecycle events by kind: " + strings.Join(manager.EventKinds, ", ") + ".",
+		}, []string{"model", "kind"}),
+	}
+	m.Registry.MustRegister(m.queueWait, m.loadTime, m.lifecycle, &collector{svc: svc},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Models starts every lifecycle counter of each model at zero, so that an
+// alert on, say, increase(vgw_model_events_total{kind="crashed"}[10m])
+// sees a series from the start rather than none until the first crash.
+func (m *Metrics) Models(names []string) {
+	for _, name := range names {
+		for _, kind := range manager.EventKinds {
+			m.lifecycle.WithLabelValues(name, kind)
+		}
+	}
+}
+
+// QueueWait records a request's wait; give it to extproc.WithWaitObserver.
+func (m *Metrics) QueueWait(model string, d time.Duration) {
+	m.queueWait.WithLabelValues(model).Observe(d.Seconds())
+}
+
+// Event counts a lifecycle event, and a load's duration.
+func (m *Metrics) Event(model, kind string, took time.Duration) {
+	m.lifecycle.WithLabelValues(model, kind).Inc()
+	if kind == manager.EventReady && took > 0 {
+		m.loadTime.WithLabelValues(model).Observe(took.Seconds())
+	}
+}
+
+var (
+	descDecisions = prometheus.NewDesc("vgw_decisions_total", "Admission decisions by model and outcome (admitted, queued, rejected, timed_out, abandoned); model is empty for requests that named no configured model.", []string{"model", "outcome"}, nil)
+	descAnswers   = prometheus.NewDesc("vgw_answers_total", "Answers vgw gave itself instead of sending the request on, by model and HTTP status (0: another status).", []string{"model", "status"}, nil)
+	descQueue     = prometheus.NewDesc("vgw_queue_depth", "Requests waiting for a slot, by model.", []string{"model"}, nil)
+	descInFlight  = prometheus.NewDesc("vgw_in_flight", "Requests holding a slot (sent on, or waiting for their model to load), by model.", []string{"model"}, nil)
+	descLimit     = prometheus.NewDesc("vgw_max_concurrent", "The model's limit on requests in flight.", []string{"model"}, nil)
+	descState     = prometheus.NewDesc("vgw_model_state", "1 for the state each model is in: stopped, loading, ready, draining.", []string{"model", "state"}, nil)
+	descGPUUsed   = prometheus.NewDesc("vgw_gpu_memory_used_bytes", "GPU memory in use at the latest reading.", []string{"gpu", "name", "uuid"}, nil)
+	descGPUTotal  = prometheus.NewDesc("vgw_gpu_memory_total_bytes", "GPU memory in all.", []string{"gpu", "name", "uuid"}, nil)
+	descPushes    = prometheus.NewDesc("vgw_xds_pushes_total", "xDS snapshots published.", nil, nil)
+	descACKs      = prometheus.NewDesc("vgw_xds_acks_total", "xDS responses Envoys acknowledged.", nil, nil)
+	descNACKs     = prometheus.NewDesc("vgw_xds_nacks_total", "xDS responses Envoys rejected.", nil, nil)
+	descEnvoys    = prometheus.NewDesc("vgw_xds_envoys", "Envoys connected to xDS.", nil, nil)
+	descDraining  = prometheus.NewDesc("vgw_draining", "1 while vgw admits no new requests.", nil, nil)
+)
+
+// collector reads what the request path, the manager and xDS keep, at
+// scrape time.
+type collector struct{ svc *Service }
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descDecisions, descAnswers, descQueue, descInFlight, descLimit, descState,
+		descGPUUsed, descGPUTotal, descPushes, descACKs, descNACKs, descEnvoys, descDraining} {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	d := c.svc.d
+	for model, counts := range d.Admission.Counts() {
+		for o, n := range counts.Outcomes {
+			ch <- prometheus.MustNewConstMetric(descDecisions, prometheus.CounterValue, float64(n), model, o.String())
+		}
+		for st, n := range counts.Statuses {
+			ch <- prometheus.MustNewConstMetric(descAnswers, prometheus.CounterValue, float64(n), model, strconv.Itoa(st))
+		}
+	}
+	for model, g := range d.Admission.AllStats() {
+		ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(g.Queued), model)
+		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(g.InFlight), model)
+		ch <- prometheus.MustNewConstMetric(descLimit, prometheus.GaugeValue, float64(g.Limits.MaxConcurrent), model)
+	}
+	for _, m := range d.Manager.Status() {
+		for _, s := range []string{"stopped", "loading", "ready", "draining"} {
+			v := 0.0
+			if m.State.String() == s {
+				v = 1
+			}
+			ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, v, m.Name, s)
+		}
+	}
+	for _, g := range d.Manager.GPUs() {
+		i := strconv.Itoa(g.Index)
+		ch <- prometheus.MustNewConstMetric(descGPUUsed, prometheus.GaugeValue, float64(g.Used), i, g.Name, g.UUID)
+		ch <- prometheus.MustNewConstMetric(descGPUTotal, prometheus.GaugeValue, float64(g.Total), i, g.Name, g.UUID)
+	}
+	x := d.Envoys.Counters()
+	ch <- prometheus.MustNewConstMetric(descPushes, prometheus.CounterValue, float64(x.Pushes))
+	ch <- prometheus.MustNewConstMetric(descACKs, prometheus.CounterValue, float64(x.ACKs))
+	ch <- prometheus.MustNewConstMetric(descNACKs, prometheus.CounterValue, float64(x.NACKs))
+	nodes, _ := d.Envoys.Status()
+	ch <- prometheus.MustNewConstMetric(descEnvoys, prometheus.GaugeValue, float64(len(nodes)))
+	draining := 0.0
+	if d.Admission.Draining() {
+		draining = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descDraining, prometheus.GaugeValue, draining)
+}

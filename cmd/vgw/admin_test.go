@@ -1,0 +1,438 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"go/build"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+
+	"github.com/vgw-project/vgw/admin/admintest"
+	"github.com/vgw-project/vgw/extproc/extproctest"
+	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
+)
+
+// grpcurlPath finds the grpcurl binary that `make tools` installs (pinned
+// in the Makefile): the tests drive vgw with it as operators do.
+func grpcurlPath(t *testing.T) string {
+	t.Helper()
+	if p, err := exec.LookPath("grpcurl"); err == nil {
+		return p
+	}
+	p := filepath.Join(build.Default.GOPATH, "bin", "grpcurl")
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("grpcurl is not installed: run `make test-tools` (make test does): %v", err)
+	}
+	return p
+}
+
+// grpcurl runs the grpcurl binary against one admin address.
+type grpcurl struct {
+	t     *testing.T
+	bin   string
+	addr  string
+	token string
+	mu    sync.Mutex
+	seen  bytes.Buffer // everything grpcurl printed, to look for secrets in
+}
+
+// run runs grpcurl with args before the address and after it, with the
+// given token ("" for none).
+func (g *grpcurl) run(token string, before []string, after ...string) ([]byte, error) {
+	g.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	args := []string{"-plaintext"}
+	if token != "" {
+		args = append(args, "-H", "authorization: Bearer "+token)
+	}
+	args = append(append(append(args, before...), g.addr), after...)
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, g.bin, args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	g.mu.Lock()
+	g.seen.Write(stdout.Bytes())
+	g.seen.Write(stderr.Bytes())
+	g.mu.Unlock()
+	if err != nil {
+		return stdout.Bytes(), errors.New(stderr.String())
+	}
+	return stdout.Bytes(), nil
+}
+
+// call calls an Admin RPC with the token and decodes its answer.
+func (g *grpcurl) call(method, req string, resp proto.Message) {
+	g.t.Helper()
+	out, err := g.run(g.token, []string{"-d", req}, "vgw.admin.v1.Admin/"+method)
+	if err != nil {
+		g.t.Fatalf("grpcurl %s %s: %v", method, req, err)
+	}
+	if err := protojson.Unmarshal(out, resp); err != nil {
+		g.t.Fatalf("grpcurl %s: %v\n%s", method, err, out)
+	}
+}
+
+// fails calls an Admin RPC that must fail, and returns grpcurl's error.
+func (g *grpcurl) fails(token, method, req string) string {
+	g.t.Helper()
+	_, err := g.run(token, []string{"-d", req}, "vgw.admin.v1.Admin/"+method)
+	if err == nil {
+		g.t.Fatalf("grpcurl %s %s succeeded", method, req)
+	}
+	return err.Error()
+}
+
+// watch runs WatchEvents until the test ends, keeping each event; it
+// returns once the watch is live.
+func (g *grpcurl) watch() *watched {
+	g.t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, g.bin, "-plaintext", "-H", "authorization: Bearer "+g.token, g.addr, "vgw.admin.v1.Admin/WatchEvents")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		g.t.Fatal(err)
+	}
+	g.t.Cleanup(func() { cancel(); cmd.Wait() })
+	w := &watched{t: g.t}
+	go func() {
+		dec := json.NewDecoder(io.TeeReader(stdout, writerFunc(func(p []byte) {
+			g.mu.Lock()
+			g.seen.Write(p)
+			g.mu.Unlock()
+		})))
+		for {
+			var raw json.RawMessage
+			if dec.Decode(&raw) != nil {
+				return
+			}
+			e := &adminv1.Event{}
+			if protojson.Unmarshal(raw, e) == nil {
+				w.mu.Lock()
+				w.events = append(w.events, e)
+				w.mu.Unlock()
+			}
+		}
+	}()
+	if e := w.await("watching", ""); e.GetDetail() != "events for all models follow" {
+		g.t.Errorf("first event %v", e)
+	}
+	return w
+}
+
+// watched holds the events a watch has delivered.
+type watched struct {
+	t      *testing.T
+	mu     sync.Mutex
+	events []*adminv1.Event
+}
+
+// await returns the first event of kind for model, waiting for it.
+func (w *watched) await(kind, model string) *adminv1.Event {
+	w.t.Helper()
+	var found *adminv1.Event
+	eventually(w.t, "a "+kind+" event for "+model, func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		for _, e := range w.events {
+			if e.GetKind() == kind && e.GetModel() == model {
+				found = e
+				return true
+			}
+		}
+		return false
+	})
+	return found
+}
+
+type writerFunc func([]byte)
+
+func (f writerFunc) Write(p []byte) (int, error) { f(p); return len(p), nil }
+
+const (
+	hfToken     = "hf_ThisMustNeverBeShown"
+	adminToken  = "admin-token-never-shown"
+	clientToken = "sk-client-key-never-shown"
+)
+
+const adminConfig = `log_format: json
+envoy: {xds_grace: 100ms}
+min_resident: 0s
+load_timeout: 1s
+runtime: {kind: sim, env: {HF_TOKEN: ` + hfToken + `}}
+gpus: [{name: sim0, memory: 80GiB}]
+models:
+  llama: {vram: 30GiB, sim: {startup_delay: 50ms}}
+  qwen: {vram: 60GiB, env: {HF_TOKEN: ` + hfToken + `}, sim: {startup_delay: 50ms}}
+`
+
+// TestAdminWithGrpcurl drives a running vgw serve (sim runtime, a token,
+// an Envoy in front) with the real grpcurl, as an operator would: it
+// lists and describes the service, loads, pins and unloads models, turns
+// on debug logging and reads decisions, watches events, drains, and is
+// refused without the token; then it scrapes /metrics and reads /status.
+// Nothing it sees carries a secret.
+func TestAdminWithGrpcurl(t *testing.T) {
+	dir := t.TempDir()
+	cfgPath, tokenPath := filepath.Join(dir, "vgw.yaml"), filepath.Join(dir, "token")
+	os.WriteFile(cfgPath, []byte(adminConfig), 0o600)
+	os.WriteFile(tokenPath, []byte(adminToken+"\n"), 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	var logs lockedBuffer
+	exit := make(chan int, 1)
+	go func() {
+		exit <- run(ctx, []string{"serve", "--config", cfgPath, "--admin-token-file", tokenPath,
+			"--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"}, io.Discard, &logs)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if code := <-exit; code != 0 {
+			t.Errorf("serve exited %d", code)
+		}
+	})
+	serving := logs.waitFor(t, "vgw serving")
+	addr := func(k string) string { s, _ := serving[k].(string); return s }
+	g := &grpcurl{t: t, bin: grpcurlPath(t), addr: addr("admin"), token: adminToken}
+	envoy := newFakeEnvoy(t, addr("extproc"), addr("xds"))
+
+	// Reflection needs no token: the service shows itself.
+	out, err := g.run("", nil, "list")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, svc := range []string{"vgw.admin.v1.Admin", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} {
+		if !strings.Contains(string(out), svc+"\n") {
+			t.Errorf("list lacks %s:\n%s", svc, out)
+		}
+	}
+	out, _ = g.run("", nil, "list", "vgw.admin.v1.Admin")
+	for _, m := range []string{"GetStatus", "ListModels", "LoadModel", "UnloadModel", "PinModel", "UnpinModel", "SetLogLevel", "ListDecisions", "WatchEvents", "Drain"} {
+		if !strings.Contains(string(out), "vgw.admin.v1.Admin."+m+"\n") {
+			t.Errorf("list vgw.admin.v1.Admin lacks %s:\n%s", m, out)
+		}
+	}
+	out, _ = g.run("", nil, "describe", "vgw.admin.v1.Admin.LoadModel")
+	if !strings.Contains(string(out), "rpc LoadModel ( .vgw.admin.v1.LoadModelRequest ) returns ( .vgw.admin.v1.LoadModelResponse )") {
+		t.Errorf("describe LoadModel:\n%s", out)
+	}
+	out, _ = g.run("", nil, "grpc.health.v1.Health/Check")
+	if !strings.Contains(string(out), "SERVING") {
+		t.Errorf("health: %s", out)
+	}
+
+	// Without the right token, every Admin RPC is refused.
+	for _, token := range []string{"", "wrong-token"} {
+		if e := g.fails(token, "GetStatus", "{}"); !strings.Contains(e, "Unauthenticated") || strings.Contains(e, "wrong-token") {
+			t.Errorf("token %q: %s", token, e)
+		}
+	}
+
+	events := g.watch()
+
+	var loaded adminv1.LoadModelResponse
+	g.call("LoadModel", `{"model":"llama","wait":true}`, &loaded)
+	if m := loaded.GetModel(); m.GetState() != "ready" || m.GetEndpoint() == "" || len(m.GetGpus()) != 1 || m.GetFootprintSource() != "declared" {
+		t.Fatalf("LoadModel: %v", m)
+	}
+	events.await("load_started", "llama")
+	events.await("ready", "llama")
+
+	// GPU memory is read live (every 500 ms, and as loads and stops end).
+	var st adminv1.Status
+	eventually(t, "GetStatus shows llama's memory in use", func() bool {
+		g.call("GetStatus", "{}", &st)
+		gpu := st.GetGpus()
+		return len(gpu) == 1 && gpu[0].GetTotalBytes() == 80<<30 && gpu[0].GetUsedBytes() == 30<<30 && gpu[0].GetFreeBytes() == 50<<30
+	})
+	if st.GetConfig().GetLogLevel() != "info" || st.GetConfig().GetRuntime() != "sim" || len(st.GetModels()) != 2 {
+		t.Errorf("GetStatus: %v", &st)
+	}
+	if n := st.GetEnvoys(); len(n) != 1 || n[0].GetNode() != "vgw-envoy" || n[0].GetEndpointsVersion() == "" {
+		t.Errorf("GetStatus Envoys: %v", n)
+	}
+
+	var lvl adminv1.SetLogLevelResponse
+	g.call("SetLogLevel", `{"level":"debug"}`, &lvl)
+	if lvl.GetPrevious() != "info" || lvl.GetLevel() != "debug" {
+		t.Errorf("SetLogLevel: %v", &lvl)
+	}
+	// A request (carrying a client's key, which must go nowhere) now shows
+	// up as a DEBUG decision in the log, and in ListDecisions.
+	res, err := envoy.env.Do(ctx, extproctest.Request{
+		Headers: []extproctest.Header{{Key: "authorization", Value: "Bearer " + clientToken}},
+		Body:    []byte(`{"model":"llama","messages":[],"max_tokens":2}`),
+	})
+	if err != nil || res.Status != 200 {
+		t.Fatalf("request for llama: %v %v", res, err)
+	}
+	var debugLine map[string]any
+	eventually(t, "a DEBUG decision for llama in the log", func() bool {
+		for _, l := range logs.lines() {
+			if l["msg"] == "decision" && l["level"] == "DEBUG" && l["model"] == "llama" && l["outcome"] == "admitted" {
+				debugLine = l
+				return true
+			}
+		}
+		return false
+	})
+	if debugLine["reason"] == "" {
+		t.Errorf("decision line without a reason: %v", debugLine)
+	}
+	var ds adminv1.ListDecisionsResponse
+	g.call("ListDecisions", `{"model":"llama","outcome":"admitted"}`, &ds)
+	if len(ds.GetDecisions()) == 0 || ds.GetDecisions()[0].GetModel() != "llama" || ds.GetDecisions()[0].GetReason() == "" {
+		t.Errorf("ListDecisions: %v", &ds)
+	}
+	g.call("ListDecisions", `{"model":"qwen"}`, &ds)
+	if len(ds.GetDecisions()) != 0 {
+		t.Errorf("ListDecisions for qwen before any request: %v", &ds)
+	}
+
+	// A request for qwen evicts llama (both do not fit) and waits for the
+	// load: an eviction, a load and a queue wait for the metrics.
+	if r := envoy.ask(t, "qwen"); r.Status != 200 {
+		t.Fatalf("request for qwen: %d %s", r.Status, r.Body)
+	}
+	events.await("evicted", "llama")
+	events.await("ready", "qwen")
+
+	// Pinned, qwen is not evicted for llama: llama cannot load.
+	var pinned adminv1.PinModelResponse
+	g.call("PinModel", `{"model":"qwen"}`, &pinned)
+	if !pinned.GetModel().GetPinned() {
+		t.Errorf("PinModel: %v", pinned.GetModel())
+	}
+	if e := g.fails(adminToken, "LoadModel", `{"model":"llama","wait":true,"timeout":"300ms"}`); !strings.Contains(e, "Unavailable") || !strings.Contains(e, "qwen") {
+		t.Errorf("LoadModel while qwen is pinned: %s", e)
+	}
+	var unpinned adminv1.UnpinModelResponse
+	g.call("UnpinModel", `{"model":"qwen"}`, &unpinned)
+	if unpinned.GetModel().GetPinned() {
+		t.Errorf("UnpinModel: %v", unpinned.GetModel())
+	}
+	if e := g.fails(adminToken, "PinModel", `{"model":"nope"}`); !strings.Contains(e, "NotFound") {
+		t.Errorf("PinModel of an unknown model: %s", e)
+	}
+
+	// The Envoy rejects the next endpoints; the unload that follows makes
+	// one, and the NACK is an event and in the status.
+	envoy.ads.Reject(resource.EndpointType, "endpoint rejected for the test")
+	var unloaded adminv1.UnloadModelResponse
+	g.call("UnloadModel", `{"model":"qwen"}`, &unloaded)
+	if s := unloaded.GetModel().GetState(); s != "draining" && s != "stopped" {
+		t.Errorf("UnloadModel: %v", unloaded.GetModel())
+	}
+	events.await("unloaded", "qwen")
+	if e := events.await("xds_nack", ""); !strings.Contains(e.GetDetail(), "endpoint rejected for the test") {
+		t.Errorf("NACK event: %v", e)
+	}
+	g.call("GetStatus", "{}", &st)
+	if n := st.GetEnvoys(); len(n) != 1 || !strings.Contains(n[0].GetLastNack().GetError(), "endpoint rejected for the test") {
+		t.Errorf("status after a NACK: %v", n)
+	}
+
+	var drain adminv1.DrainResponse
+	g.call("Drain", `{"drain":true}`, &drain)
+	if !drain.GetDraining() {
+		t.Errorf("Drain: %v", &drain)
+	}
+	if r := envoy.ask(t, "llama"); r.Status != 503 {
+		t.Errorf("request while draining: %d", r.Status)
+	}
+	g.call("Drain", `{"drain":false}`, &drain)
+	if drain.GetDraining() {
+		t.Errorf("Drain false: %v", &drain)
+	}
+
+	// /metrics, parsed with Prometheus's parser.
+	base := "http://" + addr("http")
+	m, err := admintest.Scrape(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	atLeast := map[string]float64{
+		`vgw_decisions_total{model="llama",outcome="admitted"}`:            1,
+		`vgw_decisions_total{model="llama",outcome="rejected"}`:            1, // while draining
+		`vgw_answers_total{model="llama",status="503"}`:                    1,
+		`vgw_queue_depth{model="llama"}`:                                   0,
+		`vgw_in_flight{model="qwen"}`:                                      0,
+		`vgw_max_concurrent{model="qwen"}`:                                 1,
+		`vgw_queue_wait_seconds_count{model="qwen"}`:                       1,
+		`vgw_model_load_seconds_count{model="llama"}`:                      1,
+		`vgw_model_load_seconds_count{model="qwen"}`:                       1,
+		`vgw_model_events_total{kind="evicted",model="llama"}`:             1,
+		`vgw_model_events_total{kind="crashed",model="llama"}`:             0,
+		`vgw_gpu_memory_total_bytes{gpu="0",name="sim0",uuid="GPU-sim-0"}`: 80 << 30,
+		`vgw_gpu_memory_used_bytes{gpu="0",name="sim0",uuid="GPU-sim-0"}`:  0,
+		`vgw_xds_pushes_total`:                                             4,
+		`vgw_xds_acks_total`:                                               4,
+		`vgw_xds_nacks_total`:                                              1,
+		`vgw_xds_envoys`:                                                   1,
+		`vgw_model_state{model="llama",state="stopped"}`:                   0,
+		`vgw_draining`: 0,
+	}
+	for k, min := range atLeast {
+		if v, ok := m[k]; !ok || v < min {
+			t.Errorf("/metrics %s = %v (present: %v), want at least %v", k, v, ok, min)
+		}
+	}
+
+	// /status: the same content as GetStatus, behind the same token.
+	get := func(path, token string) (int, []byte) {
+		req, _ := http.NewRequest(http.MethodGet, base+path, nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, b
+	}
+	if code, _ := get("/status", ""); code != 401 {
+		t.Errorf("/status without the token: %d", code)
+	}
+	code, body := get("/status", adminToken)
+	var page adminv1.Status
+	if err := protojson.Unmarshal(body, &page); code != 200 || err != nil || page.GetConfig().GetLogLevel() != "debug" || len(page.GetModels()) != 2 {
+		t.Errorf("/status: %d %v %s", code, err, body)
+	}
+	for _, p := range []string{"/healthz", "/readyz"} {
+		if code, _ := get(p, ""); code != 200 {
+			t.Errorf("%s: %d", p, code)
+		}
+	}
+
+	// No secret anywhere an operator looks.
+	_, metricsText := get("/metrics", "")
+	g.mu.Lock()
+	seen := g.seen.String()
+	g.mu.Unlock()
+	logText := logs.String()
+	for where, text := range map[string]string{"grpcurl's output": seen, "the log": logText, "/status": string(body), "/metrics": string(metricsText)} {
+		for _, secret := range []string{hfToken, adminToken, clientToken} {
+			if strings.Contains(text, secret) {
+				t.Errorf("%s shows a secret (%.6s…)", where, secret)
+			}
+		}
+	}
+}
