@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -439,8 +440,10 @@ func TestHTTP(t *testing.T) {
 	m.Models([]string{"llama"})
 	m.Event("llama", manager.EventReady, 1500*time.Millisecond)
 	m.QueueWait("llama", 40*time.Millisecond)
-	ready := false
-	srv := httptest.NewServer(Handler(svc, m, HTTPOptions{Token: "tok", Ready: func() bool { return ready }}))
+	var notReady atomic.Pointer[error]
+	starting := errors.New("starting")
+	notReady.Store(&starting)
+	srv := httptest.NewServer(Handler(svc, m, HTTPOptions{Token: "tok", Ready: func() error { return *notReady.Load() }}))
 	defer srv.Close()
 
 	get := func(path, token string) (int, string) {
@@ -463,7 +466,7 @@ func TestHTTP(t *testing.T) {
 		body        string
 	}{
 		{"/healthz", "", 200, "ok"},
-		{"/readyz", "", 503, "not ready"},
+		{"/readyz", "", 503, "not ready: starting"},
 		{"/status", "", 401, "Bearer"},
 		{"/status", "wrong", 401, ""},
 		{"/status", "tok", 200, `"logLevel"`},
@@ -482,7 +485,8 @@ func TestHTTP(t *testing.T) {
 	if err := protojson.Unmarshal([]byte(body), &page); err != nil || page.GetConfig().GetLogLevel() != "info" || page.GetModels()[0].GetName() != "llama" {
 		t.Errorf("/status: %v\n%s", err, body)
 	}
-	ready = true
+	var none error
+	notReady.Store(&none)
 	if code, _ := get("/readyz", ""); code != 200 {
 		t.Errorf("/readyz once ready: %d", code)
 	}

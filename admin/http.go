@@ -14,9 +14,9 @@ type HTTPOptions struct {
 	// Token, when set, guards /status as it guards the admin RPCs.
 	// /metrics, /healthz and /readyz stay open for probes and scrapers.
 	Token string
-	// Ready reports whether vgw is ready to serve: the manager is running
-	// and the gRPC servers listen, and it is not shutting down.
-	Ready func() bool
+	// Ready says why vgw is not ready to serve (starting, draining,
+	// shutting down), or nil when it is.
+	Ready func() error
 }
 
 // Handler serves /metrics, /status, /healthz and /readyz.
@@ -39,9 +39,11 @@ func Handler(svc *Service, m *Metrics, o HTTPOptions) http.Handler {
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if o.Ready != nil && !o.Ready() {
-			http.Error(w, "not ready", http.StatusServiceUnavailable)
-			return
+		if o.Ready != nil {
+			if err := o.Ready(); err != nil {
+				http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
 		}
 		w.Write([]byte("ready\n"))
 	})

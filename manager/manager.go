@@ -157,27 +157,27 @@ type handle struct {
 
 // model is the loop's record of one model.
 type model struct {
-	name     string
-	h        *handle
-	cfg      *config.Model
-	sig      string // of the config in force; inst.Signature is what runs
-	inst     *Instance
-	gpus     []int
-	perGPU   uint64
-	source   string // where perGPU came from: declared, learned, utilization, default
-	since    time.Time
-	loading  *loadOp // the load worker in progress, if any
-	waiters  []*waiter
-	evicting []string // models to be gone before this one starts
-	failures int
-	retryAt  time.Time
-	lastErr  error      // why the last load failed, or why it cannot be placed
-	lastLoad *LoadError // the last failed load, answered again during its backoff
-	drainBy  time.Time
-	removed  bool // gone from the config: unload once idle
-	keep     bool // an operator asked to load it: placed though no request waits
-	pinned   bool
-	stopping bool // a stop is under way
+	name      string
+	h         *handle
+	cfg       *config.Model
+	sig       string // of the config in force; inst.Signature is what runs
+	inst      *Instance
+	gpus      []int
+	perGPU    uint64
+	source    string // where perGPU came from: declared, learned, utilization, default
+	since     time.Time
+	loading   *loadOp // the load worker in progress, if any
+	waiters   []*waiter
+	evicting  []string // models to be gone before this one starts
+	failures  int
+	retryAt   time.Time
+	lastErr   error      // why the last load failed, or why it cannot be placed
+	lastLoad  *LoadError // the last failed load, answered again during its backoff
+	drainBy   time.Time
+	removed   bool      // gone from the config: unload once idle
+	keepUntil time.Time // an operator asked to load it: placed though no request waits, until then
+	pinned    bool
+	stopping  bool // a stop is under way
 }
 
 // loadOp is one run of a load worker. The GPUs it claims stay claimed until
@@ -530,7 +530,7 @@ func (m *Manager) schedule() {
 			continue
 		}
 		m.pending = slices.DeleteFunc(m.pending, func(x *model) bool { return x == md })
-		md.keep = false
+		md.keepUntil = time.Time{}
 		for _, w := range md.waiters {
 			w.lastErr.Store(nil)
 		}
@@ -554,7 +554,7 @@ func (m *Manager) keepLoaded(md *model) bool { return md.cfg.AlwaysOn && !md.rem
 
 // wanted says md should be placed though no request waits for it.
 func (m *Manager) wanted(md *model) bool {
-	return m.keepLoaded(md) || (md.keep && !md.removed && !m.quiesced)
+	return m.keepLoaded(md) || (time.Now().Before(md.keepUntil) && !md.removed && !m.quiesced)
 }
 
 // want0 is the placement request for md: its memory per GPU and GPUs.
@@ -641,17 +641,12 @@ func (m *Manager) Pin(name string, on bool) error {
 	return err
 }
 
-// Load loads a model as an operator asks, evicting idle ones if need be.
-// With wait it returns once the model is ready, or why it is not, by ctx's
-// end; without, it starts the load and returns.
+// Load loads a model as an operator asks, evicting idle ones if need be,
+// and at once even during the backoff after a failed load: the operator
+// may have fixed the cause. With wait it returns once the model is ready,
+// or why it is not, by ctx's end; without, it starts the load and returns,
+// and the model is tried until load_timeout as a request's would be.
 func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
-	if wait {
-		if err := m.Ensure(ctx, name); err != nil {
-			return err
-		}
-		m.Release(name)
-		return nil
-	}
 	var err error
 	m.call(func() {
 		md := m.models[name]
@@ -659,14 +654,21 @@ func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
 			return
 		}
-		if md.state() == Stopped {
-			md.retryAt = time.Time{} // an operator's load is tried now
+		md.retryAt = time.Time{}
+		if !wait && md.state() == Stopped {
 			m.want(md)
-			md.keep = true
+			md.keepUntil = time.Now().Add(m.cfg.LoadTimeout.Std())
 			m.schedule()
 		}
 	})
-	return err
+	if err != nil || !wait {
+		return err
+	}
+	if err := m.Ensure(ctx, name); err != nil {
+		return err
+	}
+	m.Release(name)
+	return nil
 }
 
 // GPUStatus is one GPU with its latest reading.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,6 +24,10 @@ func TestMain(m *testing.M) {
 		os.Exit(fakevllm.Main(os.Args[1:], os.Stdout, os.Stderr))
 	}
 	os.Setenv("VGW_TEST_FAKEVLLM", "1")
+	// A binary built with -race sleeps a second as it exits (GORACE's
+	// atexit_sleep_ms); the fake vLLM servers must stop as fast as real
+	// ones would.
+	os.Setenv("GORACE", strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
 	os.Exit(m.Run())
 }
 
@@ -636,5 +641,44 @@ func TestUnloadWhileLoading(t *testing.T) {
 	eventually(t, "a is stopped", func() bool { return statusOf(m, "a").State == Stopped })
 	if st := statusOf(m, "a"); !st.RetryAt.IsZero() && time.Now().Before(st.RetryAt) {
 		t.Fatalf("an unload set a backoff until %v", st.RetryAt)
+	}
+}
+
+// TestOperatorLoad: an operator's load places a model no request waits
+// for; with wait it returns once the model is ready, not counted in; after
+// a failure it is tried again at once rather than answered with the
+// backoff's error (the operator may have fixed the cause).
+func TestOperatorLoad(t *testing.T) {
+	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 50ms}}\n  b: {vram: 70GiB}\n  broken: {vram: 10GiB, sim: {fail_start: true}}\n")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	if err := tm.Load(ctx, "a", false); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a is ready though no request asked", func() bool { return tm.status("a").State == Ready })
+
+	// b needs a's memory: a, idle, is evicted.
+	if err := tm.Load(ctx, "b", true); err != nil {
+		t.Fatal(err)
+	}
+	if st := tm.status("b"); st.State != Ready || st.InFlight != 0 {
+		t.Errorf("b after a waited load: %v with %d in flight", st.State, st.InFlight)
+	}
+	if kinds := tm.eventKinds("a"); !slices.Contains(kinds, EventEvicted) {
+		t.Errorf("a's events %v: not evicted for b", kinds)
+	}
+
+	var le *LoadError
+	for try := 1; try <= 2; try++ {
+		if err := tm.Load(ctx, "broken", true); !errors.As(err, &le) {
+			t.Fatalf("load %d of broken: %v", try, err)
+		}
+		if n := tm.rt.count("broken"); n != try {
+			t.Fatalf("after load %d of broken, %d starts", try, n)
+		}
+	}
+	if err := tm.Load(ctx, "nope", false); !errors.Is(err, ErrUnknownModel) {
+		t.Errorf("unknown model: %v", err)
 	}
 }

@@ -3,10 +3,18 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"go/build"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -46,6 +54,7 @@ type grpcurl struct {
 	bin   string
 	addr  string
 	token string
+	tls   []string // grpcurl's TLS flags; none means -plaintext
 	mu    sync.Mutex
 	seen  bytes.Buffer // everything grpcurl printed, to look for secrets in
 }
@@ -56,7 +65,10 @@ func (g *grpcurl) run(token string, before []string, after ...string) ([]byte, e
 	g.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	args := []string{"-plaintext"}
+	args := g.tls
+	if len(args) == 0 {
+		args = []string{"-plaintext"}
+	}
 	if token != "" {
 		args = append(args, "-H", "authorization: Bearer "+token)
 	}
@@ -356,6 +368,9 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	if r := envoy.ask(t, "llama"); r.Status != 503 {
 		t.Errorf("request while draining: %d", r.Status)
 	}
+	if code, body := httpGet(t, "http://"+addr("http")+"/readyz", ""); code != 503 || !strings.Contains(string(body), "draining") {
+		t.Errorf("/readyz while draining: %d %s", code, body)
+	}
 	g.call("Drain", `{"drain":false}`, &drain)
 	if drain.GetDraining() {
 		t.Errorf("Drain false: %v", &drain)
@@ -395,19 +410,7 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	}
 
 	// /status: the same content as GetStatus, behind the same token.
-	get := func(path, token string) (int, []byte) {
-		req, _ := http.NewRequest(http.MethodGet, base+path, nil)
-		if token != "" {
-			req.Header.Set("Authorization", "Bearer "+token)
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, b
-	}
+	get := func(path, token string) (int, []byte) { return httpGet(t, base+path, token) }
 	if code, _ := get("/status", ""); code != 401 {
 		t.Errorf("/status without the token: %d", code)
 	}
@@ -435,4 +438,81 @@ func TestAdminWithGrpcurl(t *testing.T) {
 			}
 		}
 	}
+}
+
+// httpGet fetches url, with a bearer token unless it is "".
+func httpGet(t *testing.T, url, token string) (int, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, b
+}
+
+// TestAdminTLS: with a certificate, the admin service speaks TLS only.
+func TestAdminTLS(t *testing.T) {
+	dir := t.TempDir()
+	certPath, keyPath, cfgPath := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"), filepath.Join(dir, "vgw.yaml")
+	writeSelfSigned(t, certPath, keyPath)
+	os.WriteFile(cfgPath, []byte(serveConfig), 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	var logs lockedBuffer
+	exit := make(chan int, 1)
+	go func() {
+		exit <- run(ctx, []string{"serve", "--config", cfgPath, "--admin-tls-cert", certPath, "--admin-tls-key", keyPath,
+			"--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"}, io.Discard, &logs)
+	}()
+	t.Cleanup(func() { cancel(); <-exit })
+	serving := logs.waitFor(t, "vgw serving")
+	if serving["admin_tls"] != true {
+		t.Errorf("serving line: %v", serving)
+	}
+	addr, _ := serving["admin"].(string)
+	g := &grpcurl{t: t, bin: grpcurlPath(t), addr: addr, tls: []string{"-cacert", certPath}}
+	var st adminv1.Status
+	g.call("GetStatus", "{}", &st)
+	if len(st.GetModels()) != 1 {
+		t.Errorf("GetStatus over TLS: %v", &st)
+	}
+	plain := &grpcurl{t: t, bin: g.bin, addr: addr}
+	if _, err := plain.run("", nil, "list"); err == nil {
+		t.Error("the TLS admin service answered plaintext")
+	}
+}
+
+// writeSelfSigned writes a certificate for 127.0.0.1, and its key.
+func writeSelfSigned(t *testing.T, certPath, keyPath string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "vgw test"},
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600)
 }

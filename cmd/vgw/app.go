@@ -167,7 +167,7 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 	go svc.WatchRejections(ctx, time.Second)
 
 	a.http = &http.Server{
-		Handler:           admin.Handler(svc, a.metrics, admin.HTTPOptions{Token: o.adminToken, Ready: a.ready.Load}),
+		Handler:           admin.Handler(svc, a.metrics, admin.HTTPOptions{Token: o.adminToken, Ready: a.readiness}),
 		ReadHeaderTimeout: 10 * time.Second,
 	}
 	go func() { a.serveErr <- a.xdsGRPC.Serve(xdsLis) }()
@@ -180,6 +180,19 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 	}()
 	a.ready.Store(true)
 	return a, nil
+}
+
+// readiness says why vgw is not ready for requests, or nil: /readyz
+// answers 503 while it drains, so that what balances across vgw boxes
+// sends elsewhere during maintenance.
+func (a *app) readiness() error {
+	switch {
+	case !a.ready.Load():
+		return errors.New("starting or shutting down")
+	case a.ep.Draining():
+		return errors.New("draining (see the admin Drain RPC)")
+	}
+	return nil
 }
 
 // listenAll opens every listener, or none.
