@@ -426,7 +426,7 @@ func TestWatchRejections(t *testing.T) {
 	adm.reject("", map[int]uint64{404: 2})
 	for e := range events {
 		if e.Model == "" {
-			if !strings.Contains(e.Detail, "2 answered 404") {
+			if !strings.HasPrefix(e.Detail, "2 answered 404 in the last 5ms, for requests that named no configured model") {
 				t.Errorf("unknown-model burst: %+v", e)
 			}
 			break

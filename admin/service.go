@@ -336,8 +336,11 @@ func (s *Service) WatchRejections(ctx context.Context, every time.Duration) {
 				}
 			}
 			if len(parts) > 0 {
-				s.d.Events.Publish(Event{Time: time.Now(), Kind: "rejected", Model: model,
-					Detail: strings.Join(parts, ", ") + " in the last " + every.String()})
+				detail := strings.Join(parts, ", ") + " in the last " + every.String()
+				if model == "" {
+					detail += ", for requests that named no configured model"
+				}
+				s.d.Events.Publish(Event{Time: time.Now(), Kind: "rejected", Model: model, Detail: detail})
 			}
 		}
 		prev = cur

@@ -54,10 +54,11 @@ const (
 	ReasonWaitLoad            // waiting for the model to load
 	ReasonClientGone          // the client left
 	ReasonDraining            // 503 the gateway is draining
+	ReasonModelReady          // sent on once its model had loaded
 )
 
 var reasonNames = [...]string{"", "slot_free", "slot_granted", "queue_full", "queue_timeout", "load_timeout",
-	"load_failed", "unknown_model", "bad_request", "too_large", "wait_slot", "wait_load", "client_gone", "draining"}
+	"load_failed", "unknown_model", "bad_request", "too_large", "wait_slot", "wait_load", "client_gone", "draining", "model_ready"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {

@@ -350,7 +350,7 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 	cancel()
 	if err == nil {
 		now = time.Now()
-		return false, st.admit(r, ReasonSlotGranted, m.gate.depth(), now, now.Sub(start), atHeaders)
+		return false, st.admit(r, ReasonModelReady, m.gate.depth(), now, now.Sub(start), atHeaders)
 	}
 	st.releaseSlot()
 	switch {

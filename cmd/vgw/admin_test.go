@@ -324,6 +324,11 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	}
 	events.await("evicted", "llama")
 	events.await("ready", "qwen")
+	g.call("ListDecisions", `{"model":"qwen"}`, &ds)
+	if d := ds.GetDecisions(); len(d) != 2 || d[0].GetOutcome() != "admitted" || d[0].GetReason() != "model_ready" || d[0].GetWait().AsDuration() <= 0 ||
+		d[1].GetOutcome() != "queued" || d[1].GetReason() != "wait_load" {
+		t.Errorf("qwen's decisions, newest first: %v", d)
+	}
 
 	// Pinned, qwen is not evicted for llama: llama cannot load.
 	var pinned adminv1.PinModelResponse
