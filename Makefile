@@ -7,13 +7,12 @@ STATICCHECK_VERSION ?= v0.8.2
 BUF_VERSION         ?= v1.75.0
 PROTOC_GEN_GO_VERSION      ?= v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION ?= v1.6.2
-GRPCURL_VERSION     ?= v1.9.4
 GOBIN     ?= $(shell $(GO) env GOPATH)/bin
 FUZZTIME  ?= 20s
 # go-nvml's header marks old NVML calls deprecated; vgw calls none of them.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: help build test test-tools lint fmt proto proto-check bench bench-go bench-models bench-xds bench-load bench-rss fuzz run tools clean
+.PHONY: help build test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-load bench-rss fuzz run tools clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -22,8 +21,8 @@ build: ## build bin/vgw and bin/vgwload
 	$(GO) build -o $(BIN)/vgw ./cmd/vgw
 	$(GO) build -o $(BIN)/vgwload ./cmd/vgwload
 
-test: test-tools ## run every test under the race detector (the fuzz corpora run as tests)
-	PATH="$(GOBIN):$$PATH" $(GO) test -race -count=1 ./...
+test: ## run every test under the race detector (the fuzz corpora run as tests)
+	$(GO) test -race -count=1 ./...
 	$(GO) run ./cmd/vgw validate --config $(CONFIG)
 	$(GO) run ./cmd/vgw envoy-check --config $(CONFIG) envoy/*.yaml
 
@@ -66,14 +65,13 @@ fuzz: ## fuzz the parsers for FUZZTIME each
 run: ## serve the sim config: no GPU, no Docker
 	$(GO) run ./cmd/vgw serve --config $(CONFIG)
 
-tools: test-tools ## install the pinned tools the checks use
+# grpcurl, which the admin tests drive vgw with, is pinned in go.mod as a
+# tool: `go tool grpcurl`.
+tools: ## install the pinned tools lint and proto use
 	$(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 	$(GO) install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
 	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
 	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
-
-test-tools: ## install grpcurl, which the admin tests drive vgw with
-	$(GO) install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
 clean:
 	rm -rf $(BIN)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -25,10 +26,13 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/vgw-project/vgw/admin/admintest"
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/extproc"
+	"github.com/vgw-project/vgw/internal/secrets"
 	"github.com/vgw-project/vgw/manager"
 	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 	"github.com/vgw-project/vgw/xds"
@@ -82,7 +86,6 @@ func (f *fakeManager) known(name string) error {
 type fakeAdmission struct {
 	mu       sync.Mutex
 	counts   map[string]extproc.Counts
-	reads    int // calls to Counts
 	draining bool
 }
 
@@ -92,7 +95,6 @@ func (f *fakeAdmission) AllStats() map[string]extproc.GateStats {
 func (f *fakeAdmission) Counts() map[string]extproc.Counts {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.reads++
 	out := map[string]extproc.Counts{}
 	for k, v := range f.counts {
 		c := extproc.Counts{Outcomes: map[extproc.Outcome]uint64{}, Statuses: map[int]uint64{}}
@@ -171,7 +173,7 @@ func TestStatus(t *testing.T) {
 		t.Fatalf("models %v", st.Models)
 	}
 	m := st.Models[0]
-	if m.State != "ready" || m.Cluster != "model/llama" || m.InFlight != 0 || m.QueueDepth != 2 || m.MaxConcurrent != 8 || m.LastUsed != nil {
+	if m.State != "ready" || m.Cluster != "model/llama" || m.InFlight != 3 || m.QueueDepth != 2 || m.MaxConcurrent != 8 || m.LastUsed != nil {
 		t.Errorf("model %v", m)
 	}
 	if len(st.Envoys) != 1 || st.Envoys[0].LastNack.GetError() != "bad cluster" || st.Envoys[0].ClustersVersion != "v8" {
@@ -186,6 +188,7 @@ func TestStatus(t *testing.T) {
 }
 
 func TestGRPCError(t *testing.T) {
+	svc, _, _ := newTestService(t)
 	tests := []struct {
 		err  error
 		code codes.Code
@@ -195,14 +198,15 @@ func TestGRPCError(t *testing.T) {
 		{context.Canceled, codes.Canceled},
 		{&manager.NoRoom{Model: "x"}, codes.Unavailable},
 		{&manager.LoadError{Model: "x", Err: errors.New("exit 1")}, codes.Unavailable},
+		{manager.ErrClosed, codes.Unavailable},
 		{errors.New("odd"), codes.Internal},
 	}
 	for _, tt := range tests {
-		if got := status.Code(grpcError(tt.err)); got != tt.code {
+		if got := status.Code(svc.grpcError(tt.err)); got != tt.code {
 			t.Errorf("%v: %v, want %v", tt.err, got, tt.code)
 		}
 	}
-	if grpcError(nil) != nil {
+	if svc.grpcError(nil) != nil {
 		t.Error("nil error mapped to an error")
 	}
 }
@@ -262,7 +266,9 @@ func TestTokenAuth(t *testing.T) {
 		{"wrong", []string{"authorization", "Bearer wrong-token"}, codes.Unauthenticated},
 		{"prefix of the right one", []string{"authorization", "Bearer right"}, codes.Unauthenticated},
 		{"no Bearer", []string{"authorization", token}, codes.Unauthenticated},
+		{"Basic", []string{"authorization", "Basic " + token}, codes.Unauthenticated},
 		{"right", []string{"authorization", "Bearer " + token}, codes.OK},
+		{"right, scheme in lower case", []string{"authorization", "bearer " + token}, codes.OK},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -289,6 +295,28 @@ func TestTokenAuth(t *testing.T) {
 	}
 	if _, err := healthpb.NewHealthClient(conn).Check(context.Background(), &healthpb.HealthCheckRequest{}); err != nil {
 		t.Errorf("health needs no token, got %v", err)
+	}
+
+	// Every method of the service, however it is called, needs the token:
+	// an empty message is a valid request for each of them.
+	desc := adminv1.Admin_ServiceDesc
+	for _, m := range desc.Methods {
+		err := conn.Invoke(context.Background(), "/"+desc.ServiceName+"/"+m.MethodName, &emptypb.Empty{}, &emptypb.Empty{})
+		if status.Code(err) != codes.Unauthenticated {
+			t.Errorf("%s without a token: %v", m.MethodName, err)
+		}
+	}
+	for _, sd := range desc.Streams {
+		stream, err := conn.NewStream(context.Background(), &sd, "/"+desc.ServiceName+"/"+sd.StreamName)
+		if err == nil {
+			if err = stream.SendMsg(&emptypb.Empty{}); err == nil {
+				stream.CloseSend()
+				err = stream.RecvMsg(&emptypb.Empty{})
+			}
+		}
+		if status.Code(err) != codes.Unauthenticated {
+			t.Errorf("%s without a token: %v", sd.StreamName, err)
+		}
 	}
 }
 
@@ -326,6 +354,10 @@ func TestActions(t *testing.T) {
 		t.Errorf("bad outcome: %v", err)
 	}
 
+	if _, err := svc.LoadModel(ctx, &adminv1.LoadModelRequest{Model: "llama", Wait: true, Timeout: durationpb.New(-time.Second)}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("a negative timeout: %v", err)
+	}
+
 	d, err := svc.Drain(ctx, &adminv1.DrainRequest{Drain: true})
 	if err != nil || !d.Draining || d.InFlight != 3 || !adm.Draining() {
 		t.Errorf("Drain: %v %v", d, err)
@@ -333,28 +365,58 @@ func TestActions(t *testing.T) {
 	if d, _ := svc.Drain(ctx, &adminv1.DrainRequest{}); d.Draining || adm.Draining() {
 		t.Error("still draining after drain=false")
 	}
+	// Shutting down, vgw drains until it stops: no operator undoes that.
+	svc.d.Stopping = func() bool { return true }
+	adm.SetDraining(true)
+	if _, err := svc.Drain(ctx, &adminv1.DrainRequest{}); status.Code(err) != codes.FailedPrecondition || !adm.Draining() {
+		t.Errorf("drain=false while stopping: %v, draining %v", err, adm.Draining())
+	}
+}
+
+// TestSecretsMasked: what the service shows of text it did not write (a
+// failed load's server log, an event's detail) goes through Redact.
+func TestSecretsMasked(t *testing.T) {
+	svc, mgr, _ := newTestService(t)
+	var r secrets.Redactor
+	r.Set([]string{secret})
+	svc.d.Redact = r.Redact
+	leak := &manager.LoadError{Model: "llama", Err: errors.New("exit 1"), LogTail: "args: --api-key " + secret}
+	mgr.models[0].LastError = leak.Error()
+	mgr.loadErr = leak
+	_, err := svc.LoadModel(context.Background(), &adminv1.LoadModelRequest{Model: "llama"})
+	st := svc.Status()
+	for what, text := range map[string]string{"error": fmt.Sprint(err), "last_error": st.Models[0].LastError} {
+		if strings.Contains(text, secret) || !strings.Contains(text, secrets.Mask) {
+			t.Errorf("%s not masked: %s", what, text)
+		}
+	}
 }
 
 func TestHub(t *testing.T) {
 	h := NewHub()
-	ctx, cancel := context.WithCancel(context.Background())
-	all := h.Watch(ctx, "")
-	llama := h.Watch(ctx, "llama")
+	all, stopAll := h.Watch("")
+	llama, stopLlama := h.Watch("llama")
 	h.Publish(Event{Kind: "ready", Model: "qwen"})
 	h.Publish(Event{Kind: "ready", Model: "llama"})
-	if e := <-all; e.Model != "qwen" {
-		t.Errorf("all: %v", e)
+	h.Publish(Event{Kind: "xds_nack"}) // about no model: for every watcher
+	for _, want := range []string{"qwen", "llama", ""} {
+		if e := <-all; e.Model != want {
+			t.Errorf("all: %v, want model %q", e, want)
+		}
 	}
-	if e := <-all; e.Model != "llama" {
-		t.Errorf("all: %v", e)
+	for _, want := range []string{"llama", ""} {
+		if e := <-llama; e.Model != want {
+			t.Errorf("llama watcher: %v, want model %q", e, want)
+		}
 	}
-	if e := <-llama; e.Model != "llama" {
-		t.Errorf("llama watcher got %v", e)
+	if len(llama) != 0 || len(all) != 0 {
+		t.Error("more events than published")
 	}
-	cancel()
-	for range all {
-	}
-	for range llama {
+	stopAll()
+	stopLlama()
+	h.Publish(Event{Kind: "ready", Model: "llama"})
+	if len(llama) != 0 || len(all) != 0 {
+		t.Error("events after stop")
 	}
 }
 
@@ -362,83 +424,86 @@ func TestHub(t *testing.T) {
 // holding up Publish, and is told how many it lost.
 func TestHubSlowWatcher(t *testing.T) {
 	h := NewHub()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	slow := h.Watch(ctx, "")
-	// Past the buffer, plus what the forwarding goroutine holds.
+	slow, stop := h.Watch("")
+	defer stop()
 	const sent = watcherBuffer + 50
 	for i := range sent {
 		h.Publish(Event{Kind: "ready", Model: fmt.Sprint(i)})
 	}
 	// Reading now frees room; the next event brings the count of those lost.
-	got := 0
-	for got < watcherBuffer {
-		<-slow
-		got++
-	}
-	h.Publish(Event{Kind: "ready", Model: "last"})
-	var dropped Event
-	for e := range slow {
-		got++
-		if e.Kind == "dropped" {
-			dropped = e
-			break
+	for i := range watcherBuffer {
+		if e := <-slow; e.Model != fmt.Sprint(i) {
+			t.Fatalf("event %d: %v", i, e)
 		}
 	}
-	if dropped.Kind != "dropped" || !strings.Contains(dropped.Detail, "events were dropped") {
-		t.Fatalf("no dropped notice; got %d events", got)
-	}
-	var n int
-	fmt.Sscanf(dropped.Detail, "%d", &n)
-	if delivered := got - 1; delivered+n != sent {
-		t.Errorf("%d delivered + %d dropped != %d sent", delivered, n, sent)
+	h.Publish(Event{Kind: "ready", Model: "last"})
+	if e := <-slow; e.Kind != "dropped" || !strings.HasPrefix(e.Detail, "50 events were dropped") {
+		t.Errorf("no dropped notice: %v", e)
 	}
 	if e := <-slow; e.Model != "last" {
 		t.Errorf("after the notice: %v", e)
 	}
 }
 
-// TestWatchRejections: a burst of errors in a second becomes one event per
-// model that names the statuses; a quiet second publishes nothing.
-func TestWatchRejections(t *testing.T) {
+// TestPublishRejections: a burst of errors in a period becomes one event
+// per model that names the statuses; a quiet period publishes nothing.
+func TestPublishRejections(t *testing.T) {
 	svc, _, adm := newTestService(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	events := svc.d.Events.Watch(ctx, "")
-	go svc.WatchRejections(ctx, 5*time.Millisecond)
-	// Count only once it has taken the counts it compares with.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) { // polling interval
-		adm.mu.Lock()
-		n := adm.reads
-		adm.mu.Unlock()
-		if n > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("WatchRejections never read the counts")
-		}
-	}
+	events, stop := svc.d.Events.Watch("")
+	defer stop()
+	before := adm.Counts()
 	adm.reject("llama", map[int]uint64{429: 12, 503: 1})
-	e := <-events
-	if e.Kind != "rejected" || e.Model != "llama" || !strings.HasPrefix(e.Detail, "12 answered 429, 1 answered 503 in the last") {
-		t.Fatalf("event %+v", e)
-	}
 	adm.reject("", map[int]uint64{404: 2})
-	for e := range events {
-		if e.Model == "" {
-			if !strings.HasPrefix(e.Detail, "2 answered 404 in the last 5ms, for requests that named no configured model") {
-				t.Errorf("unknown-model burst: %+v", e)
-			}
-			break
+	after := adm.Counts()
+	svc.publishRejections(before, after, time.Second)
+	svc.publishRejections(after, after, time.Second)
+	got := map[string]string{}
+	for len(events) > 0 {
+		e := <-events
+		if e.Kind != "rejected" {
+			t.Errorf("kind %q", e.Kind)
+		}
+		if _, dup := got[e.Model]; dup {
+			t.Errorf("a second event for %q: %+v", e.Model, e)
+		}
+		got[e.Model] = e.Detail
+	}
+	want := map[string]string{
+		"llama": "12 answered 429, 1 answered 503 in the last 1s",
+		"":      "2 answered 404 in the last 1s, for requests that named no configured model",
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("events %v, want %v", got, want)
+	}
+}
+
+func TestBurst(t *testing.T) {
+	tests := []struct {
+		before, after map[int]uint64
+		want          string
+	}{
+		{nil, map[int]uint64{429: 3}, "3 answered 429"},
+		{map[int]uint64{429: 3}, map[int]uint64{429: 3}, ""},
+		{map[int]uint64{429: 3, 503: 1}, map[int]uint64{429: 5, 503: 1, 0: 2}, "2 answered another status, 2 answered 429"},
+		// The model was removed and added back: its counts began again.
+		{map[int]uint64{429: 10}, map[int]uint64{429: 4}, "4 answered 429"},
+	}
+	for _, tt := range tests {
+		if got := burst(tt.before, tt.after); got != tt.want {
+			t.Errorf("burst(%v, %v) = %q, want %q", tt.before, tt.after, got, tt.want)
 		}
 	}
 }
 
 func TestHTTP(t *testing.T) {
-	svc, _, _ := newTestService(t)
+	svc, _, adm := newTestService(t)
 	m := NewMetrics(svc)
 	m.Models([]string{"llama"})
 	m.Event("llama", manager.EventReady, 1500*time.Millisecond)
+	adm.reject("", map[int]uint64{404: 2})
+	adm.reject("llama", map[int]uint64{0: 1})
+	adm.counts["llama"].Outcomes[extproc.OutcomeAdmitted] = 5
+	adm.counts["llama"].Outcomes[extproc.OutcomeQueued] = 4
 	m.QueueWait("llama", 40*time.Millisecond)
 	var notReady atomic.Pointer[error]
 	starting := errors.New("starting")
@@ -497,22 +562,51 @@ func TestHTTP(t *testing.T) {
 		t.Fatalf("/metrics: %v", err)
 	}
 	want := map[string]float64{
-		`vgw_gpu_memory_used_bytes{gpu="0",name="g",uuid=""}`:  20 << 30,
-		`vgw_gpu_memory_total_bytes{gpu="0",name="g",uuid=""}`: 80 << 30,
-		`vgw_in_flight{model="llama"}`:                         3,
-		`vgw_queue_depth{model="llama"}`:                       2,
-		`vgw_xds_pushes_total`:                                 8,
-		`vgw_xds_acks_total`:                                   15,
-		`vgw_xds_nacks_total`:                                  1,
-		`vgw_model_events_total{kind="crashed",model="llama"}`: 0,
-		`vgw_model_events_total{kind="ready",model="llama"}`:   1,
-		`vgw_model_state{model="llama",state="ready"}`:         1,
-		`vgw_model_load_seconds_count{model="llama"}`:          1,
-		`vgw_queue_wait_seconds_count{model="llama"}`:          1,
+		`vgw_gpu_info{gpu="0",name="g",uuid=""}`:                   1,
+		`vgw_gpu_memory_used_bytes{gpu="0"}`:                       20 << 30,
+		`vgw_gpu_memory_total_bytes{gpu="0"}`:                      80 << 30,
+		`vgw_requests_in_flight{model="llama"}`:                    3,
+		`vgw_model_max_concurrent{model="llama"}`:                  8,
+		`vgw_decisions_total{model="llama",outcome="admitted"}`:    5,
+		`vgw_decisions_total{model="_unknown",outcome="rejected"}`: 2,
+		`vgw_queued_total{model="llama"}`:                          4,
+		`vgw_answers_total{model="_unknown",status="404"}`:         2,
+		`vgw_answers_total{model="llama",status="other"}`:          1,
+		`vgw_xds_connected_envoys`:                                 1,
+		`vgw_draining`:                                             0,
+		`vgw_queue_depth{model="llama"}`:                           2,
+		`vgw_xds_pushes_total`:                                     8,
+		`vgw_xds_acks_total`:                                       15,
+		`vgw_xds_nacks_total`:                                      1,
+		`vgw_model_events_total{kind="crashed",model="llama"}`:     0,
+		`vgw_model_events_total{kind="ready",model="llama"}`:       1,
+		`vgw_model_state{model="llama",state="ready"}`:             1,
+		`vgw_model_load_seconds_count{model="llama"}`:              1,
+		`vgw_queue_wait_seconds_count{model="llama"}`:              1,
 	}
 	for k, v := range want {
 		if g, ok := got[k]; !ok || g != v {
 			t.Errorf("%s = %v (present %v), want %v", k, g, ok, v)
 		}
+	}
+	for k := range got {
+		if strings.Contains(k, `outcome="queued"`) {
+			t.Errorf("%s: a wait is not how a request ended", k)
+		}
+	}
+
+	// A model gone from the config loses its series.
+	m.Models([]string{"qwen"})
+	_, body = get("/metrics", "")
+	if got, err = admintest.Parse(strings.NewReader(body)); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{`vgw_model_events_total{kind="crashed",model="llama"}`, `vgw_model_load_seconds_count{model="llama"}`, `vgw_queue_wait_seconds_count{model="llama"}`} {
+		if _, ok := got[k]; ok {
+			t.Errorf("%s after llama left the config", k)
+		}
+	}
+	if _, ok := got[`vgw_model_events_total{kind="crashed",model="qwen"}`]; !ok {
+		t.Error("no series for qwen, newly configured")
 	}
 }

@@ -2,6 +2,7 @@ package admin
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
 	"fmt"
 	"os"
@@ -11,8 +12,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-
-	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 )
 
 // ReadToken reads an admin token from a file: its first line, trimmed. An
@@ -30,20 +29,37 @@ func ReadToken(path string) (string, error) {
 	return tok, nil
 }
 
-// guarded reports whether method needs the token: every Admin RPC does;
-// health checks and server reflection do not, so that probes and
-// `grpcurl list` work without it.
-func guarded(method string) bool {
-	return strings.HasPrefix(method, "/"+adminv1.Admin_ServiceDesc.ServiceName+"/")
+// unguarded reports whether method may be called without the token: health
+// checks and server reflection, so that probes and `grpcurl list` work.
+// Everything else needs it, including any service added later.
+func unguarded(method string) bool {
+	return strings.HasPrefix(method, "/grpc.health.v1.Health/") ||
+		strings.HasPrefix(method, "/grpc.reflection.v1.ServerReflection/") ||
+		strings.HasPrefix(method, "/grpc.reflection.v1alpha.ServerReflection/")
 }
 
-// authorized checks the request's `authorization: Bearer TOKEN` in
-// constant time.
+// bearerToken returns the credentials of an "authorization: Bearer X"
+// value; the scheme is case-insensitive (RFC 9110, section 11.1).
+func bearerToken(v string) (string, bool) {
+	scheme, cred, ok := strings.Cut(strings.TrimSpace(v), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	return strings.TrimSpace(cred), true
+}
+
+// tokenMatches compares in constant time, over hashes so that not even the
+// token's length shows in the timing.
+func tokenMatches(got, token string) bool {
+	a, b := sha256.Sum256([]byte(got)), sha256.Sum256([]byte(token))
+	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
+}
+
+// authorized checks the request's `authorization: Bearer TOKEN`.
 func authorized(ctx context.Context, token string) error {
 	md, _ := metadata.FromIncomingContext(ctx)
 	for _, v := range md.Get("authorization") {
-		got, ok := strings.CutPrefix(v, "Bearer ")
-		if ok && subtle.ConstantTimeCompare([]byte(got), []byte(token)) == 1 {
+		if got, ok := bearerToken(v); ok && tokenMatches(got, token) {
 			return nil
 		}
 	}
@@ -51,11 +67,12 @@ func authorized(ctx context.Context, token string) error {
 	return status.Error(codes.Unauthenticated, "the admin service needs authorization: Bearer <token> (see --admin-token-file)")
 }
 
-// TokenAuth returns interceptors that require token on every Admin RPC.
+// TokenAuth returns interceptors that require token on every RPC but
+// health checks and reflection.
 func TokenAuth(token string) []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
-			if guarded(info.FullMethod) {
+			if !unguarded(info.FullMethod) {
 				if err := authorized(ctx, token); err != nil {
 					return nil, err
 				}
@@ -63,7 +80,7 @@ func TokenAuth(token string) []grpc.ServerOption {
 			return next(ctx, req)
 		}),
 		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, next grpc.StreamHandler) error {
-			if guarded(info.FullMethod) {
+			if !unguarded(info.FullMethod) {
 				if err := authorized(ss.Context(), token); err != nil {
 					return err
 				}

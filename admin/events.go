@@ -5,7 +5,6 @@
 package admin
 
 import (
-	"context"
 	"strconv"
 	"sync"
 	"time"
@@ -44,7 +43,9 @@ func (h *Hub) Publish(e Event) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for w := range h.watchers {
-		if w.model != "" && w.model != e.Model {
+		// An event about no model in particular (an Envoy's NACK, requests
+		// for unknown models) goes to every watcher.
+		if w.model != "" && e.Model != "" && w.model != e.Model {
 			continue
 		}
 		if w.dropped > 0 {
@@ -64,33 +65,16 @@ func (h *Hub) Publish(e Event) {
 	}
 }
 
-// Watch returns the events for model ("" for all) until ctx ends; the
-// channel is closed then.
-func (h *Hub) Watch(ctx context.Context, model string) <-chan Event {
+// Watch subscribes to the events for model ("" for all), and those about
+// no model in particular, until stop is called.
+func (h *Hub) Watch(model string) (events <-chan Event, stop func()) {
 	w := &watcher{model: model, ch: make(chan Event, watcherBuffer)}
 	h.mu.Lock()
 	h.watchers[w] = struct{}{}
 	h.mu.Unlock()
-	out := make(chan Event)
-	go func() {
-		defer close(out)
-		defer func() {
-			h.mu.Lock()
-			delete(h.watchers, w)
-			h.mu.Unlock()
-		}()
-		for {
-			select {
-			case e := <-w.ch:
-				select {
-				case out <- e:
-				case <-ctx.Done():
-					return
-				}
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-	return out
+	return w.ch, func() {
+		h.mu.Lock()
+		delete(h.watchers, w)
+		h.mu.Unlock()
+	}
 }

@@ -1,9 +1,7 @@
 package admin
 
 import (
-	"crypto/subtle"
 	"net/http"
-	"strings"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -51,6 +49,6 @@ func Handler(svc *Service, m *Metrics, o HTTPOptions) http.Handler {
 }
 
 func bearer(r *http.Request, token string) bool {
-	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	return ok && subtle.ConstantTimeCompare([]byte(got), []byte(token)) == 1
+	got, ok := bearerToken(r.Header.Get("Authorization"))
+	return ok && tokenMatches(got, token)
 }

@@ -3,11 +3,13 @@ package admin
 import (
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/manager"
 )
 
@@ -19,6 +21,9 @@ import (
 type Metrics struct {
 	Registry *prometheus.Registry
 
+	mu     sync.Mutex
+	models map[string]bool // whose series Models made
+
 	queueWait *prometheus.HistogramVec
 	loadTime  *prometheus.HistogramVec
 	lifecycle *prometheus.CounterVec
@@ -29,6 +34,7 @@ type Metrics struct {
 func NewMetrics(svc *Service) *Metrics {
 	m := &Metrics{
 		Registry: prometheus.NewRegistry(),
+		models:   map[string]bool{},
 		queueWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "vgw_queue_wait_seconds",
 			Help:    "How long requests waited, for a slot or for their model to load, whatever became of them.",
@@ -51,13 +57,26 @@ func NewMetrics(svc *Service) *Metrics {
 
 // Models starts every lifecycle counter of each model at zero, so that an
 // alert on, say, increase(vgw_model_events_total{kind="crashed"}[10m])
-// sees a series from the start rather than none until the first crash.
+// sees a series from the start rather than none until the first crash, and
+// drops the series of models no longer configured.
 func (m *Metrics) Models(names []string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := make(map[string]bool, len(names))
 	for _, name := range names {
+		now[name] = true
 		for _, kind := range manager.EventKinds {
 			m.lifecycle.WithLabelValues(name, kind)
 		}
 	}
+	for name := range m.models {
+		if !now[name] {
+			m.lifecycle.DeletePartialMatch(prometheus.Labels{"model": name})
+			m.loadTime.DeleteLabelValues(name)
+			m.queueWait.DeleteLabelValues(name)
+		}
+	}
+	m.models = now
 }
 
 // QueueWait records a request's wait; give it to extproc.WithWaitObserver.
@@ -73,19 +92,26 @@ func (m *Metrics) Event(model, kind string, took time.Duration) {
 	}
 }
 
+// unknownModel labels what was counted for requests that named no
+// configured model: not a name a model may have (see
+// config.ModelNamePattern), and not empty, which PromQL treats as absent.
+const unknownModel = "_unknown"
+
 var (
-	descDecisions = prometheus.NewDesc("vgw_decisions_total", "Admission decisions by model and outcome (admitted, queued, rejected, timed_out, abandoned); model is empty for requests that named no configured model.", []string{"model", "outcome"}, nil)
-	descAnswers   = prometheus.NewDesc("vgw_answers_total", "Answers vgw gave itself instead of sending the request on, by model and HTTP status (0: another status).", []string{"model", "status"}, nil)
+	descDecisions = prometheus.NewDesc("vgw_decisions_total", "Requests by model and how admission ended for them: admitted, rejected, timed_out, abandoned (model _unknown: requests that named no configured model).", []string{"model", "outcome"}, nil)
+	descQueued    = prometheus.NewDesc("vgw_queued_total", "Times a request had to wait, for a slot or for its model to load, by model.", []string{"model"}, nil)
+	descAnswers   = prometheus.NewDesc("vgw_answers_total", "Errors vgw answered itself instead of sending the request on, by model and HTTP status (other: a status not listed).", []string{"model", "status"}, nil)
 	descQueue     = prometheus.NewDesc("vgw_queue_depth", "Requests waiting for a slot, by model.", []string{"model"}, nil)
-	descInFlight  = prometheus.NewDesc("vgw_in_flight", "Requests holding a slot (sent on, or waiting for their model to load), by model.", []string{"model"}, nil)
-	descLimit     = prometheus.NewDesc("vgw_max_concurrent", "The model's limit on requests in flight.", []string{"model"}, nil)
+	descInFlight  = prometheus.NewDesc("vgw_requests_in_flight", "Requests holding a slot (sent on, or waiting for their model to load), by model.", []string{"model"}, nil)
+	descLimit     = prometheus.NewDesc("vgw_model_max_concurrent", "The model's limit on requests in flight.", []string{"model"}, nil)
 	descState     = prometheus.NewDesc("vgw_model_state", "1 for the state each model is in: stopped, loading, ready, draining.", []string{"model", "state"}, nil)
-	descGPUUsed   = prometheus.NewDesc("vgw_gpu_memory_used_bytes", "GPU memory in use at the latest reading.", []string{"gpu", "name", "uuid"}, nil)
-	descGPUTotal  = prometheus.NewDesc("vgw_gpu_memory_total_bytes", "GPU memory in all.", []string{"gpu", "name", "uuid"}, nil)
+	descGPUInfo   = prometheus.NewDesc("vgw_gpu_info", "1 for each GPU, with its name and UUID.", []string{"gpu", "name", "uuid"}, nil)
+	descGPUUsed   = prometheus.NewDesc("vgw_gpu_memory_used_bytes", "GPU memory in use at the latest reading.", []string{"gpu"}, nil)
+	descGPUTotal  = prometheus.NewDesc("vgw_gpu_memory_total_bytes", "GPU memory in all.", []string{"gpu"}, nil)
 	descPushes    = prometheus.NewDesc("vgw_xds_pushes_total", "xDS snapshots published.", nil, nil)
 	descACKs      = prometheus.NewDesc("vgw_xds_acks_total", "xDS responses Envoys acknowledged.", nil, nil)
 	descNACKs     = prometheus.NewDesc("vgw_xds_nacks_total", "xDS responses Envoys rejected.", nil, nil)
-	descEnvoys    = prometheus.NewDesc("vgw_xds_envoys", "Envoys connected to xDS.", nil, nil)
+	descEnvoys    = prometheus.NewDesc("vgw_xds_connected_envoys", "Envoys connected to xDS.", nil, nil)
 	descDraining  = prometheus.NewDesc("vgw_draining", "1 while vgw admits no new requests.", nil, nil)
 )
 
@@ -94,8 +120,8 @@ var (
 type collector struct{ svc *Service }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descDecisions, descAnswers, descQueue, descInFlight, descLimit, descState,
-		descGPUUsed, descGPUTotal, descPushes, descACKs, descNACKs, descEnvoys, descDraining} {
+	for _, d := range []*prometheus.Desc{descDecisions, descQueued, descAnswers, descQueue, descInFlight, descLimit, descState,
+		descGPUInfo, descGPUUsed, descGPUTotal, descPushes, descACKs, descNACKs, descEnvoys, descDraining} {
 		ch <- d
 	}
 }
@@ -103,11 +129,22 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	d := c.svc.d
 	for model, counts := range d.Admission.Counts() {
+		if model == "" {
+			model = unknownModel
+		}
 		for o, n := range counts.Outcomes {
+			if o == extproc.OutcomeQueued {
+				ch <- prometheus.MustNewConstMetric(descQueued, prometheus.CounterValue, float64(n), model)
+				continue
+			}
 			ch <- prometheus.MustNewConstMetric(descDecisions, prometheus.CounterValue, float64(n), model, o.String())
 		}
 		for st, n := range counts.Statuses {
-			ch <- prometheus.MustNewConstMetric(descAnswers, prometheus.CounterValue, float64(n), model, strconv.Itoa(st))
+			status := "other"
+			if st != 0 {
+				status = strconv.Itoa(st)
+			}
+			ch <- prometheus.MustNewConstMetric(descAnswers, prometheus.CounterValue, float64(n), model, status)
 		}
 	}
 	for model, g := range d.Admission.AllStats() {
@@ -126,8 +163,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, g := range d.Manager.GPUs() {
 		i := strconv.Itoa(g.Index)
-		ch <- prometheus.MustNewConstMetric(descGPUUsed, prometheus.GaugeValue, float64(g.Used), i, g.Name, g.UUID)
-		ch <- prometheus.MustNewConstMetric(descGPUTotal, prometheus.GaugeValue, float64(g.Total), i, g.Name, g.UUID)
+		ch <- prometheus.MustNewConstMetric(descGPUInfo, prometheus.GaugeValue, 1, i, g.Name, g.UUID)
+		ch <- prometheus.MustNewConstMetric(descGPUUsed, prometheus.GaugeValue, float64(g.Used), i)
+		ch <- prometheus.MustNewConstMetric(descGPUTotal, prometheus.GaugeValue, float64(g.Total), i)
 	}
 	x := d.Envoys.Counters()
 	ch <- prometheus.MustNewConstMetric(descPushes, prometheus.CounterValue, float64(x.Pushes))

@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -61,6 +64,11 @@ type Deps struct {
 	Log     *slog.Logger
 	Version string
 	Started time.Time
+	// Redact masks secrets in text vgw did not write itself (a model
+	// server's log tail, an Envoy's error) before the service shows it.
+	Redact func(string) string
+	// Stopping reports that vgw is shutting down: Drain may not undo that.
+	Stopping func() bool
 }
 
 // Service implements vgw.admin.v1.Admin.
@@ -70,7 +78,15 @@ type Service struct {
 }
 
 // NewService returns the admin service over d.
-func NewService(d Deps) *Service { return &Service{d: d} }
+func NewService(d Deps) *Service {
+	if d.Redact == nil {
+		d.Redact = func(s string) string { return s }
+	}
+	if d.Stopping == nil {
+		d.Stopping = func() bool { return false }
+	}
+	return &Service{d: d}
+}
 
 // Status is what GetStatus and /status report.
 func (s *Service) Status() *adminv1.Status {
@@ -93,15 +109,15 @@ func (s *Service) Status() *adminv1.Status {
 	for _, n := range nodes {
 		en := &adminv1.EnvoyNode{Node: n.Node, Streams: int32(n.Streams), ClustersVersion: n.Clusters, EndpointsVersion: n.Routes}
 		if n.LastNACK != nil {
-			en.LastNack = nack(*n.LastNACK)
+			en.LastNack = s.nack(*n.LastNACK)
 		}
 		st.Envoys = append(st.Envoys, en)
 	}
 	return st
 }
 
-func nack(n xds.NACK) *adminv1.NACK {
-	return &adminv1.NACK{Time: timestamppb.New(n.Time), Node: n.Node, TypeUrl: n.TypeURL, Version: n.Version, Error: n.Error}
+func (s *Service) nack(n xds.NACK) *adminv1.NACK {
+	return &adminv1.NACK{Time: timestamppb.New(n.Time), Node: n.Node, TypeUrl: n.TypeURL, Version: n.Version, Error: s.d.Redact(n.Error)}
 }
 
 // models renders every model: the manager's view, with the admission
@@ -119,9 +135,9 @@ func (s *Service) model(m manager.ModelStatus, g extproc.GateStats) *adminv1.Mod
 	pm := &adminv1.Model{
 		Name: m.Name, State: m.State.String(), Instance: m.Instance, Endpoint: m.Addr,
 		FootprintBytes: m.PerGPU, FootprintSource: m.Footprint,
-		InFlight: m.InFlight, QueueDepth: int32(g.Queued),
+		InFlight: int64(g.InFlight), QueueDepth: int32(g.Queued),
 		MaxConcurrent: int32(g.Limits.MaxConcurrent), MaxQueue: int32(g.Limits.MaxQueue), QueueTimeout: durationpb.New(g.Limits.QueueTimeout),
-		AlwaysOn: m.AlwaysOn, Pinned: m.Pinned, LastError: m.LastError, Cluster: s.d.Cluster(m.Name),
+		AlwaysOn: m.AlwaysOn, Pinned: m.Pinned, LastError: s.d.Redact(m.LastError), Cluster: s.d.Cluster(m.Name),
 		WaitingForLoad: int32(m.Waiting),
 	}
 	for _, g := range m.GPUs {
@@ -174,29 +190,35 @@ func (s *Service) one(name string) (*adminv1.Model, error) {
 	return nil, status.Errorf(codes.NotFound, "model %q is not configured", name)
 }
 
-// grpcError maps the manager's errors to gRPC codes an operator can act on.
-func grpcError(err error) error {
+// grpcError maps the manager's errors to gRPC codes an operator can act
+// on, with secrets masked: a failed load's error carries its server's log.
+func (s *Service) grpcError(err error) error {
+	if err == nil {
+		return nil
+	}
 	var nr *manager.NoRoom
 	var le *manager.LoadError
+	msg := s.d.Redact(err.Error())
 	switch {
-	case err == nil:
-		return nil
 	case errors.Is(err, manager.ErrUnknownModel):
-		return status.Error(codes.NotFound, err.Error())
+		return status.Error(codes.NotFound, msg)
 	case errors.Is(err, context.DeadlineExceeded):
-		return status.Error(codes.DeadlineExceeded, "the model is not ready yet: "+err.Error())
+		return status.Error(codes.DeadlineExceeded, "the model is not ready yet: "+msg)
 	case errors.Is(err, context.Canceled):
-		return status.Error(codes.Canceled, err.Error())
-	case errors.As(err, &nr), errors.As(err, &le):
-		return status.Error(codes.Unavailable, err.Error())
+		return status.Error(codes.Canceled, msg)
+	case errors.Is(err, manager.ErrClosed), errors.As(err, &nr), errors.As(err, &le):
+		return status.Error(codes.Unavailable, msg)
 	}
-	return status.Error(codes.Internal, err.Error())
+	return status.Error(codes.Internal, msg)
 }
 
 func (s *Service) LoadModel(ctx context.Context, req *adminv1.LoadModelRequest) (*adminv1.LoadModelResponse, error) {
 	if req.GetWait() {
 		timeout := s.d.Config().LoadTimeout.Std()
 		if t := req.GetTimeout(); t != nil {
+			if err := t.CheckValid(); err != nil || t.AsDuration() <= 0 {
+				return nil, status.Errorf(codes.InvalidArgument, "timeout %v: want a duration above zero, such as \"300s\"", t.AsDuration())
+			}
 			timeout = t.AsDuration()
 		}
 		var cancel context.CancelFunc
@@ -204,7 +226,7 @@ func (s *Service) LoadModel(ctx context.Context, req *adminv1.LoadModelRequest) 
 		defer cancel()
 	}
 	if err := s.d.Manager.Load(ctx, req.GetModel(), req.GetWait()); err != nil {
-		return nil, grpcError(err)
+		return nil, s.grpcError(err)
 	}
 	s.audit(ctx, "load", req.GetModel())
 	m, err := s.one(req.GetModel())
@@ -213,7 +235,7 @@ func (s *Service) LoadModel(ctx context.Context, req *adminv1.LoadModelRequest) 
 
 func (s *Service) UnloadModel(ctx context.Context, req *adminv1.UnloadModelRequest) (*adminv1.UnloadModelResponse, error) {
 	if err := s.d.Manager.Unload(req.GetModel()); err != nil {
-		return nil, grpcError(err)
+		return nil, s.grpcError(err)
 	}
 	s.audit(ctx, "unload", req.GetModel())
 	m, err := s.one(req.GetModel())
@@ -222,7 +244,7 @@ func (s *Service) UnloadModel(ctx context.Context, req *adminv1.UnloadModelReque
 
 func (s *Service) PinModel(ctx context.Context, req *adminv1.PinModelRequest) (*adminv1.PinModelResponse, error) {
 	if err := s.d.Manager.Pin(req.GetModel(), true); err != nil {
-		return nil, grpcError(err)
+		return nil, s.grpcError(err)
 	}
 	s.audit(ctx, "pin", req.GetModel())
 	m, err := s.one(req.GetModel())
@@ -231,7 +253,7 @@ func (s *Service) PinModel(ctx context.Context, req *adminv1.PinModelRequest) (*
 
 func (s *Service) UnpinModel(ctx context.Context, req *adminv1.UnpinModelRequest) (*adminv1.UnpinModelResponse, error) {
 	if err := s.d.Manager.Pin(req.GetModel(), false); err != nil {
-		return nil, grpcError(err)
+		return nil, s.grpcError(err)
 	}
 	s.audit(ctx, "unpin", req.GetModel())
 	m, err := s.one(req.GetModel())
@@ -244,8 +266,9 @@ func (s *Service) SetLogLevel(ctx context.Context, req *adminv1.SetLogLevelReque
 		return nil, status.Errorf(codes.InvalidArgument, "level %q is not one of debug, info, warn, error", req.GetLevel())
 	}
 	prev := s.d.Level.Level()
+	// Logged before the change: a level of warn would hide it after.
+	s.audit(ctx, "set_log_level", strings.ToLower(l.String()))
 	s.d.Level.Set(l)
-	s.audit(ctx, "set_log_level", l.String())
 	return &adminv1.SetLogLevelResponse{Previous: strings.ToLower(prev.String()), Level: strings.ToLower(l.String())}, nil
 }
 
@@ -275,7 +298,8 @@ func (s *Service) ListDecisions(_ context.Context, req *adminv1.ListDecisionsReq
 // script) knows the watch is live before anything happens, then every
 // event as it comes.
 func (s *Service) WatchEvents(req *adminv1.WatchEventsRequest, stream adminv1.Admin_WatchEventsServer) error {
-	events := s.d.Events.Watch(stream.Context(), req.GetModel())
+	events, stop := s.d.Events.Watch(req.GetModel())
+	defer stop()
 	what := "all models"
 	if m := req.GetModel(); m != "" {
 		what = "model " + m
@@ -283,16 +307,23 @@ func (s *Service) WatchEvents(req *adminv1.WatchEventsRequest, stream adminv1.Ad
 	if err := stream.Send(&adminv1.Event{Time: timestamppb.Now(), Kind: "watching", Model: req.GetModel(), Detail: "events for " + what + " follow"}); err != nil {
 		return err
 	}
-	for e := range events {
-		if err := stream.Send(&adminv1.Event{Time: timestamppb.New(e.Time), Kind: e.Kind, Model: e.Model, Detail: e.Detail}); err != nil {
-			return err
+	for {
+		select {
+		case e := <-events:
+			if err := stream.Send(&adminv1.Event{Time: timestamppb.New(e.Time), Kind: e.Kind, Model: e.Model, Detail: s.d.Redact(e.Detail)}); err != nil {
+				return err
+			}
+		case <-stream.Context().Done():
+			// The watch ends only when its caller leaves (or vgw stops).
+			return status.FromContextError(stream.Context().Err()).Err()
 		}
 	}
-	// The watch ends only when its caller leaves (or vgw stops).
-	return status.FromContextError(stream.Context().Err()).Err()
 }
 
 func (s *Service) Drain(ctx context.Context, req *adminv1.DrainRequest) (*adminv1.DrainResponse, error) {
+	if !req.GetDrain() && s.d.Stopping() {
+		return nil, status.Error(codes.FailedPrecondition, "vgw is shutting down: it drains until it stops")
+	}
 	s.d.Admission.SetDraining(req.GetDrain())
 	s.audit(ctx, "drain", fmt.Sprint(req.GetDrain()))
 	var inflight int64
@@ -302,14 +333,21 @@ func (s *Service) Drain(ctx context.Context, req *adminv1.DrainRequest) (*adminv
 	return &adminv1.DrainResponse{Draining: s.d.Admission.Draining(), InFlight: inflight}, nil
 }
 
-// audit logs an operator's action: who changed what is the first question
-// on call.
+// audit logs an operator's action and where it came from: who changed
+// what is the first question on call.
 func (s *Service) audit(ctx context.Context, action, target string) {
-	s.d.Log.LogAttrs(ctx, slog.LevelInfo, "admin action", slog.String("action", action), slog.String("target", target))
+	attrs := []slog.Attr{slog.String("action", action), slog.String("target", target)}
+	if p, ok := peer.FromContext(ctx); ok {
+		attrs = append(attrs, slog.String("peer", p.Addr.String()))
+		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
+			attrs = append(attrs, slog.String("client_cert", ti.State.PeerCertificates[0].Subject.String()))
+		}
+	}
+	s.d.Log.LogAttrs(ctx, slog.LevelInfo, "admin action", attrs...)
 }
 
-// WatchRejections publishes a "rejected" event once a second for each
-// model whose requests vgw answered with errors in that second, until ctx
+// WatchRejections publishes a "rejected" event once every period for each
+// model whose requests vgw answered with errors in that period, until ctx
 // ends: a burst of 429s or 503s is what an operator watching events wants
 // to see, one line a second, not one per request.
 func (s *Service) WatchRejections(ctx context.Context, every time.Duration) {
@@ -323,26 +361,46 @@ func (s *Service) WatchRejections(ctx context.Context, every time.Duration) {
 			return
 		}
 		cur := s.d.Admission.Counts()
-		for model, c := range cur {
-			var parts []string
-			statuses := make([]int, 0, len(c.Statuses))
-			for st := range c.Statuses {
-				statuses = append(statuses, st)
-			}
-			sort.Ints(statuses)
-			for _, st := range statuses {
-				if n := c.Statuses[st] - prev[model].Statuses[st]; n > 0 && st != 0 {
-					parts = append(parts, fmt.Sprintf("%d answered %d", n, st))
-				}
-			}
-			if len(parts) > 0 {
-				detail := strings.Join(parts, ", ") + " in the last " + every.String()
-				if model == "" {
-					detail += ", for requests that named no configured model"
-				}
-				s.d.Events.Publish(Event{Time: time.Now(), Kind: "rejected", Model: model, Detail: detail})
-			}
-		}
+		s.publishRejections(prev, cur, every)
 		prev = cur
 	}
+}
+
+// publishRejections publishes the bursts between two counts a period apart.
+func (s *Service) publishRejections(prev, cur map[string]extproc.Counts, period time.Duration) {
+	for model, c := range cur {
+		if detail := burst(prev[model].Statuses, c.Statuses); detail != "" {
+			detail += " in the last " + period.String()
+			if model == "" {
+				detail += ", for requests that named no configured model"
+			}
+			s.d.Events.Publish(Event{Time: time.Now(), Kind: "rejected", Model: model, Detail: detail})
+		}
+	}
+}
+
+// burst says how many answers of each status were added between two
+// counts ("12 answered 429, 1 answered 503"), or "" for none. A count that
+// went down (the model was removed and added back) counts from zero.
+func burst(before, after map[int]uint64) string {
+	statuses := make([]int, 0, len(after))
+	for st := range after {
+		statuses = append(statuses, st)
+	}
+	sort.Ints(statuses)
+	var parts []string
+	for _, st := range statuses {
+		n, p := after[st], before[st]
+		if p > n {
+			p = 0
+		}
+		if n > p {
+			what := strconv.Itoa(st)
+			if st == 0 {
+				what = "another status"
+			}
+			parts = append(parts, fmt.Sprintf("%d answered %s", n-p, what))
+		}
+	}
+	return strings.Join(parts, ", ")
 }

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/goccy/go-yaml"
+
+	"github.com/vgw-project/vgw/internal/secrets"
 )
 
 // Config is one vgw configuration file.
@@ -295,4 +297,23 @@ func trimmed(s string) string {
 		s = s[:max] + "…"
 	}
 	return fmt.Sprintf("%q", s)
+}
+
+// Secrets returns the credentials the config holds or hands on, which
+// vgw must never show: the values of credential-named env entries (the
+// runtime's and each model's, and HF_TOKEN in vgw's own environment, which
+// the Docker runtime passes to vLLM) and of credential flags in
+// extra_args (--api-key).
+func (c *Config) Secrets(getenv func(string) string) []string {
+	out := secrets.InEnv(c.Runtime.Env)
+	for _, name := range []string{"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} {
+		if v := getenv(name); v != "" {
+			out = append(out, v)
+		}
+	}
+	for _, m := range c.Models {
+		out = append(out, secrets.InEnv(m.Env)...)
+		out = append(out, secrets.InArgs(m.ExtraArgs)...)
+	}
+	return out
 }

@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -133,4 +134,26 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("accepted an invalid config: %+v", c)
 		}
 	})
+}
+
+func TestSecrets(t *testing.T) {
+	cfg, err := Parse("s.yaml", []byte(`runtime: {kind: sim, env: {HF_TOKEN: hf_runtime, VLLM_LOGGING_LEVEL: DEBUG}}
+gpus: [{name: g, memory: 80GiB}]
+models:
+  a: {env: {OPENAI_API_KEY: sk-model-a, CUDA_DEVICE_ORDER: PCI_BUS_ID}, extra_args: ["--api-key=sk-arg", "--enforce-eager"]}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := cfg.Secrets(func(k string) string {
+		if k == "HF_TOKEN" {
+			return "hf_from_vgw_env"
+		}
+		return ""
+	})
+	slices.Sort(got)
+	want := []string{"hf_from_vgw_env", "hf_runtime", "sk-arg", "sk-model-a"}
+	if !slices.Equal(got, want) {
+		t.Errorf("Secrets = %v, want %v", got, want)
+	}
 }

@@ -320,7 +320,11 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	md.lastErr = md.lastLoad
 	m.log.Error("model failed to load", slog.String("model", md.name), slog.String("error", err.Error()),
 		slog.Int("failures", md.failures), slog.Duration("retry_in", backoff), slog.String("log_tail", lastLines(tail, 20)))
-	m.event(md.name, EventLoadFailed, err.Error())
+	detail := fmt.Sprintf("%v; tried again in %v", err, backoff)
+	if tail != "" {
+		detail += "; last log lines: " + lastLines(tail, 5)
+	}
+	m.event(md.name, EventLoadFailed, detail)
 	md.answer(md.lastLoad)
 	if m.keepLoaded(md) {
 		m.want(md) // tried again once the backoff has passed

@@ -630,7 +630,7 @@ func (m *Manager) Update(cfg *config.Config) bool {
 // lets it go again (off), as an operator asks.
 func (m *Manager) Pin(name string, on bool) error {
 	var err error
-	m.call(func() {
+	ok := m.call(func() {
 		md := m.models[name]
 		if md == nil || md.removed {
 			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
@@ -638,6 +638,9 @@ func (m *Manager) Pin(name string, on bool) error {
 		}
 		md.pinned = on
 	})
+	if !ok {
+		return ErrClosed
+	}
 	return err
 }
 
@@ -648,7 +651,7 @@ func (m *Manager) Pin(name string, on bool) error {
 // and the model is tried until load_timeout as a request's would be.
 func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 	var err error
-	m.call(func() {
+	ok := m.call(func() {
 		md := m.models[name]
 		if md == nil || md.removed {
 			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
@@ -661,6 +664,9 @@ func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 			m.schedule()
 		}
 	})
+	if !ok {
+		return ErrClosed
+	}
 	if err != nil || !wait {
 		return err
 	}
@@ -737,7 +743,7 @@ func (m *Manager) Status() []ModelStatus {
 // Unload drains and stops a model now, as an operator asks.
 func (m *Manager) Unload(name string) error {
 	var err error
-	m.call(func() {
+	ok := m.call(func() {
 		md := m.models[name]
 		if md == nil {
 			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
@@ -745,6 +751,9 @@ func (m *Manager) Unload(name string) error {
 		}
 		m.unload(md, "asked to")
 	})
+	if !ok {
+		return ErrClosed
+	}
 	return err
 }
 

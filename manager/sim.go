@@ -73,7 +73,14 @@ func (r *SimRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
 	if b.FailStart {
 		args = append(args, "--fail-start")
 	}
+	// The vLLM arguments, and the env, reach the fake as they would reach
+	// vLLM, which logs its arguments as it starts.
+	args = append(append(args, "--"), spec.Args...)
 	cmd := exec.Command(r.command[0], args...)
+	cmd.Env = os.Environ()
+	for k, v := range spec.Env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
 	cmd.ExtraFiles = []*os.File{f}
 	tail := newLogTail(50)
 	cmd.Stdout, cmd.Stderr = tail, tail

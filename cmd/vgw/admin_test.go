@@ -11,7 +11,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
-	"go/build"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
@@ -31,21 +31,29 @@ import (
 
 	"github.com/vgw-project/vgw/admin/admintest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/secrets"
 	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 )
 
-// grpcurlPath finds the grpcurl binary that `make tools` installs (pinned
-// in the Makefile): the tests drive vgw with it as operators do.
-func grpcurlPath(t *testing.T) string {
+// grpcurlPath returns the grpcurl that go.mod pins as a tool (built by
+// `go tool` into the build cache): the tests drive vgw with the real
+// grpcurl, as operators do.
+var grpcurlPath = sync.OnceValues(func() (string, error) {
+	out, err := exec.Command("go", "tool", "-n", "grpcurl").Output()
+	if err != nil {
+		return "", fmt.Errorf("go tool -n grpcurl: %w", err)
+	}
+	return strings.TrimSpace(string(out)), nil
+})
+
+// newGrpcurl returns grpcurl aimed at addr.
+func newGrpcurl(t *testing.T, addr, token string) *grpcurl {
 	t.Helper()
-	if p, err := exec.LookPath("grpcurl"); err == nil {
-		return p
+	bin, err := grpcurlPath()
+	if err != nil {
+		t.Fatal(err)
 	}
-	p := filepath.Join(build.Default.GOPATH, "bin", "grpcurl")
-	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("grpcurl is not installed: run `make test-tools` (make test does): %v", err)
-	}
-	return p
+	return &grpcurl{t: t, bin: bin, addr: addr, token: token}
 }
 
 // grpcurl runs the grpcurl binary against one admin address.
@@ -182,6 +190,7 @@ const (
 	hfToken     = "hf_ThisMustNeverBeShown"
 	adminToken  = "admin-token-never-shown"
 	clientToken = "sk-client-key-never-shown"
+	apiKey      = "sk-vllm-api-key-never-shown"
 )
 
 const adminConfig = `log_format: json
@@ -193,6 +202,7 @@ gpus: [{name: sim0, memory: 80GiB}]
 models:
   llama: {vram: 30GiB, sim: {startup_delay: 50ms}}
   qwen: {vram: 60GiB, env: {HF_TOKEN: ` + hfToken + `}, sim: {startup_delay: 50ms}}
+  broken: {vram: 10GiB, extra_args: ["--api-key", "` + apiKey + `"], sim: {fail_start: true}}
 `
 
 // TestAdminWithGrpcurl drives a running vgw serve (sim runtime, a token,
@@ -221,7 +231,7 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	})
 	serving := logs.waitFor(t, "vgw serving")
 	addr := func(k string) string { s, _ := serving[k].(string); return s }
-	g := &grpcurl{t: t, bin: grpcurlPath(t), addr: addr("admin"), token: adminToken}
+	g := newGrpcurl(t, addr("admin"), adminToken)
 	envoy := newFakeEnvoy(t, addr("extproc"), addr("xds"))
 
 	// Reflection needs no token: the service shows itself.
@@ -258,6 +268,17 @@ func TestAdminWithGrpcurl(t *testing.T) {
 
 	events := g.watch()
 
+	// A model whose server fails as it starts: its log tail, which repeats
+	// its arguments (--api-key included) as vLLM's does, comes back with
+	// the key masked in the error, the event, the status and vgw's log.
+	if e := g.fails(adminToken, "LoadModel", `{"model":"broken","wait":true}`); !strings.Contains(e, "Unavailable") ||
+		!strings.Contains(e, "memory profiling") || !strings.Contains(e, "--api-key "+secrets.Mask) {
+		t.Errorf("LoadModel broken: %s", e)
+	}
+	if e := events.await("load_failed", "broken"); !strings.Contains(e.GetDetail(), "--api-key "+secrets.Mask) {
+		t.Errorf("load_failed event: %v", e)
+	}
+
 	var loaded adminv1.LoadModelResponse
 	g.call("LoadModel", `{"model":"llama","wait":true}`, &loaded)
 	if m := loaded.GetModel(); m.GetState() != "ready" || m.GetEndpoint() == "" || len(m.GetGpus()) != 1 || m.GetFootprintSource() != "declared" {
@@ -273,8 +294,11 @@ func TestAdminWithGrpcurl(t *testing.T) {
 		gpu := st.GetGpus()
 		return len(gpu) == 1 && gpu[0].GetTotalBytes() == 80<<30 && gpu[0].GetUsedBytes() == 30<<30 && gpu[0].GetFreeBytes() == 50<<30
 	})
-	if st.GetConfig().GetLogLevel() != "info" || st.GetConfig().GetRuntime() != "sim" || len(st.GetModels()) != 2 {
+	if st.GetConfig().GetLogLevel() != "info" || st.GetConfig().GetRuntime() != "sim" || len(st.GetModels()) != 3 {
 		t.Errorf("GetStatus: %v", &st)
+	}
+	if b := st.GetModels()[0]; b.GetName() != "broken" || !strings.Contains(b.GetLastError(), "--api-key "+secrets.Mask) || b.GetRetryAt() == nil {
+		t.Errorf("GetStatus for broken: %v", b)
 	}
 	if n := st.GetEnvoys(); len(n) != 1 || n[0].GetNode() != "vgw-envoy" || n[0].GetEndpointsVersion() == "" {
 		t.Errorf("GetStatus Envoys: %v", n)
@@ -387,32 +411,43 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	atLeast := map[string]float64{
-		`vgw_decisions_total{model="llama",outcome="admitted"}`:            1,
-		`vgw_decisions_total{model="llama",outcome="rejected"}`:            1, // while draining
-		`vgw_answers_total{model="llama",status="503"}`:                    1,
-		`vgw_queue_depth{model="llama"}`:                                   0,
-		`vgw_in_flight{model="qwen"}`:                                      0,
-		`vgw_max_concurrent{model="qwen"}`:                                 1,
-		`vgw_queue_wait_seconds_count{model="qwen"}`:                       1,
-		`vgw_model_load_seconds_count{model="llama"}`:                      1,
-		`vgw_model_load_seconds_count{model="qwen"}`:                       1,
-		`vgw_model_events_total{kind="evicted",model="llama"}`:             1,
-		`vgw_model_events_total{kind="crashed",model="llama"}`:             0,
-		`vgw_gpu_memory_total_bytes{gpu="0",name="sim0",uuid="GPU-sim-0"}`: 80 << 30,
-		`vgw_gpu_memory_used_bytes{gpu="0",name="sim0",uuid="GPU-sim-0"}`:  0,
-		`vgw_xds_pushes_total`:                                             4,
-		`vgw_xds_acks_total`:                                               4,
-		`vgw_xds_nacks_total`:                                              1,
-		`vgw_xds_envoys`:                                                   1,
-		`vgw_model_state{model="llama",state="stopped"}`:                   0,
-		`vgw_draining`: 0,
+	exact := map[string]float64{
+		`vgw_decisions_total{model="llama",outcome="admitted"}`:     1,
+		`vgw_decisions_total{model="llama",outcome="rejected"}`:     1, // while draining
+		`vgw_answers_total{model="llama",status="503"}`:             1,
+		`vgw_decisions_total{model="qwen",outcome="admitted"}`:      1,
+		`vgw_queued_total{model="qwen"}`:                            1,
+		`vgw_queue_depth{model="llama"}`:                            0,
+		`vgw_requests_in_flight{model="qwen"}`:                      0,
+		`vgw_model_max_concurrent{model="qwen"}`:                    50,
+		`vgw_queue_wait_seconds_count{model="qwen"}`:                1,
+		`vgw_model_load_seconds_count{model="llama"}`:               1,
+		`vgw_model_load_seconds_count{model="qwen"}`:                1,
+		`vgw_model_events_total{kind="evicted",model="llama"}`:      1,
+		`vgw_model_events_total{kind="crashed",model="llama"}`:      0,
+		`vgw_model_events_total{kind="load_failed",model="broken"}`: 1,
+		`vgw_model_state{model="llama",state="stopped"}`:            1,
+		`vgw_model_state{model="qwen",state="ready"}`:               0,
+		`vgw_gpu_info{gpu="0",name="sim0",uuid="GPU-sim-0"}`:        1,
+		`vgw_gpu_memory_total_bytes{gpu="0"}`:                       80 << 30,
+		`vgw_xds_nacks_total`:                                       1,
+		`vgw_xds_connected_envoys`:                                  1,
+		`vgw_draining`:                                              0,
 	}
-	for k, min := range atLeast {
-		if v, ok := m[k]; !ok || v < min {
-			t.Errorf("/metrics %s = %v (present: %v), want at least %v", k, v, ok, min)
+	for k, want := range exact {
+		if v, ok := m[k]; !ok || v != want {
+			t.Errorf("/metrics %s = %v (present: %v), want %v", k, v, ok, want)
 		}
 	}
+	for _, k := range []string{`vgw_xds_pushes_total`, `vgw_xds_acks_total`} {
+		if m[k] < 4 {
+			t.Errorf("/metrics %s = %v, want at least 4", k, m[k])
+		}
+	}
+	eventually(t, "/metrics shows GPU 0 empty", func() bool {
+		m, err := admintest.Scrape(base + "/metrics")
+		return err == nil && m[`vgw_gpu_memory_used_bytes{gpu="0"}`] == 0
+	})
 
 	// /status: the same content as GetStatus, behind the same token.
 	get := func(path, token string) (int, []byte) { return httpGet(t, base+path, token) }
@@ -421,7 +456,7 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	}
 	code, body := get("/status", adminToken)
 	var page adminv1.Status
-	if err := protojson.Unmarshal(body, &page); code != 200 || err != nil || page.GetConfig().GetLogLevel() != "debug" || len(page.GetModels()) != 2 {
+	if err := protojson.Unmarshal(body, &page); code != 200 || err != nil || page.GetConfig().GetLogLevel() != "debug" || len(page.GetModels()) != 3 {
 		t.Errorf("/status: %d %v %s", code, err, body)
 	}
 	for _, p := range []string{"/healthz", "/readyz"} {
@@ -436,8 +471,11 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	seen := g.seen.String()
 	g.mu.Unlock()
 	logText := logs.String()
+	if !strings.Contains(logText, "--api-key "+secrets.Mask) {
+		t.Error("the log does not show broken's failure, masked")
+	}
 	for where, text := range map[string]string{"grpcurl's output": seen, "the log": logText, "/status": string(body), "/metrics": string(metricsText)} {
-		for _, secret := range []string{hfToken, adminToken, clientToken} {
+		for _, secret := range []string{hfToken, adminToken, clientToken, apiKey} {
 			if strings.Contains(text, secret) {
 				t.Errorf("%s shows a secret (%.6s…)", where, secret)
 			}
@@ -480,7 +518,8 @@ func TestAdminTLS(t *testing.T) {
 		t.Errorf("serving line: %v", serving)
 	}
 	addr, _ := serving["admin"].(string)
-	g := &grpcurl{t: t, bin: grpcurlPath(t), addr: addr, tls: []string{"-cacert", certPath}}
+	g := newGrpcurl(t, addr, "")
+	g.tls = []string{"-cacert", certPath}
 	var st adminv1.Status
 	g.call("GetStatus", "{}", &st)
 	if len(st.GetModels()) != 1 {

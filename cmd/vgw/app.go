@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,6 +23,7 @@ import (
 	"github.com/vgw-project/vgw/admin"
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/extproc"
+	"github.com/vgw-project/vgw/internal/secrets"
 	"github.com/vgw-project/vgw/manager"
 	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 	"github.com/vgw-project/vgw/xds"
@@ -47,9 +49,13 @@ type app struct {
 	http                            *http.Server
 	serveErr                        chan error
 
-	events  *admin.Hub
-	metrics *admin.Metrics
-	ready   atomic.Bool
+	events      *admin.Hub
+	metrics     *admin.Metrics
+	ready       atomic.Bool
+	stopping    atomic.Bool
+	adminHealth *health.Server
+	redactor    *secrets.Redactor
+	adminToken  string
 
 	closeGPUs func()
 	stop      context.CancelFunc // ends the manager's loop and the xDS publisher
@@ -66,6 +72,9 @@ type appOptions struct {
 	adminToken string
 	// adminTLS, when set, serves the admin service over TLS.
 	adminTLS *tls.Config
+	// redactor, when set, is the one the log handler uses; startApp keeps
+	// it knowing the config's secrets and the admin token.
+	redactor *secrets.Redactor
 }
 
 // startApp builds vgw for cfg and starts serving.
@@ -74,7 +83,12 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		o.level = new(slog.LevelVar)
 		o.level.Set(cfg.SlogLevel())
 	}
-	a := &app{cfg: cfg, log: log, level: o.level, serveErr: make(chan error, 4), done: make(chan struct{}), events: admin.NewHub()}
+	if o.redactor == nil {
+		o.redactor = new(secrets.Redactor)
+	}
+	a := &app{cfg: cfg, log: log, level: o.level, serveErr: make(chan error, 4), done: make(chan struct{}), events: admin.NewHub(),
+		redactor: o.redactor, adminToken: o.adminToken}
+	a.setSecrets(cfg)
 	// The xDS server, the event watchers and the metrics hear of every
 	// lifecycle event of the manager; the manager exists before the xDS
 	// server and the metrics, so the hook looks them up.
@@ -119,6 +133,7 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		Manager: mgr, Admission: a.ep, Envoys: a.xds, Level: o.level,
 		Config: func() *config.Config { return a.currentConfig() }, Cluster: ClusterName,
 		Events: a.events, Log: log, Version: version, Started: time.Now(),
+		Redact: a.redactor.Redact, Stopping: a.stopping.Load,
 	})
 	a.metrics = admin.NewMetrics(svc)
 	a.metrics.Models(cfg.ModelNames())
@@ -162,7 +177,8 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 	}
 	a.adminGRPC = grpc.NewServer(adminOpts...)
 	adminv1.RegisterAdminServer(a.adminGRPC, svc)
-	healthpb.RegisterHealthServer(a.adminGRPC, health.NewServer())
+	a.adminHealth = health.NewServer()
+	healthpb.RegisterHealthServer(a.adminGRPC, a.adminHealth)
 	reflection.Register(a.adminGRPC)
 	go svc.WatchRejections(ctx, time.Second)
 
@@ -218,8 +234,14 @@ func (a *app) currentConfig() *config.Config {
 	return a.cfg
 }
 
+// setSecrets tells the redactor what must never be shown under cfg.
+func (a *app) setSecrets(cfg *config.Config) {
+	a.redactor.Set(append(cfg.Secrets(os.Getenv), a.adminToken))
+}
+
 // reconfigure applies a reloaded config to every part.
 func (a *app) reconfigure(cfg *config.Config) {
+	a.setSecrets(cfg)
 	a.routes.set(cfg)
 	a.mgr.Update(cfg)
 	a.ep.SetModels(extprocModels(cfg))
@@ -238,8 +260,10 @@ func (a *app) shutdown() {
 	grace := cfg.ShutdownTimeout.Std()
 	a.log.Info("shutting down", slog.Duration("grace", grace))
 	a.ready.Store(false)
+	a.stopping.Store(true)
 	a.ep.SetDraining(true)
 	a.health.Shutdown()
+	a.adminHealth.Shutdown()
 	done := make(chan struct{})
 	go func() { a.extprocGRPC.GracefulStop(); close(done) }()
 	select {

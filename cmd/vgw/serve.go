@@ -14,6 +14,7 @@ import (
 
 	"github.com/vgw-project/vgw/admin"
 	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/internal/secrets"
 )
 
 func serve(ctx context.Context, args []string, stderr io.Writer) error {
@@ -50,7 +51,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			return fmt.Errorf("--log-level: %w", err)
 		}
 	}
-	opts := appOptions{level: level}
+	opts := appOptions{level: level, redactor: new(secrets.Redactor)}
 	if *tokenFile != "" {
 		if opts.adminToken, err = admin.ReadToken(*tokenFile); err != nil {
 			return err
@@ -63,15 +64,23 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		opts.adminTLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
-	log := slog.New(newHandler(cfg.LogFormat, stderr, level))
+	log := slog.New(newHandler(cfg.LogFormat, stderr, level, opts.redactor))
 
 	a, err := startApp(cfg, log, opts)
 	if err != nil {
 		return err
 	}
-	if opts.adminToken == "" && !isLoopback(a.adminAddr) {
+	switch {
+	case opts.adminToken == "" && !isLoopback(a.adminAddr):
 		log.Warn("the admin service listens beyond loopback with no token: anyone who reaches it can load, unload and drain models; see --admin-token-file",
 			slog.String("admin", a.adminAddr.String()))
+	case opts.adminToken != "" && opts.adminTLS == nil && !isLoopback(a.adminAddr):
+		log.Warn("the admin token crosses the network in clear text: the admin service listens beyond loopback without TLS; see --admin-tls-cert",
+			slog.String("admin", a.adminAddr.String()))
+	}
+	if opts.adminToken != "" && !isLoopback(a.httpAddr) {
+		log.Warn("the HTTP pages (plain HTTP) listen beyond loopback: the token /status needs crosses the network in clear text",
+			slog.String("http", a.httpAddr.String()))
 	}
 	log.Info("vgw serving", slog.String("config", cfg.Path), slog.String("extproc", a.extprocAddr.String()), slog.String("xds", a.xdsAddr.String()),
 		slog.String("admin", a.adminAddr.String()), slog.String("http", a.httpAddr.String()), slog.Bool("admin_token", opts.adminToken != ""), slog.Bool("admin_tls", opts.adminTLS != nil),
@@ -148,8 +157,9 @@ func (r *reloader) reload(why string) {
 	r.log.Info("config reloaded", slog.String("trigger", why), slog.Int("models", len(cfg.Models)))
 }
 
-func newHandler(format string, w io.Writer, level slog.Leveler) slog.Handler {
-	opts := &slog.HandlerOptions{Level: level}
+// newHandler returns the log handler, masking secrets in every line.
+func newHandler(format string, w io.Writer, level slog.Leveler, r *secrets.Redactor) slog.Handler {
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: r.ReplaceAttr}
 	if format == "text" {
 		return slog.NewTextHandler(w, opts)
 	}

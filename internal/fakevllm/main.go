@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 )
 
@@ -52,6 +53,12 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	opt.Log = slog.New(slog.NewTextHandler(stderr, nil))
+	if vllmArgs := fs.Args(); len(vllmArgs) > 0 {
+		// vLLM logs the arguments it was given as it starts; so does the
+		// fake, arguments that may hold a credential (--api-key) included,
+		// so that vgw's masking of what a server logs can be tested.
+		opt.Log.Info("non-default args", "args", strings.Join(vllmArgs, " "))
+	}
 	opt.Exit = os.Exit
 	json.NewEncoder(stdout).Encode(map[string]string{"msg": "listening", "addr": lis.Addr().String()})
 	if err := New(opt).Serve(ctx, lis); err != nil {
