@@ -300,11 +300,14 @@ func TestNoEnvoy(t *testing.T) {
 	}
 	c := f.envoy(t, "envoy-1")
 	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
+	// The server has the Envoy's ACK, then sees it leave.
+	eventually(t, "the ACK is in", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	start := time.Now() // the grace runs from when the server sees it leave, after this
 	c.Close()
+	eventually(t, "the Envoy has left", func() bool { n, _ := f.srv.Status(); return len(n) == 0 })
 	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
 		t.Fatal("right after the last Envoy left, requests are not held for the grace")
 	}
-	start := time.Now()
 	if err := f.srv.WaitAcked(context.Background(), "", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatal(err)
 	}
