@@ -629,14 +629,22 @@ func (m *Manager) Update(cfg *config.Config) bool {
 // Pin keeps a model from being evicted or unloaded for idleness (on) or
 // lets it go again (off), as an operator asks.
 func (m *Manager) Pin(name string, on bool) error {
+	return m.onModel(name, false, func(md *model) { md.pinned = on })
+}
+
+// onModel runs f on the loop with the model called name, for an
+// operator's action. It fails with ErrUnknownModel when there is none (or
+// it has left the config, unless removedToo), and with ErrClosed once the
+// manager has stopped.
+func (m *Manager) onModel(name string, removedToo bool, f func(*model)) error {
 	var err error
 	ok := m.call(func() {
 		md := m.models[name]
-		if md == nil || md.removed {
+		if md == nil || (md.removed && !removedToo) {
 			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
 			return
 		}
-		md.pinned = on
+		f(md)
 	})
 	if !ok {
 		return ErrClosed
@@ -650,13 +658,7 @@ func (m *Manager) Pin(name string, on bool) error {
 // or why it is not, by ctx's end; without, it starts the load and returns,
 // and the model is tried until load_timeout as a request's would be.
 func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
-	var err error
-	ok := m.call(func() {
-		md := m.models[name]
-		if md == nil || md.removed {
-			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
-			return
-		}
+	err := m.onModel(name, false, func(md *model) {
 		md.retryAt = time.Time{}
 		if !wait && md.state() == Stopped {
 			m.want(md)
@@ -664,9 +666,6 @@ func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 			m.schedule()
 		}
 	})
-	if !ok {
-		return ErrClosed
-	}
 	if err != nil || !wait {
 		return err
 	}
@@ -742,19 +741,7 @@ func (m *Manager) Status() []ModelStatus {
 
 // Unload drains and stops a model now, as an operator asks.
 func (m *Manager) Unload(name string) error {
-	var err error
-	ok := m.call(func() {
-		md := m.models[name]
-		if md == nil {
-			err = fmt.Errorf("%w: %s", ErrUnknownModel, name)
-			return
-		}
-		m.unload(md, "asked to")
-	})
-	if !ok {
-		return ErrClosed
-	}
-	return err
+	return m.onModel(name, true, func(md *model) { m.unload(md, "asked to") })
 }
 
 // StopAll unloads every model and waits until all are stopped or ctx ends.

@@ -1,8 +1,10 @@
-// Package admintest reads vgw's admin surfaces in tests: the Prometheus
-// text that /metrics serves, as a flat map a test can assert on.
+// Package admintest reads vgw's HTTP pages in tests: the Prometheus text
+// that /metrics serves, as a flat map a test can assert on, and the pages
+// behind the admin token.
 package admintest
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"net/http"
@@ -50,15 +52,36 @@ func Parse(r io.Reader) (Samples, error) {
 
 // Scrape fetches and parses url.
 func Scrape(url string) (Samples, error) {
-	resp, err := http.Get(url)
+	code, body, err := Get(url, "")
 	if err != nil {
-		return nil, fmt.Errorf("scrape %s: %w", url, err)
+		return nil, fmt.Errorf("scrape: %w", err)
+	}
+	if code != http.StatusOK {
+		return nil, fmt.Errorf("scrape %s: status %d", url, code)
+	}
+	return Parse(bytes.NewReader(body))
+}
+
+// Get fetches url, with "Authorization: Bearer token" unless token is "",
+// and returns the status and body.
+func Get(url, token string) (int, []byte, error) {
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, nil, fmt.Errorf("GET %s: %w", url, err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("scrape %s: %s", url, resp.Status)
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, nil, fmt.Errorf("GET %s: %w", url, err)
 	}
-	return Parse(resp.Body)
+	return resp.StatusCode, body, nil
 }
 
 func series(labels []*dto.LabelPair) string {
