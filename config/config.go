@@ -78,11 +78,24 @@ type Envoy struct {
 
 // Runtime says how models are run.
 type Runtime struct {
-	Kind     string            `yaml:"kind"` // docker or sim
-	Image    string            `yaml:"image"`
-	Network  string            `yaml:"network"`
+	Kind string `yaml:"kind"` // docker or sim
+	// Image is the vLLM image (docker); vgw never pulls it.
+	Image string `yaml:"image"`
+	// Network is the Docker network the containers join, which Envoy and
+	// vgw must be on too: a container is reached at its address there.
+	Network string `yaml:"network"`
+	// CacheDir is the host's Hugging Face cache, mounted into every
+	// container (docker).
 	CacheDir string            `yaml:"cache_dir"`
 	Env      map[string]string `yaml:"env"`
+	// Instance names this vgw on its Docker host: its containers are named
+	// INSTANCE-MODEL and labelled with it, and it adopts, stops and removes
+	// only those, so that two vgws (or vgw and its tests) can share a host.
+	Instance string `yaml:"instance"`
+	// ShmSize, when set, gives each container a /dev/shm of this size
+	// instead of sharing the host's IPC namespace (vLLM's workers talk
+	// through shared memory).
+	ShmSize Bytes `yaml:"shm_size"`
 	// Fakevllm is the command the sim runtime runs for each model; empty
 	// runs this vgw binary's own "vgw fakevllm".
 	Fakevllm []string `yaml:"fakevllm"`
@@ -157,7 +170,7 @@ var Defaults = Config{
 		MaxMessageTimeout: Duration(900 * time.Second),
 		XDSGrace:          Duration(2 * time.Second),
 	},
-	Runtime: Runtime{Kind: "docker", Network: "vgw"},
+	Runtime: Runtime{Kind: "docker", Network: "vgw", Instance: "vgw"},
 }
 
 // Load reads and validates the config file at path.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -18,6 +19,10 @@ import (
 // send (Hugging Face style "org/name", Ollama style "name:tag"), and no
 // more, since a name reaches HTTP headers, logs and container labels.
 var ModelNamePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}$`)
+
+// instancePattern is what runtime.instance may be: it starts container
+// names, so Docker's rules for those, and short.
+var instancePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$`)
 
 // managedFlags are the vLLM flags vgw sets itself; extra_args may not
 // override them, or placement would plan with numbers vLLM does not use
@@ -120,6 +125,18 @@ func (v *validator) runtime(c *Config) {
 	case "docker":
 		if r.Image == "" {
 			v.at([]string{"runtime", "image"}, "the docker runtime needs runtime.image (the vLLM image)")
+		}
+		if r.Network == "" {
+			v.at([]string{"runtime", "network"}, "the docker runtime needs runtime.network, the Docker network Envoy reaches the models on")
+		}
+		if !instancePattern.MatchString(r.Instance) {
+			v.at([]string{"runtime", "instance"}, "runtime.instance %s must be letters, digits, '.', '_' or '-', starting with a letter or digit (it prefixes container names)", trimmed(r.Instance))
+		}
+		if r.CacheDir != "" && !filepath.IsAbs(r.CacheDir) {
+			v.at([]string{"runtime", "cache_dir"}, "runtime.cache_dir %s must be an absolute path on the Docker host", trimmed(r.CacheDir))
+		}
+		if r.ShmSize < 0 {
+			v.at([]string{"runtime", "shm_size"}, "runtime.shm_size must not be negative")
 		}
 	default:
 		v.at([]string{"runtime", "kind"}, "runtime.kind %s is not docker or sim", trimmed(r.Kind))

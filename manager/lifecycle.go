@@ -632,9 +632,13 @@ func (m *Manager) untouched(op *loadOp) bool {
 // usage is what inst uses on each of its GPUs now, and how that was read.
 func (m *Manager) usage(inst *Instance, before []GPUMemory) (map[int]uint64, string) {
 	cur := map[int]uint64{}
+	pids := inst.PIDs
+	if now, err := m.rt.PIDs(m.ctx, inst); err == nil {
+		pids = now
+	}
 	if procs, err := m.inv.Processes(); err == nil {
 		for _, p := range procs {
-			if slices.Contains(inst.PIDs, p.PID) {
+			if slices.Contains(pids, p.PID) {
 				cur[p.GPU] += p.Used
 			}
 		}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/internal/fakevllm"
+	"github.com/vgw-project/vgw/manager/dockertest"
 )
 
 // The test binary doubles as the fake vLLM the sim runtime starts: run
@@ -28,7 +29,9 @@ func TestMain(m *testing.M) {
 	// atexit_sleep_ms); the fake vLLM servers must stop as fast as real
 	// ones would.
 	os.Setenv("GORACE", strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
-	os.Exit(m.Run())
+	code := m.Run()
+	dockertest.Cleanup()
+	os.Exit(code)
 }
 
 // countingRuntime counts starts by model.

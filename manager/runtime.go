@@ -71,6 +71,10 @@ type Runtime interface {
 	// Adopt lists the servers already running that vgw started before, so
 	// that a restarted vgw keeps them instead of starting them again.
 	Adopt(ctx context.Context) ([]*Instance, error)
+	// PIDs lists the server's host process IDs as they are now, to find
+	// its share of GPU memory: a server may start processes of its own
+	// after it starts (vLLM's engine and tensor-parallel workers).
+	PIDs(ctx context.Context, inst *Instance) ([]int, error)
 }
 
 // logTail keeps the last lines a server wrote, for the error of a failed

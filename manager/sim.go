@@ -128,6 +128,9 @@ func (r *SimRuntime) reap(inst *Instance, p *simProc) {
 	r.exits <- e
 }
 
+// PIDs is the fake's one process.
+func (r *SimRuntime) PIDs(_ context.Context, inst *Instance) ([]int, error) { return inst.PIDs, nil }
+
 // Stop sends SIGTERM, waits up to grace, then SIGKILL.
 func (r *SimRuntime) Stop(ctx context.Context, inst *Instance, grace time.Duration) error {
 	r.mu.Lock()

@@ -19,6 +19,7 @@ import (
 
 	"github.com/vgw-project/vgw/envoy"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/manager/dockertest"
 )
 
 // The test binary doubles as vgw for the processes a test starts (the sim
@@ -33,7 +34,9 @@ func TestMain(m *testing.M) {
 	// stop as fast as real ones would, or every eviction takes a second.
 	os.Setenv("GORACE", strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
 	configPoll = 50 * time.Millisecond
-	os.Exit(m.Run())
+	code := m.Run()
+	dockertest.Cleanup()
+	os.Exit(code)
 }
 
 func TestValidate(t *testing.T) {

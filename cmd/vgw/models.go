@@ -24,7 +24,7 @@ type machine struct {
 }
 
 // newMachine opens the GPUs (NVML, or the declared ones) and the runtime.
-func newMachine(cfg *config.Config) (*machine, error) {
+func newMachine(cfg *config.Config, log *slog.Logger) (*machine, error) {
 	m := &machine{close: func() {}}
 	var declared *manager.DeclaredGPUs
 	if cfg.GPUs.Auto {
@@ -57,11 +57,38 @@ func newMachine(cfg *config.Config) (*machine, error) {
 			command = []string{exe, "fakevllm"}
 		}
 		m.runtime = manager.NewSimRuntime(command, declared)
+	case "docker":
+		rt, err := manager.NewDockerRuntime(dockerOptions(cfg, log))
+		if err != nil {
+			m.close()
+			return nil, err
+		}
+		closeGPUs := m.close
+		m.runtime, m.close = rt, func() { rt.Close(); closeGPUs() }
 	default:
 		m.close()
-		return nil, fmt.Errorf("runtime %q is not available in this build yet; use runtime.kind: sim", cfg.Runtime.Kind)
+		return nil, fmt.Errorf("runtime.kind %q is not docker or sim", cfg.Runtime.Kind)
 	}
 	return m, nil
+}
+
+// dockerOptions are the Docker runtime's settings under cfg. GPUs are
+// requested from Docker's NVIDIA driver only when they come from NVML:
+// declared GPUs (a machine without one, or tests) have no devices to give.
+// The Hugging Face token comes from vgw's environment, as the original
+// gateway took it; a model's own env may set another.
+func dockerOptions(cfg *config.Config, log *slog.Logger) manager.DockerOptions {
+	env := map[string]string{}
+	for _, k := range []string{"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} {
+		if v := os.Getenv(k); v != "" {
+			env[k] = v
+		}
+	}
+	r := cfg.Runtime
+	return manager.DockerOptions{
+		Instance: r.Instance, Image: r.Image, Network: r.Network, CacheDir: r.CacheDir, ShmSize: int64(r.ShmSize),
+		GPUDevices: cfg.GPUs.Auto, Env: env, Log: log,
+	}
 }
 
 // newManager builds the GPU manager the config asks for, with its
@@ -71,7 +98,7 @@ func newManager(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event
 	if err != nil {
 		return nil, nil, err
 	}
-	m, err := newMachine(cfg)
+	m, err := newMachine(cfg, log)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/moby/moby/client"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -19,6 +21,7 @@ import (
 	"github.com/vgw-project/vgw/envoy"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 	"github.com/vgw-project/vgw/manager"
+	"github.com/vgw-project/vgw/manager/dockertest"
 	"github.com/vgw-project/vgw/xds/xdstest"
 )
 
@@ -217,5 +220,32 @@ func eventually(t testing.TB, what string, cond func() bool) {
 			t.Fatalf("timed out waiting until %s", what)
 		}
 		time.Sleep(2 * time.Millisecond) // polling interval
+	}
+}
+
+// TestDockerThroughTheStack: with the Docker runtime, a request for a cold
+// model starts its container on the Docker network, Envoy is given the
+// container's address there, and the request reaches the server in it.
+func TestDockerThroughTheStack(t *testing.T) {
+	e := dockertest.Need(t)
+	s := startStack(t, fmt.Sprintf(`
+runtime: {kind: docker, image: %s, network: %s, instance: %s}
+load_timeout: 20s
+gpus: [{name: g0, memory: 80GiB}]
+models:
+  llama: {repo: meta-llama/Llama-3.1-8B-Instruct, vram: 30GiB}
+`, e.Image, e.Network, e.Instance(t)))
+	r := s.ask(t, "llama")
+	if r.Status != 200 || !strings.Contains(string(r.Body), `"model":"llama"`) {
+		t.Fatalf("llama: %d %s", r.Status, r.Body)
+	}
+	eps := s.ads.Endpoints("model/llama")
+	c, err := e.Client.ContainerInspect(context.Background(), manager.ContainerName(s.app.currentConfig().Runtime.Instance, "llama"), client.ContainerInspectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip := c.Container.NetworkSettings.Networks[e.Network].IPAddress.String()
+	if len(eps) != 1 || eps[0] != ip+":8000" {
+		t.Errorf("Envoy's endpoints %v, want the container's address %s:8000", eps, ip)
 	}
 }

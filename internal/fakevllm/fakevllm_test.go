@@ -5,9 +5,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"flag"
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -212,5 +214,40 @@ func TestMainFlags(t *testing.T) {
 	var out, errOut bytes.Buffer
 	if code := Main([]string{"--port", "0"}, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), "--model is required") {
 		t.Fatalf("exit %d: %s", code, errOut.String())
+	}
+}
+
+// TestVLLMCommandLine: the fake takes vLLM's command line, ignoring the
+// flags it does not know (with their values), and its own settings from
+// the environment, as a container gets them.
+func TestVLLMCommandLine(t *testing.T) {
+	t.Setenv("FAKEVLLM_STARTUP_DELAY", "5s")
+	t.Setenv("FAKEVLLM_FAIL_START", "true")
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	model := fs.String("model", "", "")
+	port := fs.Int("port", 0, "")
+	delay := fs.Duration("startup-delay", 0, "")
+	fail := fs.Bool("fail-start", false, "")
+	if err := fromEnv(fs); err != nil {
+		t.Fatal(err)
+	}
+	ignored, err := parseLenient(fs, []string{"--model", "org/m", "--enforce-eager", "--trust-remote-code",
+		"--port", "9", "--kv-cache-dtype", "fp8", "--foo=bar"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *model != "org/m" || *port != 9 || *delay != 5*time.Second || !*fail {
+		t.Errorf("model %q port %d delay %v fail %v", *model, *port, *delay, *fail)
+	}
+	want := []string{"--enforce-eager", "--trust-remote-code", "--kv-cache-dtype", "fp8", "--foo=bar"}
+	if !slices.Equal(ignored, want) {
+		t.Errorf("ignored %q, want %q", ignored, want)
+	}
+	t.Setenv("FAKEVLLM_PORT", "eighty")
+	if err := fromEnv(fs); err == nil || !strings.Contains(err.Error(), "FAKEVLLM_PORT") {
+		t.Errorf("a bad env value: %v", err)
+	}
+	if _, err := parseLenient(fs, []string{"--port", "x"}); err == nil {
+		t.Error("a bad value of a known flag was ignored")
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -18,11 +19,20 @@ import (
 // Main runs a fake vLLM from command-line flags until SIGINT or SIGTERM,
 // and returns the exit status. It prints one JSON line with the listen
 // address on stdout once it listens; logs go to stderr.
+//
+// It takes vLLM's own server flags too, so that it can stand in for the
+// vLLM image in a container: --model is the repo and, without
+// --served-model-name, the served name; the memory and parallelism flags
+// are accepted and ignored, and so is any other flag it does not know
+// (logged). Each of its own flags also comes from the environment
+// (FAKEVLLM_STARTUP_DELAY=5s, FAKEVLLM_FAIL_START=true, ...), which is how
+// a container's behaviour is set.
 func Main(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("fakevllm", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var opt Options
-	fs.StringVar(&opt.Model, "model", "", "the served model name (required)")
+	repo := fs.String("model", "", "the model (vLLM's repo); also the served name unless --served-model-name is given (required)")
+	served := fs.String("served-model-name", "", "the name clients send")
 	host := fs.String("host", "127.0.0.1", "listen host")
 	port := fs.Int("port", 8000, "listen port; 0 picks a free one")
 	listenFD := fs.Int("listen-fd", 0, "serve on this inherited listening socket instead of host:port")
@@ -32,15 +42,27 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&opt.FailStart, "fail-start", false, "exit with an error after the startup delay instead of becoming ready")
 	fs.IntVar(&opt.CrashAfter, "crash-after", 0, "die when the Nth request starts (0: never)")
 	fs.DurationVar(&opt.SlowHealth, "slow-health", 0, "delay every /health answer")
-	if err := fs.Parse(args); err != nil {
+	// vLLM's flags that vgw sets and the fake has no use for.
+	for _, name := range []string{"gpu-memory-utilization", "tensor-parallel-size", "max-model-len", "quantization", "dtype", "api-key"} {
+		fs.String(name, "", "vLLM's; ignored")
+	}
+	if err := fromEnv(fs); err != nil {
+		fmt.Fprintln(stderr, "fakevllm:", err)
 		return 2
+	}
+	ignored, err := parseLenient(fs, args)
+	if err != nil {
+		return 2
+	}
+	opt.Model = *served
+	if opt.Model == "" {
+		opt.Model = *repo
 	}
 	if opt.Model == "" {
 		fmt.Fprintln(stderr, "fakevllm: --model is required")
 		return 2
 	}
 	var lis net.Listener
-	var err error
 	if *listenFD > 0 {
 		lis, err = net.FileListener(os.NewFile(uintptr(*listenFD), "listener"))
 	} else {
@@ -53,11 +75,17 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	opt.Log = slog.New(slog.NewTextHandler(stderr, nil))
+	// vLLM logs the arguments it was given as it starts; so does the fake,
+	// credentials (--api-key) included, so that vgw's masking of what a
+	// server logs can be tested. (The sim runtime passes vLLM's arguments
+	// after "--".)
 	if vllmArgs := fs.Args(); len(vllmArgs) > 0 {
-		// vLLM logs the arguments it was given as it starts; so does the
-		// fake, arguments that may hold a credential (--api-key) included,
-		// so that vgw's masking of what a server logs can be tested.
 		opt.Log.Info("non-default args", "args", strings.Join(vllmArgs, " "))
+	} else {
+		opt.Log.Info("non-default args", "args", strings.Join(args, " "))
+	}
+	if len(ignored) > 0 {
+		opt.Log.Warn("ignoring flags the fake does not know", "flags", strings.Join(ignored, " "))
 	}
 	opt.Exit = os.Exit
 	json.NewEncoder(stdout).Encode(map[string]string{"msg": "listening", "addr": lis.Addr().String()})
@@ -66,4 +94,51 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// fromEnv sets each flag from FAKEVLLM_<NAME> where that is set.
+func fromEnv(fs *flag.FlagSet) error {
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := "FAKEVLLM_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(env); ok && err == nil {
+			if e := fs.Set(f.Name, v); e != nil {
+				err = fmt.Errorf("%s=%q: %w", env, v, e)
+			}
+		}
+	})
+	return err
+}
+
+// parseLenient parses args, dropping (and returning) flags fs does not
+// define, with their value when one follows, as vLLM has many more flags
+// than the fake.
+func parseLenient(fs *flag.FlagSet, args []string) (ignored []string, err error) {
+	out := fs.Output()
+	fs.SetOutput(io.Discard)
+	defer fs.SetOutput(out)
+	for {
+		err := fs.Parse(args)
+		if err == nil {
+			return ignored, nil
+		}
+		name, unknown := strings.CutPrefix(err.Error(), "flag provided but not defined: -")
+		if !unknown {
+			fmt.Fprintln(out, "fakevllm:", err)
+			return nil, err
+		}
+		i := slices.IndexFunc(args, func(a string) bool {
+			n, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+			return strings.HasPrefix(a, "-") && n == name
+		})
+		if i < 0 {
+			return nil, err
+		}
+		drop := 1
+		if !strings.Contains(args[i], "=") && i+1 < len(args) && !strings.HasPrefix(args[i+1], "-") {
+			drop = 2
+		}
+		ignored = append(ignored, args[i:i+drop]...)
+		args = slices.Delete(slices.Clone(args), i, i+drop)
+	}
 }

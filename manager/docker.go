@@ -1,0 +1,511 @@
+package manager
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	cerrdefs "github.com/containerd/errdefs"
+	"github.com/moby/moby/api/pkg/stdcopy"
+	"github.com/moby/moby/api/types/container"
+	"github.com/moby/moby/api/types/events"
+	"github.com/moby/moby/api/types/mount"
+	"github.com/moby/moby/api/types/network"
+	"github.com/moby/moby/client"
+)
+
+// The labels on every container the Docker runtime creates. vgw stops,
+// removes or adopts a container only when it carries LabelManaged and
+// this vgw's LabelInstance.
+const (
+	LabelManaged   = "vgw.managed"   // "true"
+	LabelInstance  = "vgw.instance"  // runtime.instance
+	LabelModel     = "vgw.model"     // the model's name
+	LabelSignature = "vgw.signature" // the settings it runs with (Signature)
+	LabelGPUs      = "vgw.gpus"      // its GPUs' indexes, "0,1"
+)
+
+// vllmPort is where vLLM serves in its container; vgw sets it (it is one
+// of the flags extra_args may not set).
+const vllmPort = 8000
+
+// Errors a user can act on; Start's errors wrap them and say what to do.
+var (
+	ErrImageMissing      = errors.New("the image is not on this Docker host")
+	ErrNoGPURuntime      = errors.New("Docker cannot give containers GPUs")
+	ErrNameTaken         = errors.New("a container vgw did not create has the name")
+	ErrNetworkMissing    = errors.New("the Docker network does not exist")
+	ErrDockerUnreachable = errors.New("the Docker daemon cannot be reached")
+)
+
+// DockerOptions configure a DockerRuntime.
+type DockerOptions struct {
+	// Host is the Docker daemon's address; empty takes DOCKER_HOST and
+	// the rest of Docker's environment, then the local socket.
+	Host string
+	// Instance names this vgw on the host (see config's runtime.instance).
+	Instance string
+	// Image is the vLLM image. vgw never pulls it.
+	Image string
+	// Network is the Docker network the containers join; a model is
+	// reached at its container's address there.
+	Network string
+	// CacheDir, when set, is the host directory mounted as the Hugging
+	// Face cache.
+	CacheDir string
+	// ShmSize, when above zero, sizes /dev/shm instead of sharing the
+	// host's IPC namespace.
+	ShmSize int64
+	// GPUDevices requests each model's GPUs by UUID from Docker's NVIDIA
+	// device driver. Off for declared GPUs, which no driver knows.
+	GPUDevices bool
+	// Env goes into every container under the model's own env: the Hugging
+	// Face token from vgw's environment.
+	Env map[string]string
+	// Log receives what the runtime does on its own (event stream
+	// reconnects, leftovers removed).
+	Log *slog.Logger
+}
+
+// DockerRuntime runs each model's vLLM server as a container, through the
+// Docker Engine API. Docker's event stream tells it of every container of
+// its that dies, asked to or not.
+type DockerRuntime struct {
+	cli   *client.Client
+	opt   DockerOptions
+	exits chan Exit
+	stop  context.CancelFunc
+	done  chan struct{}
+
+	mu   sync.Mutex
+	live map[string]*dockerContainer // by container ID, until its exit is reported
+}
+
+type dockerContainer struct {
+	model    string
+	stopping bool // Stop was called: its exit was asked for
+	oom      bool // Docker reported the kernel's OOM killer
+}
+
+// NewDockerRuntime makes a client of the Docker daemon (which negotiates
+// the API version on its first call) and starts watching its events. The daemon need not be up:
+// calls fail with ErrDockerUnreachable until it is, and the event watch
+// reconnects.
+func NewDockerRuntime(opt DockerOptions) (*DockerRuntime, error) {
+	if opt.Log == nil {
+		opt.Log = slog.New(slog.DiscardHandler)
+	}
+	opts := []client.Opt{client.FromEnv} // the client negotiates the API version itself
+	if opt.Host != "" {
+		opts = append(opts, client.WithHost(opt.Host))
+	}
+	cli, err := client.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("docker client: %w", err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	r := &DockerRuntime{cli: cli, opt: opt, exits: make(chan Exit, 64), stop: stop, done: make(chan struct{}),
+		live: map[string]*dockerContainer{}}
+	go r.watch(ctx)
+	return r, nil
+}
+
+// Close stops watching events and closes the connection. Containers keep
+// running, for the next vgw to adopt.
+func (r *DockerRuntime) Close() error {
+	r.stop()
+	<-r.done
+	return r.cli.Close()
+}
+
+// Exits reports every container of this vgw that stops.
+func (r *DockerRuntime) Exits() <-chan Exit { return r.exits }
+
+// ContainerName is the name of a model's container: the instance, then
+// the model's name in the characters Docker allows, then, when the name
+// had to change, a short hash that keeps two such models apart.
+func ContainerName(instance, model string) string {
+	var b strings.Builder
+	changed := false
+	for _, c := range model {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '_', c == '.', c == '-':
+			b.WriteRune(c)
+		default:
+			b.WriteByte('-')
+			changed = true
+		}
+	}
+	name := instance + "-" + b.String()
+	if changed {
+		sum := sha256.Sum256([]byte(model))
+		name += "-" + hex.EncodeToString(sum[:4])
+	}
+	return name
+}
+
+// filters selects this vgw's containers.
+func (r *DockerRuntime) filters() client.Filters {
+	return make(client.Filters).Add("label", LabelManaged+"=true", LabelInstance+"="+r.opt.Instance)
+}
+
+// ours reports whether labels mark a container as this vgw's.
+func (r *DockerRuntime) ours(labels map[string]string) bool {
+	return labels[LabelManaged] == "true" && labels[LabelInstance] == r.opt.Instance
+}
+
+// Start creates and starts the model's container and returns once it
+// runs; the manager then polls its /health.
+func (r *DockerRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
+	name := ContainerName(r.opt.Instance, spec.Model)
+	if err := r.clearName(ctx, name); err != nil {
+		return nil, err
+	}
+	if _, err := r.cli.ImageInspect(ctx, r.opt.Image); err != nil {
+		if cerrdefs.IsNotFound(err) {
+			return nil, fmt.Errorf("%w: %s; pull it (docker pull %s) or set runtime.image; vgw does not pull images", ErrImageMissing, r.opt.Image, r.opt.Image)
+		}
+		return nil, r.daemonError("inspect image "+r.opt.Image, err)
+	}
+	if _, err := r.cli.NetworkInspect(ctx, r.opt.Network, client.NetworkInspectOptions{}); err != nil {
+		if cerrdefs.IsNotFound(err) {
+			return nil, fmt.Errorf("%w: %s; create it (docker network create %s) and attach Envoy and vgw to it, or set runtime.network", ErrNetworkMissing, r.opt.Network, r.opt.Network)
+		}
+		return nil, r.daemonError("inspect network "+r.opt.Network, err)
+	}
+
+	created, err := r.cli.ContainerCreate(ctx, r.createOptions(name, spec))
+	if err != nil {
+		if cerrdefs.IsConflict(err) {
+			return nil, fmt.Errorf("%w %s (created meanwhile): %v", ErrNameTaken, name, err)
+		}
+		return nil, r.daemonError("create container "+name, err)
+	}
+	id := created.ID
+	r.mu.Lock()
+	r.live[id] = &dockerContainer{model: spec.Model} // before it starts: it may die at once
+	r.mu.Unlock()
+	fail := func(err error) (*Instance, error) {
+		r.forget(id)
+		r.remove(context.WithoutCancel(ctx), id)
+		return nil, err
+	}
+	if _, err := r.cli.ContainerStart(ctx, id, client.ContainerStartOptions{}); err != nil {
+		if strings.Contains(err.Error(), "could not select device driver") {
+			return fail(fmt.Errorf("%w: install the NVIDIA Container Toolkit and restart dockerd (Docker said: %v)", ErrNoGPURuntime, err))
+		}
+		return fail(r.daemonError("start container "+name, err))
+	}
+	inst, err := r.instance(ctx, id)
+	if err != nil {
+		return fail(err)
+	}
+	return inst, nil
+}
+
+// clearName makes name free: a container of this vgw's that holds it (one
+// that crashed and was kept for its logs, or one a previous vgw left) is
+// removed; anyone else's is left alone, and the start fails.
+func (r *DockerRuntime) clearName(ctx context.Context, name string) error {
+	c, err := r.cli.ContainerInspect(ctx, name, client.ContainerInspectOptions{})
+	switch {
+	case cerrdefs.IsNotFound(err):
+		return nil
+	case err != nil:
+		return r.daemonError("inspect container "+name, err)
+	case c.Container.Config == nil || !r.ours(c.Container.Config.Labels):
+		return fmt.Errorf("%w %s; vgw leaves it alone: remove or rename it, or give this vgw another runtime.instance", ErrNameTaken, name)
+	}
+	r.opt.Log.Info("removing a container of this vgw's that holds the name", slog.String("container", name), slog.String("id", c.Container.ID),
+		slog.String("state", string(c.Container.State.Status)))
+	r.forget(c.Container.ID)
+	if _, err := r.cli.ContainerRemove(ctx, c.Container.ID, client.ContainerRemoveOptions{Force: true}); err != nil && !cerrdefs.IsNotFound(err) {
+		return r.daemonError("remove container "+name, err)
+	}
+	return nil
+}
+
+// createOptions is the container for spec.
+func (r *DockerRuntime) createOptions(name string, spec Spec) client.ContainerCreateOptions {
+	env := make([]string, 0, len(r.opt.Env)+len(spec.Env))
+	for k, v := range r.opt.Env {
+		if _, own := spec.Env[k]; !own {
+			env = append(env, k+"="+v)
+		}
+	}
+	for k, v := range spec.Env {
+		env = append(env, k+"="+v)
+	}
+	gpus := make([]string, len(spec.GPUs))
+	uuids := make([]string, len(spec.GPUs))
+	for i, g := range spec.GPUs {
+		gpus[i], uuids[i] = strconv.Itoa(g.Index), g.UUID
+	}
+	host := &container.HostConfig{
+		RestartPolicy: container.RestartPolicy{Name: container.RestartPolicyDisabled}, // vgw restarts what crashes
+		IpcMode:       container.IPCModeHost,
+	}
+	if r.opt.ShmSize > 0 {
+		host.IpcMode, host.ShmSize = container.IPCModePrivate, r.opt.ShmSize
+	}
+	if r.opt.CacheDir != "" {
+		host.Mounts = []mount.Mount{{Type: mount.TypeBind, Source: r.opt.CacheDir, Target: "/root/.cache/huggingface"}}
+	}
+	if r.opt.GPUDevices {
+		host.DeviceRequests = []container.DeviceRequest{{Driver: "nvidia", DeviceIDs: uuids, Capabilities: [][]string{{"gpu"}}}}
+	}
+	return client.ContainerCreateOptions{
+		Name: name,
+		Config: &container.Config{
+			Image: r.opt.Image,
+			Cmd:   append(append([]string(nil), spec.Args...), "--host", "0.0.0.0", "--port", strconv.Itoa(vllmPort)),
+			Env:   env,
+			Labels: map[string]string{
+				LabelManaged: "true", LabelInstance: r.opt.Instance, LabelModel: spec.Model,
+				LabelSignature: spec.Signature, LabelGPUs: strings.Join(gpus, ","),
+			},
+		},
+		HostConfig: host,
+		NetworkingConfig: &network.NetworkingConfig{
+			EndpointsConfig: map[string]*network.EndpointSettings{r.opt.Network: {}},
+		},
+	}
+}
+
+// instance describes a running container of this vgw's.
+func (r *DockerRuntime) instance(ctx context.Context, id string) (*Instance, error) {
+	res, err := r.cli.ContainerInspect(ctx, id, client.ContainerInspectOptions{})
+	if err != nil {
+		return nil, r.daemonError("inspect container "+id, err)
+	}
+	c := res.Container
+	if c.State == nil || !c.State.Running {
+		return nil, fmt.Errorf("container %s is not running", strings.TrimPrefix(c.Name, "/"))
+	}
+	var ep *network.EndpointSettings
+	if c.NetworkSettings != nil {
+		ep = c.NetworkSettings.Networks[r.opt.Network]
+	}
+	if ep == nil || !ep.IPAddress.IsValid() {
+		return nil, fmt.Errorf("container %s has no address on network %s", strings.TrimPrefix(c.Name, "/"), r.opt.Network)
+	}
+	labels := c.Config.Labels
+	inst := &Instance{
+		ID:        c.ID,
+		Model:     labels[LabelModel],
+		Addr:      net.JoinHostPort(ep.IPAddress.String(), strconv.Itoa(vllmPort)),
+		PIDs:      []int{c.State.Pid},
+		Signature: labels[LabelSignature],
+	}
+	for _, g := range strings.Split(labels[LabelGPUs], ",") {
+		if i, err := strconv.Atoi(g); err == nil {
+			inst.GPUs = append(inst.GPUs, i)
+		}
+	}
+	return inst, nil
+}
+
+// Stop stops the container, gracefully (SIGTERM) for up to grace, then
+// by force, and removes it.
+func (r *DockerRuntime) Stop(ctx context.Context, inst *Instance, grace time.Duration) error {
+	r.mu.Lock()
+	if c := r.live[inst.ID]; c != nil {
+		c.stopping = true
+	}
+	r.mu.Unlock()
+	secs := int(grace.Round(time.Second) / time.Second)
+	if _, err := r.cli.ContainerStop(ctx, inst.ID, client.ContainerStopOptions{Timeout: &secs}); err != nil && !cerrdefs.IsNotFound(err) {
+		return r.daemonError("stop container "+inst.ID, err)
+	}
+	return r.remove(ctx, inst.ID)
+}
+
+func (r *DockerRuntime) remove(ctx context.Context, id string) error {
+	if _, err := r.cli.ContainerRemove(ctx, id, client.ContainerRemoveOptions{Force: true}); err != nil && !cerrdefs.IsNotFound(err) {
+		return r.daemonError("remove container "+id, err)
+	}
+	return nil
+}
+
+func (r *DockerRuntime) forget(id string) {
+	r.mu.Lock()
+	delete(r.live, id)
+	r.mu.Unlock()
+}
+
+// Adopt lists this vgw's running containers, for the manager to keep or
+// stop; containers of its that are not running are removed.
+func (r *DockerRuntime) Adopt(ctx context.Context) ([]*Instance, error) {
+	list, err := r.cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: r.filters()})
+	if err != nil {
+		return nil, r.daemonError("list containers", err)
+	}
+	var out []*Instance
+	for _, c := range list.Items {
+		if !r.ours(c.Labels) { // the filter says so; checked again before anything is removed
+			continue
+		}
+		if c.State != container.StateRunning {
+			r.opt.Log.Info("removing a stopped container a previous vgw left", slog.String("id", c.ID), slog.String("model", c.Labels[LabelModel]))
+			r.remove(ctx, c.ID)
+			continue
+		}
+		r.mu.Lock()
+		r.live[c.ID] = &dockerContainer{model: c.Labels[LabelModel]}
+		r.mu.Unlock()
+		inst, err := r.instance(ctx, c.ID)
+		if err != nil {
+			// Not usable (off the network, say): the manager stops it.
+			r.opt.Log.Warn("a container of this vgw's cannot be adopted as it is", slog.String("id", c.ID), slog.String("error", err.Error()))
+			inst = &Instance{ID: c.ID, Model: c.Labels[LabelModel]}
+		}
+		out = append(out, inst)
+	}
+	return out, nil
+}
+
+// PIDs lists the host process IDs in the container now: vLLM starts its
+// engine and tensor-parallel workers as processes of their own after the
+// container starts. Docker runs ps in the host's PID namespace, so these
+// are the IDs NVML reports (with vgw in the host's PID namespace).
+func (r *DockerRuntime) PIDs(ctx context.Context, inst *Instance) ([]int, error) {
+	top, err := r.cli.ContainerTop(ctx, inst.ID, client.ContainerTopOptions{})
+	if err != nil {
+		return nil, r.daemonError("list processes of "+inst.ID, err)
+	}
+	col := -1
+	for i, t := range top.Titles {
+		if t == "PID" {
+			col = i
+		}
+	}
+	if col < 0 {
+		return nil, fmt.Errorf("docker top of %s has no PID column: %q", inst.ID, top.Titles)
+	}
+	var pids []int
+	for _, p := range top.Processes {
+		if col < len(p) {
+			if pid, err := strconv.Atoi(p[col]); err == nil {
+				pids = append(pids, pid)
+			}
+		}
+	}
+	return pids, nil
+}
+
+// daemonError says what failed, and whether the daemon could be reached.
+func (r *DockerRuntime) daemonError(what string, err error) error {
+	if client.IsErrConnectionFailed(err) {
+		return fmt.Errorf("%w at %s (is dockerd running, and may vgw use its socket?): %s: %v", ErrDockerUnreachable, r.cli.DaemonHost(), what, err)
+	}
+	return fmt.Errorf("docker: %s: %w", what, err)
+}
+
+// watch follows Docker's events for this vgw's containers until ctx ends,
+// reconnecting with backoff when the stream breaks (dockerd restarted),
+// and replaying from the last event seen so that no death is missed.
+func (r *DockerRuntime) watch(ctx context.Context) {
+	defer close(r.done)
+	since := time.Now()
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		res := r.cli.Events(ctx, client.EventsListOptions{
+			Since:   fmt.Sprintf("%d.%09d", since.Unix(), since.Nanosecond()),
+			Filters: r.filters().Add("type", string(events.ContainerEventType)).Add("event", string(events.ActionDie), string(events.ActionOOM)),
+		})
+		err := r.follow(ctx, res, &since, &backoff)
+		if ctx.Err() != nil {
+			return
+		}
+		r.opt.Log.Warn("lost Docker's event stream; reconnecting", slog.String("error", err.Error()), slog.Duration("in", backoff))
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// follow handles one connection's events until it fails.
+func (r *DockerRuntime) follow(ctx context.Context, res client.EventsResult, since *time.Time, backoff *time.Duration) error {
+	for {
+		select {
+		case m := <-res.Messages:
+			*backoff = 100 * time.Millisecond
+			if m.TimeNano > 0 {
+				*since = time.Unix(0, m.TimeNano)
+			}
+			r.handle(ctx, m)
+		case err := <-res.Err:
+			if err == nil {
+				err = errors.New("stream ended")
+			}
+			return err
+		}
+	}
+}
+
+func (r *DockerRuntime) handle(ctx context.Context, m events.Message) {
+	id := m.Actor.ID
+	r.mu.Lock()
+	c := r.live[id]
+	if c != nil && m.Action == events.ActionOOM {
+		c.oom = true
+	}
+	if c == nil || m.Action != events.ActionDie {
+		r.mu.Unlock()
+		return
+	}
+	delete(r.live, id) // reported once, even if the event is replayed
+	r.mu.Unlock()
+
+	code, _ := strconv.Atoi(m.Actor.Attributes["exitCode"])
+	e := Exit{ID: id, Model: c.model, Code: code, Reason: exitReason(code, c.oom), Requested: c.stopping}
+	if c.stopping {
+		e.Reason = "stopped"
+	} else {
+		e.LogTail = r.logTail(ctx, id)
+	}
+	select {
+	case r.exits <- e:
+	case <-ctx.Done():
+	}
+}
+
+// exitReason says how a container ended, from its exit code.
+func exitReason(code int, oom bool) string {
+	switch {
+	case oom:
+		return "killed: out of memory"
+	case code == 137:
+		return "killed (SIGKILL)"
+	case code == 143:
+		return "terminated (SIGTERM)"
+	}
+	return "exited"
+}
+
+// logTail is the end of a container's log, for the error of its failed
+// load or its crash. A crashed container is kept until its model starts
+// again, so that `docker logs` has the whole of it.
+func (r *DockerRuntime) logTail(ctx context.Context, id string) string {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	rc, err := r.cli.ContainerLogs(ctx, id, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true, Tail: "50"})
+	if err != nil {
+		return ""
+	}
+	defer rc.Close()
+	tail := newLogTail(50)
+	stdcopy.StdCopy(tail, tail, rc)
+	return tail.String()
+}

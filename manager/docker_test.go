@@ -1,0 +1,441 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	cerrdefs "github.com/containerd/errdefs"
+	"github.com/moby/moby/api/types/container"
+	"github.com/moby/moby/client"
+
+	"github.com/vgw-project/vgw/manager/dockertest"
+)
+
+// The Docker runtime's tests run on the real engine, with the fake vLLM
+// built into an image that takes vLLM's command line; GPUs are declared,
+// so no GPU device is requested.
+
+// dockerManager is a manager on the Docker runtime.
+type dockerManager struct {
+	*Manager
+	rt       *DockerRuntime
+	engine   *dockertest.Engine
+	instance string
+	events   *eventLog
+	stop     func() // ends the manager's loop and closes the runtime, leaving containers running
+}
+
+// eventLog records a manager's events.
+type eventLog struct {
+	mu     sync.Mutex
+	events []Event
+}
+
+func (l *eventLog) add(e Event) { l.mu.Lock(); l.events = append(l.events, e); l.mu.Unlock() }
+
+// find returns the first event of kind for model.
+func (l *eventLog) find(model, kind string) (Event, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, e := range l.events {
+		if e.Model == model && e.Kind == kind {
+			return e, true
+		}
+	}
+	return Event{}, false
+}
+
+const dockerConfig = `
+runtime: {kind: docker, image: %s, network: %s, instance: %s}
+load_timeout: 20s
+drain_timeout: 2s
+min_resident: 0s
+inactivity_timeout: 0s
+gpus: [{name: g0, memory: 80GiB}]
+models:
+  a: {repo: org/a, vram: 50GiB, env: {FAKEVLLM_STARTUP_DELAY: 100ms}}
+  b: {repo: org/b, vram: 50GiB}
+  slow: {repo: org/slow, vram: 10GiB, env: {FAKEVLLM_STARTUP_DELAY: 1h}}
+  crashy: {repo: org/crashy, vram: 10GiB, env: {FAKEVLLM_CRASH_AFTER: "1"}}
+`
+
+// startDockerManager runs a manager on the Docker runtime under instance
+// (a new one when ""), with config edits applied to dockerConfig.
+func startDockerManager(t *testing.T, instance string, edit func(string) string) *dockerManager {
+	t.Helper()
+	e := dockertest.Need(t)
+	if instance == "" {
+		instance = e.Instance(t)
+	}
+	yaml := fmt.Sprintf(dockerConfig, e.Image, e.Network, instance)
+	if edit != nil {
+		yaml = edit(yaml)
+	}
+	cfg := parseConfig(t, yaml)
+	rt, err := NewDockerRuntime(DockerOptions{Instance: instance, Image: cfg.Runtime.Image, Network: cfg.Runtime.Network,
+		Env: map[string]string{"HF_TOKEN": "hf_from_vgw_env"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var gs []GPU
+	for _, g := range cfg.GPUs.Declared {
+		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
+	}
+	dm := &dockerManager{rt: rt, engine: e, instance: instance, events: &eventLog{}}
+	dm.Manager = New(cfg, rt, NewDeclaredGPUs(gs), Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond, OnEvent: dm.events.add})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { dm.Run(ctx); close(done) }()
+	var once sync.Once
+	dm.stop = func() { once.Do(func() { cancel(); <-done; rt.Close() }) }
+	t.Cleanup(dm.stop)
+	return dm
+}
+
+// container inspects the model's container by name.
+func (dm *dockerManager) container(t *testing.T, model string) (container.InspectResponse, bool) {
+	t.Helper()
+	res, err := dm.engine.Client.ContainerInspect(context.Background(), ContainerName(dm.instance, model), client.ContainerInspectOptions{})
+	if cerrdefs.IsNotFound(err) {
+		return container.InspectResponse{}, false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res.Container, true
+}
+
+func (dm *dockerManager) ensure(t *testing.T, model string) error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err := dm.Ensure(ctx, model)
+	if err == nil {
+		dm.Release(model)
+	}
+	return err
+}
+
+func (dm *dockerManager) status(model string) ModelStatus {
+	for _, s := range dm.Status() {
+		if s.Name == model {
+			return s
+		}
+	}
+	return ModelStatus{}
+}
+
+// TestDockerColdStart: a request for a model starts its container, which
+// is labelled, configured as vLLM's would be, and answers at the endpoint
+// the manager routes to.
+func TestDockerColdStart(t *testing.T) {
+	dm := startDockerManager(t, "", nil)
+	if err := dm.ensure(t, "a"); err != nil {
+		t.Fatal(err)
+	}
+	addr, ok := dm.Endpoint("a")
+	if !ok {
+		t.Fatal("a has no endpoint once ready")
+	}
+	if code := get(t, addr, "a"); code != http.StatusOK {
+		t.Fatalf("a's server at %s answered %d", addr, code)
+	}
+	c, ok := dm.container(t, "a")
+	if !ok {
+		t.Fatal("no container named", ContainerName(dm.instance, "a"))
+	}
+	labels := c.Config.Labels
+	if labels[LabelManaged] != "true" || labels[LabelInstance] != dm.instance || labels[LabelModel] != "a" || labels[LabelSignature] == "" || labels[LabelGPUs] != "0" {
+		t.Errorf("labels %v", labels)
+	}
+	cmd := strings.Join(c.Config.Cmd, " ")
+	for _, want := range []string{"--model org/a", "--served-model-name a", "--gpu-memory-utilization 0.63", "--tensor-parallel-size 1", "--host 0.0.0.0 --port 8000"} {
+		if !strings.Contains(cmd, want) {
+			t.Errorf("command %q lacks %q", cmd, want)
+		}
+	}
+	if !slices.Contains(c.Config.Env, "HF_TOKEN=hf_from_vgw_env") || !slices.Contains(c.Config.Env, "FAKEVLLM_STARTUP_DELAY=100ms") {
+		t.Errorf("env %q", c.Config.Env)
+	}
+	if c.HostConfig.IpcMode != container.IPCModeHost || len(c.HostConfig.DeviceRequests) != 0 || c.HostConfig.RestartPolicy.Name != container.RestartPolicyDisabled {
+		t.Errorf("host config: ipc %q, devices %v, restart %q", c.HostConfig.IpcMode, c.HostConfig.DeviceRequests, c.HostConfig.RestartPolicy.Name)
+	}
+	inst := &Instance{ID: c.ID, PIDs: []int{c.State.Pid}}
+	if pids, err := dm.rt.PIDs(context.Background(), inst); err != nil || !slices.Contains(pids, c.State.Pid) {
+		t.Errorf("PIDs %v %v, want the container's process %d", pids, err, c.State.Pid)
+	}
+}
+
+// TestDockerEviction: a model that needs the GPU swaps the idle one's
+// container for its own.
+func TestDockerEviction(t *testing.T) {
+	dm := startDockerManager(t, "", nil)
+	if err := dm.ensure(t, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := dm.ensure(t, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := dm.events.find("a", EventEvicted); !ok {
+		t.Error("a was not evicted for b")
+	}
+	eventually(t, "a's container is removed", func() bool { _, ok := dm.container(t, "a"); return !ok })
+	if c, ok := dm.container(t, "b"); !ok || !c.State.Running {
+		t.Error("b's container is not running")
+	}
+	addr, _ := dm.Endpoint("b")
+	if code := get(t, addr, "b"); code != http.StatusOK {
+		t.Errorf("b answered %d", code)
+	}
+}
+
+// TestDockerCrash: a container killed behind vgw's back is noticed from
+// Docker's events within a second, kept (for `docker logs`) until the
+// model starts again, and the next request loads the model again.
+func TestDockerCrash(t *testing.T) {
+	dm := startDockerManager(t, "", nil)
+	if err := dm.ensure(t, "a"); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := dm.container(t, "a")
+	killed := time.Now()
+	if _, err := dm.engine.Client.ContainerKill(context.Background(), before.ID, client.ContainerKillOptions{Signal: "SIGKILL"}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("a", EventCrashed); return ok })
+	e, _ := dm.events.find("a", EventCrashed)
+	if took := e.Time.Sub(killed); took > time.Second {
+		t.Errorf("the crash was noticed after %v, want at most 1s", took)
+	}
+	if !strings.Contains(e.Detail, "SIGKILL") {
+		t.Errorf("crash detail %q", e.Detail)
+	}
+	if st := dm.status("a"); st.State != Stopped {
+		t.Errorf("a is %v after its crash", st.State)
+	}
+	if c, ok := dm.container(t, "a"); !ok || c.State.Running {
+		t.Error("the crashed container is gone, or running")
+	}
+	if err := dm.ensure(t, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := dm.container(t, "a"); after.ID == before.ID || !after.State.Running {
+		t.Errorf("a was not started again in a new container: %s, running %v", after.ID, after.State.Running)
+	}
+}
+
+// TestDockerCrashLog: a server that dies on its own says why in the exit,
+// with the end of its log.
+func TestDockerCrashLog(t *testing.T) {
+	dm := startDockerManager(t, "", nil)
+	if err := dm.ensure(t, "crashy"); err != nil {
+		t.Fatal(err)
+	}
+	addr, _ := dm.Endpoint("crashy")
+	get(t, addr, "crashy") // its first request kills it
+	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("crashy", EventCrashed); return ok })
+	e, _ := dm.events.find("crashy", EventCrashed)
+	if !strings.Contains(e.Detail, "code") {
+		t.Errorf("crash detail %q", e.Detail)
+	}
+}
+
+// TestDockerNeverHealthy: a load that never becomes healthy times out, and
+// its container is removed.
+func TestDockerNeverHealthy(t *testing.T) {
+	dm := startDockerManager(t, "", func(y string) string { return strings.Replace(y, "load_timeout: 20s", "load_timeout: 1s", 1) })
+	err := dm.ensure(t, "slow")
+	var le *LoadError
+	if !errors.As(err, &le) || !strings.Contains(err.Error(), "not healthy within load_timeout") {
+		t.Fatalf("slow: %v", err)
+	}
+	eventually(t, "slow's container is removed", func() bool { _, ok := dm.container(t, "slow"); return !ok })
+}
+
+// TestDockerAdopt: a vgw restarted while models run adopts their
+// containers (no new container, same endpoint), removes its stopped ones,
+// and stops the running ones whose settings no longer match.
+func TestDockerAdopt(t *testing.T) {
+	e := dockertest.Need(t)
+	instance := e.Instance(t)
+	first := startDockerManager(t, instance, nil)
+	if err := first.ensure(t, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.ensure(t, "crashy"); err != nil {
+		t.Fatal(err)
+	}
+	addr, _ := first.Endpoint("a")
+	a, _ := first.container(t, "a")
+	first.stop() // vgw exits; its containers run on
+	// A stopped container of this vgw's, left behind.
+	stale, err := e.Client.ContainerCreate(context.Background(), client.ContainerCreateOptions{Name: ContainerName(instance, "b"),
+		Config: &container.Config{Image: e.Image, Labels: map[string]string{LabelManaged: "true", LabelInstance: instance, LabelModel: "b"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// crashy's settings change: its container no longer matches.
+	second := startDockerManager(t, instance, func(y string) string {
+		return strings.Replace(y, `crashy: {repo: org/crashy,`, `crashy: {repo: org/crashy, max_model_len: 4096,`, 1)
+	})
+	eventually(t, "a is adopted", func() bool { return second.status("a").State == Ready })
+	if got, _ := second.Endpoint("a"); got != addr {
+		t.Errorf("a's endpoint %s after the restart, was %s", got, addr)
+	}
+	if again, _ := second.container(t, "a"); again.ID != a.ID {
+		t.Errorf("a runs in a new container %s, was %s", again.ID, a.ID)
+	}
+	if ev, ok := second.events.find("a", EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
+		t.Errorf("a's ready event %+v", ev)
+	}
+	if err := second.ensure(t, "a"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the stale and the mismatched containers are removed", func() bool {
+		_, b := second.container(t, "b")
+		_, c := second.container(t, "crashy")
+		return !b && !c
+	})
+	if _, err := e.Client.ContainerInspect(context.Background(), stale.ID, client.ContainerInspectOptions{}); !cerrdefs.IsNotFound(err) {
+		t.Errorf("the stale container: %v", err)
+	}
+}
+
+// TestDockerNameTaken: a container vgw did not create that holds a
+// model's name is left alone, and the load says why; once it is gone,
+// the model loads.
+func TestDockerNameTaken(t *testing.T) {
+	dm := startDockerManager(t, "", nil)
+	cli := dm.engine.Client
+	other, err := cli.ContainerCreate(context.Background(), client.ContainerCreateOptions{Name: ContainerName(dm.instance, "a"),
+		Config: &container.Config{Image: dm.engine.Image, Cmd: []string{"--model", "theirs"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cli.ContainerRemove(context.Background(), other.ID, client.ContainerRemoveOptions{Force: true})
+	})
+	err = dm.ensure(t, "a")
+	if !errors.Is(err, ErrNameTaken) || !strings.Contains(err.Error(), "leaves it alone") {
+		t.Fatalf("a: %v", err)
+	}
+	if c, ok := dm.container(t, "a"); !ok || c.ID != other.ID {
+		t.Fatal("the other container was touched")
+	}
+	if _, ok := dm.events.find("a", EventLoadFailed); !ok {
+		t.Error("no load_failed event")
+	}
+	cli.ContainerRemove(context.Background(), other.ID, client.ContainerRemoveOptions{Force: true})
+	if err := dm.Load(context.Background(), "a", true); err != nil {
+		t.Fatalf("a, once the name is free: %v", err)
+	}
+}
+
+// TestDockerImageMissing: a missing image fails the load with what to do,
+// and the model loads once the image is there.
+func TestDockerImageMissing(t *testing.T) {
+	e := dockertest.Need(t)
+	missing := "vgw-test-missing:" + strings.ReplaceAll(strings.ToLower(t.Name()), "/", "-")
+	dm := startDockerManager(t, "", func(y string) string { return strings.Replace(y, "image: "+e.Image, "image: "+missing, 1) })
+	err := dm.ensure(t, "a")
+	if !errors.Is(err, ErrImageMissing) || !strings.Contains(err.Error(), "docker pull "+missing) {
+		t.Fatalf("a: %v", err)
+	}
+	if _, err := e.Client.ImageTag(context.Background(), client.ImageTagOptions{Source: e.Image, Target: missing}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Client.ImageRemove(context.Background(), missing, client.ImageRemoveOptions{}) })
+	if err := dm.Load(context.Background(), "a", true); err != nil {
+		t.Fatalf("a, once the image is there: %v", err)
+	}
+}
+
+// TestDockerErrors: what a user can act on is said so, for each cause.
+func TestDockerErrors(t *testing.T) {
+	e := dockertest.Need(t)
+	spec := Spec{Model: "a", Args: []string{"--model", "org/a"}, GPUs: []GPU{{Index: 0, UUID: "GPU-00000000-0000-0000-0000-000000000000"}}}
+	tests := []struct {
+		name string
+		opt  DockerOptions
+		want error
+		say  string
+	}{
+		{"no NVIDIA runtime", DockerOptions{Image: e.Image, Network: e.Network, GPUDevices: true}, ErrNoGPURuntime, "NVIDIA Container Toolkit"},
+		{"no network", DockerOptions{Image: e.Image, Network: "vgw-test-no-such-network"}, ErrNetworkMissing, "docker network create"},
+		{"daemon unreachable", DockerOptions{Host: "unix:///nonexistent/docker.sock", Image: e.Image, Network: e.Network}, ErrDockerUnreachable, "is dockerd running"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.opt.Instance = e.Instance(t)
+			rt, err := NewDockerRuntime(tt.opt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer rt.Close()
+			inst, err := rt.Start(context.Background(), spec)
+			if tt.want == ErrNoGPURuntime && err == nil {
+				rt.Stop(context.Background(), inst, 0)
+				t.Skip("this Docker engine can give containers GPUs")
+			}
+			if !errors.Is(err, tt.want) || !strings.Contains(err.Error(), tt.say) {
+				t.Fatalf("Start: %v; want %v, saying %q", err, tt.want, tt.say)
+			}
+			// Nothing is left behind.
+			if _, err := e.Client.ContainerInspect(context.Background(), ContainerName(tt.opt.Instance, "a"), client.ContainerInspectOptions{}); !cerrdefs.IsNotFound(err) && tt.want != ErrDockerUnreachable {
+				t.Errorf("a container was left behind: %v", err)
+			}
+		})
+	}
+}
+
+// TestDockerExitLog: a server that fails as it starts is reported with the
+// end of its log, and not as an exit vgw asked for.
+func TestDockerExitLog(t *testing.T) {
+	e := dockertest.Need(t)
+	rt, err := NewDockerRuntime(DockerOptions{Instance: e.Instance(t), Image: e.Image, Network: e.Network})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	inst, err := rt.Start(context.Background(), Spec{Model: "broken", Args: []string{"--model", "org/broken"}, Env: map[string]string{"FAKEVLLM_FAIL_START": "true"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case x := <-rt.Exits():
+		if x.ID != inst.ID || x.Requested || x.Code != 1 || !strings.Contains(x.LogTail, "memory profiling") {
+			t.Errorf("exit %+v", x)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no exit reported")
+	}
+}
+
+func TestContainerName(t *testing.T) {
+	tests := []struct{ model, want string }{
+		{"llama-3.1-8b", "vgw-llama-3.1-8b"},
+		{"meta-llama/Llama-3.1-8B", "vgw-meta-llama-Llama-3.1-8B-"},
+		{"qwen:7b", "vgw-qwen-7b-"},
+	}
+	for _, tt := range tests {
+		got := ContainerName("vgw", tt.model)
+		if tt.want[len(tt.want)-1] == '-' {
+			if !strings.HasPrefix(got, tt.want) || len(got) != len(tt.want)+8 {
+				t.Errorf("ContainerName(%q) = %q, want %s and a hash", tt.model, got, tt.want)
+			}
+		} else if got != tt.want {
+			t.Errorf("ContainerName(%q) = %q, want %q", tt.model, got, tt.want)
+		}
+	}
+	if ContainerName("vgw", "a/b") == ContainerName("vgw", "a-b") || ContainerName("vgw", "a/b") == ContainerName("vgw", "a:b") {
+		t.Error("two models share a container name")
+	}
+}
