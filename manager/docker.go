@@ -40,7 +40,7 @@ const vllmPort = 8000
 // Errors a user can act on; Start's errors wrap them and say what to do.
 var (
 	ErrImageMissing      = errors.New("the image is not on this Docker host")
-	ErrNoGPURuntime      = errors.New("Docker cannot give containers GPUs")
+	ErrNoGPURuntime      = errors.New("this Docker engine cannot give containers GPUs")
 	ErrNameTaken         = errors.New("a container vgw did not create has the name")
 	ErrNetworkMissing    = errors.New("the Docker network does not exist")
 	ErrDockerUnreachable = errors.New("the Docker daemon cannot be reached")
