@@ -12,7 +12,7 @@ FUZZTIME  ?= 20s
 # go-nvml's header marks old NVML calls deprecated; vgw calls none of them.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: help build test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-load bench-rss fuzz run tools clean
+.PHONY: help build test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-docker bench-load bench-rss fuzz run tools clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -40,7 +40,7 @@ proto: ## regenerate proto/adminv1 from proto/admin.proto with the pinned tools
 proto-check: proto ## fail if the committed generated code is stale
 	@test -z "$$(git status --porcelain -- proto/)" || { echo "proto/ is stale: run make proto and commit"; git status --porcelain -- proto/; git diff --stat -- proto/; exit 1; }
 
-bench: bench-go bench-models bench-xds bench-load bench-rss ## every benchmark (see BENCHMARKS.md)
+bench: bench-go bench-models bench-xds bench-docker bench-load bench-rss ## every benchmark (see BENCHMARKS.md)
 
 bench-go: ## Go benchmarks of the request path
 	$(GO) test -run '^$$' -bench . -benchmem ./extproc/
@@ -51,6 +51,10 @@ bench-models: ## cold start and swap overheads (sim runtime), the manager's memo
 
 bench-xds: ## change-to-ACK latency, snapshot build and push for 200 models
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 300x ./xds/
+
+bench-docker: ## the Docker runtime on the real engine: cold start, crash noticed
+	$(GO) test -run '^$$' -bench DockerColdStart -benchtime 40x ./cmd/vgw/
+	$(GO) test -run '^$$' -bench DockerCrashNoticed -benchtime 40x ./manager/
 
 bench-load: build ## drive vgw and a no-op floor over loopback gRPC as Envoy would
 	$(BIN)/vgwload --vgw $(BIN)/vgw

@@ -439,3 +439,41 @@ func TestContainerName(t *testing.T) {
 		t.Error("two models share a container name")
 	}
 }
+
+// BenchmarkDockerCrashNoticed times a container killed behind vgw's back
+// until the runtime reports its exit (with its log tail) from Docker's
+// event stream. Baseline in the same run: the kill call itself returning.
+func BenchmarkDockerCrashNoticed(b *testing.B) {
+	e := dockertest.Need(b)
+	instance := e.Instance(b)
+	cfg := parseConfig(b, fmt.Sprintf(dockerConfig, e.Image, e.Network, instance))
+	rt, err := NewDockerRuntime(DockerOptions{Instance: instance, Image: e.Image, Network: e.Network})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rt.Close()
+	var noticed, killCall []float64
+	for b.Loop() {
+		b.StopTimer()
+		inst, err := rt.Start(context.Background(), Spec{Model: "a", Args: VLLMArgs("a", cfg.Models["a"], 0.5)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		start := time.Now()
+		if _, err := e.Client.ContainerKill(context.Background(), inst.ID, client.ContainerKillOptions{Signal: "SIGKILL"}); err != nil {
+			b.Fatal(err)
+		}
+		killCall = append(killCall, float64(time.Since(start))/float64(time.Millisecond))
+		x := <-rt.Exits()
+		noticed = append(noticed, float64(time.Since(start))/float64(time.Millisecond))
+		if x.ID != inst.ID || x.Requested {
+			b.Fatalf("exit %+v", x)
+		}
+	}
+	slices.Sort(noticed)
+	slices.Sort(killCall)
+	b.ReportMetric(noticed[len(noticed)/2], "noticed-p50-ms")
+	b.ReportMetric(noticed[len(noticed)*99/100], "noticed-p99-ms")
+	b.ReportMetric(killCall[len(killCall)/2], "kill-call-p50-ms")
+}
