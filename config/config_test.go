@@ -58,6 +58,8 @@ func TestErrors(t *testing.T) {
 		{"dotdot model name", base + "models:\n  ../etc: {}\n", "c.yaml:4: model name"},
 		{"managed flag", base + "models:\n  m:\n    extra_args: [--max-num-seqs=9]\n", "c.yaml:5: extra_args may not set --max-num-seqs"},
 		{"managed flag, second arg", base + "models:\n  m:\n    extra_args:\n      - --enforce-eager\n      - --gpu-memory-utilization\n", "c.yaml:7: extra_args may not set --gpu-memory-utilization"},
+		{"managed flag, underscores", base + "models:\n  m:\n    extra_args: [--max_model_len, \"9\"]\n", "c.yaml:5: extra_args may not set --max-model-len"},
+		{"managed flag, alias", base + "models:\n  m:\n    extra_args: [-tp, \"2\"]\n", "c.yaml:5: extra_args may not set --tensor-parallel-size"},
 		{"log level", base + "log_level: loud\nmodels: {m: {}}\n", "c.yaml:3: log_level"},
 		{"listen address", base + "listen: {extproc: nowhere}\nmodels: {m: {}}\n", "c.yaml:3: listen.extproc"},
 		{"docker needs image", "models: {m: {repo: x}}\n", "c.yaml: the docker runtime needs runtime.image"},

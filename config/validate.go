@@ -33,6 +33,24 @@ var managedFlags = []string{
 	"--quantization", "--dtype",
 }
 
+// flagAliases are vLLM's short names for managed flags.
+var flagAliases = map[string]string{"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size", "-q": "--quantization"}
+
+// managedFlag returns the managed flag that arg names, or "". vLLM's
+// parser takes --max_model_len for --max-model-len, and short aliases.
+func managedFlag(arg string) string {
+	if long, ok := flagAliases[arg]; ok {
+		return long
+	}
+	if name, ok := strings.CutPrefix(arg, "--"); ok {
+		arg = "--" + strings.ReplaceAll(name, "_", "-")
+	}
+	if slices.Contains(managedFlags, arg) {
+		return arg
+	}
+	return ""
+}
+
 type validator struct {
 	loc      *locator
 	problems []Problem
@@ -197,8 +215,8 @@ func (v *validator) model(c *Config, name string, m *Model) {
 	}
 	for i, a := range m.ExtraArgs {
 		flag, _, _ := strings.Cut(a, "=")
-		if slices.Contains(managedFlags, flag) {
-			v.at(path("extra_args", fmt.Sprint(i)), "extra_args may not set %s: vgw manages it from the model's settings", flag)
+		if managed := managedFlag(flag); managed != "" {
+			v.at(path("extra_args", fmt.Sprint(i)), "extra_args may not set %s: vgw manages it from the model's settings", managed)
 		}
 	}
 }

@@ -29,9 +29,15 @@ const (
 	LabelManaged   = "vgw.managed"   // "true"
 	LabelInstance  = "vgw.instance"  // runtime.instance
 	LabelModel     = "vgw.model"     // the model's name
-	LabelSignature = "vgw.signature" // the settings it runs with (Signature)
+	LabelSignature = "vgw.signature" // its memory settings (Signature)
+	LabelLaunch    = "vgw.launch"    // all it was started with (LaunchSignature)
 	LabelGPUs      = "vgw.gpus"      // its GPUs' indexes, "0,1"
 )
+
+// apiTimeout bounds a Docker call made where no caller's context applies
+// (cleaning up after a failed start), so that a hung daemon cannot hang
+// vgw.
+const apiTimeout = 30 * time.Second
 
 // vllmPort is where vLLM serves in its container; vgw sets it (it is one
 // of the flags extra_args may not set).
@@ -87,6 +93,9 @@ type DockerRuntime struct {
 
 	mu   sync.Mutex
 	live map[string]*dockerContainer // by container ID, until its exit is reported
+	// unremoved are containers a stop could not remove (the daemon was
+	// unreachable): removed again once the event stream reconnects.
+	unremoved map[string]bool
 }
 
 type dockerContainer struct {
@@ -113,7 +122,7 @@ func NewDockerRuntime(opt DockerOptions) (*DockerRuntime, error) {
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	r := &DockerRuntime{cli: cli, opt: opt, exits: make(chan Exit, 64), stop: stop, done: make(chan struct{}),
-		live: map[string]*dockerContainer{}}
+		live: map[string]*dockerContainer{}, unremoved: map[string]bool{}}
 	go r.watch(ctx)
 	return r, nil
 }
@@ -166,8 +175,8 @@ func (r *DockerRuntime) ours(labels map[string]string) bool {
 // runs; the manager then polls its /health.
 func (r *DockerRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
 	name := ContainerName(r.opt.Instance, spec.Model)
-	if err := r.clearName(ctx, name); err != nil {
-		return nil, err
+	if inst, err := r.clearName(ctx, name, spec); inst != nil || err != nil {
+		return inst, err
 	}
 	if _, err := r.cli.ImageInspect(ctx, r.opt.Image); err != nil {
 		if cerrdefs.IsNotFound(err) {
@@ -195,7 +204,9 @@ func (r *DockerRuntime) Start(ctx context.Context, spec Spec) (*Instance, error)
 	r.mu.Unlock()
 	fail := func(err error) (*Instance, error) {
 		r.forget(id)
-		r.remove(context.WithoutCancel(ctx), id)
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), apiTimeout)
+		defer cancel()
+		r.remove(rctx, id)
 		return nil, err
 	}
 	if _, err := r.cli.ContainerStart(ctx, id, client.ContainerStartOptions{}); err != nil {
@@ -205,37 +216,68 @@ func (r *DockerRuntime) Start(ctx context.Context, spec Spec) (*Instance, error)
 		return fail(r.daemonError("start container "+name, err))
 	}
 	inst, err := r.instance(ctx, id)
+	if errors.Is(err, errNotRunning) {
+		// It died as it started: say why while its log is there.
+		return fail(fmt.Errorf("container %s exited as it started; last log lines: %s", name, lastLines(r.logTail(ctx, id), 5)))
+	}
 	if err != nil {
 		return fail(err)
 	}
 	return inst, nil
 }
 
-// clearName makes name free: a container of this vgw's that holds it (one
-// that crashed and was kept for its logs, or one a previous vgw left) is
-// removed; anyone else's is left alone, and the start fails.
-func (r *DockerRuntime) clearName(ctx context.Context, name string) error {
-	c, err := r.cli.ContainerInspect(ctx, name, client.ContainerInspectOptions{})
+// errNotRunning is instance's answer for a container that has stopped.
+var errNotRunning = errors.New("not running")
+
+// clearName makes name free for spec's container. A container of this
+// vgw's that holds it is taken over when it runs what spec would start, on
+// the same GPUs (a previous vgw's, not adopted because Docker was down when
+// this one started: starting nothing twice); any other of this vgw's (one
+// that crashed and was kept for its logs, or runs other settings) is
+// removed. Anyone else's is left alone, and the start fails.
+func (r *DockerRuntime) clearName(ctx context.Context, name string, spec Spec) (*Instance, error) {
+	res, err := r.cli.ContainerInspect(ctx, name, client.ContainerInspectOptions{})
 	switch {
-	case cerrdefs.IsNotFound(err):
-		return nil
+	case containerGone(err):
+		return nil, nil
 	case err != nil:
-		return r.daemonError("inspect container "+name, err)
-	case c.Container.Config == nil || !r.ours(c.Container.Config.Labels):
-		return fmt.Errorf("%w %s; vgw leaves it alone: remove or rename it, or give this vgw another runtime.instance", ErrNameTaken, name)
+		return nil, r.daemonError("inspect container "+name, err)
+	case res.Container.Config == nil || !r.ours(res.Container.Config.Labels):
+		return nil, fmt.Errorf("%w %s; vgw leaves it alone: remove or rename it, or give this vgw another runtime.instance", ErrNameTaken, name)
 	}
-	r.opt.Log.Info("removing a container of this vgw's that holds the name", slog.String("container", name), slog.String("id", c.Container.ID),
-		slog.String("state", string(c.Container.State.Status)))
-	r.forget(c.Container.ID)
-	if _, err := r.cli.ContainerRemove(ctx, c.Container.ID, client.ContainerRemoveOptions{Force: true}); err != nil && !cerrdefs.IsNotFound(err) {
-		return r.daemonError("remove container "+name, err)
+	c := res.Container
+	labels := c.Config.Labels
+	if c.State != nil && c.State.Running && labels[LabelLaunch] == spec.Launch && labels[LabelGPUs] == gpuList(spec.GPUs) {
+		r.mu.Lock()
+		r.live[c.ID] = &dockerContainer{model: spec.Model}
+		r.mu.Unlock()
+		if inst, err := r.instance(ctx, c.ID); err == nil {
+			r.opt.Log.Info("taking over a running container of this vgw's", slog.String("container", name), slog.String("id", c.ID))
+			return inst, nil
+		}
 	}
-	return nil
+	r.opt.Log.Info("removing a container of this vgw's that holds the name", slog.String("container", name), slog.String("id", c.ID),
+		slog.String("state", string(c.State.Status)))
+	r.forget(c.ID)
+	if _, err := r.cli.ContainerRemove(ctx, c.ID, client.ContainerRemoveOptions{Force: true}); err != nil && !containerGone(err) {
+		return nil, r.daemonError("remove container "+name, err)
+	}
+	return nil, nil
+}
+
+// gpuList is GPU indexes as the vgw.gpus label has them.
+func gpuList(gpus []GPU) string {
+	s := make([]string, len(gpus))
+	for i, g := range gpus {
+		s[i] = strconv.Itoa(g.Index)
+	}
+	return strings.Join(s, ",")
 }
 
 // createOptions is the container for spec.
 func (r *DockerRuntime) createOptions(name string, spec Spec) client.ContainerCreateOptions {
-	env := make([]string, 0, len(r.opt.Env)+len(spec.Env))
+	args, apiKey := withoutAPIKey(spec.Args)
+	env := make([]string, 0, len(r.opt.Env)+len(spec.Env)+1)
 	for k, v := range r.opt.Env {
 		if _, own := spec.Env[k]; !own {
 			env = append(env, k+"="+v)
@@ -244,10 +286,14 @@ func (r *DockerRuntime) createOptions(name string, spec Spec) client.ContainerCr
 	for k, v := range spec.Env {
 		env = append(env, k+"="+v)
 	}
-	gpus := make([]string, len(spec.GPUs))
+	if apiKey != "" {
+		// vLLM reads the key from VLLM_API_KEY too; on its command line
+		// it would show in every `ps` on the host.
+		env = append(env, "VLLM_API_KEY="+apiKey)
+	}
 	uuids := make([]string, len(spec.GPUs))
 	for i, g := range spec.GPUs {
-		gpus[i], uuids[i] = strconv.Itoa(g.Index), g.UUID
+		uuids[i] = g.UUID
 	}
 	host := &container.HostConfig{
 		RestartPolicy: container.RestartPolicy{Name: container.RestartPolicyDisabled}, // vgw restarts what crashes
@@ -256,9 +302,14 @@ func (r *DockerRuntime) createOptions(name string, spec Spec) client.ContainerCr
 	if r.opt.ShmSize > 0 {
 		host.IpcMode, host.ShmSize = container.IPCModePrivate, r.opt.ShmSize
 	}
-	if r.opt.CacheDir != "" {
-		host.Mounts = []mount.Mount{{Type: mount.TypeBind, Source: r.opt.CacheDir, Target: "/root/.cache/huggingface"}}
+	// The Hugging Face cache: the host's directory, or a volume of this
+	// vgw's, so that weights are downloaded once, not at every load.
+	cache := mount.Mount{Type: mount.TypeBind, Source: r.opt.CacheDir, Target: "/root/.cache/huggingface"}
+	if r.opt.CacheDir == "" {
+		cache = mount.Mount{Type: mount.TypeVolume, Source: r.opt.Instance + "-hf-cache", Target: cache.Target,
+			VolumeOptions: &mount.VolumeOptions{Labels: map[string]string{LabelManaged: "true", LabelInstance: r.opt.Instance}}}
 	}
+	host.Mounts = []mount.Mount{cache}
 	if r.opt.GPUDevices {
 		host.DeviceRequests = []container.DeviceRequest{{Driver: "nvidia", DeviceIDs: uuids, Capabilities: [][]string{{"gpu"}}}}
 	}
@@ -266,11 +317,11 @@ func (r *DockerRuntime) createOptions(name string, spec Spec) client.ContainerCr
 		Name: name,
 		Config: &container.Config{
 			Image: r.opt.Image,
-			Cmd:   append(append([]string(nil), spec.Args...), "--host", "0.0.0.0", "--port", strconv.Itoa(vllmPort)),
+			Cmd:   append(args, "--host", "0.0.0.0", "--port", strconv.Itoa(vllmPort)),
 			Env:   env,
 			Labels: map[string]string{
 				LabelManaged: "true", LabelInstance: r.opt.Instance, LabelModel: spec.Model,
-				LabelSignature: spec.Signature, LabelGPUs: strings.Join(gpus, ","),
+				LabelSignature: spec.Signature, LabelLaunch: spec.Launch, LabelGPUs: gpuList(spec.GPUs),
 			},
 		},
 		HostConfig: host,
@@ -288,7 +339,7 @@ func (r *DockerRuntime) instance(ctx context.Context, id string) (*Instance, err
 	}
 	c := res.Container
 	if c.State == nil || !c.State.Running {
-		return nil, fmt.Errorf("container %s is not running", strings.TrimPrefix(c.Name, "/"))
+		return nil, fmt.Errorf("container %s: %w", strings.TrimPrefix(c.Name, "/"), errNotRunning)
 	}
 	var ep *network.EndpointSettings
 	if c.NetworkSettings != nil {
@@ -304,6 +355,7 @@ func (r *DockerRuntime) instance(ctx context.Context, id string) (*Instance, err
 		Addr:      net.JoinHostPort(ep.IPAddress.String(), strconv.Itoa(vllmPort)),
 		PIDs:      []int{c.State.Pid},
 		Signature: labels[LabelSignature],
+		Launch:    labels[LabelLaunch],
 	}
 	for _, g := range strings.Split(labels[LabelGPUs], ",") {
 		if i, err := strconv.Atoi(g); err == nil {
@@ -321,15 +373,25 @@ func (r *DockerRuntime) Stop(ctx context.Context, inst *Instance, grace time.Dur
 		c.stopping = true
 	}
 	r.mu.Unlock()
-	secs := int(grace.Round(time.Second) / time.Second)
-	if _, err := r.cli.ContainerStop(ctx, inst.ID, client.ContainerStopOptions{Timeout: &secs}); err != nil && !cerrdefs.IsNotFound(err) {
+	secs := int((grace + time.Second - 1) / time.Second) // Docker counts whole seconds; never less than asked
+	_, err := r.cli.ContainerStop(ctx, inst.ID, client.ContainerStopOptions{Timeout: &secs})
+	if err == nil || containerGone(err) {
+		err = r.remove(ctx, inst.ID)
+	}
+	if err != nil && unreachable(err) {
+		// Removed (killed first) as soon as the daemon is back: see watch.
+		r.mu.Lock()
+		r.unremoved[inst.ID] = true
+		r.mu.Unlock()
+	}
+	if err != nil && !containerGone(err) {
 		return r.daemonError("stop container "+inst.ID, err)
 	}
-	return r.remove(ctx, inst.ID)
+	return nil
 }
 
 func (r *DockerRuntime) remove(ctx context.Context, id string) error {
-	if _, err := r.cli.ContainerRemove(ctx, id, client.ContainerRemoveOptions{Force: true}); err != nil && !cerrdefs.IsNotFound(err) {
+	if _, err := r.cli.ContainerRemove(ctx, id, client.ContainerRemoveOptions{Force: true}); err != nil && !containerGone(err) {
 		return r.daemonError("remove container "+id, err)
 	}
 	return nil
@@ -409,18 +471,36 @@ func (r *DockerRuntime) daemonError(what string, err error) error {
 	return fmt.Errorf("docker: %s: %w", what, err)
 }
 
+// containerGone reports whether err says the container does not exist. Docker
+// 20.10 answers an inspect of a container it has just removed with a 500
+// that says so, not a 404.
+func containerGone(err error) bool {
+	return cerrdefs.IsNotFound(err) || err != nil && strings.Contains(err.Error(), "No such container")
+}
+
+// unreachable reports whether err says the daemon could not be reached.
+func unreachable(err error) bool {
+	return errors.Is(err, ErrDockerUnreachable) || client.IsErrConnectionFailed(err)
+}
+
 // watch follows Docker's events for this vgw's containers until ctx ends,
-// reconnecting with backoff when the stream breaks (dockerd restarted),
-// and replaying from the last event seen so that no death is missed.
+// reconnecting with backoff when the stream breaks (dockerd restarted).
+// Each connection replays events from the last one seen, and is followed
+// by a look at every container it tracks: Docker keeps only its last few
+// hundred events, in memory, so a death during a long gap or a daemon
+// restart is found by inspecting.
 func (r *DockerRuntime) watch(ctx context.Context) {
 	defer close(r.done)
 	since := time.Now()
 	backoff := 100 * time.Millisecond
-	for ctx.Err() == nil {
+	for first := true; ctx.Err() == nil; first = false {
 		res := r.cli.Events(ctx, client.EventsListOptions{
 			Since:   fmt.Sprintf("%d.%09d", since.Unix(), since.Nanosecond()),
 			Filters: r.filters().Add("type", string(events.ContainerEventType)).Add("event", string(events.ActionDie), string(events.ActionOOM)),
 		})
+		if !first {
+			go r.reconcile(ctx)
+		}
 		err := r.follow(ctx, res, &since, &backoff)
 		if ctx.Err() != nil {
 			return
@@ -432,6 +512,41 @@ func (r *DockerRuntime) watch(ctx context.Context) {
 			return
 		}
 		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// reconcile reports the exit of every tracked container found stopped or
+// gone, and removes the containers a stop could not.
+func (r *DockerRuntime) reconcile(ctx context.Context) {
+	actx, cancel := context.WithTimeout(ctx, apiTimeout) // ctx itself outlives this look, for the exits it sends
+	defer cancel()
+	r.mu.Lock()
+	ids := make([]string, 0, len(r.live))
+	for id := range r.live {
+		ids = append(ids, id)
+	}
+	var unremoved []string
+	for id := range r.unremoved {
+		unremoved = append(unremoved, id)
+	}
+	r.mu.Unlock()
+	for _, id := range unremoved {
+		if err := r.remove(actx, id); err == nil {
+			r.mu.Lock()
+			delete(r.unremoved, id)
+			r.mu.Unlock()
+		}
+	}
+	for _, id := range ids {
+		res, err := r.cli.ContainerInspect(actx, id, client.ContainerInspectOptions{})
+		switch {
+		case containerGone(err):
+			r.died(ctx, id, -1, false)
+		case err != nil:
+			return // the daemon is away again: the next connection looks again
+		case res.Container.State != nil && !res.Container.State.Running:
+			r.died(ctx, id, res.Container.State.ExitCode, res.Container.State.OOMKilled)
+		}
 	}
 }
 
@@ -455,30 +570,45 @@ func (r *DockerRuntime) follow(ctx context.Context, res client.EventsResult, sin
 }
 
 func (r *DockerRuntime) handle(ctx context.Context, m events.Message) {
-	id := m.Actor.ID
+	switch m.Action {
+	case events.ActionOOM:
+		r.mu.Lock()
+		if c := r.live[m.Actor.ID]; c != nil {
+			c.oom = true
+		}
+		r.mu.Unlock()
+	case events.ActionDie:
+		code, _ := strconv.Atoi(m.Actor.Attributes["exitCode"])
+		r.died(ctx, m.Actor.ID, code, false)
+	}
+}
+
+// died reports a tracked container's exit, once: the event and a look
+// after a reconnect may both find it. The log is read on a goroutine of
+// its own, so that one crash does not hold up the report of the next.
+func (r *DockerRuntime) died(ctx context.Context, id string, code int, oom bool) {
 	r.mu.Lock()
 	c := r.live[id]
-	if c != nil && m.Action == events.ActionOOM {
-		c.oom = true
-	}
-	if c == nil || m.Action != events.ActionDie {
-		r.mu.Unlock()
+	delete(r.live, id)
+	r.mu.Unlock()
+	if c == nil {
 		return
 	}
-	delete(r.live, id) // reported once, even if the event is replayed
-	r.mu.Unlock()
-
-	code, _ := strconv.Atoi(m.Actor.Attributes["exitCode"])
-	e := Exit{ID: id, Model: c.model, Code: code, Reason: exitReason(code, c.oom), Requested: c.stopping}
-	if c.stopping {
-		e.Reason = "stopped"
-	} else {
-		e.LogTail = r.logTail(ctx, id)
+	e := Exit{ID: id, Model: c.model, Code: code, Reason: exitReason(code, c.oom || oom), Requested: c.stopping}
+	if code < 0 {
+		e.Reason = "removed"
 	}
-	select {
-	case r.exits <- e:
-	case <-ctx.Done():
-	}
+	go func() {
+		if c.stopping {
+			e.Reason = "stopped"
+		} else {
+			e.LogTail = r.logTail(ctx, id)
+		}
+		select {
+		case r.exits <- e:
+		case <-ctx.Done():
+		}
+	}()
 }
 
 // exitReason says how a container ended, from its exit code.
@@ -508,4 +638,21 @@ func (r *DockerRuntime) logTail(ctx context.Context, id string) string {
 	tail := newLogTail(50)
 	stdcopy.StdCopy(tail, tail, rc)
 	return tail.String()
+}
+
+// withoutAPIKey takes --api-key and its value out of vLLM's arguments.
+func withoutAPIKey(args []string) (rest []string, key string) {
+	rest = make([]string, 0, len(args))
+	for i := 0; i < len(args); i++ {
+		switch a := args[i]; {
+		case a == "--api-key" && i+1 < len(args):
+			key = args[i+1]
+			i++
+		case strings.HasPrefix(a, "--api-key="):
+			key = strings.TrimPrefix(a, "--api-key=")
+		default:
+			rest = append(rest, a)
+		}
+	}
+	return rest, key
 }

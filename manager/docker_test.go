@@ -205,10 +205,10 @@ func TestDockerCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	before, _ := dm.container(t, "a")
-	killed := time.Now()
 	if _, err := dm.engine.Client.ContainerKill(context.Background(), before.ID, client.ContainerKillOptions{Signal: "SIGKILL"}); err != nil {
 		t.Fatal(err)
 	}
+	killed := time.Now() // Docker answers the kill once the container is dead
 	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("a", EventCrashed); return ok })
 	e, _ := dm.events.find("a", EventCrashed)
 	if took := e.Time.Sub(killed); took > time.Second {
@@ -242,8 +242,8 @@ func TestDockerCrashLog(t *testing.T) {
 	get(t, addr, "crashy") // its first request kills it
 	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("crashy", EventCrashed); return ok })
 	e, _ := dm.events.find("crashy", EventCrashed)
-	if !strings.Contains(e.Detail, "code") {
-		t.Errorf("crash detail %q", e.Detail)
+	if !strings.Contains(e.Detail, "exited, code 1") || !strings.Contains(e.Detail, "engine core died unexpectedly") {
+		t.Errorf("crash detail %q, want the exit and the server's last words", e.Detail)
 	}
 }
 
@@ -280,6 +280,26 @@ func TestDockerAdopt(t *testing.T) {
 		Config: &container.Config{Image: e.Image, Labels: map[string]string{LabelManaged: "true", LabelInstance: instance, LabelModel: "b"}}})
 	if err != nil {
 		t.Fatal(err)
+	}
+
+	// Another vgw's container, and one with no labels: not this vgw's.
+	for _, labels := range []map[string]string{{LabelManaged: "true", LabelInstance: instance + "-other", LabelModel: "a"}, nil} {
+		other, err := e.Client.ContainerCreate(context.Background(), client.ContainerCreateOptions{
+			Config: &container.Config{Image: e.Image, Cmd: []string{"--model", "x"}, Labels: labels}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.Client.ContainerStart(context.Background(), other.ID, client.ContainerStartOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			e.Client.ContainerRemove(context.Background(), other.ID, client.ContainerRemoveOptions{Force: true})
+		})
+		defer func() {
+			if c, err := e.Client.ContainerInspect(context.Background(), other.ID, client.ContainerInspectOptions{}); err != nil || !c.Container.State.Running {
+				t.Errorf("a container not this vgw's (labels %v) was touched: %v", labels, err)
+			}
+		}()
 	}
 
 	// crashy's settings change: its container no longer matches.
@@ -407,7 +427,11 @@ func TestDockerExitLog(t *testing.T) {
 	defer rt.Close()
 	inst, err := rt.Start(context.Background(), Spec{Model: "broken", Args: []string{"--model", "org/broken"}, Env: map[string]string{"FAKEVLLM_FAIL_START": "true"}})
 	if err != nil {
-		t.Fatal(err)
+		// It died before Start could see it run: the error says why.
+		if !strings.Contains(err.Error(), "exited as it started") || !strings.Contains(err.Error(), "memory profiling") {
+			t.Fatalf("Start: %v", err)
+		}
+		return
 	}
 	select {
 	case x := <-rt.Exits():
@@ -476,4 +500,102 @@ func BenchmarkDockerCrashNoticed(b *testing.B) {
 	b.ReportMetric(noticed[len(noticed)/2], "noticed-p50-ms")
 	b.ReportMetric(noticed[len(noticed)*99/100], "noticed-p99-ms")
 	b.ReportMetric(killCall[len(killCall)/2], "kill-call-p50-ms")
+}
+
+// TestDockerReconcile: a death the event stream missed (the daemon
+// restarted, or the gap outlived its memory) is found by the look the
+// runtime takes after reconnecting.
+func TestDockerReconcile(t *testing.T) {
+	e := dockertest.Need(t)
+	rt, err := NewDockerRuntime(DockerOptions{Instance: e.Instance(t), Image: e.Image, Network: e.Network})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	inst, err := rt.Start(context.Background(), Spec{Model: "a", Args: []string{"--model", "org/a"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Remove it behind the runtime's back, and forget its tracking as an
+	// event would have: then restore the tracking, as if the event had
+	// been missed.
+	rt.mu.Lock()
+	c := rt.live[inst.ID]
+	rt.mu.Unlock()
+	if _, err := e.Client.ContainerRemove(context.Background(), inst.ID, client.ContainerRemoveOptions{Force: true}); err != nil {
+		t.Fatal(err)
+	}
+	x := <-rt.Exits() // the die event
+	rt.mu.Lock()
+	rt.live[inst.ID] = c
+	rt.mu.Unlock()
+	rt.reconcile(context.Background())
+	select {
+	case y := <-rt.Exits():
+		if y.ID != inst.ID || y.Reason != "removed" || y.Requested {
+			t.Errorf("exit from the look: %+v (the event's: %+v)", y, x)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the look after reconnecting found nothing")
+	}
+}
+
+// TestCreateOptions: the container's command, env, mounts, devices and
+// labels, for each setting.
+func TestCreateOptions(t *testing.T) {
+	spec := Spec{Model: "m", Args: []string{"--model", "org/m", "--api-key", "sk-x", "--enforce-eager"},
+		Env: map[string]string{"HF_TOKEN": "hf_model", "A": "1"}, GPUs: []GPU{{Index: 1, UUID: "GPU-b"}, {Index: 3, UUID: "GPU-d"}},
+		Signature: "sig", Launch: "launch"}
+	tests := []struct {
+		name  string
+		opt   DockerOptions
+		check func(t *testing.T, o client.ContainerCreateOptions)
+	}{
+		{"defaults", DockerOptions{Instance: "vgw", Image: "vllm", Network: "net", Env: map[string]string{"HF_TOKEN": "hf_vgw", "B": "2"}},
+			func(t *testing.T, o client.ContainerCreateOptions) {
+				if o.Name != "vgw-m" || o.Config.Image != "vllm" {
+					t.Errorf("name %q image %q", o.Name, o.Config.Image)
+				}
+				if got := strings.Join(o.Config.Cmd, " "); got != "--model org/m --enforce-eager --host 0.0.0.0 --port 8000" {
+					t.Errorf("command %q", got)
+				}
+				env := slices.Sorted(slices.Values(o.Config.Env))
+				if want := []string{"A=1", "B=2", "HF_TOKEN=hf_model", "VLLM_API_KEY=sk-x"}; !slices.Equal(env, want) {
+					t.Errorf("env %q, want %q", env, want)
+				}
+				h := o.HostConfig
+				if h.IpcMode != container.IPCModeHost || h.ShmSize != 0 || len(h.DeviceRequests) != 0 {
+					t.Errorf("ipc %q shm %d devices %v", h.IpcMode, h.ShmSize, h.DeviceRequests)
+				}
+				if len(h.Mounts) != 1 || h.Mounts[0].Type != "volume" || h.Mounts[0].Source != "vgw-hf-cache" || h.Mounts[0].Target != "/root/.cache/huggingface" {
+					t.Errorf("mounts %+v", h.Mounts)
+				}
+				l := o.Config.Labels
+				if l[LabelManaged] != "true" || l[LabelInstance] != "vgw" || l[LabelModel] != "m" || l[LabelSignature] != "sig" || l[LabelLaunch] != "launch" || l[LabelGPUs] != "1,3" {
+					t.Errorf("labels %v", l)
+				}
+				if _, ok := o.NetworkingConfig.EndpointsConfig["net"]; !ok {
+					t.Errorf("networks %v", o.NetworkingConfig.EndpointsConfig)
+				}
+			}},
+		{"GPUs, shm, cache dir", DockerOptions{Instance: "vgw", Image: "vllm", Network: "net", GPUDevices: true, ShmSize: 8 << 30, CacheDir: "/srv/hf"},
+			func(t *testing.T, o client.ContainerCreateOptions) {
+				h := o.HostConfig
+				if h.IpcMode != container.IPCModePrivate || h.ShmSize != 8<<30 {
+					t.Errorf("ipc %q shm %d", h.IpcMode, h.ShmSize)
+				}
+				if len(h.DeviceRequests) != 1 || h.DeviceRequests[0].Driver != "nvidia" || !slices.Equal(h.DeviceRequests[0].DeviceIDs, []string{"GPU-b", "GPU-d"}) {
+					t.Errorf("devices %+v", h.DeviceRequests)
+				}
+				if len(h.Mounts) != 1 || h.Mounts[0].Type != "bind" || h.Mounts[0].Source != "/srv/hf" {
+					t.Errorf("mounts %+v", h.Mounts)
+				}
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := &DockerRuntime{opt: tt.opt}
+			tt.check(t, r.createOptions(ContainerName(tt.opt.Instance, spec.Model), spec))
+		})
+	}
 }

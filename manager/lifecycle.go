@@ -65,7 +65,7 @@ func (m *Manager) attributed(md *model, r *gpuReading) map[int]uint64 {
 	found := false
 	if r != nil {
 		for _, p := range r.procs {
-			if slices.Contains(md.inst.PIDs, p.PID) {
+			if slices.Contains(md.serverPIDs(), p.PID) {
 				out[p.GPU] += p.Used
 				found = true
 			}
@@ -181,7 +181,7 @@ func (m *Manager) spec(md *model) Spec {
 		env[k] = v
 	}
 	return Spec{
-		Model: md.name, Args: VLLMArgs(md.name, md.cfg, util), Env: env, GPUs: gpus, PerGPU: md.perGPU, Signature: md.sig,
+		Model: md.name, Args: VLLMArgs(md.name, md.cfg, util), Env: env, GPUs: gpus, PerGPU: md.perGPU, Signature: md.sig, Launch: md.launch,
 		Sim: SimBehaviour{StartupDelay: md.cfg.Sim.StartupDelay.Std(), TokensPerSecond: md.cfg.Sim.TokensPerSecond,
 			FailStart: md.cfg.Sim.FailStart, CrashAfter: md.cfg.Sim.CrashAfter, SlowHealth: md.cfg.Sim.SlowHealth.Std()},
 	}
@@ -265,9 +265,14 @@ func (m *Manager) loadReady(md *model, op *loadOp, took time.Duration, before []
 	md.h.addr.Store(&md.inst.Addr)
 	md.h.lastUsed.Store(time.Now().UnixNano())
 	md.setState(Ready)
-	m.eventTook(md.name, EventReady, fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr), took)
+	if op.adopted {
+		m.event(md.name, EventReady, "adopted "+md.inst.ID+" at "+md.inst.Addr)
+	} else {
+		m.eventTook(md.name, EventReady, fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr), took)
+	}
 	md.answer(nil) // counts the waiters in, so the model is busy, not idle
 	go m.measure(md.name, md.inst, op, before)
+	go m.listPIDs(md, md.inst)
 	m.rereadGPUs() // so that status shows the memory it took
 	m.releaseGPUs(md.name, op.gpus)
 	if op.cancelled {
@@ -352,7 +357,11 @@ func (m *Manager) exited(e Exit) {
 		case Ready:
 			m.log.Error("model crashed", slog.String("model", md.name), slog.Int("code", e.Code),
 				slog.String("reason", e.Reason), slog.String("log_tail", lastLines(e.LogTail, 20)))
-			m.event(md.name, EventCrashed, fmt.Sprintf("%s, code %d", e.Reason, e.Code))
+			detail := fmt.Sprintf("%s, code %d", e.Reason, e.Code)
+			if e.LogTail != "" {
+				detail += "; last log lines: " + lastLines(e.LogTail, 5)
+			}
+			m.event(md.name, EventCrashed, detail)
 			md.inst = nil
 			md.h.addr.Store(nil)
 			md.setState(Stopped)
@@ -520,28 +529,80 @@ func (m *Manager) eventTook(model, kind, detail string, took time.Duration) {
 	m.opts.OnEvent(e)
 }
 
+// adoptTimeout bounds one attempt to list the servers to adopt.
+const adoptTimeout = 30 * time.Second
+
 // adopt takes over the servers a previous vgw left running: those whose
-// model is configured with the same settings become ready; the rest are
-// stopped.
+// model is configured with the same launch settings are kept, and ready
+// once their /health answers (one may still be loading); the rest are
+// stopped. When the runtime cannot list them (Docker is down), it tries
+// again in the background, so that what runs is adopted once it can be.
 func (m *Manager) adopt(ctx context.Context) {
-	insts, err := m.rt.Adopt(ctx)
+	actx, cancel := context.WithTimeout(ctx, adoptTimeout)
+	insts, err := m.rt.Adopt(actx)
+	cancel()
 	if err != nil {
-		m.log.Error("could not list running model servers to adopt", slog.String("error", err.Error()))
+		m.log.Error("could not list running model servers to adopt; trying again", slog.String("error", err.Error()))
+		go m.retryAdopt(ctx)
 		return
 	}
+	m.adoptAll(insts)
+}
+
+// retryAdopt is a worker: it lists the servers to adopt until it can.
+func (m *Manager) retryAdopt(ctx context.Context) {
+	wait := time.Second
+	for {
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return
+		}
+		actx, cancel := context.WithTimeout(ctx, adoptTimeout)
+		insts, err := m.rt.Adopt(actx)
+		cancel()
+		if err == nil {
+			m.do(func() { m.adoptAll(insts); m.schedule() })
+			return
+		}
+		wait = min(2*wait, 30*time.Second)
+	}
+}
+
+// adoptAll adopts or stops each server found running.
+func (m *Manager) adoptAll(insts []*Instance) {
 	for _, inst := range insts {
 		md := m.models[inst.Model]
-		if md == nil || md.sig != inst.Signature || md.inst != nil {
+		if md != nil && md.inst != nil && md.inst.ID == inst.ID {
+			continue // already ours: a start found it running
+		}
+		if md == nil || md.removed || md.launch != inst.Launch || md.inst != nil || md.state() != Stopped || inst.Addr == "" {
 			m.log.Info("stopping a model server that does not match the config", slog.String("model", inst.Model), slog.String("id", inst.ID))
-			go m.rt.Stop(ctx, inst, m.cfg.DrainTimeout.Std())
+			go m.rt.Stop(m.ctx, inst, m.cfg.DrainTimeout.Std())
 			continue
 		}
-		md.inst, md.gpus, md.since = inst, inst.GPUs, time.Now()
+		md.gpus = inst.GPUs
 		md.perGPU, md.source = m.need(md)
-		md.h.addr.Store(&inst.Addr)
-		md.setState(Ready)
-		m.event(md.name, EventReady, "adopted "+inst.ID+" at "+inst.Addr)
+		md.setState(Loading)
+		m.claimGPUs(md.name, md.gpus) // it may still be starting: no neighbour starts meanwhile
+		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.LoadTimeout.Std())
+		op := &loadOp{cancel: cancel, gpus: md.gpus, ops: map[int]int{}, adopted: true}
+		md.loading, md.inst = op, inst
+		go m.resume(ctx, md, op, inst)
 	}
+}
+
+// resume is a worker: it waits for an adopted server's /health as a load
+// does, and stops the server if it never answers.
+func (m *Manager) resume(ctx context.Context, md *model, op *loadOp, inst *Instance) {
+	began := time.Now()
+	err := m.waitHealthy(ctx, inst.Addr, m.cfg.LoadTimeout.Std())
+	if err == nil {
+		m.do(func() { m.loadReady(md, op, time.Since(began), nil) })
+		return
+	}
+	m.rt.Stop(context.Background(), inst, 0)
+	m.do(func() { m.loadFailed(md, op, err) })
 }
 
 // watchGPUs is a worker: it reads GPU memory regularly, and pokes the loop
@@ -658,6 +719,19 @@ func (m *Manager) usage(inst *Instance, before []GPUMemory) (map[int]uint64, str
 	return cur, "delta"
 }
 
+// listPIDs is a worker: it records the processes of a server that just
+// became ready, so that its GPU memory is told from its neighbours'.
+func (m *Manager) listPIDs(md *model, inst *Instance) {
+	ctx, cancel := context.WithTimeout(m.ctx, 10*time.Second)
+	defer cancel()
+	pids, err := m.rt.PIDs(ctx, inst)
+	if err != nil {
+		m.log.Warn("could not list a model server's processes", slog.String("model", md.name), slog.String("error", err.Error()))
+		return
+	}
+	m.do(func() { md.pids = instPIDs{inst, pids} })
+}
+
 // settled reports whether two readings agree within 1%.
 func settled(prev, cur map[int]uint64) bool {
 	if prev == nil || len(prev) != len(cur) {
@@ -681,6 +755,21 @@ func Signature(c *config.Config, m *config.Model) string {
 		Utilization                      float64
 		ExtraArgs                        []string
 	}{c.Runtime.Image, m.Repo, m.Quantization, m.DType, m.MaxModelLen, m.MaxNumSeqs, max(m.TensorParallelSize, 1), m.GPUMemoryUtilization, m.ExtraArgs})
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}
+
+// LaunchSignature identifies everything a model's server is started with
+// that the config decides: its memory settings (Signature), the runtime's
+// network, cache, shared memory and env, the model's env and GPU pins. A
+// server started otherwise is reloaded once idle, and not adopted.
+func LaunchSignature(c *config.Config, m *config.Model) string {
+	b, _ := json.Marshal(struct {
+		Signature, Network, CacheDir string
+		ShmSize                      int64
+		RuntimeEnv, Env              map[string]string
+		GPUs                         []int
+	}{Signature(c, m), c.Runtime.Network, c.Runtime.CacheDir, int64(c.Runtime.ShmSize), c.Runtime.Env, m.Env, m.GPUs})
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:8])
 }

@@ -160,7 +160,9 @@ type model struct {
 	name      string
 	h         *handle
 	cfg       *config.Model
-	sig       string // of the config in force; inst.Signature is what runs
+	sig       string   // of the config in force: the memory settings, for footprints
+	launch    string   // of the config in force; inst.Launch is what runs
+	pids      instPIDs // inst's processes, found once it was ready
 	inst      *Instance
 	gpus      []int
 	perGPU    uint64
@@ -190,10 +192,29 @@ type loadOp struct {
 	cancelled bool  // unloaded while loading: no backoff
 	ops       map[int]int
 	calm      bool // no stop on its GPUs just before it started
+	adopted   bool // a server a previous vgw started, waited for as a load
+}
+
+// instPIDs are an instance's processes as the runtime listed them.
+type instPIDs struct {
+	inst *Instance
+	pids []int
+}
+
+// serverPIDs are the processes of md's server: as listed once it was
+// ready (vLLM's engine and workers included), else the one it started as.
+func (md *model) serverPIDs() []int {
+	if md.inst == nil {
+		return nil
+	}
+	if md.pids.inst == md.inst {
+		return md.pids.pids
+	}
+	return md.inst.PIDs
 }
 
 // stale says md's server runs settings that are no longer configured.
-func (md *model) stale() bool { return md.inst != nil && md.inst.Signature != md.sig }
+func (md *model) stale() bool { return md.inst != nil && md.inst.Launch != md.launch }
 
 func (md *model) state() State { return State(md.h.state.Load()) }
 
@@ -274,7 +295,7 @@ func New(cfg *config.Config, rt Runtime, inv Inventory, opts Options) *Manager {
 }
 
 func (m *Manager) newModel(name string, mc *config.Model) *model {
-	md := &model{name: name, h: &handle{}, cfg: mc, sig: Signature(m.cfg, mc)}
+	md := &model{name: name, h: &handle{}, cfg: mc, sig: Signature(m.cfg, mc), launch: LaunchSignature(m.cfg, mc)}
 	md.h.lastUsed.Store(m.coarse.Load())
 	return md
 }
@@ -606,7 +627,8 @@ func (m *Manager) Update(cfg *config.Config) bool {
 			}
 			md.removed = false
 			md.h.removed.Store(false)
-			md.sig = Signature(cfg, mc) // a server running other settings is stale: see tick
+			md.sig = Signature(cfg, mc)
+			md.launch = LaunchSignature(cfg, mc) // a server running other settings is stale: see tick
 			md.cfg = mc
 			if mc.AlwaysOn && md.state() == Stopped {
 				m.want(md)

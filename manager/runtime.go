@@ -18,10 +18,13 @@ type Spec struct {
 	GPUs []GPU
 	// PerGPU is the memory it may use on each of them.
 	PerGPU uint64
-	// Signature identifies the settings the server was started with; a
-	// runtime labels the server with it, so that an adopted server can be
-	// checked against the config.
+	// Signature identifies the settings that decide the server's memory
+	// (see Signature), under which its footprint is learned.
 	Signature string
+	// Launch identifies everything the server is started with (see
+	// LaunchSignature); a runtime labels the server with it, so that an
+	// adopted server can be checked against the config.
+	Launch string
 	// Sim holds the fake's behaviour, for the sim runtime.
 	Sim SimBehaviour
 }
@@ -43,6 +46,7 @@ type Instance struct {
 	PIDs      []int  // its host process IDs, to attribute GPU memory
 	GPUs      []int
 	Signature string
+	Launch    string
 }
 
 // Exit reports that an instance's server stopped, asked to or not.

@@ -100,7 +100,7 @@ func (r *SimRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
 		gpus[i] = g.Index
 	}
 	r.gpus.Charge(pid, gpus, spec.PerGPU)
-	inst := &Instance{ID: id, Model: spec.Model, Addr: lis.Addr().String(), PIDs: []int{pid}, GPUs: gpus, Signature: spec.Signature}
+	inst := &Instance{ID: id, Model: spec.Model, Addr: lis.Addr().String(), PIDs: []int{pid}, GPUs: gpus, Signature: spec.Signature, Launch: spec.Launch}
 	go r.reap(inst, p)
 	return inst, nil
 }

@@ -70,17 +70,21 @@ func (e *Engine) Instance(t testing.TB) string {
 	return name
 }
 
-// RemoveInstance removes every container of a runtime instance.
+// RemoveInstance removes every container and volume of a runtime
+// instance.
 func (e *Engine) RemoveInstance(instance string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	list, err := e.Client.ContainerList(ctx, client.ContainerListOptions{All: true,
-		Filters: make(client.Filters).Add("label", "vgw.instance="+instance)})
-	if err != nil {
-		return
+	byInstance := make(client.Filters).Add("label", "vgw.instance="+instance)
+	if list, err := e.Client.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: byInstance}); err == nil {
+		for _, c := range list.Items {
+			e.Client.ContainerRemove(ctx, c.ID, client.ContainerRemoveOptions{Force: true})
+		}
 	}
-	for _, c := range list.Items {
-		e.Client.ContainerRemove(ctx, c.ID, client.ContainerRemoveOptions{Force: true})
+	if vols, err := e.Client.VolumeList(ctx, client.VolumeListOptions{Filters: byInstance}); err == nil {
+		for _, v := range vols.Items {
+			e.Client.VolumeRemove(ctx, v.Name, client.VolumeRemoveOptions{Force: true})
+		}
 	}
 }
 
@@ -194,6 +198,15 @@ func (e *Engine) removeLeftovers(ctx context.Context) {
 		for _, img := range imgs.Items {
 			if time.Unix(img.Created, 0).Before(old) {
 				e.Client.ImageRemove(ctx, img.ID, client.ImageRemoveOptions{Force: true, PruneChildren: true})
+			}
+		}
+	}
+	managed := make(client.Filters).Add("label", "vgw.managed=true")
+	if vols, err := e.Client.VolumeList(ctx, client.VolumeListOptions{Filters: managed}); err == nil {
+		for _, v := range vols.Items {
+			created, err := time.Parse(time.RFC3339, v.CreatedAt)
+			if strings.HasPrefix(v.Labels["vgw.instance"], InstancePrefix) && err == nil && created.Before(old) {
+				e.Client.VolumeRemove(ctx, v.Name, client.VolumeRemoveOptions{Force: true})
 			}
 		}
 	}
