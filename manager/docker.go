@@ -215,10 +215,15 @@ func (r *DockerRuntime) Start(ctx context.Context, spec Spec) (*Instance, error)
 		}
 		return fail(r.daemonError("start container "+name, err))
 	}
-	inst, err := r.instance(ctx, id)
+	// Started, it is described whatever becomes of ctx: a caller that
+	// gave up (vgw stopping) leaves a running container for the next vgw,
+	// not a killed one.
+	ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), apiTimeout)
+	defer cancel()
+	inst, err := r.instance(ictx, id)
 	if errors.Is(err, errNotRunning) {
 		// It died as it started: say why while its log is there.
-		return fail(fmt.Errorf("container %s exited as it started; last log lines: %s", name, lastLines(r.logTail(ctx, id), 5)))
+		return fail(fmt.Errorf("container %s exited as it started; last log lines: %s", name, lastLines(r.logTail(ictx, id), 5)))
 	}
 	if err != nil {
 		return fail(err)

@@ -599,3 +599,31 @@ func TestCreateOptions(t *testing.T) {
 		})
 	}
 }
+
+// TestDockerAdoptLoading: a container still loading when vgw restarts is
+// adopted as loading, and routed only once its /health answers.
+func TestDockerAdoptLoading(t *testing.T) {
+	e := dockertest.Need(t)
+	instance := e.Instance(t)
+	edit := func(y string) string {
+		return strings.Replace(y, "FAKEVLLM_STARTUP_DELAY: 100ms", "FAKEVLLM_STARTUP_DELAY: 1500ms", 1)
+	}
+	first := startDockerManager(t, instance, edit)
+	if err := first.Load(context.Background(), "a", false); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a's container runs", func() bool { c, ok := first.container(t, "a"); return ok && c.State.Running })
+	first.stop()
+
+	second := startDockerManager(t, instance, edit)
+	if st := second.status("a"); st.State != Loading {
+		t.Fatalf("a is %v right after the restart, want loading until its /health answers", st.State)
+	}
+	if _, ok := second.Endpoint("a"); ok {
+		t.Error("a is routed before its /health answers")
+	}
+	eventually(t, "a is ready", func() bool { return second.status("a").State == Ready })
+	if ev, ok := second.events.find("a", EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
+		t.Errorf("a's ready event %+v", ev)
+	}
+}

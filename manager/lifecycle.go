@@ -202,6 +202,9 @@ func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec Spec, li
 		m.do(func() { m.loadReady(md, op, time.Since(began), before) })
 		return
 	}
+	if m.ctx.Err() != nil {
+		return // vgw is stopping: the server loads on, for the next vgw to adopt
+	}
 	if inst != nil {
 		m.rt.Stop(context.Background(), inst, 0) // it never served: nothing to drain
 	}
@@ -600,6 +603,9 @@ func (m *Manager) resume(ctx context.Context, md *model, op *loadOp, inst *Insta
 	if err == nil {
 		m.do(func() { m.loadReady(md, op, time.Since(began), nil) })
 		return
+	}
+	if m.ctx.Err() != nil {
+		return // vgw is stopping: as in load
 	}
 	m.rt.Stop(context.Background(), inst, 0)
 	m.do(func() { m.loadFailed(md, op, err) })
