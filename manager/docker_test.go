@@ -123,14 +123,7 @@ func (dm *dockerManager) ensure(t *testing.T, model string) error {
 	return err
 }
 
-func (dm *dockerManager) status(model string) ModelStatus {
-	for _, s := range dm.Status() {
-		if s.Name == model {
-			return s
-		}
-	}
-	return ModelStatus{}
-}
+func (dm *dockerManager) status(model string) ModelStatus { return statusOf(dm.Manager, model) }
 
 // TestDockerColdStart: a request for a model starts its container, which
 // is labelled, configured as vLLM's would be, and answers at the endpoint

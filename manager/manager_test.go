@@ -120,14 +120,7 @@ func startManager(t testing.TB, yaml string) *testManager {
 	return tm
 }
 
-func (tm *testManager) status(name string) ModelStatus {
-	for _, s := range tm.Status() {
-		if s.Name == name {
-			return s
-		}
-	}
-	return ModelStatus{}
-}
+func (tm *testManager) status(name string) ModelStatus { return statusOf(tm.Manager, name) }
 
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -482,6 +475,7 @@ func startManagerWith(t testing.TB, yaml string, inv func(*DeclaredGPUs) Invento
 	return m
 }
 
+// statusOf is one model's status.
 func statusOf(m *Manager, name string) ModelStatus {
 	for _, s := range m.Status() {
 		if s.Name == name {
