@@ -310,7 +310,7 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	}
 	// A request (carrying a client's key, which must go nowhere) now shows
 	// up as a DEBUG decision in the log, and in ListDecisions.
-	res, err := envoy.env.Do(ctx, extproctest.Request{
+	res, err := envoy.ExtProc.Do(ctx, extproctest.Request{
 		Headers: []extproctest.Header{{Key: "authorization", Value: "Bearer " + clientToken}},
 		Body:    []byte(`{"model":"llama","messages":[],"max_tokens":2}`),
 	})
@@ -373,7 +373,7 @@ func TestAdminWithGrpcurl(t *testing.T) {
 
 	// The Envoy rejects the next endpoints; the unload that follows makes
 	// one, and the NACK is an event and in the status.
-	envoy.ads.Reject(resource.EndpointType, "endpoint rejected for the test")
+	envoy.ADS.Reject(resource.EndpointType, "endpoint rejected for the test")
 	var unloaded adminv1.UnloadModelResponse
 	g.call("UnloadModel", `{"model":"qwen"}`, &unloaded)
 	if s := unloaded.GetModel().GetState(); s != "draining" && s != "stopped" {

@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
-	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -14,15 +12,12 @@ import (
 
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/moby/moby/client"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/vgw-project/vgw/config"
-	"github.com/vgw-project/vgw/envoy"
+	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/dockertest"
-	"github.com/vgw-project/vgw/xds/xdstest"
 )
 
 // stack is a whole vgw (startApp, as vgw serve runs it) on loopback
@@ -59,71 +54,16 @@ func startStack(t testing.TB, yaml string) *stack {
 	return s
 }
 
-// fakeEnvoy plays Envoy in two parts: an ext_proc client that follows
-// envoy/envoy.yaml, and an ADS client under the same node id whose
-// endpoints are where the ext_proc client's requests go, as Envoy's router
-// would send them.
-type fakeEnvoy struct {
-	env *extproctest.Envoy
-	ads *xdstest.Client
-}
+// fakeEnvoy is an Envoy in front of vgw, as envoy/envoy.yaml sets one up.
+type fakeEnvoy struct{ *envoytest.Envoy }
 
-// newFakeEnvoy connects an Envoy to vgw's ext_proc and xDS addresses and
-// waits for its first xDS config.
 func newFakeEnvoy(t testing.TB, extprocAddr, xdsAddr string) *fakeEnvoy {
-	t.Helper()
-	b, err := envoy.Load("../../envoy/envoy.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	epc, _ := envoy.ExtProc(b)
-	filter := extproctest.FilterFrom(epc)
-	dial := func(addr string) *grpc.ClientConn {
-		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		return conn
-	}
-	e := &fakeEnvoy{}
-	e.ads, err = xdstest.Dial(context.Background(), dial(xdsAddr), b.GetNode().GetId())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.ads.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := e.ads.Wait(ctx, func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" }); err != nil {
-		t.Fatalf("the Envoy never got its first xDS config: %v", err)
-	}
-	e.env = extproctest.New(dial(extprocAddr), filter, e.upstream)
-	return e
-}
-
-// upstream is Envoy's router: the request goes to an endpoint of its
-// cluster as xDS told the Envoy, or fails as "no healthy upstream".
-func (e *fakeEnvoy) upstream(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
-	if e.ads.Cluster(f.Cluster) == nil {
-		return &extproctest.Response{Status: 503, Body: []byte("cluster not found")}, nil // NC
-	}
-	eps := e.ads.Endpoints(f.Cluster)
-	if len(eps) == 0 {
-		return nil, io.ErrUnexpectedEOF // UH
-	}
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+eps[0]+"/v1/chat/completions", bytes.NewReader(f.Body))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	return &extproctest.Response{Status: resp.StatusCode, Body: body}, nil
+	return &fakeEnvoy{envoytest.Start(t, "../../envoy/envoy.yaml", extprocAddr, xdsAddr)}
 }
 
 func (s *fakeEnvoy) ask(t testing.TB, model string) *extproctest.Result {
 	t.Helper()
-	res, err := s.env.Do(context.Background(), extproctest.Request{Body: []byte(`{"model":"` + model + `","messages":[],"max_tokens":2}`)})
+	res, err := s.ExtProc.Do(context.Background(), extproctest.Request{Body: []byte(`{"model":"` + model + `","messages":[],"max_tokens":2}`)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,7 +135,7 @@ func TestDistinctAnswers(t *testing.T) {
 // waits.
 func TestReleasedOnlyAfterACK(t *testing.T) {
 	s := startStack(t, stackConfig)
-	s.ads.Reject(resource.EndpointType, "not yet")
+	s.ADS.Reject(resource.EndpointType, "not yet")
 	done := make(chan *extproctest.Result, 1)
 	go func() { done <- s.ask(t, "llama") }()
 	eventually(t, "llama's server is ready", func() bool { _, ok := s.mgr.Endpoint("llama"); return ok })
@@ -239,7 +179,7 @@ models:
 	if r.Status != 200 || !strings.Contains(string(r.Body), `"model":"llama"`) {
 		t.Fatalf("llama: %d %s", r.Status, r.Body)
 	}
-	eps := s.ads.Endpoints("model/llama")
+	eps := s.ADS.Endpoints("model/llama")
 	c, err := e.Client.ContainerInspect(context.Background(), manager.ContainerName(s.app.currentConfig().Runtime.Instance, "llama"), client.ContainerInspectOptions{})
 	if err != nil {
 		t.Fatal(err)

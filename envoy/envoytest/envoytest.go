@@ -1,0 +1,98 @@
+// Package envoytest plays a whole Envoy in front of vgw for tests: the
+// ext_proc client of extproc/extproctest, following the filter of a
+// bootstrap file, and the ADS client of xds/xdstest under the bootstrap's
+// node id, with a router between them that sends each request to an
+// endpoint of the cluster ext_proc chose, as xDS told this Envoy.
+package envoytest
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/vgw-project/vgw/envoy"
+	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/xds/xdstest"
+)
+
+// Envoy is an Envoy-role client of one vgw.
+type Envoy struct {
+	ExtProc *extproctest.Envoy
+	ADS     *xdstest.Client
+}
+
+// Start connects an Envoy configured by the bootstrap file to vgw's
+// ext_proc and xDS addresses, and waits for its first xDS config. It is
+// closed when the test ends.
+func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string) *Envoy {
+	t.Helper()
+	b, err := envoy.Load(bootstrap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	epc, err := envoy.ExtProc(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := func(addr string) *grpc.ClientConn {
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return conn
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := &Envoy{}
+	if e.ADS, err = xdstest.Dial(ctx, dial(xdsAddr), b.GetNode().GetId()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.ADS.Close)
+	if err := e.ADS.Wait(ctx, func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" }); err != nil {
+		t.Fatalf("the Envoy never got its first xDS config: %v", err)
+	}
+	e.ExtProc = extproctest.New(dial(extprocAddr), extproctest.FilterFrom(epc), e.route)
+	return e
+}
+
+// route is Envoy's router: the request goes to an endpoint of its cluster
+// as xDS told this Envoy, or fails as Envoy's would.
+func (e *Envoy) route(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
+	if e.ADS.Cluster(f.Cluster) == nil {
+		return &extproctest.Response{Status: http.StatusServiceUnavailable, Body: []byte("cluster not found")}, nil // NC
+	}
+	eps := e.ADS.Endpoints(f.Cluster)
+	if len(eps) == 0 {
+		return nil, io.ErrUnexpectedEOF // UH: no healthy upstream
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+eps[0]+"/v1/chat/completions", bytes.NewReader(f.Body))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("read %s's answer: %w", eps[0], err)
+	}
+	return &extproctest.Response{Status: resp.StatusCode, Body: body}, nil
+}
+
+// Ask sends a chat request for model, as a client would to Envoy.
+func (e *Envoy) Ask(ctx context.Context, model string, stream bool) (*extproctest.Result, error) {
+	body := fmt.Sprintf(`{"model":%q,"messages":[{"role":"user","content":"hi"}],"max_tokens":4,"stream":%t}`, model, stream)
+	return e.ExtProc.Do(ctx, extproctest.Request{Body: []byte(body)})
+}
