@@ -50,13 +50,14 @@ func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string) *Envoy {
 		t.Cleanup(func() { conn.Close() })
 		return conn
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
 	e := &Envoy{}
-	if e.ADS, err = xdstest.Dial(ctx, dial(xdsAddr), b.GetNode().GetId()); err != nil {
+	// The ADS stream lasts as long as the test: not bound to the wait below.
+	if e.ADS, err = xdstest.Dial(context.Background(), dial(xdsAddr), b.GetNode().GetId()); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.ADS.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	if err := e.ADS.Wait(ctx, func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" }); err != nil {
 		t.Fatalf("the Envoy never got its first xDS config: %v", err)
 	}
