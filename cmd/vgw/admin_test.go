@@ -458,6 +458,10 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	if err := protojson.Unmarshal(body, &page); code != 200 || err != nil || page.GetConfig().GetLogLevel() != "debug" || len(page.GetModels()) != 3 {
 		t.Errorf("/status: %d %v %s", code, err, body)
 	}
+	var hout, herr bytes.Buffer
+	if code := run(ctx, []string{"health", "--url", base + "/readyz"}, &hout, &herr); code != 0 || !strings.Contains(hout.String(), "ready") {
+		t.Errorf("vgw health: exit %d: %s %s", code, hout.String(), herr.String())
+	}
 	for _, p := range []string{"/healthz", "/readyz"} {
 		if code, _ := get(p, ""); code != 200 {
 			t.Errorf("%s: %d", p, code)

@@ -6,6 +6,7 @@
 //	vgw validate --config FILE     check a config; errors as file:line: message
 //	vgw envoy-check FILE...        check Envoy bootstraps as Envoy would
 //	vgw fakevllm --model NAME      a vLLM stand-in for running without a GPU
+//	vgw health                     exit 0 when a vgw here is ready (for container health checks)
 package main
 
 import (
@@ -29,6 +30,7 @@ Usage:
   vgw envoy-check [--config FILE] ENVOY.yaml...
                                       check Envoy bootstraps, optionally against a vgw config
   vgw fakevllm --model NAME [flags]   a vLLM stand-in (see vgw fakevllm -h)
+  vgw health [--url URL]              exit 0 if vgw answers ready (default http://127.0.0.1:9091/readyz)
   vgw version                         print the version
 `
 
@@ -60,6 +62,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = envoyCheck(args[1:], stdout, stderr)
 	case "fakevllm":
 		return fakevllm.Main(args[1:], stdout, stderr)
+	case "health":
+		err = healthCheck(ctx, args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "vgw", version)
 	case "help", "-h", "--help":

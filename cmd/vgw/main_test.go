@@ -59,6 +59,7 @@ func TestValidate(t *testing.T) {
 		{args: []string{"envoy-check"}, code: 2},
 		{args: []string{"frobnicate"}, code: 2, stderr: "unknown command"},
 		{args: []string{"version"}, code: 0, stdout: "vgw dev"},
+		{args: []string{"health", "--url", "http://127.0.0.1:1/readyz", "--timeout", "1s"}, code: 1, stderr: "health:"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
