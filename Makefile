@@ -2,6 +2,8 @@
 GO        ?= go
 BIN       ?= bin
 CONFIG    ?= examples/sim.yaml
+# docker compose v2, or the standalone docker-compose.
+COMPOSE   ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 # Tools the checks need, pinned; `make tools` installs them.
 STATICCHECK_VERSION ?= v0.8.2
 BUF_VERSION         ?= v1.75.0
@@ -12,24 +14,61 @@ FUZZTIME  ?= 20s
 # go-nvml's header marks old NVML calls deprecated; vgw calls none of them.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: help build test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-docker bench-load bench-rss fuzz run tools clean
+.PHONY: help build image up down logs sim-up sim-down compose-check e2e e2e-envoy test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-docker bench-load bench-rss fuzz run tools clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 build: ## build bin/vgw and bin/vgwload
 	$(GO) build -o $(BIN)/vgw ./cmd/vgw
 	$(GO) build -o $(BIN)/vgwload ./cmd/vgwload
+
+image: ## build the vgw:local and vgw-fakevllm:local images (needs the Go base image)
+	docker build -t vgw:local .
+	docker build -t vgw-fakevllm:local -f Dockerfile.fakevllm .
+
+up: ## start Envoy and vgw on this GPU server (docker-compose.yaml)
+	$(COMPOSE) up -d --build
+
+# vgw leaves its model containers running when it stops, for the next vgw
+# to adopt (docker compose restart vgw keeps models loaded); down removes
+# them too, once vgw has stopped, so that nothing holds the GPUs.
+down: ## stop Envoy, vgw and the model containers vgw started
+	$(COMPOSE) stop vgw
+	docker rm -f $$(docker ps -aq --filter label=vgw.managed=true --filter label=vgw.instance=vgw) 2>/dev/null || true
+	$(COMPOSE) down
+
+logs: ## follow vgw's and Envoy's logs
+	$(COMPOSE) logs -f --tail=100
+
+sim-up: image ## the same stack with no GPU: fake vLLM containers (docker-compose.sim.yaml)
+	$(COMPOSE) -f docker-compose.sim.yaml up -d --no-build
+
+sim-down: ## stop the sim stack and its model containers
+	$(COMPOSE) -f docker-compose.sim.yaml stop vgw
+	docker rm -f $$(docker ps -aq --filter label=vgw.managed=true --filter label=vgw.instance=vgw-sim) 2>/dev/null || true
+	$(COMPOSE) -f docker-compose.sim.yaml down -v
+
+compose-check: ## the compose files are valid for the compose tool here
+	$(COMPOSE) -f docker-compose.yaml config -q
+	$(COMPOSE) -f docker-compose.sim.yaml config -q
+
+e2e: ## the deployment end to end on the real Docker engine (also part of make test)
+	$(GO) test -count=1 -v ./e2e/
+
+e2e-envoy: ## the end-to-end scenarios through a real Envoy, where one exists (else says it skipped)
+	bash deploy/e2e-envoy.sh
 
 test: ## run every test under the race detector (the fuzz corpora run as tests)
 	$(GO) test -race -count=1 ./...
 	$(GO) run ./cmd/vgw validate --config $(CONFIG)
 	$(GO) run ./cmd/vgw envoy-check --config $(CONFIG) envoy/*.yaml
 
-lint: ## go vet, staticcheck and gofmt
+lint: ## go vet, staticcheck, gofmt and shellcheck
 	$(GO) vet ./...
 	$(GOBIN)/staticcheck ./...
 	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
+	@if command -v shellcheck >/dev/null; then shellcheck deploy/*.sh; else echo "shellcheck not installed: deploy/*.sh not checked"; fi
 
 fmt: ## format the code
 	gofmt -w .
