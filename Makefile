@@ -59,10 +59,10 @@ e2e: ## the deployment end to end on the real Docker engine (also part of make t
 e2e-envoy: ## the end-to-end scenarios through a real Envoy, where one exists (else says it skipped)
 	bash deploy/e2e-envoy.sh
 
-test: ## run every test under the race detector (the fuzz corpora run as tests)
+test: ## run every test under the race detector (the fuzz corpora run as tests), then check every shipped config
 	$(GO) test -race -count=1 ./...
-	$(GO) run ./cmd/vgw validate --config $(CONFIG)
-	$(GO) run ./cmd/vgw envoy-check --config $(CONFIG) envoy/*.yaml
+	$(GO) build -o $(BIN)/vgw ./cmd/vgw
+	for c in examples/*.yaml deploy/*.yaml; do $(BIN)/vgw validate --config $$c && $(BIN)/vgw envoy-check --config $$c envoy/*.yaml || exit 1; done
 
 lint: ## go vet, staticcheck, gofmt and shellcheck
 	$(GO) vet ./...
