@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"strconv"
+	"strings"
 	"unicode/utf8"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -104,16 +105,29 @@ func setHeader(key string, value []byte) *corev3.HeaderValueOption {
 	return &corev3.HeaderValueOption{Header: &corev3.HeaderValue{Key: key, RawValue: value}}
 }
 
-// printable returns s cut to at most n bytes of valid UTF-8, for echoing a
-// client's value in an error message.
+// printable returns s cut to at most n bytes, as valid UTF-8, for echoing
+// a client's value in an error message and keeping it in the decision
+// log. Envoy passes header bytes 0x80-0xFF through (its header validation
+// refuses only NUL, CR and LF), and a string that is not UTF-8 could be
+// neither marshalled into the admin API's protobuf nor logged faithfully,
+// so each run of invalid bytes becomes U+FFFD.
 func printable(s []byte, n int) string {
 	if len(s) > n {
 		s = s[:n]
-		for len(s) > 0 && !utf8.Valid(s) {
-			s = s[:len(s)-1]
+		// Drop a rune the cut split in two.
+		for i := 1; i < utf8.UTFMax && i <= len(s); i++ {
+			if utf8.RuneStart(s[len(s)-i]) {
+				if !utf8.FullRune(s[len(s)-i:]) {
+					s = s[:len(s)-i]
+				}
+				break
+			}
 		}
 	}
-	return string(s)
+	if utf8.Valid(s) {
+		return string(s)
+	}
+	return strings.ToValidUTF8(string(s), string(utf8.RuneError))
 }
 
 func badRequest(msg, code string) *rejection {
@@ -154,17 +168,19 @@ func timedOut(model string, r Reason) *rejection {
 		reason:  r, outcome: OutcomeTimedOut}
 }
 
-func unavailable(model string, err error, retryAfter int, r Reason) *rejection {
+// unavailable answers a model that cannot serve; why is the cause, shown
+// to the client (already redacted: it may quote a model server's log).
+func unavailable(model, why string, retryAfter int, r Reason) *rejection {
 	msg := "Model '" + model + "' is unavailable"
-	if err != nil {
-		msg += ": " + err.Error()
+	if why != "" {
+		msg += ": " + why
 	}
 	return &rejection{status: 503, errType: "server_error", code: "model_unavailable", message: msg,
 		retryAfter: retryAfter, reason: r, outcome: OutcomeRejected}
 }
 
 func draining(model string) *rejection {
-	return unavailable(model, errDraining, retryAfterOf(nil), ReasonDraining)
+	return unavailable(model, errDraining.Error(), retryAfterOf(nil), ReasonDraining)
 }
 
 var errDraining = errors.New("vgw is draining for maintenance or shutdown")

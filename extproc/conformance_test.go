@@ -387,6 +387,17 @@ func TestModelLoad(t *testing.T) {
 		}
 		h.idle(t, "llama")
 	})
+	t.Run("fails, told without the log and with secrets masked", func(t *testing.T) {
+		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}},
+			extproc.WithRedactor(strings.NewReplacer("sk-planted", "[redacted]").Replace))
+		load := h.mgr.startLoading("llama")
+		load <- &logTailError{public: "server exited (--api-key sk-planted)", tail: "CUDA out of memory"}
+		res := do(t, h, context.Background(), req("l", chat("llama")))
+		if res.Status != 503 || !strings.Contains(string(res.Body), `"message":"Model 'llama' is unavailable: server exited (--api-key [redacted])"`) {
+			t.Errorf("got %d %q", res.Status, res.Body)
+		}
+		h.idle(t, "llama")
+	})
 	t.Run("times out", func(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithLoadTimeout(200*time.Millisecond))
 		h.mgr.startLoading("llama")
@@ -512,3 +523,10 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// logTailError is a load failure that, like the manager's, carries a log
+// tail for operators and a shorter public cause.
+type logTailError struct{ public, tail string }
+
+func (e *logTailError) Error() string  { return e.public + "; last log lines: " + e.tail }
+func (e *logTailError) Public() string { return e.public }

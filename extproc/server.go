@@ -99,6 +99,7 @@ type Server struct {
 	unknown  counts // decisions for requests that named no configured model
 
 	waited func(model string, d time.Duration) // see WithWaitObserver
+	redact func(string) string                 // see WithRedactor
 }
 
 // modelTable is an immutable snapshot of the configured models, swapped
@@ -220,6 +221,11 @@ func WithWaitObserver(f func(model string, d time.Duration)) Option {
 	return func(s *Server) { s.waited = f }
 }
 
+// WithRedactor has f mask secrets in text vgw passes on to clients but did
+// not write itself: a failed load's cause quotes the model server's log,
+// which may repeat a token from its command line or environment.
+func WithRedactor(f func(string) string) Option { return func(s *Server) { s.redact = f } }
+
 // WithLoadTimeout bounds how long a request waits for its model to load.
 func WithLoadTimeout(d time.Duration) Option { return func(s *Server) { s.loadTimeout = d } }
 
@@ -248,6 +254,9 @@ func New(models []Model, mgr Manager, opts ...Option) *Server {
 	}
 	for _, o := range opts {
 		o(s)
+	}
+	if s.redact == nil {
+		s.redact = func(s string) string { return s }
 	}
 	if s.decisions == nil {
 		s.decisions = NewDecisionLog(4096)

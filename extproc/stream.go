@@ -362,8 +362,19 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 	case errors.Is(err, ErrModelNotFound):
 		return true, st.reject(&m.name, unknownModel(m.name), m.gate.depth(), start)
 	default:
-		return true, st.reject(&m.name, unavailable(m.name, err, retryAfterOf(err), ReasonLoadFailed), m.gate.depth(), start)
+		return true, st.reject(&m.name, unavailable(m.name, s.redact(publicCause(err)), retryAfterOf(err), ReasonLoadFailed), m.gate.depth(), start)
 	}
+}
+
+// publicCause is what a client is told of a failed load: the error's
+// Public text where it offers one (a manager error that also carries the
+// model server's log tail, for operators), else the whole error.
+func publicCause(err error) string {
+	var p interface{ Public() string }
+	if errors.As(err, &p) {
+		return p.Public()
+	}
+	return err.Error()
 }
 
 // DefaultRetryAfter is the Retry-After of a 503 whose error gives none.

@@ -64,6 +64,13 @@ func (e *LoadError) Error() string {
 	return msg
 }
 
+// Public is the cause without the log tail, for a client of the model:
+// the server's log is the operator's to read (status, events, vgw's log),
+// not every API caller's.
+func (e *LoadError) Public() string {
+	return fmt.Sprintf("model %s failed to load: %v", e.Model, e.Err)
+}
+
 func (e *LoadError) Unwrap() error { return e.Err }
 
 // RetryAfter is when the next load of the model may be tried.

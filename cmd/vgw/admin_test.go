@@ -277,6 +277,13 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	if e := events.await("load_failed", "broken"); !strings.Contains(e.GetDetail(), "--api-key "+secrets.Mask) {
 		t.Errorf("load_failed event: %v", e)
 	}
+	// A client that asks for it is told that it failed, but not the
+	// server's log: that is for operators.
+	refused := envoy.ask(t, "broken")
+	if refused.Status != 503 || !strings.Contains(string(refused.Body), "broken failed to load: its server exited") ||
+		strings.Contains(string(refused.Body), "memory profiling") {
+		t.Errorf("a request for broken: %d %s", refused.Status, refused.Body)
+	}
 
 	var loaded adminv1.LoadModelResponse
 	g.call("LoadModel", `{"model":"llama","wait":true}`, &loaded)
@@ -477,7 +484,9 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	if !strings.Contains(logText, "--api-key "+secrets.Mask) {
 		t.Error("the log does not show broken's failure, masked")
 	}
-	for where, text := range map[string]string{"grpcurl's output": seen, "the log": logText, "/status": string(body), "/metrics": string(metricsText)} {
+	g.call("ListDecisions", `{"model":"broken"}`, &ds)
+	for where, text := range map[string]string{"grpcurl's output": seen, "the log": logText, "/status": string(body),
+		"/metrics": string(metricsText), "the answer to a client": string(refused.Body), "ListDecisions": protojson.Format(&ds)} {
 		for _, secret := range []string{hfToken, adminToken, clientToken, apiKey} {
 			if strings.Contains(text, secret) {
 				t.Errorf("%s shows a secret (%.6s…)", where, secret)

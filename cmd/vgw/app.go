@@ -128,6 +128,7 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		extproc.WithLoadTimeout(cfg.LoadTimeout.Std()),
 		extproc.WithMessageTimeouts(cfg.Envoy.MessageTimeout.Std(), cfg.Envoy.MaxMessageTimeout.Std()),
 		extproc.WithWaitObserver(func(model string, d time.Duration) { waits(model, d) }),
+		extproc.WithRedactor(a.redactor.Redact),
 	)
 	svc := admin.NewService(admin.Deps{
 		Manager: mgr, Admission: a.ep, Envoys: a.xds, Level: o.level,

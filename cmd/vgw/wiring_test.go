@@ -112,7 +112,7 @@ func TestColdModelThroughTheStack(t *testing.T) {
 }
 
 // TestDistinctAnswers: an unknown model is 404, a model that fails to
-// load is 503 with its reason, one that cannot fit is 503 with where the
+// load is 503 with how it failed (its log is for operators), one that cannot fit is 503 with where the
 // memory is, both with Retry-After.
 func TestDistinctAnswers(t *testing.T) {
 	s := startStack(t, stackConfig)
@@ -120,7 +120,8 @@ func TestDistinctAnswers(t *testing.T) {
 		t.Fatalf("unknown: %d", r.Status)
 	}
 	r := s.ask(t, "broken")
-	if r.Status != 503 || r.Get("retry-after") == "" || !strings.Contains(string(r.Body), "memory profiling") {
+	if r.Status != 503 || r.Get("retry-after") == "" || !strings.Contains(string(r.Body), "its server exited (exited, code 1)") ||
+		strings.Contains(string(r.Body), "memory profiling") {
 		t.Fatalf("broken: %d retry-after %q body %q", r.Status, r.Get("retry-after"), r.Body)
 	}
 	r = s.ask(t, "huge")
