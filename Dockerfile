@@ -5,6 +5,9 @@
 # given GPUs), so the runtime image needs glibc: distroless/base has it,
 # and nothing else (no shell; `vgw health` is the health check).
 ARG GO_IMAGE=golang:1.26.8-bookworm
+# distroless publishes no versioned tags: pin by digest for a release
+# (docker buildx imagetools inspect gcr.io/distroless/base-debian12 shows
+# it), e.g. --build-arg RUNTIME_IMAGE=gcr.io/distroless/base-debian12@sha256:…
 ARG RUNTIME_IMAGE=gcr.io/distroless/base-debian12:latest
 
 FROM ${GO_IMAGE} AS build

@@ -41,17 +41,22 @@ down: ## stop Envoy, vgw and the model containers vgw started
 logs: ## follow vgw's and Envoy's logs
 	$(COMPOSE) logs -f --tail=100
 
-sim-up: image ## the same stack with no GPU: fake vLLM containers (docker-compose.sim.yaml)
-	$(COMPOSE) -f docker-compose.sim.yaml up -d --no-build
+# The sim stack is its own compose project, so that on a GPU server it
+# never replaces the real stack's containers or touches its volumes.
+SIM       = $(COMPOSE) -p vgw-sim -f docker-compose.sim.yaml
 
-sim-down: ## stop the sim stack and its model containers
-	$(COMPOSE) -f docker-compose.sim.yaml stop vgw
+sim-up: image ## the same stack with no GPU: fake vLLM containers (docker-compose.sim.yaml)
+	$(SIM) up -d --no-build
+
+sim-down: ## stop the sim stack, its model containers and their cache volume
+	$(SIM) stop vgw
 	docker rm -f $$(docker ps -aq --filter label=vgw.managed=true --filter label=vgw.instance=vgw-sim) 2>/dev/null || true
-	$(COMPOSE) -f docker-compose.sim.yaml down -v
+	$(SIM) down -v
+	docker volume rm vgw-sim-hf-cache 2>/dev/null || true
 
 compose-check: ## the compose files are valid for the compose tool here
 	$(COMPOSE) -f docker-compose.yaml config -q
-	$(COMPOSE) -f docker-compose.sim.yaml config -q
+	$(SIM) config -q
 
 e2e: ## the deployment end to end on the real Docker engine (also part of make test)
 	$(GO) test -count=1 -v ./e2e/

@@ -69,7 +69,7 @@ func TestComposeSim(t *testing.T) {
 	s.project = strings.ReplaceAll(s.network, "-", "")
 	image := buildVGWImage(t, e)
 	dir := t.TempDir()
-	cfg := filepath.Join(dir, "vgw.yaml")
+	cfg := filepath.Join(dir, "sim.yaml") // the file docker-compose.sim.yaml's vgw reads
 	// Registered first, so it runs last: once the model containers are
 	// gone, the network can go.
 	t.Cleanup(func() { s.compose(compose, "down", "-v", "--remove-orphans") })
@@ -77,7 +77,7 @@ func TestComposeSim(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(e2eConfig, e.Image, s.network, s.instance)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	s.env = append(os.Environ(), "VGW_IMAGE="+image, "VGW_CONFIG="+cfg, "VGW_NETWORK="+s.network,
+	s.env = append(os.Environ(), "VGW_IMAGE="+image, "VGW_CONFIG_DIR="+dir, "VGW_NETWORK="+s.network,
 		"VGW_ADMIN_BIND=127.0.0.1:", "VGW_HTTP_BIND=127.0.0.1:")
 	if out, err := s.compose(compose, "up", "-d", "--no-build", "vgw"); err != nil {
 		t.Fatalf("compose up: %v\n%s", err, out)
