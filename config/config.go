@@ -142,6 +142,7 @@ type Sim struct {
 	TokensPerSecond float64  `yaml:"tokens_per_second"`
 	FailStart       bool     `yaml:"fail_start"`
 	CrashAfter      int      `yaml:"crash_after"`
+	CrashMidStream  int      `yaml:"crash_mid_stream"`
 	SlowHealth      Duration `yaml:"slow_health"`
 }
 

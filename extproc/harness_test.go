@@ -156,6 +156,7 @@ func start(t testing.TB, models []extproc.Model, opts ...extproc.Option) *harnes
 type upstreams struct {
 	mu      sync.Mutex
 	held    map[string]chan *held // by request id header
+	stalled map[string]bool       // never answer these; see stall
 	arrived chan *extproctest.Forwarded
 }
 
@@ -165,7 +166,15 @@ type held struct {
 }
 
 func newUpstreams() *upstreams {
-	return &upstreams{held: map[string]chan *held{}, arrived: make(chan *extproctest.Forwarded, 10000)}
+	return &upstreams{held: map[string]chan *held{}, stalled: map[string]bool{}, arrived: make(chan *extproctest.Forwarded, 10000)}
+}
+
+// stall makes the request whose x-request-id is id get no response
+// headers until the client goes away.
+func (u *upstreams) stall(id string) {
+	u.mu.Lock()
+	u.stalled[id] = true
+	u.mu.Unlock()
 }
 
 // hold makes the request whose x-request-id is id stream its response:
@@ -183,7 +192,12 @@ func (u *upstreams) serve(ctx context.Context, f *extproctest.Forwarded) (*extpr
 	u.arrived <- f
 	u.mu.Lock()
 	ch, ok := u.held[f.Get("x-request-id")]
+	stalled := u.stalled[f.Get("x-request-id")]
 	u.mu.Unlock()
+	if stalled {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 	if !ok {
 		return &extproctest.Response{Status: 200, Headers: []extproctest.Header{{Key: "content-type", Value: "application/json"}},
 			Body: []byte(`{"choices":[]}`)}, nil

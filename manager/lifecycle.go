@@ -183,7 +183,7 @@ func (m *Manager) spec(md *model) Spec {
 	return Spec{
 		Model: md.name, Args: VLLMArgs(md.name, md.cfg, util), Env: env, GPUs: gpus, PerGPU: md.perGPU, Signature: md.sig, Launch: md.launch,
 		Sim: SimBehaviour{StartupDelay: md.cfg.Sim.StartupDelay.Std(), TokensPerSecond: md.cfg.Sim.TokensPerSecond,
-			FailStart: md.cfg.Sim.FailStart, CrashAfter: md.cfg.Sim.CrashAfter, SlowHealth: md.cfg.Sim.SlowHealth.Std()},
+			FailStart: md.cfg.Sim.FailStart, CrashAfter: md.cfg.Sim.CrashAfter, CrashMidStream: md.cfg.Sim.CrashMidStream, SlowHealth: md.cfg.Sim.SlowHealth.Std()},
 	}
 }
 

@@ -35,6 +35,7 @@ type SimBehaviour struct {
 	TokensPerSecond float64
 	FailStart       bool
 	CrashAfter      int
+	CrashMidStream  int
 	SlowHealth      time.Duration
 }
 

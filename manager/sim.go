@@ -69,6 +69,7 @@ func (r *SimRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
 		"--startup-delay", b.StartupDelay.String(),
 		"--tokens-per-second", strconv.FormatFloat(b.TokensPerSecond, 'f', -1, 64),
 		"--crash-after", strconv.Itoa(b.CrashAfter),
+		"--crash-mid-stream", strconv.Itoa(b.CrashMidStream),
 		"--slow-health", b.SlowHealth.String())
 	if b.FailStart {
 		args = append(args, "--fail-start")

@@ -86,10 +86,17 @@ func (e *Envoy) route(ctx context.Context, f *extproctest.Forwarded) (*extprocte
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
+	out := &extproctest.Response{Status: resp.StatusCode, Body: body,
+		Headers: []extproctest.Header{{Key: "content-type", Value: resp.Header.Get("Content-Type")}}}
 	if err != nil {
-		return nil, fmt.Errorf("read %s's answer: %w", eps[0], err)
+		// The server went away mid-body (a crash): the client has had the
+		// headers and part of the body; Envoy resets the stream.
+		ended := make(chan []byte)
+		close(ended)
+		readErr := fmt.Errorf("read %s's answer: %w", eps[0], err)
+		out.Stream, out.StreamErr = ended, func() error { return readErr }
 	}
-	return &extproctest.Response{Status: resp.StatusCode, Body: body}, nil
+	return out, nil
 }
 
 // Ask sends a chat request for model, as a client would to Envoy.

@@ -80,6 +80,11 @@ type Request struct {
 	Body    []byte
 	// Chunked sends the body without a content-length header.
 	Chunked bool
+	// ResetAfter names a message ("request_headers", "request_body",
+	// "response_headers", "response_body"): once Envoy has sent it, the
+	// client goes away before the processor answers, and Envoy resets the
+	// ext_proc stream (ext_proc.cc onDestroy).
+	ResetAfter string
 }
 
 // Header is one HTTP header.
@@ -102,8 +107,14 @@ type Response struct {
 	Body    []byte
 	// Stream, when set, delivers the body in chunks after Body, as a
 	// streamed (SSE) response does; closing it ends the response.
-	Stream   <-chan []byte
-	Trailers []Header
+	Stream <-chan []byte
+	// StreamErr, read once Stream is closed, says why it closed: nil for
+	// the end of the response, else the upstream reset mid-body. Envoy
+	// then resets the downstream stream and destroys the filter chain,
+	// which closes the ext_proc stream (router.cc onUpstreamReset after
+	// response headers: "upstream_reset_after_response_started").
+	StreamErr func() error
+	Trailers  []Header
 }
 
 // Upstream stands for the clusters Envoy routes to. An error is a failed
@@ -125,6 +136,9 @@ type Result struct {
 	Overrides []time.Duration
 	// ClientReset says the client went away before the response ended.
 	ClientReset bool
+	// UpstreamReset says the upstream failed mid-body: the client got the
+	// status and part of the body, then a reset, as from Envoy.
+	UpstreamReset bool
 	// Bypassed says the server ended the stream with OK and Envoy went on
 	// without it (ext_proc.cc onGrpcClose).
 	Bypassed bool
@@ -164,6 +178,7 @@ const (
 	DetailBodyTooLarge   = "request_payload_too_large" // filter_manager.cc buffer overflow
 	DetailNoCluster      = "cluster_not_found"         // router.cc, flag NC
 	DetailNoUpstream     = "no_healthy_upstream"       // router.cc, flag UH
+	DetailUpstreamReset  = "upstream_reset_after_response_started"
 )
 
 // exchange is one request's ext_proc stream.
@@ -178,8 +193,9 @@ type exchange struct {
 	closed  bool
 	// bypass: the server ended the stream with OK; Envoy carries on
 	// without ext_proc for the rest of the request.
-	bypass    bool
-	sentFirst bool
+	bypass     bool
+	sentFirst  bool
+	resetAfter string // see Request.ResetAfter
 }
 
 type reply struct {
@@ -201,7 +217,7 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	if err != nil {
 		return e.failClosed(res, DetailGrpcError), nil
 	}
-	x := &exchange{e: e, stream: stream, ctx: sctx, cancel: cancel, replies: make(chan reply, 4),
+	x := &exchange{e: e, stream: stream, ctx: sctx, cancel: cancel, replies: make(chan reply, 4), resetAfter: req.ResetAfter,
 		mode: proto.Clone(e.filter.Mode).(*filterv3.ProcessingMode), res: res}
 	go x.receive()
 	defer x.close() // onDestroy
@@ -338,6 +354,10 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 			select {
 			case c, ok := <-up.Stream:
 				if !ok {
+					if up.StreamErr != nil && up.StreamErr() != nil {
+						res.UpstreamReset, res.Details = true, DetailUpstreamReset
+						return res, nil // the deferred close is onDestroy
+					}
 					break stream
 				}
 				if bodyMode == filterv3.ProcessingMode_STREAMED {
@@ -452,6 +472,11 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 		return nil, x.fail(DetailGrpcError)
 	}
 	x.res.Sent = append(x.res.Sent, want.String())
+	if x.resetAfter == want.String() {
+		x.cancel() // a reset, not a half-close
+		x.res.ClientReset = true
+		return nil, true
+	}
 	f := x.e.filter
 	timer := time.NewTimer(f.MessageTimeout)
 	defer timer.Stop()

@@ -36,11 +36,16 @@ type Options struct {
 	FailStart bool
 	// CrashAfter makes the server die when its Nth request starts (0: never).
 	CrashAfter int
+	// CrashMidStream makes the server die in the middle of its Nth
+	// response (0: never): a streamed one after its headers and half its
+	// tokens, as when vLLM's engine dies while generating.
+	CrashMidStream int
 	// SlowHealth delays every /health answer.
 	SlowHealth time.Duration
 	// Log receives the server's log lines; nil discards them.
 	Log *slog.Logger
-	// Exit is called when the server must die (FailStart, CrashAfter); the
+	// Exit is called when the server must die (FailStart, CrashAfter,
+	// CrashMidStream); the
 	// command exits the process, tests observe.
 	Exit func(code int)
 }
@@ -177,10 +182,9 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 		vllmError(w, http.StatusNotFound, "NotFoundError", "The model `"+req.Model+"` does not exist.")
 		return
 	}
-	if n := s.started.Add(1); s.opt.CrashAfter > 0 && n >= int64(s.opt.CrashAfter) {
-		s.opt.Log.Error("engine core died unexpectedly", "requests", n)
-		s.die(1)
-		panic(http.ErrAbortHandler) // cut this connection, as a dead process would
+	n := s.started.Add(1)
+	if s.opt.CrashAfter > 0 && n >= int64(s.opt.CrashAfter) {
+		s.crash(n)
 	}
 	if s.seqs != nil {
 		s.waiting.Add(1)
@@ -200,10 +204,17 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 	if req.MaxTokens != nil && *req.MaxTokens > 0 {
 		tokens = *req.MaxTokens
 	}
-	g := &generation{s: s, chat: chat, id: "cmpl-" + strconv.FormatInt(time.Now().UnixNano(), 36), tokens: tokens}
+	g := &generation{s: s, chat: chat, id: "cmpl-" + strconv.FormatInt(time.Now().UnixNano(), 36), tokens: tokens, crashAt: -1}
+	if s.opt.CrashMidStream > 0 && n == int64(s.opt.CrashMidStream) {
+		g.crashAt = tokens / 2
+	}
 	if req.Stream {
 		g.stream(w, r, req.StreamOptions != nil && req.StreamOptions.IncludeUsage)
 		return
+	}
+	if g.crashAt >= 0 {
+		g.wait(r.Context(), g.crashAt)
+		s.crash(n)
 	}
 	if !g.wait(r.Context(), tokens) {
 		return
@@ -211,12 +222,20 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 	writeJSON(w, http.StatusOK, g.final())
 }
 
+// crash kills the server while it serves its nth request.
+func (s *Server) crash(n int64) {
+	s.opt.Log.Error("engine core died unexpectedly", "requests", n)
+	s.die(1)
+	panic(http.ErrAbortHandler) // cut this connection, as a dead process would
+}
+
 // generation is one request's output: the word "token", tokens times.
 type generation struct {
-	s      *Server
-	chat   bool
-	id     string
-	tokens int
+	s       *Server
+	chat    bool
+	id      string
+	tokens  int
+	crashAt int // the token before which the server dies; -1: never
 }
 
 // wait spends the time n tokens take at the configured rate.
@@ -295,6 +314,9 @@ func (g *generation) stream(w http.ResponseWriter, r *http.Request, includeUsage
 		return c
 	}
 	for i := range g.tokens {
+		if i == g.crashAt {
+			g.s.crash(g.s.started.Load())
+		}
 		if !g.wait(r.Context(), 1) {
 			return
 		}

@@ -41,6 +41,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&opt.MaxNumSeqs, "max-num-seqs", 0, "requests generating at once; more wait (0: no cap)")
 	fs.BoolVar(&opt.FailStart, "fail-start", false, "exit with an error after the startup delay instead of becoming ready")
 	fs.IntVar(&opt.CrashAfter, "crash-after", 0, "die when the Nth request starts (0: never)")
+	fs.IntVar(&opt.CrashMidStream, "crash-mid-stream", 0, "die halfway through the Nth response (0: never)")
 	fs.DurationVar(&opt.SlowHealth, "slow-health", 0, "delay every /health answer")
 	// vLLM's flags that vgw sets and the fake has no use for.
 	for _, name := range []string{"gpu-memory-utilization", "tensor-parallel-size", "max-model-len", "quantization", "dtype", "api-key"} {
