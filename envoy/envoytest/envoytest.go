@@ -27,6 +27,10 @@ import (
 type Envoy struct {
 	ExtProc *extproctest.Envoy
 	ADS     *xdstest.Client
+	// BeforeUpstream, when set before requests are sent, runs as each
+	// request leaves for its endpoint; a test holds requests in flight
+	// by blocking in it. An error fails the request as a connect failure.
+	BeforeUpstream func(ctx context.Context, f *extproctest.Forwarded) error
 }
 
 // Start connects an Envoy configured by the bootstrap file to vgw's
@@ -74,6 +78,11 @@ func (e *Envoy) route(ctx context.Context, f *extproctest.Forwarded) (*extprocte
 	eps := e.ADS.Endpoints(f.Cluster)
 	if len(eps) == 0 {
 		return nil, io.ErrUnexpectedEOF // UH: no healthy upstream
+	}
+	if e.BeforeUpstream != nil {
+		if err := e.BeforeUpstream(ctx, f); err != nil {
+			return nil, err
+		}
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+eps[0]+"/v1/chat/completions", bytes.NewReader(f.Body))
 	if err != nil {
