@@ -357,13 +357,20 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 	case st.ctx.Err() != nil:
 		st.abandoned(start)
 		return true, nil // Envoy reset the stream: nobody is listening
-	case errors.Is(err, context.DeadlineExceeded):
+	case errors.Is(err, context.DeadlineExceeded) || timedOutErr(err):
 		return true, st.reject(&m.name, timedOut(m.name, ReasonLoadTimeout), m.gate.depth(), start)
 	case errors.Is(err, ErrModelNotFound):
 		return true, st.reject(&m.name, unknownModel(m.name), m.gate.depth(), start)
 	default:
 		return true, st.reject(&m.name, unavailable(m.name, s.redact(publicCause(err)), retryAfterOf(err), ReasonLoadFailed), m.gate.depth(), start)
 	}
+}
+
+// timedOutErr reports whether a manager error says the load ran out of
+// time (its own load_timeout, which may end just before this request's).
+func timedOutErr(err error) bool {
+	var t interface{ Timeout() bool }
+	return errors.As(err, &t) && t.Timeout()
 }
 
 // publicCause is what a client is told of a failed load: the error's

@@ -233,7 +233,7 @@ func (m *Manager) waitHealthy(ctx context.Context, addr string, limit time.Durat
 		case <-ctx.Done():
 			t.Stop()
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("not healthy within load_timeout %v", limit)
+				return fmt.Errorf("%w %v", ErrLoadTimeout, limit)
 			}
 			return ctx.Err()
 		}

@@ -46,6 +46,9 @@ func (s State) String() string {
 var (
 	ErrUnknownModel = errors.New("model is not configured")
 	ErrClosed       = errors.New("the GPU manager has stopped")
+	// ErrLoadTimeout: the model's server was not healthy within its
+	// load_timeout.
+	ErrLoadTimeout = errors.New("not healthy within load_timeout")
 )
 
 // LoadError says why a model failed to load and when it is tried again.
@@ -54,6 +57,10 @@ type LoadError struct {
 	Err     error
 	LogTail string
 	Retry   time.Duration
+	// Earlier says the failure is an earlier load's, repeated to a request
+	// that arrived while the model backs off: that request waited for
+	// nothing.
+	Earlier bool
 }
 
 func (e *LoadError) Error() string {
@@ -72,6 +79,10 @@ func (e *LoadError) Public() string {
 }
 
 func (e *LoadError) Unwrap() error { return e.Err }
+
+// Timeout reports whether the load failed by running out of time, which
+// its waiters are told as a 504, not a 503.
+func (e *LoadError) Timeout() bool { return !e.Earlier && errors.Is(e.Err, ErrLoadTimeout) }
 
 // RetryAfter is when the next load of the model may be tried.
 func (e *LoadError) RetryAfter() time.Duration { return e.Retry }
@@ -495,7 +506,7 @@ func (m *Manager) ensure(name string, w *waiter) {
 	case Stopped:
 		if now := time.Now(); now.Before(md.retryAt) && md.lastLoad != nil {
 			again := *md.lastLoad
-			again.Retry = md.retryAt.Sub(now)
+			again.Retry, again.Earlier = md.retryAt.Sub(now), true
 			w.answer(md.h, &again)
 			return
 		}

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync"
 	"testing"
 	"time"
 
@@ -26,11 +27,19 @@ import (
 // Envoy is an Envoy-role client of one vgw.
 type Envoy struct {
 	ExtProc *extproctest.Envoy
-	ADS     *xdstest.Client
+	// ADS is the xDS stream; ReconnectADS replaces it. Read it from the
+	// test's goroutine only.
+	ADS *xdstest.Client
 	// BeforeUpstream, when set before requests are sent, runs as each
 	// request leaves for its endpoint; a test holds requests in flight
 	// by blocking in it. An error fails the request as a connect failure.
 	BeforeUpstream func(ctx context.Context, f *extproctest.Forwarded) error
+
+	t    testing.TB
+	node string
+	xds  *grpc.ClientConn
+	mu   sync.Mutex // guards ads, which the router reads
+	ads  *xdstest.Client
 }
 
 // Start connects an Envoy configured by the bootstrap file to vgw's
@@ -54,28 +63,46 @@ func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string) *Envoy {
 		t.Cleanup(func() { conn.Close() })
 		return conn
 	}
-	e := &Envoy{}
-	// The ADS stream lasts as long as the test: not bound to the wait below.
-	if e.ADS, err = xdstest.Dial(context.Background(), dial(xdsAddr), b.GetNode().GetId()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.ADS.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := e.ADS.Wait(ctx, func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" }); err != nil {
-		t.Fatalf("the Envoy never got its first xDS config: %v", err)
-	}
+	e := &Envoy{t: t, node: b.GetNode().GetId(), xds: dial(xdsAddr)}
+	e.ReconnectADS()
 	e.ExtProc = extproctest.New(dial(extprocAddr), extproctest.FilterFrom(epc), e.route)
 	return e
+}
+
+// ReconnectADS drops the xDS stream, if there is one, and opens a new one
+// under the same node id, as Envoy does when its xDS connection breaks,
+// and waits for the new stream's first config.
+func (e *Envoy) ReconnectADS() {
+	e.t.Helper()
+	if e.ADS != nil {
+		e.ADS.Close()
+	}
+	// The ADS stream lasts as long as the test: not bound to the wait below.
+	c, err := xdstest.Dial(context.Background(), e.xds, e.node)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(c.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.Wait(ctx, func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" }); err != nil {
+		e.t.Fatalf("the Envoy never got its first xDS config: %v", err)
+	}
+	e.mu.Lock()
+	e.ADS, e.ads = c, c
+	e.mu.Unlock()
 }
 
 // route is Envoy's router: the request goes to an endpoint of its cluster
 // as xDS told this Envoy, or fails as Envoy's would.
 func (e *Envoy) route(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
-	if e.ADS.Cluster(f.Cluster) == nil {
+	e.mu.Lock()
+	ads := e.ads
+	e.mu.Unlock()
+	if ads.Cluster(f.Cluster) == nil {
 		return &extproctest.Response{Status: http.StatusServiceUnavailable, Body: []byte("cluster not found")}, nil // NC
 	}
-	eps := e.ADS.Endpoints(f.Cluster)
+	eps := ads.Endpoints(f.Cluster)
 	if len(eps) == 0 {
 		return nil, io.ErrUnexpectedEOF // UH: no healthy upstream
 	}

@@ -1,0 +1,193 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+
+	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/manager"
+)
+
+// Faults injected into a whole vgw (startApp, sim runtime) with Envoy's
+// role played in front of it. Each ends with every count back to zero.
+
+// TestBackendCrashesMidStream: the model's server dies halfway through a
+// streamed response. The client has the headers and part of the stream,
+// then a reset (no hang, no made-up ending); the slot is given back; the
+// crash is noticed and the next request starts the model again.
+func TestBackendCrashesMidStream(t *testing.T) {
+	s := startStack(t, `
+runtime: {kind: sim}
+load_timeout: 5s
+min_resident: 0s
+gpus: [{name: sim0, memory: 80GiB}]
+models:
+  a: {vram: 20GiB, sim: {crash_mid_stream: 2, tokens_per_second: 1000}}
+`)
+	ctx := context.Background()
+	first, err := s.Ask(ctx, "a", true)
+	if err != nil || first.Status != 200 || !bytes.Contains(first.Body, []byte("[DONE]")) {
+		t.Fatalf("first: %v %+v", err, first)
+	}
+	crashed := s.mgr.Status()[0].Instance
+	res, err := s.Ask(ctx, "a", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.UpstreamReset || res.Status != 200 || !bytes.Contains(res.Body, []byte("data: ")) || bytes.Contains(res.Body, []byte("[DONE]")) {
+		t.Fatalf("the crashing stream: reset %v, %d %q", res.UpstreamReset, res.Status, res.Body)
+	}
+	s.settled(t, 10*time.Second)
+	eventually(t, "the crash is noticed", func() bool { return s.mgr.Status()[0].State != manager.Ready })
+	again, err := s.Ask(ctx, "a", true)
+	if err != nil || again.Status != 200 || !bytes.Contains(again.Body, []byte("[DONE]")) {
+		t.Fatalf("after the crash: %v %+v", err, again)
+	}
+	if st := s.mgr.Status()[0]; st.Instance == crashed || s.loads("a") != 2 {
+		t.Errorf("instance %s (crashed: %s), %d loads; want a new one, loaded twice", st.Instance, crashed, s.loads("a"))
+	}
+	s.settled(t, 10*time.Second)
+}
+
+// TestBackendNeverHealthy: everyone waiting for a model whose server never
+// becomes healthy gets 504 at the load deadline, not later; while the
+// failed load backs off, requests get 503 with Retry-After at once; a
+// server that exits as it starts gives its waiters 503.
+func TestBackendNeverHealthy(t *testing.T) {
+	const loadTimeout = time.Second
+	s := startStack(t, `
+runtime: {kind: sim}
+load_timeout: 1s
+gpus: [{name: sim0, memory: 80GiB}]
+models:
+  slow: {vram: 20GiB, sim: {startup_delay: 1h}}
+  broken: {vram: 20GiB, sim: {fail_start: true, startup_delay: 200ms}}
+`)
+	type answer struct {
+		status int
+		code   string
+		took   time.Duration
+	}
+	askMany := func(model string, n int) []answer {
+		out := make([]answer, n)
+		var wg sync.WaitGroup
+		for i := range out {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				start := time.Now()
+				res, err := s.Ask(context.Background(), model, false)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				out[i] = answer{res.Status, errorCode(res), time.Since(start)}
+			}()
+		}
+		wg.Wait()
+		return out
+	}
+	for _, a := range askMany("slow", 20) {
+		// The deadline, plus what a loaded machine needs to say so.
+		if a.status != 504 || a.code != "load_timeout" || a.took < loadTimeout || a.took > loadTimeout+2*time.Second {
+			t.Errorf("waiting for slow: %d %s after %v; want 504 load_timeout at about %v", a.status, a.code, a.took, loadTimeout)
+		}
+	}
+	eventually(t, "the manager has given up on slow", func() bool {
+		for _, m := range s.mgr.Status() {
+			if m.Name == "slow" {
+				return !m.RetryAt.IsZero()
+			}
+		}
+		return false
+	})
+	start := time.Now()
+	res, err := s.Ask(context.Background(), "slow", false)
+	if err != nil || res.Status != 503 || res.Get("retry-after") == "" || time.Since(start) > loadTimeout/2 {
+		t.Errorf("during the backoff: %v %d %s after %v, want 503 with Retry-After at once", err, res.Status, res.Body, time.Since(start))
+	}
+	for _, a := range askMany("broken", 10) {
+		if a.status != 503 || a.code != "model_unavailable" || a.took > loadTimeout+2*time.Second {
+			t.Errorf("waiting for broken: %d %s after %v; want 503 model_unavailable", a.status, a.code, a.took)
+		}
+	}
+	s.settled(t, 10*time.Second)
+}
+
+// errorCode is the OpenAI error code of an answer, or "".
+func errorCode(r *extproctest.Result) string {
+	const key = `"code":"`
+	i := bytes.Index(r.Body, []byte(key))
+	if i < 0 {
+		return ""
+	}
+	rest := r.Body[i+len(key):]
+	return string(rest[:max(0, bytes.IndexByte(rest, '"'))])
+}
+
+// TestXDSStreamDropsWhileWaiting: a request waits for its model's load and
+// then for its Envoy to acknowledge the endpoint, which the Envoy keeps
+// rejecting; its xDS stream then breaks and reconnects, and the new
+// stream's ACK releases the request.
+func TestXDSStreamDropsWhileWaiting(t *testing.T) {
+	s := startStack(t, `
+runtime: {kind: sim}
+load_timeout: 10s
+gpus: [{name: sim0, memory: 80GiB}]
+models:
+  a: {vram: 20GiB, sim: {startup_delay: 100ms}}
+`)
+	s.ADS.Reject(resource.EndpointType, "not yet")
+	done := make(chan *extproctest.Result, 1)
+	go func() { done <- s.ask(t, "a") }()
+	eventually(t, "a's server is ready", func() bool { _, ok := s.mgr.Endpoint("a"); return ok })
+	eventually(t, "the Envoy has rejected the version with a's endpoint", func() bool { _, n := s.app.xds.Status(); return len(n) == 1 })
+	select {
+	case r := <-done:
+		t.Fatalf("answered before the Envoy had the endpoint: %d %q", r.Status, r.Body)
+	case <-time.After(300 * time.Millisecond):
+	}
+	s.ReconnectADS()
+	select {
+	case r := <-done:
+		if r.Status != 200 || !bytes.Contains(r.Body, []byte("token")) {
+			t.Fatalf("got %d %q, want a's answer", r.Status, r.Body)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request was not released by the new stream's ACK")
+	}
+	s.settled(t, 10*time.Second)
+}
+
+// TestClientLeavesWhileWaitingForACK: the client goes away while its
+// request waits for the Envoy's ACK; nothing is left counted.
+func TestClientLeavesWhileWaitingForACK(t *testing.T) {
+	s := startStack(t, `
+runtime: {kind: sim}
+load_timeout: 10s
+gpus: [{name: sim0, memory: 80GiB}]
+models:
+  a: {vram: 20GiB}
+`)
+	s.ADS.Reject(resource.EndpointType, "not yet")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan *extproctest.Result, 1)
+	go func() {
+		res, err := s.Ask(ctx, "a", false)
+		if err != nil {
+			t.Error(err)
+		}
+		done <- res
+	}()
+	eventually(t, "the Envoy has rejected the version with a's endpoint", func() bool { _, n := s.app.xds.Status(); return len(n) == 1 })
+	cancel()
+	if r := <-done; r == nil || !r.ClientReset {
+		t.Fatalf("got %+v, want the client gone", r)
+	}
+	s.settled(t, 10*time.Second)
+}
