@@ -46,6 +46,7 @@ models:
   a: {repo: org/a, vram: 50GiB, env: {FAKEVLLM_STARTUP_DELAY: 200ms}}
   b: {repo: org/b, vram: 50GiB}
   small: {repo: org/small, vram: 10GiB, max_concurrent: 1, max_queue: 1, env: {FAKEVLLM_TOKENS_PER_SECOND: "5"}}
+  c: {repo: org/c, vram: 10GiB, env: {FAKEVLLM_STARTUP_DELAY: 3s}}
 `
 
 // stack is the compose project under test.
@@ -162,6 +163,51 @@ func TestComposeSim(t *testing.T) {
 	}
 	if logs := s.logs(compose); strings.Count(logs, `"msg":"model ready"`) < 2 || !strings.Contains(logs, "adopted") {
 		t.Errorf("no adoption in the log:\n%s", logs)
+	}
+
+	// vgw is killed (SIGKILL: no shutdown at all) while c is loading, and
+	// started again: b and small are adopted, c's container is adopted
+	// still loading and becomes ready, nothing is started twice and no
+	// labelled container is left untracked.
+	loading, stopAsking := context.WithCancel(ctx)
+	defer stopAsking()
+	go env.Ask(loading, "c", false) // fails when vgw dies; only the load matters
+	eventually(t, "c's container is starting", func() bool { return s.containerOf("c") != "" })
+	cID := s.containerOf("c")
+	if _, err := e.Client.ContainerKill(ctx, vgwID, client.ContainerKillOptions{Signal: "KILL"}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "vgw is dead", func() bool {
+		c, err := e.Client.ContainerInspect(ctx, vgwID, client.ContainerInspectOptions{})
+		return err == nil && !c.Container.State.Running
+	})
+	stopAsking()
+	if _, err := e.Client.ContainerStart(ctx, vgwID, client.ContainerStartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	addr = s.waitHealthy(vgwID)
+	env = envoytest.Start(t, "../envoy/envoy.yaml", addr+":9002", addr+":18000")
+	for _, m := range []string{"c", "b", "small"} {
+		if code, _ := ask(env, m, false); code != 200 {
+			t.Errorf("%s after vgw was killed: %d\n%s", m, code, s.logs(compose))
+		}
+	}
+	for m, id := range map[string]string{"b": bID, "small": smallID, "c": cID} {
+		if now := s.containerOf(m); now != id {
+			t.Errorf("%s runs in %s after vgw was killed, was %s: started twice", m, now, id)
+		}
+	}
+	all, err := e.Client.ContainerList(ctx, client.ContainerListOptions{All: true,
+		Filters: make(client.Filters).Add("label", "vgw.instance="+s.instance)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(all.Items) != 3 {
+		var names []string
+		for _, c := range all.Items {
+			names = append(names, c.Labels["vgw.model"]+":"+string(c.State))
+		}
+		t.Errorf("labelled containers after vgw was killed: %v; want b, small and c, once each", names)
 	}
 }
 
