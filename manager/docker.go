@@ -239,7 +239,9 @@ var errNotRunning = errors.New("not running")
 // the same GPUs (a previous vgw's, not adopted because Docker was down when
 // this one started: starting nothing twice); any other of this vgw's (one
 // that crashed and was kept for its logs, or runs other settings) is
-// removed. Anyone else's is left alone, and the start fails.
+// removed. So is one whose stop could not reach the daemon: that stop was
+// asked for, and the removal queued for the reconnect would otherwise kill
+// it under the new load. Anyone else's is left alone, and the start fails.
 func (r *DockerRuntime) clearName(ctx context.Context, name string, spec Spec) (*Instance, error) {
 	res, err := r.cli.ContainerInspect(ctx, name, client.ContainerInspectOptions{})
 	switch {
@@ -252,7 +254,10 @@ func (r *DockerRuntime) clearName(ctx context.Context, name string, spec Spec) (
 	}
 	c := res.Container
 	labels := c.Config.Labels
-	if c.State != nil && c.State.Running && labels[LabelLaunch] == spec.Launch && labels[LabelGPUs] == gpuList(spec.GPUs) {
+	r.mu.Lock()
+	queued := r.unremoved[c.ID]
+	r.mu.Unlock()
+	if !queued && c.State != nil && c.State.Running && labels[LabelLaunch] == spec.Launch && labels[LabelGPUs] == gpuList(spec.GPUs) {
 		r.mu.Lock()
 		r.live[c.ID] = &dockerContainer{model: spec.Model}
 		r.mu.Unlock()
@@ -267,6 +272,9 @@ func (r *DockerRuntime) clearName(ctx context.Context, name string, spec Spec) (
 	if _, err := r.cli.ContainerRemove(ctx, c.ID, client.ContainerRemoveOptions{Force: true}); err != nil && !containerGone(err) {
 		return nil, r.daemonError("remove container "+name, err)
 	}
+	r.mu.Lock()
+	delete(r.unremoved, c.ID)
+	r.mu.Unlock()
 	return nil, nil
 }
 

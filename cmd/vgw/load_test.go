@@ -23,6 +23,10 @@ import (
 // soak); without it they run reduced, fast enough for CI under -race.
 var soak = flag.Bool("soak", false, "run the load tests at full scale (make soak)")
 
+// waveFlag overrides how many requests arrive at once, unplaced, to find
+// what a burst the machine takes (RELIABILITY.md).
+var waveFlag = flag.Int("wave", 0, "requests arriving at once in the load tests (0: the default)")
+
 // scale picks the CI or the soak figure.
 func scale(ci, full int) int {
 	if *soak {
@@ -192,6 +196,9 @@ func TestLoad(t *testing.T) {
 	// Requests arriving at once, unplaced; under -race the machine takes fewer
 	// within the message timeout.
 	wave := scale(32, 256)
+	if *waveFlag > 0 {
+		wave = *waveFlag
+	}
 	t.Run("queued on one model", func(t *testing.T) {
 		queued := scale(2000, 10000)
 		s := startStack(t, fmt.Sprintf(`

@@ -70,17 +70,8 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	switch {
-	case opts.adminToken == "" && !isLoopback(a.adminAddr):
-		log.Warn("the admin service listens beyond loopback with no token: anyone who reaches it can load, unload and drain models; see --admin-token-file",
-			slog.String("admin", a.adminAddr.String()))
-	case opts.adminToken != "" && opts.adminTLS == nil && !isLoopback(a.adminAddr):
-		log.Warn("the admin token crosses the network in clear text: the admin service listens beyond loopback without TLS; see --admin-tls-cert",
-			slog.String("admin", a.adminAddr.String()))
-	}
-	if opts.adminToken != "" && !isLoopback(a.httpAddr) {
-		log.Warn("the HTTP pages (plain HTTP) listen beyond loopback: the token /status needs crosses the network in clear text",
-			slog.String("http", a.httpAddr.String()))
+	for _, w := range exposureWarnings(a.adminAddr, a.httpAddr, opts.adminToken != "", opts.adminTLS != nil) {
+		log.Warn(w.msg, w.addr)
 	}
 	log.Info("vgw serving", slog.String("config", cfg.Path), slog.String("extproc", a.extprocAddr.String()), slog.String("xds", a.xdsAddr.String()),
 		slog.String("admin", a.adminAddr.String()), slog.String("http", a.httpAddr.String()), slog.Bool("admin_token", opts.adminToken != ""), slog.Bool("admin_tls", opts.adminTLS != nil),
@@ -164,6 +155,36 @@ func newHandler(format string, w io.Writer, level slog.Leveler, r *secrets.Redac
 		return slog.NewTextHandler(w, opts)
 	}
 	return slog.NewJSONHandler(w, opts)
+}
+
+// exposureWarning is one way the admin listeners are open to the network.
+type exposureWarning struct {
+	msg  string
+	addr slog.Attr // the listener it is about
+}
+
+// exposureWarnings decides what serve warns of, given the addresses the
+// admin gRPC service and the HTTP pages are bound to, whether a token is
+// set, and whether the admin service has TLS: an admin service beyond
+// loopback with no token (anyone who reaches it can act), or with a token
+// but no TLS (the token crosses the network in clear text), and HTTP
+// pages beyond loopback when a token is set (they are plain HTTP). It
+// only decides, so that it can be tested; serve logs.
+func exposureWarnings(adminAddr, httpAddr net.Addr, token, adminTLS bool) []exposureWarning {
+	var out []exposureWarning
+	switch {
+	case !token && !isLoopback(adminAddr):
+		out = append(out, exposureWarning{"the admin service listens beyond loopback with no token: anyone who reaches it can load, unload and drain models; see --admin-token-file",
+			slog.String("admin", adminAddr.String())})
+	case token && !adminTLS && !isLoopback(adminAddr):
+		out = append(out, exposureWarning{"the admin token crosses the network in clear text: the admin service listens beyond loopback without TLS; see --admin-tls-cert",
+			slog.String("admin", adminAddr.String())})
+	}
+	if token && !isLoopback(httpAddr) {
+		out = append(out, exposureWarning{"the HTTP pages (plain HTTP) listen beyond loopback: the token /status needs crosses the network in clear text",
+			slog.String("http", httpAddr.String())})
+	}
+	return out
 }
 
 // isLoopback reports whether addr is a loopback address.
