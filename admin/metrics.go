@@ -27,6 +27,10 @@ type Metrics struct {
 	queueWait *prometheus.HistogramVec
 	loadTime  *prometheus.HistogramVec
 	lifecycle *prometheus.CounterVec
+
+	reloadOK   prometheus.Gauge
+	reloadTime prometheus.Gauge
+	reloads    *prometheus.CounterVec
 }
 
 // NewMetrics registers vgw's metrics, and Go's and the process's, in a
@@ -49,10 +53,41 @@ func NewMetrics(svc *Service) *Metrics {
 			Name: "vgw_model_events_total",
 			Help: "Model lifecycle events by kind: " + strings.Join(manager.EventKinds, ", ") + ".",
 		}, []string{"model", "kind"}),
+		// Named as Prometheus names its own, so the same alert fits:
+		// vgw_config_last_reload_successful == 0.
+		reloadOK: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "vgw_config_last_reload_successful",
+			Help: "1 if the last reload of the config file was applied, 0 if it was refused (the running config stays; vgw's log and the config_refused event say why).",
+		}),
+		reloadTime: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "vgw_config_last_reload_success_timestamp_seconds",
+			Help: "When the config in force was loaded, in Unix seconds.",
+		}),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vgw_config_reloads_total",
+			Help: "Reloads of the config file, by result: applied or refused.",
+		}, []string{"result"}),
 	}
-	m.Registry.MustRegister(m.queueWait, m.loadTime, m.lifecycle, &collector{svc: svc},
+	m.reloadOK.Set(1)
+	m.reloadTime.Set(float64(time.Now().Unix()))
+	m.reloads.WithLabelValues("applied")
+	m.reloads.WithLabelValues("refused")
+	m.Registry.MustRegister(m.queueWait, m.loadTime, m.lifecycle, m.reloadOK, m.reloadTime, m.reloads, &collector{svc: svc},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// ConfigReload records a reload of the config file: applied, or refused
+// with the running config kept.
+func (m *Metrics) ConfigReload(applied bool, at time.Time) {
+	if !applied {
+		m.reloadOK.Set(0)
+		m.reloads.WithLabelValues("refused").Inc()
+		return
+	}
+	m.reloadOK.Set(1)
+	m.reloadTime.Set(float64(at.Unix()))
+	m.reloads.WithLabelValues("applied").Inc()
 }
 
 // Models starts every lifecycle counter of each model at zero, so that an

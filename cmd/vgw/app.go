@@ -241,6 +241,19 @@ func (a *app) setSecrets(cfg *config.Config) {
 }
 
 // reconfigure applies a reloaded config to every part.
+// configReloaded tells operators how a reload of the config file went:
+// an event (config_reloaded, or config_refused with why) and the reload
+// metrics, so that a refused edit is seen without reading the log.
+func (a *app) configReloaded(err error) {
+	now := time.Now()
+	a.metrics.ConfigReload(err == nil, now)
+	if err != nil {
+		a.events.Publish(admin.Event{Time: now, Kind: "config_refused", Detail: "the running config stays: " + err.Error()})
+		return
+	}
+	a.events.Publish(admin.Event{Time: now, Kind: "config_reloaded"})
+}
+
 func (a *app) reconfigure(cfg *config.Config) {
 	a.setSecrets(cfg)
 	a.routes.set(cfg)

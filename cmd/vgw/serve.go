@@ -129,6 +129,7 @@ func (r *reloader) reload(why string) {
 	cfg, err := loadConfig(r.cfg.Path)
 	if err != nil {
 		r.log.Error("config reload refused; keeping the running config", slog.String("trigger", why), slog.String("error", err.Error()))
+		r.app.configReloaded(err)
 		return
 	}
 	old := r.cfg
@@ -146,6 +147,7 @@ func (r *reloader) reload(why string) {
 	}
 	r.cfg = cfg
 	r.log.Info("config reloaded", slog.String("trigger", why), slog.Int("models", len(cfg.Models)))
+	r.app.configReloaded(nil)
 }
 
 // newHandler returns the log handler, masking secrets in every line.
