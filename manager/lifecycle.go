@@ -321,8 +321,13 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	if op.exit != nil {
 		err, tail = &exitError{*op.exit}, op.exit.LogTail
 	}
-	md.failures++
-	backoff := min(m.opts.Backoff<<min(md.failures-1, 16), BackoffMax)
+	// Docker being away says nothing about the model: such a failure is
+	// retried at the first interval however long the outage, so that the
+	// model loads soon after Docker is back, not minutes later.
+	if !errors.Is(err, ErrDockerUnreachable) {
+		md.failures++
+	}
+	backoff := min(m.opts.Backoff<<min(max(md.failures, 1)-1, 16), BackoffMax)
 	md.retryAt = time.Now().Add(backoff)
 	md.lastLoad = &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
 	md.lastErr = md.lastLoad

@@ -37,15 +37,26 @@ func TestMain(m *testing.M) {
 // countingRuntime counts starts by model.
 type countingRuntime struct {
 	*SimRuntime
-	mu     sync.Mutex
-	starts map[string]int
+	mu       sync.Mutex
+	starts   map[string]int
+	startErr error // when set, every start fails with it
 }
 
 func (c *countingRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
 	c.mu.Lock()
 	c.starts[spec.Model]++
+	err := c.startErr
 	c.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
 	return c.SimRuntime.Start(ctx, spec)
+}
+
+func (c *countingRuntime) failStarts(err error) {
+	c.mu.Lock()
+	c.startErr = err
+	c.mu.Unlock()
 }
 
 func (c *countingRuntime) count(model string) int {
@@ -283,6 +294,49 @@ func TestCrash(t *testing.T) {
 	}
 	if second := tm.status("a").Instance; second == first || tm.rt.count("a") != 2 {
 		t.Fatalf("instances %s then %s, %d starts; want a new one", first, second, tm.rt.count("a"))
+	}
+	tm.Release("a")
+}
+
+// TestDockerAwayIsNotTheModelsFault: loads that fail because Docker cannot
+// be reached are retried at the first backoff interval however many fail,
+// and do not count toward the model's own failures; a failure of the
+// model's own doubles the wait as usual.
+func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
+	const base = 40 * time.Millisecond
+	tm := &testManager{}
+	tm.Manager = startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB}\n",
+		func(d *DeclaredGPUs) Inventory { tm.gpus = d; return d },
+		func(rt Runtime) Runtime {
+			tm.rt = &countingRuntime{SimRuntime: rt.(*SimRuntime), starts: map[string]int{}}
+			return tm.rt
+		}, Options{Backoff: base})
+	retryOf := func(cause error) time.Duration {
+		t.Helper()
+		tm.rt.failStarts(cause)
+		eventually(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
+		var le *LoadError
+		if err := ensure(t, tm, "a", 5*time.Second); !errors.As(err, &le) || le.Earlier {
+			t.Fatalf("want a fresh load failure, got %v", err)
+		}
+		return le.Retry
+	}
+	away := fmt.Errorf("create container: %w", ErrDockerUnreachable)
+	for i := range 4 {
+		if r := retryOf(away); r != base {
+			t.Errorf("Docker away, failure %d: retried in %v, want %v", i+1, r, base)
+		}
+	}
+	own := errors.New("its server exited")
+	for i, want := range []time.Duration{base, 2 * base} {
+		if r := retryOf(own); r != want {
+			t.Errorf("the model's own failure %d: retried in %v, want %v", i+1, r, want)
+		}
+	}
+	tm.rt.failStarts(nil)
+	eventually(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
+	if err := ensure(t, tm, "a", 5*time.Second); err != nil {
+		t.Fatal(err)
 	}
 	tm.Release("a")
 }
