@@ -243,7 +243,7 @@ func TestDockerCrashLog(t *testing.T) {
 // TestDockerNeverHealthy: a load that never becomes healthy times out, and
 // its container is removed.
 func TestDockerNeverHealthy(t *testing.T) {
-	dm := startDockerManager(t, "", func(y string) string { return strings.Replace(y, "load_timeout: 20s", "load_timeout: 1s", 1) })
+	dm := startDockerManager(t, "", func(y string) string { return strings.Replace(y, "load_timeout: 20s", "load_timeout: 3s", 1) })
 	err := dm.ensure(t, "slow")
 	var le *LoadError
 	if !errors.As(err, &le) || !strings.Contains(err.Error(), "not healthy within load_timeout") {
