@@ -58,7 +58,7 @@ func TestDockerOutage(t *testing.T) {
 	began := time.Now()
 	proxy := newDockerProxy(t, e)
 	rtLog := &logRecorder{}
-	dm := startDockerManagerAt(t, instance, proxy.host(), fmt.Sprintf(faultConfig, e.Image, e.Network, instance), slog.New(rtLog))
+	dm := startDockerManagerAt(t, fmt.Sprintf(faultConfig, e.Image, e.Network, instance), DockerOptions{Instance: instance, Host: proxy.host(), Log: slog.New(rtLog)})
 	for _, m := range []string{"a", "c", "d"} {
 		if err := dm.ensure(t, m); err != nil {
 			t.Fatal(err)
@@ -193,7 +193,7 @@ func TestDockerKilled(t *testing.T) {
 	began := time.Now()
 	yaml := fmt.Sprintf(faultConfig, e.Image, e.Network, instance)
 	proxy := newDockerProxy(t, e)
-	first := startDockerManagerAt(t, instance, proxy.host(), yaml, nil)
+	first := startDockerManagerAt(t, yaml, DockerOptions{Instance: instance, Host: proxy.host()})
 	if err := first.ensure(t, "a"); err != nil {
 		t.Fatal(err)
 	}
@@ -227,7 +227,7 @@ func TestDockerKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	second := startDockerManagerAt(t, instance, "", yaml, nil)
+	second := startDockerManagerAt(t, yaml, DockerOptions{Instance: instance})
 	eventually(t, "a and warming are ready", func() bool {
 		return second.status("a").State == Ready && second.status("warming").State == Ready
 	})
@@ -268,14 +268,15 @@ func TestDockerKilled(t *testing.T) {
 	}
 }
 
-// startDockerManagerAt runs a manager on the Docker runtime under
-// instance, with the engine at host ("" for Docker's environment) and the
-// runtime's own log to rtLog (nil: discarded).
-func startDockerManagerAt(t *testing.T, instance, host, yaml string, rtLog *slog.Logger) *dockerManager {
+// startDockerManagerAt runs a manager on the Docker runtime configured by
+// yaml and opts (its image and network from yaml; its host "" for
+// Docker's environment, its log nil for none).
+func startDockerManagerAt(t *testing.T, yaml string, opts DockerOptions) *dockerManager {
 	t.Helper()
 	e := dockertest.Need(t)
 	cfg := parseConfig(t, yaml)
-	rt, err := NewDockerRuntime(DockerOptions{Host: host, Instance: instance, Image: cfg.Runtime.Image, Network: cfg.Runtime.Network, Log: rtLog})
+	opts.Image, opts.Network = cfg.Runtime.Image, cfg.Runtime.Network
+	rt, err := NewDockerRuntime(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -283,7 +284,7 @@ func startDockerManagerAt(t *testing.T, instance, host, yaml string, rtLog *slog
 	for _, g := range cfg.GPUs.Declared {
 		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
 	}
-	dm := &dockerManager{rt: rt, engine: e, instance: instance, events: &eventLog{}}
+	dm := &dockerManager{rt: rt, engine: e, instance: opts.Instance, events: &eventLog{}}
 	dm.Manager = New(cfg, rt, NewDeclaredGPUs(gs), Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond, OnEvent: dm.events.add})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})

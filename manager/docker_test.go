@@ -78,25 +78,7 @@ func startDockerManager(t *testing.T, instance string, edit func(string) string)
 	if edit != nil {
 		yaml = edit(yaml)
 	}
-	cfg := parseConfig(t, yaml)
-	rt, err := NewDockerRuntime(DockerOptions{Instance: instance, Image: cfg.Runtime.Image, Network: cfg.Runtime.Network,
-		Env: map[string]string{"HF_TOKEN": "hf_from_vgw_env"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var gs []GPU
-	for _, g := range cfg.GPUs.Declared {
-		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
-	}
-	dm := &dockerManager{rt: rt, engine: e, instance: instance, events: &eventLog{}}
-	dm.Manager = New(cfg, rt, NewDeclaredGPUs(gs), Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond, OnEvent: dm.events.add})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { dm.Run(ctx); close(done) }()
-	var once sync.Once
-	dm.stop = func() { once.Do(func() { cancel(); <-done; rt.Close() }) }
-	t.Cleanup(dm.stop)
-	return dm
+	return startDockerManagerAt(t, yaml, DockerOptions{Instance: instance, Env: map[string]string{"HF_TOKEN": "hf_from_vgw_env"}})
 }
 
 // container inspects the model's container by name.
