@@ -215,21 +215,8 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	cfgPath, tokenPath := filepath.Join(dir, "vgw.yaml"), filepath.Join(dir, "token")
 	os.WriteFile(cfgPath, []byte(adminConfig), 0o600)
 	os.WriteFile(tokenPath, []byte(adminToken+"\n"), 0o600)
-	ctx, cancel := context.WithCancel(context.Background())
-	var logs lockedBuffer
-	exit := make(chan int, 1)
-	go func() {
-		exit <- run(ctx, []string{"serve", "--config", cfgPath, "--admin-token-file", tokenPath,
-			"--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"}, io.Discard, &logs)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		if code := <-exit; code != 0 {
-			t.Errorf("serve exited %d", code)
-		}
-	})
-	serving := logs.waitFor(t, "vgw serving")
-	addr := func(k string) string { s, _ := serving[k].(string); return s }
+	logs, addr := startServe(t, "--config", cfgPath, "--admin-token-file", tokenPath)
+	ctx := context.Background()
 	g := newGrpcurl(t, addr("admin"), adminToken)
 	envoy := newFakeEnvoy(t, addr("extproc"), addr("xds"))
 

@@ -27,21 +27,8 @@ func TestReloadRefused(t *testing.T) {
 	if err := os.WriteFile(cfgPath, []byte(serveConfig), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var logs lockedBuffer
-	exit := make(chan int, 1)
-	go func() {
-		exit <- run(ctx, []string{"serve", "--config", cfgPath, "--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0",
-			"--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"}, io.Discard, &logs)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		if code := <-exit; code != 0 {
-			t.Errorf("serve exited %d", code)
-		}
-	})
-	serving := logs.waitFor(t, "vgw serving")
-	addr := func(k string) string { s, _ := serving[k].(string); return s }
+	logs, addr := startServe(t, "--config", cfgPath)
+	ctx := context.Background()
 	envoy := newFakeEnvoy(t, addr("extproc"), addr("xds"))
 	conn, err := grpc.NewClient(addr("admin"), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -138,4 +125,26 @@ func TestReloadRefused(t *testing.T) {
 	if r := envoy.ask(t, "qwen"); r.Status != 200 {
 		t.Errorf("qwen after the good file: %d", r.Status)
 	}
+}
+
+// startServe runs vgw serve with args on loopback ports, stopping it when
+// the test ends (it must exit 0), and returns its log and the address of
+// each listener ("extproc", "xds", "admin", "http").
+func startServe(t *testing.T, args ...string) (*lockedBuffer, func(string) string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &lockedBuffer{}
+	exit := make(chan int, 1)
+	go func() {
+		exit <- run(ctx, append(append([]string{"serve"}, args...), "--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0",
+			"--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"), io.Discard, logs)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if code := <-exit; code != 0 {
+			t.Errorf("serve exited %d", code)
+		}
+	})
+	serving := logs.waitFor(t, "vgw serving")
+	return logs, func(k string) string { s, _ := serving[k].(string); return s }
 }
