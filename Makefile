@@ -14,7 +14,7 @@ FUZZTIME  ?= 20s
 # go-nvml's header marks old NVML calls deprecated; vgw calls none of them.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: help build image up down logs sim-up sim-down compose-check e2e e2e-envoy test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-docker bench-load bench-rss soak fuzz run tools clean
+.PHONY: help build image up down logs sim-up sim-down compose-check e2e e2e-envoy test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-docker bench-load bench-rss soak fuzz fuzz-ci run tools clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -109,9 +109,13 @@ bench-rss: build ## vgw's memory with 200 models and 10,000 requests waiting
 soak: ## the load tests at full scale: 10,000 queued, 50 models x 200 in flight (RELIABILITY.md)
 	$(GO) test -count=1 -timeout 20m -run 'TestLoad' -v ./cmd/vgw/ -args -soak
 
-fuzz: ## fuzz the parsers for FUZZTIME each
+fuzz: ## fuzz the parsers and the Envoy-config checker for FUZZTIME each
 	$(GO) test -run '^$$' -fuzz FuzzExtractModel -fuzztime $(FUZZTIME) ./extproc/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./config/
+	$(GO) test -run '^$$' -fuzz FuzzCheck -fuzztime $(FUZZTIME) ./envoy/
+
+fuzz-ci: ## the fuzz targets for 10s each, as CI runs them
+	$(MAKE) fuzz FUZZTIME=10s
 
 run: ## serve the sim config: no GPU, no Docker
 	$(GO) run ./cmd/vgw serve --config $(CONFIG)

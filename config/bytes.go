@@ -32,7 +32,8 @@ func ParseBytes(s string) (Bytes, error) {
 		}
 	}
 	f, err := strconv.ParseFloat(t, 64)
-	if err != nil || f < 0 {
+	// !(f >= 0) refuses NaN too, which converts to a negative Bytes.
+	if err != nil || !(f >= 0) {
 		return 0, fmt.Errorf("invalid memory size %q: want a number of bytes or a number with a unit such as 80GiB", s)
 	}
 	v := f * float64(scale)

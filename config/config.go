@@ -10,11 +10,14 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/goccy/go-yaml"
+	"github.com/goccy/go-yaml/ast"
+	"github.com/goccy/go-yaml/parser"
 
 	"github.com/vgw-project/vgw/internal/secrets"
 )
@@ -187,7 +190,10 @@ func Load(path string) (*Config, error) {
 func Parse(path string, data []byte) (*Config, error) {
 	c := Defaults
 	c.Runtime.Env = nil
-	if err := yaml.UnmarshalWithOptions(data, &c, yaml.DisallowUnknownField()); err != nil {
+	if ps := unknownKeys(data); len(ps) > 0 {
+		return nil, &ListError{File: path, Problems: ps}
+	}
+	if err := decode(data, &c); err != nil {
 		return nil, decodeError(path, err)
 	}
 	c.Path = path
@@ -201,6 +207,20 @@ func Parse(path string, data []byte) (*Config, error) {
 	return &c, nil
 }
 
+// decode is yaml.UnmarshalWithOptions, strict, with go-yaml's panics
+// turned into errors: it dereferences nil on some malformed input (a tagged
+// scalar where a list belongs, as unknownKeys catches, and the same reached
+// through an alias, as it cannot), and no config file, least of all one
+// edited under a running vgw that reloads it, may crash vgw.
+func decode(data []byte, c *Config) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("the YAML decoder failed on this file: %v", r)
+		}
+	}()
+	return yaml.UnmarshalWithOptions(data, c, yaml.DisallowUnknownField())
+}
+
 // decodeError turns a go-yaml error into file:line: message.
 func decodeError(path string, err error) error {
 	var ye yaml.Error
@@ -208,6 +228,124 @@ func decodeError(path string, err error) error {
 		return &ListError{File: path, Problems: []Problem{{Line: ye.GetToken().Position.Line, Message: ye.GetMessage()}}}
 	}
 	return &ListError{File: path, Problems: []Problem{{Message: err.Error()}}}
+}
+
+// unknownKeys returns a problem for every key in data that names no field
+// of the struct it decodes into, in file order. go-yaml's
+// DisallowUnknownField alone is not enough: it names one of several unknown
+// keys at random (it ranges over a map), so the same file failed with a
+// different error from run to run, and a mapping with a key that is not a
+// string (1: x) it drops whole and without a word, so that every setting
+// beside that key fell back to its default. What the walk cannot type
+// (aliases, merge keys) it leaves to the decoder.
+func unknownKeys(data []byte) []Problem {
+	f, err := parser.ParseBytes(data, 0)
+	if err != nil || len(f.Docs) == 0 {
+		return nil // the decoder reports the syntax error
+	}
+	var ps []Problem
+	walkKeys(f.Docs[0].Body, reflect.TypeFor[Config](), &ps)
+	return ps
+}
+
+// GPUs decodes a list as []GPU, with unknown fields disallowed too.
+var gpusType, gpuListType = reflect.TypeFor[GPUs](), reflect.TypeFor[[]GPU]()
+
+func walkKeys(n ast.Node, t reflect.Type, ps *[]Problem) {
+	var tag *ast.TagNode
+	for {
+		if tn, ok := n.(*ast.TagNode); ok {
+			n, tag = tn.Value, tn
+		} else if an, ok := n.(*ast.AnchorNode); ok {
+			n = an.Value
+		} else {
+			break
+		}
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t == gpusType {
+		t = gpuListType
+	} else if _, custom := reflect.PointerTo(t).MethodByName("UnmarshalYAML"); custom {
+		return
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		mn, ok := n.(ast.MapNode)
+		if !ok {
+			return
+		}
+		fields, ok := yamlFields(t)
+		if !ok {
+			return
+		}
+		for it := mn.MapRange(); it.Next(); {
+			if it.Key().IsMergeKey() {
+				continue
+			}
+			var k ast.Node = it.Key()
+			if mk, ok := k.(*ast.MappingKeyNode); ok { // ? key
+				k = mk.Value
+			}
+			if k == nil || k.GetToken() == nil {
+				continue
+			}
+			s, isString := k.(*ast.StringNode)
+			name := k.GetToken().Value
+			if isString {
+				name = s.Value
+			}
+			ft, known := fields[name]
+			if !known || !isString {
+				*ps = append(*ps, Problem{Line: k.GetToken().Position.Line, Message: fmt.Sprintf("unknown field %q", name)})
+				continue
+			}
+			walkKeys(it.Value(), ft, ps)
+		}
+	case reflect.Map:
+		if mn, ok := n.(ast.MapNode); ok {
+			for it := mn.MapRange(); it.Next(); {
+				if !it.Key().IsMergeKey() {
+					walkKeys(it.Value(), t.Elem(), ps)
+				}
+			}
+		}
+	case reflect.Slice:
+		sn, ok := n.(*ast.SequenceNode)
+		if !ok && tag != nil {
+			// go-yaml dereferences nil on this one.
+			*ps = append(*ps, Problem{Line: tag.GetToken().Position.Line, Message: "tag was used where sequence is expected"})
+			return
+		}
+		if ok {
+			for _, v := range sn.Values {
+				walkKeys(v, t.Elem(), ps)
+			}
+		}
+	}
+}
+
+// yamlFields maps the keys a struct decodes from to its fields' types, by
+// go-yaml's rules: the yaml tag's name, else the lowercased field name. It
+// returns false for a struct with an inline field, left to the decoder.
+func yamlFields(t reflect.Type) (map[string]reflect.Type, bool) {
+	fields := map[string]reflect.Type{}
+	for f := range t.Fields() {
+		tag := f.Tag.Get("yaml")
+		if !f.IsExported() || tag == "-" {
+			continue
+		}
+		name, opts, _ := strings.Cut(tag, ",")
+		if strings.Contains(opts, "inline") {
+			return nil, false
+		}
+		if name == "" {
+			name = strings.ToLower(f.Name)
+		}
+		fields[name] = f.Type
+	}
+	return fields, true
 }
 
 // A Problem is one thing wrong with a config, at a line (0 if unknown).

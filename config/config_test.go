@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -64,6 +65,11 @@ func TestErrors(t *testing.T) {
 		{"listen address", base + "listen: {extproc: nowhere}\nmodels: {m: {}}\n", "c.yaml:3: listen.extproc"},
 		{"docker needs image", "models: {m: {repo: x}}\n", "c.yaml: the docker runtime needs runtime.image"},
 		{"docker instance", "runtime: {kind: docker, image: vllm, instance: \"my vgw\"}\nmodels: {m: {repo: x}}\n", "c.yaml:1: runtime.instance"},
+		// go-yaml alone dropped a mapping with a non-string key whole, and
+		// silently: max_model_len fell back to its default.
+		{"non-string key", base + "models:\n  m: {max_model_len: 5, 1: 2}\n", `c.yaml:4: unknown field "1"`},
+		{"every unknown key, in order", base + "models:\n  m: {zz: 1, aa: 2}\n", `c.yaml:4: unknown field "zz"`},
+		{"a tag where a list belongs", base + "models:\n  m:\n    extra_args: !x bar\n", "c.yaml:5: tag was used where sequence is expected"},
 		{"docker cache dir", "runtime: {kind: docker, image: vllm, cache_dir: cache}\nmodels: {m: {repo: x}}\n", "c.yaml:1: runtime.cache_dir"},
 		{"docker network", "runtime: {kind: docker, image: vllm, network: \"\"}\nmodels: {m: {repo: x}}\n", "c.yaml:1: the docker runtime needs runtime.network"},
 		{"docker needs repo", "runtime: {kind: docker, image: vllm}\nmodels:\n  m: {}\n", "c.yaml:3: model \"m\" needs repo"},
@@ -124,19 +130,57 @@ func TestParseBytes(t *testing.T) {
 	}
 }
 
+// FuzzParse holds Parse to what the rest of vgw assumes of a config it
+// accepted: limits that admit something, model names safe to put in
+// headers, logs and container labels, and the same answer every time, so
+// that vgw validate and vgw serve never disagree on one file.
 func FuzzParse(f *testing.F) {
 	for _, s := range []string{
 		"runtime: {kind: sim}\ngpus: [{name: g, memory: 80GiB}]\nmodels: {m: {}}\n",
 		"models:\n  a/b:\n    extra_args: [--x]\n    gpus: [0]\n",
 		"gpus: auto\n",
 		"max_body_bytes: 8MiB\nenvoy: {max_message_timeout: 10m}\n",
+		"runtime: {kind: sim}\ngpus: [{name: g, memory: 80GiB}]\nmodels: {a..b: {}, \"-x\": {}, \"a b\": {}}\n",
+		// Problems on one line came out in map order.
+		"listen: {extproc: x, xds: y, admin: z, http: w}\nmodels: {m: {max_model_len: -1, max_num_seqs: -1, tensor_parallel_size: -1}}\n",
+		// go-yaml named one of several unknown keys at random.
+		"    A:\n    B: 0",
+		// go-yaml dropped a mapping with a non-string key: max_model_len was lost.
+		"runtime: {kind: sim}\ngpus: [{name: g, memory: 80GiB}]\nmodels: {m: {max_model_len: 5, 1: 2}}\n",
+		// go-yaml panicked on a tagged scalar where a list belongs, directly
+		// or through an alias.
+		"models:\n  m:\n    extra_args: !x bar\n",
+		"models: {m: {repo: &a !x foo, extra_args: *a}}\n",
+		// NaN passed the range checks.
+		"runtime: {kind: sim}\ngpus: [{name: g, memory: 80GiB}]\nmodels: {m: {gpu_memory_utilization: .nan, vram: NaN, sim: {tokens_per_second: .nan}}}\n",
 	} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := Parse("f.yaml", data)
-		if err == nil && (c.MaxConcurrent < 1 || len(c.Models) == 0) {
+		again, errAgain := Parse("f.yaml", data)
+		if (err == nil) != (errAgain == nil) || (err != nil && err.Error() != errAgain.Error()) {
+			t.Fatalf("Parse is not deterministic:\n%v\nthen\n%v", err, errAgain)
+		}
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("Parse failed with an empty error")
+			}
+			return
+		}
+		if c.MaxConcurrent < 1 || len(c.Models) == 0 {
 			t.Fatalf("accepted an invalid config: %+v", c)
+		}
+		for name := range c.Models {
+			if !ModelNamePattern.MatchString(name) || strings.Contains(name, "..") {
+				t.Fatalf("accepted model name %q", name)
+			}
+		}
+		if !reflect.DeepEqual(c, again) {
+			t.Fatalf("the same bytes parsed to two configs:\n%+v\n%+v", c, again)
+		}
+		if err := c.validate(newLocator(data)); err != nil {
+			t.Fatalf("an accepted config fails validation again: %v", err)
 		}
 	})
 }

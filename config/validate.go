@@ -3,6 +3,7 @@ package config
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"path/filepath"
 	"regexp"
@@ -70,9 +71,11 @@ func (c *Config) validate(loc *locator) error {
 	if c.LogFormat != "json" && c.LogFormat != "text" {
 		v.at([]string{"log_format"}, "log_format %s is not json or text", trimmed(c.LogFormat))
 	}
-	for key, addr := range map[string]string{"extproc": c.Listen.ExtProc, "xds": c.Listen.XDS, "admin": c.Listen.Admin, "http": c.Listen.HTTP} {
-		if _, _, err := net.SplitHostPort(addr); err != nil {
-			v.at([]string{"listen", key}, "listen.%s %s is not host:port", key, trimmed(addr))
+	// Slices, not maps, here and below: problems on one line keep this
+	// order, and a map's would change from run to run.
+	for _, l := range []struct{ key, addr string }{{"extproc", c.Listen.ExtProc}, {"xds", c.Listen.XDS}, {"admin", c.Listen.Admin}, {"http", c.Listen.HTTP}} {
+		if _, _, err := net.SplitHostPort(l.addr); err != nil {
+			v.at([]string{"listen", l.key}, "listen.%s %s is not host:port", l.key, trimmed(l.addr))
 		}
 	}
 	v.positive("max_concurrent", c.MaxConcurrent, 1)
@@ -178,12 +181,15 @@ func (v *validator) model(c *Config, name string, m *Model) {
 	if m.Repo == "" && c.Runtime.Kind == "docker" {
 		v.at(path(), "model %s needs repo (the Hugging Face repository vLLM loads)", trimmed(name))
 	}
-	if u := m.GPUMemoryUtilization; u < 0 || u > 1 {
+	if u := m.GPUMemoryUtilization; u < 0 || u > 1 || math.IsNaN(u) {
 		v.at(path("gpu_memory_utilization"), "gpu_memory_utilization must be in (0, 1], got %v", u)
 	}
-	for key, n := range map[string]int{"max_model_len": m.MaxModelLen, "max_num_seqs": m.MaxNumSeqs, "tensor_parallel_size": m.TensorParallelSize} {
-		if n < 0 {
-			v.at(path(key), "%s must not be negative", key)
+	for _, f := range []struct {
+		key string
+		n   int
+	}{{"max_model_len", m.MaxModelLen}, {"max_num_seqs", m.MaxNumSeqs}, {"tensor_parallel_size", m.TensorParallelSize}} {
+		if f.n < 0 {
+			v.at(path(f.key), "%s must not be negative", f.key)
 		}
 	}
 	if m.MaxConcurrent != nil && *m.MaxConcurrent < 1 {
@@ -195,7 +201,7 @@ func (v *validator) model(c *Config, name string, m *Model) {
 	if m.QueueTimeout != nil && *m.QueueTimeout <= 0 {
 		v.at(path("queue_timeout"), "queue_timeout must be a positive duration")
 	}
-	if m.Sim.StartupDelay < 0 || m.Sim.TokensPerSecond < 0 || m.Sim.CrashAfter < 0 || m.Sim.SlowHealth < 0 {
+	if m.Sim.StartupDelay < 0 || m.Sim.TokensPerSecond < 0 || math.IsNaN(m.Sim.TokensPerSecond) || m.Sim.CrashAfter < 0 || m.Sim.SlowHealth < 0 {
 		v.at(path("sim"), "sim settings must not be negative")
 	}
 	if m.InactivityTimeout != nil && *m.InactivityTimeout < 0 {

@@ -7,9 +7,11 @@
 package envoy
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
@@ -153,15 +155,37 @@ func (c *checker) walk(path string, m protoreflect.Message) {
 				c.walk(fmt.Sprintf("%s[%d]", name, i), l.Get(i).Message())
 			}
 		case fd.IsMap() && fd.MapValue().Message() != nil:
-			v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
-				c.walk(fmt.Sprintf("%s[%s]", name, k.String()), mv.Message())
-				return true
-			})
+			// In key order, as PGV's validators go: a map's own order
+			// changes from run to run, and so would the report.
+			entries := v.Map()
+			for _, k := range sortedKeys(entries) {
+				c.walk(fmt.Sprintf("%s[%s]", name, k.String()), entries.Get(k).Message())
+			}
 		case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
 			c.walk(name, v.Message())
 		}
 		return true
 	})
+}
+
+// sortedKeys returns m's keys in order: numbers by value, strings and
+// bools by their text.
+func sortedKeys(m protoreflect.Map) []protoreflect.MapKey {
+	keys := make([]protoreflect.MapKey, 0, m.Len())
+	m.Range(func(k protoreflect.MapKey, _ protoreflect.Value) bool {
+		keys = append(keys, k)
+		return true
+	})
+	slices.SortFunc(keys, func(a, b protoreflect.MapKey) int {
+		switch a.Interface().(type) {
+		case int32, int64:
+			return cmp.Compare(a.Int(), b.Int())
+		case uint32, uint64:
+			return cmp.Compare(a.Uint(), b.Uint())
+		}
+		return cmp.Compare(a.String(), b.String())
+	})
+	return keys
 }
 
 func join(path, name string) string {
