@@ -354,8 +354,11 @@ func TestTokenAuthExempt(t *testing.T) {
 		}) {
 			t.Errorf("reflection v1, %s: %v %v", c.name, r1, err)
 		}
+		// Deprecated, but grpcurl falls back to it against older servers,
+		// and vgw registers both.
 		v1alpha, err := reflectionv1alpha.NewServerReflectionClient(e.conn).ServerReflectionInfo(ctx)
 		if err == nil {
+			//lint:ignore SA1019 the v1alpha service is what is under test
 			err = v1alpha.Send(&reflectionv1alpha.ServerReflectionRequest{MessageRequest: &reflectionv1alpha.ServerReflectionRequest_ListServices{}})
 		}
 		if err == nil {
