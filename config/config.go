@@ -5,6 +5,7 @@
 package config
 
 import (
+	"bytes"
 	"cmp"
 	"errors"
 	"fmt"
@@ -188,6 +189,9 @@ func Load(path string) (*Config, error) {
 
 // Parse decodes and validates a config. path only labels errors.
 func Parse(path string, data []byte) (*Config, error) {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil, &ListError{File: path, Problems: []Problem{{Message: "the file is empty"}}}
+	}
 	c := Defaults
 	c.Runtime.Env = nil
 	if ps := unknownKeys(data); len(ps) > 0 {

@@ -73,7 +73,7 @@ func TestReloadRefused(t *testing.T) {
 		{"YAML syntax", serveConfig + "  qwen: {vram: [30GiB\n", "vgw.yaml:"},
 		{"unknown key", serveConfig + "  qwen: {vram: 30GiB, nope: 1}\n", "vgw.yaml:7:"},
 		{"invalid value", serveConfig + "  qwen: {vram: lots}\n", "vgw.yaml:7:"},
-		{"empty", "", "vgw.yaml"},
+		{"empty", "", "vgw.yaml: the file is empty"},
 		{"not text", "\x00\xff\xfe binary", "vgw.yaml"},
 		{"cut short", serveConfig[:len(serveConfig)/2], "vgw.yaml"},
 	}

@@ -23,15 +23,14 @@ func watchFile(ctx context.Context, path string, interval time.Duration) <-chan 
 		s := sha256.Sum256(data)
 		return s[:]
 	}
-	last := sum()
+	d := &settledChange{last: sum()}
 	go func() {
 		t := time.NewTicker(interval)
 		defer t.Stop()
 		for {
 			select {
 			case <-t.C:
-				if now := sum(); now != nil && !bytes.Equal(now, last) {
-					last = now
+				if d.check(sum()) {
 					select {
 					case changed <- struct{}{}:
 					default:
@@ -43,4 +42,24 @@ func watchFile(ctx context.Context, path string, interval time.Duration) <-chan 
 		}
 	}()
 	return changed
+}
+
+// settledChange decides, check by check, when a file has changed. A
+// change counts once the new content has held for two checks in a row: a
+// file written in place is empty, then half written, for a moment, and
+// half a config can be a valid one with models missing. A file that
+// cannot be read (nil) is no change: it is being replaced.
+type settledChange struct {
+	last []byte // the content last reported, or found at the start
+	seen []byte // the content at the previous check
+}
+
+func (d *settledChange) check(now []byte) bool {
+	settled := bytes.Equal(now, d.seen)
+	d.seen = now
+	if now == nil || !settled || bytes.Equal(now, d.last) {
+		return false
+	}
+	d.last = now
+	return true
 }
