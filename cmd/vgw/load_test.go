@@ -220,6 +220,9 @@ models:
 			return st.InFlight + st.Queued
 		})
 		s.eventuallyWithin(t, time.Duration(scale(60, 300))*time.Second, "4 in flight and the rest queued", func() bool {
+			if n := b.endedCount(); n > 0 {
+				t.Fatalf("%d requests ended before all were in place: %v", n, b)
+			}
 			st, _ := s.app.ep.Stats("one")
 			return st.InFlight == 4 && st.Queued == queued && g.waiting.Load() == 4
 		}, func() string {
@@ -265,6 +268,9 @@ models:
 		start := time.Now()
 		b := send(s, names, per, wave, func() int { return int(g.waiting.Load()) })
 		s.eventuallyWithin(t, time.Duration(scale(60, 300))*time.Second, "every slot of every model in flight", func() bool {
+			if n := b.endedCount(); n > 0 {
+				t.Fatalf("%d requests ended before all were in place: %v", n, b)
+			}
 			return g.waiting.Load() == int64(models*per)
 		}, func() string { return fmt.Sprintf("%d at the router; ended %v", g.waiting.Load(), b) })
 		inPlace := time.Since(start)
