@@ -116,7 +116,7 @@ func TestDockerOutage(t *testing.T) {
 	// The engine comes back while the event stream waits out a backoff of
 	// over a second: time for a load to get in first.
 	var reconnect time.Time // when the stream tries again
-	waitFor(t, "the event stream to back off for 1.6s or more", func() bool {
+	eventuallyWithin(t, 30*time.Second, "the event stream to back off for 1.6s or more", func() bool {
 		for _, r := range rtLog.all() {
 			if in, _ := attr(r, "in").(time.Duration); r.Level == slog.LevelWarn && in >= 1600*time.Millisecond {
 				reconnect = r.Time.Add(in)
@@ -467,16 +467,4 @@ func attr(r slog.Record, key string) any {
 		return true
 	})
 	return v
-}
-
-// waitFor polls cond until it holds, for up to 30 seconds.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond) // polling interval
-	}
 }
