@@ -188,7 +188,16 @@ func Load(path string) (*Config, error) {
 }
 
 // Parse decodes and validates a config. path only labels errors.
-func Parse(path string, data []byte) (*Config, error) {
+func Parse(path string, data []byte) (_ *Config, err error) {
+	// go-yaml dereferences nil on some malformed input (a tagged scalar
+	// where a list belongs; unknownKeys reports the plain case, not the
+	// same reached through an alias), and no config file, least of all one
+	// edited under a running vgw that reloads it, may crash vgw.
+	defer func() {
+		if r := recover(); r != nil {
+			err = &ListError{File: path, Problems: []Problem{{Message: fmt.Sprintf("the YAML parser failed on this file: %v", r)}}}
+		}
+	}()
 	if len(bytes.TrimSpace(data)) == 0 {
 		return nil, &ListError{File: path, Problems: []Problem{{Message: "the file is empty"}}}
 	}
@@ -197,7 +206,7 @@ func Parse(path string, data []byte) (*Config, error) {
 	if ps := unknownKeys(data); len(ps) > 0 {
 		return nil, &ListError{File: path, Problems: ps}
 	}
-	if err := decode(data, &c); err != nil {
+	if err := yaml.UnmarshalWithOptions(data, &c, yaml.DisallowUnknownField()); err != nil {
 		return nil, decodeError(path, err)
 	}
 	c.Path = path
@@ -209,20 +218,6 @@ func Parse(path string, data []byte) (*Config, error) {
 		return nil, err
 	}
 	return &c, nil
-}
-
-// decode is yaml.UnmarshalWithOptions, strict, with go-yaml's panics
-// turned into errors: it dereferences nil on some malformed input (a tagged
-// scalar where a list belongs, as unknownKeys catches, and the same reached
-// through an alias, as it cannot), and no config file, least of all one
-// edited under a running vgw that reloads it, may crash vgw.
-func decode(data []byte, c *Config) (err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("the YAML decoder failed on this file: %v", r)
-		}
-	}()
-	return yaml.UnmarshalWithOptions(data, c, yaml.DisallowUnknownField())
 }
 
 // decodeError turns a go-yaml error into file:line: message.

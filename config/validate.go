@@ -201,7 +201,7 @@ func (v *validator) model(c *Config, name string, m *Model) {
 	if m.QueueTimeout != nil && *m.QueueTimeout <= 0 {
 		v.at(path("queue_timeout"), "queue_timeout must be a positive duration")
 	}
-	if m.Sim.StartupDelay < 0 || m.Sim.TokensPerSecond < 0 || math.IsNaN(m.Sim.TokensPerSecond) || m.Sim.CrashAfter < 0 || m.Sim.SlowHealth < 0 {
+	if m.Sim.StartupDelay < 0 || m.Sim.TokensPerSecond < 0 || math.IsNaN(m.Sim.TokensPerSecond) || m.Sim.CrashAfter < 0 || m.Sim.CrashMidStream < 0 || m.Sim.SlowHealth < 0 {
 		v.at(path("sim"), "sim settings must not be negative")
 	}
 	if m.InactivityTimeout != nil && *m.InactivityTimeout < 0 {

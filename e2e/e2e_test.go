@@ -46,7 +46,7 @@ models:
   a: {repo: org/a, vram: 50GiB, env: {FAKEVLLM_STARTUP_DELAY: 200ms}}
   b: {repo: org/b, vram: 50GiB}
   small: {repo: org/small, vram: 10GiB, max_concurrent: 1, max_queue: 1, env: {FAKEVLLM_TOKENS_PER_SECOND: "5"}}
-  c: {repo: org/c, vram: 10GiB, env: {FAKEVLLM_STARTUP_DELAY: 3s}}
+  c: {repo: org/c, vram: 10GiB, env: {FAKEVLLM_STARTUP_DELAY: 8s}}
 `
 
 // stack is the compose project under test.

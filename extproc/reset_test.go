@@ -22,7 +22,20 @@ func TestResetAtEveryPhase(t *testing.T) {
 		r.Headers = append(r.Headers, extproctest.Header{Key: "x-vgw-model", Value: "llama"})
 		return r
 	}
-	queued := func(t *testing.T, h *harness) bool { return h.stats(t, "llama").Queued == 1 }
+	// queuedPastTimer holds once the request has been queued for longer
+	// than Envoy's 200 ms message timeout, which vgw has overridden.
+	queuedPastTimer := func() func(t *testing.T, h *harness) bool {
+		var since time.Time
+		return func(t *testing.T, h *harness) bool {
+			if h.stats(t, "llama").Queued != 1 {
+				return false
+			}
+			if since.IsZero() {
+				since = time.Now()
+			}
+			return time.Since(since) > repoFilter(t).MessageTimeout+50*time.Millisecond
+		}
+	}
 	inFlight := func(t *testing.T, h *harness) bool { return h.stats(t, "llama").InFlight == 1 }
 	waitingForLoad := func(t *testing.T, h *harness) bool {
 		return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeQueued})) > 0
@@ -45,7 +58,7 @@ func TestResetAtEveryPhase(t *testing.T) {
 		{name: "after request headers, admitted at headers", req: resetAfter(headerReq("b"), "request_headers"), ran: maybe},
 		{name: "after request body, admitted", req: resetAfter(req("c", chat("llama")), "request_body"), ran: maybe},
 		{name: "after request body, queued for the slot", setup: holdSlot, setupRuns: 1, req: resetAfter(req("d", chat("llama")), "request_body"), ran: maybe},
-		{name: "queued, past the message timeout", setup: holdSlot, setupRuns: 1, req: req("e", chat("llama")), resetWhen: queued},
+		{name: "queued, past the message timeout", setup: holdSlot, setupRuns: 1, req: req("e", chat("llama")), resetWhen: queuedPastTimer()},
 		{name: "after request body, model loading", setup: loading, req: resetAfter(req("f", chat("llama")), "request_body")},
 		{name: "while the model loads", setup: loading, req: req("g", chat("llama")), resetWhen: waitingForLoad},
 		{name: "waiting for the upstream's headers", setup: stall("h"), req: req("h", chat("llama")), resetWhen: inFlight, ran: once},

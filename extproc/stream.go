@@ -357,7 +357,10 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 	case st.ctx.Err() != nil:
 		st.abandoned(start)
 		return true, nil // Envoy reset the stream: nobody is listening
-	case errors.Is(err, context.DeadlineExceeded) || timedOutErr(err):
+	// This request's own deadline, or the load's load_timeout; not a
+	// deadline inside the cause (a Docker API call that timed out is the
+	// model being unavailable).
+	case errors.Is(ctx.Err(), context.DeadlineExceeded) || timedOutErr(err):
 		return true, st.reject(&m.name, timedOut(m.name, ReasonLoadTimeout), m.gate.depth(), start)
 	case errors.Is(err, ErrModelNotFound):
 		return true, st.reject(&m.name, unknownModel(m.name), m.gate.depth(), start)

@@ -324,10 +324,11 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	// Docker being away says nothing about the model: such a failure is
 	// retried at the first interval however long the outage, so that the
 	// model loads soon after Docker is back, not minutes later.
+	backoff := m.opts.Backoff
 	if !errors.Is(err, ErrDockerUnreachable) {
 		md.failures++
+		backoff = min(m.opts.Backoff<<min(md.failures-1, 16), BackoffMax)
 	}
-	backoff := min(m.opts.Backoff<<min(max(md.failures, 1)-1, 16), BackoffMax)
 	md.retryAt = time.Now().Add(backoff)
 	md.lastLoad = &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
 	md.lastErr = md.lastLoad

@@ -71,11 +71,28 @@ func (e *LoadError) Error() string {
 	return msg
 }
 
-// Public is the cause without the log tail, for a client of the model:
-// the server's log is the operator's to read (status, events, vgw's log),
-// not every API caller's.
+// Public is what a client of the model is told: the kind of failure, in
+// words vgw chose. The whole cause (the server's log lines, the Docker
+// daemon's address, paths) is the operator's to read in status, events
+// and vgw's log, not every API caller's.
 func (e *LoadError) Public() string {
-	return fmt.Sprintf("model %s failed to load: %v", e.Model, e.Err)
+	return fmt.Sprintf("model %s failed to load: %s", e.Model, publicCause(e.Err))
+}
+
+// publicCauses are the failures a client is told by name.
+var publicCauses = []error{ErrLoadTimeout, ErrDockerUnreachable, ErrImageMissing, ErrNoGPURuntime, ErrNetworkMissing, ErrNameTaken}
+
+func publicCause(err error) string {
+	var exit *exitError
+	if errors.As(err, &exit) {
+		return exit.Error() // how it exited: no log
+	}
+	for _, c := range publicCauses {
+		if errors.Is(err, c) {
+			return c.Error()
+		}
+	}
+	return "its server could not be started"
 }
 
 func (e *LoadError) Unwrap() error { return e.Err }

@@ -334,10 +334,15 @@ func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 		}
 	}
 	own := errors.New("its server exited")
-	for i, want := range []time.Duration{base, 2 * base} {
+	for i, want := range []time.Duration{base, 2 * base, 4 * base} {
 		if r := retryOf(own); r != want {
 			t.Errorf("the model's own failure %d: retried in %v, want %v", i+1, r, want)
 		}
+	}
+	// After failures of its own, Docker going away is still no reason to
+	// wait longer.
+	if r := retryOf(away); r != base {
+		t.Errorf("Docker away after the model's own failures: retried in %v, want %v", r, base)
 	}
 	tm.rt.failStarts(nil)
 	eventually(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })

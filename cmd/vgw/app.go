@@ -240,7 +240,6 @@ func (a *app) setSecrets(cfg *config.Config) {
 	a.redactor.Set(append(cfg.Secrets(os.Getenv), a.adminToken))
 }
 
-// reconfigure applies a reloaded config to every part.
 // configReloaded tells operators how a reload of the config file went:
 // an event (config_reloaded, or config_refused with why) and the reload
 // metrics, so that a refused edit is seen without reading the log.
@@ -254,6 +253,7 @@ func (a *app) configReloaded(err error) {
 	a.events.Publish(admin.Event{Time: now, Kind: "config_reloaded"})
 }
 
+// reconfigure applies a reloaded config to every part.
 func (a *app) reconfigure(cfg *config.Config) {
 	a.setSecrets(cfg)
 	a.routes.set(cfg)

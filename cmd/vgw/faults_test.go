@@ -131,9 +131,9 @@ func errorCode(r *extproctest.Result) string {
 }
 
 // TestXDSStreamDropsWhileWaiting: a request waits for its model's load and
-// then for its Envoy to acknowledge the endpoint, which the Envoy keeps
-// rejecting; its xDS stream then breaks and reconnects, and the new
-// stream's ACK releases the request.
+// then for its Envoy to acknowledge the endpoint, which the Envoy rejects;
+// its xDS stream then breaks and reconnects, and the new stream's ACK
+// releases the request.
 func TestXDSStreamDropsWhileWaiting(t *testing.T) {
 	s := startStack(t, `
 runtime: {kind: sim}
