@@ -198,8 +198,8 @@ func Parse(path string, data []byte) (_ *Config, err error) {
 			err = &ListError{File: path, Problems: []Problem{{Message: fmt.Sprintf("the YAML parser failed on this file: %v", r)}}}
 		}
 	}()
-	if len(bytes.TrimSpace(data)) == 0 {
-		return nil, &ListError{File: path, Problems: []Problem{{Message: "the file is empty"}}}
+	if f, err := parser.ParseBytes(data, 0); len(bytes.TrimSpace(data)) == 0 || err == nil && (len(f.Docs) == 0 || f.Docs[0].Body == nil) {
+		return nil, &ListError{File: path, Problems: []Problem{{Message: "the file is empty (or holds only comments)"}}}
 	}
 	c := Defaults
 	c.Runtime.Env = nil
