@@ -41,7 +41,7 @@ models:
   b: {repo: org/b, vram: 15GiB}
   c: {repo: org/c, vram: 15GiB}
   d: {repo: org/d, vram: 15GiB}
-  warming: {repo: org/warming, vram: 15GiB, env: {FAKEVLLM_STARTUP_DELAY: 2s}}
+  warming: {repo: org/warming, vram: 15GiB, env: {FAKEVLLM_STARTUP_DELAY: 4s}}
 `
 
 // TestDockerOutage: Docker's engine goes out of vgw's reach with models
@@ -233,6 +233,11 @@ func TestDockerKilled(t *testing.T) {
 	}
 
 	second := startDockerManagerAt(t, yaml, DockerOptions{Instance: instance})
+	// The fake answers /health 4 s after its container started: the
+	// second vgw must have found it still loading.
+	if started, err := time.Parse(time.RFC3339Nano, warming.State.StartedAt); err != nil || time.Since(started) > 3*time.Second {
+		t.Fatalf("warming's container started at %q (%v): too long ago to be adopted while loading", warming.State.StartedAt, err)
+	}
 	eventually(t, "a and warming are ready", func() bool {
 		return second.status("a").State == Ready && second.status("warming").State == Ready
 	})
