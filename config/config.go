@@ -198,8 +198,16 @@ func Parse(path string, data []byte) (_ *Config, err error) {
 			err = &ListError{File: path, Problems: []Problem{{Message: fmt.Sprintf("the YAML parser failed on this file: %v", r)}}}
 		}
 	}()
-	if f, err := parser.ParseBytes(data, 0); len(bytes.TrimSpace(data)) == 0 || err == nil && (len(f.Docs) == 0 || f.Docs[0].Body == nil) {
+	f, perr := parser.ParseBytes(data, 0)
+	if len(bytes.TrimSpace(data)) == 0 || perr == nil && (len(f.Docs) == 0 || f.Docs[0].Body == nil) {
 		return nil, &ListError{File: path, Problems: []Problem{{Message: "the file is empty (or holds only comments)"}}}
+	}
+	// A tag with nothing under it (--- !x) would decode as no config at
+	// all, every default gone, and fail fifteen ways; say the one.
+	if perr == nil {
+		if tn, ok := f.Docs[0].Body.(*ast.TagNode); ok && (tn.Value == nil || tn.Value.Type() == ast.NullType) {
+			return nil, &ListError{File: path, Problems: []Problem{{Line: tn.GetToken().Position.Line, Message: "tag was used where mapping is expected"}}}
+		}
 	}
 	c := Defaults
 	c.Runtime.Env = nil

@@ -67,6 +67,8 @@ func TestErrors(t *testing.T) {
 		{"docker instance", "runtime: {kind: docker, image: vllm, instance: \"my vgw\"}\nmodels: {m: {repo: x}}\n", "c.yaml:1: runtime.instance"},
 		{"empty", "", "c.yaml: the file is empty"},
 		{"only comments", "# models:\n#   a: {}\n", "c.yaml: the file is empty"},
+		{"only a tag", "--- !x\n", "c.yaml:1: tag was used where mapping is expected"},
+		{"syntax", "models: {a: [\n", "c.yaml:1:"},
 		// go-yaml alone dropped a mapping with a non-string key whole, and
 		// silently: max_model_len fell back to its default.
 		{"non-string key", base + "models:\n  m: {max_model_len: 5, 1: 2}\n", `c.yaml:4: unknown field "1"`},
