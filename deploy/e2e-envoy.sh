@@ -18,6 +18,10 @@ else
 	echo "e2e-envoy: SKIPPED: no Envoy here (neither envoy nor func-e is on PATH); nothing was tested"
 	exit 0
 fi
+command -v curl >/dev/null 2>&1 || { echo "e2e-envoy: FAIL: curl is needed to send the requests"; exit 1; }
+if [ "${envoy_cmd[0]}" = func-e ]; then
+	echo "e2e-envoy: func-e downloads Envoy on its first run; offline, it fails here rather than skipping"
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -55,6 +59,12 @@ for _ in $(seq 1 100); do
 	sleep 0.2
 done
 [ "$(ask llama-3.1-8b)" = 200 ] || fail "llama-3.1-8b (always on) is not answered through Envoy: $(cat "$work/body")"
+
+# docker-compose.yaml's health check of Envoy, word for word, against this
+# Envoy's admin (127.0.0.1:9901 in envoy-local.yaml too): it must see LIVE.
+check=$(grep -o "exec 3<>/dev/tcp/127.0.0.1/9901 && printf '[^']*' >&3 && grep -q LIVE <&3" docker-compose.yaml | head -n 1 | sed 's/\\\\/\\/g')
+[ -n "$check" ] || fail "no Envoy health check found in docker-compose.yaml"
+timeout 5 bash -c "$check" || fail "docker-compose.yaml's Envoy health check does not pass against a real Envoy: $check"
 
 start=$(date +%s%N)
 [ "$(ask mistral-7b)" = 200 ] || fail "cold request for mistral-7b: $(cat "$work/body")"
