@@ -32,10 +32,12 @@ up: ## start Envoy and vgw on this GPU server (docker-compose.yaml)
 
 # vgw leaves its model containers running when it stops, for the next vgw
 # to adopt (docker compose restart vgw keeps models loaded); down removes
-# them too, once vgw has stopped, so that nothing holds the GPUs.
+# them too, once vgw has stopped, so that nothing holds the GPUs. INSTANCE
+# is runtime.instance in deploy/vgw.yaml.
+INSTANCE  ?= vgw
 down: ## stop Envoy, vgw and the model containers vgw started
 	$(COMPOSE) stop vgw
-	docker rm -f $$(docker ps -aq --filter label=vgw.managed=true --filter label=vgw.instance=vgw) 2>/dev/null || true
+	docker rm -f $$(docker ps -aq --filter label=vgw.managed=true --filter label=vgw.instance=$(INSTANCE)) 2>/dev/null || true
 	$(COMPOSE) down
 
 logs: ## follow vgw's and Envoy's logs
