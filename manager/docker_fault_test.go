@@ -207,7 +207,8 @@ func TestDockerKilled(t *testing.T) {
 	}
 	eventually(t, "warming's container runs, still loading", func() bool {
 		c, ok := first.container(t, "warming")
-		return ok && c.State.Running && first.status("warming").State == Loading
+		st := first.status("warming")
+		return ok && c.State.Running && st.State == Loading && st.Instance == c.ID
 	})
 	a, _ := first.container(t, "a")
 	warming, _ := first.container(t, "warming")

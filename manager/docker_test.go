@@ -587,7 +587,14 @@ func TestDockerAdoptLoading(t *testing.T) {
 	if err := first.Load(context.Background(), "a", false); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a's container runs", func() bool { c, ok := first.container(t, "a"); return ok && c.State.Running })
+	// Stopped once the runtime has handed over a's container, still
+	// loading: a vgw stopped in the middle of Docker's start call may
+	// remove the container it was starting, which is not this test's case.
+	eventually(t, "a's container runs, still loading", func() bool {
+		c, ok := first.container(t, "a")
+		st := first.status("a")
+		return ok && c.State.Running && st.State == Loading && st.Instance == c.ID
+	})
 	first.stop()
 
 	second := startDockerManager(t, instance, edit)
