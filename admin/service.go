@@ -225,39 +225,34 @@ func (s *Service) LoadModel(ctx context.Context, req *adminv1.LoadModelRequest) 
 		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 	}
-	if err := s.d.Manager.Load(ctx, req.GetModel(), req.GetWait()); err != nil {
-		return nil, s.grpcError(err)
-	}
-	s.audit(ctx, "load", req.GetModel())
-	m, err := s.one(req.GetModel())
+	m, err := s.act(ctx, "load", req.GetModel(), func() error { return s.d.Manager.Load(ctx, req.GetModel(), req.GetWait()) })
 	return &adminv1.LoadModelResponse{Model: m}, err
 }
 
 func (s *Service) UnloadModel(ctx context.Context, req *adminv1.UnloadModelRequest) (*adminv1.UnloadModelResponse, error) {
-	if err := s.d.Manager.Unload(req.GetModel()); err != nil {
-		return nil, s.grpcError(err)
-	}
-	s.audit(ctx, "unload", req.GetModel())
-	m, err := s.one(req.GetModel())
+	m, err := s.act(ctx, "unload", req.GetModel(), func() error { return s.d.Manager.Unload(req.GetModel()) })
 	return &adminv1.UnloadModelResponse{Model: m}, err
 }
 
 func (s *Service) PinModel(ctx context.Context, req *adminv1.PinModelRequest) (*adminv1.PinModelResponse, error) {
-	if err := s.d.Manager.Pin(req.GetModel(), true); err != nil {
-		return nil, s.grpcError(err)
-	}
-	s.audit(ctx, "pin", req.GetModel())
-	m, err := s.one(req.GetModel())
+	m, err := s.act(ctx, "pin", req.GetModel(), func() error { return s.d.Manager.Pin(req.GetModel(), true) })
 	return &adminv1.PinModelResponse{Model: m}, err
 }
 
 func (s *Service) UnpinModel(ctx context.Context, req *adminv1.UnpinModelRequest) (*adminv1.UnpinModelResponse, error) {
-	if err := s.d.Manager.Pin(req.GetModel(), false); err != nil {
+	m, err := s.act(ctx, "unpin", req.GetModel(), func() error { return s.d.Manager.Pin(req.GetModel(), false) })
+	return &adminv1.UnpinModelResponse{Model: m}, err
+}
+
+// act carries out an operator's action on model: do, then the audit line,
+// then the model as it now stands. A refused action is neither audited nor
+// answered with a model.
+func (s *Service) act(ctx context.Context, verb, model string, do func() error) (*adminv1.Model, error) {
+	if err := do(); err != nil {
 		return nil, s.grpcError(err)
 	}
-	s.audit(ctx, "unpin", req.GetModel())
-	m, err := s.one(req.GetModel())
-	return &adminv1.UnpinModelResponse{Model: m}, err
+	s.audit(ctx, verb, model)
+	return s.one(model)
 }
 
 func (s *Service) SetLogLevel(ctx context.Context, req *adminv1.SetLogLevelRequest) (*adminv1.SetLogLevelResponse, error) {
