@@ -169,7 +169,7 @@ func timedOut(model string, r Reason) *rejection {
 }
 
 // unavailable answers a model that cannot serve; why is the cause, shown
-// to the client (already redacted: it may quote a model server's log).
+// to the client, already cut to what a client may see and redacted.
 func unavailable(model, why string, retryAfter int, r Reason) *rejection {
 	msg := "Model '" + model + "' is unavailable"
 	if why != "" {

@@ -221,9 +221,11 @@ func WithWaitObserver(f func(model string, d time.Duration)) Option {
 	return func(s *Server) { s.waited = f }
 }
 
-// WithRedactor has f mask secrets in text vgw passes on to clients but did
-// not write itself: a failed load's cause quotes the model server's log,
-// which may repeat a token from its command line or environment.
+// WithRedactor has f mask secrets in the cause of a failed load before a
+// client is told it. The manager already keeps the model server's log and
+// the daemon's address out of what clients see (its errors' Public text);
+// this is the second line, for any cause vgw passes on that quotes a value
+// from the config.
 func WithRedactor(f func(string) string) Option { return func(s *Server) { s.redact = f } }
 
 // WithLoadTimeout bounds how long a request waits for its model to load.
