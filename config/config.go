@@ -198,27 +198,32 @@ func Parse(path string, data []byte) (_ *Config, err error) {
 			err = &ListError{File: path, Problems: []Problem{{Message: fmt.Sprintf("the YAML parser failed on this file: %v", r)}}}
 		}
 	}()
+	// The syntax tree, read once, for the checks before decoding and for
+	// the lines of validation's problems; nil when data does not parse (the
+	// decoder then says why) or holds no document.
 	f, perr := parser.ParseBytes(data, 0)
-	if len(bytes.TrimSpace(data)) == 0 || perr == nil && (len(f.Docs) == 0 || f.Docs[0].Body == nil) {
+	var top ast.Node
+	if perr == nil && len(f.Docs) > 0 {
+		top = f.Docs[0].Body
+	}
+	if len(bytes.TrimSpace(data)) == 0 || perr == nil && top == nil {
 		return nil, &ListError{File: path, Problems: []Problem{{Message: "the file is empty (or holds only comments)"}}}
 	}
 	// A tag with nothing under it (--- !x) would decode as no config at
 	// all, every default gone, and fail fifteen ways; say the one.
-	if perr == nil {
-		if tn, ok := f.Docs[0].Body.(*ast.TagNode); ok && (tn.Value == nil || tn.Value.Type() == ast.NullType) {
-			return nil, &ListError{File: path, Problems: []Problem{{Line: tn.GetToken().Position.Line, Message: "tag was used where mapping is expected"}}}
-		}
+	if tn, ok := top.(*ast.TagNode); ok && (tn.Value == nil || tn.Value.Type() == ast.NullType) {
+		return nil, &ListError{File: path, Problems: []Problem{{Line: tn.GetToken().Position.Line, Message: "tag was used where mapping is expected"}}}
 	}
 	c := Defaults
 	c.Runtime.Env = nil
-	if ps := unknownKeys(data); len(ps) > 0 {
+	if ps := unknownKeys(top); len(ps) > 0 {
 		return nil, &ListError{File: path, Problems: ps}
 	}
 	if err := yaml.UnmarshalWithOptions(data, &c, yaml.DisallowUnknownField()); err != nil {
 		return nil, decodeError(path, err)
 	}
 	c.Path = path
-	if err := c.validate(newLocator(data)); err != nil {
+	if err := c.validate(&locator{root: top}); err != nil {
 		var le *ListError
 		if errors.As(err, &le) {
 			le.File = path
@@ -237,7 +242,7 @@ func decodeError(path string, err error) error {
 	return &ListError{File: path, Problems: []Problem{{Message: err.Error()}}}
 }
 
-// unknownKeys returns a problem for every key in data that names no field
+// unknownKeys returns a problem for every key under top that names no field
 // of the struct it decodes into, in file order. go-yaml's
 // DisallowUnknownField alone is not enough: it names one of several unknown
 // keys at random (it ranges over a map), so the same file failed with a
@@ -245,13 +250,12 @@ func decodeError(path string, err error) error {
 // string (1: x) it drops whole and without a word, so that every setting
 // beside that key fell back to its default. What the walk cannot type
 // (aliases, merge keys) it leaves to the decoder.
-func unknownKeys(data []byte) []Problem {
-	f, err := parser.ParseBytes(data, 0)
-	if err != nil || len(f.Docs) == 0 {
+func unknownKeys(top ast.Node) []Problem {
+	if top == nil {
 		return nil // the decoder reports the syntax error
 	}
 	var ps []Problem
-	walkKeys(f.Docs[0].Body, reflect.TypeFor[Config](), &ps)
+	walkKeys(top, reflect.TypeFor[Config](), &ps)
 	return ps
 }
 
