@@ -27,8 +27,12 @@ type Footprint struct {
 // mid-write leaves the old file whole.
 type Footprints struct {
 	path    string
-	mu      sync.Mutex
+	mu      sync.Mutex // guards byModel
 	byModel map[string]Footprint
+	// writing serialises writes of the file, so that each writes the
+	// newest state and none is overtaken by an older one. It is held
+	// across the write, and only by writers; readers take mu alone.
+	writing sync.Mutex
 }
 
 // OpenFootprints loads the footprint file at path; an empty path keeps
@@ -90,14 +94,23 @@ func (f *Footprints) All() map[string]Footprint {
 	return out
 }
 
-// Put records a footprint and writes the file.
+// Put records a footprint and writes the file. Concurrent Puts write one
+// at a time, each the state as it is when its turn comes, so the file
+// never loses a footprint that an earlier write had.
 func (f *Footprints) Put(model string, fp Footprint) error {
 	f.mu.Lock()
 	f.byModel[model] = fp
+	f.mu.Unlock()
+	if f.path == "" {
+		return nil
+	}
+	f.writing.Lock()
+	defer f.writing.Unlock()
+	f.mu.Lock()
 	data, err := json.MarshalIndent(f.byModel, "", "  ")
 	f.mu.Unlock()
-	if err != nil || f.path == "" {
-		return err
+	if err != nil {
+		return fmt.Errorf("footprints file %s: %w", f.path, err)
 	}
 	return writeAtomic(f.path, data)
 }
