@@ -269,8 +269,8 @@ func (r *DockerRuntime) clearName(ctx context.Context, name string, spec Spec) (
 	r.opt.Log.Info("removing a container of this vgw's that holds the name", slog.String("container", name), slog.String("id", c.ID),
 		slog.String("state", string(c.State.Status)))
 	r.forget(c.ID)
-	if _, err := r.cli.ContainerRemove(ctx, c.ID, client.ContainerRemoveOptions{Force: true}); err != nil && !containerGone(err) {
-		return nil, r.daemonError("remove container "+name, err)
+	if err := r.remove(ctx, c.ID); err != nil {
+		return nil, err
 	}
 	r.mu.Lock()
 	delete(r.unremoved, c.ID)
@@ -403,11 +403,40 @@ func (r *DockerRuntime) Stop(ctx context.Context, inst *Instance, grace time.Dur
 	return nil
 }
 
+// remove removes a container, killing it first if it runs. One that
+// someone else is removing (`docker rm -f` by hand) is waited for until it
+// is gone: its name is taken until then, so a start that went ahead would
+// fail on it.
 func (r *DockerRuntime) remove(ctx context.Context, id string) error {
-	if _, err := r.cli.ContainerRemove(ctx, id, client.ContainerRemoveOptions{Force: true}); err != nil && !containerGone(err) {
+	_, err := r.cli.ContainerRemove(ctx, id, client.ContainerRemoveOptions{Force: true})
+	if removalUnderWay(err) {
+		err = r.waitRemoved(ctx, id)
+	}
+	if err != nil && !containerGone(err) {
 		return r.daemonError("remove container "+id, err)
 	}
 	return nil
+}
+
+// removalUnderWay reports whether err is Docker refusing a removal because
+// another is in progress: a 409 "removal of container ... is already in
+// progress" (moby daemon/delete.go, SetRemovalInProgress).
+func removalUnderWay(err error) bool {
+	return cerrdefs.IsConflict(err) && strings.Contains(err.Error(), "already in progress")
+}
+
+// waitRemoved waits until Docker has removed the container (the wait
+// API's "removed" condition), for at most apiTimeout.
+func (r *DockerRuntime) waitRemoved(ctx context.Context, id string) error {
+	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
+	defer cancel()
+	res := r.cli.ContainerWait(ctx, id, client.ContainerWaitOptions{Condition: container.WaitConditionRemoved})
+	select {
+	case <-res.Result:
+		return nil
+	case err := <-res.Error:
+		return err
+	}
 }
 
 func (r *DockerRuntime) forget(id string) {

@@ -609,3 +609,32 @@ func TestDockerAdoptLoading(t *testing.T) {
 		t.Errorf("a's ready event %+v", ev)
 	}
 }
+
+// TestDockerRemovedByHand: `docker rm -f` of a running model's container
+// is a crash, not a failed load. Docker reports the death (die) while its
+// own removal is still under way, so vgw's reload finds the old container
+// half removed: its removal answers 409 "removal ... is already in
+// progress" (daemon/delete.go), and the load must wait for Docker's
+// removal to finish rather than fail.
+func TestDockerRemovedByHand(t *testing.T) {
+	dm := startDockerManager(t, "", func(y string) string {
+		return strings.Replace(y, "a: {repo: org/a,", "a: {repo: org/a, always_on: true,", 1)
+	})
+	eventually(t, "a is ready", func() bool { return dm.status("a").State == Ready })
+	for i := range 5 {
+		before, ok := dm.container(t, "a")
+		if !ok {
+			t.Fatalf("round %d: no container for a", i)
+		}
+		if _, err := dm.engine.Client.ContainerRemove(context.Background(), before.ID, client.ContainerRemoveOptions{Force: true}); err != nil {
+			t.Fatal(err)
+		}
+		eventuallyWithin(t, 30*time.Second, "a is back in a new container", func() bool {
+			after, ok := dm.container(t, "a")
+			return ok && after.ID != before.ID && dm.status("a").State == Ready
+		})
+	}
+	if e, failed := dm.events.find("a", EventLoadFailed); failed {
+		t.Errorf("a load failed after its container was removed by hand: %s", e.Detail)
+	}
+}
