@@ -333,6 +333,37 @@ func TestStreamHoldsSlot(t *testing.T) {
 	}
 }
 
+// TestRemovedAndAddedBack: a model taken out of the config and put back
+// while its requests are still in flight keeps counting them against its
+// max_concurrent. It was given a fresh gate, so its backend ran twice its
+// limit and its in-flight count (and metrics) forgot the first ones.
+func TestRemovedAndAddedBack(t *testing.T) {
+	llama := []extproc.Model{{Name: "llama", Limits: limits(2, 4, 10*time.Second)}}
+	h := start(t, llama)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s1, done1 := h.streaming(t, ctx, "s1", "llama")
+	s2, done2 := h.streaming(t, ctx, "s2", "llama")
+	h.srv.SetModels(nil)
+	if res := do(t, h, ctx, req("gone", chat("llama"))); res.Status != 404 {
+		t.Fatalf("a removed model answered %d, want 404", res.Status)
+	}
+	h.srv.SetModels(llama)
+	third := h.async(t, ctx, req("third", chat("llama")))
+	eventually(t, "the third request is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
+	if st := h.stats(t, "llama"); st.InFlight != 2 {
+		t.Fatalf("in flight %d after the model came back, want the 2 still running", st.InFlight)
+	}
+	close(s1.chunks)
+	<-done1
+	if res := <-third; res.Status != 200 {
+		t.Fatalf("the third request got %d once a slot freed", res.Status)
+	}
+	close(s2.chunks)
+	<-done2
+	h.idle(t, "llama")
+}
+
 // TestHeaderFastPath: a request naming its model in x-vgw-model is decided
 // on its headers, and Envoy is told not to send the body at all.
 func TestHeaderFastPath(t *testing.T) {

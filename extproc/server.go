@@ -93,8 +93,13 @@ type Server struct {
 	messageTimeout    time.Duration
 	maxMessageTimeout time.Duration
 
-	models   atomic.Pointer[modelTable]
-	setMu    sync.Mutex // serialises SetModels
+	models atomic.Pointer[modelTable]
+	setMu  sync.Mutex // serialises SetModels, and guards retired
+	// retired holds the entries of models removed from the config, so
+	// that a model added back gets its old gate: the requests it still
+	// has in flight count against its max_concurrent, not beside it. An
+	// entry that was idle when a later SetModels ran is dropped then.
+	retired  map[string]*modelEntry
 	draining atomic.Bool
 	unknown  counts // decisions for requests that named no configured model
 
@@ -276,23 +281,46 @@ func (s *Server) Decisions() *DecisionLog { return s.decisions }
 // SetModels replaces the configured models. A model that stays keeps its
 // queue, in-flight count and statistics, and takes the new limits; a model
 // that goes is answered 404 from now on, while its admitted requests finish.
+// A model that comes back before they have finished takes up its old
+// state again, so they still count against its limits.
 func (s *Server) SetModels(models []Model) {
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
-	old := s.models.Load()
+	// Entries retired by an earlier call and idle now are dropped: no
+	// request can reach them any more, as every stream that read the
+	// table they were in has long since taken its slot.
+	for name, e := range s.retired {
+		if st := e.gate.stats(); st.InFlight == 0 && st.Queued == 0 {
+			delete(s.retired, name)
+		}
+	}
+	var old map[string]*modelEntry
+	if t := s.models.Load(); t != nil {
+		old = t.byName
+	}
 	t := &modelTable{byName: make(map[string]*modelEntry, len(models))}
 	names := make([]string, 0, len(models))
 	for _, m := range models {
-		if old != nil {
-			if e, ok := old.byName[m.Name]; ok {
-				e.gate.setLimits(m.Limits)
-				t.byName[m.Name] = e
-				names = append(names, m.Name)
-				continue
-			}
+		e, ok := old[m.Name]
+		if !ok {
+			e, ok = s.retired[m.Name]
+			delete(s.retired, m.Name)
 		}
-		t.byName[m.Name] = newModelEntry(m)
+		if ok {
+			e.gate.setLimits(m.Limits)
+		} else {
+			e = newModelEntry(m)
+		}
+		t.byName[m.Name] = e
 		names = append(names, m.Name)
+	}
+	for name, e := range old {
+		if _, stays := t.byName[name]; !stays {
+			if s.retired == nil {
+				s.retired = map[string]*modelEntry{}
+			}
+			s.retired[name] = e
+		}
 	}
 	slices.Sort(names)
 	t.list = renderModelList(names)
