@@ -657,6 +657,12 @@ func (m *Manager) Update(cfg *config.Config) bool {
 				md.removed = true
 				md.h.removed.Store(true)
 				md.answer(fmt.Errorf("%w: %s", ErrUnknownModel, name))
+				if md.state() == Loading {
+					// Nobody can ask for it any more: its load would only
+					// hold GPU memory until load_timeout. A ready model
+					// is unloaded once idle (tick).
+					m.unload(md, "it was removed from the config")
+				}
 				m.forget(md)
 				continue
 			}

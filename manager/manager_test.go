@@ -436,6 +436,34 @@ func TestUpdate(t *testing.T) {
 	})
 }
 
+// TestRemovedWhileLoading: a model taken out of the config while it loads
+// stops loading at once: its GPU memory is freed, and it is reported
+// unloaded, not failed. The load went on to its load_timeout, holding
+// the memory, then logged an error and sent load_failed for a model no
+// longer configured.
+func TestRemovedWhileLoading(t *testing.T) {
+	cfg := strings.Replace(baseConfig, "load_timeout: 10s", "load_timeout: 1m", 1)
+	tm := startManager(t, cfg+"models:\n  slow: {vram: 20GiB, sim: {startup_delay: 1h}}\n  b: {vram: 20GiB}\n")
+	answer := make(chan error, 1)
+	go func() { answer <- ensure(t, tm, "slow", time.Minute) }()
+	eventually(t, "slow is loading on the GPU", func() bool {
+		m, _ := tm.gpus.Memory()
+		return tm.status("slow").State == Loading && m[0].Used == 20<<30
+	})
+	tm.Update(parseConfig(t, cfg+"models:\n  b: {vram: 20GiB}\n"))
+	if err := <-answer; !errors.Is(err, ErrUnknownModel) {
+		t.Fatalf("the waiter of the removed model got %v, want ErrUnknownModel", err)
+	}
+	eventuallyWithin(t, 5*time.Second, "the removed model's memory is freed", func() bool {
+		m, _ := tm.gpus.Memory()
+		return m[0].Used == 0
+	})
+	kinds := tm.eventKinds("slow")
+	if slices.Contains(kinds, EventLoadFailed) || !slices.Contains(kinds, EventUnloaded) {
+		t.Errorf("events of the removed model: %v, want unloaded and no load_failed", kinds)
+	}
+}
+
 // TestExternalMemory: memory used by processes vgw does not know about
 // keeps a model off a GPU.
 func TestExternalMemory(t *testing.T) {
