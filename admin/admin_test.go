@@ -14,6 +14,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"unicode/utf8"
 	"time"
 
 	"google.golang.org/grpc"
@@ -44,6 +45,7 @@ type fakeManager struct {
 	gpus    []manager.GPUStatus
 	loadErr error
 	pinned  map[string]bool
+	calls   int // of Load, Unload and Pin
 }
 
 func (f *fakeManager) Status() []manager.ModelStatus {
@@ -73,6 +75,9 @@ func (f *fakeManager) Pin(name string, on bool) error {
 	return nil
 }
 func (f *fakeManager) known(name string) error {
+	f.mu.Lock()
+	f.calls++
+	f.mu.Unlock()
 	for _, m := range f.models {
 		if m.Name == name {
 			return nil
@@ -197,6 +202,7 @@ func TestGRPCError(t *testing.T) {
 		{&manager.NoRoom{Model: "x"}, codes.Unavailable},
 		{&manager.LoadError{Model: "x", Err: errors.New("exit 1")}, codes.Unavailable},
 		{manager.ErrClosed, codes.Unavailable},
+		{fmt.Errorf("model x: %w", manager.ErrUnloaded), codes.Aborted},
 		{errors.New("odd"), codes.Internal},
 	}
 	for _, tt := range tests {
@@ -368,6 +374,37 @@ func TestActions(t *testing.T) {
 	adm.SetDraining(true)
 	if _, err := svc.Drain(ctx, &adminv1.DrainRequest{}); status.Code(err) != codes.FailedPrecondition || !adm.Draining() {
 		t.Errorf("drain=false while stopping: %v, draining %v", err, adm.Draining())
+	}
+}
+
+// TestHostileModelArg: a model name no config could hold is refused
+// before anything repeats it, and what the refusal quotes of it is short
+// and valid UTF-8. A 3 MB name came back whole in the NotFound error.
+func TestHostileModelArg(t *testing.T) {
+	svc, mgr, _ := newTestService(t)
+	ctx := context.Background()
+	for name, model := range map[string]string{
+		"3 MB":      strings.Repeat("a", 3<<20),
+		"129 bytes": strings.Repeat("b", 129),
+		"not UTF-8": "ll\xffama",
+		"newline":   "llama\nINFO forged log line",
+	} {
+		calls := []func() error{
+			func() error { _, err := svc.LoadModel(ctx, &adminv1.LoadModelRequest{Model: model}); return err },
+			func() error { _, err := svc.UnloadModel(ctx, &adminv1.UnloadModelRequest{Model: model}); return err },
+			func() error { _, err := svc.PinModel(ctx, &adminv1.PinModelRequest{Model: model}); return err },
+			func() error { _, err := svc.UnpinModel(ctx, &adminv1.UnpinModelRequest{Model: model}); return err },
+		}
+		for i, call := range calls {
+			err := call()
+			st := status.Convert(err)
+			if st.Code() != codes.InvalidArgument || len(st.Message()) > 256 || !utf8.ValidString(st.Message()) || strings.Contains(st.Message(), "\n") {
+				t.Errorf("%s, call %d: %v %d bytes %q…", name, i, st.Code(), len(st.Message()), st.Message()[:min(80, len(st.Message()))])
+			}
+		}
+	}
+	if mgr.calls != 0 {
+		t.Errorf("the manager was asked %d times about names it cannot have", mgr.calls)
 	}
 }
 

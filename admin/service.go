@@ -208,6 +208,10 @@ func (s *Service) grpcError(err error) error {
 		return status.Error(codes.Canceled, msg)
 	case errors.Is(err, manager.ErrClosed), errors.As(err, &nr), errors.As(err, &le):
 		return status.Error(codes.Unavailable, msg)
+	case errors.Is(err, manager.ErrUnloaded):
+		// Another action (an unload, a reload without the model) ended
+		// the load this call waited for.
+		return status.Error(codes.Aborted, msg)
 	}
 	return status.Error(codes.Internal, msg)
 }
@@ -248,6 +252,9 @@ func (s *Service) UnpinModel(ctx context.Context, req *adminv1.UnpinModelRequest
 // then the model as it now stands. A refused action is neither audited nor
 // answered with a model.
 func (s *Service) act(ctx context.Context, verb, model string, do func() error) (*adminv1.Model, error) {
+	if err := checkModelArg(model); err != nil {
+		return nil, err
+	}
 	if err := do(); err != nil {
 		return nil, s.grpcError(err)
 	}
@@ -293,6 +300,11 @@ func (s *Service) ListDecisions(_ context.Context, req *adminv1.ListDecisionsReq
 // script) knows the watch is live before anything happens, then every
 // event as it comes.
 func (s *Service) WatchEvents(req *adminv1.WatchEventsRequest, stream adminv1.Admin_WatchEventsServer) error {
+	if m := req.GetModel(); m != "" {
+		if err := checkModelArg(m); err != nil {
+			return err
+		}
+	}
 	events, stop := s.d.Events.Watch(req.GetModel())
 	defer stop()
 	what := "all models"
@@ -398,4 +410,20 @@ func burst(before, after map[int]uint64) string {
 		}
 	}
 	return strings.Join(parts, ", ")
+}
+
+// checkModelArg refuses a model name no config could hold, before anything
+// repeats it: errors and events would otherwise carry whatever a caller
+// sent (megabytes of it, or bytes that are not UTF-8) back to it and into
+// the log. What is quoted of a refused name is cut short.
+func checkModelArg(name string) error {
+	if config.ModelNamePattern.MatchString(name) {
+		return nil
+	}
+	const quoted = 64
+	shown := strings.ToValidUTF8(name, "\uFFFD")
+	if len(shown) > quoted {
+		shown = strings.ToValidUTF8(shown[:quoted], "") + "…"
+	}
+	return status.Errorf(codes.InvalidArgument, "model name %q (%d bytes) cannot be configured: names are 1-128 of letters, digits and . _ : @ + / -", shown, len(name))
 }

@@ -294,8 +294,9 @@ const (
 	BackoffMax  = 5 * time.Minute
 )
 
-// errUnloaded answers the waiters of a model unloaded before it was ready.
-var errUnloaded = errors.New("unloaded while it was loading")
+// ErrUnloaded answers the waiters of a model unloaded before it was ready
+// (an operator's unload, or the model leaving the config).
+var ErrUnloaded = errors.New("unloaded while it was loading")
 
 // loadFailed ends a load that failed: the start failed, the server exited,
 // it never became healthy, or it was unloaded. The worker has stopped the
@@ -311,7 +312,7 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	m.rereadGPUs()
 	if op.cancelled {
 		m.event(md.name, EventUnloaded, "before it was ready")
-		md.answer(fmt.Errorf("model %s: %w", md.name, errUnloaded))
+		md.answer(fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
 		m.releaseGPUs(md.name, op.gpus)
 		m.forget(md)
 		m.schedule()
@@ -417,7 +418,7 @@ func (m *Manager) unload(md *model, reason string) {
 		// Placed but not started (waiting for evictions or a GPU).
 		md.setState(Stopped)
 		md.gpus, md.evicting = nil, nil
-		md.answer(fmt.Errorf("model %s: %w", md.name, errUnloaded))
+		md.answer(fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
 		m.forget(md)
 		m.schedule()
 	}

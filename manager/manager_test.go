@@ -725,7 +725,7 @@ func TestUnloadWhileLoading(t *testing.T) {
 	go func() { done <- ensure(nil, &testManager{Manager: m}, "a", 10*time.Second) }()
 	eventually(t, "a is loading", func() bool { return statusOf(m, "a").Instance != "" })
 	m.Unload("a")
-	if err := <-done; !errors.Is(err, errUnloaded) {
+	if err := <-done; !errors.Is(err, ErrUnloaded) {
 		t.Fatalf("waiter got %v", err)
 	}
 	eventually(t, "a is stopped", func() bool { return statusOf(m, "a").State == Stopped })
