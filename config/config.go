@@ -78,6 +78,12 @@ type Envoy struct {
 	// HealthCheckInterval turns on Envoy's active /health checks of model
 	// servers; 0 leaves them off (vgw checks /health before it routes).
 	HealthCheckInterval Duration `yaml:"health_check_interval"`
+	// StreamIdleTimeout is the connection manager's stream_idle_timeout:
+	// the longest a request goes without a byte to or from its client
+	// before Envoy ends it, so the longest a real Envoy leaves an ext_proc
+	// stream silent before the response begins. vgw ends a stream silent
+	// for a minute longer (extproc.WithStreamIdleTimeout); 0 sets no bound.
+	StreamIdleTimeout Duration `yaml:"stream_idle_timeout"`
 }
 
 // Runtime says how models are run.
@@ -174,6 +180,7 @@ var Defaults = Config{
 		MessageTimeout:    Duration(200 * time.Millisecond),
 		MaxMessageTimeout: Duration(900 * time.Second),
 		XDSGrace:          Duration(2 * time.Second),
+		StreamIdleTimeout: Duration(960 * time.Second),
 	},
 	Runtime: Runtime{Kind: "docker", Network: "vgw", Instance: "vgw"},
 }

@@ -170,6 +170,9 @@ type Expect struct {
 	MaxBodyBytes      int64
 	// RecvLimit is the largest message vgw's ext_proc listener accepts.
 	RecvLimit int64
+	// StreamIdleTimeout is vgw's envoy.stream_idle_timeout, which ends
+	// ext_proc streams left silent longer (by a margin).
+	StreamIdleTimeout time.Duration
 }
 
 // CheckAgainst reports where b's ext_proc filter and body buffer limit
@@ -193,6 +196,11 @@ func CheckAgainst(b *bootstrapv3.Bootstrap, want Expect) []Problem {
 	if got := ep.GetMaxMessageTimeout().AsDuration(); got != want.MaxMessageTimeout {
 		c.errorf("ext_proc.max_message_timeout", "is %v, vgw's envoy.max_message_timeout is %v", got, want.MaxMessageTimeout)
 	}
+	for _, idle := range streamIdleTimeouts(b) {
+		if idle.timeout != want.StreamIdleTimeout {
+			c.errorf(idle.path, "is %v, vgw's envoy.stream_idle_timeout is %v: vgw bounds how long an ext_proc stream may stay silent by it", idle.timeout, want.StreamIdleTimeout)
+		}
+	}
 	for _, limit := range bodyLimits(b) {
 		if limit.bytes < want.MaxBodyBytes {
 			c.errorf(limit.path, "is %d bytes, under vgw's max_body_bytes %d: Envoy would answer 413 in plain text before vgw sees the body", limit.bytes, want.MaxBodyBytes)
@@ -202,6 +210,34 @@ func CheckAgainst(b *bootstrapv3.Bootstrap, want Expect) []Problem {
 		}
 	}
 	return c.problems
+}
+
+type streamIdle struct {
+	path    string
+	timeout time.Duration
+}
+
+// streamIdleTimeouts lists every connection manager's stream_idle_timeout
+// in the static listeners (http_connection_manager.proto: 5m unless set,
+// 0 for none).
+func streamIdleTimeouts(b *bootstrapv3.Bootstrap) []streamIdle {
+	var out []streamIdle
+	for li, l := range b.GetStaticResources().GetListeners() {
+		for _, fc := range l.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				hcm, ok := unpack(f.GetTypedConfig(), &hcmv3.HttpConnectionManager{})
+				if !ok {
+					continue
+				}
+				idle := defaultStreamIdleTimeout
+				if t := hcm.GetStreamIdleTimeout(); t != nil {
+					idle = t.AsDuration()
+				}
+				out = append(out, streamIdle{fmt.Sprintf("static_resources.listeners[%d] stream_idle_timeout", li), idle})
+			}
+		}
+	}
+	return out
 }
 
 type bodyLimit struct {

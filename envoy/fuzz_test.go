@@ -52,6 +52,7 @@ var fuzzExpect = Expect{
 	MaxMessageTimeout: config.Defaults.Envoy.MaxMessageTimeout.Std(),
 	MaxBodyBytes:      int64(config.Defaults.MaxBodyBytes),
 	RecvLimit:         int64(extproc.RecvLimit(int(config.Defaults.MaxBodyBytes))),
+	StreamIdleTimeout: config.Defaults.Envoy.StreamIdleTimeout.Std(),
 }
 
 // verdict is everything vgw envoy-check reports on one input: a parse

@@ -138,7 +138,7 @@ func start(t testing.TB, models []extproc.Model, opts ...extproc.Option) *harnes
 	f := repoFilter(t)
 	opts = append([]extproc.Option{extproc.WithMessageTimeouts(f.MessageTimeout, f.MaxMessageTimeout)}, opts...)
 	h.srv = extproc.New(models, h.mgr, opts...)
-	g := grpc.NewServer()
+	g := grpc.NewServer(h.srv.StreamIdleOption())
 	h.srv.Register(g)
 	go g.Serve(lis)
 	t.Cleanup(g.Stop)

@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
-	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -105,6 +104,9 @@ type Server struct {
 
 	waited func(model string, d time.Duration) // see WithWaitObserver
 	redact func(string) string                 // see WithRedactor
+
+	streamIdle time.Duration // see WithStreamIdleTimeout
+	idleClosed atomic.Uint64 // streams ended for their silence
 }
 
 // modelTable is an immutable snapshot of the configured models, swapped
@@ -242,6 +244,13 @@ func WithLoadTimeout(d time.Duration) Option { return func(s *Server) { s.loadTi
 func WithMessageTimeouts(message, max time.Duration) Option {
 	return func(s *Server) { s.messageTimeout, s.maxMessageTimeout = message, max }
 }
+
+// WithStreamIdleTimeout bounds how long an ext_proc stream may wait for
+// Envoy's next message before its response begins; a stream silent for
+// longer is ended, and what it held given back (idle.go). Set it above
+// Envoy's stream_idle_timeout, which ends every real request sooner. The
+// bound works only on a listener built with StreamIdleOption.
+func WithStreamIdleTimeout(d time.Duration) Option { return func(s *Server) { s.streamIdle = d } }
 
 // Defaults, matching Envoy's own where the value mirrors an Envoy setting.
 const (
@@ -425,22 +434,38 @@ func (s *Server) waitBudget(queueTimeout time.Duration) (budget, margin time.Dur
 	return min(queueTimeout+s.loadTimeout, limit-margin), margin
 }
 
-// RecvLimit is the largest message the ext_proc listener receives when
-// vgw answers bodies over maxBody with 413. It is well above maxBody so
-// that a body Envoy buffered beyond it (a chunked body, with no
-// content-length for the headers check) still arrives and gets vgw's 413:
-// a message gRPC refuses becomes Envoy's plain 500 instead. Envoy's own
-// buffer limit should not exceed it; vgw envoy-check --config says so.
-func RecvLimit(maxBody int) int { return max(2*maxBody, 64<<20) + 1<<20 }
+// RecvLimit is the largest message the ext_proc listener receives: a body
+// of maxBody, with room for its framing, or the request headers, which
+// travel in a message of their own (Envoy's limit on them is 60 KiB by
+// default, max_request_headers_kb). gRPC refuses a longer message on its
+// length prefix, before reading it, so no stream holds more than this of
+// a body (grpc-go rpc_util.go recvMsg). A body over maxBody that Envoy
+// buffered (a chunked one, with no content-length for the headers check)
+// still gets vgw's 413 as long as it is under this; Envoy's buffer limit
+// should not exceed it (vgw envoy-check --config says so), or such a body
+// becomes Envoy's 500.
+func RecvLimit(maxBody int) int { return maxBody + 1<<20 }
+
+// MaxStreamsPerConnection caps the ext_proc streams one connection may
+// have open, so that one peer cannot hold unbounded state on one
+// connection. Each request, waiting ones included, is one stream; Envoy's
+// HTTP/2 pool opens another connection when a connection reaches the cap
+// vgw advertises (SETTINGS_MAX_CONCURRENT_STREAMS), up to the ext_proc
+// cluster's max_connections (envoy/envoy.yaml: 1024).
+const MaxStreamsPerConnection = 4096
 
 // GRPCOptions are the gRPC server settings an ext_proc listener needs:
-// messages up to RecvLimit, no cap on concurrent streams (each request,
-// waiting ones included, is one stream), and keepalive pings from Envoy
-// accepted without a stream open.
+// messages up to RecvLimit, at most MaxStreamsPerConnection streams per
+// connection, keepalive pings from Envoy accepted without a stream open,
+// connections that carry no stream for 5 minutes closed (gracefully: a
+// GOAWAY, after which Envoy opens a new one when it needs one) and a
+// connection that has not finished its handshake in 10 s dropped.
 func GRPCOptions(maxBody int) []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(RecvLimit(maxBody)),
-		grpc.MaxConcurrentStreams(math.MaxUint32),
+		grpc.MaxConcurrentStreams(MaxStreamsPerConnection),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 5 * time.Minute}),
+		grpc.ConnectionTimeout(10 * time.Second),
 	}
 }

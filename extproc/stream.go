@@ -34,10 +34,14 @@ import (
 // whichever comes first, and exactly once.
 func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	st := &stream{s: s, srv: srv, ctx: srv.Context()}
+	st.idle, _ = st.ctx.Value(idleWatchKey{}).(*idleWatch)
 	defer st.close()
 	for {
 		req, err := st.recv()
 		if err != nil {
+			if st.idle.expired() {
+				s.idleClosed.Add(1)
+			}
 			return endErr(err)
 		}
 		done, err := st.handle(req)
@@ -89,6 +93,10 @@ type stream struct {
 	admittedAt time.Time
 	status     int // upstream :status
 
+	// idle bounds each wait for Envoy's next message until the response
+	// begins (see idle.go); nil when the listener sets no bound.
+	idle      *idleWatch
+	responded bool // response headers came: no bound from here on
 }
 
 // recv reads Envoy's next message. While a request waits (for a slot, for
@@ -99,11 +107,25 @@ type stream struct {
 // runtime flag it half-closes and resets when its remote close timeout
 // (1 s by default, ext_proc.cc) runs out, so a wait sees the client leave
 // at most that late, and vgw keeps no second goroutine per waiting request
-// to watch for it sooner.
-func (st *stream) recv() (*extprocv3.ProcessingRequest, error) { return st.srv.Recv() }
+// to watch for it sooner. Until the response begins, the wait for Envoy's
+// message is bounded (idle.go).
+func (st *stream) recv() (*extprocv3.ProcessingRequest, error) {
+	if st.idle == nil || st.responded {
+		return st.srv.Recv()
+	}
+	st.idle.arm()
+	req, err := st.srv.Recv()
+	st.idle.disarm()
+	return req, err
+}
 
 // close runs when the stream's handler returns, however it returns.
-func (st *stream) close() { st.finish() }
+func (st *stream) close() {
+	st.finish()
+	if st.idle != nil {
+		st.idle.disarm()
+	}
+}
 
 func (st *stream) send(r *extprocv3.ProcessingResponse) error {
 	return st.srv.Send(r)
@@ -483,6 +505,7 @@ func depthHeader(depth int) *corev3.HeaderValueOption {
 }
 
 func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) error {
+	st.responded = true
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		if hv.GetKey() == ":status" {
 			st.status, _ = strconv.Atoi(string(headerValue(hv)))

@@ -129,6 +129,7 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		extproc.WithMessageTimeouts(cfg.Envoy.MessageTimeout.Std(), cfg.Envoy.MaxMessageTimeout.Std()),
 		extproc.WithWaitObserver(func(model string, d time.Duration) { waits(model, d) }),
 		extproc.WithRedactor(a.redactor.Redact),
+		extproc.WithStreamIdleTimeout(streamIdleBound(cfg.Envoy.StreamIdleTimeout.Std())),
 	)
 	svc := admin.NewService(admin.Deps{
 		Manager: mgr, Admission: a.ep, Envoys: a.xds, Level: o.level,
@@ -162,7 +163,7 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 	)
 	a.xds.Register(a.xdsGRPC)
 	healthpb.RegisterHealthServer(a.xdsGRPC, health.NewServer())
-	a.extprocGRPC = grpc.NewServer(extproc.GRPCOptions(int(cfg.MaxBodyBytes))...)
+	a.extprocGRPC = grpc.NewServer(append(extproc.GRPCOptions(int(cfg.MaxBodyBytes)), a.ep.StreamIdleOption())...)
 	a.ep.Register(a.extprocGRPC)
 	a.health = health.NewServer()
 	healthpb.RegisterHealthServer(a.extprocGRPC, a.health)
@@ -298,6 +299,17 @@ func (a *app) shutdown() {
 	a.stop()
 	<-a.done
 	a.closeGPUs()
+}
+
+// streamIdleBound is how long an ext_proc stream may stay silent before
+// its response begins: a minute past Envoy's stream_idle_timeout, by
+// which Envoy has ended any request it still had (0: Envoy sets no such
+// timeout, and vgw no bound).
+func streamIdleBound(envoyIdle time.Duration) time.Duration {
+	if envoyIdle <= 0 {
+		return 0
+	}
+	return envoyIdle + time.Minute
 }
 
 // extprocModels lists the configured models with their resolved limits.

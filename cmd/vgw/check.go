@@ -52,6 +52,7 @@ func envoyCheck(args []string, stdout, stderr io.Writer) error {
 			MaxMessageTimeout: c.Envoy.MaxMessageTimeout.Std(),
 			MaxBodyBytes:      int64(c.MaxBodyBytes),
 			RecvLimit:         int64(extproc.RecvLimit(int(c.MaxBodyBytes))),
+			StreamIdleTimeout: c.Envoy.StreamIdleTimeout.Std(),
 		}
 	}
 	failed := 0

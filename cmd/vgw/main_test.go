@@ -79,12 +79,12 @@ func TestValidate(t *testing.T) {
 // with the bootstrap fails the check.
 func TestEnvoyCheckAgainstConfig(t *testing.T) {
 	cfg := filepath.Join(t.TempDir(), "vgw.yaml")
-	os.WriteFile(cfg, []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nmax_body_bytes: 32MiB\nenvoy: {max_message_timeout: 10m}\nmodels: {m: {}}\n"), 0o600)
+	os.WriteFile(cfg, []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nmax_body_bytes: 32MiB\nenvoy: {max_message_timeout: 10m, stream_idle_timeout: 20m}\nmodels: {m: {}}\n"), 0o600)
 	var out bytes.Buffer
 	if code := run(context.Background(), []string{"envoy-check", "--config", cfg, "../../envoy/envoy.yaml"}, &out, io.Discard); code != 1 {
 		t.Fatalf("exit %d, want 1: %s", code, out.String())
 	}
-	for _, want := range []string{"max_message_timeout", "max_body_bytes"} {
+	for _, want := range []string{"max_message_timeout", "max_body_bytes", "stream_idle_timeout"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q:\n%s", want, out.String())
 		}

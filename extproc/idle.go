@@ -1,0 +1,103 @@
+package extproc
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/tap"
+)
+
+// An ext_proc stream waits for Envoy in three places before its response
+// begins: for the request headers (sent as the stream opens), for the
+// body (Envoy buffers the client's upload first), and, once admitted, for
+// the response headers (the model's time to its first byte). Each is
+// bounded on Envoy's side by the connection manager's stream_idle_timeout,
+// which ends the HTTP stream and with it the ext_proc stream
+// (http_connection_manager.proto; ext_proc.cc onDestroy). A stream silent
+// for longer than that is no real Envoy's request: a peer that opened it
+// and went away without a reset, or one holding streams open on purpose.
+// vgw ends such a stream, giving back whatever it held. Once the response
+// has begun, silence is normal (response body NONE, trailers SEND: Envoy
+// sends nothing until the response ends, however long it streams), so
+// no bound applies then.
+
+// idleWatch is the context gRPC gives an ext_proc stream, with a timer
+// that cancels it when the stream has waited for Envoy's next message for
+// longer than limit. gRPC's receive watches this context (InTapHandle's
+// context becomes the transport stream's), so cancelling it ends a Recv
+// that would otherwise wait for ever.
+type idleWatch struct {
+	context.Context
+	cancel context.CancelCauseFunc
+	timer  *time.Timer
+	limit  time.Duration
+}
+
+type idleWatchKey struct{}
+
+// Value makes the watch findable from the stream's context.
+func (w *idleWatch) Value(key any) any {
+	if key == (idleWatchKey{}) {
+		return w
+	}
+	return w.Context.Value(key)
+}
+
+func (w *idleWatch) expire() { w.cancel(errStreamIdle) }
+
+// Err reports an expired watch as a deadline that passed, which it is:
+// gRPC answers a receive that failed on its context with the context's
+// error (stream.go RecvMsg writes that status itself), so the peer is
+// told DeadlineExceeded rather than that it cancelled.
+func (w *idleWatch) Err() error {
+	if w.expired() {
+		return context.DeadlineExceeded
+	}
+	return w.Context.Err()
+}
+
+// expired reports whether the watch ended its stream; false for nil.
+func (w *idleWatch) expired() bool {
+	return w != nil && context.Cause(w.Context) == errStreamIdle
+}
+
+// arm starts (or restarts) the bound on the wait for Envoy's next message.
+func (w *idleWatch) arm() { w.timer.Reset(w.limit) }
+
+// disarm stops it: a message came, or vgw itself is the one waiting.
+func (w *idleWatch) disarm() { w.timer.Stop() }
+
+// errStreamIdle is the cause of a stream ended for its silence.
+var errStreamIdle = errors.New("no message from Envoy within the stream idle bound")
+
+// processMethod is the ext_proc method's full name, as gRPC's tap sees it.
+var processMethod = "/" + extprocv3.ExternalProcessor_ServiceDesc.ServiceName + "/Process"
+
+// watchIdle is the gRPC tap that gives each ext_proc stream its idle
+// watch, armed at once: Envoy opens a stream to send its first message.
+func (s *Server) watchIdle(ctx context.Context, info *tap.Info) (context.Context, error) {
+	if info.FullMethodName != processMethod {
+		return ctx, nil
+	}
+	cctx, cancel := context.WithCancelCause(ctx)
+	w := &idleWatch{Context: cctx, cancel: cancel, limit: s.streamIdle}
+	w.timer = time.AfterFunc(w.limit, w.expire)
+	return w, nil
+}
+
+// StreamIdleOption is the gRPC server option that bounds how long an
+// ext_proc stream may wait for Envoy before its response begins (see
+// WithStreamIdleTimeout); nil when no bound is set. The listener that
+// serves s must be built with it.
+func (s *Server) StreamIdleOption() grpc.ServerOption {
+	if s.streamIdle <= 0 {
+		return grpc.EmptyServerOption{}
+	}
+	return grpc.InTapHandle(s.watchIdle)
+}
+
+// IdleClosed is how many ext_proc streams vgw has ended for their silence.
+func (s *Server) IdleClosed() uint64 { return s.idleClosed.Load() }
