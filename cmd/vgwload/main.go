@@ -3,8 +3,8 @@
 // server run the same way: the floor that gRPC itself sets.
 //
 //	vgwload --vgw bin/vgw [--duration 3s --rounds 3 --concurrency 8,64 --sizes 1024,32768]
-//	vgwload noop --addr 127.0.0.1:0     (the floor server; vgwload starts it itself)
-//	vgwload rss --vgw bin/vgw [--models 200 --waiting 10000]
+//	vgwload noop --addr 127.0.0.1:0 [--hold --http-addr 127.0.0.1:0]     (the floor server; vgwload starts it itself)
+//	vgwload rss --vgw bin/vgw [--models 200 --waiting 10000]     (RSS of both, each holding the same waiting streams)
 //
 // Both servers run as child processes, so the CPU each one spends is read
 // from /proc (utime + stime) around each measured run and divided by the
@@ -169,12 +169,13 @@ type server struct {
 	name string
 	cmd  *exec.Cmd
 	addr string
+	http string // where it serves /metrics, if it does
 	conn *grpc.ClientConn
 	env  *extproctest.Envoy
 }
 
-// start runs the server and reads its listen address from its output: the
-// "vgw serving" JSON log line of vgw, or the floor's "listening" line.
+// start runs the server and reads its listen addresses from its output:
+// the "vgw serving" JSON log line of vgw, or the floor's "listening" line.
 func (s *server) start() error {
 	out, err := s.cmd.StderrPipe()
 	if err != nil {
@@ -184,21 +185,26 @@ func (s *server) start() error {
 	if err := s.cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", s.name, err)
 	}
-	addr := make(chan string, 1)
+	type addrs struct {
+		ExtProc string `json:"extproc"`
+		HTTP    string `json:"http"`
+	}
+	addr := make(chan addrs, 1)
 	go func() {
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
-			var line struct {
-				Msg     string `json:"msg"`
-				ExtProc string `json:"extproc"`
-			}
+			var line addrs
 			if json.Unmarshal(sc.Bytes(), &line) == nil && line.ExtProc != "" {
-				addr <- line.ExtProc
+				select {
+				case addr <- line:
+				default: // reported already; keep draining the output
+				}
 			}
 		}
 	}()
 	select {
-	case s.addr = <-addr:
+	case a := <-addr:
+		s.addr, s.http = a.ExtProc, a.HTTP
 		return nil
 	case <-time.After(10 * time.Second):
 		return fmt.Errorf("%s did not report its address", s.name)
