@@ -47,6 +47,7 @@ type app struct {
 	extprocAddr, xdsAddr, adminAddr net.Addr
 	httpAddr                        net.Addr
 	http                            *http.Server
+	caps                            connCaps // connections each listener may hold
 	serveErr                        chan error
 
 	events      *admin.Hub
@@ -147,6 +148,8 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		closeGPUs()
 		return nil, err
 	}
+	a.caps = capsFor(openFilesLimit())
+	limitAll(lis, a.caps)
 	xdsLis, extprocLis, adminLis, httpLis := lis["xDS"], lis["ext_proc"], lis["admin"], lis["HTTP"]
 	a.xdsAddr, a.extprocAddr, a.adminAddr, a.httpAddr = xdsLis.Addr(), extprocLis.Addr(), adminLis.Addr(), httpLis.Addr()
 
@@ -156,10 +159,13 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 	go a.xds.Run(ctx)
 
 	// ADS streams last as long as Envoy runs: keepalives find dead peers.
+	// A connection with no stream (not an Envoy's) is closed after a
+	// minute, one that has not finished its handshake after 10 s.
 	a.xdsGRPC = grpc.NewServer(
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, MaxConnectionIdle: time.Minute}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1<<20),
+		grpc.ConnectionTimeout(10*time.Second),
 	)
 	a.xds.Register(a.xdsGRPC)
 	healthpb.RegisterHealthServer(a.xdsGRPC, health.NewServer())
@@ -170,7 +176,13 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 
 	// The admin service: the token (if any) on every Admin RPC, not on
 	// health or reflection, so probes and `grpcurl list` work without it.
-	var adminOpts []grpc.ServerOption
+	// grpcurl opens a connection per call; one left with no call (and no
+	// WatchEvents) is closed after a minute, and pings find a watcher
+	// that went away without closing.
+	adminOpts := []grpc.ServerOption{
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second, MaxConnectionIdle: time.Minute}),
+		grpc.ConnectionTimeout(10 * time.Second),
+	}
 	if o.adminToken != "" {
 		adminOpts = append(adminOpts, admin.TokenAuth(o.adminToken)...)
 	}
@@ -184,9 +196,16 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 	reflection.Register(a.adminGRPC)
 	go svc.WatchRejections(ctx, time.Second)
 
+	// Every page is small and quick: a client that takes longer than
+	// these to send its request or read the answer, or keeps an idle
+	// connection, is let go.
 	a.http = &http.Server{
 		Handler:           admin.Handler(svc, a.metrics, admin.HTTPOptions{Token: o.adminToken, Ready: a.readiness}),
 		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      60 * time.Second,
+		IdleTimeout:       time.Minute,
+		MaxHeaderBytes:    64 << 10,
 	}
 	go func() { a.serveErr <- a.xdsGRPC.Serve(xdsLis) }()
 	go func() { a.serveErr <- a.extprocGRPC.Serve(extprocLis) }()

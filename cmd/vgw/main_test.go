@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -26,6 +27,10 @@ import (
 // runtime runs "vgw fakevllm"): run with VGW_TEST_MAIN=1 it is vgw.
 func TestMain(m *testing.M) {
 	if os.Getenv("VGW_TEST_MAIN") == "1" {
+		if n, err := strconv.ParseUint(os.Getenv("VGW_TEST_NOFILE"), 10, 64); err == nil {
+			// A test's vgw with few file descriptors (conns_test.go).
+			syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: n, Max: n})
+		}
 		os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
 	}
 	os.Setenv("VGW_TEST_MAIN", "1")

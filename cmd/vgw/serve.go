@@ -75,7 +75,8 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	log.Info("vgw serving", slog.String("config", cfg.Path), slog.String("extproc", a.extprocAddr.String()), slog.String("xds", a.xdsAddr.String()),
 		slog.String("admin", a.adminAddr.String()), slog.String("http", a.httpAddr.String()), slog.Bool("admin_token", opts.adminToken != ""), slog.Bool("admin_tls", opts.adminTLS != nil),
-		slog.String("runtime", cfg.Runtime.Kind), slog.Int("models", len(cfg.Models)), slog.String("version", version))
+		slog.String("runtime", cfg.Runtime.Kind), slog.Int("models", len(cfg.Models)), slog.String("version", version),
+		slog.Group("max_connections", slog.Int("extproc", a.caps.ExtProc), slog.Int("xds", a.caps.XDS), slog.Int("admin", a.caps.Admin), slog.Int("http", a.caps.HTTP)))
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)

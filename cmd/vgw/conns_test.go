@@ -1,0 +1,131 @@
+package main
+
+import (
+	"context"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/vgw-project/vgw/envoy"
+	"github.com/vgw-project/vgw/extproc/extproctest"
+)
+
+func TestCapsFor(t *testing.T) {
+	for _, tc := range []struct {
+		nofile uint64
+		want   connCaps
+	}{
+		{1024, connCaps{ExtProc: 384, HTTP: 192, XDS: 96, Admin: 96}},
+		{20000, connCaps{ExtProc: 7500, HTTP: 3750, XDS: 1875, Admin: 1875}},
+		{256, connCaps{ExtProc: 8, HTTP: 4, XDS: 2, Admin: 2}},
+		{1 << 62, connCaps{ExtProc: 393216, HTTP: 196608, XDS: 98304, Admin: 98304}},
+	} {
+		got := capsFor(tc.nofile)
+		if got != tc.want {
+			t.Errorf("capsFor(%d) = %+v, want %+v", tc.nofile, got, tc.want)
+		}
+		if sum := got.ExtProc + got.HTTP + got.XDS + got.Admin; tc.nofile > 512 && uint64(sum) > tc.nofile*3/4 {
+			t.Errorf("capsFor(%d) hands out %d descriptors, over three quarters", tc.nofile, sum)
+		}
+	}
+}
+
+// TestConnectionFlood: a peer holding thousands of keep-alive connections
+// to vgw's HTTP port cannot take the file descriptors the other listeners
+// and the model servers need. vgw runs as its own process with 512
+// descriptors; the flood opens 2,000 connections, each sending one
+// GET /healthz and keeping the connection. Before each listener had a
+// cap, vgw ran out of descriptors: ext_proc, xDS, admin and /healthz all
+// stopped accepting (accept4: too many open files), and a model's server
+// could not open its listener.
+func TestConnectionFlood(t *testing.T) {
+	cfgPath := filepath.Join(t.TempDir(), "vgw.yaml")
+	if err := os.WriteFile(cfgPath, []byte(serveConfig), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logs := &lockedBuffer{}
+	vgw := exec.Command(os.Args[0], "serve", "--config", cfgPath,
+		"--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0")
+	vgw.Env = append(os.Environ(), "VGW_TEST_NOFILE=512")
+	vgw.Stderr = logs
+	if err := vgw.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		vgw.Process.Signal(syscall.SIGTERM)
+		vgw.Wait()
+	})
+	serving := logs.waitFor(t, "vgw serving")
+	addr := func(k string) string { s, _ := serving[k].(string); return s }
+
+	const flood = 2000
+	var mu sync.Mutex
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	var wg sync.WaitGroup
+	for range flood {
+		wg.Go(func() {
+			c, err := net.DialTimeout("tcp", addr("http"), 2*time.Second)
+			if err != nil {
+				return // the kernel's backlog is full: the flood is as big as it gets
+			}
+			c.Write([]byte("GET /healthz HTTP/1.1\r\nHost: vgw\r\n\r\n"))
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	t.Logf("%d flood connections open", len(conns))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, port := range []string{"extproc", "xds", "admin"} {
+		conn, err := grpc.NewClient(addr(port), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		hc, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+		if err != nil || hc.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("%s health under the flood: %v %v", port, hc, err)
+		}
+	}
+
+	// A model loads (its fake server opens a listener) and is routed.
+	conn, err := grpc.NewClient(addr("extproc"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	b, err := envoy.Load("../../envoy/envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep, _ := envoy.ExtProc(b)
+	env := extproctest.New(conn, extproctest.FilterFrom(ep), func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
+		return &extproctest.Response{Status: 200, Body: []byte(f.Cluster)}, nil
+	})
+	res, err := env.Do(ctx, extproctest.Request{Body: []byte(`{"model":"llama"}`)})
+	if err != nil || res.Status != 200 || string(res.Body) != "model/llama" {
+		t.Fatalf("a request under the flood: %+v %v\n%s", res, err, logs.String())
+	}
+	for _, l := range logs.lines() {
+		if l["level"] == "ERROR" {
+			t.Errorf("vgw logged an error under the flood: %v", l)
+		}
+	}
+}
