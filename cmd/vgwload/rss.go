@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/vgw-project/vgw/admin/admintest"
+	"github.com/vgw-project/vgw/extproc"
 )
 
 // runRSS measures vgw's resident memory with many models configured and
@@ -129,12 +130,11 @@ func holdStreams(s *server, waiting, spread int) (memResult, error) {
 		return r, fmt.Errorf("idle: %w", err)
 	}
 
-	conn, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	clients, closeAll, err := dial(s.addr, waiting)
 	if err != nil {
-		return r, fmt.Errorf("dial: %w", err)
+		return r, err
 	}
-	defer conn.Close()
-	client := extprocv3.NewExternalProcessorClient(conn)
+	defer closeAll()
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -144,6 +144,7 @@ func holdStreams(s *server, waiting, spread int) (memResult, error) {
 	start := time.Now()
 	for i := range waiting {
 		wg.Go(func() {
+			client := clients[i/extproc.MaxStreamsPerConnection]
 			if err := wait(ctx, client, fmt.Sprintf("model-%03d", i%spread)); err != nil {
 				firstErr.CompareAndSwap(nil, &err)
 				failed.Add(1)
@@ -167,6 +168,31 @@ func holdStreams(s *server, waiting, spread int) (memResult, error) {
 		return r, fmt.Errorf("held: %w", err)
 	}
 	return r, nil
+}
+
+// dial opens as many connections to addr as streams need, as Envoy's
+// HTTP/2 pool does: one connection carries at most the streams the server
+// advertises (extproc.MaxStreamsPerConnection, which both servers use), and
+// a stream past that would wait for one of them to end.
+func dial(addr string, streams int) ([]extprocv3.ExternalProcessorClient, func(), error) {
+	per := extproc.MaxStreamsPerConnection
+	var conns []*grpc.ClientConn
+	closeAll := func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}
+	var clients []extprocv3.ExternalProcessorClient
+	for range (streams + per - 1) / per {
+		c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			closeAll()
+			return nil, nil, fmt.Errorf("dial: %w", err)
+		}
+		conns = append(conns, c)
+		clients = append(clients, extprocv3.NewExternalProcessorClient(c))
+	}
+	return clients, closeAll, nil
 }
 
 // snapshot reads s's RSS first, so that the scrape's own allocations are
