@@ -75,6 +75,10 @@ type Envoy struct {
 	// waits for its Envoy to connect to xDS when it is not connected; then
 	// the request is sent anyway.
 	XDSGrace Duration `yaml:"xds_grace"`
+	// XDSAckTimeout is how long an Envoy may leave an xDS version
+	// unanswered before requests stop waiting for it: those of other
+	// Envoys go on, its own are answered 503 at once.
+	XDSAckTimeout Duration `yaml:"xds_ack_timeout"`
 	// HealthCheckInterval turns on Envoy's active /health checks of model
 	// servers; 0 leaves them off (vgw checks /health before it routes).
 	HealthCheckInterval Duration `yaml:"health_check_interval"`
@@ -180,6 +184,7 @@ var Defaults = Config{
 		MessageTimeout:    Duration(200 * time.Millisecond),
 		MaxMessageTimeout: Duration(900 * time.Second),
 		XDSGrace:          Duration(2 * time.Second),
+		XDSAckTimeout:     Duration(15 * time.Second),
 		StreamIdleTimeout: Duration(960 * time.Second),
 	},
 	Runtime: Runtime{Kind: "docker", Network: "vgw", Instance: "vgw"},

@@ -131,6 +131,7 @@ func (v *validator) envoy(c *Config) {
 	if e.XDSGrace < 0 || e.HealthCheckInterval < 0 {
 		v.at([]string{"envoy"}, "envoy.xds_grace and envoy.health_check_interval must not be negative")
 	}
+	v.duration([]string{"envoy", "xds_ack_timeout"}, e.XDSAckTimeout)
 	if e.MaxMessageTimeout > 0 && e.MaxMessageTimeout.Std() < 2*time.Second {
 		v.at([]string{"envoy", "max_message_timeout"}, "envoy.max_message_timeout must be 0 or at least 2s to leave vgw room to answer before Envoy's timer")
 	}

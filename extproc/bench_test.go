@@ -20,7 +20,7 @@ import (
 // readyManager routes every model at once, as a resident model is.
 type readyManager struct{ route Route }
 
-func (m readyManager) Route(string) (Route, bool)                    { return m.route, true }
+func (m readyManager) Route(context.Context, string) (Route, bool)   { return m.route, true }
 func (m readyManager) Ensure(context.Context, string) (Route, error) { return m.route, nil }
 func (m readyManager) Observe(string, Result)                        {}
 
@@ -161,7 +161,7 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 	if m == nil || !m.gate.tryAcquire() {
 		panic("not admitted")
 	}
-	r, ok := s.mgr.Route(m.name)
+	r, ok := s.mgr.Route(context.Background(), m.name)
 	if !ok {
 		panic("no route")
 	}

@@ -55,10 +55,11 @@ const (
 	ReasonClientGone          // the client left
 	ReasonDraining            // 503 the gateway is draining
 	ReasonModelReady          // sent on once its model had loaded
+	ReasonNotRoutable         // 503 the request's Envoy cannot route to the ready model
 )
 
 var reasonNames = [...]string{"", "slot_free", "slot_granted", "queue_full", "queue_timeout", "load_timeout",
-	"load_failed", "unknown_model", "bad_request", "too_large", "wait_slot", "wait_load", "client_gone", "draining", "model_ready"}
+	"load_failed", "unknown_model", "bad_request", "too_large", "wait_slot", "wait_load", "client_gone", "draining", "model_ready", "not_routable"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {

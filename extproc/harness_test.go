@@ -70,7 +70,7 @@ func newFakeManager() *fakeManager {
 
 func clusterOf(model string) string { return "vgw/" + model }
 
-func (m *fakeManager) Route(model string) (extproc.Route, bool) {
+func (m *fakeManager) Route(_ context.Context, model string) (extproc.Route, bool) {
 	m.mu.Lock()
 	_, loading := m.loading[model]
 	m.mu.Unlock()

@@ -26,9 +26,10 @@ import (
 // Manager is the GPU manager as the request path sees it.
 type Manager interface {
 	// Route returns where model's requests go if the model can take traffic
-	// now, without blocking. It runs for every request, so it must be cheap
-	// for a resident model.
-	Route(model string) (Route, bool)
+	// now, without blocking: it is ready and the request's Envoy (ctx is
+	// its ext_proc stream's; see Node) knows where it runs. It runs for
+	// every request, so it must be cheap for a resident model.
+	Route(ctx context.Context, model string) (Route, bool)
 	// Ensure makes model ready, loading it (and evicting others) if need
 	// be, and returns its route. It returns an error when the model cannot
 	// be placed or fails to load, and ctx's error when ctx ends first.
@@ -40,6 +41,12 @@ type Manager interface {
 // ErrModelNotFound is what Manager.Ensure wraps when the model is not
 // configured (any more): the request is answered 404, not 503.
 var ErrModelNotFound = errors.New("model not found")
+
+// ErrNotRoutable is what Manager.Ensure wraps when the model is ready but
+// the request's Envoy cannot be expected to route to it (it rejected vgw's
+// config, or stopped answering it): the request is answered 503 at once,
+// not held to its deadline.
+var ErrNotRoutable = errors.New("the proxy cannot route to the model")
 
 // MetadataNode is the gRPC metadata key by which an Envoy names itself on
 // its ext_proc streams: its node id, set in the bootstrap as

@@ -277,7 +277,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	start := time.Now()
 	if m.gate.tryAcquire() {
 		st.held = true
-		if r, ok := s.mgr.Route(m.name); ok {
+		if r, ok := s.mgr.Route(st.ctx, m.name); ok {
 			return false, st.admit(r, ReasonSlotFree, 0, start, 0, atHeaders)
 		}
 		budget, margin := s.waitBudget(0)
@@ -293,7 +293,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	case admitted:
 		waiterPool.Put(w)
 		st.held = true
-		if r, ok := s.mgr.Route(m.name); ok {
+		if r, ok := s.mgr.Route(st.ctx, m.name); ok {
 			return false, st.admit(r, ReasonSlotFree, 0, start, 0, atHeaders)
 		}
 		return st.waitForModel(start, deadline, margin, 0, atHeaders)
@@ -322,7 +322,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	default:
 		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), start)
 	}
-	if r, ok := s.mgr.Route(m.name); ok {
+	if r, ok := s.mgr.Route(st.ctx, m.name); ok {
 		now := time.Now()
 		return false, st.admit(r, ReasonSlotGranted, m.gate.depth(), now, now.Sub(start), atHeaders)
 	}
@@ -386,6 +386,8 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 		return true, st.reject(&m.name, timedOut(m.name, ReasonLoadTimeout), m.gate.depth(), start)
 	case errors.Is(err, ErrModelNotFound):
 		return true, st.reject(&m.name, unknownModel(m.name), m.gate.depth(), start)
+	case errors.Is(err, ErrNotRoutable):
+		return true, st.reject(&m.name, unavailable(m.name, s.redact(publicCause(err)), retryAfterOf(err), ReasonNotRoutable), m.gate.depth(), start)
 	default:
 		return true, st.reject(&m.name, unavailable(m.name, s.redact(publicCause(err)), retryAfterOf(err), ReasonLoadFailed), m.gate.depth(), start)
 	}

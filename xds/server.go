@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -66,10 +67,12 @@ type Server struct {
 	// started, or its last Envoy left, NoEnvoyGrace before.
 	connected atomic.Int32
 	alone     atomic.Int64
+
+	strangers map[string]bool // nodes seen on ext_proc but not on xDS, warned about once; guarded by mu
 }
 
-// known is a cluster's published endpoints, and whether every connected
-// Envoy has acknowledged them.
+// known is a cluster's published endpoints, and whether every Envoy that
+// counts (see adsStream.counts) has acknowledged them.
 type known struct {
 	endpoints []string // sorted
 	acked     bool
@@ -79,8 +82,39 @@ type known struct {
 type adsStream struct {
 	node   string
 	acked  map[string]uint64 // type URL → version acknowledged (0: none of this process)
+	sent   map[string]uint64 // type URL → latest version sent
+	nacked map[string]uint64 // type URL → latest version rejected
 	nonces map[string]string // nonce → version sent with it
 	order  []string          // nonces in the order sent, to forget old ones
+	// waiting is since when a version sent on the stream has gone
+	// unanswered (zero when every one is acknowledged or rejected), and
+	// silent says it has for longer than AckTimeout.
+	waiting time.Time
+	silent  bool
+}
+
+// counts says whether requests whose Envoy is unknown wait for this
+// stream's acknowledgements: it said who it is and answers what it is sent.
+// A stream that says nothing, or stopped answering (an impostor, a stuck or
+// misconfigured Envoy), would hold them all.
+func (st *adsStream) counts() bool { return st.node != "" && !st.silent }
+
+// rejected says the stream's Envoy rejected the latest endpoints it was
+// sent, and they hold version need: it will route by them only once vgw
+// sends a newer version, which it does only when something changes.
+func (st *adsStream) rejected(need uint64) bool {
+	n := st.nacked[resource.EndpointType]
+	return n >= need && n >= st.sent[resource.EndpointType]
+}
+
+// answered updates whether the stream has answered every version sent.
+func (st *adsStream) answered() {
+	for t, v := range st.sent {
+		if st.acked[t] < v && st.nacked[t] < v {
+			return
+		}
+	}
+	st.waiting, st.silent = time.Time{}, false
 }
 
 // NACK is a version an Envoy rejected, and why.
@@ -99,6 +133,10 @@ type NodeStatus struct {
 	Clusters string // the CDS version acknowledged
 	Routes   string // the EDS version acknowledged
 	LastNACK *NACK
+	// Silent counts its streams that have left a version unanswered for
+	// longer than AckTimeout, since SilentSince (the earliest).
+	Silent      int
+	SilentSince time.Time
 }
 
 // group is the one key every Envoy's snapshot is stored under: all Envoys
@@ -181,16 +219,50 @@ func (s *Server) Republish() {
 }
 
 // Run publishes a first snapshot, then a new one after every Notify, until
-// ctx ends.
+// ctx ends; and marks streams that stopped answering.
 func (s *Server) Run(ctx context.Context) {
 	s.publish(ctx)
+	check := time.NewTicker(max(min(s.settings.AckTimeout/4, time.Second), time.Millisecond))
+	defer check.Stop()
 	for {
 		select {
 		case <-s.notify:
 			s.publish(ctx)
+		case now := <-check.C:
+			s.silence(now)
 		case <-ctx.Done():
 			return
 		}
+	}
+}
+
+// silence marks the streams that have left a version unanswered for
+// longer than AckTimeout: from now on requests of unknown Envoys do not
+// wait for them, and a request of theirs is answered at once (WaitAcked).
+func (s *Server) silence(now time.Time) {
+	if s.settings.AckTimeout <= 0 {
+		return
+	}
+	type gone struct {
+		node    string
+		version uint64
+		since   time.Time
+	}
+	var quiet []gone
+	s.mu.Lock()
+	for _, st := range s.streams {
+		if st.node != "" && !st.silent && !st.waiting.IsZero() && now.Sub(st.waiting) > s.settings.AckTimeout {
+			st.silent = true
+			quiet = append(quiet, gone{st.node, slices.Max(slices.Collect(maps.Values(st.sent))), st.waiting})
+		}
+	}
+	if len(quiet) > 0 {
+		s.refreshLocked()
+	}
+	s.mu.Unlock()
+	for _, q := range quiet {
+		s.log.Warn("an Envoy has not answered vgw's xDS version; requests stop waiting for it",
+			slog.String("node", q.node), slog.String("version", s.versionString(q.version)), slog.Duration("for", now.Sub(q.since)))
 	}
 }
 
@@ -280,7 +352,7 @@ func (s *Server) parse(version string) uint64 {
 
 func (s *Server) streamOpen(_ context.Context, id int64, _ string) error {
 	s.mu.Lock()
-	s.streams[id] = &adsStream{acked: map[string]uint64{}, nonces: map[string]string{}}
+	s.streams[id] = &adsStream{acked: map[string]uint64{}, sent: map[string]uint64{}, nacked: map[string]uint64{}, nonces: map[string]string{}}
 	s.mu.Unlock()
 	return nil
 }
@@ -319,6 +391,7 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		s.refreshLocked()
 	}
 	var nack *NACK
+	wasSilent := st.silent
 	switch {
 	case req.GetErrorDetail() != nil:
 		version := st.nonces[req.GetResponseNonce()]
@@ -330,13 +403,20 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		if version != "" {
 			req.VersionInfo = version
 		}
+		st.nacked[req.GetTypeUrl()] = max(st.nacked[req.GetTypeUrl()], s.parse(version))
+		st.answered()
+		s.refreshLocked()
 	case req.GetResponseNonce() != "":
 		st.acked[req.GetTypeUrl()] = s.parse(req.GetVersionInfo())
+		st.answered()
 		s.acks.Add(1)
 		s.refreshLocked()
 	}
 	node := st.node
 	s.mu.Unlock()
+	if wasSilent && !st.silent {
+		s.log.Info("an Envoy answers vgw's xDS versions again", slog.String("node", node))
+	}
 	if first {
 		s.log.Info("Envoy connected to xDS", slog.String("node", node), slog.String("version_info", req.GetVersionInfo()))
 	}
@@ -359,6 +439,10 @@ func (s *Server) streamResponse(_ context.Context, id int64, _ *discoverygrpc.Di
 		return
 	}
 	st.nonces[resp.GetNonce()] = resp.GetVersionInfo()
+	st.sent[resp.GetTypeUrl()] = max(st.sent[resp.GetTypeUrl()], s.parse(resp.GetVersionInfo()))
+	if st.waiting.IsZero() {
+		st.waiting = time.Now()
+	}
 	st.order = append(st.order, resp.GetNonce())
 	if len(st.order) > 32 {
 		delete(st.nonces, st.order[0])
@@ -366,37 +450,87 @@ func (s *Server) streamResponse(_ context.Context, id int64, _ *discoverygrpc.Di
 	}
 }
 
-// refreshLocked recomputes which clusters every connected Envoy knows the
+// refreshLocked recomputes which clusters every counted Envoy knows the
 // current endpoints of, and wakes the waiters. s.mu is held.
 func (s *Server) refreshLocked() {
 	for cluster, k := range *s.ready.Load() {
-		k.Store(&known{endpoints: s.current[cluster], acked: s.ackedLocked("", cluster)})
+		k.Store(&known{endpoints: s.current[cluster], acked: s.judgeLocked("", s.changed[cluster]) == released})
 	}
 	close(s.wake)
 	s.wake = make(chan struct{})
 }
 
-// ackedLocked reports whether node (every connected node, for "") has
-// acknowledged the EDS version that holds cluster's current endpoints.
-// With no such node connected, nothing is known: false.
-func (s *Server) ackedLocked(node, cluster string) bool {
-	need := s.changed[cluster]
-	found := false
+// verdict is what a request waiting for an Envoy's acknowledgement can
+// expect.
+type verdict uint8
+
+const (
+	pending  verdict = iota // not yet: the Envoy is working on it
+	released                // it knows the endpoints
+	hopeless                // it rejected them, or stopped answering
+	absent                  // no such Envoy on xDS
+)
+
+// judgeLocked says where node's Envoy (every counted one, for "") stands
+// with the EDS version need, which holds a cluster's current endpoints.
+// One stream of the node that has acknowledged it is enough: another
+// under the same id (the Envoy restarted and its old stream lingers, or an
+// impostor) cannot hold the node's requests back. s.mu is held.
+func (s *Server) judgeLocked(node string, need uint64) verdict {
+	if node != "" {
+		seen, stuck := false, true
+		for _, st := range s.streams {
+			if st.node != node {
+				continue
+			}
+			seen = true
+			if st.acked[resource.EndpointType] >= need {
+				return released
+			}
+			stuck = stuck && (st.silent || st.rejected(need))
+		}
+		switch {
+		case !seen:
+			return absent
+		case stuck:
+			return hopeless
+		}
+		return pending
+	}
+	// Whose request it is is unknown: every Envoy that counts must know.
+	seen, counted, stuck, waiting := false, false, false, false
 	for _, st := range s.streams {
-		if st.node == "" || (node != "" && st.node != node) {
+		if st.node == "" {
 			continue
 		}
-		found = true
-		if st.acked[resource.EndpointType] < need {
-			return false
+		seen = true
+		if !st.counts() {
+			continue
+		}
+		counted = true
+		switch {
+		case st.acked[resource.EndpointType] >= need:
+		case st.rejected(need):
+			stuck = true
+		default:
+			waiting = true
 		}
 	}
-	return found
+	switch {
+	case !seen:
+		return absent
+	case !counted || stuck:
+		return hopeless
+	case waiting:
+		return pending
+	}
+	return released
 }
 
 // Acked reports whether addr is among cluster's published endpoints and
-// every connected Envoy has acknowledged them. It is the request path's
-// check: two atomic loads and a search of a short list.
+// every counted Envoy has acknowledged them. It is the request path's
+// check: two atomic loads and a search of a short list. When it says no,
+// AckedBy asks the same of the request's own Envoy.
 func (s *Server) Acked(cluster, addr string) bool {
 	if s.connected.Load() == 0 {
 		// No Envoy on xDS: wait only within the grace after the last left.
@@ -410,20 +544,36 @@ func (s *Server) Acked(cluster, addr string) bool {
 	return kn != nil && kn.acked && slices.Contains(kn.endpoints, addr)
 }
 
+// AckedBy reports whether addr is among cluster's published endpoints and
+// node's Envoy has acknowledged them: the request path's second look when
+// some other Envoy has not (a new one, one that rejected the version, one
+// that stopped answering), so that only its own requests wait.
+func (s *Server) AckedBy(node, cluster, addr string) bool {
+	if node == "" {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Contains(s.current[cluster], addr) && s.judgeLocked(node, s.changed[cluster]) == released
+}
+
 // WaitAcked returns once the address addr gives (the model's server, which
 // may move while the request waits) has been published as one of cluster's
-// endpoints and node's Envoy (every connected Envoy, for "") has
+// endpoints and node's Envoy (every counted Envoy, for "") has
 // acknowledged the version holding it, so that a request released now is
 // routed where the model runs. An Envoy learns of new hosts when it applies
 // an EDS update, before it acknowledges it (grpc_mux_impl.cc), and posts
 // them to its workers right away (cluster_manager_impl.cc); WaitAcked
 // allows applyGrace more for that.
 //
-// When no Envoy in question is connected, it waits until NoEnvoyGrace has
-// passed since vgw started or the last Envoy left, then returns nil: with
-// no Envoy on xDS (one with a static config, say) there is nothing to wait
-// for, and the request is better sent than held. addr returning "" means
-// the model is no longer ready: ErrGone.
+// When the Envoy has rejected that version, or has stopped answering
+// (AckTimeout), it returns a *NotAckedError at once: vgw does not send a
+// rejected version again until something changes, so waiting would only
+// end at the request's deadline. When no Envoy in question is connected,
+// it waits until NoEnvoyGrace has passed since vgw started or the last
+// Envoy left, then returns nil: with no Envoy on xDS (one with a static
+// config, say) there is nothing to wait for, and the request is better sent
+// than held. addr returning "" means the model is no longer ready: ErrGone.
 func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func() string) error {
 	for {
 		a := addr()
@@ -431,19 +581,25 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 			return ErrGone
 		}
 		s.mu.Lock()
-		connected := false
-		for _, st := range s.streams {
-			connected = connected || (st.node != "" && (node == "" || st.node == node))
-		}
 		published := slices.Contains(s.current[cluster], a)
-		ok := published && connected && s.ackedLocked(node, cluster)
+		v := s.judgeLocked(node, s.changed[cluster])
+		stranger := v == absent && node != "" && s.connected.Load() > 0 && s.strangeLocked(node)
 		wake := s.wake
 		s.mu.Unlock()
-		if ok {
-			return sleep(ctx, applyGrace)
+		if stranger {
+			s.log.Warn("ext_proc requests come from an Envoy with no xDS stream under the same node id: its x-vgw-node metadata must equal its node.id",
+				slog.String("x_vgw_node", node))
+		}
+		if published {
+			switch v {
+			case released:
+				return sleep(ctx, applyGrace)
+			case hopeless:
+				return s.notAcked(node, cluster)
+			}
 		}
 		var giveUp <-chan time.Time
-		if published && !connected {
+		if published && v == absent {
 			until := time.Until(time.Unix(0, s.alone.Load()))
 			if until <= 0 {
 				return nil
@@ -459,6 +615,63 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 			return ctx.Err()
 		}
 	}
+}
+
+// strangeLocked records node as seen on ext_proc but not on xDS, and
+// reports whether it is the first time (so it is warned about once; a
+// few hundred at most are remembered). s.mu is held.
+func (s *Server) strangeLocked(node string) bool {
+	if s.strangers[node] || len(s.strangers) >= 256 {
+		return false
+	}
+	if s.strangers == nil {
+		s.strangers = map[string]bool{}
+	}
+	s.strangers[node] = true
+	return true
+}
+
+// NotAckedError says a request's Envoy cannot route to its model's server
+// by the version vgw published: it rejected the version, or has stopped
+// answering vgw's updates.
+type NotAckedError struct {
+	Node     string // "" when the request's Envoy is unknown
+	Cluster  string
+	Rejected string // the Envoy's error, when it rejected the version
+}
+
+func (e *NotAckedError) Error() string {
+	who := "Envoy " + e.Node
+	if e.Node == "" {
+		who = "an Envoy"
+	}
+	if e.Rejected != "" {
+		return fmt.Sprintf("%s rejected the xDS version holding %s's endpoint: %s", who, e.Cluster, e.Rejected)
+	}
+	return fmt.Sprintf("%s has not answered vgw's xDS updates for over the ack timeout, so it may not route to %s", who, e.Cluster)
+}
+
+// Public is what a client is told: the proxy's config is not in step.
+func (e *NotAckedError) Public() string {
+	return "the proxy has not taken up where the model runs"
+}
+
+// RetryAfter suggests when to try again: an operator has to act, or the
+// Envoy to come back.
+func (e *NotAckedError) RetryAfter() time.Duration { return 30 * time.Second }
+
+func (s *Server) notAcked(node, cluster string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := &NotAckedError{Node: node, Cluster: cluster}
+	for i := len(s.nacks) - 1; i >= 0; i-- {
+		n := s.nacks[i]
+		if (n.Node == node || node == "") && n.TypeURL == resource.EndpointType && s.parse(n.Version) >= s.changed[cluster] {
+			e.Rejected = n.Error
+			break
+		}
+	}
+	return e
 }
 
 // applyGrace is how long an Envoy may take, after it acknowledged an EDS
@@ -495,6 +708,12 @@ func (s *Server) Status() ([]NodeStatus, []NACK) {
 			byNode[st.node] = ns
 		}
 		ns.Streams++
+		if st.silent {
+			ns.Silent++
+			if ns.SilentSince.IsZero() || st.waiting.Before(ns.SilentSince) {
+				ns.SilentSince = st.waiting
+			}
+		}
 		// With several streams from one node, report the furthest.
 		if v := s.versionString(st.acked[resource.ClusterType]); s.parse(v) > s.parse(ns.Clusters) {
 			ns.Clusters = v

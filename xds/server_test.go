@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -254,34 +256,111 @@ func TestReconnect(t *testing.T) {
 
 // TestHeldRequestReleasedAfterACK: a request waiting for its model's
 // endpoint is released only once the Envoy carrying it has acknowledged
-// the version holding that endpoint.
+// the version holding that endpoint. If the Envoy rejects that version,
+// the request is answered at once: vgw sends no rejected version again
+// until something changes, so it would wait only for its deadline.
 func TestHeldRequestReleasedAfterACK(t *testing.T) {
 	f := start(t, newModels("llama"))
 	c := f.envoy(t, "envoy-1")
 	wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
 	c.Reject(resource.EndpointType, "not yet")
 	f.src.set("llama", "10.0.0.5:8001") // the model loaded here
-	released := make(chan string, 1)
+	answered := make(chan error, 1)
 	go func() {
-		if err := f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", at("10.0.0.5:8001")); err != nil {
-			released <- "error: " + err.Error()
-			return
-		}
-		released <- "released, Envoy routes to " + firstOr(c.Endpoints("model/llama"), "nothing")
+		answered <- f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", at("10.0.0.5:8001"))
 	}()
-	for i, step := range []string{"not yet published", "published, but the Envoy rejects it"} {
-		select {
-		case r := <-released:
-			t.Fatalf("released while %s: %s", step, r)
-		case <-time.After(200 * time.Millisecond):
-		}
-		if i == 0 {
-			f.srv.Notify()
-		}
+	select {
+	case err := <-answered:
+		t.Fatalf("answered before the endpoint was published: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	f.srv.Notify() // published; the Envoy rejects it
+	var na *xds.NotAckedError
+	if err := <-answered; !errors.As(err, &na) || na.Rejected != "not yet" || na.Node != "envoy-1" {
+		t.Fatalf("a request whose Envoy rejected its endpoint: %v, want a NotAckedError quoting the rejection", err)
 	}
 	f.srv.Republish() // published again as a new version, which is accepted
-	if r := <-released; r != "released, Envoy routes to 10.0.0.5:8001" {
-		t.Fatal(r)
+	wait(t, c, "the new version is acknowledged", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) == f.srv.Version() })
+	if err := f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", at("10.0.0.5:8001")); err != nil {
+		t.Fatal(err)
+	}
+	if got := firstOr(c.Endpoints("model/llama"), "nothing"); got != "10.0.0.5:8001" {
+		t.Fatalf("released while the Envoy routes to %s", got)
+	}
+}
+
+// silentStream opens an ADS stream as node and asks for clusters, then
+// never acknowledges or rejects what it is sent: an impostor, or a stuck
+// Envoy.
+func (f *fixture) silentStream(t *testing.T, node string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(f.conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: resource.ClusterType}); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			if _, err := stream.Recv(); err != nil {
+				return
+			}
+		}
+	}()
+}
+
+// TestSilentStreams: one ADS stream that never answers (under the Envoys'
+// own node id, or another) holds back no request of an Envoy that has
+// acknowledged; it stops counting for requests of unknown Envoys once
+// AckTimeout passes, and shows in status; a request of its own node when
+// it is the node's only stream is answered at once after that. It made
+// every request of the ready model wait for it until the request's
+// deadline, and fell every Envoy off the fast path.
+func TestSilentStreams(t *testing.T) {
+	s := xds.DefaultSettings
+	s.AckTimeout = 300 * time.Millisecond
+	src := newModels("llama")
+	src.set("llama", "10.0.0.5:8000")
+	f := startWith(t, src, s)
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
+	eventually(t, "every Envoy knows llama", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+
+	f.silentStream(t, "envoy-1") // an impostor under the Envoy's own id
+	f.silentStream(t, "stuck")   // a stuck Envoy of its own
+	eventually(t, "both are connected", func() bool {
+		n, _ := f.srv.Status()
+		return len(n) == 2 && n[0].Streams == 2
+	})
+	if !f.srv.AckedBy("envoy-1", "model/llama", "10.0.0.5:8000") {
+		t.Error("envoy-1's requests are held by a stream that acknowledged nothing")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := f.srv.WaitAcked(ctx, "envoy-1", "model/llama", at("10.0.0.5:8000")); err != nil {
+		t.Fatalf("envoy-1's request: %v", err)
+	}
+
+	// Past AckTimeout the silent streams stop counting: requests of an
+	// unknown Envoy are let through, and the fast path is back.
+	eventually(t, "the fast path is back", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
+		t.Fatalf("a request of an unknown Envoy: %v", err)
+	}
+	nodes, _ := f.srv.Status()
+	for _, n := range nodes {
+		if n.Silent != 1 || n.SilentSince.IsZero() {
+			t.Errorf("status of %s: %d silent streams since %v, want 1", n.Node, n.Silent, n.SilentSince)
+		}
+	}
+	// The stuck Envoy's own request cannot be released: it is told so
+	// at once, not at its deadline.
+	var na *xds.NotAckedError
+	if err := f.srv.WaitAcked(ctx, "stuck", "model/llama", at("10.0.0.5:8000")); !errors.As(err, &na) || na.Rejected != "" {
+		t.Fatalf("a request of the stuck Envoy: %v, want a NotAckedError", err)
 	}
 }
 

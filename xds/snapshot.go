@@ -46,10 +46,17 @@ type Settings struct {
 	// NoEnvoyGrace is how long a request waits for an Envoy when none is
 	// connected to xDS (see WaitAcked).
 	NoEnvoyGrace time.Duration
+	// AckTimeout is how long an Envoy's stream may leave a version
+	// unanswered (neither acknowledged nor rejected) before it stops
+	// counting as one whose acknowledgement requests wait for (see
+	// WaitAcked). An Envoy answers within milliseconds, or, while a
+	// changed cluster warms, within its initial_fetch_timeout (15 s by
+	// default, eds.cc).
+	AckTimeout time.Duration
 }
 
 // DefaultSettings are the cluster settings vgw uses unless told otherwise.
-var DefaultSettings = Settings{ConnectTimeout: 5 * time.Second, NoEnvoyGrace: 2 * time.Second}
+var DefaultSettings = Settings{ConnectTimeout: 5 * time.Second, NoEnvoyGrace: 2 * time.Second, AckTimeout: 15 * time.Second}
 
 // UpstreamIdleTimeout closes Envoy's idle connections to a model's server
 // before the server does: vLLM's OpenAI server (uvicorn) closes an idle

@@ -116,6 +116,7 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		ConnectTimeout:      xds.DefaultSettings.ConnectTimeout,
 		HealthCheckInterval: cfg.Envoy.HealthCheckInterval.Std(),
 		NoEnvoyGrace:        cfg.Envoy.XDSGrace.Std(),
+		AckTimeout:          cfg.Envoy.XDSAckTimeout.Std(),
 	}, log, xds.WithNACKHook(func(n xds.NACK) {
 		a.events.Publish(admin.Event{Time: n.Time, Kind: "xds_nack",
 			Detail: "Envoy " + n.Node + " rejected " + n.TypeURL + " version " + n.Version + ": " + n.Error})

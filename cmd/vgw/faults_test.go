@@ -131,9 +131,9 @@ func errorCode(r *extproctest.Result) string {
 }
 
 // TestXDSStreamDropsWhileWaiting: a request waits for its model's load and
-// then for its Envoy to acknowledge the endpoint, which the Envoy rejects;
-// its xDS stream then breaks and reconnects, and the new stream's ACK
-// releases the request.
+// then for its Envoy to acknowledge the endpoint, which the Envoy is slow
+// to take up; its xDS stream then breaks and reconnects, and the new
+// stream's ACK releases the request.
 func TestXDSStreamDropsWhileWaiting(t *testing.T) {
 	s := startStack(t, `
 runtime: {kind: sim}
@@ -142,11 +142,13 @@ gpus: [{name: sim0, memory: 80GiB}]
 models:
   a: {vram: 20GiB, sim: {startup_delay: 100ms}}
 `)
-	s.ADS.Reject(resource.EndpointType, "not yet")
+	s.ADS.Hold(resource.EndpointType)
 	done := make(chan *extproctest.Result, 1)
 	go func() { done <- s.ask(t, "a") }()
-	eventually(t, "a's server is ready", func() bool { _, ok := s.mgr.Endpoint("a"); return ok })
-	eventually(t, "the Envoy has rejected the version with a's endpoint", func() bool { _, n := s.app.xds.Status(); return len(n) == 1 })
+	eventually(t, "a's server is ready and published", func() bool {
+		_, ok := s.mgr.Endpoint("a")
+		return ok && s.app.xds.Version() != s.ADS.Acked(resource.EndpointType)
+	})
 	select {
 	case r := <-done:
 		t.Fatalf("answered before the Envoy had the endpoint: %d %q", r.Status, r.Body)
@@ -174,7 +176,7 @@ gpus: [{name: sim0, memory: 80GiB}]
 models:
   a: {vram: 20GiB}
 `)
-	s.ADS.Reject(resource.EndpointType, "not yet")
+	s.ADS.Hold(resource.EndpointType)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan *extproctest.Result, 1)
 	go func() {
@@ -184,7 +186,10 @@ models:
 		}
 		done <- res
 	}()
-	eventually(t, "the Envoy has rejected the version with a's endpoint", func() bool { _, n := s.app.xds.Status(); return len(n) == 1 })
+	eventually(t, "a's server is ready and published", func() bool {
+		_, ok := s.mgr.Endpoint("a")
+		return ok && s.app.xds.Version() != s.ADS.Acked(resource.EndpointType)
+	})
 	cancel()
 	if r := <-done; r == nil || !r.ClientReset {
 		t.Fatalf("got %+v, want the client gone", r)

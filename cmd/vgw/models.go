@@ -146,15 +146,16 @@ func (r *routes) set(cfg *config.Config) {
 func ClusterName(model string) string { return "model/" + model }
 
 // Route counts the request in with the manager when the model is ready
-// and every connected Envoy knows where it runs.
-func (r *routes) Route(model string) (extproc.Route, bool) {
+// and the request's Envoy knows where it runs: every Envoy does (two
+// atomic loads), or else its own, named by its ext_proc stream.
+func (r *routes) Route(ctx context.Context, model string) (extproc.Route, bool) {
 	if !r.mgr.Acquire(model) {
 		return extproc.Route{}, false
 	}
 	rt, ok := r.cfg.Load().routes[model]
 	if ok && r.xds != nil {
 		addr, _ := r.mgr.Endpoint(model)
-		ok = r.xds.Acked(rt.Cluster, addr)
+		ok = r.xds.Acked(rt.Cluster, addr) || r.xds.AckedBy(extproc.Node(ctx), rt.Cluster, addr)
 	}
 	if !ok {
 		r.mgr.Release(model)
@@ -181,6 +182,10 @@ func (r *routes) Ensure(ctx context.Context, model string) (extproc.Route, error
 		addr := func() string { a, _ := r.mgr.Endpoint(model); return a }
 		if err := r.xds.WaitAcked(ctx, extproc.Node(ctx), rt.Cluster, addr); err != nil {
 			r.mgr.Release(model)
+			var na *xds.NotAckedError
+			if errors.As(err, &na) {
+				return extproc.Route{}, fmt.Errorf("%w: %w", extproc.ErrNotRoutable, err)
+			}
 			return extproc.Route{}, err
 		}
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/envoy/envoytest"
+	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/dockertest"
@@ -132,24 +133,43 @@ func TestDistinctAnswers(t *testing.T) {
 
 // TestReleasedOnlyAfterACK: a request that waited for its model to load is
 // sent on only once its Envoy has acknowledged the xDS version with the
-// model's endpoint; while the Envoy rejects that version, the request
-// waits.
+// model's endpoint; while the Envoy has not taken that version up, the
+// request waits. If the Envoy rejects the version, the request is answered
+// 503 at once: vgw sends it no other version until something changes, so
+// the request could only wait for its deadline (it did, then got 504
+// load_timeout).
 func TestReleasedOnlyAfterACK(t *testing.T) {
 	s := startStack(t, stackConfig)
-	s.ADS.Reject(resource.EndpointType, "not yet")
+	s.ADS.Hold(resource.EndpointType)
 	done := make(chan *extproctest.Result, 1)
 	go func() { done <- s.ask(t, "llama") }()
-	eventually(t, "llama's server is ready", func() bool { _, ok := s.mgr.Endpoint("llama"); return ok })
-	eventually(t, "the Envoy has rejected the version with its endpoint", func() bool { _, n := s.app.xds.Status(); return len(n) == 1 })
+	eventually(t, "llama's server is ready and published", func() bool {
+		_, ok := s.mgr.Endpoint("llama")
+		return ok && s.app.xds.Version() != s.ADS.Acked(resource.EndpointType)
+	})
 	select {
 	case r := <-done:
 		t.Fatalf("answered while the Envoy had not the endpoint: %d %q", r.Status, r.Body)
 	case <-time.After(300 * time.Millisecond):
 	}
-	s.app.xds.Republish() // a new version, which the Envoy accepts
+	s.ADS.Release(resource.EndpointType)
 	r := <-done
 	if r.Status != 200 || !bytes.Contains(r.Body, []byte("token")) {
 		t.Fatalf("got %d %q, want the model's answer", r.Status, r.Body)
+	}
+
+	s = startStack(t, stackConfig)
+	s.ADS.Reject(resource.EndpointType, "bad endpoint")
+	began := time.Now()
+	r = s.ask(t, "qwen") // the version with qwen's endpoint is rejected
+	if r.Status != 503 || errorCode(r) != "model_unavailable" || r.Get("retry-after") == "" || !strings.Contains(string(r.Body), "the proxy has not taken up where the model runs") {
+		t.Fatalf("a request whose Envoy rejected its model's endpoint: %d %q", r.Status, r.Body)
+	}
+	if d := s.app.ep.Decisions().Recent(extproc.Filter{Model: "qwen", Limit: 1}); len(d) != 1 || d[0].Reason != extproc.ReasonNotRoutable {
+		t.Errorf("decision %+v, want not_routable", d)
+	}
+	if waited := time.Since(began); waited > s.app.cfg.LoadTimeout.Std() {
+		t.Errorf("answered after %v: it waited for its deadline", waited)
 	}
 }
 

@@ -93,6 +93,10 @@ func (e *Envoy) ReconnectADS() {
 	e.mu.Unlock()
 }
 
+// Router is this Envoy's router, for a second ext_proc client that plays
+// another filter in front of the same upstreams.
+func (e *Envoy) Router() extproctest.Upstream { return e.route }
+
 // route is Envoy's router: the request goes to an endpoint of its cluster
 // as xDS told this Envoy, or fails as Envoy's would.
 func (e *Envoy) route(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {

@@ -42,8 +42,11 @@ type Client struct {
 	acked     map[string]string   // type URL → version
 	nonces    map[string]string   // type URL → last nonce
 	reject    map[string]string   // type URL → error detail for the next response
+	hold      map[string]bool     // type URL → responses held unapplied; see Hold
 	changed   chan struct{}
 	err       error
+
+	released chan string // type URLs whose held responses go on; see Release
 }
 
 // Dial opens an ADS stream on conn as Envoy node id and subscribes.
@@ -57,7 +60,8 @@ func Dial(ctx context.Context, conn grpc.ClientConnInterface, node string) (*Cli
 	c := &Client{
 		node: node, stream: stream, cancel: cancel, done: make(chan struct{}),
 		clusters: map[string]*clusterv3.Cluster{}, endpoints: map[string][]string{},
-		acked: map[string]string{}, nonces: map[string]string{}, reject: map[string]string{}, changed: make(chan struct{}),
+		acked: map[string]string{}, nonces: map[string]string{}, reject: map[string]string{}, hold: map[string]bool{},
+		changed: make(chan struct{}), released: make(chan string, 8),
 	}
 	if err := c.send(resource.ClusterType, "", "", nil, nil); err != nil {
 		cancel()
@@ -87,17 +91,64 @@ func (c *Client) Reject(typeURL, detail string) {
 	c.mu.Unlock()
 }
 
+// Hold makes the client leave the responses of typeURL it gets from now
+// on unapplied and unanswered, as an Envoy that is slow to take up a
+// config (busy, or warming clusters) does, until Release.
+func (c *Client) Hold(typeURL string) {
+	c.mu.Lock()
+	c.hold[typeURL] = true
+	c.mu.Unlock()
+}
+
+// Release ends Hold: the last response held is applied and answered.
+func (c *Client) Release(typeURL string) {
+	c.mu.Lock()
+	delete(c.hold, typeURL)
+	c.mu.Unlock()
+	c.released <- typeURL
+}
+
 func (c *Client) run() {
 	defer close(c.done)
 	warmed := false // the first CDS response is acknowledged at once
 	var pendingCDS *discoverygrpc.DiscoveryResponse
+	resps := make(chan *discoverygrpc.DiscoveryResponse)
+	failed := make(chan error, 1)
+	go func() {
+		for {
+			resp, err := c.stream.Recv()
+			if err != nil {
+				failed <- err
+				return
+			}
+			select {
+			case resps <- resp:
+			case <-c.done:
+				return
+			}
+		}
+	}()
+	held := map[string]*discoverygrpc.DiscoveryResponse{}
 	for {
-		resp, err := c.stream.Recv()
-		if err != nil {
+		var resp *discoverygrpc.DiscoveryResponse
+		select {
+		case resp = <-resps:
+		case err := <-failed:
 			c.fail(err)
 			return
+		case typeURL := <-c.released:
+			resp = held[typeURL]
+			delete(held, typeURL)
+			if resp == nil {
+				continue
+			}
 		}
 		c.mu.Lock()
+		if c.hold[resp.GetTypeUrl()] {
+			c.mu.Unlock()
+			held[resp.GetTypeUrl()] = resp
+			continue
+		}
 		detail, reject := c.reject[resp.GetTypeUrl()]
 		delete(c.reject, resp.GetTypeUrl())
 		acked := c.acked[resp.GetTypeUrl()]

@@ -1,0 +1,113 @@
+package main
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/vgw-project/vgw/envoy"
+	"github.com/vgw-project/vgw/extproc"
+	"github.com/vgw-project/vgw/extproc/extproctest"
+)
+
+// impostor opens an ADS stream to vgw as node that asks for clusters and
+// never acknowledges anything: a process on the models' network, or a
+// misconfigured second Envoy under the same id.
+func impostor(t *testing.T, xdsAddr, node string) {
+	t.Helper()
+	conn, err := grpc.NewClient(xdsAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: resource.ClusterType}); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			if _, err := stream.Recv(); err != nil {
+				return
+			}
+		}
+	}()
+}
+
+// TestImpostorOnXDS: an ADS stream that never acknowledges, under the
+// Envoy's own node id, holds back none of that Envoy's requests for a
+// model that is ready; requests from an Envoy that does not say who it is
+// wait for it at most xds_ack_timeout. Such a stream made every request
+// for the ready always_on model wait for its deadline, holding its slot,
+// then answered 504 load_timeout.
+func TestImpostorOnXDS(t *testing.T) {
+	s := startStack(t, `
+runtime: {kind: sim}
+load_timeout: 5s
+envoy: {xds_ack_timeout: 1s}
+gpus: [{name: sim0, memory: 80GiB}]
+models:
+  llama: {vram: 30GiB, always_on: true}
+`)
+	s.eventuallyWithin(t, 10*time.Second, "llama is ready", func() bool { _, ok := s.mgr.Endpoint("llama"); return ok }, nil)
+	if r := s.ask(t, "llama"); r.Status != 200 {
+		t.Fatalf("before the impostor: %d %s", r.Status, r.Body)
+	}
+	impostor(t, s.app.xdsAddr.String(), "vgw-envoy")
+	s.eventuallyWithin(t, 10*time.Second, "the impostor is connected", func() bool {
+		nodes, _ := s.app.xds.Status()
+		return len(nodes) == 1 && nodes[0].Streams == 2
+	}, nil)
+
+	var wg sync.WaitGroup
+	results := make([]*extproctest.Result, 20)
+	for i := range results {
+		wg.Go(func() { results[i] = s.ask(t, "llama") })
+	}
+	wg.Wait()
+	for i, r := range results {
+		if r.Status != 200 {
+			t.Fatalf("request %d of the Envoy: %d %s", i, r.Status, r.Body)
+		}
+	}
+	for _, d := range s.app.ep.Decisions().Recent(extproc.Filter{Model: "llama", Limit: 20}) {
+		if d.Outcome != extproc.OutcomeAdmitted || d.Reason != extproc.ReasonSlotFree {
+			t.Errorf("decision %v/%v after %v: the Envoy's requests waited", d.Outcome, d.Reason, d.Wait)
+		}
+	}
+
+	// An Envoy that sends no x-vgw-node: its requests wait until the
+	// impostor has been silent for xds_ack_timeout, then go.
+	b, err := envoy.Load("../../envoy/envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep, _ := envoy.ExtProc(b)
+	f := extproctest.FilterFrom(ep)
+	f.Metadata = nil
+	conn, err := grpc.NewClient(s.app.extprocAddr.String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	anon := extproctest.New(conn, f, s.Router())
+	res, err := anon.Do(context.Background(), extproctest.Request{Body: []byte(`{"model":"llama"}`)})
+	if err != nil || res.Status != 200 {
+		t.Fatalf("a request of an Envoy that does not say who it is: %+v %v", res, err)
+	}
+	nodes, _ := s.app.xds.Status()
+	if len(nodes) != 1 || nodes[0].Silent != 1 {
+		t.Errorf("status %+v, want the impostor's stream shown silent", nodes)
+	}
+}
