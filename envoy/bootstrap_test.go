@@ -69,8 +69,8 @@ func TestBrokenConfigs(t *testing.T) {
 		{name: "ADS cluster without HTTP/2", old: "          http2_protocol_options:\n            # An ADS stream lives as long as Envoy: pings find a dead vgw.\n            connection_keepalive: { interval: 30s, timeout: 5s }\n", new: "          http_protocol_options: {}\n", wantCheck: `cluster "vgw_xds" must speak HTTP/2`},
 		{name: "CDS not over ADS", old: "  cds_config:\n    ads: {}\n", new: "  cds_config:\n    path_config_source: {path: /etc/envoy/cds.yaml}\n", wantCheck: "must be ads"},
 		{name: "xDS without a node id", old: "  id: vgw-envoy\n", new: "", wantCheck: "must have a node id"},
-		{name: "node metadata naming another Envoy", old: "{ key: x-vgw-node, value: vgw-envoy }", new: "{ key: x-vgw-node, value: other }", wantCheck: "another Envoy's xDS acknowledgement"},
-		{name: "no node metadata", old: "                initial_metadata:\n                - { key: x-vgw-node, value: vgw-envoy }\n", new: "", wantCheck: "cannot tell which Envoy", warning: true},
+		{name: "node metadata naming another Envoy", old: "{ key: x-vgw-node, value: \"%HOSTNAME%\" }", new: "{ key: x-vgw-node, value: other }", wantCheck: "another Envoy's xDS acknowledgement"},
+		{name: "no node metadata", old: "                initial_metadata:\n                - { key: x-vgw-node, value: \"%HOSTNAME%\" }\n", new: "", wantCheck: "cannot tell which Envoy", warning: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

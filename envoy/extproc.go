@@ -135,6 +135,13 @@ func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcm
 // itself to vgw (extproc.MetadataNode).
 const NodeMetadata = "x-vgw-node"
 
+// HostnameNode is the x-vgw-node value that names each Envoy by its
+// hostname: Envoy formats it for every ext_proc stream (HOSTNAME,
+// formatter/stream_info_formatter.cc), and its node id must then be the
+// same hostname, given on its command line (--service-node), as the
+// shipped docker-compose.yaml does.
+const HostnameNode = "%HOSTNAME%"
+
 // nodeMetadata checks that the ext_proc filter names this Envoy as its
 // node id says: vgw waits for that node's xDS acknowledgement before it
 // releases a request for a model that just loaded.
@@ -143,8 +150,8 @@ func (c *checker) nodeMetadata(path string, md []*corev3.HeaderValue, usesXDS bo
 		if h.GetKey() != NodeMetadata {
 			continue
 		}
-		if node != "" && h.GetValue() != node {
-			c.errorf(path+".grpc_service.initial_metadata", "%s is %q but node.id is %q: vgw would wait for another Envoy's xDS acknowledgement", NodeMetadata, h.GetValue(), node)
+		if node != "" && h.GetValue() != node && h.GetValue() != HostnameNode {
+			c.errorf(path+".grpc_service.initial_metadata", "%s is %q but node.id is %q: vgw would wait for another Envoy's xDS acknowledgement (or use %q and run Envoy with --service-node set to its hostname)", NodeMetadata, h.GetValue(), node, HostnameNode)
 		}
 		return
 	}

@@ -40,8 +40,8 @@ var brokenEdits = []struct{ old, new string }{
 	{"          http2_protocol_options:\n            # An ADS stream lives as long as Envoy: pings find a dead vgw.\n            connection_keepalive: { interval: 30s, timeout: 5s }\n", "          http_protocol_options: {}\n"},
 	{"  cds_config:\n    ads: {}\n", "  cds_config:\n    path_config_source: {path: /etc/envoy/cds.yaml}\n"},
 	{"  id: vgw-envoy\n", ""},
-	{"{ key: x-vgw-node, value: vgw-envoy }", "{ key: x-vgw-node, value: other }"},
-	{"                initial_metadata:\n                - { key: x-vgw-node, value: vgw-envoy }\n", ""},
+	{"{ key: x-vgw-node, value: \"%HOSTNAME%\" }", "{ key: x-vgw-node, value: other }"},
+	{"                initial_metadata:\n                - { key: x-vgw-node, value: \"%HOSTNAME%\" }\n", ""},
 }
 
 // fuzzExpect is what the default vgw config asks of Envoy, built the way

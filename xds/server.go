@@ -553,8 +553,13 @@ func (s *Server) AckedBy(node, cluster, addr string) bool {
 		return false
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return slices.Contains(s.current[cluster], addr) && s.judgeLocked(node, s.changed[cluster]) == released
+	ok := slices.Contains(s.current[cluster], addr)
+	v, warn := s.judgeAskerLocked(node, s.changed[cluster])
+	s.mu.Unlock()
+	if warn {
+		s.warnStranger(node)
+	}
+	return ok && v == released
 }
 
 // WaitAcked returns once the address addr gives (the model's server, which
@@ -582,13 +587,11 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 		}
 		s.mu.Lock()
 		published := slices.Contains(s.current[cluster], a)
-		v := s.judgeLocked(node, s.changed[cluster])
-		stranger := v == absent && node != "" && s.connected.Load() > 0 && s.strangeLocked(node)
+		v, warn := s.judgeAskerLocked(node, s.changed[cluster])
 		wake := s.wake
 		s.mu.Unlock()
-		if stranger {
-			s.log.Warn("ext_proc requests come from an Envoy with no xDS stream under the same node id: its x-vgw-node metadata must equal its node.id",
-				slog.String("x_vgw_node", node))
+		if warn {
+			s.warnStranger(node)
 		}
 		if published {
 			switch v {
@@ -615,6 +618,24 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 			return ctx.Err()
 		}
 	}
+}
+
+// judgeAskerLocked is judgeLocked for the Envoy a request names. A name no
+// xDS stream has while other Envoys are connected is a misconfigured
+// Envoy (its x-vgw-node is not its node id): its requests are judged as
+// an unknown Envoy's, which wait for every Envoy, rather than let through
+// unchecked; warn says to tell the operator, once. s.mu is held.
+func (s *Server) judgeAskerLocked(node string, need uint64) (v verdict, warn bool) {
+	v = s.judgeLocked(node, need)
+	if v == absent && node != "" && s.connected.Load() > 0 {
+		return s.judgeLocked("", need), s.strangeLocked(node)
+	}
+	return v, false
+}
+
+func (s *Server) warnStranger(node string) {
+	s.log.Warn("ext_proc requests name an Envoy no xDS stream has: its x-vgw-node metadata must equal its node.id (or be %HOSTNAME% with --service-node set to the hostname); until then its requests wait for every Envoy",
+		slog.String("x_vgw_node", node))
 }
 
 // strangeLocked records node as seen on ext_proc but not on xDS, and

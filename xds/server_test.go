@@ -479,3 +479,31 @@ func TestWaitFollowsAMovingModel(t *testing.T) {
 		t.Fatalf("a stopped model: %v", err)
 	}
 }
+
+// TestStrangerWaitsForEveryEnvoy: a request naming an Envoy that has no
+// xDS stream (its x-vgw-node is not its node id) while other Envoys are
+// connected is judged as an unknown Envoy's: it waits for every Envoy,
+// rather than being let through unchecked.
+func TestStrangerWaitsForEveryEnvoy(t *testing.T) {
+	f := start(t, newModels("llama"))
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	c.Hold(resource.EndpointType)
+	f.src.set("llama", "10.0.0.5:8000")
+	f.srv.Notify()
+	eventually(t, "published", func() bool { return f.srv.Version() != c.Acked(resource.EndpointType) })
+	if f.srv.AckedBy("misnamed", "model/llama", "10.0.0.5:8000") {
+		t.Fatal("a request of a misnamed Envoy is let through while envoy-1 has not taken up the endpoint")
+	}
+	answered := make(chan error, 1)
+	go func() { answered <- f.srv.WaitAcked(context.Background(), "misnamed", "model/llama", at("10.0.0.5:8000")) }()
+	select {
+	case err := <-answered:
+		t.Fatalf("answered before every Envoy knew the endpoint: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	c.Release(resource.EndpointType)
+	if err := <-answered; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -293,7 +293,7 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	if b := st.GetModels()[0]; b.GetName() != "broken" || !strings.Contains(b.GetLastError(), "--api-key "+secrets.Mask) || b.GetRetryAt() == nil {
 		t.Errorf("GetStatus for broken: %v", b)
 	}
-	if n := st.GetEnvoys(); len(n) != 1 || n[0].GetNode() != "vgw-envoy" || n[0].GetEndpointsVersion() == "" {
+	if n := st.GetEnvoys(); len(n) != 1 || n[0].GetNode() != envoy.Node() || n[0].GetEndpointsVersion() == "" {
 		t.Errorf("GetStatus Envoys: %v", n)
 	}
 

@@ -64,7 +64,7 @@ models:
 	if r := s.ask(t, "llama"); r.Status != 200 {
 		t.Fatalf("before the impostor: %d %s", r.Status, r.Body)
 	}
-	impostor(t, s.app.xdsAddr.String(), "vgw-envoy")
+	impostor(t, s.app.xdsAddr.String(), s.Node())
 	s.eventuallyWithin(t, 10*time.Second, "the impostor is connected", func() bool {
 		nodes, _ := s.app.xds.Status()
 		return len(nodes) == 1 && nodes[0].Streams == 2

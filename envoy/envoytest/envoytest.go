@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -63,7 +64,13 @@ func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string) *Envoy {
 		t.Cleanup(func() { conn.Close() })
 		return conn
 	}
-	e := &Envoy{t: t, node: b.GetNode().GetId(), xds: dial(xdsAddr)}
+	// Run as docker-compose.yaml runs Envoy: with a filter that names the
+	// Envoy by its hostname, its node id is the hostname (--service-node).
+	node := b.GetNode().GetId()
+	if f := extproctest.FilterFrom(epc); f.Metadata[envoy.NodeMetadata] == envoy.HostnameNode {
+		node, _ = os.Hostname()
+	}
+	e := &Envoy{t: t, node: node, xds: dial(xdsAddr)}
 	e.ReconnectADS()
 	e.ExtProc = extproctest.New(dial(extprocAddr), extproctest.FilterFrom(epc), e.route)
 	return e
@@ -92,6 +99,9 @@ func (e *Envoy) ReconnectADS() {
 	e.ADS, e.ads = c, c
 	e.mu.Unlock()
 }
+
+// Node is this Envoy's node id on xDS.
+func (e *Envoy) Node() string { return e.node }
 
 // Router is this Envoy's router, for a second ext_proc client that plays
 // another filter in front of the same upstreams.

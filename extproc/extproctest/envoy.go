@@ -16,6 +16,7 @@ import (
 	"errors"
 	"io"
 	"strconv"
+	"os"
 	"strings"
 	"time"
 
@@ -210,7 +211,7 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
 	for k, v := range e.filter.Metadata {
-		sctx = metadata.AppendToOutgoingContext(sctx, k, v)
+		sctx = metadata.AppendToOutgoingContext(sctx, k, formatMetadata(v))
 	}
 	res := &Result{}
 	stream, err := e.client.Process(sctx)
@@ -661,4 +662,18 @@ func remove(hs []Header, key string) []Header {
 		}
 	}
 	return out
+}
+
+// formatMetadata fills in a metadata value as Envoy does for each ext_proc
+// stream: initial_metadata goes through a header parser with the request's
+// stream info (source/common/grpc/async_client_impl.cc, evaluateHeaders;
+// ext_proc.cc sets the parent context), so substitution commands work.
+// The one vgw's bootstraps use is HOSTNAME (gethostname(),
+// source/common/formatter/stream_info_formatter.cc).
+func formatMetadata(v string) string {
+	if !strings.Contains(v, "%HOSTNAME%") {
+		return v
+	}
+	host, _ := os.Hostname()
+	return strings.ReplaceAll(v, "%HOSTNAME%", host)
 }
