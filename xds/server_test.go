@@ -496,7 +496,9 @@ func TestStrangerWaitsForEveryEnvoy(t *testing.T) {
 		t.Fatal("a request of a misnamed Envoy is let through while envoy-1 has not taken up the endpoint")
 	}
 	answered := make(chan error, 1)
-	go func() { answered <- f.srv.WaitAcked(context.Background(), "misnamed", "model/llama", at("10.0.0.5:8000")) }()
+	go func() {
+		answered <- f.srv.WaitAcked(context.Background(), "misnamed", "model/llama", at("10.0.0.5:8000"))
+	}()
 	select {
 	case err := <-answered:
 		t.Fatalf("answered before every Envoy knew the endpoint: %v", err)

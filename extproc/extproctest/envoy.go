@@ -15,8 +15,8 @@ import (
 	"context"
 	"errors"
 	"io"
-	"strconv"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
