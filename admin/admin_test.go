@@ -134,7 +134,7 @@ type fakeEnvoys struct{}
 
 func (fakeEnvoys) Status() ([]xds.NodeStatus, []xds.NACK) {
 	n := xds.NACK{Node: "edge-1", TypeURL: "type.googleapis.com/envoy.config.cluster.v3.Cluster", Version: "v7", Error: "bad cluster"}
-	return []xds.NodeStatus{{Node: "edge-1", Streams: 1, Clusters: "v8", Routes: "v8", LastNACK: &n}}, []xds.NACK{n}
+	return []xds.NodeStatus{{Node: "edge-1", Streams: 2, Clusters: "v8", Routes: "v8", LastNACK: &n, Silent: 1, SilentSince: time.Unix(1000, 0)}}, []xds.NACK{n}
 }
 func (fakeEnvoys) Version() string        { return "v8" }
 func (fakeEnvoys) Counters() xds.Counters { return xds.Counters{Pushes: 8, ACKs: 15, NACKs: 1} }
@@ -179,7 +179,8 @@ func TestStatus(t *testing.T) {
 	if m.State != "ready" || m.Cluster != "model/llama" || m.InFlight != 3 || m.QueueDepth != 2 || m.MaxConcurrent != 8 || m.LastUsed != nil {
 		t.Errorf("model %v", m)
 	}
-	if len(st.Envoys) != 1 || st.Envoys[0].LastNack.GetError() != "bad cluster" || st.Envoys[0].ClustersVersion != "v8" {
+	if e := st.Envoys; len(e) != 1 || e[0].LastNack.GetError() != "bad cluster" || e[0].ClustersVersion != "v8" ||
+		e[0].SilentStreams != 1 || e[0].SilentSince.AsTime().Unix() != 1000 {
 		t.Errorf("envoys %v", st.Envoys)
 	}
 	if st.Config.LogLevel != "info" {

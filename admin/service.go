@@ -111,6 +111,9 @@ func (s *Service) Status() *adminv1.Status {
 		if n.LastNACK != nil {
 			en.LastNack = s.nack(*n.LastNACK)
 		}
+		if n.Silent > 0 {
+			en.SilentStreams, en.SilentSince = int32(n.Silent), timestamppb.New(n.SilentSince)
+		}
 		st.Envoys = append(st.Envoys, en)
 	}
 	return st

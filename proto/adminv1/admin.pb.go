@@ -464,8 +464,14 @@ type EnvoyNode struct {
 	ClustersVersion  string `protobuf:"bytes,3,opt,name=clusters_version,json=clustersVersion,proto3" json:"clusters_version,omitempty"`
 	EndpointsVersion string `protobuf:"bytes,4,opt,name=endpoints_version,json=endpointsVersion,proto3" json:"endpoints_version,omitempty"`
 	LastNack         *NACK  `protobuf:"bytes,5,opt,name=last_nack,json=lastNack,proto3" json:"last_nack,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Streams that have left an xDS version unanswered (neither
+	// acknowledged nor rejected) for longer than envoy.xds_ack_timeout,
+	// since silent_since: requests of unknown Envoys do not wait for them,
+	// and the node's own requests are answered 503 until it answers.
+	SilentStreams int32                  `protobuf:"varint,6,opt,name=silent_streams,json=silentStreams,proto3" json:"silent_streams,omitempty"`
+	SilentSince   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=silent_since,json=silentSince,proto3" json:"silent_since,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EnvoyNode) Reset() {
@@ -529,6 +535,20 @@ func (x *EnvoyNode) GetEndpointsVersion() string {
 func (x *EnvoyNode) GetLastNack() *NACK {
 	if x != nil {
 		return x.LastNack
+	}
+	return nil
+}
+
+func (x *EnvoyNode) GetSilentStreams() int32 {
+	if x != nil {
+		return x.SilentStreams
+	}
+	return 0
+}
+
+func (x *EnvoyNode) GetSilentSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SilentSince
 	}
 	return nil
 }
@@ -1776,13 +1796,15 @@ const file_admin_proto_rawDesc = "" +
 	"last_error\x18\x11 \x01(\tR\tlastError\x125\n" +
 	"\bretry_at\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\aretryAt\x12\x18\n" +
 	"\acluster\x18\x13 \x01(\tR\acluster\x12(\n" +
-	"\x10waiting_for_load\x18\x14 \x01(\x05R\x0ewaitingForLoad\"\xc2\x01\n" +
+	"\x10waiting_for_load\x18\x14 \x01(\x05R\x0ewaitingForLoad\"\xa8\x02\n" +
 	"\tEnvoyNode\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\astreams\x18\x02 \x01(\x05R\astreams\x12)\n" +
 	"\x10clusters_version\x18\x03 \x01(\tR\x0fclustersVersion\x12+\n" +
 	"\x11endpoints_version\x18\x04 \x01(\tR\x10endpointsVersion\x12/\n" +
-	"\tlast_nack\x18\x05 \x01(\v2\x12.vgw.admin.v1.NACKR\blastNack\"\x95\x01\n" +
+	"\tlast_nack\x18\x05 \x01(\v2\x12.vgw.admin.v1.NACKR\blastNack\x12%\n" +
+	"\x0esilent_streams\x18\x06 \x01(\x05R\rsilentStreams\x12=\n" +
+	"\fsilent_since\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\vsilentSince\"\x95\x01\n" +
 	"\x04NACK\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x19\n" +
@@ -1932,49 +1954,50 @@ var file_admin_proto_depIdxs = []int32{
 	28, // 7: vgw.admin.v1.Model.queue_timeout:type_name -> google.protobuf.Duration
 	27, // 8: vgw.admin.v1.Model.retry_at:type_name -> google.protobuf.Timestamp
 	5,  // 9: vgw.admin.v1.EnvoyNode.last_nack:type_name -> vgw.admin.v1.NACK
-	27, // 10: vgw.admin.v1.NACK.time:type_name -> google.protobuf.Timestamp
-	28, // 11: vgw.admin.v1.Config.queue_timeout:type_name -> google.protobuf.Duration
-	28, // 12: vgw.admin.v1.Config.load_timeout:type_name -> google.protobuf.Duration
-	28, // 13: vgw.admin.v1.Config.inactivity_timeout:type_name -> google.protobuf.Duration
-	28, // 14: vgw.admin.v1.Config.min_resident:type_name -> google.protobuf.Duration
-	28, // 15: vgw.admin.v1.Config.drain_timeout:type_name -> google.protobuf.Duration
-	26, // 16: vgw.admin.v1.Config.listen:type_name -> vgw.admin.v1.Config.ListenEntry
-	28, // 17: vgw.admin.v1.Config.max_message_timeout:type_name -> google.protobuf.Duration
-	3,  // 18: vgw.admin.v1.ListModelsResponse.models:type_name -> vgw.admin.v1.Model
-	28, // 19: vgw.admin.v1.LoadModelRequest.timeout:type_name -> google.protobuf.Duration
-	3,  // 20: vgw.admin.v1.LoadModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 21: vgw.admin.v1.UnloadModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 22: vgw.admin.v1.PinModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 23: vgw.admin.v1.UnpinModelResponse.model:type_name -> vgw.admin.v1.Model
-	21, // 24: vgw.admin.v1.ListDecisionsResponse.decisions:type_name -> vgw.admin.v1.Decision
-	27, // 25: vgw.admin.v1.Decision.time:type_name -> google.protobuf.Timestamp
-	28, // 26: vgw.admin.v1.Decision.wait:type_name -> google.protobuf.Duration
-	27, // 27: vgw.admin.v1.Event.time:type_name -> google.protobuf.Timestamp
-	0,  // 28: vgw.admin.v1.Admin.GetStatus:input_type -> vgw.admin.v1.GetStatusRequest
-	7,  // 29: vgw.admin.v1.Admin.ListModels:input_type -> vgw.admin.v1.ListModelsRequest
-	9,  // 30: vgw.admin.v1.Admin.LoadModel:input_type -> vgw.admin.v1.LoadModelRequest
-	11, // 31: vgw.admin.v1.Admin.UnloadModel:input_type -> vgw.admin.v1.UnloadModelRequest
-	13, // 32: vgw.admin.v1.Admin.PinModel:input_type -> vgw.admin.v1.PinModelRequest
-	15, // 33: vgw.admin.v1.Admin.UnpinModel:input_type -> vgw.admin.v1.UnpinModelRequest
-	17, // 34: vgw.admin.v1.Admin.SetLogLevel:input_type -> vgw.admin.v1.SetLogLevelRequest
-	19, // 35: vgw.admin.v1.Admin.ListDecisions:input_type -> vgw.admin.v1.ListDecisionsRequest
-	22, // 36: vgw.admin.v1.Admin.WatchEvents:input_type -> vgw.admin.v1.WatchEventsRequest
-	24, // 37: vgw.admin.v1.Admin.Drain:input_type -> vgw.admin.v1.DrainRequest
-	1,  // 38: vgw.admin.v1.Admin.GetStatus:output_type -> vgw.admin.v1.Status
-	8,  // 39: vgw.admin.v1.Admin.ListModels:output_type -> vgw.admin.v1.ListModelsResponse
-	10, // 40: vgw.admin.v1.Admin.LoadModel:output_type -> vgw.admin.v1.LoadModelResponse
-	12, // 41: vgw.admin.v1.Admin.UnloadModel:output_type -> vgw.admin.v1.UnloadModelResponse
-	14, // 42: vgw.admin.v1.Admin.PinModel:output_type -> vgw.admin.v1.PinModelResponse
-	16, // 43: vgw.admin.v1.Admin.UnpinModel:output_type -> vgw.admin.v1.UnpinModelResponse
-	18, // 44: vgw.admin.v1.Admin.SetLogLevel:output_type -> vgw.admin.v1.SetLogLevelResponse
-	20, // 45: vgw.admin.v1.Admin.ListDecisions:output_type -> vgw.admin.v1.ListDecisionsResponse
-	23, // 46: vgw.admin.v1.Admin.WatchEvents:output_type -> vgw.admin.v1.Event
-	25, // 47: vgw.admin.v1.Admin.Drain:output_type -> vgw.admin.v1.DrainResponse
-	38, // [38:48] is the sub-list for method output_type
-	28, // [28:38] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	27, // 10: vgw.admin.v1.EnvoyNode.silent_since:type_name -> google.protobuf.Timestamp
+	27, // 11: vgw.admin.v1.NACK.time:type_name -> google.protobuf.Timestamp
+	28, // 12: vgw.admin.v1.Config.queue_timeout:type_name -> google.protobuf.Duration
+	28, // 13: vgw.admin.v1.Config.load_timeout:type_name -> google.protobuf.Duration
+	28, // 14: vgw.admin.v1.Config.inactivity_timeout:type_name -> google.protobuf.Duration
+	28, // 15: vgw.admin.v1.Config.min_resident:type_name -> google.protobuf.Duration
+	28, // 16: vgw.admin.v1.Config.drain_timeout:type_name -> google.protobuf.Duration
+	26, // 17: vgw.admin.v1.Config.listen:type_name -> vgw.admin.v1.Config.ListenEntry
+	28, // 18: vgw.admin.v1.Config.max_message_timeout:type_name -> google.protobuf.Duration
+	3,  // 19: vgw.admin.v1.ListModelsResponse.models:type_name -> vgw.admin.v1.Model
+	28, // 20: vgw.admin.v1.LoadModelRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 21: vgw.admin.v1.LoadModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 22: vgw.admin.v1.UnloadModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 23: vgw.admin.v1.PinModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 24: vgw.admin.v1.UnpinModelResponse.model:type_name -> vgw.admin.v1.Model
+	21, // 25: vgw.admin.v1.ListDecisionsResponse.decisions:type_name -> vgw.admin.v1.Decision
+	27, // 26: vgw.admin.v1.Decision.time:type_name -> google.protobuf.Timestamp
+	28, // 27: vgw.admin.v1.Decision.wait:type_name -> google.protobuf.Duration
+	27, // 28: vgw.admin.v1.Event.time:type_name -> google.protobuf.Timestamp
+	0,  // 29: vgw.admin.v1.Admin.GetStatus:input_type -> vgw.admin.v1.GetStatusRequest
+	7,  // 30: vgw.admin.v1.Admin.ListModels:input_type -> vgw.admin.v1.ListModelsRequest
+	9,  // 31: vgw.admin.v1.Admin.LoadModel:input_type -> vgw.admin.v1.LoadModelRequest
+	11, // 32: vgw.admin.v1.Admin.UnloadModel:input_type -> vgw.admin.v1.UnloadModelRequest
+	13, // 33: vgw.admin.v1.Admin.PinModel:input_type -> vgw.admin.v1.PinModelRequest
+	15, // 34: vgw.admin.v1.Admin.UnpinModel:input_type -> vgw.admin.v1.UnpinModelRequest
+	17, // 35: vgw.admin.v1.Admin.SetLogLevel:input_type -> vgw.admin.v1.SetLogLevelRequest
+	19, // 36: vgw.admin.v1.Admin.ListDecisions:input_type -> vgw.admin.v1.ListDecisionsRequest
+	22, // 37: vgw.admin.v1.Admin.WatchEvents:input_type -> vgw.admin.v1.WatchEventsRequest
+	24, // 38: vgw.admin.v1.Admin.Drain:input_type -> vgw.admin.v1.DrainRequest
+	1,  // 39: vgw.admin.v1.Admin.GetStatus:output_type -> vgw.admin.v1.Status
+	8,  // 40: vgw.admin.v1.Admin.ListModels:output_type -> vgw.admin.v1.ListModelsResponse
+	10, // 41: vgw.admin.v1.Admin.LoadModel:output_type -> vgw.admin.v1.LoadModelResponse
+	12, // 42: vgw.admin.v1.Admin.UnloadModel:output_type -> vgw.admin.v1.UnloadModelResponse
+	14, // 43: vgw.admin.v1.Admin.PinModel:output_type -> vgw.admin.v1.PinModelResponse
+	16, // 44: vgw.admin.v1.Admin.UnpinModel:output_type -> vgw.admin.v1.UnpinModelResponse
+	18, // 45: vgw.admin.v1.Admin.SetLogLevel:output_type -> vgw.admin.v1.SetLogLevelResponse
+	20, // 46: vgw.admin.v1.Admin.ListDecisions:output_type -> vgw.admin.v1.ListDecisionsResponse
+	23, // 47: vgw.admin.v1.Admin.WatchEvents:output_type -> vgw.admin.v1.Event
+	25, // 48: vgw.admin.v1.Admin.Drain:output_type -> vgw.admin.v1.DrainResponse
+	39, // [39:49] is the sub-list for method output_type
+	29, // [29:39] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_admin_proto_init() }
