@@ -45,6 +45,13 @@ type Config struct {
 	// FootprintsFile keeps the GPU memory each model was measured to use,
 	// so placement knows it after a restart; empty keeps it in memory.
 	FootprintsFile string `yaml:"footprints_file"`
+	// A ready model's server is probed (GET /health) every ProbeInterval,
+	// each probe failing after ProbeTimeout; after ProbeFailures failures
+	// in a row it is taken out of service and restarted. A ProbeInterval
+	// of 0 turns probing off.
+	ProbeInterval Duration `yaml:"probe_interval"`
+	ProbeTimeout  Duration `yaml:"probe_timeout"`
+	ProbeFailures int      `yaml:"probe_failures"`
 
 	Envoy   Envoy             `yaml:"envoy"`
 	Runtime Runtime           `yaml:"runtime"`
@@ -143,6 +150,9 @@ type Model struct {
 	MaxConcurrent        *int              `yaml:"max_concurrent"`
 	MaxQueue             *int              `yaml:"max_queue"`
 	QueueTimeout         *Duration         `yaml:"queue_timeout"`
+	ProbeInterval        *Duration         `yaml:"probe_interval"`
+	ProbeTimeout         *Duration         `yaml:"probe_timeout"`
+	ProbeFailures        *int              `yaml:"probe_failures"`
 	GPUs                 []int             `yaml:"gpus"` // pinned GPU indexes
 	ExtraArgs            []string          `yaml:"extra_args"`
 	Env                  map[string]string `yaml:"env"`
@@ -180,6 +190,9 @@ var Defaults = Config{
 	MaxBodyBytes:      8 << 20,
 	ShutdownTimeout:   Duration(30 * time.Second),
 	DrainTimeout:      Duration(30 * time.Second),
+	ProbeInterval:     Duration(10 * time.Second),
+	ProbeTimeout:      Duration(5 * time.Second),
+	ProbeFailures:     3,
 	Envoy: Envoy{
 		MessageTimeout:    Duration(200 * time.Millisecond),
 		MaxMessageTimeout: Duration(900 * time.Second),
@@ -431,6 +444,27 @@ func deref[T any](p *T, def T) T {
 		return def
 	}
 	return *p
+}
+
+// Probe is how a ready model's server is watched (see Config.ProbeInterval).
+type Probe struct {
+	Interval time.Duration // 0: not probed
+	Timeout  time.Duration
+	Failures int // in a row, before the server is taken out of service
+}
+
+// ProbeOf resolves a model's probe settings; a model no longer configured
+// (still serving its last requests) has the gateway-wide ones.
+func (c *Config) ProbeOf(name string) Probe {
+	m := c.Models[name]
+	if m == nil {
+		m = &Model{}
+	}
+	return Probe{
+		Interval: deref(m.ProbeInterval, c.ProbeInterval).Std(),
+		Timeout:  deref(m.ProbeTimeout, c.ProbeTimeout).Std(),
+		Failures: deref(m.ProbeFailures, c.ProbeFailures),
+	}
 }
 
 // InactivityOf resolves a model's inactivity timeout; 0 keeps it loaded.

@@ -94,6 +94,7 @@ func (c *Config) validate(loc *locator) error {
 	if c.MinResident < 0 {
 		v.at([]string{"min_resident"}, "min_resident must not be negative")
 	}
+	v.probe(nil, c.ProbeInterval, c.ProbeTimeout, c.ProbeFailures)
 	v.envoy(c)
 	v.runtime(c)
 	if len(c.Models) == 0 {
@@ -107,6 +108,21 @@ func (c *Config) validate(loc *locator) error {
 		return &ListError{File: c.Path, Problems: v.problems}
 	}
 	return nil
+}
+
+// probe checks probe settings, gateway-wide (at nil) or a model's as
+// they resolve.
+func (v *validator) probe(at []string, interval, timeout Duration, failures int) {
+	key := func(k string) []string { return append(slices.Clone(at), k) }
+	if interval < 0 {
+		v.at(key("probe_interval"), "probe_interval must not be negative (0 turns probing off)")
+	}
+	if interval > 0 && (timeout <= 0 || timeout > interval) {
+		v.at(key("probe_timeout"), "probe_timeout must be a positive duration no longer than probe_interval")
+	}
+	if interval > 0 && failures < 1 {
+		v.at(key("probe_failures"), "probe_failures must be at least 1")
+	}
 }
 
 func (v *validator) positive(key string, n, min int) {
@@ -210,6 +226,10 @@ func (v *validator) model(c *Config, name string, m *Model) {
 	}
 	if m.InactivityTimeout != nil && *m.InactivityTimeout < 0 {
 		v.at(path("inactivity_timeout"), "inactivity_timeout must not be negative (0 keeps the model loaded)")
+	}
+	if m.ProbeInterval != nil || m.ProbeTimeout != nil || m.ProbeFailures != nil {
+		p := c.ProbeOf(name)
+		v.probe(path(), Duration(p.Interval), Duration(p.Timeout), p.Failures)
 	}
 	tp := max(m.TensorParallelSize, 1)
 	if len(m.GPUs) > 0 && len(m.GPUs) != tp {

@@ -265,6 +265,7 @@ func (m *Manager) loadReady(md *model, op *loadOp, took time.Duration, before []
 	op.cancel()
 	md.failures, md.lastErr, md.lastLoad = 0, nil, nil
 	md.since = time.Now() // min_resident counts from here
+	md.failed, md.nextProbe = 0, md.since.Add(m.cfg.ProbeOf(md.name).Interval)
 	md.h.addr.Store(&md.inst.Addr)
 	md.h.lastUsed.Store(time.Now().UnixNano())
 	md.setState(Ready)
@@ -438,6 +439,9 @@ func (m *Manager) maybeStop(md *model) {
 	}
 	md.stopping = true
 	inst, gpus, grace := md.inst, md.gpus, m.cfg.DrainTimeout.Std()
+	if md.unhealthy {
+		grace = 0 // it failed its health probes: no graceful shutdown to wait for
+	}
 	go func() {
 		err := m.rt.Stop(m.ctx, inst, grace)
 		m.do(func() { m.stopped(md, gpus, err) })
@@ -458,6 +462,12 @@ func (m *Manager) stopped(md *model, gpus []int, err error) {
 	md.setState(Stopped)
 	m.rereadGPUs()
 	m.event(md.name, EventUnloaded, "")
+	if md.unhealthy && !md.removed {
+		// Restarted as it was serving, whether or not a request waits.
+		md.keepUntil = now.Add(m.cfg.LoadTimeout.Std())
+		m.want(md)
+	}
+	md.unhealthy = false
 	if len(md.liveWaiters()) > 0 || m.keepLoaded(md) {
 		m.want(md)
 	}
@@ -505,6 +515,7 @@ func (m *Manager) tick(now time.Time) {
 		case Draining:
 			m.maybeStop(md)
 		case Ready:
+			m.maybeProbe(md, now)
 			idle := md.h.inflight.Load() == 0
 			switch {
 			case md.removed && idle:

@@ -126,10 +126,13 @@ const (
 	EventDraining    = "draining"
 	EventCrashed     = "crashed"
 	EventUnloaded    = "unloaded"
+	// EventUnhealthy: a ready model's server failed probe_failures health
+	// probes in a row; it is taken out of service and restarted.
+	EventUnhealthy = "unhealthy"
 )
 
 // EventKinds lists every kind of Event, for those who count them.
-var EventKinds = []string{EventLoadStarted, EventReady, EventLoadFailed, EventEvicted, EventDraining, EventCrashed, EventUnloaded}
+var EventKinds = []string{EventLoadStarted, EventReady, EventLoadFailed, EventEvicted, EventDraining, EventCrashed, EventUnloaded, EventUnhealthy}
 
 // Options are a Manager's optional settings.
 type Options struct {
@@ -215,6 +218,13 @@ type model struct {
 	keepUntil time.Time // an operator asked to load it: placed though no request waits, until then
 	pinned    bool
 	stopping  bool // a stop is under way
+	// Health probes of a ready server (probe.go): one at a time, the next
+	// due at nextProbe; failed counts failures in a row, and unhealthy
+	// says the server failed enough of them to be stopped and restarted.
+	probing   bool
+	nextProbe time.Time
+	failed    int
+	unhealthy bool
 }
 
 // loadOp is one run of a load worker. The GPUs it claims stay claimed until

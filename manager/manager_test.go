@@ -85,6 +85,32 @@ func (tm *testManager) eventKinds(model string) []string {
 	return out
 }
 
+// event returns the first event of kind for model.
+func (tm *testManager) event(t *testing.T, model, kind string) Event {
+	t.Helper()
+	tm.mu.Lock()
+	defer tm.mu.Unlock()
+	for _, e := range tm.events {
+		if e.Model == model && e.Kind == kind {
+			return e
+		}
+	}
+	t.Fatalf("no %s event for %s", kind, model)
+	return Event{}
+}
+
+// pid is the process of a sim instance.
+func (c *countingRuntime) pid(t *testing.T, instance string) int {
+	t.Helper()
+	c.SimRuntime.mu.Lock()
+	defer c.SimRuntime.mu.Unlock()
+	p, ok := c.SimRuntime.procs[instance]
+	if !ok {
+		t.Fatalf("no process for instance %s", instance)
+	}
+	return p.cmd.Process.Pid
+}
+
 func (tm *testManager) eventAt(model, kind string) (time.Time, bool) {
 	tm.mu.Lock()
 	defer tm.mu.Unlock()

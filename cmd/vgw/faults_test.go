@@ -3,12 +3,16 @@ package main
 import (
 	"bytes"
 	"context"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
+	"github.com/vgw-project/vgw/admin/admintest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 	"github.com/vgw-project/vgw/manager"
 )
@@ -195,4 +199,69 @@ models:
 		t.Fatalf("got %+v, want the client gone", r)
 	}
 	s.settled(t, 10*time.Second)
+}
+
+// TestHungBackend: a model's server that stops answering without exiting
+// (SIGSTOP, as a deadlocked vLLM) is found by its health probes: reported
+// unhealthy (event, metric, log), taken out of the Envoy's routes, its
+// request in flight ended once the drain runs out, and the model started
+// again, so the next requests are served. It stayed ready for ever, its
+// slots held until Envoy's stream idle timeout and its queue timing out
+// behind them.
+func TestHungBackend(t *testing.T) {
+	s := startStack(t, `
+runtime: {kind: sim}
+load_timeout: 10s
+drain_timeout: 1s
+probe_interval: 100ms
+probe_timeout: 50ms
+probe_failures: 2
+gpus: [{name: sim0, memory: 80GiB}]
+models:
+  a: {vram: 20GiB, always_on: true}
+`)
+	s.eventuallyWithin(t, 10*time.Second, "a is ready", func() bool { _, ok := s.mgr.Endpoint("a"); return ok }, nil)
+	if r := s.ask(t, "a"); r.Status != 200 {
+		t.Fatalf("before the hang: %d %s", r.Status, r.Body)
+	}
+	hung := statusOf(s.mgr, "a")
+	pid, err := strconv.Atoi(strings.TrimPrefix(hung.Instance, "sim-"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	inFlight := make(chan *extproctest.Result, 1)
+	go func() { inFlight <- s.ask(t, "a") }() // reaches the hung server
+	s.eventuallyWithin(t, 10*time.Second, "a is reported unhealthy", func() bool {
+		samples, err := admintest.Scrape("http://" + s.app.httpAddr.String() + "/metrics")
+		return err == nil && samples[`vgw_model_events_total{kind="unhealthy",model="a"}`] == 1
+	}, nil)
+	s.eventuallyWithin(t, 10*time.Second, "the Envoy no longer routes to the hung server", func() bool {
+		eps := s.ADS.Endpoints("model/a")
+		return len(eps) == 0 || eps[0] != hung.Addr
+	}, nil)
+	if r := <-inFlight; r.Status == 200 {
+		t.Fatalf("the request on the hung server: %+v", r)
+	}
+	for range 5 {
+		if r := s.ask(t, "a"); r.Status != 200 {
+			t.Fatalf("after the restart: %d %s", r.Status, r.Body)
+		}
+	}
+	if st := statusOf(s.mgr, "a"); st.Instance == hung.Instance {
+		t.Fatalf("still served by the hung server %s", hung.Instance)
+	}
+	s.settled(t, 10*time.Second)
+}
+
+// statusOf is one model's status from the manager.
+func statusOf(m *manager.Manager, name string) manager.ModelStatus {
+	for _, st := range m.Status() {
+		if st.Name == name {
+			return st
+		}
+	}
+	return manager.ModelStatus{}
 }

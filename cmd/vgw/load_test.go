@@ -315,7 +315,11 @@ func (s *stack) eventuallyWithin(t testing.TB, within time.Duration, what string
 	deadline := time.Now().Add(within)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("not %s within %v: %s", what, within, state())
+			why := ""
+			if state != nil {
+				why = state()
+			}
+			t.Fatalf("not %s within %v: %s", what, within, why)
 		}
 		time.Sleep(5 * time.Millisecond) // polling interval
 	}
