@@ -14,7 +14,7 @@ FUZZTIME  ?= 20s
 # go-nvml's header marks old NVML calls deprecated; vgw calls none of them.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: help build image up down logs sim-up sim-down compose-check e2e e2e-envoy test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-docker bench-load bench-rss soak fuzz fuzz-ci run tools clean
+.PHONY: help build image up network admin-token down logs sim-up sim-down compose-check e2e e2e-envoy test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-docker bench-load bench-rss soak fuzz fuzz-ci run tools clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -27,18 +27,33 @@ image: ## build the vgw:local and vgw-fakevllm:local images (needs the Go base i
 	docker build -t vgw:local .
 	docker build -t vgw-fakevllm:local -f Dockerfile.fakevllm .
 
-up: ## start Envoy and vgw on this GPU server (docker-compose.yaml)
+# The models' bridge network (runtime.network in the config): Envoy and vgw
+# run in the host's network namespace, the model containers alone on this
+# network, so none of them can reach vgw's ports (docker-compose.yaml).
+NETWORK     ?= vgw
+SIM_NETWORK ?= vgw-sim
+# The admin service's token, readable by its owner only; compose mounts it.
+ADMIN_TOKEN ?= secrets/admin-token
+
+up: network admin-token ## start Envoy and vgw on this GPU server (docker-compose.yaml)
 	$(COMPOSE) up -d --build
+
+network: ## create the models' network (NETWORK) if it is missing
+	docker network inspect $(NETWORK) >/dev/null 2>&1 || docker network create $(NETWORK)
+
+admin-token: ## create the admin token (ADMIN_TOKEN) if it is missing, readable by its owner only
+	@test -s $(ADMIN_TOKEN) || { mkdir -p $(dir $(ADMIN_TOKEN)) && (umask 077 && head -c 32 /dev/urandom | base64 > $(ADMIN_TOKEN)) && echo "created $(ADMIN_TOKEN)"; }
 
 # vgw leaves its model containers running when it stops, for the next vgw
 # to adopt (docker compose restart vgw keeps models loaded); down removes
-# them too, once vgw has stopped, so that nothing holds the GPUs. INSTANCE
-# is runtime.instance in deploy/vgw.yaml.
+# them too, once vgw has stopped, so that nothing holds the GPUs, then the
+# network. INSTANCE is runtime.instance in deploy/vgw.yaml.
 INSTANCE  ?= vgw
 down: ## stop Envoy, vgw and the model containers vgw started
 	$(COMPOSE) stop vgw
 	docker rm -f $$(docker ps -aq --filter label=vgw.managed=true --filter label=vgw.instance=$(INSTANCE)) 2>/dev/null || true
 	$(COMPOSE) down
+	docker network rm $(NETWORK) 2>/dev/null || true
 
 logs: ## follow vgw's and Envoy's logs
 	$(COMPOSE) logs -f --tail=100
@@ -47,14 +62,16 @@ logs: ## follow vgw's and Envoy's logs
 # never replaces the real stack's containers or touches its volumes.
 SIM       = $(COMPOSE) -p vgw-sim -f docker-compose.sim.yaml
 
-sim-up: image ## the same stack with no GPU: fake vLLM containers (docker-compose.sim.yaml)
+sim-up: image admin-token ## the same stack with no GPU: fake vLLM containers (docker-compose.sim.yaml)
+	$(MAKE) network NETWORK=$(SIM_NETWORK)
 	$(SIM) up -d --no-build
 
-sim-down: ## stop the sim stack, its model containers and their cache volume
+sim-down: ## stop the sim stack, its model containers, their cache volume and network
 	$(SIM) stop vgw
 	docker rm -f $$(docker ps -aq --filter label=vgw.managed=true --filter label=vgw.instance=vgw-sim) 2>/dev/null || true
 	$(SIM) down -v
 	docker volume rm vgw-sim-hf-cache 2>/dev/null || true
+	docker network rm $(SIM_NETWORK) 2>/dev/null || true
 
 compose-check: ## the compose files are valid for the compose tool here
 	$(COMPOSE) -f docker-compose.yaml config -q

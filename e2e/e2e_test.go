@@ -1,11 +1,12 @@
 // Package e2e runs the deployment as users run it, on the real Docker
 // engine: docker-compose.sim.yaml's vgw service as a container with the
-// Docker socket and declared GPUs, starting fake vLLM containers on its
-// network; Envoy is played by envoy/envoytest against the container's
-// ext_proc and xDS addresses, its router sending the HTTP to the endpoints
-// xDS names. No image can be pulled, so vgw's image is built from the
-// binary and the libraries it links (not from the Dockerfile), and the
-// fake's FROM scratch.
+// Docker socket and declared GPUs, in the host's network namespace,
+// starting fake vLLM containers on the models' own network; Envoy is
+// played by envoy/envoytest against vgw's ext_proc and xDS addresses on
+// the host's loopback, its router sending the HTTP to the endpoints xDS
+// names. No image can be pulled, so vgw's image is built from the binary
+// and the libraries it links (not from the Dockerfile), and the fake's
+// FROM scratch.
 package e2e
 
 import (
@@ -15,6 +16,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,10 +27,17 @@ import (
 	"time"
 
 	"github.com/moby/moby/api/types/container"
+	"github.com/moby/moby/api/types/network"
 	"github.com/moby/moby/client"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/manager/dockertest"
+	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 )
 
 func TestMain(m *testing.M) {
@@ -57,35 +67,61 @@ type stack struct {
 	env      []string
 	instance string
 	network  string
+	addrs    map[string]string // vgw's listeners on the host, by VGW_*_ADDR name
+}
+
+// freeAddr is a loopback address no one listens on now.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }
 
 // TestComposeSim brings up the sim stack's vgw and drives it as Envoy
 // would: a cold start, a warm request, a streamed one, a queue overflowing
 // into 429, a swap when memory runs out, and `docker restart` of vgw with
 // models running (adopted: the same containers, nothing started twice).
+// On the way it checks what the stack exposes: the admin service wants
+// its token, and a model container can reach none of vgw's listeners.
 func TestComposeSim(t *testing.T) {
 	e := dockertest.Need(t)
 	compose := composeCommand(t)
-	s := &stack{t: t, engine: e, network: "vgw-e2e-" + strings.TrimPrefix(e.Image, "vgw-test-fakevllm:")}
-	s.project = strings.ReplaceAll(s.network, "-", "")
+	// The models' network is the test engine's own (make sim-up creates
+	// the stack's); vgw runs in the host's network namespace.
+	s := &stack{t: t, engine: e, network: e.Network}
+	s.project = "vgwe2e" + strings.TrimPrefix(e.Image, "vgw-test-fakevllm:")
 	image := buildVGWImage(t, e)
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "sim.yaml") // the file docker-compose.sim.yaml's vgw reads
-	// Registered first, so it runs last: once the model containers are
-	// gone, the network can go.
 	t.Cleanup(func() { s.compose(compose, "down", "-v", "--remove-orphans") })
 	s.instance = e.Instance(t)
 	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(e2eConfig, e.Image, s.network, s.instance)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	s.env = append(os.Environ(), "VGW_IMAGE="+image, "VGW_CONFIG_DIR="+dir, "VGW_NETWORK="+s.network,
-		"VGW_ADMIN_BIND=127.0.0.1:", "VGW_HTTP_BIND=127.0.0.1:")
+	token := filepath.Join(t.TempDir(), "admin-token")
+	if err := os.WriteFile(token, []byte("e2e-admin-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.addrs = map[string]string{}
+	s.env = append(os.Environ(), "VGW_IMAGE="+image, "VGW_CONFIG_DIR="+dir, "VGW_ADMIN_TOKEN_FILE="+token)
+	for _, k := range []string{"VGW_EXTPROC_ADDR", "VGW_XDS_ADDR", "VGW_ADMIN_ADDR", "VGW_HTTP_ADDR"} {
+		s.addrs[k] = freeAddr(t)
+		s.env = append(s.env, k+"="+s.addrs[k])
+	}
 	if out, err := s.compose(compose, "up", "-d", "--no-build", "vgw"); err != nil {
 		t.Fatalf("compose up: %v\n%s", err, out)
 	}
 	vgwID := s.vgwContainer(compose)
-	addr := s.waitHealthy(vgwID)
-	env := envoytest.Start(t, "../envoy/envoy.yaml", addr+":9002", addr+":18000")
+	s.waitHealthy(vgwID)
+	s.adminNeedsToken("e2e-admin-token")
+	startEnvoy := func() *envoytest.Envoy {
+		return envoytest.Start(t, "../envoy/envoy.yaml", s.addrs["VGW_EXTPROC_ADDR"], s.addrs["VGW_XDS_ADDR"])
+	}
+	env := startEnvoy()
 	ctx := context.Background()
 
 	ask := func(env *envoytest.Envoy, model string, stream bool) (int, string) {
@@ -114,6 +150,10 @@ func TestComposeSim(t *testing.T) {
 	if id := s.containerOf("a"); id != aID {
 		t.Errorf("a's container changed from %s to %s", aID, id)
 	}
+
+	// A model's container can reach none of vgw's listeners, wherever it
+	// looks for them; it does reach its network (another model's server).
+	s.isolated(vgwID, aID)
 
 	// Streamed: the server's SSE comes back whole.
 	if code, body := ask(env, "a", true); code != 200 || !strings.Contains(body, "data: ") || !strings.Contains(body, "data: [DONE]") {
@@ -148,8 +188,8 @@ func TestComposeSim(t *testing.T) {
 	if _, err := e.Client.ContainerRestart(ctx, vgwID, client.ContainerRestartOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	addr = s.waitHealthy(vgwID)
-	env = envoytest.Start(t, "../envoy/envoy.yaml", addr+":9002", addr+":18000")
+	s.waitHealthy(vgwID)
+	env = startEnvoy()
 	for _, m := range []string{"b", "small"} {
 		if code, _ := ask(env, m, false); code != 200 {
 			t.Errorf("%s after the restart: %d\n%s", m, code, s.logs(compose))
@@ -185,8 +225,8 @@ func TestComposeSim(t *testing.T) {
 	if _, err := e.Client.ContainerStart(ctx, vgwID, client.ContainerStartOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	addr = s.waitHealthy(vgwID)
-	env = envoytest.Start(t, "../envoy/envoy.yaml", addr+":9002", addr+":18000")
+	s.waitHealthy(vgwID)
+	env = startEnvoy()
 	for _, m := range []string{"c", "b", "small"} {
 		if code, _ := ask(env, m, false); code != 200 {
 			t.Errorf("%s after vgw was killed: %d\n%s", m, code, s.logs(compose))
@@ -254,10 +294,9 @@ func (s *stack) vgwContainer(compose []string) string {
 }
 
 // waitHealthy waits for Docker to call the vgw container healthy (its
-// health check runs `vgw health`), and returns its address on the network.
-func (s *stack) waitHealthy(id string) string {
+// health check runs `vgw health`).
+func (s *stack) waitHealthy(id string) {
 	s.t.Helper()
-	var addr string
 	deadline := time.Now().Add(90 * time.Second)
 	for {
 		res, err := s.engine.Client.ContainerInspect(context.Background(), id, client.ContainerInspectOptions{})
@@ -266,10 +305,7 @@ func (s *stack) waitHealthy(id string) string {
 		}
 		c := res.Container
 		if c.State.Health != nil && c.State.Health.Status == container.Healthy {
-			if ep := c.NetworkSettings.Networks[s.network]; ep != nil {
-				addr = ep.IPAddress.String()
-			}
-			break
+			return
 		}
 		if !c.State.Running && !c.State.Restarting {
 			s.t.Fatalf("vgw's container stopped: %+v", c.State)
@@ -279,10 +315,6 @@ func (s *stack) waitHealthy(id string) string {
 		}
 		time.Sleep(100 * time.Millisecond) // polling interval
 	}
-	if addr == "" {
-		s.t.Fatalf("vgw's container has no address on %s", s.network)
-	}
-	return addr
 }
 
 // containerOf is the running container of model, or "".
@@ -344,6 +376,15 @@ func buildVGWImage(t *testing.T, e *dockertest.Engine) string {
 			}
 		}
 	}
+	return buildImage(t, e, "vgw-e2e:"+strings.TrimPrefix(e.Image, "vgw-test-fakevllm:"), files, "/vgw")
+}
+
+// buildImage builds an image FROM scratch holding files (path in the image
+// → path here) with entrypoint, removed when the test ends.
+func buildImage(t *testing.T, e *dockertest.Engine, image string, files map[string]string, entrypoint string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	add := func(name string, mode int64, data []byte) {
@@ -359,9 +400,8 @@ func buildVGWImage(t *testing.T, e *dockertest.Engine) string {
 		add("rootfs"+inImage, 0o755, data)
 		copies = append(copies, inImage)
 	}
-	add("Dockerfile", 0o644, []byte("FROM scratch\nCOPY rootfs/ /\nENTRYPOINT [\"/vgw\"]\n"))
+	add("Dockerfile", 0o644, []byte(fmt.Sprintf("FROM scratch\nCOPY rootfs/ /\nENTRYPOINT [%q]\n", entrypoint)))
 	tw.Close()
-	image := "vgw-e2e:" + strings.TrimPrefix(e.Image, "vgw-test-fakevllm:")
 	res, err := e.Client.ImageBuild(ctx, &buf, client.ImageBuildOptions{Tags: []string{image},
 		Labels: map[string]string{dockertest.LabelTest: "true"}, Remove: true, ForceRemove: true})
 	if err != nil {
@@ -382,4 +422,119 @@ func buildVGWImage(t *testing.T, e *dockertest.Engine) string {
 		e.Client.ImageRemove(context.Background(), image, client.ImageRemoveOptions{Force: true, PruneChildren: true})
 	})
 	return image
+}
+
+// adminNeedsToken checks that the compose stack's admin service refuses
+// a call without the token and answers one with it.
+func (s *stack) adminNeedsToken(token string) {
+	t := s.t
+	t.Helper()
+	conn, err := grpc.NewClient(s.addrs["VGW_ADMIN_ADDR"], grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	admin := adminv1.NewAdminClient(conn)
+	if _, err := admin.ListModels(ctx, &adminv1.ListModelsRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("the admin service without the token: %v, want Unauthenticated", err)
+	}
+	withToken := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+	if _, err := admin.ListModels(withToken, &adminv1.ListModelsRequest{}); err != nil {
+		t.Fatalf("the admin service with the token: %v", err)
+	}
+}
+
+// isolated checks, from a container on the models' network, that a TCP
+// connection to any of vgw's listeners fails at every address of this
+// host (the network's gateway among them) and of vgw's container (none,
+// in the host's network namespace; its address on the models' network
+// when it shared it, as it did), while one to the model container other
+// opens, so that the probe itself is known to work.
+func (s *stack) isolated(vgw, other string) {
+	t := s.t
+	t.Helper()
+	ctx := context.Background()
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "dial")
+	cmd := exec.Command("go", "build", "-o", bin, "./testdata/dial")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build dial: %v\n%s", err, out)
+	}
+	image := buildImage(t, s.engine, "vgw-e2e-dial:"+strings.TrimPrefix(s.engine.Image, "vgw-test-fakevllm:"), map[string]string{"/dial": bin}, "/dial")
+
+	var hosts []string
+	ifaddrs, err := net.InterfaceAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range ifaddrs {
+		if ip, ok := a.(*net.IPNet); ok && ip.IP.To4() != nil && !ip.IP.IsLoopback() {
+			hosts = append(hosts, ip.IP.String())
+		}
+	}
+	if res, err := s.engine.Client.ContainerInspect(ctx, vgw, client.ContainerInspectOptions{}); err == nil && res.Container.NetworkSettings != nil {
+		for _, ep := range res.Container.NetworkSettings.Networks {
+			if ep.IPAddress.IsValid() {
+				hosts = append(hosts, ep.IPAddress.String())
+			}
+		}
+	}
+	var closed []string
+	for _, k := range []string{"VGW_EXTPROC_ADDR", "VGW_XDS_ADDR", "VGW_ADMIN_ADDR", "VGW_HTTP_ADDR"} {
+		_, port, _ := net.SplitHostPort(s.addrs[k])
+		for _, h := range hosts {
+			closed = append(closed, net.JoinHostPort(h, port))
+		}
+	}
+	res, err := s.engine.Client.ContainerInspect(ctx, other, client.ContainerInspectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := res.Container.NetworkSettings.Networks[s.network]
+	if ep == nil {
+		t.Fatalf("the model container %s is not on %s", other, s.network)
+	}
+	open := net.JoinHostPort(ep.IPAddress.String(), "8000")
+
+	created, err := s.engine.Client.ContainerCreate(ctx, client.ContainerCreateOptions{
+		Config:           &container.Config{Image: image, Cmd: append([]string{open}, closed...), Tty: true, Labels: map[string]string{dockertest.LabelTest: "true"}},
+		HostConfig:       &container.HostConfig{},
+		NetworkingConfig: &network.NetworkingConfig{EndpointsConfig: map[string]*network.EndpointSettings{s.network: {}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.engine.Client.ContainerRemove(ctx, created.ID, client.ContainerRemoveOptions{Force: true})
+	if _, err := s.engine.Client.ContainerStart(ctx, created.ID, client.ContainerStartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	wait := s.engine.Client.ContainerWait(ctx, created.ID, client.ContainerWaitOptions{Condition: container.WaitConditionNotRunning})
+	select {
+	case <-wait.Result:
+	case err := <-wait.Error:
+		t.Fatal(err)
+	}
+	logs, err := s.engine.Client.ContainerLogs(ctx, created.ID, client.ContainerLogsOptions{ShowStdout: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logs.Close()
+	out, _ := io.ReadAll(logs)
+	report := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(strings.ReplaceAll(string(out), "\r", "")), "\n") {
+		addr, verdict, _ := strings.Cut(line, " ")
+		report[addr] = verdict
+	}
+	if report[open] != "open" {
+		t.Fatalf("the probe could not reach the model server at %s (%q): it proves nothing\n%s", open, report[open], out)
+	}
+	for _, a := range closed {
+		if v := report[a]; !strings.HasPrefix(v, "closed") {
+			t.Errorf("a model container reaches vgw at %s: %q", a, v)
+		}
+	}
+	t.Logf("from the models' network: %s open; %d addresses of vgw's listeners closed", open, len(closed))
 }
