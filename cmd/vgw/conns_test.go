@@ -1,19 +1,27 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	"github.com/vgw-project/vgw/envoy"
 	"github.com/vgw-project/vgw/extproc/extproctest"
@@ -128,4 +136,94 @@ func TestConnectionFlood(t *testing.T) {
 			t.Errorf("vgw logged an error under the flood: %v", l)
 		}
 	}
+}
+
+// TestBodyMemoryBound: bodies over max_body_bytes cost vgw no more than
+// their refusal. vgw (its own process, max_body_bytes 1 MiB) is sent 16
+// ext_proc body messages of 60 MB at once, as an Envoy whose buffer limit
+// is far above vgw's would; gRPC refuses each on its length prefix. The
+// listener took any message up to 65 MiB whatever max_body_bytes said:
+// 16 such bodies took vgw's memory to 3 GB.
+func TestBodyMemoryBound(t *testing.T) {
+	cfgPath := filepath.Join(t.TempDir(), "vgw.yaml")
+	if err := os.WriteFile(cfgPath, []byte("max_body_bytes: 1MiB\n"+serveConfig), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logs := &lockedBuffer{}
+	vgw := exec.Command(os.Args[0], "serve", "--config", cfgPath,
+		"--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0")
+	vgw.Stderr = logs
+	if err := vgw.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		vgw.Process.Signal(syscall.SIGTERM)
+		vgw.Wait()
+	})
+	addr, _ := logs.waitFor(t, "vgw serving")["extproc"].(string)
+	before := peakRSS(t, vgw.Process.Pid)
+
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	const bodies, size = 16, 60 << 20
+	body := bytes.Repeat([]byte("x"), size)
+	headers := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: ":method", RawValue: []byte("POST")}}}}}}
+	var wg sync.WaitGroup
+	errs := make(chan error, bodies)
+	for range bodies {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			stream, err := extprocv3.NewExternalProcessorClient(conn).Process(ctx)
+			if err == nil {
+				err = stream.Send(headers)
+			}
+			if err == nil {
+				_, err = stream.Recv()
+			}
+			if err != nil {
+				errs <- fmt.Errorf("headers: %w", err)
+				return
+			}
+			stream.Send(&extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: body, EndOfStream: true}}})
+			_, err = stream.Recv()
+			errs <- err
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if status.Code(err) != codes.ResourceExhausted {
+			t.Errorf("a 60 MB body: %v, want ResourceExhausted", err)
+		}
+	}
+	grew := peakRSS(t, vgw.Process.Pid) - before
+	t.Logf("peak RSS grew by %d MiB for %d bodies of %d MiB", grew>>20, bodies, size>>20)
+	if grew > bodies*size/4 {
+		t.Errorf("vgw's peak RSS grew by %d MiB for %d refused bodies of %d MiB", grew>>20, bodies, size>>20)
+	}
+}
+
+// peakRSS is a process's peak resident set (VmHWM), in bytes.
+func peakRSS(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, err := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmHWM")
+	return 0
 }
