@@ -26,6 +26,11 @@ type Options struct {
 	// StartupDelay is how long /health answers 503, as vLLM does while it
 	// loads weights and profiles memory.
 	StartupDelay time.Duration
+	// ReadyOn, when set, holds the server loading after StartupDelay until
+	// it is closed, and only then ready (or dead, with FailStart): a test
+	// that needs a model still loading ends its load when it is done
+	// looking, rather than racing a delay.
+	ReadyOn <-chan struct{}
 	// TokensPerSecond is the generation rate per request; 0 means instant.
 	TokensPerSecond float64
 	// MaxNumSeqs caps requests generating at once; more wait, as in vLLM's
@@ -78,7 +83,8 @@ func New(opt Options) *Server {
 }
 
 // Serve serves HTTP on lis until ctx ends. It marks the server ready once
-// the startup delay has passed, or dies then if told to fail.
+// the startup delay has passed (and ReadyOn is closed, if set), or dies
+// then if told to fail.
 func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	s.opt.Log.Info("starting vLLM API server", "model", s.opt.Model, "addr", lis.Addr().String())
 	go func() {
@@ -86,6 +92,13 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 		case <-time.After(time.Until(s.start.Add(s.opt.StartupDelay))):
 		case <-ctx.Done():
 			return
+		}
+		if s.opt.ReadyOn != nil {
+			select {
+			case <-s.opt.ReadyOn:
+			case <-ctx.Done():
+				return
+			}
 		}
 		if s.opt.FailStart {
 			s.opt.Log.Error("Error in memory profiling: CUDA out of memory. Tried to allocate 2.00 GiB")

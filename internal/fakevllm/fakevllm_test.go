@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -30,20 +31,31 @@ func serve(t *testing.T, opt Options) (*Server, string) {
 	return s, "http://" + lis.Addr().String()
 }
 
+// long bounds a wait for what must happen: only a hang reaches it,
+// however slow the machine.
+const long = time.Minute
+
 func waitReady(t *testing.T, url string) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(long)
 	for time.Now().Before(deadline) {
-		resp, err := http.Get(url + "/health")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return
-			}
+		if health(t, url) == 200 {
+			return
 		}
 		time.Sleep(2 * time.Millisecond) // polling interval
 	}
 	t.Fatal("never became ready")
+}
+
+// health is the status GET /health answers, 0 for no answer.
+func health(t *testing.T, url string) int {
+	t.Helper()
+	resp, err := http.Get(url + "/health")
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
 
 func post(t *testing.T, url, body string) *http.Response {
@@ -56,19 +68,45 @@ func post(t *testing.T, url, body string) *http.Response {
 	return resp
 }
 
+// TestHealthFollowsStartup: while the server loads (its startup delay
+// or, when it has one, until ReadyOn is closed) /health and completions
+// answer 503; once loaded, 200.
 func TestHealthFollowsStartup(t *testing.T) {
-	_, url := serve(t, Options{Model: "m", StartupDelay: 100 * time.Millisecond})
-	resp, err := http.Get(url + "/health")
-	if err != nil {
-		t.Fatal(err)
+	tests := []struct {
+		name   string
+		opt    Options
+		loaded bool // ready once serving, after the polls it takes
+	}{
+		{"within its startup delay", Options{Model: "m", StartupDelay: time.Hour}, false},
+		{"held for ReadyOn", Options{Model: "m", ReadyOn: make(chan struct{})}, false},
+		{"no startup delay", Options{Model: "m"}, true},
 	}
-	resp.Body.Close()
-	if resp.StatusCode != 503 {
-		t.Fatalf("health while loading: %d, want 503", resp.StatusCode)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, url := serve(t, tt.opt)
+			want := 503
+			if tt.loaded {
+				waitReady(t, url)
+				want = 200
+			}
+			if code := health(t, url); code != want {
+				t.Fatalf("health: %d, want %d", code, want)
+			}
+			if r := post(t, url+"/v1/completions", `{"model":"m"}`); r.StatusCode != want {
+				t.Fatalf("completion: %d, want %d", r.StatusCode, want)
+			}
+		})
 	}
-	if r := post(t, url+"/v1/completions", `{"model":"m"}`); r.StatusCode != 503 {
-		t.Fatalf("completion while loading: %d, want 503", r.StatusCode)
+}
+
+// TestReadyOn: a server held by ReadyOn becomes ready once it is closed.
+func TestReadyOn(t *testing.T) {
+	ready := make(chan struct{})
+	_, url := serve(t, Options{Model: "m", ReadyOn: ready})
+	if code := health(t, url); code != 503 {
+		t.Fatalf("health before ReadyOn: %d, want 503", code)
 	}
+	close(ready)
 	waitReady(t, url)
 }
 
@@ -148,18 +186,27 @@ func TestStream(t *testing.T) {
 	}
 }
 
+// TestMetricsAndQueueing: with one sequence at a time, a second request
+// waits while the first generates, and the metrics say so. Both are
+// endless (a billion tokens) and cancelled at the end, so they overlap
+// however slowly they are sent.
 func TestMetricsAndQueueing(t *testing.T) {
 	s, url := serve(t, Options{Model: "m", MaxNumSeqs: 1, TokensPerSecond: 20})
 	waitReady(t, url)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
 	for range 2 {
-		go func() {
-			r, err := http.Post(url+"/v1/completions", "application/json", strings.NewReader(`{"model":"m","max_tokens":40}`))
-			if err == nil {
+		wg.Go(func() {
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url+"/v1/completions", strings.NewReader(`{"model":"m","max_tokens":1000000000}`))
+			if r, err := http.DefaultClient.Do(req); err == nil {
 				r.Body.Close()
+				t.Errorf("an endless request ended: %d", r.StatusCode)
 			}
-		}()
+		})
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(long)
 	for s.running.Load() != 1 || s.waiting.Load() != 1 {
 		if time.Now().After(deadline) {
 			t.Fatalf("running %d waiting %d, want 1 and 1", s.running.Load(), s.waiting.Load())
@@ -211,9 +258,21 @@ func TestFaults(t *testing.T) {
 }
 
 func TestMainFlags(t *testing.T) {
-	var out, errOut bytes.Buffer
-	if code := Main([]string{"--port", "0"}, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), "--model is required") {
-		t.Fatalf("exit %d: %s", code, errOut.String())
+	tests := []struct {
+		name string
+		args []string
+		says string
+	}{
+		{"no model", []string{"--port", "0"}, "--model is required"},
+		{"a signal that means something else", []string{"--model", "m", "--port", "0", "--ready-on-signal", "TERM"}, `--ready-on-signal: "TERM"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out, errOut bytes.Buffer
+			if code := Main(tt.args, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), tt.says) {
+				t.Fatalf("exit %d: %s; want 2, saying %s", code, errOut.String(), tt.says)
+			}
+		})
 	}
 }
 

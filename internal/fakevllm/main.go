@@ -25,8 +25,9 @@ import (
 // --served-model-name, the served name; the memory and parallelism flags
 // are accepted and ignored, and so is any other flag it does not know
 // (logged). Each of its own flags also comes from the environment
-// (FAKEVLLM_STARTUP_DELAY=5s, FAKEVLLM_FAIL_START=true, ...), which is how
-// a container's behaviour is set.
+// (FAKEVLLM_STARTUP_DELAY=5s, FAKEVLLM_FAIL_START=true,
+// FAKEVLLM_READY_ON_SIGNAL=USR1, ...), which is how a container's
+// behaviour is set.
 func Main(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("fakevllm", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -43,6 +44,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&opt.CrashAfter, "crash-after", 0, "die when the Nth request starts (0: never)")
 	fs.IntVar(&opt.CrashMidStream, "crash-mid-stream", 0, "die halfway through the Nth response (0: never)")
 	fs.DurationVar(&opt.SlowHealth, "slow-health", 0, "delay every /health answer")
+	readyOn := fs.String("ready-on-signal", "", "stay loading after the startup delay until the process gets this signal (USR1 or USR2)")
 	// vLLM's flags that vgw sets and the fake has no use for.
 	for _, name := range []string{"gpu-memory-utilization", "tensor-parallel-size", "max-model-len", "quantization", "dtype", "api-key"} {
 		fs.String(name, "", "vLLM's; ignored")
@@ -62,6 +64,21 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	if opt.Model == "" {
 		fmt.Fprintln(stderr, "fakevllm: --model is required")
 		return 2
+	}
+	if *readyOn != "" {
+		sig, err := parseSignal(*readyOn)
+		if err != nil {
+			fmt.Fprintln(stderr, "fakevllm: --ready-on-signal:", err)
+			return 2
+		}
+		// Caught before the server listens, so that a signal sent once
+		// /health answers is never lost: Go ignores SIGUSR1 and SIGUSR2
+		// that nobody asked for.
+		got := make(chan os.Signal, 1)
+		signal.Notify(got, sig)
+		ready := make(chan struct{})
+		go func() { <-got; close(ready) }()
+		opt.ReadyOn = ready
 	}
 	var lis net.Listener
 	if *listenFD > 0 {
