@@ -176,12 +176,13 @@ func TestQueueThenAdmit(t *testing.T) {
 	doneB := h.async(t, context.Background(), req("b", chat("llama")))
 	eventually(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 
-	// Well past Envoy's 200ms message timeout, b must still be waiting.
+	// b waits as long as a holds the slot, having asked Envoy for more
+	// than its 200ms message timeout (checked in b's overrides below).
 	a.chunks <- []byte("data: {\"choices\":[]}\n\n")
 	select {
 	case res := <-doneB:
 		t.Fatalf("b finished while a held the slot: %d %s %q", res.Status, res.Details, res.Body)
-	case <-time.After(400 * time.Millisecond):
+	default:
 	}
 	if st := h.stats(t, "llama"); st.InFlight != 1 || st.Queued != 1 {
 		t.Fatalf("in flight %d queued %d, want 1 and 1", st.InFlight, st.Queued)
@@ -289,9 +290,10 @@ func TestDisconnectWhileQueued(t *testing.T) {
 	if res := do(t, h, context.Background(), req("c", chat("llama"))); res.Status != 200 || len(res.Overrides) != 0 {
 		t.Fatalf("c: %d overrides %v, want admitted at once", res.Status, res.Overrides)
 	}
-	if d := h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeAbandoned}); len(d) != 1 {
-		t.Errorf("abandoned decisions %+v, want 1", d)
-	}
+	// The decision is filed as b's handler returns, after b left the queue.
+	eventually(t, "b's abandon is recorded", func() bool {
+		return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeAbandoned})) == 1
+	})
 }
 
 // TestStreamHoldsSlot checks that a streamed response keeps its slot until
@@ -396,7 +398,7 @@ func TestModelLoad(t *testing.T) {
 		select {
 		case res := <-done:
 			t.Fatalf("answered before the model loaded: %d %q", res.Status, res.Body)
-		case <-time.After(300 * time.Millisecond): // past Envoy's 200ms message timeout
+		default:
 		}
 		close(load)
 		res := <-done
@@ -464,16 +466,10 @@ func TestModelList(t *testing.T) {
 // for 50 in flight; every one is answered and no slot is left behind.
 func TestConcurrentStreams(t *testing.T) {
 	const n = 1000
+	// The Envoy's clock stands still: slot accounting is under test, not
+	// how fast two shared cores answer a thousand streams (make bench-load
+	// and RELIABILITY.md's bursts measure that, in real time).
 	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(50, n, 30*time.Second)}})
-	if raceEnabled {
-		// A thousand streams opened at once, under the race detector, on
-		// two cores shared with the harness, delay some first replies past
-		// Envoy's 200ms. Slot accounting, not latency, is under test here;
-		// without -race the shipped 200ms holds.
-		f := repoFilter(t)
-		f.MessageTimeout = 10 * time.Second
-		h.env = extproctest.New(h.conn, f, h.up.serve)
-	}
 	var wg sync.WaitGroup
 	statuses := make([]int, n)
 	for i := range n {

@@ -12,6 +12,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/jonboulle/clockwork"
+
 	"github.com/vgw-project/vgw/envoy"
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
@@ -124,6 +126,10 @@ type harness struct {
 	conn *grpc.ClientConn
 	env  *extproctest.Envoy
 	up   *upstreams
+	// clock runs the Envoy's message timer. It moves only when a test
+	// advances it, so no reply is late however slow the machine: what vgw
+	// does about the timer shows in the overrides it asks for.
+	clock *clockwork.FakeClock
 }
 
 // start runs an ext_proc server on a loopback listener and an Envoy that
@@ -134,8 +140,9 @@ func start(t testing.TB, models []extproc.Model, opts ...extproc.Option) *harnes
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{mgr: newFakeManager(), up: newUpstreams()}
+	h := &harness{mgr: newFakeManager(), up: newUpstreams(), clock: clockwork.NewFakeClock()}
 	f := repoFilter(t)
+	f.Clock = h.clock
 	opts = append([]extproc.Option{extproc.WithMessageTimeouts(f.MessageTimeout, f.MaxMessageTimeout)}, opts...)
 	h.srv = extproc.New(models, h.mgr, opts...)
 	g := grpc.NewServer(h.srv.StreamIdleOption())
@@ -208,10 +215,12 @@ func (u *upstreams) serve(ctx context.Context, f *extproctest.Forwarded) (*extpr
 		Stream: chunks}, nil
 }
 
-// eventually polls cond until it holds or the deadline passes.
+// eventually polls cond until it holds or the deadline passes. The
+// deadline is long: it is reached only when something hangs, never
+// because the machine is slow.
 func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(time.Minute)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting until %s", what)

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/tap"
 )
@@ -32,7 +33,7 @@ import (
 type idleWatch struct {
 	context.Context
 	cancel context.CancelCauseFunc
-	timer  *time.Timer
+	timer  clockwork.Timer
 	limit  time.Duration
 }
 
@@ -84,7 +85,7 @@ func (s *Server) watchIdle(ctx context.Context, info *tap.Info) (context.Context
 	}
 	cctx, cancel := context.WithCancelCause(ctx)
 	w := &idleWatch{Context: cctx, cancel: cancel, limit: s.streamIdle}
-	w.timer = time.AfterFunc(w.limit, w.expire)
+	w.timer = s.clock.AfterFunc(w.limit, w.expire)
 	return w, nil
 }
 

@@ -7,6 +7,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -38,7 +39,10 @@ func TestIdleStreams(t *testing.T) {
 		{name: "response begun", send: []*extprocv3.ProcessingRequest{headers, body, respHeaders}, holds: 1, survives: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithStreamIdleTimeout(bound))
+			// vgw's clock moves only when the test says: silence lasts
+			// exactly as long as the test makes it.
+			clock := clockwork.NewFakeClock()
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithStreamIdleTimeout(bound), extproc.WithClock(clock))
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			stream, err := extprocv3.NewExternalProcessorClient(h.conn).Process(ctx)
@@ -59,16 +63,30 @@ func TestIdleStreams(t *testing.T) {
 			ended := make(chan error, 1)
 			go func() { _, err := stream.Recv(); ended <- err }()
 			if tc.survives {
+				// The bound was last disarmed before vgw answered the
+				// response headers, and is not armed again.
+				clock.Advance(5 * bound)
 				select {
 				case err := <-ended:
 					t.Fatalf("a stream whose response had begun was ended after its silence: %v", err)
-				case <-time.After(5 * bound):
+				case <-time.After(100 * time.Millisecond): // a wrongly armed bound would have fired by now
 				}
 				if got := h.stats(t, "llama").InFlight; got != 1 {
 					t.Fatalf("in flight %d, want the streaming response's slot held", got)
 				}
 				cancel() // the response ends: the slot comes back
 			} else {
+				// vgw waits for the next message with the bound armed.
+				if err := clock.BlockUntilContext(ctx, 1); err != nil {
+					t.Fatal(err)
+				}
+				clock.Advance(bound - time.Nanosecond)
+				select {
+				case err := <-ended:
+					t.Fatalf("ended before the bound: %v", err)
+				default:
+				}
+				clock.Advance(time.Nanosecond)
 				select {
 				case err := <-ended:
 					if status.Code(err) != codes.DeadlineExceeded {

@@ -23,7 +23,9 @@ func TestResetAtEveryPhase(t *testing.T) {
 		return r
 	}
 	// queuedPastTimer holds once the request has been queued for longer
-	// than Envoy's 200 ms message timeout, which vgw has overridden.
+	// than Envoy's 200 ms message timeout in real time; the harness's own
+	// timer stands still, and the request's overrides show that vgw asked
+	// for the time.
 	queuedPastTimer := func() func(t *testing.T, h *harness) bool {
 		var since time.Time
 		return func(t *testing.T, h *harness) bool {
@@ -53,14 +55,17 @@ func TestResetAtEveryPhase(t *testing.T) {
 		// and at most (a reset racing vgw's answer may find it admitted).
 		setupRuns int
 		ran       [2]int
+		// waited: the request waited (for the slot, or the load) and vgw
+		// asked Envoy for the time, before the client left.
+		waited bool
 	}{
 		{name: "after request headers, model in the body", req: resetAfter(req("a", chat("llama")), "request_headers")},
 		{name: "after request headers, admitted at headers", req: resetAfter(headerReq("b"), "request_headers"), ran: maybe},
 		{name: "after request body, admitted", req: resetAfter(req("c", chat("llama")), "request_body"), ran: maybe},
 		{name: "after request body, queued for the slot", setup: holdSlot, setupRuns: 1, req: resetAfter(req("d", chat("llama")), "request_body"), ran: maybe},
-		{name: "queued, past the message timeout", setup: holdSlot, setupRuns: 1, req: req("e", chat("llama")), resetWhen: queuedPastTimer()},
+		{name: "queued, past the message timeout", setup: holdSlot, setupRuns: 1, req: req("e", chat("llama")), resetWhen: queuedPastTimer(), waited: true},
 		{name: "after request body, model loading", setup: loading, req: resetAfter(req("f", chat("llama")), "request_body")},
-		{name: "while the model loads", setup: loading, req: req("g", chat("llama")), resetWhen: waitingForLoad},
+		{name: "while the model loads", setup: loading, req: req("g", chat("llama")), resetWhen: waitingForLoad, waited: true},
 		{name: "waiting for the upstream's headers", setup: stall("h"), req: req("h", chat("llama")), resetWhen: inFlight, ran: once},
 		{name: "after response headers", req: resetAfter(req("i", chat("llama")), "response_headers"), ran: once},
 		{name: "mid-response", setup: hold("j"), req: req("j", chat("llama")), resetWhen: inFlight, ran: once},
@@ -79,8 +84,12 @@ func TestResetAtEveryPhase(t *testing.T) {
 				eventually(t, "the request is in place", func() bool { return tt.resetWhen(t, h) })
 				cancel()
 			}
-			if res := <-done; !res.ClientReset {
+			res := <-done
+			if !res.ClientReset {
 				t.Fatalf("got %d %s, want the client gone", res.Status, res.Details)
+			}
+			if tt.waited && (len(res.Overrides) != 1 || res.Overrides[0] <= repoFilter(t).MessageTimeout) {
+				t.Errorf("overrides %v, want one asking for more than the message timeout", res.Overrides)
 			}
 			// vgw has seen the reset once the request holds nothing: only
 			// the setup's own request may hold the slot.

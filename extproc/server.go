@@ -18,6 +18,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
@@ -114,6 +115,7 @@ type Server struct {
 
 	streamIdle time.Duration // see WithStreamIdleTimeout
 	idleClosed atomic.Uint64 // streams ended for their silence
+	clock      clockwork.Clock
 }
 
 // modelTable is an immutable snapshot of the configured models, swapped
@@ -259,6 +261,10 @@ func WithMessageTimeouts(message, max time.Duration) Option {
 // bound works only on a listener built with StreamIdleOption.
 func WithStreamIdleTimeout(d time.Duration) Option { return func(s *Server) { s.streamIdle = d } }
 
+// WithClock sets the clock that times the stream idle bound, for tests
+// that move it themselves.
+func WithClock(c clockwork.Clock) Option { return func(s *Server) { s.clock = c } }
+
 // Defaults, matching Envoy's own where the value mirrors an Envoy setting.
 const (
 	DefaultMaxBody        = 1 << 20                // Envoy's default per-connection buffer limit
@@ -274,6 +280,7 @@ func New(models []Model, mgr Manager, opts ...Option) *Server {
 		maxBody:        DefaultMaxBody,
 		loadTimeout:    DefaultLoadTimeout,
 		messageTimeout: DefaultMessageTimeout,
+		clock:          clockwork.NewRealClock(),
 	}
 	for _, o := range opts {
 		o(s)

@@ -110,7 +110,7 @@ func (f *fixture) envoy(t testing.TB, node string) *xdstest.Client {
 
 func wait(t testing.TB, c *xdstest.Client, what string, cond func(*xdstest.Client) bool) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := c.Wait(ctx, cond); err != nil {
 		t.Fatalf("waiting until %s: %v", what, err)
@@ -171,7 +171,7 @@ func TestNACK(t *testing.T) {
 	c.Reject(resource.EndpointType, "endpoint port out of range")
 	f.src.set("llama", "10.0.0.5:8000")
 	f.srv.Notify()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(time.Minute)
 	for {
 		_, nacks := f.srv.Status()
 		if len(nacks) > 0 {
@@ -219,7 +219,7 @@ func TestTwoNodes(t *testing.T) {
 	f.src.set("llama", "10.0.0.5:8000")
 	f.srv.Notify()
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := f.srv.WaitAcked(ctx, "envoy-a", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("waiting for a: %v", err)
@@ -338,7 +338,7 @@ func TestSilentStreams(t *testing.T) {
 	if !f.srv.AckedBy("envoy-1", "model/llama", "10.0.0.5:8000") {
 		t.Error("envoy-1's requests are held by a stream that acknowledged nothing")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := f.srv.WaitAcked(ctx, "envoy-1", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("envoy-1's request: %v", err)
@@ -368,12 +368,12 @@ func TestSilentStreams(t *testing.T) {
 // short grace.
 func TestNoEnvoy(t *testing.T) {
 	s := xds.DefaultSettings
-	s.NoEnvoyGrace = 50 * time.Millisecond
+	s.NoEnvoyGrace = 500 * time.Millisecond // long enough that no check below can be late for it
 	f := startWith(t, newModels("llama"), s)
 	f.src.set("llama", "10.0.0.5:8000")
 	f.srv.Notify()
 	eventually(t, "published", func() bool { return f.srv.Version() != "" })
-	time.Sleep(60 * time.Millisecond) // the grace since start passes
+	time.Sleep(510 * time.Millisecond) // the grace since start passes
 	if !f.srv.Acked("model/llama", "10.0.0.5:8000") {
 		t.Fatal("with no Envoy on xDS past the grace, the fast path still holds requests")
 	}
@@ -390,14 +390,14 @@ func TestNoEnvoy(t *testing.T) {
 	if err := f.srv.WaitAcked(context.Background(), "", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatal(err)
 	}
-	if d := time.Since(start); d < 50*time.Millisecond || d > 2*time.Second {
-		t.Fatalf("waited %v, want the 50ms grace", d)
+	if d := time.Since(start); d < 500*time.Millisecond {
+		t.Fatalf("waited %v, want the 500ms grace", d)
 	}
 }
 
 func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(time.Minute)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting until %s", what)

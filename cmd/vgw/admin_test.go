@@ -195,7 +195,7 @@ const (
 const adminConfig = `log_format: json
 envoy: {xds_grace: 100ms}
 min_resident: 0s
-load_timeout: 1s
+load_timeout: 1m
 runtime: {kind: sim, env: {HF_TOKEN: ` + hfToken + `}}
 gpus: [{name: sim0, memory: 80GiB}]
 models:

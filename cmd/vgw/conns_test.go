@@ -17,6 +17,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -124,7 +125,9 @@ func TestConnectionFlood(t *testing.T) {
 		t.Fatal(err)
 	}
 	ep, _ := envoy.ExtProc(b)
-	env := extproctest.New(conn, extproctest.FilterFrom(ep), func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
+	f := extproctest.FilterFrom(ep)
+	f.Clock = clockwork.NewFakeClock() // no reply is late, however busy the machine
+	env := extproctest.New(conn, f, func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
 		return &extproctest.Response{Status: 200, Body: []byte(f.Cluster)}, nil
 	})
 	res, err := env.Do(ctx, extproctest.Request{Body: []byte(`{"model":"llama"}`)})

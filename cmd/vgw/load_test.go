@@ -12,9 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jonboulle/clockwork"
 	"go.uber.org/goleak"
 
 	"github.com/vgw-project/vgw/admin/admintest"
+	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 )
@@ -199,6 +201,15 @@ func TestLoad(t *testing.T) {
 	if *waveFlag > 0 {
 		wave = *waveFlag
 	}
+	// In CI the Envoy's message timer stands still: what is checked is
+	// that every request is admitted, queued and released exactly once,
+	// not how fast two shared cores answer a burst (a 504 from the timer
+	// made the test fail on a busy machine). At full scale the real 200 ms
+	// applies, as the burst figures in RELIABILITY.md need it.
+	var envoyOpts []envoytest.Option
+	if *soak || *waveFlag > 0 {
+		envoyOpts = append(envoyOpts, envoytest.WithClock(clockwork.NewRealClock()))
+	}
 	t.Run("queued on one model", func(t *testing.T) {
 		queued := scale(2000, 10000)
 		s := startStack(t, fmt.Sprintf(`
@@ -209,7 +220,7 @@ queue_timeout: 10m
 gpus: [{name: sim0, memory: 80GiB}]
 models:
   one: {vram: 10GiB}
-`, queued))
+`, queued), envoyOpts...)
 		warmUp(t, s, "one")
 		before := goleak.IgnoreCurrent()
 		g := newGate()
@@ -245,7 +256,7 @@ models:
 		}
 		s.settled(t, 30*time.Second)
 		http.DefaultClient.CloseIdleConnections()
-		goleak.VerifyNone(t, before)
+		noLeaks(t, before)
 		t.Logf("%d queued behind 4 in flight: in place after %v, drained in %v; %d goroutines at the peak, back to the baseline",
 			queued, inPlace.Round(time.Millisecond), drained.Round(time.Millisecond), peak)
 	})
@@ -258,7 +269,7 @@ models:
 			names[i] = fmt.Sprintf("m%02d", i)
 			fmt.Fprintf(&cfg, "  %s: {vram: 1GiB, always_on: true}\n", names[i])
 		}
-		s := startStack(t, cfg.String())
+		s := startStack(t, cfg.String(), envoyOpts...)
 		for _, m := range names {
 			warmUp(t, s, m)
 		}
@@ -290,10 +301,23 @@ models:
 		}
 		s.settled(t, 30*time.Second)
 		http.DefaultClient.CloseIdleConnections()
-		goleak.VerifyNone(t, before)
+		noLeaks(t, before)
 		t.Logf("%d models × %d in flight: in place after %v, drained in %v; %d goroutines at the peak, back to the baseline",
 			models, per, inPlace.Round(time.Millisecond), drained.Round(time.Millisecond), peak)
 	})
+}
+
+// noLeaks fails unless every goroutine started since before has ended:
+// thousands of streams take a while to wind down on a busy machine, so
+// it looks again for up to a minute (goleak's own retries stop after
+// half a second).
+func noLeaks(t *testing.T, before goleak.Option) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for goleak.Find(before) != nil && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond) // polling interval
+	}
+	goleak.VerifyNone(t, before)
 }
 
 // warmUp loads model and sends one request through, so that the

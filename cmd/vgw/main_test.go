@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -130,7 +131,7 @@ func (l *lockedBuffer) lines() []map[string]any {
 
 func (l *lockedBuffer) waitFor(t *testing.T, msg string) map[string]any {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(time.Minute)
 	for time.Now().Before(deadline) {
 		for _, m := range l.lines() {
 			if m["msg"] == msg {
@@ -182,7 +183,9 @@ func TestServe(t *testing.T) {
 		t.Fatal(err)
 	}
 	ep, _ := envoy.ExtProc(b)
-	env := extproctest.New(conn, extproctest.FilterFrom(ep), func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
+	f := extproctest.FilterFrom(ep)
+	f.Clock = clockwork.NewFakeClock() // no reply is late, however busy the machine
+	env := extproctest.New(conn, f, func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
 		return &extproctest.Response{Status: 200, Body: []byte(f.Cluster)}, nil
 	})
 	ask := func(model string) *extproctest.Result {
@@ -206,7 +209,7 @@ func TestServe(t *testing.T) {
 	}
 
 	// A change to the file adds a model.
-	os.WriteFile(cfgPath, []byte(serveConfig+"  qwen: {vram: 30GiB}\n"), 0o600)
+	replaceFile(t, cfgPath, serveConfig+"  qwen: {vram: 30GiB}\n")
 	if m := logs.waitFor(t, "config reloaded"); m["trigger"] != "the file changed" {
 		t.Errorf("reload trigger %v", m["trigger"])
 	}
@@ -215,7 +218,7 @@ func TestServe(t *testing.T) {
 	}
 
 	// A bad one is refused and the running config stays; SIGHUP says so too.
-	os.WriteFile(cfgPath, []byte(serveConfig+"  bad: {nope: 1}\n"), 0o600)
+	replaceFile(t, cfgPath, serveConfig+"  bad: {nope: 1}\n")
 	syscall.Kill(os.Getpid(), syscall.SIGHUP)
 	refused := logs.waitFor(t, "config reload refused; keeping the running config")
 	if e, _ := refused["error"].(string); !strings.Contains(e, "vgw.yaml:7:") {

@@ -79,9 +79,7 @@ func TestReloadRefused(t *testing.T) {
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if err := os.WriteFile(cfgPath, []byte(tt.file), 0o600); err != nil {
-				t.Fatal(err)
-			}
+			replaceFile(t, cfgPath, tt.file)
 			e := next("config_refused")
 			if !strings.Contains(e.GetDetail(), "the running config stays") || !strings.Contains(e.GetDetail(), tt.says) {
 				t.Errorf("event detail %q does not say %q", e.GetDetail(), tt.says)
@@ -115,9 +113,7 @@ func TestReloadRefused(t *testing.T) {
 	}
 
 	before := time.Now().Unix()
-	if err := os.WriteFile(cfgPath, []byte(serveConfig+"  qwen: {vram: 30GiB}\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	replaceFile(t, cfgPath, serveConfig+"  qwen: {vram: 30GiB}\n")
 	next("config_reloaded")
 	if metric("vgw_config_last_reload_successful") != 1 || metric("vgw_config_last_reload_success_timestamp_seconds") < float64(before) {
 		t.Error("the good file is not recorded as the last reload")
@@ -147,4 +143,18 @@ func startServe(t *testing.T, args ...string) (*lockedBuffer, func(string) strin
 	})
 	serving := logs.waitFor(t, "vgw serving")
 	return logs, func(k string) string { s, _ := serving[k].(string); return s }
+}
+
+// replaceFile gives path new content whole, by rename, as the README tells
+// operators to: a file written in place can be read half written, which
+// vgw may see as a different (refused, or smaller) config.
+func replaceFile(t *testing.T, path, content string) {
+	t.Helper()
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
 }

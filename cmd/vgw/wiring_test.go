@@ -30,7 +30,7 @@ type stack struct {
 	loads func(model string) int
 }
 
-func startStack(t testing.TB, yaml string) *stack {
+func startStack(t testing.TB, yaml string, opts ...envoytest.Option) *stack {
 	t.Helper()
 	cfg, err := config.Parse("stack.yaml", []byte(yaml))
 	if err != nil {
@@ -50,7 +50,7 @@ func startStack(t testing.TB, yaml string) *stack {
 		t.Fatal(err)
 	}
 	t.Cleanup(a.shutdown)
-	s := &stack{app: a, mgr: a.mgr, fakeEnvoy: newFakeEnvoy(t, a.extprocAddr.String(), a.xdsAddr.String())}
+	s := &stack{app: a, mgr: a.mgr, fakeEnvoy: newFakeEnvoy(t, a.extprocAddr.String(), a.xdsAddr.String(), opts...)}
 	s.loads = func(model string) int { mu.Lock(); defer mu.Unlock(); return loads[model] }
 	return s
 }
@@ -58,8 +58,8 @@ func startStack(t testing.TB, yaml string) *stack {
 // fakeEnvoy is an Envoy in front of vgw, as envoy/envoy.yaml sets one up.
 type fakeEnvoy struct{ *envoytest.Envoy }
 
-func newFakeEnvoy(t testing.TB, extprocAddr, xdsAddr string) *fakeEnvoy {
-	return &fakeEnvoy{envoytest.Start(t, "../../envoy/envoy.yaml", extprocAddr, xdsAddr)}
+func newFakeEnvoy(t testing.TB, extprocAddr, xdsAddr string, opts ...envoytest.Option) *fakeEnvoy {
+	return &fakeEnvoy{envoytest.Start(t, "../../envoy/envoy.yaml", extprocAddr, xdsAddr, opts...)}
 }
 
 func (s *fakeEnvoy) ask(t testing.TB, model string) *extproctest.Result {
@@ -73,7 +73,7 @@ func (s *fakeEnvoy) ask(t testing.TB, model string) *extproctest.Result {
 
 const stackConfig = `
 runtime: {kind: sim}
-load_timeout: 2s
+load_timeout: 1m
 max_concurrent: 4
 max_queue: 100
 min_resident: 0s
@@ -175,7 +175,7 @@ func TestReleasedOnlyAfterACK(t *testing.T) {
 
 func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(time.Minute)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting until %s", what)

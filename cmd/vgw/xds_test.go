@@ -9,6 +9,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -96,6 +97,7 @@ models:
 	ep, _ := envoy.ExtProc(b)
 	f := extproctest.FilterFrom(ep)
 	f.Metadata = nil
+	f.Clock = clockwork.NewFakeClock()
 	conn, err := grpc.NewClient(s.app.extprocAddr.String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -43,10 +44,20 @@ type Envoy struct {
 	ads  *xdstest.Client
 }
 
+// An Option changes how Start plays the Envoy.
+type Option func(*extproctest.Filter)
+
+// WithClock runs the Envoy's ext_proc message timer on c. By default it
+// runs on a clock that stands still, so that no reply is ever late however
+// slow the machine is (a test's outcome must not depend on that);
+// clockwork.NewRealClock() gives Envoy's real 200 ms, for load tests that
+// measure what a burst does.
+func WithClock(c clockwork.Clock) Option { return func(f *extproctest.Filter) { f.Clock = c } }
+
 // Start connects an Envoy configured by the bootstrap file to vgw's
 // ext_proc and xDS addresses, and waits for its first xDS config. It is
 // closed when the test ends.
-func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string) *Envoy {
+func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string, opts ...Option) *Envoy {
 	t.Helper()
 	b, err := envoy.Load(bootstrap)
 	if err != nil {
@@ -72,7 +83,12 @@ func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string) *Envoy {
 	}
 	e := &Envoy{t: t, node: node, xds: dial(xdsAddr)}
 	e.ReconnectADS()
-	e.ExtProc = extproctest.New(dial(extprocAddr), extproctest.FilterFrom(epc), e.route)
+	f := extproctest.FilterFrom(epc)
+	f.Clock = clockwork.NewFakeClock()
+	for _, o := range opts {
+		o(&f)
+	}
+	e.ExtProc = extproctest.New(dial(extprocAddr), f, e.route)
 	return e
 }
 

@@ -23,6 +23,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/proto"
@@ -45,6 +46,12 @@ type Filter struct {
 	// Metadata is the grpc_service's initial_metadata, sent on every
 	// ext_proc stream.
 	Metadata map[string]string
+	// Clock runs the message timer; nil is the real one. A test whose
+	// outcome must not depend on how fast the machine answers gives it a
+	// clockwork.FakeClock, which fires only when the test advances it
+	// (then every reply comes "in time"), and advances it where the timer
+	// is what it tests.
+	Clock clockwork.Clock
 }
 
 // FilterFrom reads a Filter from an ext_proc filter config, with Envoy's
@@ -479,7 +486,11 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 		return nil, true
 	}
 	f := x.e.filter
-	timer := time.NewTimer(f.MessageTimeout)
+	clock := f.Clock
+	if clock == nil {
+		clock = clockwork.NewRealClock()
+	}
+	timer := clock.NewTimer(f.MessageTimeout)
 	defer timer.Stop()
 	overridden := false
 	for {
@@ -487,7 +498,7 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 		case <-ctx.Done():
 			x.res.ClientReset = true
 			return nil, true
-		case <-timer.C:
+		case <-timer.Chan():
 			// ext_proc.cc onMessageTimeout: 504 when failing closed; when
 			// failing open, the stream is closed and the request goes on.
 			if f.FailureModeAllow {
