@@ -129,6 +129,7 @@ func (f *fakeAdmission) reject(model string, n map[int]uint64) {
 func (f *fakeAdmission) Decisions() *extproc.DecisionLog { return extproc.NewDecisionLog(8) }
 func (f *fakeAdmission) SetDraining(on bool)             { f.mu.Lock(); f.draining = on; f.mu.Unlock() }
 func (f *fakeAdmission) Draining() bool                  { f.mu.Lock(); defer f.mu.Unlock(); return f.draining }
+func (f *fakeAdmission) IdleClosed() uint64              { return 2 }
 
 type fakeEnvoys struct{}
 
@@ -608,6 +609,9 @@ func TestHTTP(t *testing.T) {
 		`vgw_xds_pushes_total`:                                     8,
 		`vgw_xds_acks_total`:                                       15,
 		`vgw_xds_nacks_total`:                                      1,
+		`vgw_xds_silent_streams`:                                   1,
+		`vgw_extproc_idle_streams_ended_total`:                     2,
+		`vgw_model_events_total{kind="unhealthy",model="llama"}`:   0,
 		`vgw_model_events_total{kind="crashed",model="llama"}`:     0,
 		`vgw_model_events_total{kind="ready",model="llama"}`:       1,
 		`vgw_model_state{model="llama",state="ready"}`:             1,

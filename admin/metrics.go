@@ -148,6 +148,8 @@ var (
 	descNACKs     = prometheus.NewDesc("vgw_xds_nacks_total", "xDS responses Envoys rejected.", nil, nil)
 	descEnvoys    = prometheus.NewDesc("vgw_xds_connected_envoys", "Envoys connected to xDS.", nil, nil)
 	descDraining  = prometheus.NewDesc("vgw_draining", "1 while vgw admits no new requests.", nil, nil)
+	descSilent    = prometheus.NewDesc("vgw_xds_silent_streams", "xDS streams that have left a version unanswered for longer than envoy.xds_ack_timeout; requests of unknown Envoys do not wait for them.", nil, nil)
+	descIdleEnded = prometheus.NewDesc("vgw_extproc_idle_streams_ended_total", "ext_proc streams vgw ended because Envoy sent nothing on them for longer than envoy.stream_idle_timeout + 1m before their response began: no real Envoy's.", nil, nil)
 )
 
 // collector reads what the request path, the manager and xDS keep, at
@@ -156,7 +158,7 @@ type collector struct{ svc *Service }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descDecisions, descQueued, descAnswers, descQueue, descInFlight, descLimit, descState,
-		descGPUInfo, descGPUUsed, descGPUTotal, descPushes, descACKs, descNACKs, descEnvoys, descDraining} {
+		descGPUInfo, descGPUUsed, descGPUTotal, descPushes, descACKs, descNACKs, descEnvoys, descDraining, descSilent, descIdleEnded} {
 		ch <- d
 	}
 }
@@ -208,6 +210,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descNACKs, prometheus.CounterValue, float64(x.NACKs))
 	nodes, _ := d.Envoys.Status()
 	ch <- prometheus.MustNewConstMetric(descEnvoys, prometheus.GaugeValue, float64(len(nodes)))
+	silent := 0
+	for _, n := range nodes {
+		silent += n.Silent
+	}
+	ch <- prometheus.MustNewConstMetric(descSilent, prometheus.GaugeValue, float64(silent))
+	ch <- prometheus.MustNewConstMetric(descIdleEnded, prometheus.CounterValue, float64(d.Admission.IdleClosed()))
 	draining := 0.0
 	if d.Admission.Draining() {
 		draining = 1

@@ -40,6 +40,8 @@ type Admission interface {
 	Decisions() *extproc.DecisionLog
 	SetDraining(on bool)
 	Draining() bool
+	// IdleClosed counts the ext_proc streams ended for their silence.
+	IdleClosed() uint64
 }
 
 // Envoys is the xDS server as the admin service needs it.
