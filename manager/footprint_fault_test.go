@@ -72,7 +72,7 @@ func TestFootprintSaveFails(t *testing.T) {
 			yaml := baseConfig + "models:\n  a: {vram: 20GiB}\n"
 			m := startManagerWith(t, yaml, nil, nil, Options{Footprints: fps, Log: slog.New(logs)})
 			tm := &testManager{Manager: m}
-			if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+			if err := ensure(t, tm, "a"); err != nil {
 				t.Fatal(err)
 			}
 			m.Release("a")

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -124,7 +125,7 @@ func (tm *testManager) eventAt(model, kind string) (time.Time, bool) {
 
 const baseConfig = `
 runtime: {kind: sim}
-load_timeout: 10s
+load_timeout: 1m
 drain_timeout: 2s
 min_resident: 0s
 inactivity_timeout: 0s
@@ -146,22 +147,35 @@ func parseConfig(t testing.TB, yaml string) *config.Config {
 // model when the test ends.
 func startManager(t testing.TB, yaml string) *testManager {
 	t.Helper()
+	return startManagerOpts(t, yaml, Options{})
+}
+
+// startManagerOpts is startManager with options; OnEvent is its own.
+func startManagerOpts(t testing.TB, yaml string, opts Options) *testManager {
+	t.Helper()
 	tm := &testManager{}
+	opts.OnEvent = func(e Event) { tm.mu.Lock(); tm.events = append(tm.events, e); tm.mu.Unlock() }
 	tm.Manager = startManagerWith(t, yaml,
 		func(d *DeclaredGPUs) Inventory { tm.gpus = d; return d },
 		func(rt Runtime) Runtime {
 			tm.rt = &countingRuntime{SimRuntime: rt.(*SimRuntime), starts: map[string]int{}}
 			return tm.rt
 		},
-		Options{OnEvent: func(e Event) { tm.mu.Lock(); tm.events = append(tm.events, e); tm.mu.Unlock() }})
+		opts)
 	return tm
 }
 
 func (tm *testManager) status(name string) ModelStatus { return statusOf(tm.Manager, name) }
 
+// long bounds a wait for what must happen: only a hang reaches it, however
+// slow the machine (a busy CI runner with two cores, the race detector).
+// What must not happen is checked over a short while instead, which
+// cannot fail falsely.
+const long = time.Minute
+
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	eventuallyWithin(t, 10*time.Second, what, cond)
+	eventuallyWithin(t, long, what, cond)
 }
 
 // eventuallyWithin polls cond until it holds or the time is up.
@@ -176,8 +190,9 @@ func eventuallyWithin(t *testing.T, within time.Duration, what string, cond func
 	}
 }
 
-func ensure(_ *testing.T, tm *testManager, model string, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+// ensure is Ensure with a deadline that only a hang reaches.
+func ensure(_ *testing.T, tm *testManager, model string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), long)
 	defer cancel()
 	return tm.Ensure(ctx, model)
 }
@@ -198,7 +213,7 @@ func TestColdStart(t *testing.T) {
 	if tm.Acquire("a") {
 		t.Fatal("a cold model was ready")
 	}
-	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+	if err := ensure(t, tm, "a"); err != nil {
 		t.Fatal(err)
 	}
 	addr, ok := tm.Endpoint("a")
@@ -220,7 +235,7 @@ func TestColdStart(t *testing.T) {
 		fp, ok := tm.fps.Get("a", Signature(tm.cfg, tm.cfg.Models["a"]))
 		return ok && fp.PerGPU == 20<<30 && fp.How == "processes"
 	})
-	if err := ensure(t, tm, "nope", time.Second); !errors.Is(err, ErrUnknownModel) {
+	if err := ensure(t, tm, "nope"); !errors.Is(err, ErrUnknownModel) {
 		t.Fatalf("unknown model: %v", err)
 	}
 }
@@ -232,7 +247,7 @@ func TestCoalescedLoad(t *testing.T) {
 	var failed atomic.Int32
 	for range 100 {
 		wg.Go(func() {
-			if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+			if err := ensure(t, tm, "a"); err != nil {
 				failed.Add(1)
 				return
 			}
@@ -249,11 +264,18 @@ func TestCoalescedLoad(t *testing.T) {
 // it once it is idle, and waits while it is not.
 func TestEviction(t *testing.T) {
 	tm := startManager(t, baseConfig+"models:\n  a: {vram: 50GiB}\n  b: {vram: 50GiB}\n")
-	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+	if err := ensure(t, tm, "a"); err != nil {
 		t.Fatal(err)
 	}
-	// a has a request in flight: b cannot be placed, and says why.
-	err := ensure(t, tm, "b", 300*time.Millisecond)
+	// a has a request in flight: b cannot be placed, and says why when
+	// its wait runs out. It runs out once b is seen waiting, which it is
+	// only after its placement was judged (on the loop, as it was queued).
+	ctx, runOut := expiring()
+	answer := make(chan error, 1)
+	go func() { answer <- tm.Ensure(ctx, "b") }()
+	eventually(t, "b waits", func() bool { return tm.status("b").Waiting == 1 })
+	runOut()
+	err := <-answer
 	var nr *NoRoom
 	if !errors.As(err, &nr) || !strings.Contains(err.Error(), "a 50.0GiB (1 in flight)") {
 		t.Fatalf("b while a is busy: %v; want a NoRoom naming a", err)
@@ -261,7 +283,7 @@ func TestEviction(t *testing.T) {
 	// b waits for the memory instead of failing at once: releasing a lets
 	// a waiting b in.
 	done := make(chan error, 1)
-	go func() { done <- ensure(t, tm, "b", 10*time.Second) }()
+	go func() { done <- ensure(t, tm, "b") }()
 	eventually(t, "b waits", func() bool { return tm.status("b").Waiting == 1 })
 	tm.Release("a")
 	if err := <-done; err != nil {
@@ -276,6 +298,24 @@ func TestEviction(t *testing.T) {
 	tm.Release("b")
 }
 
+// expiring returns a context whose deadline passes when runOut is called,
+// not on the clock: what a caller is told when its time runs out can be
+// checked at the moment the test chooses, however slow the machine.
+func expiring() (ctx context.Context, runOut func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	return deadlineOnCancel{ctx}, cancel
+}
+
+// deadlineOnCancel reports its cancellation as a deadline that passed.
+type deadlineOnCancel struct{ context.Context }
+
+func (c deadlineOnCancel) Err() error {
+	if c.Context.Err() != nil {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
 // TestStartsSerialisedPerGPU: two models placed on one GPU start one after
 // the other, as vLLM's memory profiling needs.
 func TestStartsSerialisedPerGPU(t *testing.T) {
@@ -283,7 +323,7 @@ func TestStartsSerialisedPerGPU(t *testing.T) {
 	var wg sync.WaitGroup
 	for _, m := range []string{"a", "b"} {
 		wg.Go(func() {
-			if err := ensure(t, tm, m, 10*time.Second); err != nil {
+			if err := ensure(t, tm, m); err != nil {
 				t.Error(err)
 				return
 			}
@@ -304,7 +344,7 @@ func TestStartsSerialisedPerGPU(t *testing.T) {
 // request loads it again.
 func TestCrash(t *testing.T) {
 	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {crash_after: 1}}\n")
-	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+	if err := ensure(t, tm, "a"); err != nil {
 		t.Fatal(err)
 	}
 	addr, _ := tm.Endpoint("a")
@@ -321,7 +361,7 @@ func TestCrash(t *testing.T) {
 	if mem[0].Used != 0 {
 		t.Fatalf("a dead server still holds %d bytes", mem[0].Used)
 	}
-	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+	if err := ensure(t, tm, "a"); err != nil {
 		t.Fatal(err)
 	}
 	if second := tm.status("a").Instance; second == first || tm.rt.count("a") != 2 {
@@ -348,7 +388,7 @@ func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 		tm.rt.failStarts(cause)
 		eventually(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
 		var le *LoadError
-		if err := ensure(t, tm, "a", 5*time.Second); !errors.As(err, &le) || le.Earlier {
+		if err := ensure(t, tm, "a"); !errors.As(err, &le) || le.Earlier {
 			t.Fatalf("want a fresh load failure, got %v", err)
 		}
 		return le.Retry
@@ -372,39 +412,51 @@ func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 	}
 	tm.rt.failStarts(nil)
 	eventually(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
-	if err := ensure(t, tm, "a", 5*time.Second); err != nil {
+	if err := ensure(t, tm, "a"); err != nil {
 		t.Fatal(err)
 	}
 	tm.Release("a")
 }
 
 // TestLoadFailures: a server that never becomes healthy, or exits while
-// loading, fails its waiters with the reason, and is not tried again at
-// once.
+// loading, fails its waiters with the reason, and is not tried again
+// during its backoff (an hour asked, BackoffMax given: the second request
+// surely comes within it).
 func TestLoadFailures(t *testing.T) {
-	tm := startManager(t, strings.Replace(baseConfig, "load_timeout: 10s", "load_timeout: 300ms", 1)+
-		"models:\n  slow: {vram: 20GiB, sim: {startup_delay: 1h}}\n  broken: {vram: 20GiB, sim: {fail_start: true}}\n")
-
-	err := ensure(t, tm, "slow", 5*time.Second)
-	var le *LoadError
-	if !errors.As(err, &le) || !strings.Contains(err.Error(), "not healthy within load_timeout") || le.RetryAfter() <= 0 {
-		t.Fatalf("slow: %v", err)
+	tests := []struct {
+		name  string
+		model string // with load_timeout
+		want  string
+	}{
+		// The timeout must pass: the server would be ready in an hour.
+		{"never healthy", "load_timeout: 300ms\nmodels:\n  m: {vram: 20GiB, sim: {startup_delay: 1h}}\n", "not healthy within load_timeout"},
+		// The exit must come first, with the server's log tail: a minute
+		// is more than any machine takes to start the fake and see it die.
+		{"exits as it starts", "load_timeout: 1m\nmodels:\n  m: {vram: 20GiB, sim: {fail_start: true}}\n", "memory profiling"},
 	}
-	err = ensure(t, tm, "slow", 5*time.Second)
-	if !errors.As(err, &le) || tm.rt.count("slow") != 1 {
-		t.Fatalf("retry during backoff: %v after %d starts; want the last error and no new start", err, tm.rt.count("slow"))
-	}
-	eventually(t, "slow's server is gone", func() bool { m, _ := tm.gpus.Memory(); return m[0].Used == 0 })
-
-	err = ensure(t, tm, "broken", 5*time.Second)
-	if !errors.As(err, &le) || !strings.Contains(err.Error(), "memory profiling") {
-		t.Fatalf("broken: %v; want its log tail", err)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tm := startManagerOpts(t, strings.Replace(baseConfig, "load_timeout: 1m\n", "", 1)+tt.model, Options{Backoff: time.Hour})
+			err := ensure(t, tm, "m")
+			var le *LoadError
+			if !errors.As(err, &le) {
+				t.Fatalf("m: %v; want a LoadError", err)
+			}
+			if !strings.Contains(err.Error(), tt.want) || le.Earlier || le.RetryAfter() != BackoffMax {
+				t.Fatalf("m: %v (retry in %v); want a fresh LoadError saying %q, tried again in %v", err, le.RetryAfter(), tt.want, BackoffMax)
+			}
+			err = ensure(t, tm, "m")
+			if !errors.As(err, &le) || !le.Earlier || !strings.Contains(err.Error(), tt.want) || tm.rt.count("m") != 1 {
+				t.Fatalf("m again during its backoff: %v after %d starts; want the last error and no new start", err, tm.rt.count("m"))
+			}
+			eventually(t, "m's server is gone", func() bool { m, _ := tm.gpus.Memory(); return m[0].Used == 0 })
+		})
 	}
 }
 
 func TestInactivityUnload(t *testing.T) {
 	tm := startManager(t, strings.Replace(baseConfig, "inactivity_timeout: 0s", "inactivity_timeout: 200ms", 1)+"models:\n  a: {vram: 20GiB}\n")
-	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+	if err := ensure(t, tm, "a"); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(400 * time.Millisecond) // longer than the inactivity timeout, with a request in flight
@@ -430,7 +482,7 @@ func TestAlwaysOn(t *testing.T) {
 func TestUpdate(t *testing.T) {
 	models := "models:\n  a: {vram: 20GiB, max_model_len: 4096}\n"
 	tm := startManager(t, baseConfig+models)
-	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+	if err := ensure(t, tm, "a"); err != nil {
 		t.Fatal(err)
 	}
 	first := tm.status("a").Instance
@@ -441,19 +493,19 @@ func TestUpdate(t *testing.T) {
 	}
 	tm.Release("a")
 	eventually(t, "a reloads once idle", func() bool { return tm.status("a").State == Stopped })
-	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+	if err := ensure(t, tm, "a"); err != nil {
 		t.Fatal(err)
 	}
 	if tm.status("a").Instance == first {
 		t.Fatal("a kept its old server")
 	}
 	tm.Release("a")
-	if err := ensure(t, tm, "b", 10*time.Second); err != nil {
+	if err := ensure(t, tm, "b"); err != nil {
 		t.Fatalf("the new model: %v", err)
 	}
 	tm.Release("b")
 	tm.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n"))
-	if err := ensure(t, tm, "a", time.Second); !errors.Is(err, ErrUnknownModel) {
+	if err := ensure(t, tm, "a"); !errors.Is(err, ErrUnknownModel) {
 		t.Fatalf("a removed model: %v", err)
 	}
 	eventually(t, "the removed model's server stops", func() bool {
@@ -468,10 +520,12 @@ func TestUpdate(t *testing.T) {
 // the memory, then logged an error and sent load_failed for a model no
 // longer configured.
 func TestRemovedWhileLoading(t *testing.T) {
-	cfg := strings.Replace(baseConfig, "load_timeout: 10s", "load_timeout: 1m", 1)
+	// An hour, beyond any wait here: the load must end as the model
+	// leaves, not at its timeout.
+	cfg := strings.Replace(baseConfig, "load_timeout: 1m", "load_timeout: 1h", 1)
 	tm := startManager(t, cfg+"models:\n  slow: {vram: 20GiB, sim: {startup_delay: 1h}}\n  b: {vram: 20GiB}\n")
 	answer := make(chan error, 1)
-	go func() { answer <- ensure(t, tm, "slow", time.Minute) }()
+	go func() { answer <- ensure(t, tm, "slow") }()
 	eventually(t, "slow is loading on the GPU", func() bool {
 		m, _ := tm.gpus.Memory()
 		return tm.status("slow").State == Loading && m[0].Used == 20<<30
@@ -480,7 +534,7 @@ func TestRemovedWhileLoading(t *testing.T) {
 	if err := <-answer; !errors.Is(err, ErrUnknownModel) {
 		t.Fatalf("the waiter of the removed model got %v, want ErrUnknownModel", err)
 	}
-	eventuallyWithin(t, 5*time.Second, "the removed model's memory is freed", func() bool {
+	eventually(t, "the removed model's memory is freed", func() bool {
 		m, _ := tm.gpus.Memory()
 		return m[0].Used == 0
 	})
@@ -502,7 +556,7 @@ models:
 		s := tm.Manager.reading.Load()
 		return s != nil && s.mem[0].Used == 60<<30
 	})
-	if err := ensure(t, tm, "a", 10*time.Second); err != nil {
+	if err := ensure(t, tm, "a"); err != nil {
 		t.Fatal(err)
 	}
 	if gs := tm.status("a").GPUs; len(gs) != 1 || gs[0] != 1 {
@@ -583,7 +637,7 @@ func startManagerWith(t testing.TB, yaml string, inv func(*DeclaredGPUs) Invento
 	done := make(chan struct{})
 	go func() { m.Run(ctx); close(done) }()
 	t.Cleanup(func() {
-		stop, c := context.WithTimeout(context.Background(), 10*time.Second)
+		stop, c := context.WithTimeout(context.Background(), long)
 		defer c()
 		if err := m.StopAll(stop); err != nil {
 			t.Errorf("StopAll: %v", err)
@@ -608,13 +662,13 @@ func statusOf(m *Manager, name string) ModelStatus {
 // model's new server is not unloaded again.
 func TestReloadedModelStays(t *testing.T) {
 	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 4096}\n", nil, nil, Options{})
-	if err := ensure(nil, &testManager{Manager: m}, "a", 10*time.Second); err != nil {
+	if err := ensure(nil, &testManager{Manager: m}, "a"); err != nil {
 		t.Fatal(err)
 	}
 	m.Release("a")
 	m.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n"))
 	eventually(t, "a reloads", func() bool { return statusOf(m, "a").State == Stopped })
-	if err := ensure(nil, &testManager{Manager: m}, "a", 10*time.Second); err != nil {
+	if err := ensure(nil, &testManager{Manager: m}, "a"); err != nil {
 		t.Fatal(err)
 	}
 	m.Release("a")
@@ -635,7 +689,7 @@ func TestNoPingPong(t *testing.T) {
 	for _, model := range []string{"a", "b"} {
 		wg.Go(func() {
 			for range 5 {
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				ctx, cancel := context.WithTimeout(context.Background(), long)
 				err := m.Ensure(ctx, model)
 				cancel()
 				if err != nil {
@@ -675,67 +729,145 @@ func (h startHook) Start(ctx context.Context, spec Spec) (*Instance, error) {
 	return h.Runtime.Start(ctx, spec)
 }
 
-type slowStartReport struct {
+// exitFirst is a runtime whose Start returns only once the server it
+// started has exited and the manager's loop has taken the exit: the exit
+// overtakes the news of the start, as it may when a server dies at once.
+type exitFirst struct {
 	Runtime
-	delay time.Duration
+	exits chan Exit   // unbuffered: a send ends once the loop has the exit
+	taken chan string // the IDs of the exits the loop has taken
 }
 
-func (s slowStartReport) Start(ctx context.Context, spec Spec) (*Instance, error) {
-	inst, err := s.Runtime.Start(ctx, spec)
-	time.Sleep(s.delay) // the server may exit meanwhile: its exit overtakes this return
-	return inst, err
+func newExitFirst(t *testing.T, rt Runtime) *exitFirst {
+	x := &exitFirst{Runtime: rt, exits: make(chan Exit), taken: make(chan string, 64)}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel) // registered before the manager's: after it stopped
+	go func() {
+		for {
+			select {
+			case e := <-rt.Exits():
+				select {
+				case x.exits <- e:
+					x.taken <- e.ID
+				case <-ctx.Done():
+					return
+				}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return x
+}
+
+func (x *exitFirst) Exits() <-chan Exit { return x.exits }
+
+func (x *exitFirst) Start(ctx context.Context, spec Spec) (*Instance, error) {
+	inst, err := x.Runtime.Start(ctx, spec)
+	if err != nil {
+		return inst, err
+	}
+	for {
+		select {
+		case id := <-x.taken:
+			if id == inst.ID {
+				return inst, nil
+			}
+		case <-ctx.Done():
+			return inst, nil
+		}
+	}
 }
 
 // TestExitBeforeStartReported: a server that exits before its start is
-// reported fails the load at once, with its log, not at load_timeout.
+// reported fails the load at once, with its log, not at load_timeout (an
+// hour: a load that missed the exit would outlast the test's wait).
 func TestExitBeforeStartReported(t *testing.T) {
-	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {fail_start: true}}\n", nil,
-		func(rt Runtime) Runtime { return slowStartReport{rt, 300 * time.Millisecond} }, Options{})
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	err := m.Ensure(ctx, "a")
-	if !strings.Contains(fmt.Sprint(err), "memory profiling") || time.Since(start) > 5*time.Second {
-		t.Fatalf("after %v: %v; want the exit with its log, well before the 10s load_timeout", time.Since(start), err)
+	m := startManagerWith(t, strings.Replace(baseConfig, "load_timeout: 1m", "load_timeout: 1h", 1)+"models:\n  a: {vram: 20GiB, sim: {fail_start: true}}\n", nil,
+		func(rt Runtime) Runtime { return newExitFirst(t, rt) }, Options{})
+	err := ensure(nil, &testManager{Manager: m}, "a")
+	var le *LoadError
+	if !errors.As(err, &le) || !strings.Contains(err.Error(), "memory profiling") {
+		t.Fatalf("%v; want the exit with its log", err)
 	}
 }
 
 // TestFootprintUnderRunningSettings: settings changed during a load; the
-// footprint measured is filed under the settings the server ran.
+// footprint measured is filed under the settings the server ran. The
+// server stays loading until the test has changed the settings.
 func TestFootprintUnderRunningSettings(t *testing.T) {
-	old := baseConfig + "models:\n  a: {vram: 20GiB, max_model_len: 4096, sim: {startup_delay: 300ms}}\n"
-	m := startManagerWith(t, old, nil, nil, Options{})
+	old := baseConfig + "models:\n  a: {vram: 20GiB, max_model_len: 4096, env: {FAKEVLLM_READY_ON_SIGNAL: USR1}}\n"
+	tm := startManager(t, old)
 	done := make(chan error, 1)
-	go func() { done <- ensure(nil, &testManager{Manager: m}, "a", 10*time.Second) }()
-	eventually(t, "a is loading", func() bool { return statusOf(m, "a").Instance != "" })
+	go func() { done <- ensure(t, tm, "a") }()
+	eventually(t, "a's server runs", func() bool { return tm.status("a").Instance != "" })
 	newCfg := parseConfig(t, strings.Replace(old, "4096", "8192", 1))
-	m.Update(newCfg)
+	tm.Update(newCfg)
+	if st := tm.status("a"); st.State != Loading {
+		t.Fatalf("a is %v once its settings changed, want still loading", st.State)
+	}
+	tm.readyNow(t, "a")
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
 	oldCfg := parseConfig(t, old)
-	eventually(t, "the footprint is filed", func() bool { _, ok := m.fps.Get("a", Signature(oldCfg, oldCfg.Models["a"])); return ok })
-	if _, ok := m.fps.Get("a", Signature(newCfg, newCfg.Models["a"])); ok {
+	eventually(t, "the footprint is filed", func() bool { _, ok := tm.fps.Get("a", Signature(oldCfg, oldCfg.Models["a"])); return ok })
+	if _, ok := tm.fps.Get("a", Signature(newCfg, newCfg.Models["a"])); ok {
 		t.Fatal("the old server's footprint was filed under the new settings")
 	}
-	m.Release("a")
+	tm.Release("a")
+}
+
+// readyNow ends the load of a model whose fake waits for SIGUSR1
+// (FAKEVLLM_READY_ON_SIGNAL), once its /health answers: the fake catches
+// the signal before it serves, so the signal cannot come too early.
+func (tm *testManager) readyNow(t *testing.T, model string) {
+	t.Helper()
+	st := tm.status(model)
+	eventually(t, model+"'s server answers", func() bool { return answers(st.Addr) })
+	if err := syscall.Kill(tm.rt.pid(t, st.Instance), syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// answers reports whether a server at addr answers GET /health, whatever
+// it says.
+func answers(addr string) bool {
+	c := http.Client{Timeout: 5 * time.Second} // then ask again
+	resp, err := c.Get("http://" + addr + "/health")
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return true
 }
 
 // TestLoadingModelNotCountedTwice: without per-process figures, a loading
 // model's memory is its reservation, not also someone else's.
 func TestLoadingModelNotCountedTwice(t *testing.T) {
-	m := startManagerWith(t, baseConfig+"models:\n  big: {vram: 50GiB, sim: {startup_delay: 1s}}\n  small: {vram: 20GiB}\n",
+	m := startManagerWith(t, baseConfig+"models:\n  big: {vram: 50GiB, sim: {startup_delay: 1h}}\n  small: {vram: 20GiB}\n",
 		func(d *DeclaredGPUs) Inventory { return noProcesses{d} }, nil, Options{})
-	go ensure(nil, &testManager{Manager: m}, "big", 10*time.Second)
-	eventually(t, "big's server runs", func() bool { return statusOf(m, "big").Instance != "" })
-	time.Sleep(100 * time.Millisecond) // a GPU reading that shows it
+	tm := &testManager{Manager: m}
+	bigDone := make(chan error, 1)
+	go func() { bigDone <- ensure(t, tm, "big") }()
+	eventually(t, "big's server runs, and a GPU reading shows it", func() bool {
+		r := m.reading.Load()
+		return statusOf(m, "big").Instance != "" && r != nil && r.mem[0].Used == 50<<30
+	})
 	done := make(chan error, 1)
-	go func() { done <- ensure(nil, &testManager{Manager: m}, "small", 10*time.Second) }()
+	go func() { done <- ensure(t, tm, "small") }()
 	// small is placed beside big at once (its start then waits for big's,
 	// as starts on one GPU are serialised), not held back for memory.
 	eventually(t, "small is placed", func() bool { return statusOf(m, "small").State == Loading })
 	if st := statusOf(m, "big"); st.State != Loading {
 		t.Fatalf("big is %v: small was placed only after big was ready", st.State)
+	}
+	// big would load for an hour: unloading it lets small start.
+	if err := m.Unload("big"); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-bigDone; !errors.Is(err, ErrUnloaded) {
+		t.Errorf("big's waiter got %v, want ErrUnloaded", err)
 	}
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -748,7 +880,7 @@ func TestLoadingModelNotCountedTwice(t *testing.T) {
 func TestUnloadWhileLoading(t *testing.T) {
 	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 1h}}\n", nil, nil, Options{})
 	done := make(chan error, 1)
-	go func() { done <- ensure(nil, &testManager{Manager: m}, "a", 10*time.Second) }()
+	go func() { done <- ensure(nil, &testManager{Manager: m}, "a") }()
 	eventually(t, "a is loading", func() bool { return statusOf(m, "a").Instance != "" })
 	m.Unload("a")
 	if err := <-done; !errors.Is(err, ErrUnloaded) {

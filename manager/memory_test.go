@@ -14,7 +14,7 @@ import (
 // are loading: heap and goroutine stacks, per waiting request.
 func BenchmarkWaitingMemory(b *testing.B) {
 	var cfg strings.Builder
-	cfg.WriteString(strings.Replace(baseConfig, "load_timeout: 10s", "load_timeout: 1h", 1) + "models:\n")
+	cfg.WriteString(strings.Replace(baseConfig, "load_timeout: 1m", "load_timeout: 1h", 1) + "models:\n")
 	for i := range 200 {
 		fmt.Fprintf(&cfg, "  m%03d: {vram: 70GiB, sim: {startup_delay: 1h}}\n", i)
 	}
