@@ -31,7 +31,7 @@ import (
 // nothing is evicted: every container that goes, goes for the fault.
 const faultConfig = `
 runtime: {kind: docker, image: %s, network: %s, instance: %s}
-load_timeout: 20s
+load_timeout: 1m
 drain_timeout: 1s
 min_resident: 0s
 inactivity_timeout: 0s
@@ -41,7 +41,7 @@ models:
   b: {repo: org/b, vram: 15GiB}
   c: {repo: org/c, vram: 15GiB}
   d: {repo: org/d, vram: 15GiB}
-  warming: {repo: org/warming, vram: 15GiB, env: {FAKEVLLM_STARTUP_DELAY: 4s}}
+  warming: {repo: org/warming, vram: 15GiB, env: {FAKEVLLM_READY_ON_SIGNAL: USR1}}
 `
 
 // TestDockerOutage: Docker's engine goes out of vgw's reach with models
@@ -83,7 +83,7 @@ func TestDockerOutage(t *testing.T) {
 	}
 
 	// A load fails at once, and says why and what to check.
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), long)
 	defer cancel()
 	err := dm.Load(ctx, "b", true)
 	if !errors.Is(err, ErrDockerUnreachable) || !strings.Contains(err.Error(), "is dockerd running") {
@@ -116,7 +116,7 @@ func TestDockerOutage(t *testing.T) {
 	// The engine comes back while the event stream waits out a backoff of
 	// over a second: time for a load to get in first.
 	var reconnect time.Time // when the stream tries again
-	eventuallyWithin(t, 30*time.Second, "the event stream to back off for 1.6s or more", func() bool {
+	eventually(t, "the event stream to back off for 1.6s or more", func() bool {
 		for _, r := range rtLog.all() {
 			if in, _ := attr(r, "in").(time.Duration); r.Level == slog.LevelWarn && in >= 1600*time.Millisecond {
 				reconnect = r.Time.Add(in)
@@ -189,7 +189,8 @@ func TestDockerOutage(t *testing.T) {
 
 // TestDockerKilled: vgw killed (SIGKILL) with one model ready and one
 // still loading, then started again, takes both containers over as they
-// are: the loading one becomes ready, nothing is started again, every
+// are: the loading one (its fake waits for SIGUSR1, so it is loading
+// until the test says) becomes ready, nothing is started again, every
 // container of its instance is a model's, and a container not its own is
 // left alone.
 func TestDockerKilled(t *testing.T) {
@@ -234,11 +235,10 @@ func TestDockerKilled(t *testing.T) {
 	}
 
 	second := startDockerManagerAt(t, yaml, DockerOptions{Instance: instance})
-	// The fake answers /health 4 s after its container started: the
-	// second vgw must have found it still loading.
-	if started, err := time.Parse(time.RFC3339Nano, warming.State.StartedAt); err != nil || time.Since(started) > 3*time.Second {
-		t.Fatalf("warming's container started at %q (%v): too long ago to be adopted while loading", warming.State.StartedAt, err)
+	if st := second.status("warming"); st.State != Loading || st.Instance != warming.ID {
+		t.Fatalf("warming is %v in %q right after the restart, want adopted loading in %s", st.State, st.Instance, warming.ID)
 	}
+	second.readyNow(t, "warming")
 	eventually(t, "a and warming are ready", func() bool {
 		return second.status("a").State == Ready && second.status("warming").State == Ready
 	})
@@ -284,6 +284,13 @@ func TestDockerKilled(t *testing.T) {
 // Docker's environment, its log nil for none).
 func startDockerManagerAt(t *testing.T, yaml string, opts DockerOptions) *dockerManager {
 	t.Helper()
+	return startDockerManagerWrapped(t, yaml, opts, nil)
+}
+
+// startDockerManagerWrapped is startDockerManagerAt with the manager's
+// runtime wrapped, when wrap is set (dm.rt stays the Docker runtime).
+func startDockerManagerWrapped(t *testing.T, yaml string, opts DockerOptions, wrap func(Runtime) Runtime) *dockerManager {
+	t.Helper()
 	e := dockertest.Need(t)
 	cfg := parseConfig(t, yaml)
 	opts.Image, opts.Network = cfg.Runtime.Image, cfg.Runtime.Network
@@ -296,7 +303,11 @@ func startDockerManagerAt(t *testing.T, yaml string, opts DockerOptions) *docker
 		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
 	}
 	dm := &dockerManager{rt: rt, engine: e, instance: opts.Instance, events: &eventLog{}}
-	dm.Manager = New(cfg, rt, NewDeclaredGPUs(gs), Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond, OnEvent: dm.events.add})
+	var mrt Runtime = rt
+	if wrap != nil {
+		mrt = wrap(rt)
+	}
+	dm.Manager = New(cfg, mrt, NewDeclaredGPUs(gs), Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond, OnEvent: dm.events.add})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { dm.Run(ctx); close(done) }()
@@ -310,7 +321,7 @@ func startDockerManagerAt(t *testing.T, yaml string, opts DockerOptions) *docker
 // engine started since then.
 func containerStarts(t *testing.T, e *dockertest.Engine, instance string, since time.Time) map[string]int {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), long)
 	defer cancel()
 	until := time.Now()
 	res := e.Client.Events(ctx, client.EventsListOptions{
