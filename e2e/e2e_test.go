@@ -18,11 +18,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -36,6 +38,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/vgw-project/vgw/envoy/envoytest"
+	"github.com/vgw-project/vgw/extproc/extproctest"
 	"github.com/vgw-project/vgw/manager/dockertest"
 	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 )
@@ -47,7 +50,7 @@ func TestMain(m *testing.M) {
 }
 
 const e2eConfig = `log_format: json
-load_timeout: 30s
+load_timeout: 2m
 drain_timeout: 5s
 min_resident: 0s
 runtime: {kind: docker, image: %s, network: %s, instance: %s}
@@ -55,8 +58,8 @@ gpus: [{name: sim0, memory: 80GiB}]
 models:
   a: {repo: org/a, vram: 50GiB, env: {FAKEVLLM_STARTUP_DELAY: 200ms}}
   b: {repo: org/b, vram: 50GiB}
-  small: {repo: org/small, vram: 10GiB, max_concurrent: 1, max_queue: 1, env: {FAKEVLLM_TOKENS_PER_SECOND: "5"}}
-  c: {repo: org/c, vram: 10GiB, env: {FAKEVLLM_STARTUP_DELAY: 8s}}
+  small: {repo: org/small, vram: 10GiB, max_concurrent: 1, max_queue: 1, queue_timeout: 5m, env: {FAKEVLLM_TOKENS_PER_SECOND: "5"}}
+  c: {repo: org/c, vram: 10GiB, env: {FAKEVLLM_READY_ON_SIGNAL: USR1}}
 `
 
 // stack is the compose project under test.
@@ -121,7 +124,25 @@ func TestComposeSim(t *testing.T) {
 	startEnvoy := func() *envoytest.Envoy {
 		return envoytest.Start(t, "../envoy/envoy.yaml", s.addrs["VGW_EXTPROC_ADDR"], s.addrs["VGW_XDS_ADDR"])
 	}
+	// held, when set, holds the next request on its way to its model's
+	// server until the test lets it go, as a long generation would hold
+	// it.
+	var held atomic.Pointer[gate]
+	holding := func(ctx context.Context, _ *extproctest.Forwarded) error {
+		g := held.Swap(nil)
+		if g == nil {
+			return nil
+		}
+		close(g.entered)
+		select {
+		case <-g.release:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	env := startEnvoy()
+	env.BeforeUpstream = holding
 	ctx := context.Background()
 
 	ask := func(env *envoytest.Envoy, model string, stream bool) (int, string) {
@@ -133,22 +154,19 @@ func TestComposeSim(t *testing.T) {
 		return res.Status, string(res.Body)
 	}
 
-	// Cold, then warm.
-	start := time.Now()
+	// Cold, then warm: the same container, and no second load.
 	if code, body := ask(env, "a", false); code != 200 || !strings.Contains(body, `"model":"a"`) {
 		t.Fatalf("cold request for a: %d %s\n%s", code, body, s.logs(compose))
 	}
-	cold := time.Since(start)
 	aID := s.containerOf("a")
-	start = time.Now()
 	if code, _ := ask(env, "a", false); code != 200 {
 		t.Fatalf("warm request for a: %d", code)
 	}
-	if warm := time.Since(start); warm > cold/2 {
-		t.Errorf("the warm request took %v, the cold one %v", warm, cold)
-	}
 	if id := s.containerOf("a"); id != aID {
 		t.Errorf("a's container changed from %s to %s", aID, id)
+	}
+	if n := s.metric("vgw_model_events_total", `kind="load_started"`, `model="a"`); n != 1 {
+		t.Errorf("a was loaded %v times for a cold and a warm request, want once", n)
 	}
 
 	// A model's container can reach none of vgw's listeners, wherever it
@@ -160,18 +178,35 @@ func TestComposeSim(t *testing.T) {
 		t.Errorf("streamed request for a: %d %q", code, body)
 	}
 
-	// small admits one and queues one: a third at once is 429.
+	// small admits one and queues one: a third meanwhile is 429. The
+	// first is held on its way to small's server until the third is
+	// answered, so the three overlap however slowly they are sent.
 	if code, _ := ask(env, "small", false); code != 200 {
 		t.Fatalf("small: %d", code)
 	}
-	codes := make([]int, 3)
-	var wg sync.WaitGroup
-	for i := range codes {
-		wg.Go(func() { codes[i], _ = ask(env, "small", false) })
+	g := &gate{entered: make(chan struct{}), release: make(chan struct{})}
+	held.Store(g)
+	first := askLater(env, "small")
+	select {
+	case <-g.entered:
+	case <-time.After(long):
+		t.Fatal("the first request for small never left for its server")
 	}
-	wg.Wait()
-	if n := count(codes, 429); n == 0 || count(codes, 200) == 0 {
-		t.Errorf("three at once for small, which takes one and queues one: %v", codes)
+	second := askLater(env, "small")
+	eventually(t, "the second request for small is queued", func() bool { return s.metric("vgw_queue_depth", `model="small"`) == 1 })
+	select {
+	case r := <-askLater(env, "small"):
+		if r.err != nil || r.code != 429 {
+			t.Errorf("a third request for small, which takes one and queues one: %d %v", r.code, r.err)
+		}
+	case <-time.After(long):
+		t.Error("a third request for small, which takes one and queues one, waited")
+	}
+	close(g.release)
+	for i, r := range []askResult{<-first, <-second} {
+		if r.err != nil || r.code != 200 {
+			t.Errorf("request %d for small, admitted or queued: %d %v", i+1, r.code, r.err)
+		}
 	}
 
 	// b needs a's memory: a's container goes, b's comes.
@@ -227,6 +262,7 @@ func TestComposeSim(t *testing.T) {
 	}
 	s.waitHealthy(vgwID)
 	env = startEnvoy()
+	s.readyNow(cID) // adopted while it loads, and then ready
 	for _, m := range []string{"c", "b", "small"} {
 		if code, _ := ask(env, m, false); code != 200 {
 			t.Errorf("%s after vgw was killed: %d\n%s", m, code, s.logs(compose))
@@ -251,14 +287,88 @@ func TestComposeSim(t *testing.T) {
 	}
 }
 
-func count(xs []int, v int) int {
-	n := 0
-	for _, x := range xs {
-		if x == v {
-			n++
+// gate holds a request on its way to its model's server: entered is
+// closed once it got there, and closing release lets it go.
+type gate struct{ entered, release chan struct{} }
+
+type askResult struct {
+	code int
+	err  error
+}
+
+// askLater sends a request for model and answers how it ended.
+func askLater(env *envoytest.Envoy, model string) <-chan askResult {
+	out := make(chan askResult, 1)
+	go func() {
+		res, err := env.Ask(context.Background(), model, false)
+		if err != nil {
+			out <- askResult{err: err}
+			return
 		}
+		out <- askResult{code: res.Status}
+	}()
+	return out
+}
+
+// metric is the value of vgw's metric name whose labels include labels
+// (each `key="value"`), read from its /metrics; -1 when there is none.
+func (s *stack) metric(name string, labels ...string) float64 {
+	s.t.Helper()
+	resp, err := http.Get("http://" + s.addrs["VGW_HTTP_ADDR"] + "/metrics")
+	if err != nil {
+		s.t.Fatal(err)
 	}
-	return n
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+lines:
+	for sc.Scan() {
+		series, value, ok := strings.Cut(sc.Text(), " ")
+		if !ok || !strings.HasPrefix(series, name+"{") {
+			continue
+		}
+		for _, l := range labels {
+			if !strings.Contains(series, l) {
+				continue lines
+			}
+		}
+		v, err := strconv.ParseFloat(value, 64)
+		if err != nil {
+			s.t.Fatalf("%s: %v", sc.Text(), err)
+		}
+		return v
+	}
+	return -1
+}
+
+// readyNow ends the load of a model container whose fake waits for
+// SIGUSR1 (FAKEVLLM_READY_ON_SIGNAL), once its /health answers: the fake
+// catches the signal before it listens, so the signal cannot come too
+// early.
+func (s *stack) readyNow(id string) {
+	t := s.t
+	t.Helper()
+	res, err := s.engine.Client.ContainerInspect(context.Background(), id, client.ContainerInspectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := res.Container.NetworkSettings.Networks[s.network]
+	if ep == nil {
+		t.Fatalf("the model container %s is not on %s", id, s.network)
+	}
+	url := "http://" + net.JoinHostPort(ep.IPAddress.String(), "8000") + "/health"
+	eventually(t, "the model container answers", func() bool {
+		c := http.Client{Timeout: 5 * time.Second} // then ask again
+		resp, err := c.Get(url)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return true
+	})
+	if _, err := s.engine.Client.ContainerKill(context.Background(), id, client.ContainerKillOptions{Signal: "SIGUSR1"}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // composeCommand is `docker compose` where the plugin exists, else the
@@ -337,9 +447,13 @@ func (s *stack) logs(compose []string) string {
 	return string(out)
 }
 
+// long bounds a wait for what must happen: only a hang reaches it, however
+// slow the machine.
+const long = 2 * time.Minute
+
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(long)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting until %s", what)
