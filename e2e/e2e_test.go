@@ -407,7 +407,7 @@ func (s *stack) vgwContainer(compose []string) string {
 // health check runs `vgw health`).
 func (s *stack) waitHealthy(id string) {
 	s.t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
+	deadline := time.Now().Add(long)
 	for {
 		res, err := s.engine.Client.ContainerInspect(context.Background(), id, client.ContainerInspectOptions{})
 		if err != nil {
@@ -548,7 +548,7 @@ func (s *stack) adminNeedsToken(token string) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), long)
 	defer cancel()
 	admin := adminv1.NewAdminClient(conn)
 	if _, err := admin.ListModels(ctx, &adminv1.ListModelsRequest{}); status.Code(err) != codes.Unauthenticated {

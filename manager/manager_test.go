@@ -898,7 +898,7 @@ func TestUnloadWhileLoading(t *testing.T) {
 // backoff's error (the operator may have fixed the cause).
 func TestOperatorLoad(t *testing.T) {
 	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 50ms}}\n  b: {vram: 70GiB}\n  broken: {vram: 10GiB, sim: {fail_start: true}}\n")
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), long)
 	defer cancel()
 
 	if err := tm.Load(ctx, "a", false); err != nil {
