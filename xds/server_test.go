@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -289,27 +287,15 @@ func TestHeldRequestReleasedAfterACK(t *testing.T) {
 	}
 }
 
-// silentStream opens an ADS stream as node and asks for clusters, then
-// never acknowledges or rejects what it is sent: an impostor, or a stuck
-// Envoy.
+// silentStream opens an ADS stream as node that never answers, for the
+// rest of the test.
 func (f *fixture) silentStream(t *testing.T, node string) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(f.conn).StreamAggregatedResources(ctx)
-	if err != nil {
+	if err := xdstest.Silent(ctx, f.conn, node); err != nil {
 		t.Fatal(err)
 	}
-	if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: resource.ClusterType}); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		for {
-			if _, err := stream.Recv(); err != nil {
-				return
-			}
-		}
-	}()
 }
 
 // TestSilentStreams: one ADS stream that never answers (under the Envoys'

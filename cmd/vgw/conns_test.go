@@ -17,14 +17,12 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
-	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
-	"github.com/vgw-project/vgw/envoy"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 )
 
@@ -57,24 +55,7 @@ func TestCapsFor(t *testing.T) {
 // stopped accepting (accept4: too many open files), and a model's server
 // could not open its listener.
 func TestConnectionFlood(t *testing.T) {
-	cfgPath := filepath.Join(t.TempDir(), "vgw.yaml")
-	if err := os.WriteFile(cfgPath, []byte(serveConfig), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	logs := &lockedBuffer{}
-	vgw := exec.Command(os.Args[0], "serve", "--config", cfgPath,
-		"--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0")
-	vgw.Env = append(os.Environ(), "VGW_TEST_NOFILE=512")
-	vgw.Stderr = logs
-	if err := vgw.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		vgw.Process.Signal(syscall.SIGTERM)
-		vgw.Wait()
-	})
-	serving := logs.waitFor(t, "vgw serving")
-	addr := func(k string) string { s, _ := serving[k].(string); return s }
+	_, logs, addr := serveProcess(t, serveConfig, "VGW_TEST_NOFILE=512")
 
 	const flood = 2000
 	var mu sync.Mutex
@@ -120,17 +101,7 @@ func TestConnectionFlood(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	b, err := envoy.Load("../../envoy/envoy.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ep, _ := envoy.ExtProc(b)
-	f := extproctest.FilterFrom(ep)
-	f.Clock = clockwork.NewFakeClock() // no reply is late, however busy the machine
-	env := extproctest.New(conn, f, func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
-		return &extproctest.Response{Status: 200, Body: []byte(f.Cluster)}, nil
-	})
-	res, err := env.Do(ctx, extproctest.Request{Body: []byte(`{"model":"llama"}`)})
+	res, err := clusterEcho(t, conn).Do(ctx, extproctest.Request{Body: []byte(`{"model":"llama"}`)})
 	if err != nil || res.Status != 200 || string(res.Body) != "model/llama" {
 		t.Fatalf("a request under the flood: %+v %v\n%s", res, err, logs.String())
 	}
@@ -148,25 +119,10 @@ func TestConnectionFlood(t *testing.T) {
 // listener took any message up to 65 MiB whatever max_body_bytes said:
 // 16 such bodies took vgw's memory to 3 GB.
 func TestBodyMemoryBound(t *testing.T) {
-	cfgPath := filepath.Join(t.TempDir(), "vgw.yaml")
-	if err := os.WriteFile(cfgPath, []byte("max_body_bytes: 1MiB\n"+serveConfig), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	logs := &lockedBuffer{}
-	vgw := exec.Command(os.Args[0], "serve", "--config", cfgPath,
-		"--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0")
-	vgw.Stderr = logs
-	if err := vgw.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		vgw.Process.Signal(syscall.SIGTERM)
-		vgw.Wait()
-	})
-	addr, _ := logs.waitFor(t, "vgw serving")["extproc"].(string)
-	before := peakRSS(t, vgw.Process.Pid)
+	pid, _, addr := serveProcess(t, "max_body_bytes: 1MiB\n"+serveConfig)
+	before := peakRSS(t, pid)
 
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(addr("extproc"), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,11 +160,37 @@ func TestBodyMemoryBound(t *testing.T) {
 			t.Errorf("a 60 MB body: %v, want ResourceExhausted", err)
 		}
 	}
-	grew := peakRSS(t, vgw.Process.Pid) - before
+	grew := peakRSS(t, pid) - before
 	t.Logf("peak RSS grew by %d MiB for %d bodies of %d MiB", grew>>20, bodies, size>>20)
 	if grew > bodies*size/4 {
 		t.Errorf("vgw's peak RSS grew by %d MiB for %d refused bodies of %d MiB", grew>>20, bodies, size>>20)
 	}
+}
+
+// serveProcess runs `vgw serve` on config as a process of its own (the
+// test binary is vgw: see TestMain), with env added to its environment,
+// on loopback ports, until the test ends. It returns the process's pid,
+// its log and its listeners' addresses by name (extproc, xds, admin, http).
+func serveProcess(t *testing.T, config string, env ...string) (pid int, logs *lockedBuffer, addr func(string) string) {
+	t.Helper()
+	cfgPath := filepath.Join(t.TempDir(), "vgw.yaml")
+	if err := os.WriteFile(cfgPath, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logs = &lockedBuffer{}
+	vgw := exec.Command(os.Args[0], "serve", "--config", cfgPath,
+		"--extproc-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0")
+	vgw.Env = append(os.Environ(), env...)
+	vgw.Stderr = logs
+	if err := vgw.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		vgw.Process.Signal(syscall.SIGTERM)
+		vgw.Wait()
+	})
+	serving := logs.waitFor(t, "vgw serving")
+	return vgw.Process.Pid, logs, func(k string) string { s, _ := serving[k].(string); return s }
 }
 
 // peakRSS is a process's peak resident set (VmHWM), in bytes.

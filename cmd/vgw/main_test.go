@@ -178,16 +178,7 @@ func TestServe(t *testing.T) {
 		t.Fatalf("health: %v %v", hc, err)
 	}
 
-	b, err := envoy.Load("../../envoy/envoy.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ep, _ := envoy.ExtProc(b)
-	f := extproctest.FilterFrom(ep)
-	f.Clock = clockwork.NewFakeClock() // no reply is late, however busy the machine
-	env := extproctest.New(conn, f, func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
-		return &extproctest.Response{Status: 200, Body: []byte(f.Cluster)}, nil
-	})
+	env := clusterEcho(t, conn)
 	ask := func(model string) *extproctest.Result {
 		t.Helper()
 		res, err := env.Do(ctx, extproctest.Request{Body: []byte(`{"model":"` + model + `"}`)})
@@ -237,4 +228,25 @@ func TestServe(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("serve did not shut down")
 	}
+}
+
+// clusterEcho plays the ext_proc side of the shipped Envoy on conn, with a
+// router whose every upstream answers 200 with the cluster it was sent to.
+// Its message timer stands still: no reply is late, however busy the
+// machine.
+func clusterEcho(t *testing.T, conn *grpc.ClientConn) *extproctest.Envoy {
+	t.Helper()
+	b, err := envoy.Load("../../envoy/envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep, err := envoy.ExtProc(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := extproctest.FilterFrom(ep)
+	f.Clock = clockwork.NewFakeClock()
+	return extproctest.New(conn, f, func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
+		return &extproctest.Response{Status: 200, Body: []byte(f.Cluster)}, nil
+	})
 }

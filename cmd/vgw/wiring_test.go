@@ -62,6 +62,17 @@ func newFakeEnvoy(t testing.TB, extprocAddr, xdsAddr string, opts ...envoytest.O
 	return &fakeEnvoy{envoytest.Start(t, "../../envoy/envoy.yaml", extprocAddr, xdsAddr, opts...)}
 }
 
+// askAll sends n requests for model at once and returns their results.
+func (s *fakeEnvoy) askAll(t testing.TB, model string, n int) []*extproctest.Result {
+	results := make([]*extproctest.Result, n)
+	var wg sync.WaitGroup
+	for i := range results {
+		wg.Go(func() { results[i] = s.ask(t, model) })
+	}
+	wg.Wait()
+	return results
+}
+
 func (s *fakeEnvoy) ask(t testing.TB, model string) *extproctest.Result {
 	t.Helper()
 	res, err := s.ExtProc.Do(context.Background(), extproctest.Request{Body: []byte(`{"model":"` + model + `","messages":[],"max_tokens":2}`)})
@@ -89,13 +100,7 @@ models:
 // queue while it loads once, then all reach its server.
 func TestColdModelThroughTheStack(t *testing.T) {
 	s := startStack(t, stackConfig)
-	var wg sync.WaitGroup
-	results := make([]*extproctest.Result, 20)
-	for i := range results {
-		wg.Go(func() { results[i] = s.ask(t, "llama") })
-	}
-	wg.Wait()
-	for i, r := range results {
+	for i, r := range s.askAll(t, "llama", 20) {
 		if r.Status != 200 || !bytes.Contains(r.Body, []byte("token token")) {
 			t.Fatalf("request %d: %d %s %q", i, r.Status, r.Details, r.Body)
 		}

@@ -2,13 +2,9 @@ package main
 
 import (
 	"context"
-	"sync"
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -16,6 +12,7 @@ import (
 	"github.com/vgw-project/vgw/envoy"
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/xds/xdstest"
 )
 
 // impostor opens an ADS stream to vgw as node that asks for clusters and
@@ -30,20 +27,9 @@ func impostor(t *testing.T, xdsAddr, node string) {
 	t.Cleanup(func() { conn.Close() })
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
-	if err != nil {
+	if err := xdstest.Silent(ctx, conn, node); err != nil {
 		t.Fatal(err)
 	}
-	if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: resource.ClusterType}); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		for {
-			if _, err := stream.Recv(); err != nil {
-				return
-			}
-		}
-	}()
 }
 
 // TestImpostorOnXDS: an ADS stream that never acknowledges, under the
@@ -71,13 +57,7 @@ models:
 		return len(nodes) == 1 && nodes[0].Streams == 2
 	}, nil)
 
-	var wg sync.WaitGroup
-	results := make([]*extproctest.Result, 20)
-	for i := range results {
-		wg.Go(func() { results[i] = s.ask(t, "llama") })
-	}
-	wg.Wait()
-	for i, r := range results {
+	for i, r := range s.askAll(t, "llama", 20) {
 		if r.Status != 200 {
 			t.Fatalf("request %d of the Envoy: %d %s", i, r.Status, r.Body)
 		}

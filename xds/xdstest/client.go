@@ -366,3 +366,25 @@ func (c *Client) Wait(ctx context.Context, cond func(*Client) bool) error {
 		}
 	}
 }
+
+// Silent opens an ADS stream on conn as node that asks for the clusters
+// and then reads what it is sent without ever acknowledging or rejecting
+// it: a stuck Envoy, or an impostor on the xDS port. It lasts until ctx
+// ends.
+func Silent(ctx context.Context, conn grpc.ClientConnInterface, node string) error {
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		return err
+	}
+	if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: resource.ClusterType}); err != nil {
+		return err
+	}
+	go func() {
+		for {
+			if _, err := stream.Recv(); err != nil {
+				return
+			}
+		}
+	}()
+	return nil
+}
