@@ -3,6 +3,7 @@ package envoy
 import (
 	"errors"
 	"fmt"
+	"iter"
 	"time"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
@@ -27,22 +28,30 @@ const (
 // ExtProc returns the first ext_proc filter configured in b's static
 // listeners, which is the one vgw serves.
 func ExtProc(b *bootstrapv3.Bootstrap) (*extprocv3.ExternalProcessor, error) {
-	for _, l := range b.GetStaticResources().GetListeners() {
-		for _, fc := range l.GetFilterChains() {
-			for _, f := range fc.GetFilters() {
-				hcm, ok := unpack(f.GetTypedConfig(), &hcmv3.HttpConnectionManager{})
-				if !ok {
-					continue
-				}
-				for _, hf := range hcm.GetHttpFilters() {
-					if ep, ok := unpack(hf.GetTypedConfig(), &extprocv3.ExternalProcessor{}); ok {
-						return ep, nil
+	for _, hcm := range staticHCMs(b) {
+		for _, hf := range hcm.GetHttpFilters() {
+			if ep, ok := unpack(hf.GetTypedConfig(), &extprocv3.ExternalProcessor{}); ok {
+				return ep, nil
+			}
+		}
+	}
+	return nil, errors.New("no ext_proc HTTP filter in the static listeners")
+}
+
+// staticHCMs yields every HTTP connection manager in b's static
+// listeners, with the index of its listener.
+func staticHCMs(b *bootstrapv3.Bootstrap) iter.Seq2[int, *hcmv3.HttpConnectionManager] {
+	return func(yield func(int, *hcmv3.HttpConnectionManager) bool) {
+		for li, l := range b.GetStaticResources().GetListeners() {
+			for _, fc := range l.GetFilterChains() {
+				for _, f := range fc.GetFilters() {
+					if hcm, ok := unpack(f.GetTypedConfig(), &hcmv3.HttpConnectionManager{}); ok && !yield(li, hcm) {
+						return
 					}
 				}
 			}
 		}
 	}
-	return nil, errors.New("no ext_proc HTTP filter in the static listeners")
 }
 
 // extProc checks an ext_proc filter against what vgw relies on. The
@@ -229,20 +238,12 @@ type streamIdle struct {
 // 0 for none).
 func streamIdleTimeouts(b *bootstrapv3.Bootstrap) []streamIdle {
 	var out []streamIdle
-	for li, l := range b.GetStaticResources().GetListeners() {
-		for _, fc := range l.GetFilterChains() {
-			for _, f := range fc.GetFilters() {
-				hcm, ok := unpack(f.GetTypedConfig(), &hcmv3.HttpConnectionManager{})
-				if !ok {
-					continue
-				}
-				idle := defaultStreamIdleTimeout
-				if t := hcm.GetStreamIdleTimeout(); t != nil {
-					idle = t.AsDuration()
-				}
-				out = append(out, streamIdle{fmt.Sprintf("static_resources.listeners[%d] stream_idle_timeout", li), idle})
-			}
+	for li, hcm := range staticHCMs(b) {
+		idle := defaultStreamIdleTimeout
+		if t := hcm.GetStreamIdleTimeout(); t != nil {
+			idle = t.AsDuration()
 		}
+		out = append(out, streamIdle{fmt.Sprintf("static_resources.listeners[%d] stream_idle_timeout", li), idle})
 	}
 	return out
 }
@@ -271,22 +272,15 @@ func vhostBodyLimit(vh *routev3.VirtualHost, conn int64) int64 {
 // route_components.proto orders them.
 func bodyLimits(b *bootstrapv3.Bootstrap) []bodyLimit {
 	var out []bodyLimit
-	for li, l := range b.GetStaticResources().GetListeners() {
+	listeners := b.GetStaticResources().GetListeners()
+	for li, hcm := range staticHCMs(b) {
 		conn := int64(1 << 20)
-		if v := l.GetPerConnectionBufferLimitBytes(); v != nil {
+		if v := listeners[li].GetPerConnectionBufferLimitBytes(); v != nil {
 			conn = int64(v.GetValue())
 		}
-		for _, fc := range l.GetFilterChains() {
-			for _, f := range fc.GetFilters() {
-				hcm, ok := unpack(f.GetTypedConfig(), &hcmv3.HttpConnectionManager{})
-				if !ok {
-					continue
-				}
-				for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
-					path := fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].request_body_buffer_limit", li, vi)
-					out = append(out, bodyLimit{path, vhostBodyLimit(vh, conn)})
-				}
-			}
+		for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+			path := fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].request_body_buffer_limit", li, vi)
+			out = append(out, bodyLimit{path, vhostBodyLimit(vh, conn)})
 		}
 	}
 	return out
