@@ -534,12 +534,14 @@ func TestRemovedWhileLoading(t *testing.T) {
 	if err := <-answer; !errors.Is(err, ErrUnknownModel) {
 		t.Fatalf("the waiter of the removed model got %v, want ErrUnknownModel", err)
 	}
-	eventually(t, "the removed model's memory is freed", func() bool {
+	// The memory is freed as the server is stopped, just before the loop
+	// hears how the load ended: wait for both.
+	eventually(t, "the removed model's memory is freed, and its load has ended", func() bool {
 		m, _ := tm.gpus.Memory()
-		return m[0].Used == 0
+		kinds := tm.eventKinds("slow")
+		return m[0].Used == 0 && (slices.Contains(kinds, EventUnloaded) || slices.Contains(kinds, EventLoadFailed))
 	})
-	kinds := tm.eventKinds("slow")
-	if slices.Contains(kinds, EventLoadFailed) || !slices.Contains(kinds, EventUnloaded) {
+	if kinds := tm.eventKinds("slow"); slices.Contains(kinds, EventLoadFailed) || !slices.Contains(kinds, EventUnloaded) {
 		t.Errorf("events of the removed model: %v, want unloaded and no load_failed", kinds)
 	}
 }
