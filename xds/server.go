@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -68,7 +67,10 @@ type Server struct {
 	connected atomic.Int32
 	alone     atomic.Int64
 
-	strangers map[string]bool // nodes seen on ext_proc but not on xDS, warned about once; guarded by mu
+	// Guarded by mu: nodes that have had an xDS stream, and nodes seen on
+	// ext_proc that never had one (warned about once each).
+	seenNodes map[string]bool
+	strangers map[string]bool
 }
 
 // known is a cluster's published endpoints, and whether every Envoy that
@@ -86,18 +88,66 @@ type adsStream struct {
 	nacked map[string]uint64 // type URL → latest version rejected
 	nonces map[string]string // nonce → version sent with it
 	order  []string          // nonces in the order sent, to forget old ones
-	// waiting is since when a version sent on the stream has gone
-	// unanswered (zero when every one is acknowledged or rejected), and
-	// silent says it has for longer than AckTimeout.
-	waiting time.Time
-	silent  bool
+	// unanswered holds, per type URL, the versions sent and neither
+	// acknowledged nor rejected yet, oldest first, with when each was
+	// sent; silent says the oldest has waited longer than AckTimeout.
+	unanswered map[string][]sentVersion
+	silent     bool
+	// opened is when the stream began: an Envoy asks for the endpoints
+	// as soon as it has the clusters, so a stream that has acknowledged
+	// none owes them from here, whether or not it ever asked.
+	opened time.Time
 }
 
-// counts says whether requests whose Envoy is unknown wait for this
-// stream's acknowledgements: it said who it is and answers what it is sent.
-// A stream that says nothing, or stopped answering (an impostor, a stuck or
-// misconfigured Envoy), would hold them all.
-func (st *adsStream) counts() bool { return st.node != "" && !st.silent }
+// sentVersion is a version sent on a stream, and when.
+type sentVersion struct {
+	version uint64
+	at      time.Time
+}
+
+// maxUnanswered bounds what a stream that answers nothing makes vgw keep:
+// past it, the newest are forgotten, which changes neither when the stream
+// began to wait nor the need to answer a newer version.
+const maxUnanswered = 16
+
+// sentOne records a version sent.
+func (st *adsStream) sentOne(typeURL string, version uint64, at time.Time) {
+	st.sent[typeURL] = max(st.sent[typeURL], version)
+	if u := st.unanswered[typeURL]; len(u) < maxUnanswered {
+		st.unanswered[typeURL] = append(u, sentVersion{version, at})
+	}
+}
+
+// answeredUpTo records that the Envoy answered (acknowledged or rejected)
+// version and every earlier one of typeURL, and whether that ends its
+// silence: the oldest it still owes has not waited past timeout.
+func (st *adsStream) answeredUpTo(typeURL string, version uint64, now time.Time, timeout time.Duration) {
+	u := st.unanswered[typeURL]
+	i := 0
+	for i < len(u) && u[i].version <= version {
+		i++
+	}
+	st.unanswered[typeURL] = u[i:]
+	if since := st.waitingSince(); since.IsZero() || now.Sub(since) <= timeout {
+		st.silent = false
+	}
+}
+
+// waitingSince is when the oldest version the stream has not answered was
+// sent, or when it opened if it has acknowledged no endpoints yet; zero
+// when it owes nothing.
+func (st *adsStream) waitingSince() time.Time {
+	var oldest time.Time
+	if st.acked[resource.EndpointType] == 0 {
+		oldest = st.opened
+	}
+	for _, u := range st.unanswered {
+		if len(u) > 0 && (oldest.IsZero() || u[0].at.Before(oldest)) {
+			oldest = u[0].at
+		}
+	}
+	return oldest
+}
 
 // rejected says the stream's Envoy rejected the latest endpoints it was
 // sent, and they hold version need: it will route by them only once vgw
@@ -107,14 +157,17 @@ func (st *adsStream) rejected(need uint64) bool {
 	return n >= need && n >= st.sent[resource.EndpointType]
 }
 
-// answered updates whether the stream has answered every version sent.
-func (st *adsStream) answered() {
-	for t, v := range st.sent {
-		if st.acked[t] < v && st.nacked[t] < v {
-			return
-		}
+// stance is where the stream's Envoy stands with EDS version need: it
+// knows it (released), is working on it (pending), or cannot be counted
+// on to (hopeless: it rejected it, or has stopped answering).
+func (st *adsStream) stance(need uint64) verdict {
+	switch {
+	case st.acked[resource.EndpointType] >= need:
+		return released
+	case st.silent || st.rejected(need):
+		return hopeless
 	}
-	st.waiting, st.silent = time.Time{}, false
+	return pending
 }
 
 // NACK is a version an Envoy rejected, and why.
@@ -222,13 +275,17 @@ func (s *Server) Republish() {
 // ctx ends; and marks streams that stopped answering.
 func (s *Server) Run(ctx context.Context) {
 	s.publish(ctx)
-	check := time.NewTicker(max(min(s.settings.AckTimeout/4, time.Second), time.Millisecond))
-	defer check.Stop()
+	var check <-chan time.Time // nil: no AckTimeout, nothing to check
+	if s.settings.AckTimeout > 0 {
+		t := time.NewTicker(max(min(s.settings.AckTimeout/4, time.Second), time.Millisecond))
+		defer t.Stop()
+		check = t.C
+	}
 	for {
 		select {
 		case <-s.notify:
 			s.publish(ctx)
-		case now := <-check.C:
+		case now := <-check:
 			s.silence(now)
 		case <-ctx.Done():
 			return
@@ -240,20 +297,16 @@ func (s *Server) Run(ctx context.Context) {
 // longer than AckTimeout: from now on requests of unknown Envoys do not
 // wait for them, and a request of theirs is answered at once (WaitAcked).
 func (s *Server) silence(now time.Time) {
-	if s.settings.AckTimeout <= 0 {
-		return
-	}
 	type gone struct {
-		node    string
-		version uint64
-		since   time.Time
+		node  string
+		since time.Time
 	}
 	var quiet []gone
 	s.mu.Lock()
 	for _, st := range s.streams {
-		if st.node != "" && !st.silent && !st.waiting.IsZero() && now.Sub(st.waiting) > s.settings.AckTimeout {
+		if since := st.waitingSince(); st.node != "" && !st.silent && !since.IsZero() && now.Sub(since) > s.settings.AckTimeout {
 			st.silent = true
-			quiet = append(quiet, gone{st.node, slices.Max(slices.Collect(maps.Values(st.sent))), st.waiting})
+			quiet = append(quiet, gone{st.node, since})
 		}
 	}
 	if len(quiet) > 0 {
@@ -261,8 +314,8 @@ func (s *Server) silence(now time.Time) {
 	}
 	s.mu.Unlock()
 	for _, q := range quiet {
-		s.log.Warn("an Envoy has not answered vgw's xDS version; requests stop waiting for it",
-			slog.String("node", q.node), slog.String("version", s.versionString(q.version)), slog.Duration("for", now.Sub(q.since)))
+		s.log.Warn("an Envoy has not answered vgw's xDS updates; requests stop waiting for it",
+			slog.String("node", q.node), slog.Duration("for", now.Sub(q.since)))
 	}
 }
 
@@ -352,7 +405,8 @@ func (s *Server) parse(version string) uint64 {
 
 func (s *Server) streamOpen(_ context.Context, id int64, _ string) error {
 	s.mu.Lock()
-	s.streams[id] = &adsStream{acked: map[string]uint64{}, sent: map[string]uint64{}, nacked: map[string]uint64{}, nonces: map[string]string{}}
+	s.streams[id] = &adsStream{acked: map[string]uint64{}, sent: map[string]uint64{}, nacked: map[string]uint64{},
+		unanswered: map[string][]sentVersion{}, nonces: map[string]string{}, opened: time.Now()}
 	s.mu.Unlock()
 	return nil
 }
@@ -388,6 +442,7 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		// every connected Envoy until it acknowledges them.
 		st.node = req.GetNode().GetId()
 		s.connected.Add(1)
+		s.sawLocked(st.node)
 		s.refreshLocked()
 	}
 	var nack *NACK
@@ -403,18 +458,29 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		if version != "" {
 			req.VersionInfo = version
 		}
-		st.nacked[req.GetTypeUrl()] = max(st.nacked[req.GetTypeUrl()], s.parse(version))
-		st.answered()
+		v := s.parse(version)
+		st.nacked[req.GetTypeUrl()] = max(st.nacked[req.GetTypeUrl()], v)
+		st.answeredUpTo(req.GetTypeUrl(), v, time.Now(), s.settings.AckTimeout)
 		s.refreshLocked()
 	case req.GetResponseNonce() != "":
-		st.acked[req.GetTypeUrl()] = s.parse(req.GetVersionInfo())
-		st.answered()
+		// What was sent with the nonce acknowledged, not the version the
+		// request names: a peer could name a version never sent (a later
+		// one, read off any response), and so be taken to know endpoints
+		// it was never given. A nonce too old to be remembered counts for
+		// at most what the stream was sent.
+		sent, known := st.nonces[req.GetResponseNonce()]
+		v := s.parse(sent)
+		if !known {
+			v = min(s.parse(req.GetVersionInfo()), st.sent[req.GetTypeUrl()])
+		}
+		st.acked[req.GetTypeUrl()] = v
+		st.answeredUpTo(req.GetTypeUrl(), v, time.Now(), s.settings.AckTimeout)
 		s.acks.Add(1)
 		s.refreshLocked()
 	}
-	node := st.node
+	node, back := st.node, wasSilent && !st.silent
 	s.mu.Unlock()
-	if wasSilent && !st.silent {
+	if back {
 		s.log.Info("an Envoy answers vgw's xDS versions again", slog.String("node", node))
 	}
 	if first {
@@ -439,10 +505,7 @@ func (s *Server) streamResponse(_ context.Context, id int64, _ *discoverygrpc.Di
 		return
 	}
 	st.nonces[resp.GetNonce()] = resp.GetVersionInfo()
-	st.sent[resp.GetTypeUrl()] = max(st.sent[resp.GetTypeUrl()], s.parse(resp.GetVersionInfo()))
-	if st.waiting.IsZero() {
-		st.waiting = time.Now()
-	}
+	st.sentOne(resp.GetTypeUrl(), s.parse(resp.GetVersionInfo()), time.Now())
 	st.order = append(st.order, resp.GetNonce())
 	if len(st.order) > 32 {
 		delete(st.nonces, st.order[0])
@@ -473,58 +536,37 @@ const (
 
 // judgeLocked says where node's Envoy (every counted one, for "") stands
 // with the EDS version need, which holds a cluster's current endpoints.
-// One stream of the node that has acknowledged it is enough: another
-// under the same id (the Envoy restarted and its old stream lingers, or an
-// impostor) cannot hold the node's requests back. s.mu is held.
+// For a node, one of its streams that knows is enough: another under the
+// same id (the Envoy restarted and its old stream lingers, or an
+// impostor) cannot hold the node's requests back. For "", every stream
+// that can still know must: one that rejected the version or stopped
+// answering is not waited for (it is hopeless only when all are). s.mu is
+// held.
 func (s *Server) judgeLocked(node string, need uint64) verdict {
-	if node != "" {
-		seen, stuck := false, true
-		for _, st := range s.streams {
-			if st.node != node {
-				continue
-			}
-			seen = true
-			if st.acked[resource.EndpointType] >= need {
-				return released
-			}
-			stuck = stuck && (st.silent || st.rejected(need))
-		}
-		switch {
-		case !seen:
-			return absent
-		case stuck:
-			return hopeless
-		}
-		return pending
-	}
-	// Whose request it is is unknown: every Envoy that counts must know.
-	seen, counted, stuck, waiting := false, false, false, false
+	seen, known, working := false, false, false
 	for _, st := range s.streams {
-		if st.node == "" {
+		if st.node == "" || (node != "" && st.node != node) {
 			continue
 		}
 		seen = true
-		if !st.counts() {
-			continue
-		}
-		counted = true
-		switch {
-		case st.acked[resource.EndpointType] >= need:
-		case st.rejected(need):
-			stuck = true
-		default:
-			waiting = true
+		switch st.stance(need) {
+		case released:
+			known = true
+		case pending:
+			working = true
 		}
 	}
 	switch {
 	case !seen:
 		return absent
-	case !counted || stuck:
-		return hopeless
-	case waiting:
+	case node != "" && known:
+		return released
+	case working:
 		return pending
+	case known:
+		return released
 	}
-	return released
+	return hopeless
 }
 
 // Acked reports whether addr is among cluster's published endpoints and
@@ -554,7 +596,7 @@ func (s *Server) AckedBy(node, cluster, addr string) bool {
 	}
 	s.mu.Lock()
 	ok := slices.Contains(s.current[cluster], addr)
-	v, warn := s.judgeAskerLocked(node, s.changed[cluster])
+	v, _, warn := s.judgeAskerLocked(node, s.changed[cluster])
 	s.mu.Unlock()
 	if warn {
 		s.warnStranger(node)
@@ -587,7 +629,7 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 		}
 		s.mu.Lock()
 		published := slices.Contains(s.current[cluster], a)
-		v, warn := s.judgeAskerLocked(node, s.changed[cluster])
+		v, judged, warn := s.judgeAskerLocked(node, s.changed[cluster])
 		wake := s.wake
 		s.mu.Unlock()
 		if warn {
@@ -598,39 +640,46 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 			case released:
 				return sleep(ctx, applyGrace)
 			case hopeless:
-				return s.notAcked(node, cluster)
+				return s.notAcked(judged, cluster)
 			}
 		}
-		var giveUp <-chan time.Time
+		var giveUp *time.Timer
+		var expired <-chan time.Time
 		if published && v == absent {
 			until := time.Until(time.Unix(0, s.alone.Load()))
 			if until <= 0 {
 				return nil
 			}
-			t := time.NewTimer(until)
-			defer t.Stop()
-			giveUp = t.C
+			giveUp = time.NewTimer(until)
+			expired = giveUp.C
 		}
 		select {
 		case <-wake:
-		case <-giveUp: // looked at again: the Envoy may have connected meanwhile
+		case <-expired: // looked at again: the Envoy may have connected meanwhile
 		case <-ctx.Done():
-			return ctx.Err()
+		}
+		if giveUp != nil {
+			giveUp.Stop()
+		}
+		if err := ctx.Err(); err != nil {
+			return err
 		}
 	}
 }
 
-// judgeAskerLocked is judgeLocked for the Envoy a request names. A name no
-// xDS stream has while other Envoys are connected is a misconfigured
-// Envoy (its x-vgw-node is not its node id): its requests are judged as
-// an unknown Envoy's, which wait for every Envoy, rather than let through
-// unchecked; warn says to tell the operator, once. s.mu is held.
-func (s *Server) judgeAskerLocked(node string, need uint64) (v verdict, warn bool) {
+// judgeAskerLocked is judgeLocked for the Envoy a request names, and the
+// node it was judged as. A name no xDS stream has while other Envoys are
+// connected is a misconfigured Envoy (its x-vgw-node is not its node id)
+// or one whose stream is reconnecting: its requests are judged as an
+// unknown Envoy's (""), which wait for every Envoy, rather than let
+// through unchecked; warn says to tell the operator, once, for a name
+// never seen on xDS. s.mu is held.
+func (s *Server) judgeAskerLocked(node string, need uint64) (v verdict, judged string, warn bool) {
 	v = s.judgeLocked(node, need)
 	if v == absent && node != "" && s.connected.Load() > 0 {
-		return s.judgeLocked("", need), s.strangeLocked(node)
+		return s.judgeLocked("", need), "", s.strangeLocked(node)
 	}
-	return v, false
+	return v, node, false
 }
 
 func (s *Server) warnStranger(node string) {
@@ -638,11 +687,22 @@ func (s *Server) warnStranger(node string) {
 		slog.String("x_vgw_node", node))
 }
 
-// strangeLocked records node as seen on ext_proc but not on xDS, and
-// reports whether it is the first time (so it is warned about once; a
-// few hundred at most are remembered). s.mu is held.
+// sawLocked records a node that connected to xDS. s.mu is held.
+func (s *Server) sawLocked(node string) {
+	if s.seenNodes == nil {
+		s.seenNodes = map[string]bool{}
+	}
+	if len(s.seenNodes) < 1024 {
+		s.seenNodes[node] = true
+	}
+}
+
+// strangeLocked records node as seen on ext_proc but never on xDS (not
+// one whose stream is only reconnecting), and reports whether it is the
+// first time, so it is warned about once; a few hundred at most are
+// remembered. s.mu is held.
 func (s *Server) strangeLocked(node string) bool {
-	if s.strangers[node] || len(s.strangers) >= 256 {
+	if s.seenNodes[node] || s.strangers[node] || len(s.strangers) >= 256 {
 		return false
 	}
 	if s.strangers == nil {
@@ -731,8 +791,8 @@ func (s *Server) Status() ([]NodeStatus, []NACK) {
 		ns.Streams++
 		if st.silent {
 			ns.Silent++
-			if ns.SilentSince.IsZero() || st.waiting.Before(ns.SilentSince) {
-				ns.SilentSince = st.waiting
+			if since := st.waitingSince(); ns.SilentSince.IsZero() || since.Before(ns.SilentSince) {
+				ns.SilentSince = since
 			}
 		}
 		// With several streams from one node, report the furthest.

@@ -6,10 +6,13 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -210,10 +213,10 @@ func TestTwoNodes(t *testing.T) {
 	f := start(t, newModels("llama"))
 	a := f.envoy(t, "envoy-a")
 	b := f.envoy(t, "envoy-b")
-	b.Reject(resource.EndpointType, "held back")
-	wait(t, a, "a is configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
-	eventually(t, "b rejected the first version", func() bool { _, n := f.srv.Status(); return len(n) == 1 })
-	b.Reject(resource.EndpointType, "held back")
+	for _, c := range []*xdstest.Client{a, b} {
+		wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	}
+	b.Hold(resource.EndpointType) // slow to take the next version up
 	f.src.set("llama", "10.0.0.5:8000")
 	f.srv.Notify()
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
@@ -223,13 +226,18 @@ func TestTwoNodes(t *testing.T) {
 		t.Fatalf("waiting for a: %v", err)
 	}
 	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
-		t.Fatal("known to every Envoy while b rejected it")
+		t.Fatal("known to every Envoy while b has not taken it up")
 	}
 	short, c2 := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer c2()
 	if err := f.srv.WaitAcked(short, "envoy-b", "model/llama", at("10.0.0.5:8000")); err == nil {
-		t.Fatal("b acknowledged a version it rejected")
+		t.Fatal("b's request released before b took the version up")
 	}
+	b.Release(resource.EndpointType)
+	if err := f.srv.WaitAcked(ctx, "envoy-b", "model/llama", at("10.0.0.5:8000")); err != nil {
+		t.Fatalf("waiting for b once it took the version up: %v", err)
+	}
+	eventually(t, "known to every Envoy", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
 }
 
 // TestReconnect: an Envoy that reconnects gets the current state at once;
@@ -407,7 +415,7 @@ func TestGraceDoesNotReleasePastAConnectedEnvoy(t *testing.T) {
 	f := startWith(t, newModels("llama"), s)
 	c := f.envoy(t, "envoy-1")
 	wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
-	c.Reject(resource.EndpointType, "never")
+	c.Hold(resource.EndpointType) // working on it, so far as vgw can tell
 	f.src.set("llama", "10.0.0.5:8000")
 	f.srv.Notify()
 	ctx, cancel := context.WithTimeout(context.Background(), 400*time.Millisecond)
@@ -426,12 +434,11 @@ func TestNewEnvoyKnowsNothing(t *testing.T) {
 	a := f.envoy(t, "envoy-a")
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
 	eventually(t, "known", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
-	b, err := xdstest.Dial(context.Background(), f.conn, "envoy-b")
+	b, err := xdstest.Dial(context.Background(), f.conn, "envoy-b", xdstest.Holding(resource.EndpointType))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.Close()
-	b.Reject(resource.EndpointType, "slow")
 	eventually(t, "b's arrival is noticed", func() bool { n, _ := f.srv.Status(); return len(n) == 2 })
 	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
 		t.Fatal("known to every Envoy before b acknowledged anything")
@@ -493,5 +500,127 @@ func TestStrangerWaitsForEveryEnvoy(t *testing.T) {
 	c.Release(resource.EndpointType)
 	if err := <-answered; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestRejectingEnvoyHoldsNoOneElse: an Envoy that rejects the version
+// holding a model's endpoint gets its own requests answered at once, but
+// neither takes the fast path away from the Envoys that took the version
+// up nor fails the requests of an Envoy that does not say who it is (it
+// did both: every request of an unknown Envoy got 503).
+func TestRejectingEnvoyHoldsNoOneElse(t *testing.T) {
+	f := start(t, newModels("llama"))
+	good := f.envoy(t, "envoy-1")
+	bad := f.envoy(t, "misconfigured")
+	for _, c := range []*xdstest.Client{good, bad} {
+		wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	}
+	bad.Reject(resource.EndpointType, "bad")
+	f.src.set("llama", "10.0.0.5:8000")
+	f.srv.Notify()
+	wait(t, good, "envoy-1 routes llama", routes("model/llama", "10.0.0.5:8000"))
+	eventually(t, "the rejection is in", func() bool { _, n := f.srv.Status(); return len(n) == 1 })
+	eventually(t, "the fast path holds for the Envoys that know", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
+		t.Errorf("a request of an unknown Envoy: %v", err)
+	}
+	var na *xds.NotAckedError
+	if err := f.srv.WaitAcked(ctx, "misconfigured", "model/llama", at("10.0.0.5:8000")); !errors.As(err, &na) || na.Rejected != "bad" {
+		t.Errorf("a request of the rejecting Envoy: %v, want a NotAckedError quoting the rejection", err)
+	}
+}
+
+// rawStream opens an ADS stream as node, asks for typeURL only, and
+// acknowledges every response of it by its nonce with the version ack
+// gives (the response's own when ack is nil).
+func (f *fixture) rawStream(t *testing.T, node, typeURL string, ack func(*discoverygrpc.DiscoveryResponse) string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(f.conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: typeURL}); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			resp, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			v := resp.GetVersionInfo()
+			if ack != nil {
+				v = ack(resp)
+			}
+			if stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: typeURL, VersionInfo: v, ResponseNonce: resp.GetNonce()}) != nil {
+				return
+			}
+		}
+	}()
+}
+
+// TestStreamThatNeverTakesEndpoints: a stream that answers what it is
+// sent but never asks for the endpoints (clusters only) stops counting
+// once xds_ack_timeout has passed since it opened: it held every request
+// of an unknown Envoy to its deadline, and never showed as silent.
+func TestStreamThatNeverTakesEndpoints(t *testing.T) {
+	s := xds.DefaultSettings
+	s.AckTimeout = 300 * time.Millisecond
+	src := newModels("llama")
+	src.set("llama", "10.0.0.5:8000")
+	f := startWith(t, src, s)
+	c := f.envoy(t, "envoy-1")
+	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
+	f.rawStream(t, "clusters-only", resource.ClusterType, nil)
+	eventually(t, "the clusters-only stream is silent", func() bool {
+		n, _ := f.srv.Status()
+		return len(n) == 2 && n[0].Node == "clusters-only" && n[0].Silent == 1
+	})
+	eventually(t, "the fast path is back", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
+		t.Fatalf("a request of an unknown Envoy: %v", err)
+	}
+}
+
+// TestForgedACK: an acknowledgement counts for the version sent with the
+// nonce it answers, not the version it names. A peer under an Envoy's id
+// that acknowledged endpoints it was never sent, naming a later version
+// (read off any response), released that Envoy's requests before it had
+// the endpoint.
+func TestForgedACK(t *testing.T) {
+	f := start(t, newModels("llama"))
+	real := f.envoy(t, "envoy-1")
+	wait(t, real, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	boot, _, _ := strings.Cut(f.srv.Version(), "-")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(f.conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := &corev3.Node{Id: "envoy-1"}
+	for _, r := range []*discoverygrpc.DiscoveryRequest{
+		{Node: node, TypeUrl: resource.ClusterType},
+		{Node: node, TypeUrl: resource.EndpointType, VersionInfo: boot + "-999999", ResponseNonce: "forged"},
+	} {
+		if err := stream.Send(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the impostor is connected", func() bool { n, _ := f.srv.Status(); return len(n) == 1 && n[0].Streams == 2 })
+	real.Hold(resource.EndpointType)
+	f.src.set("llama", "10.0.0.9:8000")
+	f.srv.Notify()
+	eventually(t, "published", func() bool { return f.srv.Version() != real.Acked(resource.EndpointType) })
+	short, c2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer c2()
+	if err := f.srv.WaitAcked(short, "envoy-1", "model/llama", at("10.0.0.9:8000")); err == nil {
+		t.Fatalf("released while envoy-1 routes to %v", real.Endpoints("model/llama"))
 	}
 }

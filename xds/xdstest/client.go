@@ -49,8 +49,15 @@ type Client struct {
 	released chan string // type URLs whose held responses go on; see Release
 }
 
+// An Option sets up a Client before its stream starts.
+type Option func(*Client)
+
+// Holding makes the client hold the responses of typeURL from the start
+// (see Hold).
+func Holding(typeURL string) Option { return func(c *Client) { c.hold[typeURL] = true } }
+
 // Dial opens an ADS stream on conn as Envoy node id and subscribes.
-func Dial(ctx context.Context, conn grpc.ClientConnInterface, node string) (*Client, error) {
+func Dial(ctx context.Context, conn grpc.ClientConnInterface, node string, opts ...Option) (*Client, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
 	if err != nil {
@@ -62,6 +69,9 @@ func Dial(ctx context.Context, conn grpc.ClientConnInterface, node string) (*Cli
 		clusters: map[string]*clusterv3.Cluster{}, endpoints: map[string][]string{},
 		acked: map[string]string{}, nonces: map[string]string{}, reject: map[string]string{}, hold: map[string]bool{},
 		changed: make(chan struct{}), released: make(chan string, 8),
+	}
+	for _, o := range opts {
+		o(c)
 	}
 	if err := c.send(resource.ClusterType, "", "", nil, nil); err != nil {
 		cancel()
