@@ -557,3 +557,51 @@ type logTailError struct{ public, tail string }
 
 func (e *logTailError) Error() string  { return e.public + "; last log lines: " + e.tail }
 func (e *logTailError) Public() string { return e.public }
+
+// TestEnvoyMessageTimer: what Envoy's ext_proc message timer does, on a
+// clock the test moves. An Envoy that accepts no override (its
+// max_message_timeout 0, while vgw believes it may extend) answers a
+// request vgw is still holding with its own 504 once its timer runs out,
+// and vgw gives the slot back; a vgw told the truth (0) answers the
+// request itself, with a 504 of its own, before Envoy's timer could.
+func TestEnvoyMessageTimer(t *testing.T) {
+	noOverride := func(h *harness) {
+		f := repoFilter(t)
+		f.Clock = h.clock
+		f.MaxMessageTimeout = 0
+		h.env = extproctest.New(h.conn, f, h.up.serve)
+	}
+	t.Run("vgw waits past it: Envoy's 504", func(t *testing.T) {
+		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}})
+		noOverride(h)
+		h.mgr.startLoading("llama")
+		done := h.async(t, context.Background(), req("l", chat("llama")))
+		eventually(t, "the request waits for the load", func() bool {
+			return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeQueued})) == 1
+		})
+		// Envoy's timer for the body message is running, vgw's override
+		// ignored.
+		if err := h.clock.BlockUntilContext(context.Background(), 1); err != nil {
+			t.Fatal(err)
+		}
+		h.clock.Advance(repoFilter(t).MessageTimeout)
+		res := <-done
+		if res.Status != 504 || res.Details != extproctest.DetailMessageTimeout {
+			t.Fatalf("got %d %s, want Envoy's own 504", res.Status, res.Details)
+		}
+		h.idle(t, "llama")
+	})
+	t.Run("vgw knows it cannot extend: vgw's 504", func(t *testing.T) {
+		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithMessageTimeouts(200*time.Millisecond, 0))
+		noOverride(h)
+		h.mgr.startLoading("llama")
+		res := do(t, h, context.Background(), req("l", chat("llama")))
+		if res.Status != 504 || !res.Immediate || len(res.Overrides) != 0 {
+			t.Fatalf("got %d %s overrides %v, want vgw's 504 and no override asked", res.Status, res.Details, res.Overrides)
+		}
+		if _, code, _ := openAIError(t, res.Body); code != "load_timeout" {
+			t.Errorf("code %q, want load_timeout", code)
+		}
+		h.idle(t, "llama")
+	})
+}

@@ -145,7 +145,7 @@ func start(t testing.TB, models []extproc.Model, opts ...extproc.Option) *harnes
 	f.Clock = h.clock
 	opts = append([]extproc.Option{extproc.WithMessageTimeouts(f.MessageTimeout, f.MaxMessageTimeout)}, opts...)
 	h.srv = extproc.New(models, h.mgr, opts...)
-	g := grpc.NewServer(h.srv.StreamIdleOption())
+	g := grpc.NewServer(h.srv.ServerOptions()...)
 	h.srv.Register(g)
 	go g.Serve(lis)
 	t.Cleanup(g.Stop)

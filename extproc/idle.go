@@ -14,16 +14,20 @@ import (
 // An ext_proc stream waits for Envoy in three places before its response
 // begins: for the request headers (sent as the stream opens), for the
 // body (Envoy buffers the client's upload first), and, once admitted, for
-// the response headers (the model's time to its first byte). Each is
-// bounded on Envoy's side by the connection manager's stream_idle_timeout,
-// which ends the HTTP stream and with it the ext_proc stream
-// (http_connection_manager.proto; ext_proc.cc onDestroy). A stream silent
-// for longer than that is no real Envoy's request: a peer that opened it
-// and went away without a reset, or one holding streams open on purpose.
-// vgw ends such a stream, giving back whatever it held. Once the response
-// has begun, silence is normal (response body NONE, trailers SEND: Envoy
-// sends nothing until the response ends, however long it streams), so
-// no bound applies then.
+// the response headers (the model's time to its first byte). Two of them
+// are bounded on Envoy's side by the connection manager's
+// stream_idle_timeout, which ends the HTTP stream and with it the ext_proc
+// stream (http_connection_manager.proto; ext_proc.cc onDestroy): the wait
+// for the request headers, and for the response headers of a request
+// admitted on its whole body, when nothing flows to or from the client.
+// A stream silent there for longer than that is no real Envoy's request:
+// a peer that opened it and went away without a reset, or one holding
+// streams open on purpose, and vgw ends it, giving back whatever it held.
+// The other waits are the client's upload, which restarts Envoy's timer
+// with every chunk however long it takes, and the response itself
+// (response body NONE, trailers SEND: Envoy sends nothing until the
+// response ends, however long it streams): no bound applies to them
+// (stream.bounded).
 
 // idleWatch is the context gRPC gives an ext_proc stream, with a timer
 // that cancels it when the stream has waited for Envoy's next message for
@@ -89,11 +93,10 @@ func (s *Server) watchIdle(ctx context.Context, info *tap.Info) (context.Context
 	return w, nil
 }
 
-// StreamIdleOption is the gRPC server option that bounds how long an
+// streamIdleOption is the gRPC server option that bounds how long an
 // ext_proc stream may wait for Envoy before its response begins (see
-// WithStreamIdleTimeout); nil when no bound is set. The listener that
-// serves s must be built with it.
-func (s *Server) StreamIdleOption() grpc.ServerOption {
+// WithStreamIdleTimeout), or none when no bound is set.
+func (s *Server) streamIdleOption() grpc.ServerOption {
 	if s.streamIdle <= 0 {
 		return grpc.EmptyServerOption{}
 	}

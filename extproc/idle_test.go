@@ -14,19 +14,27 @@ import (
 	"github.com/vgw-project/vgw/extproc"
 )
 
+// Messages a peer sends on an ext_proc stream in the idle tests.
+var (
+	idleHeaders = &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: ":method", RawValue: []byte("POST")}, {Key: ":path", RawValue: []byte("/v1/chat/completions")}}}}}}
+	idleModelHeaders = &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: ":method", RawValue: []byte("POST")}, {Key: extproc.HeaderModel, RawValue: []byte("llama")}}}}}}
+	idleBody        = &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: chat("llama"), EndOfStream: true}}}
+	idleRespHeaders = &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
+		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: ":status", RawValue: []byte("200")}}}}}}
+)
+
 // TestIdleStreams: a peer that opens ext_proc streams and leaves them
-// silent before the response begins gets them ended, and whatever they
-// held (a slot) back; once the response has begun, silence is the normal
-// state of a streamed response and the stream is left alone. Such a peer
-// is not Envoy, which ends every request it gives up on; so the test
-// speaks raw gRPC.
+// silent where Envoy's own idle timer would have ended a real request
+// (before the request headers; admitted on its body, before the response
+// headers) gets them ended, and whatever they held (a slot) back. Where
+// silence is a real request's (the client still uploading its body, a
+// request admitted at its headers whose body streams upstream, a response
+// that has begun) no bound applies. Such a peer is not Envoy, which ends
+// every request it gives up on; so the test speaks raw gRPC.
 func TestIdleStreams(t *testing.T) {
 	const bound = 100 * time.Millisecond
-	headers := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
-		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: ":method", RawValue: []byte("POST")}, {Key: ":path", RawValue: []byte("/v1/chat/completions")}}}}}}
-	body := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: chat("llama"), EndOfStream: true}}}
-	respHeaders := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
-		Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: ":status", RawValue: []byte("200")}}}}}}
 	for _, tc := range []struct {
 		name     string
 		send     []*extprocv3.ProcessingRequest
@@ -34,9 +42,10 @@ func TestIdleStreams(t *testing.T) {
 		survives bool // the stream stays open however long it is silent
 	}{
 		{name: "nothing sent", send: nil},
-		{name: "headers, no body", send: []*extprocv3.ProcessingRequest{headers}},
-		{name: "admitted, no response", send: []*extprocv3.ProcessingRequest{headers, body}, holds: 1},
-		{name: "response begun", send: []*extprocv3.ProcessingRequest{headers, body, respHeaders}, holds: 1, survives: true},
+		{name: "headers, the body still uploading", send: []*extprocv3.ProcessingRequest{idleHeaders}, survives: true},
+		{name: "admitted on its body, no response", send: []*extprocv3.ProcessingRequest{idleHeaders, idleBody}, holds: 1},
+		{name: "admitted at its headers, no response", send: []*extprocv3.ProcessingRequest{idleModelHeaders}, holds: 1, survives: true},
+		{name: "response begun", send: []*extprocv3.ProcessingRequest{idleHeaders, idleBody, idleRespHeaders}, holds: 1, survives: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// vgw's clock moves only when the test says: silence lasts
@@ -63,46 +72,82 @@ func TestIdleStreams(t *testing.T) {
 			ended := make(chan error, 1)
 			go func() { _, err := stream.Recv(); ended <- err }()
 			if tc.survives {
-				// The bound was last disarmed before vgw answered the
-				// response headers, and is not armed again.
+				// vgw goes back to waiting for Envoy with no bound armed: a
+				// wrongly armed one would show within the second.
+				short, stop := context.WithTimeout(ctx, time.Second)
+				defer stop()
+				if clock.BlockUntilContext(short, 1) == nil {
+					t.Fatal("a bound is armed on a silence that is a real request's")
+				}
 				clock.Advance(5 * bound)
 				select {
 				case err := <-ended:
-					t.Fatalf("a stream whose response had begun was ended after its silence: %v", err)
-				case <-time.After(100 * time.Millisecond): // a wrongly armed bound would have fired by now
-				}
-				if got := h.stats(t, "llama").InFlight; got != 1 {
-					t.Fatalf("in flight %d, want the streaming response's slot held", got)
-				}
-				cancel() // the response ends: the slot comes back
-			} else {
-				// vgw waits for the next message with the bound armed.
-				if err := clock.BlockUntilContext(ctx, 1); err != nil {
-					t.Fatal(err)
-				}
-				clock.Advance(bound - time.Nanosecond)
-				select {
-				case err := <-ended:
-					t.Fatalf("ended before the bound: %v", err)
+					t.Fatalf("the stream was ended after its silence: %v", err)
 				default:
 				}
-				clock.Advance(time.Nanosecond)
-				select {
-				case err := <-ended:
-					if status.Code(err) != codes.DeadlineExceeded {
-						t.Fatalf("the silent stream ended with %v, want DeadlineExceeded", err)
-					}
-				case <-time.After(30 * time.Second):
-					t.Fatal("a silent stream was never ended")
+				if got := h.stats(t, "llama").InFlight; got != tc.holds {
+					t.Fatalf("in flight %d, want the %d slots still held", got, tc.holds)
 				}
-			}
-			h.idle(t, "llama")
-			if tc.survives {
+				cancel() // the request ends: what it held comes back
+				h.idle(t, "llama")
+				if got := h.srv.IdleClosed(); got != 0 {
+					t.Errorf("IdleClosed %d, want 0", got)
+				}
 				return
 			}
+			// vgw waits for the next message with the bound armed.
+			if err := clock.BlockUntilContext(ctx, 1); err != nil {
+				t.Fatal(err)
+			}
+			clock.Advance(bound - time.Nanosecond)
+			select {
+			case err := <-ended:
+				t.Fatalf("ended before the bound: %v", err)
+			default:
+			}
+			clock.Advance(time.Nanosecond)
+			select {
+			case err := <-ended:
+				if status.Code(err) != codes.DeadlineExceeded {
+					t.Fatalf("the silent stream ended with %v, want DeadlineExceeded", err)
+				}
+			case <-time.After(time.Minute):
+				t.Fatal("a silent stream was never ended")
+			}
+			h.idle(t, "llama")
 			// The peer hears of the end (gRPC answers the failed receive)
 			// as the handler goes on to count it.
 			eventually(t, "the ended stream is counted", func() bool { return h.srv.IdleClosed() == 1 })
 		})
+	}
+}
+
+// TestIdleBoundSparesVgwsOwnWaits: a request queued for a slot is vgw's
+// to answer, not Envoy's: however long it waits, the bound does not end
+// it, and it is admitted when the slot frees.
+func TestIdleBoundSparesVgwsOwnWaits(t *testing.T) {
+	const bound = 100 * time.Millisecond
+	clock := clockwork.NewFakeClock()
+	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, time.Hour)}}, extproc.WithStreamIdleTimeout(bound), extproc.WithClock(clock))
+	a, doneA := h.streaming(t, context.Background(), "a", "llama")
+	// An unbuffered send returns once Envoy has taken the chunk: a's
+	// response has begun, so a has no bound armed either.
+	a.chunks <- []byte("data: {}\n\n")
+	doneB := h.async(t, context.Background(), req("b", chat("llama")))
+	eventually(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
+	clock.Advance(100 * bound)
+	select {
+	case res := <-doneB:
+		t.Fatalf("b ended while queued: %d %s", res.Status, res.Details)
+	default:
+	}
+	close(a.chunks)
+	<-doneA
+	if res := <-doneB; res.Status != 200 {
+		t.Fatalf("b once a's slot freed: %d %s", res.Status, res.Details)
+	}
+	h.idle(t, "llama")
+	if got := h.srv.IdleClosed(); got != 0 {
+		t.Errorf("IdleClosed %d, want 0", got)
 	}
 }

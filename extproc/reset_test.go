@@ -22,26 +22,20 @@ func TestResetAtEveryPhase(t *testing.T) {
 		r.Headers = append(r.Headers, extproctest.Header{Key: "x-vgw-model", Value: "llama"})
 		return r
 	}
-	// queuedPastTimer holds once the request has been queued for longer
-	// than Envoy's 200 ms message timeout in real time; the harness's own
-	// timer stands still, and the request's overrides show that vgw asked
-	// for the time.
-	queuedPastTimer := func() func(t *testing.T, h *harness) bool {
-		var since time.Time
+	// waitedAndOverridden holds once the request waits for its slot (or
+	// its load, when slot is false) and Envoy has taken vgw's
+	// override_message_timeout: the stream is in vgw's own wait, past
+	// where Envoy's 200 ms timer would have ended it.
+	waitedAndOverridden := func(slot bool) func(t *testing.T, h *harness) bool {
 		return func(t *testing.T, h *harness) bool {
-			if h.stats(t, "llama").Queued != 1 {
-				return false
+			waiting := h.stats(t, "llama").Queued == 1
+			if !slot {
+				waiting = len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeQueued})) > 0
 			}
-			if since.IsZero() {
-				since = time.Now()
-			}
-			return time.Since(since) > repoFilter(t).MessageTimeout+50*time.Millisecond
+			return waiting && h.env.Overrides() == 1
 		}
 	}
 	inFlight := func(t *testing.T, h *harness) bool { return h.stats(t, "llama").InFlight == 1 }
-	waitingForLoad := func(t *testing.T, h *harness) bool {
-		return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeQueued})) > 0
-	}
 	once, maybe := [2]int{1, 1}, [2]int{0, 1}
 	tests := []struct {
 		name  string
@@ -63,9 +57,9 @@ func TestResetAtEveryPhase(t *testing.T) {
 		{name: "after request headers, admitted at headers", req: resetAfter(headerReq("b"), "request_headers"), ran: maybe},
 		{name: "after request body, admitted", req: resetAfter(req("c", chat("llama")), "request_body"), ran: maybe},
 		{name: "after request body, queued for the slot", setup: holdSlot, setupRuns: 1, req: resetAfter(req("d", chat("llama")), "request_body"), ran: maybe},
-		{name: "queued, past the message timeout", setup: holdSlot, setupRuns: 1, req: req("e", chat("llama")), resetWhen: queuedPastTimer(), waited: true},
+		{name: "queued, its wait overridden", setup: holdSlot, setupRuns: 1, req: req("e", chat("llama")), resetWhen: waitedAndOverridden(true), waited: true},
 		{name: "after request body, model loading", setup: loading, req: resetAfter(req("f", chat("llama")), "request_body")},
-		{name: "while the model loads", setup: loading, req: req("g", chat("llama")), resetWhen: waitingForLoad, waited: true},
+		{name: "while the model loads", setup: loading, req: req("g", chat("llama")), resetWhen: waitedAndOverridden(false), waited: true},
 		{name: "waiting for the upstream's headers", setup: stall("h"), req: req("h", chat("llama")), resetWhen: inFlight, ran: once},
 		{name: "after response headers", req: resetAfter(req("i", chat("llama")), "response_headers"), ran: once},
 		{name: "mid-response", setup: hold("j"), req: req("j", chat("llama")), resetWhen: inFlight, ran: once},

@@ -102,11 +102,12 @@ type Server struct {
 
 	models atomic.Pointer[modelTable]
 	setMu  sync.Mutex // serialises SetModels, and guards retired
-	// retired holds the entries of models removed from the config, so
-	// that a model added back gets its old gate: the requests it still
-	// has in flight count against its max_concurrent, not beside it. An
-	// entry that was idle when a later SetModels ran is dropped then.
-	retired  map[string]*modelEntry
+	// retired holds the entries of models removed from the config, and
+	// when each was, so that a model added back gets its old gate: the
+	// requests it still has in flight count against its max_concurrent,
+	// not beside it. An entry a minute retired and idle is dropped by the
+	// next SetModels.
+	retired  map[string]retiredEntry
 	draining atomic.Bool
 	unknown  counts // decisions for requests that named no configured model
 
@@ -116,6 +117,12 @@ type Server struct {
 	streamIdle time.Duration // see WithStreamIdleTimeout
 	idleClosed atomic.Uint64 // streams ended for their silence
 	clock      clockwork.Clock
+}
+
+// retiredEntry is a removed model's admission state, and when it left.
+type retiredEntry struct {
+	entry *modelEntry
+	at    time.Time
 }
 
 // modelTable is an immutable snapshot of the configured models, swapped
@@ -255,10 +262,10 @@ func WithMessageTimeouts(message, max time.Duration) Option {
 }
 
 // WithStreamIdleTimeout bounds how long an ext_proc stream may wait for
-// Envoy's next message before its response begins; a stream silent for
-// longer is ended, and what it held given back (idle.go). Set it above
-// Envoy's stream_idle_timeout, which ends every real request sooner. The
-// bound works only on a listener built with StreamIdleOption.
+// Envoy's next message where Envoy's own idle timer bounds it; a stream
+// silent for longer is ended, and what it held given back (idle.go). Set
+// it above Envoy's stream_idle_timeout, which ends every real request
+// sooner. The bound works only on a listener built with ServerOptions.
 func WithStreamIdleTimeout(d time.Duration) Option { return func(s *Server) { s.streamIdle = d } }
 
 // WithClock sets the clock that times the stream idle bound, for tests
@@ -309,11 +316,12 @@ func (s *Server) Decisions() *DecisionLog { return s.decisions }
 func (s *Server) SetModels(models []Model) {
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
-	// Entries retired by an earlier call and idle now are dropped: no
-	// request can reach them any more, as every stream that read the
-	// table they were in has long since taken its slot.
-	for name, e := range s.retired {
-		if st := e.gate.stats(); st.InFlight == 0 && st.Queued == 0 {
+	// Entries retired a while ago and idle now are dropped: no request
+	// can reach them any more, as every stream that read the table they
+	// were in has long since taken its slot.
+	now := time.Now()
+	for name, r := range s.retired {
+		if st := r.entry.gate.stats(); st.InFlight == 0 && st.Queued == 0 && now.Sub(r.at) > time.Minute {
 			delete(s.retired, name)
 		}
 	}
@@ -326,7 +334,9 @@ func (s *Server) SetModels(models []Model) {
 	for _, m := range models {
 		e, ok := old[m.Name]
 		if !ok {
-			e, ok = s.retired[m.Name]
+			var r retiredEntry
+			r, ok = s.retired[m.Name]
+			e = r.entry
 			delete(s.retired, m.Name)
 		}
 		if ok {
@@ -340,9 +350,9 @@ func (s *Server) SetModels(models []Model) {
 	for name, e := range old {
 		if _, stays := t.byName[name]; !stays {
 			if s.retired == nil {
-				s.retired = map[string]*modelEntry{}
+				s.retired = map[string]retiredEntry{}
 			}
-			s.retired[name] = e
+			s.retired[name] = retiredEntry{e, now}
 		}
 	}
 	slices.Sort(names)
@@ -467,6 +477,12 @@ func RecvLimit(maxBody int) int { return maxBody + 1<<20 }
 // vgw advertises (SETTINGS_MAX_CONCURRENT_STREAMS), up to the ext_proc
 // cluster's max_connections (envoy/envoy.yaml: 1024).
 const MaxStreamsPerConnection = 4096
+
+// ServerOptions are the gRPC server settings s's listener needs: the
+// transport's (GRPCOptions) and the stream idle bound.
+func (s *Server) ServerOptions() []grpc.ServerOption {
+	return append(GRPCOptions(s.maxBody), s.streamIdleOption())
+}
 
 // GRPCOptions are the gRPC server settings an ext_proc listener needs:
 // messages up to RecvLimit, at most MaxStreamsPerConnection streams per

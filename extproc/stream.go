@@ -93,10 +93,12 @@ type stream struct {
 	admittedAt time.Time
 	status     int // upstream :status
 
-	// idle bounds each wait for Envoy's next message until the response
-	// begins (see idle.go); nil when the listener sets no bound.
+	// idle bounds the waits for Envoy's next message that Envoy's own
+	// idle timer bounds (see idle.go and bounded); nil when the listener
+	// sets no bound.
 	idle      *idleWatch
 	responded bool // response headers came: no bound from here on
+	streamed  bool // admitted at its headers: its body streams upstream after
 }
 
 // recv reads Envoy's next message. While a request waits (for a slot, for
@@ -110,13 +112,32 @@ type stream struct {
 // to watch for it sooner. Until the response begins, the wait for Envoy's
 // message is bounded (idle.go).
 func (st *stream) recv() (*extprocv3.ProcessingRequest, error) {
-	if st.idle == nil || st.responded {
+	if st.idle == nil || !st.bounded() {
 		return st.srv.Recv()
 	}
 	st.idle.arm()
 	req, err := st.srv.Recv()
 	st.idle.disarm()
 	return req, err
+}
+
+// bounded reports whether the wait for Envoy's next message is one that
+// Envoy's stream_idle_timeout bounds: for the request headers, which
+// Envoy sends as it opens the stream, and for the response headers of a
+// request admitted on its whole body (the backend's time to its first
+// byte, with nothing flowing to or from the client). The wait for the body
+// is the client's upload, and so is the wait for the response of a request
+// admitted at its headers, whose body then streams upstream: every chunk
+// of it restarts Envoy's timer, so however long a live upload takes, it
+// is not bounded here.
+func (st *stream) bounded() bool {
+	switch st.phase {
+	case phaseRequestHeaders:
+		return true
+	case phaseResponse:
+		return !st.responded && !st.streamed
+	}
+	return false
 }
 
 // close runs when the stream's handler returns, however it returns.
@@ -453,6 +474,7 @@ func (st *stream) admit(r Route, reason Reason, depth int, now time.Time, wait t
 		resp = bodyReply(h, depth)
 	}
 	st.phase = phaseResponse
+	st.streamed = atHeaders
 	st.admittedAt = now
 	st.record(now, &m.name, OutcomeAdmitted, reason, 0, depth, wait)
 	return st.send(resp)

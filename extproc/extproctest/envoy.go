@@ -18,6 +18,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -171,7 +172,14 @@ type Envoy struct {
 	client   extprocv3.ExternalProcessorClient
 	filter   Filter
 	upstream Upstream
+	// overrides counts the override_message_timeout replies accepted on
+	// every stream so far, for a test that must know one has arrived.
+	overrides atomic.Int64
 }
+
+// Overrides is how many override_message_timeout replies this Envoy has
+// accepted, on all its streams.
+func (e *Envoy) Overrides() int { return int(e.overrides.Load()) }
 
 // New returns an Envoy that calls the ext_proc server on conn.
 func New(conn grpc.ClientConnInterface, f Filter, up Upstream) *Envoy {
@@ -532,6 +540,7 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 					overridden = true
 					x.res.Overrides = append(x.res.Overrides, v)
 					timer.Reset(v)
+					x.e.overrides.Add(1)
 				}
 				continue
 			}
