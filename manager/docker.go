@@ -311,6 +311,11 @@ func (r *DockerRuntime) createOptions(name string, spec Spec) client.ContainerCr
 	host := &container.HostConfig{
 		RestartPolicy: container.RestartPolicy{Name: container.RestartPolicyDisabled}, // vgw restarts what crashes
 		IpcMode:       container.IPCModeHost,
+		// A model's server runs code that came with its weights; it needs
+		// no raw sockets, with which it could forge packets to the host's
+		// loopback, where vgw listens, on hosts that route them there
+		// (route_localnet).
+		CapDrop: []string{"NET_RAW"},
 	}
 	if r.opt.ShmSize > 0 {
 		host.IpcMode, host.ShmSize = container.IPCModePrivate, r.opt.ShmSize
@@ -641,9 +646,12 @@ func (r *DockerRuntime) died(ctx context.Context, id string, code int, oom bool)
 		e.Reason = "removed"
 	}
 	go func() {
-		if c.stopping {
+		switch {
+		case c.stopping:
 			e.Reason = "stopped"
-		} else {
+		case r.removedByHand(ctx, id):
+			e.Reason, e.Removed = "removed (docker rm -f)", true
+		default:
 			e.LogTail = r.logTail(ctx, id)
 		}
 		select {
@@ -651,6 +659,19 @@ func (r *DockerRuntime) died(ctx context.Context, id string, code int, oom bool)
 		case <-ctx.Done():
 		}
 	}()
+}
+
+// removedByHand reports whether a container that died is gone, or being
+// removed: someone removed it (docker rm -f kills, then removes), as vgw
+// keeps the containers it did not stop, for their logs.
+func (r *DockerRuntime) removedByHand(ctx context.Context, id string) bool {
+	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
+	defer cancel()
+	res, err := r.cli.ContainerInspect(ctx, id, client.ContainerInspectOptions{})
+	if containerGone(err) {
+		return true
+	}
+	return err == nil && res.Container.State != nil && res.Container.State.Status == container.StateRemoving
 }
 
 // exitReason says how a container ended, from its exit code.

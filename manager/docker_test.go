@@ -517,7 +517,7 @@ func TestDockerReconcile(t *testing.T) {
 	rt.reconcile(context.Background())
 	select {
 	case y := <-rt.Exits():
-		if y.ID != inst.ID || y.Reason != "removed" || y.Requested {
+		if y.ID != inst.ID || !strings.HasPrefix(y.Reason, "removed") || !y.Removed || y.Requested {
 			t.Errorf("exit from the look: %+v (the event's: %+v)", y, x)
 		}
 	case <-time.After(long):
@@ -580,7 +580,11 @@ func TestCreateOptions(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			r := &DockerRuntime{opt: tt.opt}
-			tt.check(t, r.createOptions(ContainerName(tt.opt.Instance, spec.Model), spec))
+			o := r.createOptions(ContainerName(tt.opt.Instance, spec.Model), spec)
+			if !slices.Equal(o.HostConfig.CapDrop, []string{"NET_RAW"}) {
+				t.Errorf("capabilities dropped %v, want NET_RAW", o.HostConfig.CapDrop)
+			}
+			tt.check(t, o)
 		})
 	}
 }
@@ -660,5 +664,48 @@ func TestDockerRemovedByHand(t *testing.T) {
 	}
 	if e, failed := dm.events.find("a", EventLoadFailed); failed {
 		t.Errorf("a load failed after its container was removed by hand: %s", e.Detail)
+	}
+}
+
+// TestDockerRemovedByHandWhileLoading: `docker rm -f` of a model's
+// container while it loads is not the model's failure either: the load
+// starts again at once, with no load_failed and no backoff, and the
+// request waiting for it is served. Each removal failed the load, with a
+// backoff doubling from 5 s, and the waiter got 503.
+func TestDockerRemovedByHandWhileLoading(t *testing.T) {
+	dm := startDockerManager(t, "", func(y string) string {
+		return strings.Replace(y, "FAKEVLLM_STARTUP_DELAY: 100ms", "FAKEVLLM_READY_ON_SIGNAL: USR1", 1)
+	})
+	waited := make(chan error, 1)
+	go func() { waited <- dm.ensure(t, "a") }()
+	var last string
+	for i := range 3 {
+		var c container.InspectResponse
+		eventually(t, "a loads in a new container", func() bool {
+			var ok bool
+			c, ok = dm.container(t, "a")
+			return ok && c.ID != last && c.State.Running && dm.status("a").State == Loading
+		})
+		last = c.ID
+		if _, err := dm.engine.Client.ContainerRemove(context.Background(), c.ID, client.ContainerRemoveOptions{Force: true}); err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+	}
+	eventually(t, "a loads in a fourth container", func() bool {
+		c, ok := dm.container(t, "a")
+		return ok && c.ID != last && c.State.Running
+	})
+	c, _ := dm.container(t, "a")
+	if _, err := dm.engine.Client.ContainerKill(context.Background(), c.ID, client.ContainerKillOptions{Signal: "SIGUSR1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-waited; err != nil {
+		t.Fatalf("the request waiting for a: %v", err)
+	}
+	if e, failed := dm.events.find("a", EventLoadFailed); failed {
+		t.Errorf("a load failed as its container was removed by hand: %s", e.Detail)
+	}
+	if st := dm.status("a"); !st.RetryAt.IsZero() {
+		t.Errorf("a backs off until %v", st.RetryAt)
 	}
 }

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"net/http"
 	"slices"
 	"strconv"
 	"strings"
@@ -114,8 +113,8 @@ func (m *Manager) startIfClear(md *model) {
 		return
 	}
 	md.evicting = nil
-	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.LoadTimeout.Std())
-	op := &loadOp{cancel: cancel, gpus: md.gpus, ops: map[int]int{}, calm: true}
+	op := m.newLoadOp(md)
+	op.calm = true
 	for _, g := range md.gpus {
 		op.ops[g] = m.gpuOps[g]
 		if time.Since(m.lastStop[g]) < settleTime {
@@ -125,8 +124,23 @@ func (m *Manager) startIfClear(md *model) {
 	md.loading = op
 	spec := m.spec(md)
 	m.event(md.name, EventLoadStarted, fmt.Sprintf("on GPUs %v", md.gpus))
-	go m.load(ctx, md, op, spec, m.cfg.LoadTimeout.Std())
+	go m.load(md, op, spec)
 }
+
+// newLoadOp begins a load of md on the loop: its deadline (load_timeout)
+// and how long one health check may take (see loadOp.poll).
+func (m *Manager) newLoadOp(md *model) *loadOp {
+	op := &loadOp{gpus: md.gpus, ops: map[int]int{}, limit: m.cfg.LoadTimeout.Std(), poll: defaultPoll}
+	op.ctx, op.cancel = context.WithTimeout(m.ctx, op.limit)
+	if p := m.cfg.ProbeOf(md.name); p.Interval > 0 {
+		op.poll = p.Timeout
+	}
+	return op
+}
+
+// defaultPoll bounds one health check of a loading server whose model is
+// not probed once ready.
+const defaultPoll = 2 * time.Second
 
 // claimGPUs marks gpus as having a start or stop under way for model, if
 // none has.
@@ -190,13 +204,13 @@ func (m *Manager) spec(md *model) Spec {
 // load is a worker: it starts the server and polls its health. When the
 // load fails it stops the server itself before reporting, so the GPUs the
 // load claimed are free only once nothing of it runs.
-func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec Spec, limit time.Duration) {
+func (m *Manager) load(md *model, op *loadOp, spec Spec) {
 	began := time.Now()
 	before, _ := m.inv.Memory() // for measuring by difference; see measure
-	inst, err := m.rt.Start(ctx, spec)
+	inst, err := m.rt.Start(op.ctx, spec)
 	if err == nil {
 		m.do(func() { m.started(md, op, inst) })
-		err = m.waitHealthy(ctx, inst.Addr, limit)
+		err = m.waitHealthy(op, inst.Addr)
 	}
 	if err == nil {
 		m.do(func() { m.loadReady(md, op, time.Since(began), before) })
@@ -211,31 +225,26 @@ func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec Spec, li
 	m.do(func() { m.loadFailed(md, op, err) })
 }
 
-// waitHealthy polls GET /health until it answers 200: every 2 ms at first,
-// backing off to every 5 ms, so a server is seen ready at most 5 ms after
-// it is. vLLM opens its HTTP port only once its engine is up, so while it
-// loads a poll is a refused connection: no request, no access-log line;
-// once up, the first poll finds it ready.
-func (m *Manager) waitHealthy(ctx context.Context, addr string, limit time.Duration) error {
-	url := "http://" + addr + "/health"
+// waitHealthy polls GET /health until it answers 200, within op.poll:
+// every 2 ms at first, backing off to every 5 ms, so a server is seen
+// ready at most 5 ms after it is. vLLM opens its HTTP port only once its
+// engine is up, so while it loads a poll is a refused connection: no
+// request, no access-log line; once up, the first poll finds it ready.
+func (m *Manager) waitHealthy(op *loadOp, addr string) error {
 	wait := 2 * time.Millisecond
 	for {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		if resp, err := m.health.Do(req); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
+		if m.healthy(op.ctx, addr, op.poll) == nil {
+			return nil
 		}
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
-		case <-ctx.Done():
+		case <-op.ctx.Done():
 			t.Stop()
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("%w %v", ErrLoadTimeout, limit)
+			if errors.Is(op.ctx.Err(), context.DeadlineExceeded) {
+				return fmt.Errorf("%w %v", ErrLoadTimeout, op.limit)
 			}
-			return ctx.Err()
+			return op.ctx.Err()
 		}
 		wait = min(wait*3/2+time.Millisecond, healthPollMax)
 	}
@@ -263,9 +272,13 @@ func (m *Manager) loadReady(md *model, op *loadOp, took time.Duration, before []
 	}
 	md.loading = nil
 	op.cancel()
-	md.failures, md.lastErr, md.lastLoad = 0, nil, nil
+	md.lastErr, md.lastLoad = nil, nil
 	md.since = time.Now() // min_resident counts from here
-	md.failed, md.nextProbe = 0, md.since.Add(m.cfg.ProbeOf(md.name).Interval)
+	probe := m.cfg.ProbeOf(md.name)
+	md.probeFailures, md.nextProbe = 0, md.since.Add(probe.Interval)
+	if probe.Interval <= 0 {
+		md.failures = 0 // else once a probe passes: see probed
+	}
 	md.h.addr.Store(&md.inst.Addr)
 	md.h.lastUsed.Store(time.Now().UnixNano())
 	md.setState(Ready)
@@ -313,9 +326,28 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	m.rereadGPUs()
 	if op.cancelled {
 		m.event(md.name, EventUnloaded, "before it was ready")
-		md.answer(fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
+		if op.readded && len(md.liveWaiters()) > 0 {
+			// Cancelled as it left the config, which it has come back to
+			// since: those who asked for it meanwhile wait for a new load.
+			m.want(md)
+		} else {
+			md.answer(fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
+		}
 		m.releaseGPUs(md.name, op.gpus)
 		m.forget(md)
+		m.schedule()
+		return
+	}
+	if op.exit != nil && op.exit.Removed {
+		// Someone removed its container as it loaded: not the model's
+		// failure. Its waiters wait on for the next start.
+		m.log.Warn("a loading model's server was removed by someone else; starting it again", slog.String("model", md.name),
+			slog.String("instance", op.exit.ID))
+		m.event(md.name, EventCrashed, "its server was "+op.exit.Reason+" while it loaded; starting it again")
+		if len(md.liveWaiters()) > 0 || m.wanted(md) {
+			m.want(md)
+		}
+		m.releaseGPUs(md.name, op.gpus)
 		m.schedule()
 		return
 	}
@@ -329,7 +361,7 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	backoff := m.opts.Backoff
 	if !errors.Is(err, ErrDockerUnreachable) {
 		md.failures++
-		backoff = min(m.opts.Backoff<<min(md.failures-1, 16), BackoffMax)
+		backoff = m.backoff(md.failures)
 	}
 	md.retryAt = time.Now().Add(backoff)
 	md.lastLoad = &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
@@ -347,6 +379,12 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	}
 	m.releaseGPUs(md.name, op.gpus)
 	m.schedule()
+}
+
+// backoff is the wait after the failures-th failure in a row: it doubles
+// from Options.Backoff up to BackoffMax.
+func (m *Manager) backoff(failures int) time.Duration {
+	return min(m.opts.Backoff<<min(max(failures, 1)-1, 16), BackoffMax)
 }
 
 // exitError is an instance that exited, as a load error.
@@ -462,12 +500,20 @@ func (m *Manager) stopped(md *model, gpus []int, err error) {
 	md.setState(Stopped)
 	m.rereadGPUs()
 	m.event(md.name, EventUnloaded, "")
-	if md.unhealthy && !md.removed {
-		// Restarted as it was serving, whether or not a request waits.
-		md.keepUntil = now.Add(m.cfg.LoadTimeout.Std())
+	if md.restart && !md.removed {
+		// Restarted as it was serving, whether or not a request waits;
+		// after a second failure in a row (it hung again before passing
+		// a probe, or its loads fail), only after a backoff, so a server
+		// that cannot stay up is not restarted in a loop.
+		start := now
+		if md.failures > 1 {
+			md.retryAt = now.Add(m.backoff(md.failures - 1))
+			start = md.retryAt
+		}
+		md.keepUntil = start.Add(m.cfg.LoadTimeout.Std())
 		m.want(md)
 	}
-	md.unhealthy = false
+	md.unhealthy, md.restart = false, false
 	if len(md.liveWaiters()) > 0 || m.keepLoaded(md) {
 		m.want(md)
 	}
@@ -606,18 +652,18 @@ func (m *Manager) adoptAll(insts []*Instance) {
 		md.perGPU, md.source = m.need(md)
 		md.setState(Loading)
 		m.claimGPUs(md.name, md.gpus) // it may still be starting: no neighbour starts meanwhile
-		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.LoadTimeout.Std())
-		op := &loadOp{cancel: cancel, gpus: md.gpus, ops: map[int]int{}, adopted: true}
+		op := m.newLoadOp(md)
+		op.adopted = true
 		md.loading, md.inst = op, inst
-		go m.resume(ctx, md, op, inst)
+		go m.resume(md, op, inst)
 	}
 }
 
 // resume is a worker: it waits for an adopted server's /health as a load
 // does, and stops the server if it never answers.
-func (m *Manager) resume(ctx context.Context, md *model, op *loadOp, inst *Instance) {
+func (m *Manager) resume(md *model, op *loadOp, inst *Instance) {
 	began := time.Now()
-	err := m.waitHealthy(ctx, inst.Addr, m.cfg.LoadTimeout.Std())
+	err := m.waitHealthy(op, inst.Addr)
 	if err == nil {
 		m.do(func() { m.loadReady(md, op, time.Since(began), nil) })
 		return

@@ -219,22 +219,33 @@ type model struct {
 	pinned    bool
 	stopping  bool // a stop is under way
 	// Health probes of a ready server (probe.go): one at a time, the next
-	// due at nextProbe; failed counts failures in a row, and unhealthy
-	// says the server failed enough of them to be stopped and restarted.
-	probing   bool
-	nextProbe time.Time
-	failed    int
-	unhealthy bool
+	// due at nextProbe; probeFailures counts failures in a row, and
+	// unhealthy says the server failed enough of them to be stopped
+	// without grace, and restart that it is started again once stopped
+	// (an operator's unload takes that back).
+	probing       bool
+	nextProbe     time.Time
+	probeFailures int
+	unhealthy     bool
+	restart       bool
 }
 
 // loadOp is one run of a load worker. The GPUs it claims stay claimed until
 // the worker has finished, its server stopped if the load failed, so no
 // other start or stop overlaps it on those GPUs.
 type loadOp struct {
-	cancel    context.CancelFunc
+	ctx    context.Context // ends at load_timeout, or when cancelled
+	cancel context.CancelFunc
+	limit  time.Duration // load_timeout
+	// poll bounds one health check: the model's probe_timeout when it is
+	// probed once ready, so that a server is ready by the same measure
+	// its probes then hold it to (one answering slower would be restarted
+	// as soon as it was ready, again and again).
+	poll      time.Duration
 	gpus      []int
 	exit      *Exit // the server exited during the load
 	cancelled bool  // unloaded while loading: no backoff
+	readded   bool  // cancelled as its model left the config, which it came back to
 	ops       map[int]int
 	calm      bool // no stop on its GPUs just before it started
 	adopted   bool // a server a previous vgw started, waited for as a load
@@ -323,7 +334,7 @@ func New(cfg *config.Config, rt Runtime, inv Inventory, opts Options) *Manager {
 		poke:     make(chan struct{}, 1),
 		reread:   make(chan struct{}, 1),
 		closed:   make(chan struct{}),
-		health:   &http.Client{Timeout: 2 * time.Second},
+		health:   &http.Client{}, // each check bounds itself (healthy)
 		cfg:      cfg,
 		gpus:     inv.GPUs(),
 		models:   map[string]*model{},
@@ -661,6 +672,7 @@ func (m *Manager) need(md *model) (uint64, string) {
 func (m *Manager) Update(cfg *config.Config) bool {
 	return m.call(func() {
 		m.cfg = cfg
+		var leaving []*model // loading, and gone from the config
 		for name, md := range m.models {
 			mc, ok := cfg.Models[name]
 			if !ok {
@@ -668,13 +680,13 @@ func (m *Manager) Update(cfg *config.Config) bool {
 				md.h.removed.Store(true)
 				md.answer(fmt.Errorf("%w: %s", ErrUnknownModel, name))
 				if md.state() == Loading {
-					// Nobody can ask for it any more: its load would only
-					// hold GPU memory until load_timeout. A ready model
-					// is unloaded once idle (tick).
-					m.unload(md, "it was removed from the config")
+					leaving = append(leaving, md)
 				}
 				m.forget(md)
 				continue
+			}
+			if md.removed && md.loading != nil && md.loading.cancelled {
+				md.loading.readded = true
 			}
 			md.removed = false
 			md.h.removed.Store(false)
@@ -693,6 +705,12 @@ func (m *Manager) Update(cfg *config.Config) bool {
 					m.want(md)
 				}
 			}
+		}
+		// Nobody can ask for these any more: a load would only hold GPU
+		// memory until load_timeout. (A ready model is unloaded once
+		// idle, by tick.) Unloaded once every model has its new config.
+		for _, md := range leaving {
+			m.unload(md, "it was removed from the config")
 		}
 		m.publish()
 		m.schedule()
@@ -814,7 +832,12 @@ func (m *Manager) Status() []ModelStatus {
 
 // Unload drains and stops a model now, as an operator asks.
 func (m *Manager) Unload(name string) error {
-	return m.onModel(name, true, func(md *model) { m.unload(md, "asked to") })
+	return m.onModel(name, true, func(md *model) {
+		// An operator's unload wins over a restart an unhealthy model was
+		// being drained for.
+		md.restart, md.keepUntil = false, time.Time{}
+		m.unload(md, "asked to")
+	})
 }
 
 // StopAll unloads every model and waits until all are stopped or ctx ends.

@@ -932,3 +932,49 @@ func TestOperatorLoad(t *testing.T) {
 		t.Errorf("unknown model: %v", err)
 	}
 }
+
+// stopGate is a runtime whose Stop waits until the test opens the gate.
+type stopGate struct {
+	Runtime
+	open chan struct{}
+}
+
+func (g stopGate) Stop(ctx context.Context, inst *Instance, grace time.Duration) error {
+	<-g.open
+	return g.Runtime.Stop(ctx, inst, grace)
+}
+
+// TestReaddedWhileItsLoadEnds: a model taken out of the config while it
+// loads, and put back before its cancelled load has ended, serves the
+// request that asked for it since: the next load starts once the old one
+// has stopped. That request was answered "unloaded while it was loading",
+// a 503, by the end of the old load.
+func TestReaddedWhileItsLoadEnds(t *testing.T) {
+	gate := stopGate{open: make(chan struct{})}
+	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 1h}}\n", nil,
+		func(rt Runtime) Runtime { gate.Runtime = rt; return gate }, Options{})
+	first := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), long)
+		defer cancel()
+		first <- m.Ensure(ctx, "a")
+	}()
+	eventually(t, "a loads", func() bool { return statusOf(m, "a").Instance != "" })
+	m.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n"))
+	if err := <-first; !errors.Is(err, ErrUnknownModel) {
+		t.Fatalf("the request of the removed model: %v", err)
+	}
+	m.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB}\n  b: {vram: 20GiB}\n"))
+	second := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), long)
+		defer cancel()
+		second <- m.Ensure(ctx, "a")
+	}()
+	eventually(t, "the second request waits", func() bool { return statusOf(m, "a").Waiting == 1 })
+	close(gate.open) // the old load's server stops, and its load ends
+	if err := <-second; err != nil {
+		t.Fatalf("the request made once a was back: %v", err)
+	}
+	m.Release("a")
+}

@@ -22,27 +22,35 @@ import (
 // result comes back to the loop (probed).
 func (m *Manager) maybeProbe(md *model, now time.Time) {
 	p := m.cfg.ProbeOf(md.name)
-	if p.Interval <= 0 || md.probing || md.inst == nil || now.Before(md.nextProbe) {
+	if p.Interval <= 0 || md.probing || md.inst == nil {
+		return
+	}
+	// A reload may have shortened the interval since this was set.
+	if due := now.Add(p.Interval); md.nextProbe.After(due) {
+		md.nextProbe = due
+	}
+	if now.Before(md.nextProbe) {
 		return
 	}
 	md.probing = true
 	inst := md.inst
 	go func() {
-		err := m.probe(inst.Addr, p.Timeout)
+		err := m.healthy(m.ctx, inst.Addr, p.Timeout)
 		m.do(func() { m.probed(md, inst, err) })
 	}()
 }
 
-// probe is a worker: one GET /health, which must answer 200 within
-// timeout.
-func (m *Manager) probe(addr string, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(m.ctx, timeout)
+// healthy is one GET /health of a server, which must answer 200 within
+// timeout: a load's health check (waitHealthy) and a ready server's probe.
+// It runs on a worker.
+func (m *Manager) healthy(ctx context.Context, addr string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/health", nil)
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req) // no client timeout: ctx's is the probe's
+	resp, err := m.health.Do(req)
 	switch {
 	case errors.Is(ctx.Err(), context.DeadlineExceeded):
 		return fmt.Errorf("no answer to GET /health within %v", timeout)
@@ -66,22 +74,23 @@ func (m *Manager) probed(md *model, inst *Instance, err error) {
 		return
 	}
 	if err == nil {
-		if md.failed > 0 {
-			m.log.Info("model answers its health probes again", slog.String("model", md.name), slog.Int("failed", md.failed))
+		if md.probeFailures > 0 {
+			m.log.Info("model answers its health probes again", slog.String("model", md.name), slog.Int("failed", md.probeFailures))
 		}
-		md.failed = 0
+		md.probeFailures, md.failures = 0, 0 // it has served: earlier failures are over
 		return
 	}
-	md.failed++
-	if md.failed < p.Failures {
+	md.probeFailures++
+	if md.probeFailures < p.Failures {
 		m.log.Warn("model failed a health probe", slog.String("model", md.name), slog.String("error", err.Error()),
-			slog.Int("failed", md.failed), slog.Int("of", p.Failures))
+			slog.Int("failed", md.probeFailures), slog.Int("of", p.Failures))
 		return
 	}
-	why := fmt.Sprintf("%d health probes in a row failed, the last: %v", md.failed, err)
+	why := fmt.Sprintf("%d health probes in a row failed, the last: %v", md.probeFailures, err)
 	m.log.Error("model is unhealthy: taking it out of service and restarting it", slog.String("model", md.name),
 		slog.String("instance", inst.ID), slog.String("error", why))
-	md.unhealthy = true
+	md.unhealthy, md.restart = true, true
+	md.failures++ // a restart after this is backed off if it does not last (stopped)
 	md.lastErr = fmt.Errorf("unhealthy: %s", why)
 	m.event(md.name, EventUnhealthy, why+"; restarting it")
 	m.unload(md, "it is unhealthy")

@@ -1,10 +1,12 @@
 package manager
 
 import (
+	"errors"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // TestUnhealthyRestarted: a ready server that stops answering (SIGSTOP:
@@ -54,4 +56,94 @@ func TestUnhealthyRestarted(t *testing.T) {
 		t.Errorf("b, which is not probed: %+v, events %v", st, tm.eventKinds("b"))
 	}
 	syscall.Kill(tm.rt.pid(t, stopped["b"]), syscall.SIGCONT)
+}
+
+// stopServer SIGSTOPs model's server, and lets it go on when the test ends.
+func stopServer(t *testing.T, tm *testManager, model string) string {
+	t.Helper()
+	inst := tm.status(model).Instance
+	pid := tm.rt.pid(t, inst)
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGCONT) })
+	return inst
+}
+
+const probed = baseConfig + "probe_interval: 1s\nprobe_timeout: 1s\nprobe_failures: 2\n"
+
+// TestUnloadWinsOverUnhealthyRestart: an operator who unloads a model
+// while it drains for failing its probes has it stopped, not restarted.
+// The unload was taken (OK) and the model came back anyway.
+func TestUnloadWinsOverUnhealthyRestart(t *testing.T) {
+	tm := startManager(t, strings.Replace(probed, "drain_timeout: 2s", "drain_timeout: 1m", 1)+"models:\n  a: {vram: 20GiB}\n")
+	if err := ensure(t, tm, "a"); err != nil { // held in flight: the drain waits
+		t.Fatal(err)
+	}
+	stopServer(t, tm, "a")
+	eventually(t, "a is unhealthy and draining", func() bool {
+		_, ok := tm.eventAt("a", EventUnhealthy)
+		return ok && tm.status("a").State == Draining
+	})
+	if err := tm.Unload("a"); err != nil {
+		t.Fatal(err)
+	}
+	tm.Release("a")
+	eventually(t, "a is stopped", func() bool { return tm.status("a").State == Stopped })
+	starts := tm.rt.count("a")
+	// A restart would come at once (ticks of 20 ms); none comes.
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if tm.rt.count("a") != starts || tm.status("a").State != Stopped {
+			t.Fatalf("a restarted after the operator unloaded it: events %v", tm.eventKinds("a"))
+		}
+	}
+}
+
+// TestUnhealthyAgainBacksOff: a model whose restarted server hangs again
+// before it has passed a probe is not restarted at once a second time,
+// but after a backoff, as a failed load would be: it was restarted in a
+// loop for as long as it kept hanging.
+func TestUnhealthyAgainBacksOff(t *testing.T) {
+	tm := startManagerOpts(t, probed+"models:\n  a: {vram: 20GiB}\n", Options{Backoff: time.Hour})
+	if err := ensure(t, tm, "a"); err != nil {
+		t.Fatal(err)
+	}
+	tm.Release("a")
+	first := stopServer(t, tm, "a")
+	eventually(t, "a serves from a second server", func() bool {
+		st := tm.status("a")
+		return st.State == Ready && st.Instance != first
+	})
+	stopServer(t, tm, "a") // before any probe of it has passed
+	eventually(t, "a is unhealthy again, and stopped", func() bool {
+		n := 0
+		for _, k := range tm.eventKinds("a") {
+			if k == EventUnhealthy {
+				n++
+			}
+		}
+		return n == 2 && tm.status("a").State == Stopped
+	})
+	st := tm.status("a")
+	if !st.RetryAt.After(time.Now().Add(BackoffMax - time.Minute)) { // the hour is capped at BackoffMax
+		t.Fatalf("a is tried again at %v, want after the backoff", st.RetryAt)
+	}
+	if n := tm.rt.count("a"); n != 2 {
+		t.Fatalf("%d starts, want 2: no third before the backoff", n)
+	}
+}
+
+// TestLoadAsStrictAsProbes: a server whose /health answers slower than
+// probe_timeout is not ready: the load checks it as its probes would. It
+// was ready by the load's 2 s check, then unhealthy by its probes, and
+// restarted in a loop.
+func TestLoadAsStrictAsProbes(t *testing.T) {
+	tm := startManager(t, strings.Replace(probed, "load_timeout: 1m", "load_timeout: 3s", 1)+"models:\n  a: {vram: 20GiB, sim: {slow_health: 1500ms}}\n")
+	err := ensure(t, tm, "a")
+	if !errors.Is(err, ErrLoadTimeout) {
+		t.Fatalf("a server slower than probe_timeout: %v, want not healthy within load_timeout", err)
+	}
+	if slices.Contains(tm.eventKinds("a"), EventReady) {
+		t.Fatal("a was ready")
+	}
 }

@@ -58,6 +58,9 @@ type Exit struct {
 	Reason string // "exited", "killed", "oom", ...
 	// Requested says the exit was asked for with Stop.
 	Requested bool
+	// Removed says someone else removed the server (docker rm -f): it
+	// says nothing about the model, which is started again.
+	Removed bool
 	// LogTail is the end of its log, which says why a load failed.
 	LogTail string
 }
