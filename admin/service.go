@@ -270,7 +270,7 @@ func (s *Service) act(ctx context.Context, verb, model string, do func() error) 
 func (s *Service) SetLogLevel(ctx context.Context, req *adminv1.SetLogLevelRequest) (*adminv1.SetLogLevelResponse, error) {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(req.GetLevel())); err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "level %q is not one of debug, info, warn, error", req.GetLevel())
+		return nil, status.Errorf(codes.InvalidArgument, "level %s is not one of debug, info, warn, error", quoted(req.GetLevel()))
 	}
 	prev := s.d.Level.Level()
 	// Logged before the change: a level of warn would hide it after.
@@ -287,7 +287,7 @@ func (s *Service) ListDecisions(_ context.Context, req *adminv1.ListDecisionsReq
 	if o := req.GetOutcome(); o != "" {
 		out, ok := extproc.ParseOutcome(o)
 		if !ok {
-			return nil, status.Errorf(codes.InvalidArgument, "outcome %q is not one of admitted, queued, rejected, timed_out, abandoned", o)
+			return nil, status.Errorf(codes.InvalidArgument, "outcome %s is not one of admitted, queued, rejected, timed_out, abandoned", quoted(o))
 		}
 		f.Outcome = out
 	}
@@ -425,10 +425,17 @@ func checkModelArg(name string) error {
 	if config.ModelNamePattern.MatchString(name) {
 		return nil
 	}
-	const quoted = 64
-	shown := strings.ToValidUTF8(name, "\uFFFD")
-	if len(shown) > quoted {
-		shown = strings.ToValidUTF8(shown[:quoted], "") + "…"
+	return status.Errorf(codes.InvalidArgument, "model name %s (%d bytes) cannot be configured: names are 1-128 of letters, digits and . _ : @ + / -", quoted(name), len(name))
+}
+
+// quoted is what an error repeats of a value a caller sent: quoted, valid
+// UTF-8, at most 64 bytes of it, so that no caller can make vgw send
+// (or log) megabytes back.
+func quoted(s string) string {
+	const most = 64
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	if len(s) > most {
+		return strconv.Quote(strings.ToValidUTF8(s[:most], "")) + "…"
 	}
-	return status.Errorf(codes.InvalidArgument, "model name %q (%d bytes) cannot be configured: names are 1-128 of letters, digits and . _ : @ + / -", shown, len(name))
+	return strconv.Quote(s)
 }
