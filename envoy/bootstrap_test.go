@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 )
@@ -116,5 +117,44 @@ func TestExtProc(t *testing.T) {
 	}
 	if _, err := ExtProc(&bootstrapv3.Bootstrap{}); err == nil {
 		t.Fatal("ExtProc found a filter in an empty bootstrap")
+	}
+}
+
+// TestCheckAgainstIdleTimeout: vgw's envoy.stream_idle_timeout must be the
+// idle timeout of the route vgw names clusters for, which a route's own
+// idle_timeout sets over the connection manager's.
+func TestCheckAgainstIdleTimeout(t *testing.T) {
+	orig, err := os.ReadFile("envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, StreamIdleTimeout: 960 * time.Second}
+	for _, tc := range []struct {
+		name, old, new, problem string
+	}{
+		{name: "as shipped"},
+		{name: "the connection manager's differs", old: "stream_idle_timeout: 960s", new: "stream_idle_timeout: 1200s", problem: "listeners[0] stream_idle_timeout"},
+		{name: "the route's own overrides it", old: "timeout: 0s", new: "timeout: 0s\n                  idle_timeout: 3600s", problem: "routes[0].route.idle_timeout"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			text := string(orig)
+			if tc.old != "" {
+				if !strings.Contains(text, tc.old) {
+					t.Fatalf("envoy.yaml no longer contains %q; update the test", tc.old)
+				}
+				text = strings.Replace(text, tc.old, tc.new, 1)
+			}
+			b, err := Parse([]byte(text))
+			if err != nil {
+				t.Fatal(err)
+			}
+			ps := CheckAgainst(b, want)
+			switch {
+			case tc.problem == "" && len(ps) > 0:
+				t.Fatalf("problems %v", ps)
+			case tc.problem != "" && (len(ps) != 1 || !strings.Contains(ps[0].String(), tc.problem)):
+				t.Fatalf("problems %v, want one about %s", ps, tc.problem)
+			}
+		})
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"slices"
 	"time"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
@@ -233,17 +234,37 @@ type streamIdle struct {
 	timeout time.Duration
 }
 
-// streamIdleTimeouts lists every connection manager's stream_idle_timeout
-// in the static listeners (http_connection_manager.proto: 5m unless set,
-// 0 for none).
+// streamIdleTimeouts lists the idle timeout of every route vgw names the
+// cluster for (cluster_header), in the connection managers that run vgw's
+// ext_proc filter: the route's idle_timeout, which overrides the
+// connection manager's stream_idle_timeout, else that (5m unless set, 0
+// for none; http_connection_manager.proto, route_components.proto).
 func streamIdleTimeouts(b *bootstrapv3.Bootstrap) []streamIdle {
 	var out []streamIdle
 	for li, hcm := range staticHCMs(b) {
+		if !slices.ContainsFunc(hcm.GetHttpFilters(), func(hf *hcmv3.HttpFilter) bool {
+			_, ok := unpack(hf.GetTypedConfig(), &extprocv3.ExternalProcessor{})
+			return ok
+		}) {
+			continue
+		}
 		idle := defaultStreamIdleTimeout
 		if t := hcm.GetStreamIdleTimeout(); t != nil {
 			idle = t.AsDuration()
 		}
-		out = append(out, streamIdle{fmt.Sprintf("static_resources.listeners[%d] stream_idle_timeout", li), idle})
+		for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+			for ri, r := range vh.GetRoutes() {
+				if r.GetRoute().GetClusterHeader() != ClusterHeader {
+					continue
+				}
+				path, routeIdle := fmt.Sprintf("static_resources.listeners[%d] stream_idle_timeout", li), idle
+				if t := r.GetRoute().GetIdleTimeout(); t != nil {
+					path = fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].routes[%d].route.idle_timeout", li, vi, ri)
+					routeIdle = t.AsDuration()
+				}
+				out = append(out, streamIdle{path, routeIdle})
+			}
+		}
 	}
 	return out
 }
