@@ -197,7 +197,7 @@ var Defaults = Config{
 		MessageTimeout:    Duration(200 * time.Millisecond),
 		MaxMessageTimeout: Duration(900 * time.Second),
 		XDSGrace:          Duration(2 * time.Second),
-		XDSAckTimeout:     Duration(15 * time.Second),
+		XDSAckTimeout:     Duration(30 * time.Second),
 		StreamIdleTimeout: Duration(960 * time.Second),
 	},
 	Runtime: Runtime{Kind: "docker", Network: "vgw", Instance: "vgw"},

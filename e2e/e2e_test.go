@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -36,6 +37,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"sigs.k8s.io/yaml"
 
 	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
@@ -651,4 +653,57 @@ func (s *stack) isolated(vgw, other string) {
 		}
 	}
 	t.Logf("from the models' network: %s open; %d addresses of vgw's listeners closed", open, len(closed))
+}
+
+// TestComposeDefaults: what the shipped compose files do with nothing
+// set, as `make up` runs them: Envoy and vgw in the host's network
+// namespace, every vgw listener on the host's loopback, the admin service
+// behind its token file, and no port published (on the host network
+// there is nothing to publish). TestComposeSim sets its own addresses, so
+// this is what proves the defaults keep the model containers out.
+func TestComposeDefaults(t *testing.T) {
+	compose := composeCommand(t)
+	for _, file := range []string{"../docker-compose.yaml", "../docker-compose.sim.yaml"} {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			var env []string
+			for _, kv := range os.Environ() {
+				if !strings.HasPrefix(kv, "VGW_") {
+					env = append(env, kv)
+				}
+			}
+			cmd := exec.Command(compose[0], append(compose[1:len(compose):len(compose)], "-f", file, "-p", "vgwdefaults", "config")...)
+			cmd.Env = env
+			out, err := cmd.Output()
+			if err != nil {
+				t.Fatalf("compose config: %v", err)
+			}
+			var c struct {
+				Services map[string]struct {
+					NetworkMode string            `json:"network_mode"`
+					Environment map[string]string `json:"environment"`
+					Command     []string          `json:"command"`
+					Ports       []any             `json:"ports"`
+					Networks    any               `json:"networks"`
+				} `json:"services"`
+			}
+			if err := yaml.Unmarshal(out, &c); err != nil {
+				t.Fatal(err)
+			}
+			for _, name := range []string{"envoy", "vgw"} {
+				s := c.Services[name]
+				if s.NetworkMode != "host" || len(s.Ports) > 0 || s.Networks != nil {
+					t.Errorf("%s: network_mode %q, ports %v, networks %v; want the host's network and nothing published", name, s.NetworkMode, s.Ports, s.Networks)
+				}
+			}
+			vgw := c.Services["vgw"]
+			for _, k := range []string{"VGW_EXTPROC_ADDR", "VGW_XDS_ADDR", "VGW_ADMIN_ADDR", "VGW_HTTP_ADDR"} {
+				if !strings.HasPrefix(vgw.Environment[k], "127.0.0.1:") {
+					t.Errorf("%s is %q, want the host's loopback", k, vgw.Environment[k])
+				}
+			}
+			if !slices.Contains(vgw.Command, "--admin-token-file") {
+				t.Errorf("vgw runs %v, without the admin token", vgw.Command)
+			}
+		})
+	}
 }

@@ -56,7 +56,7 @@ type Settings struct {
 }
 
 // DefaultSettings are the cluster settings vgw uses unless told otherwise.
-var DefaultSettings = Settings{ConnectTimeout: 5 * time.Second, NoEnvoyGrace: 2 * time.Second, AckTimeout: 15 * time.Second}
+var DefaultSettings = Settings{ConnectTimeout: 5 * time.Second, NoEnvoyGrace: 2 * time.Second, AckTimeout: 30 * time.Second}
 
 // UpstreamIdleTimeout closes Envoy's idle connections to a model's server
 // before the server does: vLLM's OpenAI server (uvicorn) closes an idle

@@ -70,7 +70,7 @@ type grpcurl struct {
 // given token ("" for none).
 func (g *grpcurl) run(token string, before []string, after ...string) ([]byte, error) {
 	g.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	args := g.tls
 	if len(args) == 0 {

@@ -81,7 +81,7 @@ func TestConnectionFlood(t *testing.T) {
 	wg.Wait()
 	t.Logf("%d flood connections open", len(conns))
 
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	for _, port := range []string{"extproc", "xds", "admin"} {
 		conn, err := grpc.NewClient(addr(port), grpc.WithTransportCredentials(insecure.NewCredentials()))

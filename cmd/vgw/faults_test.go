@@ -46,7 +46,7 @@ models:
 	if !res.UpstreamReset || res.Status != 200 || !bytes.Contains(res.Body, []byte("data: ")) || bytes.Contains(res.Body, []byte("[DONE]")) {
 		t.Fatalf("the crashing stream: reset %v, %d %q", res.UpstreamReset, res.Status, res.Body)
 	}
-	s.settled(t, 10*time.Second)
+	s.settled(t, time.Minute)
 	eventually(t, "the crash is noticed", func() bool { return s.mgr.Status()[0].State != manager.Ready })
 	again, err := s.Ask(ctx, "a", true)
 	if err != nil || again.Status != 200 || !bytes.Contains(again.Body, []byte("[DONE]")) {
@@ -55,7 +55,7 @@ models:
 	if st := s.mgr.Status()[0]; st.Instance == crashed || s.loads("a") != 2 {
 		t.Errorf("instance %s (crashed: %s), %d loads; want a new one, loaded twice", st.Instance, crashed, s.loads("a"))
 	}
-	s.settled(t, 10*time.Second)
+	s.settled(t, time.Minute)
 }
 
 // TestBackendNeverHealthy: everyone waiting for a model whose server never
@@ -110,7 +110,7 @@ models:
 	if n := s.loads("slow"); n != loads {
 		t.Errorf("a request during the backoff started a load (%d, was %d)", n, loads)
 	}
-	s.settled(t, 10*time.Second)
+	s.settled(t, time.Minute)
 
 	// A load_timeout long enough that exiting at start is what fails the
 	// load, however slowly the machine starts the server.
@@ -126,7 +126,7 @@ models:
 			t.Errorf("waiting for broken: %d %s; want 503 model_unavailable", a.status, a.code)
 		}
 	}
-	s.settled(t, 10*time.Second)
+	s.settled(t, time.Minute)
 }
 
 // errorCode is the OpenAI error code of an answer, or "".
@@ -170,10 +170,10 @@ models:
 		if r.Status != 200 || !bytes.Contains(r.Body, []byte("token")) {
 			t.Fatalf("got %d %q, want a's answer", r.Status, r.Body)
 		}
-	case <-time.After(10 * time.Second):
+	case <-time.After(time.Minute):
 		t.Fatal("the request was not released by the new stream's ACK")
 	}
-	s.settled(t, 10*time.Second)
+	s.settled(t, time.Minute)
 }
 
 // TestClientLeavesWhileWaitingForACK: the client goes away while its
@@ -204,7 +204,7 @@ models:
 	if r := <-done; r == nil || !r.ClientReset {
 		t.Fatalf("got %+v, want the client gone", r)
 	}
-	s.settled(t, 10*time.Second)
+	s.settled(t, time.Minute)
 }
 
 // TestHungBackend: a model's server that stops answering without exiting
@@ -219,14 +219,14 @@ func TestHungBackend(t *testing.T) {
 runtime: {kind: sim}
 load_timeout: 10s
 drain_timeout: 1s
-probe_interval: 100ms
-probe_timeout: 50ms
+probe_interval: 1s
+probe_timeout: 1s
 probe_failures: 2
 gpus: [{name: sim0, memory: 80GiB}]
 models:
   a: {vram: 20GiB, always_on: true}
 `)
-	s.eventuallyWithin(t, 10*time.Second, "a is ready", func() bool { _, ok := s.mgr.Endpoint("a"); return ok }, nil)
+	s.eventuallyWithin(t, time.Minute, "a is ready", func() bool { _, ok := s.mgr.Endpoint("a"); return ok }, nil)
 	if r := s.ask(t, "a"); r.Status != 200 {
 		t.Fatalf("before the hang: %d %s", r.Status, r.Body)
 	}
@@ -240,11 +240,11 @@ models:
 	}
 	inFlight := make(chan *extproctest.Result, 1)
 	go func() { inFlight <- s.ask(t, "a") }() // reaches the hung server
-	s.eventuallyWithin(t, 10*time.Second, "a is reported unhealthy", func() bool {
+	s.eventuallyWithin(t, time.Minute, "a is reported unhealthy", func() bool {
 		samples, err := admintest.Scrape("http://" + s.app.httpAddr.String() + "/metrics")
-		return err == nil && samples[`vgw_model_events_total{kind="unhealthy",model="a"}`] == 1
+		return err == nil && samples[`vgw_model_events_total{kind="unhealthy",model="a"}`] >= 1
 	}, nil)
-	s.eventuallyWithin(t, 10*time.Second, "the Envoy no longer routes to the hung server", func() bool {
+	s.eventuallyWithin(t, time.Minute, "the Envoy no longer routes to the hung server", func() bool {
 		eps := s.ADS.Endpoints("model/a")
 		return len(eps) == 0 || eps[0] != hung.Addr
 	}, nil)
@@ -259,7 +259,7 @@ models:
 	if st := statusOf(s.mgr, "a"); st.Instance == hung.Instance {
 		t.Fatalf("still served by the hung server %s", hung.Instance)
 	}
-	s.settled(t, 10*time.Second)
+	s.settled(t, time.Minute)
 }
 
 // statusOf is one model's status from the manager.

@@ -254,7 +254,7 @@ models:
 		if counts[200] != queued+4 {
 			t.Fatalf("statuses %v, want %d × 200", counts, queued+4)
 		}
-		s.settled(t, 30*time.Second)
+		s.settled(t, time.Minute)
 		http.DefaultClient.CloseIdleConnections()
 		noLeaks(t, before)
 		t.Logf("%d queued behind 4 in flight: in place after %v, drained in %v; %d goroutines at the peak, back to the baseline",
@@ -299,7 +299,7 @@ models:
 		if counts[200] != models*per {
 			t.Fatalf("statuses %v, want %d × 200", counts, models*per)
 		}
-		s.settled(t, 30*time.Second)
+		s.settled(t, time.Minute)
 		http.DefaultClient.CloseIdleConnections()
 		noLeaks(t, before)
 		t.Logf("%d models × %d in flight: in place after %v, drained in %v; %d goroutines at the peak, back to the baseline",
@@ -328,7 +328,7 @@ func warmUp(t *testing.T, s *stack, model string) {
 	if r := s.ask(t, model); r.Status != 200 {
 		t.Fatalf("warming %s: %d %s", model, r.Status, r.Body)
 	}
-	s.settled(t, 10*time.Second)
+	s.settled(t, time.Minute)
 	http.DefaultClient.CloseIdleConnections()
 }
 

@@ -47,12 +47,12 @@ gpus: [{name: sim0, memory: 80GiB}]
 models:
   llama: {vram: 30GiB, always_on: true}
 `)
-	s.eventuallyWithin(t, 10*time.Second, "llama is ready", func() bool { _, ok := s.mgr.Endpoint("llama"); return ok }, nil)
+	s.eventuallyWithin(t, time.Minute, "llama is ready", func() bool { _, ok := s.mgr.Endpoint("llama"); return ok }, nil)
 	if r := s.ask(t, "llama"); r.Status != 200 {
 		t.Fatalf("before the impostor: %d %s", r.Status, r.Body)
 	}
 	impostor(t, s.app.xdsAddr.String(), s.Node())
-	s.eventuallyWithin(t, 10*time.Second, "the impostor is connected", func() bool {
+	s.eventuallyWithin(t, time.Minute, "the impostor is connected", func() bool {
 		nodes, _ := s.app.xds.Status()
 		return len(nodes) == 1 && nodes[0].Streams == 2
 	}, nil)
