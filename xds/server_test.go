@@ -314,13 +314,7 @@ func (f *fixture) silentStream(t *testing.T, node string) {
 // every request of the ready model wait for it until the request's
 // deadline, and fell every Envoy off the fast path.
 func TestSilentStreams(t *testing.T) {
-	s := xds.DefaultSettings
-	s.AckTimeout = 300 * time.Millisecond
-	src := newModels("llama")
-	src.set("llama", "10.0.0.5:8000")
-	f := startWith(t, src, s)
-	c := f.envoy(t, "envoy-1")
-	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
+	f := startServing(t, 300*time.Millisecond)
 	eventually(t, "every Envoy knows llama", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
 
 	f.silentStream(t, "envoy-1") // an impostor under the Envoy's own id
@@ -532,10 +526,22 @@ func TestRejectingEnvoyHoldsNoOneElse(t *testing.T) {
 	}
 }
 
+// startServing runs a server with ackTimeout whose model llama serves at
+// 10.0.0.5:8000, and an Envoy envoy-1 that routes it there.
+func startServing(t *testing.T, ackTimeout time.Duration) *fixture {
+	t.Helper()
+	s := xds.DefaultSettings
+	s.AckTimeout = ackTimeout
+	src := newModels("llama")
+	src.set("llama", "10.0.0.5:8000")
+	f := startWith(t, src, s)
+	wait(t, f.envoy(t, "envoy-1"), "configured", routes("model/llama", "10.0.0.5:8000"))
+	return f
+}
+
 // rawStream opens an ADS stream as node, asks for typeURL only, and
-// acknowledges every response of it by its nonce with the version ack
-// gives (the response's own when ack is nil).
-func (f *fixture) rawStream(t *testing.T, node, typeURL string, ack func(*discoverygrpc.DiscoveryResponse) string) {
+// acknowledges every response of it.
+func (f *fixture) rawStream(t *testing.T, node, typeURL string) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -552,11 +558,7 @@ func (f *fixture) rawStream(t *testing.T, node, typeURL string, ack func(*discov
 			if err != nil {
 				return
 			}
-			v := resp.GetVersionInfo()
-			if ack != nil {
-				v = ack(resp)
-			}
-			if stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: typeURL, VersionInfo: v, ResponseNonce: resp.GetNonce()}) != nil {
+			if stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: typeURL, VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()}) != nil {
 				return
 			}
 		}
@@ -568,14 +570,8 @@ func (f *fixture) rawStream(t *testing.T, node, typeURL string, ack func(*discov
 // once xds_ack_timeout has passed since it opened: it held every request
 // of an unknown Envoy to its deadline, and never showed as silent.
 func TestStreamThatNeverTakesEndpoints(t *testing.T) {
-	s := xds.DefaultSettings
-	s.AckTimeout = 300 * time.Millisecond
-	src := newModels("llama")
-	src.set("llama", "10.0.0.5:8000")
-	f := startWith(t, src, s)
-	c := f.envoy(t, "envoy-1")
-	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
-	f.rawStream(t, "clusters-only", resource.ClusterType, nil)
+	f := startServing(t, 300*time.Millisecond)
+	f.rawStream(t, "clusters-only", resource.ClusterType)
 	eventually(t, "the clusters-only stream is silent", func() bool {
 		n, _ := f.srv.Status()
 		return len(n) == 2 && n[0].Node == "clusters-only" && n[0].Silent == 1
