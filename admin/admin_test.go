@@ -410,8 +410,11 @@ func TestHostileModelArg(t *testing.T) {
 	}
 	huge := strings.Repeat("x", 3<<20)
 	for what, call := range map[string]func() error{
-		"SetLogLevel":   func() error { _, err := svc.SetLogLevel(ctx, &adminv1.SetLogLevelRequest{Level: huge}); return err },
-		"ListDecisions": func() error { _, err := svc.ListDecisions(ctx, &adminv1.ListDecisionsRequest{Outcome: huge}); return err },
+		"SetLogLevel": func() error { _, err := svc.SetLogLevel(ctx, &adminv1.SetLogLevelRequest{Level: huge}); return err },
+		"ListDecisions": func() error {
+			_, err := svc.ListDecisions(ctx, &adminv1.ListDecisionsRequest{Outcome: huge})
+			return err
+		},
 	} {
 		if st := status.Convert(call()); st.Code() != codes.InvalidArgument || len(st.Message()) > 256 {
 			t.Errorf("%s with a 3 MB argument: %v, %d bytes", what, st.Code(), len(st.Message()))
