@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 )
@@ -163,6 +165,38 @@ func TestRejections(t *testing.T) {
 	h.idle(t, "llama")
 	if st := h.stats(t, "llama"); st.Completed != 0 {
 		t.Errorf("rejections took slots: %d completed", st.Completed)
+	}
+}
+
+// TestTrailers: a request that ends with HTTP/2 trailers reaches vgw as
+// its whole body without end_of_stream (ext_proc.cc onTrailers), and is
+// admitted like any other, whether or not Envoy sends the trailers on.
+func TestTrailers(t *testing.T) {
+	for _, mode := range []filterv3.ProcessingMode_HeaderSendMode{filterv3.ProcessingMode_SKIP, filterv3.ProcessingMode_SEND} {
+		t.Run("request_trailer_mode "+mode.String(), func(t *testing.T) {
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}})
+			f := repoFilter(t)
+			f.Clock = h.clock
+			f.Mode.RequestTrailerMode = mode
+			env := extproctest.New(h.conn, f, h.up.serve)
+			r := req("t", chat("llama"))
+			r.Trailers = []extproctest.Header{{Key: "x-checksum", Value: "abc"}}
+			res, err := env.Do(context.Background(), r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Status != 200 || res.Forwarded == nil {
+				t.Fatalf("status %d (%s) body %q, want 200 from upstream", res.Status, res.Details, res.Body)
+			}
+			want := []string{"request_headers", "request_body", "response_headers"}
+			if mode == filterv3.ProcessingMode_SEND {
+				want = []string{"request_headers", "request_body", "request_trailers", "response_headers"}
+			}
+			if !slices.Equal(res.Sent, want) {
+				t.Errorf("Envoy sent %v, want %v", res.Sent, want)
+			}
+			h.idle(t, "llama")
+		})
 	}
 }
 

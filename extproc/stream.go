@@ -83,6 +83,9 @@ type stream struct {
 	phase    phase
 	extended bool // override_message_timeout used in this phase
 
+	// reqBodyMode is the request body mode Envoy reported: it says
+	// whether a body message is the whole body (see requestBody).
+	reqBodyMode filterv3.ProcessingMode_BodySendMode
 	// respBodyMode is the response body mode Envoy reported, which a mode
 	// override must restate (ext_proc.cc effectiveModeOverride copies both
 	// body modes verbatim).
@@ -164,6 +167,7 @@ var (
 // handle answers one message. done means the stream has nothing more to do.
 func (st *stream) handle(req *extprocv3.ProcessingRequest) (done bool, err error) {
 	if pc := req.GetProtocolConfig(); pc != nil {
+		st.reqBodyMode = pc.GetRequestBodyMode()
 		st.respBodyMode = pc.GetResponseBodyMode()
 	}
 	switch r := req.GetRequest().(type) {
@@ -262,10 +266,7 @@ var emptyModel = new(string)
 
 func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 	body := b.GetBody()
-	// Only BUFFERED mode sends the body whole, in one message; a message
-	// without end_of_stream is BUFFERED_PARTIAL cutting a body that
-	// overflowed Envoy's buffer.
-	if !b.GetEndOfStream() || len(body) > st.s.maxBody {
+	if !st.wholeBody(b) || len(body) > st.s.maxBody {
 		return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, time.Time{})
 	}
 	name, err := ExtractModel(body)
@@ -279,6 +280,24 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 		}
 	}
 	return st.decide(name, false)
+}
+
+// wholeBody reports whether a request_body message holds the whole body.
+// In BUFFERED mode it always does, whatever its end_of_stream says: a body
+// over Envoy's buffer limit is answered 413 by Envoy and never sent
+// (filter_manager.cc), and a request that ends with trailers has its body
+// sent with end_of_stream false, then, request trailers being SKIP,
+// nothing more (ext_proc.cc onTrailers). Only BUFFERED_PARTIAL cuts a body
+// at the limit and sends the part without end_of_stream (ext_proc.cc;
+// processing_mode.proto), and only in STREAMED mode is a message without
+// it a first chunk. vgw's bootstraps use BUFFERED (envoy-check refuses
+// the others); an Envoy that reports no mode is taken to use it too.
+func (st *stream) wholeBody(b *extprocv3.HttpBody) bool {
+	switch st.reqBodyMode {
+	case filterv3.ProcessingMode_BUFFERED, filterv3.ProcessingMode_NONE:
+		return true
+	}
+	return b.GetEndOfStream()
 }
 
 // decide admits, queues or rejects a request for the named model, and

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"io"
+	"strconv"
 	"testing"
 	"time"
 
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -115,5 +117,48 @@ func TestDraining(t *testing.T) {
 	s.Process(srv)
 	if srv.sent[0].GetRequestBody() == nil {
 		t.Fatalf("after draining ends the request was not admitted: %v", srv.sent)
+	}
+}
+
+// TestBodyWithoutEndOfStream: whether a request_body message without
+// end_of_stream is the whole body depends on the mode Envoy reported. In
+// BUFFERED mode it is (a request that ends with trailers, ext_proc.cc
+// onTrailers); in BUFFERED_PARTIAL it is the part that fit Envoy's buffer.
+func TestBodyWithoutEndOfStream(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mode filterv3.ProcessingMode_BodySendMode
+		pc   bool // the message carries protocol_config
+		want string
+	}{
+		{"buffered", filterv3.ProcessingMode_BUFFERED, true, "admitted"},
+		{"no mode reported", filterv3.ProcessingMode_NONE, false, "admitted"},
+		{"buffered partial", filterv3.ProcessingMode_BUFFERED_PARTIAL, true, "413"},
+		{"streamed", filterv3.ProcessingMode_STREAMED, true, "413"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := New([]Model{{Name: "m", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}}, readyManager{Route{Cluster: "c"}})
+			msg := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
+				RequestBody: &extprocv3.HttpBody{Body: []byte(`{"model":"m"}`)}}}
+			if tc.pc {
+				msg.ProtocolConfig = &extprocv3.ProtocolConfiguration{RequestBodyMode: tc.mode}
+			}
+			srv := &scriptedStream{ctx: context.Background(), msgs: []*extprocv3.ProcessingRequest{msg}, end: io.EOF}
+			if err := s.Process(srv); err != nil {
+				t.Fatal(err)
+			}
+			got := "nothing"
+			if len(srv.sent) > 0 {
+				switch r := srv.sent[0]; {
+				case r.GetRequestBody() != nil:
+					got = "admitted"
+				case r.GetImmediateResponse() != nil:
+					got = strconv.Itoa(int(r.GetImmediateResponse().GetStatus().GetCode()))
+				}
+			}
+			if got != tc.want {
+				t.Fatalf("answered %s, want %s", got, tc.want)
+			}
+		})
 	}
 }

@@ -89,6 +89,9 @@ type Request struct {
 	Body    []byte
 	// Chunked sends the body without a content-length header.
 	Chunked bool
+	// Trailers end the request after its body, as an HTTP/2 (or h2c)
+	// client may send them.
+	Trailers []Header
 	// ResetAfter names a message ("request_headers", "request_body",
 	// "response_headers", "response_body"): once Envoy has sent it, the
 	// client goes away before the processor answers, and Envoy resets the
@@ -255,7 +258,7 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	if x.mode.GetRequestHeaderMode() != filterv3.ProcessingMode_SKIP && !x.bypass {
 		r, done := x.call(ctx, &extprocv3.ProcessingRequest{
 			Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
-				Headers: headerMap(headers), EndOfStream: len(req.Body) == 0}},
+				Headers: headerMap(headers), EndOfStream: len(req.Body) == 0 && len(req.Trailers) == 0}},
 		}, kindRequestHeaders)
 		if done {
 			return res, nil
@@ -280,8 +283,12 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 				// filter_manager.cc: a decoder buffer over its limit is 413.
 				return localReply(res, 413, DetailBodyTooLarge), nil
 			}
+			// A request that ends with trailers has its whole body sent
+			// without end_of_stream, as decodeTrailers sends the buffered
+			// body (ext_proc.cc onTrailers); the trailers follow only in
+			// request_trailer_mode SEND.
 			r, done := x.call(ctx, &extprocv3.ProcessingRequest{
-				Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: body, EndOfStream: true}},
+				Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: body, EndOfStream: len(req.Trailers) == 0}},
 			}, kindRequestBody)
 			if done {
 				return res, nil
@@ -295,6 +302,13 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 			}
 		default:
 			return nil, errors.New("extproctest: request_body_mode " + x.mode.GetRequestBodyMode().String() + " is not played")
+		}
+	}
+	if len(req.Trailers) > 0 && x.mode.GetRequestTrailerMode() == filterv3.ProcessingMode_SEND && !x.bypass {
+		if _, done := x.call(ctx, &extprocv3.ProcessingRequest{
+			Request: &extprocv3.ProcessingRequest_RequestTrailers{RequestTrailers: &extprocv3.HttpTrailers{Trailers: headerMap(req.Trailers)}},
+		}, kindRequestTrailers); done {
+			return res, nil
 		}
 	}
 
@@ -432,12 +446,13 @@ type kind int
 const (
 	kindRequestHeaders kind = iota
 	kindRequestBody
+	kindRequestTrailers
 	kindResponseHeaders
 	kindResponseBody
 	kindResponseTrailers
 )
 
-var kindNames = [...]string{"request_headers", "request_body", "response_headers", "response_body", "response_trailers"}
+var kindNames = [...]string{"request_headers", "request_body", "request_trailers", "response_headers", "response_body", "response_trailers"}
 
 func (k kind) String() string { return kindNames[k] }
 
@@ -447,6 +462,8 @@ func (k kind) matches(r *extprocv3.ProcessingResponse) bool {
 		return k == kindRequestHeaders
 	case *extprocv3.ProcessingResponse_RequestBody:
 		return k == kindRequestBody
+	case *extprocv3.ProcessingResponse_RequestTrailers:
+		return k == kindRequestTrailers
 	case *extprocv3.ProcessingResponse_ResponseHeaders:
 		return k == kindResponseHeaders
 	case *extprocv3.ProcessingResponse_ResponseBody:
