@@ -80,6 +80,10 @@ func TestErrors(t *testing.T) {
 		{"tp too wide", base + "models:\n  m:\n    tensor_parallel_size: 2\n", "c.yaml:5: tensor_parallel_size 2 exceeds"},
 		{"pin mismatch", base + "models:\n  m:\n    gpus: [0, 0]\n", "c.yaml:5: gpus pins 2 GPUs"},
 		{"max message timeout", base + "envoy: {max_message_timeout: 1s}\nmodels: {m: {}}\n", "c.yaml:3: envoy.max_message_timeout"},
+		// Envoy's idle timer runs through vgw's wait and the model's time
+		// to its first byte: 900s + 10m by default, so the old 960s is short.
+		{"idle timeout under wait plus first byte", base + "envoy: {stream_idle_timeout: 960s}\nmodels: {m: {}}\n", "c.yaml:3: envoy.stream_idle_timeout must be 0 (none) or at least envoy.max_message_timeout + envoy.first_byte_budget (25m0s)"},
+		{"negative first byte budget", base + "envoy: {first_byte_budget: -1s}\nmodels: {m: {}}\n", "c.yaml:3: envoy.first_byte_budget must not be negative"},
 		{"utilization", base + "models:\n  m:\n    gpu_memory_utilization: 1.5\n", "c.yaml:5: gpu_memory_utilization"},
 	}
 	for _, tt := range tests {
@@ -96,6 +100,18 @@ func TestErrors(t *testing.T) {
 				t.Fatalf("error:\n%v\nwant it to contain %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// TestIdleTimeoutFitsWaitAndFirstByte: a shorter first-byte budget lets a
+// shorter stream_idle_timeout through.
+func TestIdleTimeoutFitsWaitAndFirstByte(t *testing.T) {
+	c, err := Parse("c.yaml", []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nenvoy: {stream_idle_timeout: 960s, first_byte_budget: 60s}\nmodels: {m: {}}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Envoy.FirstByteBudget.Std(); got != time.Minute {
+		t.Fatalf("first_byte_budget %v, want 1m", got)
 	}
 }
 

@@ -151,8 +151,11 @@ func (v *validator) envoy(c *Config) {
 	if e.MaxMessageTimeout > 0 && e.MaxMessageTimeout.Std() < 2*time.Second {
 		v.at([]string{"envoy", "max_message_timeout"}, "envoy.max_message_timeout must be 0 or at least 2s to leave vgw room to answer before Envoy's timer")
 	}
-	if e.StreamIdleTimeout < 0 || (e.StreamIdleTimeout > 0 && e.StreamIdleTimeout < e.MaxMessageTimeout) {
-		v.at([]string{"envoy", "stream_idle_timeout"}, "envoy.stream_idle_timeout must be 0 (none) or at least envoy.max_message_timeout, as Envoy's must: a request still waiting would be cut")
+	if e.FirstByteBudget < 0 {
+		v.at([]string{"envoy", "first_byte_budget"}, "envoy.first_byte_budget must not be negative")
+	}
+	if e.StreamIdleTimeout < 0 || (e.StreamIdleTimeout > 0 && e.StreamIdleTimeout < e.MaxMessageTimeout+e.FirstByteBudget) {
+		v.at([]string{"envoy", "stream_idle_timeout"}, "envoy.stream_idle_timeout must be 0 (none) or at least envoy.max_message_timeout + envoy.first_byte_budget (%v), as Envoy's must: its timer runs from the request's last byte through vgw's wait and the model's time to its first byte, and cuts the request with 504", (e.MaxMessageTimeout + e.FirstByteBudget).Std())
 	}
 }
 
