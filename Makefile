@@ -14,7 +14,7 @@ FUZZTIME  ?= 20s
 # go-nvml's header marks old NVML calls deprecated; vgw calls none of them.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
-.PHONY: help build image up network admin-token down logs sim-up sim-down compose-check e2e e2e-envoy test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-docker bench-load bench-rss soak fuzz fuzz-ci run tools clean
+.PHONY: help build image up network admin-token down logs sim-up sim-down compose-check envoy-api e2e e2e-envoy test lint fmt proto proto-check bench bench-go bench-models bench-xds bench-docker bench-load bench-rss soak fuzz fuzz-ci run tools clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -87,10 +87,20 @@ test: ## run every test under the race detector (the fuzz corpora run as tests),
 	$(GO) test -race -count=1 ./...
 	$(GO) build -o $(BIN)/vgw ./cmd/vgw
 	for c in examples/*.yaml deploy/*.yaml; do $(BIN)/vgw validate --config $$c && $(BIN)/vgw envoy-check --config $$c envoy/*.yaml || exit 1; done
+	$(MAKE) envoy-api
 
-lint: ## go vet, staticcheck, gofmt and shellcheck
+# envoy/pinned is a module of its own, built with the go-control-plane/envoy
+# release of the Envoy that compose pins (the main module's is newer); it
+# fails if the compose files pin another Envoy minor version.
+envoy-api: ## the shipped bootstraps and vgw's xDS resources against the API of the Envoy compose pins
+	cd envoy/pinned && $(GO) test -count=1 ./...
+	cd envoy/pinned && $(GO) build -o $(abspath $(BIN))/envoy-api .
+	$(BIN)/envoy-api -compose docker-compose.yaml,docker-compose.sim.yaml envoy/*.yaml xds/testdata/*.golden.json
+
+lint: ## go vet, staticcheck, gofmt and shellcheck (envoy/pinned too)
 	$(GO) vet ./...
 	$(GOBIN)/staticcheck ./...
+	cd envoy/pinned && $(GO) vet ./... && $(GOBIN)/staticcheck ./...
 	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
 	@if command -v shellcheck >/dev/null; then shellcheck deploy/*.sh; else echo "shellcheck not installed: deploy/*.sh not checked"; fi
 
