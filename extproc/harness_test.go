@@ -43,6 +43,7 @@ func repoFilter(t testing.TB) extproctest.Filter {
 				for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
 					f.BufferLimit = int(vh.GetRequestBodyBufferLimit().GetValue())
 				}
+				f.StreamIdleTimeout = hcm.GetStreamIdleTimeout().AsDuration()
 			}
 		}
 	}

@@ -47,7 +47,15 @@ type Filter struct {
 	// Metadata is the grpc_service's initial_metadata, sent on every
 	// ext_proc stream.
 	Metadata map[string]string
-	// Clock runs the message timer; nil is the real one. A test whose
+	// StreamIdleTimeout is the connection manager's stream_idle_timeout
+	// (or the route's idle_timeout, which replaces it); 0 is none. Only
+	// the client's traffic restarts it (conn_manager_impl.cc, and
+	// filter_manager.cc, which resets it as response headers and each
+	// chunk enter the encoder filters), so it runs from the request's last
+	// byte to the response's first: through the processor's wait and the
+	// upstream's time to its first byte.
+	StreamIdleTimeout time.Duration
+	// Clock runs the message and idle timers; nil is the real one. A test whose
 	// outcome must not depend on how fast the machine answers gives it a
 	// clockwork.FakeClock, which fires only when the test advances it
 	// (then every reply comes "in time"), and advances it where the timer
@@ -151,9 +159,15 @@ type Result struct {
 	// UpstreamReset says the upstream failed mid-body: the client got the
 	// status and part of the body, then a reset, as from Envoy.
 	UpstreamReset bool
-	// Bypassed says the server ended the stream with OK and Envoy went on
-	// without it (ext_proc.cc onGrpcClose).
+	// Bypassed says Envoy went on without the processor: the server ended
+	// the stream with OK (ext_proc.cc onGrpcClose), or, failing open, the
+	// stream failed.
 	Bypassed bool
+	// TimedOut says Envoy's stream idle timer ended the request: before
+	// the response began, with a local 504 (Details stream_idle_timeout,
+	// unless the processor then failed to answer its response_headers);
+	// after, with a reset.
+	TimedOut bool
 	// Sent lists the messages Envoy sent the processor, by kind.
 	Sent []string
 }
@@ -198,6 +212,7 @@ const (
 	DetailNoCluster      = "cluster_not_found"         // router.cc, flag NC
 	DetailNoUpstream     = "no_healthy_upstream"       // router.cc, flag UH
 	DetailUpstreamReset  = "upstream_reset_after_response_started"
+	DetailIdleTimeout    = "stream_idle_timeout" // conn_manager_impl.cc onIdleTimeout
 )
 
 // exchange is one request's ext_proc stream.
@@ -215,6 +230,15 @@ type exchange struct {
 	bypass     bool
 	sentFirst  bool
 	resetAfter string // see Request.ResetAfter
+	// clock runs the timers; idle is the stream idle timer, nil when the
+	// filter sets none.
+	clock clockwork.Clock
+	idle  clockwork.Timer
+	// stale is a request-side message whose reply may still come after a
+	// local reply overtook it: applied, but with no effect, since the
+	// decoder filters cannot continue once the response is under way
+	// (filter_manager.cc canContinue). -1 when there is none.
+	stale kind
 }
 
 type reply struct {
@@ -232,14 +256,31 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 		sctx = metadata.AppendToOutgoingContext(sctx, k, formatMetadata(v))
 	}
 	res := &Result{}
+	x := &exchange{e: e, ctx: sctx, cancel: cancel, replies: make(chan reply, 4), resetAfter: req.ResetAfter,
+		mode: proto.Clone(e.filter.Mode).(*filterv3.ProcessingMode), res: res, clock: e.filter.Clock, stale: -1}
+	if x.clock == nil {
+		x.clock = clockwork.NewRealClock()
+	}
+	// The client sends its whole request at once: the idle timer runs
+	// from here (conn_manager_impl.cc resets it at decodeHeaders'
+	// end, filter_manager.cc at each body chunk).
+	if t := e.filter.StreamIdleTimeout; t > 0 {
+		x.idle = x.clock.NewTimer(t)
+		defer x.idle.Stop()
+	}
 	stream, err := e.client.Process(sctx)
 	if err != nil {
-		return e.failClosed(res, DetailGrpcError), nil
+		if !e.filter.FailureModeAllow {
+			return localReply(res, 500, DetailGrpcError), nil
+		}
+		// Failing open, a stream that cannot be opened is as good as none:
+		// the request goes on unprocessed (ext_proc.cc openStream).
+		x.bypass, x.closed, res.Bypassed = true, true, true
+	} else {
+		x.stream = stream
+		go x.receive()
+		defer x.close() // onDestroy
 	}
-	x := &exchange{e: e, stream: stream, ctx: sctx, cancel: cancel, replies: make(chan reply, 4), resetAfter: req.ResetAfter,
-		mode: proto.Clone(e.filter.Mode).(*filterv3.ProcessingMode), res: res}
-	go x.receive()
-	defer x.close() // onDestroy
 
 	if req.Method == "" {
 		req.Method = "POST"
@@ -280,8 +321,10 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 		case filterv3.ProcessingMode_NONE:
 		case filterv3.ProcessingMode_BUFFERED:
 			if e.filter.BufferLimit > 0 && len(body) > e.filter.BufferLimit {
-				// filter_manager.cc: a decoder buffer over its limit is 413.
-				return localReply(res, 413, DetailBodyTooLarge), nil
+				// filter_manager.cc: a decoder buffer over its limit is a
+				// local 413, which passes the encoder filters, ext_proc's
+				// response_headers included (sendLocalReplyViaFilterChain).
+				return x.respond(ctx, &Response{Status: 413, Body: []byte("Payload Too Large")}, DetailBodyTooLarge)
 			}
 			// A request that ends with trailers has its whole body sent
 			// without end_of_stream, as decodeTrailers sends the buffered
@@ -313,28 +356,81 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	}
 
 	// Router.
-	var up *Response
 	if routeCluster == "" {
-		up = &Response{Status: 503, Body: []byte("cluster not found")} // router.cc: NC
-		res.Details = DetailNoCluster
-	} else {
-		fwd := &Forwarded{Cluster: routeCluster, Headers: headers, Body: body}
-		res.Forwarded = fwd
-		var err error
-		up, err = e.upstream(ctx, fwd)
-		if err != nil {
-			up = &Response{Status: 503, Body: []byte("no healthy upstream")} // router.cc: UH/UF
-			res.Details = DetailNoUpstream
-		}
+		// router.cc: NC.
+		return x.respond(ctx, &Response{Status: 503, Body: []byte("cluster not found")}, DetailNoCluster)
 	}
-	if ctx.Err() != nil {
+	fwd := &Forwarded{Cluster: routeCluster, Headers: headers, Body: body}
+	res.Forwarded = fwd
+	up, err := x.forward(ctx, fwd)
+	switch {
+	case ctx.Err() != nil:
 		res.ClientReset = true
 		return res, nil
+	case errors.Is(err, errIdle):
+		// The router's upstream request is reset and the local 504 passes
+		// the encoder filters (conn_manager_impl.cc onIdleTimeout; the
+		// request is complete, so 504: utility.cc maybeRequestTimeoutCode).
+		res.TimedOut = true
+		return x.respond(ctx, idleReply(), DetailIdleTimeout)
+	case err != nil:
+		// router.cc: UH/UF.
+		return x.respond(ctx, &Response{Status: 503, Body: []byte("no healthy upstream")}, DetailNoUpstream)
+	}
+	return x.respond(ctx, up, "")
+}
+
+// errIdle is the stream idle timer running out.
+var errIdle = errors.New("stream idle timeout")
+
+func idleReply() *Response { return &Response{Status: 504, Body: []byte("stream timeout")} }
+
+// forward sends the request upstream and waits for the response's
+// headers, for as long as the idle timer allows.
+func (x *exchange) forward(ctx context.Context, fwd *Forwarded) (*Response, error) {
+	if x.idle == nil {
+		return x.e.upstream(ctx, fwd)
+	}
+	uctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type answer struct {
+		r   *Response
+		err error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		r, err := x.e.upstream(uctx, fwd)
+		done <- answer{r, err}
+	}()
+	select {
+	case a := <-done:
+		return a.r, a.err
+	case <-x.idle.Chan():
+		cancel()
+		<-done // the upstream honours its context, as Envoy's reset ends it
+		return nil, errIdle
+	}
+}
+
+// respond carries a response, the upstream's or Envoy's own local reply
+// (detail names it; "" for the upstream's), through the encoder filters
+// to the client. A local reply passes them like any response
+// (filter_manager.cc sendLocalReplyViaFilterChain), so ext_proc sends its
+// response_headers.
+func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*Result, error) {
+	res := x.res
+	if detail != "" {
+		res.Details = detail
+	}
+	if x.idle != nil {
+		x.idle.Reset(x.e.filter.StreamIdleTimeout) // filter_manager.cc encodeHeaders
 	}
 
-	// Response headers. A local reply from the router passes the encoder
-	// filters like any response (filter_manager.cc).
+	// Response headers.
 	respHeaders := append([]Header{{":status", strconv.Itoa(up.Status)}}, up.Headers...)
+	if detail != "" && len(up.Body) > 0 {
+		respHeaders = append(respHeaders, Header{"content-type", "text/plain"}) // utility.cc sendLocalReply
+	}
 	endAtHeaders := len(up.Body) == 0 && up.Stream == nil && len(up.Trailers) == 0
 	if x.mode.GetResponseHeaderMode() != filterv3.ProcessingMode_SKIP && !x.bypass {
 		r, done := x.call(ctx, &extprocv3.ProcessingRequest{
@@ -362,26 +458,42 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	if x.bypass || x.closed {
 		bodyMode = filterv3.ProcessingMode_NONE
 	}
-	if bodyMode != filterv3.ProcessingMode_NONE && bodyMode != filterv3.ProcessingMode_STREAMED {
+	switch bodyMode {
+	case filterv3.ProcessingMode_NONE, filterv3.ProcessingMode_STREAMED, filterv3.ProcessingMode_BUFFERED:
+	default:
 		return nil, errors.New("extproctest: response_body_mode " + bodyMode.String() + " is not played")
 	}
-	chunks := [][]byte{}
-	if len(up.Body) > 0 {
-		chunks = append(chunks, up.Body)
-	}
-	lastChunk := up.Stream == nil && len(up.Trailers) == 0
-	for i, c := range chunks {
-		if bodyMode == filterv3.ProcessingMode_STREAMED {
-			if _, done := x.call(ctx, responseBody(c, lastChunk && i == len(chunks)-1), kindResponseBody); done {
-				return res, nil
-			}
+	// BUFFERED holds the body back from the client until the processor
+	// has seen all of it in one message.
+	var heldBack []byte
+	deliver := func(c []byte) {
+		if bodyMode == filterv3.ProcessingMode_BUFFERED {
+			heldBack = append(heldBack, c...)
+			return
 		}
 		res.Body = append(res.Body, c...)
 	}
+	if len(up.Body) > 0 {
+		if bodyMode == filterv3.ProcessingMode_STREAMED {
+			if _, done := x.call(ctx, responseBody(up.Body, up.Stream == nil && len(up.Trailers) == 0), kindResponseBody); done {
+				return res, nil
+			}
+		}
+		deliver(up.Body)
+	}
 	if up.Stream != nil {
+		var idle <-chan time.Time
+		if x.idle != nil {
+			idle = x.idle.Chan()
+		}
 	stream:
 		for {
 			select {
+			case <-idle:
+				// Mid-response the idle timer resets the stream
+				// (conn_manager_impl.cc onIdleTimeout: the response has begun).
+				res.TimedOut, res.Details = true, DetailIdleTimeout
+				return res, nil
 			case c, ok := <-up.Stream:
 				if !ok {
 					if up.StreamErr != nil && up.StreamErr() != nil {
@@ -390,12 +502,15 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 					}
 					break stream
 				}
+				if x.idle != nil {
+					x.idle.Reset(x.e.filter.StreamIdleTimeout) // filter_manager.cc encodeData
+				}
 				if bodyMode == filterv3.ProcessingMode_STREAMED {
 					if _, done := x.call(ctx, responseBody(c, false), kindResponseBody); done {
 						return res, nil
 					}
 				}
-				res.Body = append(res.Body, c...)
+				deliver(c)
 			case <-ctx.Done():
 				res.ClientReset = true
 				return res, nil
@@ -410,6 +525,17 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	}
 	if bodyMode == filterv3.ProcessingMode_STREAMED && len(up.Trailers) == 0 {
 		x.closeEarly() // STREAMED: closed at the end_of_stream chunk (ext_proc.cc)
+	}
+	if bodyMode == filterv3.ProcessingMode_BUFFERED && (len(heldBack) > 0 || len(up.Trailers) > 0) {
+		// One message, end_of_stream unless trailers follow (ext_proc.cc
+		// onData, onTrailers). Its reply never closes the stream: a
+		// buffered body never counts as the end (ext_proc.cc eosSeenInBody
+		// skips the close for BUFFERED), so the stream stays open until
+		// the trailers' reply or onDestroy.
+		if _, done := x.call(ctx, responseBody(heldBack, len(up.Trailers) == 0), kindResponseBody); done {
+			return res, nil
+		}
+		res.Body = append(res.Body, heldBack...)
 	}
 
 	// Response trailers: only real ones; Envoy synthesises none since 1.28.
@@ -511,17 +637,22 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 		return nil, true
 	}
 	f := x.e.filter
-	clock := f.Clock
-	if clock == nil {
-		clock = clockwork.NewRealClock()
-	}
-	timer := clock.NewTimer(f.MessageTimeout)
+	timer := x.clock.NewTimer(f.MessageTimeout)
 	defer timer.Stop()
+	// The idle timer can run out while a request-side call waits: the
+	// local reply it makes then overtakes the call (see idleDuringCall).
+	var idle <-chan time.Time
+	if x.idle != nil && want <= kindRequestTrailers {
+		idle = x.idle.Chan()
+	}
 	overridden := false
 	for {
 		select {
 		case <-ctx.Done():
 			x.res.ClientReset = true
+			return nil, true
+		case <-idle:
+			x.idleDuringCall(ctx, want)
 			return nil, true
 		case <-timer.Chan():
 			// ext_proc.cc onMessageTimeout: 504 when failing closed; when
@@ -565,10 +696,61 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 				x.immediate(ir)
 				return nil, true
 			}
+			if x.stale >= 0 && x.stale.matches(r) {
+				x.stale = -1 // the overtaken call's reply: no effect
+				continue
+			}
 			if !want.matches(r) {
+				if f.FailureModeAllow {
+					// ext_proc.cc onReceiveMessage: a spurious message fails
+					// open like an error when the filter allows it.
+					x.bypass = true
+					x.closeEarly()
+					return nil, false
+				}
 				return nil, x.fail(DetailSpurious)
 			}
 			return r, false
+		}
+	}
+}
+
+// idleDuringCall plays the stream idle timer running out while a
+// request-side call is pending, as when vgw holds a request in its queue
+// past Envoy's stream_idle_timeout. Envoy's local 504 (the request is
+// complete: utility.cc maybeRequestTimeoutCode) passes the encoder filters
+// (filter_manager.cc sendLocalReplyViaFilterChain), so ext_proc sends
+// response_headers on the same stream, under its own message timer,
+// though the request-side reply is still owed: nothing in ext_proc.cc
+// onHeaders looks at the other direction. A late reply to the pending
+// call is applied to no effect. If the processor does not answer the
+// response_headers in time, ext_proc's 504 goes straight to the codec
+// (filter_manager.cc sendDirectLocalReply) with an empty body; failing
+// open, the idle timer's own reply goes out unprocessed.
+func (x *exchange) idleDuringCall(ctx context.Context, pending kind) {
+	x.res.TimedOut = true
+	reply := idleReply()
+	x.res.Status, x.res.Details, x.res.Body = reply.Status, DetailIdleTimeout, reply.Body
+	x.res.Headers = []Header{{"content-type", "text/plain"}}
+	if x.mode.GetResponseHeaderMode() == filterv3.ProcessingMode_SKIP || x.bypass || x.closed {
+		return
+	}
+	x.stale = pending
+	respHeaders := []Header{{":status", strconv.Itoa(reply.Status)}, {"content-type", "text/plain"}, {"content-length", strconv.Itoa(len(reply.Body))}}
+	x.idle = nil // the timer has done its work
+	r, done := x.call(ctx, &extprocv3.ProcessingRequest{
+		Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{Headers: headerMap(respHeaders)}},
+	}, kindResponseHeaders)
+	switch {
+	case done && x.res.Details == DetailMessageTimeout:
+		x.res.Body, x.res.Headers = nil, nil // sendDirectLocalReply with an empty body
+	case done:
+	case r != nil:
+		x.res.Headers = nil
+		for _, h := range mutate(respHeaders, r.GetResponseHeaders().GetResponse().GetHeaderMutation()) {
+			if !strings.HasPrefix(h.Key, ":") {
+				x.res.Headers = append(x.res.Headers, h)
+			}
 		}
 	}
 }
@@ -599,13 +781,6 @@ func (x *exchange) fail(detail string) bool {
 	}
 	x.closeEarly()
 	return true
-}
-
-func (e *Envoy) failClosed(res *Result, detail string) *Result {
-	if e.filter.FailureModeAllow {
-		res.Bypassed = true
-	}
-	return localReply(res, 500, detail)
 }
 
 func localReply(res *Result, status int, detail string) *Result {

@@ -1,0 +1,220 @@
+package extproc_test
+
+import (
+	"context"
+	"net"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/jonboulle/clockwork"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/vgw-project/vgw/extproc"
+	"github.com/vgw-project/vgw/extproc/extproctest"
+)
+
+// TestEnvoyIdleTimer: Envoy's stream idle timer runs from the request's
+// last byte to the response's first, through vgw's queue and the model's
+// time to its first byte (for a non-streamed answer, the whole
+// generation). A request that waited in the queue and then met a slow
+// non-streamed upstream is cut with Envoy's 504 unless stream_idle_timeout
+// covers both, which is why vgw's config insists on max_message_timeout +
+// first_byte_budget. Whatever Envoy does, vgw gives the slot back.
+func TestEnvoyIdleTimer(t *testing.T) {
+	const (
+		waited    = 6 * time.Minute  // in vgw's queue, on Envoy's clock
+		generated = 11 * time.Minute // the upstream's time to its first byte
+	)
+	for _, tc := range []struct {
+		name   string
+		idle   time.Duration
+		status int
+		detail string
+		// cutWhileQueued: the timer runs out while vgw still holds the
+		// request; else it runs out, if at all, upstream.
+		cutWhileQueued bool
+	}{
+		{name: "shipped 1500s covers the wait and the generation", idle: 1500 * time.Second, status: 200},
+		{name: "960s cuts the generation", idle: 960 * time.Second, status: 504, detail: extproctest.DetailIdleTimeout},
+		// Envoy's local 504 reaches vgw as response_headers while vgw still
+		// owes the body's answer; vgw, holding the request and reading
+		// nothing, does not answer, so ext_proc's own 504 goes out
+		// (filter_manager.cc sendDirectLocalReply) and vgw sees the stream
+		// reset.
+		{name: "Envoy's default 5m cuts the wait", idle: 5 * time.Minute, status: 504, detail: extproctest.DetailMessageTimeout, cutWhileQueued: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, 20*time.Minute)}})
+			a, doneA := h.streaming(t, context.Background(), "a", "llama")
+
+			clock := clockwork.NewFakeClock()
+			f := repoFilter(t)
+			f.Clock, f.StreamIdleTimeout = clock, tc.idle
+			arrived, answer, cancelled := make(chan struct{}), make(chan struct{}), make(chan struct{})
+			env := extproctest.New(h.conn, f, func(ctx context.Context, fwd *extproctest.Forwarded) (*extproctest.Response, error) {
+				close(arrived)
+				select {
+				case <-answer:
+					return &extproctest.Response{Status: 200, Headers: []extproctest.Header{{Key: "content-type", Value: "application/json"}}, Body: []byte(`{"choices":[]}`)}, nil
+				case <-ctx.Done():
+					close(cancelled) // Envoy reset the upstream request
+					return nil, ctx.Err()
+				}
+			})
+			doneB := make(chan *extproctest.Result, 1)
+			go func() {
+				res, err := env.Do(context.Background(), req("b", chat("llama")))
+				if err != nil {
+					t.Errorf("Envoy: %v", err)
+				}
+				doneB <- res
+			}()
+			eventually(t, "b is queued and has its override", func() bool { return h.stats(t, "llama").Queued == 1 && env.Overrides() == 1 })
+			clock.Advance(waited)
+
+			var res *extproctest.Result
+			if tc.cutWhileQueued {
+				// The response_headers call now runs under its own 200ms
+				// message timer, which vgw leaves to run out.
+				res = advanceUntil(t, clock, doneB)
+				close(a.chunks)
+			} else {
+				close(a.chunks) // a ends: b gets the slot and goes upstream
+				awaitClosed(t, arrived, "b reaches the upstream")
+				clock.Advance(generated)
+				if tc.status == 200 {
+					close(answer)
+				} else {
+					awaitClosed(t, cancelled, "Envoy resets b's upstream request")
+				}
+				res = advanceUntil(t, clock, doneB)
+			}
+			<-doneA
+			if res.Status != tc.status || res.Details != tc.detail {
+				t.Fatalf("status %d (%q) body %q, want %d (%q)", res.Status, res.Details, res.Body, tc.status, tc.detail)
+			}
+			if res.TimedOut != (tc.status != 200) {
+				t.Errorf("TimedOut %v", res.TimedOut)
+			}
+			if tc.status != 200 {
+				// The local reply passed ext_proc's encoder side.
+				if !slices.Contains(res.Sent, "response_headers") {
+					t.Errorf("Envoy sent %v: its local reply never reached vgw", res.Sent)
+				}
+			}
+			h.idle(t, "llama")
+			// vgw hears how each admitted request ended: a's 200, and b's
+			// status, Envoy's 504 included; b never admitted, none.
+			want := []int{200, tc.status}
+			if tc.cutWhileQueued {
+				want = want[:1]
+			}
+			if got := observed(t, h, len(want)); !slices.Equal(got, want) {
+				t.Errorf("vgw observed %v, want %v", got, want)
+			}
+		})
+	}
+}
+
+// advanceUntil moves clock on in message-timeout steps until a result
+// arrives: the timer it waits for is made by the harness at a moment the
+// test cannot see.
+func advanceUntil(t *testing.T, clock *clockwork.FakeClock, done <-chan *extproctest.Result) *extproctest.Result {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		select {
+		case res := <-done:
+			return res
+		case <-time.After(time.Millisecond): // polling interval, not synchronisation
+			clock.Advance(200 * time.Millisecond)
+		}
+	}
+	t.Fatal("no result")
+	return nil
+}
+
+// awaitClosed waits for ch to close, failing the test if it never does.
+func awaitClosed(t *testing.T, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(time.Minute):
+		t.Fatalf("timed out waiting until %s", what)
+	}
+}
+
+// observed waits until the manager has heard of n requests, and returns
+// their statuses in order.
+func observed(t *testing.T, h *harness, n int) []int {
+	t.Helper()
+	var got []int
+	eventually(t, "the requests observed", func() bool {
+		h.mgr.mu.Lock()
+		defer h.mgr.mu.Unlock()
+		got = got[:0]
+		for _, o := range h.mgr.observed {
+			got = append(got, o.res.Status)
+		}
+		return len(got) >= n
+	})
+	return got
+}
+
+// TestEnvoyLocalReplyReachesVgw: Envoy's own 413 for a body over its
+// buffer passes ext_proc's encoder side (filter_manager.cc
+// sendLocalReplyViaFilterChain): vgw is sent response_headers for it and
+// answers them, with no slot taken.
+func TestEnvoyLocalReplyReachesVgw(t *testing.T) {
+	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}})
+	huge := append([]byte(`{"model":"llama","prompt":"`), make([]byte, 9<<20)...)
+	res := do(t, h, context.Background(), extproctest.Request{Body: huge, Chunked: true})
+	if res.Status != 413 || res.Details != extproctest.DetailBodyTooLarge {
+		t.Fatalf("status %d (%s), want Envoy's 413", res.Status, res.Details)
+	}
+	if want := []string{"request_headers", "response_headers"}; !slices.Equal(res.Sent, want) {
+		t.Fatalf("Envoy sent %v, want %v", res.Sent, want)
+	}
+	if got := res.Get("x-vgw-queue-depth"); got != "0" {
+		t.Errorf("vgw's answer to the response headers set x-vgw-queue-depth %q, want 0", got)
+	}
+	h.idle(t, "llama")
+}
+
+// TestEnvoyFailsOpen: with failure_mode_allow, an Envoy that cannot reach
+// its processor sends the request on unprocessed (ext_proc.cc openStream,
+// onGrpcError), routed by whatever the client sent; the shipped bootstrap
+// fails closed, and envoy-check refuses fail-open, for this reason.
+func TestEnvoyFailsOpen(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	lis.Close() // nothing listens there now
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	for _, allow := range []bool{false, true} {
+		f := repoFilter(t)
+		f.Clock, f.FailureModeAllow = clockwork.NewFakeClock(), allow
+		up := newUpstreams()
+		env := extproctest.New(conn, f, up.serve)
+		r := req("x", chat("llama"))
+		r.Headers = append(r.Headers, extproctest.Header{Key: "x-vgw-cluster", Value: "chosen-by-the-client"})
+		res, err := env.Do(context.Background(), r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case !allow && (res.Status != 500 || res.Forwarded != nil):
+			t.Errorf("failing closed: status %d forwarded %v, want 500 and nothing sent", res.Status, res.Forwarded)
+		case allow && (res.Status != 200 || !res.Bypassed || res.Forwarded == nil || res.Forwarded.Cluster != "chosen-by-the-client"):
+			t.Errorf("failing open: status %d bypassed %v forwarded %+v, want 200 routed by the client's header", res.Status, res.Bypassed, res.Forwarded)
+		}
+	}
+}
