@@ -1,12 +1,14 @@
 package extproc_test
 
 import (
+	"cmp"
 	"context"
 	"net"
 	"slices"
 	"testing"
 	"time"
 
+	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -216,5 +218,56 @@ func TestEnvoyFailsOpen(t *testing.T) {
 		case allow && (res.Status != 200 || !res.Bypassed || res.Forwarded == nil || res.Forwarded.Cluster != "chosen-by-the-client"):
 			t.Errorf("failing open: status %d bypassed %v forwarded %+v, want 200 routed by the client's header", res.Status, res.Bypassed, res.Forwarded)
 		}
+	}
+}
+
+// TestEnvoyClosesStream: when Envoy closes the ext_proc stream, which is
+// when vgw frees the slot of an admitted request, depends on the modes
+// and on the response (ext_proc.cc closeGrpcStreamIfLastRespReceived,
+// onDestroy; processor_state.cc isLastResponseAfterHeaderResp). With the
+// shipped modes a streamed response holds the stream, and so the slot,
+// until the HTTP stream ends.
+func TestEnvoyClosesStream(t *testing.T) {
+	complete := func(context.Context, *extproctest.Forwarded) (*extproctest.Response, error) {
+		return &extproctest.Response{Status: 200, Body: []byte(`{"choices":[]}`)}, nil
+	}
+	streamed := func(context.Context, *extproctest.Forwarded) (*extproctest.Response, error) {
+		ch := make(chan []byte, 2)
+		ch <- []byte("data: {}\n\n")
+		close(ch)
+		return &extproctest.Response{Status: 200, Body: []byte("data: {}\n\n"), Stream: ch}, nil
+	}
+	for _, tc := range []struct {
+		name         string
+		respBody     filterv3.ProcessingMode_BodySendMode
+		respTrailers filterv3.ProcessingMode_HeaderSendMode
+		upstream     extproctest.Upstream
+		model        string
+		closed       string
+	}{
+		{name: "shipped modes, whole body with the headers", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, closed: "response_headers"},
+		{name: "shipped modes, streamed body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: streamed, closed: "destroy"},
+		{name: "trailers SKIP, streamed body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SKIP, upstream: streamed, closed: "response_headers"},
+		{name: "STREAMED body", respBody: filterv3.ProcessingMode_STREAMED, respTrailers: filterv3.ProcessingMode_SEND, upstream: streamed, closed: "response_body"},
+		// A buffered body's reply never counts as the end (ext_proc.cc
+		// eosSeenInBody).
+		{name: "BUFFERED body", respBody: filterv3.ProcessingMode_BUFFERED, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, closed: "destroy"},
+		{name: "rejected at the body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, model: "nope", closed: "request_body"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}})
+			f := repoFilter(t)
+			f.Clock = h.clock
+			f.Mode.ResponseBodyMode, f.Mode.ResponseTrailerMode = tc.respBody, tc.respTrailers
+			model := cmp.Or(tc.model, "llama")
+			res, err := extproctest.New(h.conn, f, tc.upstream).Do(context.Background(), req("c", chat(model)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Closed != tc.closed {
+				t.Fatalf("Envoy closed the stream at %q (sent %v), want %q", res.Closed, res.Sent, tc.closed)
+			}
+			h.idle(t, "llama")
+		})
 	}
 }

@@ -170,6 +170,11 @@ type Result struct {
 	TimedOut bool
 	// Sent lists the messages Envoy sent the processor, by kind.
 	Sent []string
+	// Closed says when Envoy closed the ext_proc stream: after the
+	// processor's answer to the message named (or its failure to answer),
+	// or "destroy" when the HTTP stream ended first (ext_proc.cc
+	// onDestroy). "" when no stream was open.
+	Closed string
 }
 
 // Get returns the first value of a response header.
@@ -451,7 +456,10 @@ func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*R
 			res.Headers = append(res.Headers, h)
 		}
 	}
-	x.maybeCloseAfterHeaders(endAtHeaders, len(up.Trailers) > 0)
+	// A body that is not streamed comes with the headers, in the same read
+	// from the upstream, so Envoy has all of it before the processor's
+	// reply can be read.
+	x.maybeCloseAfterHeaders(up.Stream == nil, len(up.Trailers) > 0)
 
 	// Response body.
 	bodyMode := x.mode.GetResponseBodyMode()
@@ -555,14 +563,16 @@ func responseBody(b []byte, eos bool) *extprocv3.ProcessingRequest {
 }
 
 // maybeCloseAfterHeaders plays Envoy 1.37's early close after the response
-// headers reply (ext_proc.cc, processor_state.cc): with no body processing,
-// the stream closes now if no trailers phase is configured, or if the
-// response already ended at its headers.
-func (x *exchange) maybeCloseAfterHeaders(endAtHeaders, hasTrailers bool) {
+// headers reply (ext_proc.cc closeGrpcStreamIfLastRespReceived,
+// processor_state.cc isLastResponseAfterHeaderResp): with no body
+// processing, the stream closes now if no trailers phase is configured, or
+// if the whole body has already arrived (completeBodyAvailable) with no
+// trailers after it; else at the trailers' reply or onDestroy.
+func (x *exchange) maybeCloseAfterHeaders(bodyComplete, hasTrailers bool) {
 	if x.mode.GetResponseBodyMode() != filterv3.ProcessingMode_NONE {
 		return
 	}
-	if x.mode.GetResponseTrailerMode() != filterv3.ProcessingMode_SEND || (endAtHeaders && !hasTrailers) {
+	if x.mode.GetResponseTrailerMode() != filterv3.ProcessingMode_SEND || (bodyComplete && !hasTrailers) {
 		x.closeEarly()
 	}
 }
@@ -820,12 +830,20 @@ func (x *exchange) closeEarly() {
 		return
 	}
 	x.closed = true
+	if x.res.Closed == "" && len(x.res.Sent) > 0 {
+		x.res.Closed = x.res.Sent[len(x.res.Sent)-1]
+	}
 	_ = x.stream.CloseSend()
 	x.cancel()
 }
 
 // close is onDestroy: the HTTP stream is gone (ext_proc.cc onDestroy).
-func (x *exchange) close() { x.closeEarly() }
+func (x *exchange) close() {
+	if !x.closed {
+		x.res.Closed = "destroy"
+	}
+	x.closeEarly()
+}
 
 // headerMap encodes headers as Envoy sends them: values in raw_value
 // (mutation_utils.cc headersToProto).
