@@ -3,6 +3,7 @@ package extproc_test
 import (
 	"cmp"
 	"context"
+	"errors"
 	"net"
 	"slices"
 	"testing"
@@ -165,24 +166,59 @@ func observed(t *testing.T, h *harness, n int) []int {
 	return got
 }
 
-// TestEnvoyLocalReplyReachesVgw: Envoy's own 413 for a body over its
-// buffer passes ext_proc's encoder side (filter_manager.cc
-// sendLocalReplyViaFilterChain): vgw is sent response_headers for it and
-// answers them, with no slot taken.
+// TestEnvoyLocalReplyReachesVgw: Envoy's own replies pass ext_proc's
+// encoder side (filter_manager.cc sendLocalReplyViaFilterChain): vgw is
+// sent response_headers for them and answers. A 413 for a body over
+// Envoy's buffer takes no slot; an upstream that cannot be reached (UH/UF,
+// router.cc) ends the admitted request with 503, which the manager hears.
 func TestEnvoyLocalReplyReachesVgw(t *testing.T) {
-	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}})
 	huge := append([]byte(`{"model":"llama","prompt":"`), make([]byte, 9<<20)...)
-	res := do(t, h, context.Background(), extproctest.Request{Body: huge, Chunked: true})
-	if res.Status != 413 || res.Details != extproctest.DetailBodyTooLarge {
-		t.Fatalf("status %d (%s), want Envoy's 413", res.Status, res.Details)
+	unreachable := func(context.Context, *extproctest.Forwarded) (*extproctest.Response, error) {
+		return nil, errors.New("connection refused")
 	}
-	if want := []string{"request_headers", "response_headers"}; !slices.Equal(res.Sent, want) {
-		t.Fatalf("Envoy sent %v, want %v", res.Sent, want)
+	for _, tc := range []struct {
+		name     string
+		req      extproctest.Request
+		upstream extproctest.Upstream
+		status   int
+		detail   string
+		sent     []string
+		observed []int // what the manager hears
+	}{
+		{name: "body over Envoy's buffer", req: extproctest.Request{Body: huge, Chunked: true}, status: 413, detail: extproctest.DetailBodyTooLarge,
+			sent: []string{"request_headers", "response_headers"}},
+		{name: "no healthy upstream", req: req("u", chat("llama")), upstream: unreachable, status: 503, detail: extproctest.DetailNoUpstream,
+			sent: []string{"request_headers", "request_body", "response_headers"}, observed: []int{503}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}})
+			env := h.env
+			if tc.upstream != nil {
+				f := repoFilter(t)
+				f.Clock = h.clock
+				env = extproctest.New(h.conn, f, tc.upstream)
+			}
+			res, err := env.Do(context.Background(), tc.req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Status != tc.status || res.Details != tc.detail {
+				t.Fatalf("status %d (%s), want Envoy's %d (%s)", res.Status, res.Details, tc.status, tc.detail)
+			}
+			if !slices.Equal(res.Sent, tc.sent) {
+				t.Fatalf("Envoy sent %v, want %v", res.Sent, tc.sent)
+			}
+			if got := res.Get("x-vgw-queue-depth"); got != "0" {
+				t.Errorf("vgw's answer to the response headers set x-vgw-queue-depth %q, want 0", got)
+			}
+			h.idle(t, "llama")
+			if len(tc.observed) > 0 {
+				if got := observed(t, h, len(tc.observed)); !slices.Equal(got, tc.observed) {
+					t.Errorf("the manager heard %v, want %v", got, tc.observed)
+				}
+			}
+		})
 	}
-	if got := res.Get("x-vgw-queue-depth"); got != "0" {
-		t.Errorf("vgw's answer to the response headers set x-vgw-queue-depth %q, want 0", got)
-	}
-	h.idle(t, "llama")
 }
 
 // TestEnvoyFailsOpen: with failure_mode_allow, an Envoy that cannot reach
