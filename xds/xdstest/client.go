@@ -1,52 +1,95 @@
 // Package xdstest plays an Envoy's xDS client against an ADS server, over
-// real gRPC, for tests and benchmarks on machines without Envoy.
+// real gRPC, for tests and benchmarks on machines without Envoy. It plays
+// Envoy 1.39 (read at commit 6806efb, 1.39.0-dev); each behaviour cites the
+// Envoy source it follows.
 //
-// A Client subscribes as Envoy does over ADS (state of the world): a
-// wildcard CDS request, then for the clusters it got an EDS request naming
-// them, acknowledging each response with its version and nonce or
-// rejecting it with an error detail (grpc_mux_impl.cc). At startup Envoy
-// acknowledges the first CDS response at once and asks for EDS; later CDS
-// responses are acknowledged once the clusters' EDS has arrived
-// (cluster_manager_impl.cc pauses CDS while clusters warm). The Client
-// keeps what it was told, so a test can ask where a cluster routes.
+// A Client has two parts, as Envoy has. Its main thread speaks ADS (state
+// of the world) and runs the cluster manager: a wildcard CDS request, then
+// for the clusters it got an EDS request naming them, acknowledging each
+// response with its version and nonce or rejecting it with an error
+// detail (grpc_mux_impl.cc). A new or changed cluster warms until its EDS
+// (and, with active health checks, the first check of each host) has come,
+// or its initial_fetch_timeout has run out; after startup, CDS stays
+// paused while any cluster warms, so the CDS ACK goes out only once every
+// cluster is warm (cluster_manager_impl.cc). Its workers are what a
+// router sees: the clusters and hosts the main thread has posted to them
+// (cluster_manager_impl.cc postThreadLocalClusterUpdate). Endpoints,
+// Cluster, Hosts and Route read the workers' view; MainEndpoints and
+// MainHosts the main thread's.
+//
+// Timers (initial_fetch_timeout, health check intervals and timeouts,
+// update_merge_window) run on a clock a test can supply (WithClock).
 package xdstest
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"slices"
-	"strconv"
 	"sync"
+	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/jonboulle/clockwork"
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
-	"google.golang.org/protobuf/proto"
+	"google.golang.org/grpc/codes"
 )
 
-// Client is one Envoy's ADS stream.
+// Client is one Envoy's xDS client and cluster manager.
 type Client struct {
-	node   string
-	stream discoverygrpc.AggregatedDiscoveryService_StreamAggregatedResourcesClient
+	node  string
+	clock clockwork.Clock
+	http  *http.Client // the active health checks'
+
+	events chan func() // work for the main thread; see loop
+	quit   chan struct{}
+	done   chan struct{} // closed when the main thread has ended
+	close  sync.Once
+	wg     sync.WaitGroup // stream readers and health checks under way
+
+	// The lock guards everything below. The main thread holds it while it
+	// handles an event, never while it sends; readers take it briefly.
+	mu     sync.Mutex
+	stream *adsStream // nil before Dial's stream and after a failure
+	gen    int        // counts streams, to drop what an old one delivers
+	out    []*discoverygrpc.DiscoveryRequest
+
+	api   map[string]*apiState // type URL → subscription
+	subs  []string             // type URLs in the order first subscribed
+	acked map[string]string    // type URL → version last acknowledged
+	// streamAcked is acked, on the current stream only.
+	streamAcked map[string]string
+
+	reject map[string]string                           // type URL → error detail for the next response
+	hold   map[string]bool                             // type URL → responses held unapplied; see Hold
+	held   map[string]*discoverygrpc.DiscoveryResponse // the last response held, per type URL
+
+	clusterManager
+
+	changed chan struct{} // closed and replaced after every event
+	err     error
+}
+
+// apiState is one subscription's request state, resent whole each time
+// (grpc_mux_impl.h ApiState: request_, pauses_, pending_).
+type apiState struct {
+	version string         // the last version accepted
+	nonce   string         // the last nonce received on this stream
+	detail  *status.Status // why the last response was rejected, until sent
+	paused  bool           // CDS while clusters warm; see updateClusterCounts
+	pending bool           // a request was queued while paused
+}
+
+// adsStream is one ADS stream and how to end it.
+type adsStream struct {
+	discoverygrpc.AggregatedDiscoveryService_StreamAggregatedResourcesClient
 	cancel context.CancelFunc
-	done   chan struct{}
-
-	mu        sync.Mutex
-	clusters  map[string]*clusterv3.Cluster
-	endpoints map[string][]string // cluster → host:port
-	acked     map[string]string   // type URL → version
-	nonces    map[string]string   // type URL → last nonce
-	reject    map[string]string   // type URL → error detail for the next response
-	hold      map[string]bool     // type URL → responses held unapplied; see Hold
-	changed   chan struct{}
-	err       error
-
-	released chan string // type URLs whose held responses go on; see Release
 }
 
 // An Option sets up a Client before its stream starts.
@@ -56,45 +99,362 @@ type Option func(*Client)
 // (see Hold).
 func Holding(typeURL string) Option { return func(c *Client) { c.hold[typeURL] = true } }
 
-// Dial opens an ADS stream on conn as Envoy node id and subscribes.
+// WithClock runs the client's timers on clock: initial_fetch_timeout, the
+// active health checks' intervals and timeouts, and update_merge_window.
+// By default they run on the real clock, as Envoy's do.
+func WithClock(clock clockwork.Clock) Option { return func(c *Client) { c.clock = clock } }
+
+// Dial opens an ADS stream on conn as Envoy node id and subscribes to the
+// clusters. The client lasts until Close, across streams (see Reconnect);
+// the stream until ctx ends.
 func Dial(ctx context.Context, conn grpc.ClientConnInterface, node string, opts ...Option) (*Client, error) {
+	c := &Client{
+		node:  node,
+		clock: clockwork.NewRealClock(),
+		http: &http.Client{
+			// A check is one GET on a connection of its own, never a
+			// redirect followed (health_checker_impl.cc): nothing is left
+			// open between checks.
+			Transport:     &http.Transport{DisableKeepAlives: true},
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+		events:      make(chan func(), 64),
+		quit:        make(chan struct{}),
+		done:        make(chan struct{}),
+		api:         map[string]*apiState{},
+		acked:       map[string]string{},
+		streamAcked: map[string]string{},
+		reject:      map[string]string{},
+		hold:        map[string]bool{},
+		held:        map[string]*discoverygrpc.DiscoveryResponse{},
+		changed:     make(chan struct{}),
+	}
+	c.clusterManager.init()
+	for _, o := range opts {
+		o(c)
+	}
+	// Envoy subscribes to the clusters at startup and to their endpoints
+	// once it has clusters (cds_api_impl.cc; grpc_mux_impl.cc addWatch).
+	c.subscribe(resource.ClusterType)
+	stream, err := c.open(ctx, conn)
+	if err != nil {
+		return nil, err
+	}
+	go c.loop()
+	c.attach(stream, false)
+	return c, nil
+}
+
+// Reconnect replaces the client's ADS stream with a new one on conn, as
+// Envoy does when its xDS stream breaks: it keeps the config it has, and on
+// the new stream asks again for each subscription, CDS first, with the
+// last version it accepted, no nonce and the resources it wants
+// (grpc_mux_impl.cc onStreamEstablished, clearNonce). While clusters warm
+// CDS stays paused, so EDS is asked for first and CDS once they are warm.
+//
+// Hold ends: what it held came on the old stream. A Reject still pending
+// applies to the next response, on the new stream.
+func (c *Client) Reconnect(ctx context.Context, conn grpc.ClientConnInterface) error {
+	select {
+	case <-c.quit:
+		return errors.New("xdstest: the client is closed")
+	default:
+	}
+	stream, err := c.open(ctx, conn)
+	if err != nil {
+		return err
+	}
+	c.attach(stream, true)
+	return nil
+}
+
+func (c *Client) open(ctx context.Context, conn grpc.ClientConnInterface) (*adsStream, error) {
 	ctx, cancel := context.WithCancel(ctx)
-	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	s, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
 	if err != nil {
 		cancel()
 		return nil, err
 	}
-	c := &Client{
-		node: node, stream: stream, cancel: cancel, done: make(chan struct{}),
-		clusters: map[string]*clusterv3.Cluster{}, endpoints: map[string][]string{},
-		acked: map[string]string{}, nonces: map[string]string{}, reject: map[string]string{}, hold: map[string]bool{},
-		changed: make(chan struct{}), released: make(chan string, 8),
-	}
-	for _, o := range opts {
-		o(c)
-	}
-	if err := c.send(resource.ClusterType, "", "", nil, nil); err != nil {
-		cancel()
-		return nil, err
-	}
-	go c.run()
-	return c, nil
+	return &adsStream{s, cancel}, nil
 }
 
-// Close ends the stream, as an Envoy shutting down or losing its connection.
+// attach makes stream the client's, ending the one before, and has the
+// main thread resend the subscriptions on it once it is established. A
+// reconnect ends Hold.
+func (c *Client) attach(stream *adsStream, reconnect bool) {
+	c.mu.Lock()
+	if reconnect {
+		clear(c.hold)
+		clear(c.held)
+	}
+	old := c.stream
+	c.gen++
+	gen := c.gen
+	c.stream = stream
+	c.err = nil
+	clear(c.streamAcked)
+	c.mu.Unlock()
+	if old != nil {
+		old.cancel()
+	}
+	c.wg.Add(1)
+	go c.read(gen, stream)
+	c.post(func() { c.established(gen) })
+}
+
+// established resends each subscription on a new stream
+// (grpc_mux_impl.cc onStreamEstablished).
+func (c *Client) established(gen int) {
+	if gen != c.gen {
+		return
+	}
+	for _, api := range c.api {
+		api.nonce = "" // clearNonce
+	}
+	for _, typeURL := range c.subs {
+		c.queue(typeURL)
+	}
+}
+
+// read delivers what stream receives to the main thread.
+func (c *Client) read(gen int, stream *adsStream) {
+	defer c.wg.Done()
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			c.post(func() { c.broken(gen, err) })
+			return
+		}
+		c.post(func() { c.received(gen, resp) })
+	}
+}
+
+// broken records why the stream ended. Envoy keeps its config and
+// reconnects; here a test calls Reconnect.
+func (c *Client) broken(gen int, err error) {
+	if gen != c.gen {
+		return
+	}
+	c.stream = nil
+	if !errors.Is(err, context.Canceled) && c.err == nil {
+		c.err = err
+	}
+}
+
+// Close ends the stream and the client, as an Envoy shutting down.
 func (c *Client) Close() {
-	c.cancel()
+	c.close.Do(func() { close(c.quit) })
 	<-c.done
+	c.mu.Lock()
+	stream := c.stream
+	c.stream = nil
+	c.mu.Unlock()
+	if stream != nil {
+		stream.cancel()
+	}
+	c.wg.Wait()
+	c.http.CloseIdleConnections()
 }
 
-func (c *Client) send(typeURL, version, nonce string, names []string, detail *status.Status) error {
-	return c.stream.Send(&discoverygrpc.DiscoveryRequest{
+// post hands f to the main thread; it is dropped once the client is
+// closed.
+func (c *Client) post(f func()) {
+	select {
+	case c.events <- f:
+	case <-c.quit:
+	}
+}
+
+// after runs f on the main thread once d has passed on the client's clock.
+func (c *Client) after(d time.Duration, f func()) clockwork.Timer {
+	return c.clock.AfterFunc(d, func() { c.post(f) })
+}
+
+// loop is Envoy's main thread: it handles one event at a time, under the
+// lock, then sends the requests the event queued, in order, with the lock
+// released. So whatever an event posts to the workers is there before the
+// request that acknowledges it is written (cluster_manager_impl.cc posts
+// during onConfigUpdate; grpc_mux_impl.cc sends the ACK after it).
+func (c *Client) loop() {
+	defer close(c.done)
+	for {
+		select {
+		case f := <-c.events:
+			c.mu.Lock()
+			f()
+			out, stream, gen := c.out, c.stream, c.gen
+			c.out = nil
+			c.mu.Unlock()
+			var sent []*discoverygrpc.DiscoveryRequest
+			var err error
+			for _, r := range out {
+				if err = stream.Send(r); err != nil {
+					break
+				}
+				sent = append(sent, r)
+			}
+			c.mu.Lock()
+			for _, r := range sent {
+				if r.GetResponseNonce() != "" && r.GetErrorDetail() == nil {
+					c.acked[r.GetTypeUrl()] = r.GetVersionInfo()
+					if gen == c.gen {
+						c.streamAcked[r.GetTypeUrl()] = r.GetVersionInfo()
+					}
+				}
+			}
+			if err != nil {
+				c.broken(gen, err)
+			}
+			c.signalLocked()
+			c.mu.Unlock()
+		case <-c.quit:
+			c.mu.Lock()
+			c.stopAll()
+			c.signalLocked()
+			c.mu.Unlock()
+			return
+		}
+	}
+}
+
+// subscribe starts asking for typeURL (grpc_mux_impl.cc addWatch: the
+// first watch of a type subscribes it, for good).
+func (c *Client) subscribe(typeURL string) {
+	if c.api[typeURL] == nil {
+		c.api[typeURL] = &apiState{}
+		c.subs = append(c.subs, typeURL)
+	}
+}
+
+// queue sends typeURL's request, or marks it pending while the type is
+// paused; with no stream it is dropped, as the reconnect resends it
+// (grpc_mux_impl.cc queueDiscoveryRequest, sendDiscoveryRequest).
+func (c *Client) queue(typeURL string) {
+	api := c.api[typeURL]
+	if c.stream == nil {
+		return
+	}
+	if api.paused {
+		api.pending = true
+		return
+	}
+	var names []string
+	if typeURL == resource.EndpointType {
+		names = c.edsNames()
+	}
+	c.out = append(c.out, &discoverygrpc.DiscoveryRequest{
 		Node: &corev3.Node{Id: c.node, Cluster: "vgw"}, TypeUrl: typeURL,
-		VersionInfo: version, ResponseNonce: nonce, ResourceNames: names, ErrorDetail: detail,
+		VersionInfo: api.version, ResponseNonce: api.nonce, ResourceNames: names, ErrorDetail: api.detail,
 	})
+	api.detail = nil // sent once (grpc_mux_impl.cc sendDiscoveryRequest)
 }
 
-// Reject makes the client reject the next response of typeURL with detail.
+// received takes a response off the stream, or holds it (see Hold).
+func (c *Client) received(gen int, resp *discoverygrpc.DiscoveryResponse) {
+	if gen != c.gen {
+		return
+	}
+	if c.hold[resp.GetTypeUrl()] {
+		c.held[resp.GetTypeUrl()] = resp
+		return
+	}
+	c.process(resp)
+}
+
+// process applies a response and answers it (grpc_mux_impl.cc
+// onDiscoveryResponse): the version is accepted and acknowledged, or, if
+// applying it failed, the old version is kept and the error sent with the
+// response's nonce.
+func (c *Client) process(resp *discoverygrpc.DiscoveryResponse) {
+	typeURL := resp.GetTypeUrl()
+	api := c.api[typeURL]
+	if api == nil {
+		return // no subscriber: ignored, unanswered
+	}
+	if typeURL == resource.EndpointType && len(c.edsNames()) == 0 {
+		// No cluster wants endpoints: an empty response is taken as is,
+		// anything else rejected by keeping the version.
+		api.nonce = resp.GetNonce()
+		if len(resp.GetResources()) == 0 {
+			api.version = resp.GetVersionInfo()
+		} else {
+			c.queue(typeURL)
+		}
+		return
+	}
+	var err error
+	if detail, ok := c.reject[typeURL]; ok {
+		delete(c.reject, typeURL)
+		err = errors.New(detail)
+	} else {
+		switch typeURL {
+		case resource.ClusterType:
+			err = c.applyClusters(resp)
+		case resource.EndpointType:
+			err = c.applyEndpoints(resp)
+		}
+	}
+	if err != nil {
+		switch typeURL {
+		case resource.ClusterType:
+			// Startup goes on without the clusters (cds_api_impl.cc
+			// onConfigUpdateFailed: runInitializeCallbackIfAny).
+			c.cdsApplied = true
+			c.checkInitialized()
+		case resource.EndpointType:
+			c.endpointsRejected()
+		}
+		api.detail = &status.Status{Code: int32(codes.Internal), Message: err.Error()}
+	} else {
+		api.version = resp.GetVersionInfo()
+	}
+	api.nonce = resp.GetNonce()
+	c.queue(typeURL)
+}
+
+// applyClusters decodes a CDS response and hands it to the cluster
+// manager. A resource that does not decode or validate rejects the whole
+// response, nothing applied (decoded_resource_impl.h, at decode time).
+func (c *Client) applyClusters(resp *discoverygrpc.DiscoveryResponse) error {
+	var clusters []*clusterv3.Cluster
+	for _, a := range resp.GetResources() {
+		cl := &clusterv3.Cluster{}
+		if err := a.UnmarshalTo(cl); err != nil {
+			return fmt.Errorf("decode cluster: %w", err)
+		}
+		if err := cl.ValidateAll(); err != nil {
+			return fmt.Errorf("cluster %s is invalid: %w", cl.GetName(), err)
+		}
+		clusters = append(clusters, cl)
+	}
+	c.onClusters(clusters)
+	return nil
+}
+
+// applyEndpoints decodes an EDS response and hands it to the cluster
+// manager, as applyClusters.
+func (c *Client) applyEndpoints(resp *discoverygrpc.DiscoveryResponse) error {
+	las := map[string]*endpointv3.ClusterLoadAssignment{}
+	for _, a := range resp.GetResources() {
+		la := &endpointv3.ClusterLoadAssignment{}
+		if err := a.UnmarshalTo(la); err != nil {
+			return fmt.Errorf("decode load assignment: %w", err)
+		}
+		if err := la.ValidateAll(); err != nil {
+			return fmt.Errorf("load assignment %s is invalid: %w", la.GetClusterName(), err)
+		}
+		if las[la.GetClusterName()] != nil {
+			// eds.cc onConfigUpdate: "Unexpected EDS resource length".
+			return fmt.Errorf("load assignment %s given twice", la.GetClusterName())
+		}
+		las[la.GetClusterName()] = la
+	}
+	c.onEndpoints(las)
+	return nil
+}
+
+// Reject makes the client reject the next response of typeURL with detail,
+// as Envoy rejects one it cannot apply.
 func (c *Client) Reject(typeURL, detail string) {
 	c.mu.Lock()
 	c.reject[typeURL] = detail
@@ -103,7 +463,7 @@ func (c *Client) Reject(typeURL, detail string) {
 
 // Hold makes the client leave the responses of typeURL it gets from now
 // on unapplied and unanswered, as an Envoy that is slow to take up a
-// config (busy, or warming clusters) does, until Release.
+// config (its main thread busy) does, until Release or Reconnect.
 func (c *Client) Hold(typeURL string) {
 	c.mu.Lock()
 	c.hold[typeURL] = true
@@ -115,219 +475,12 @@ func (c *Client) Release(typeURL string) {
 	c.mu.Lock()
 	delete(c.hold, typeURL)
 	c.mu.Unlock()
-	c.released <- typeURL
-}
-
-func (c *Client) run() {
-	defer close(c.done)
-	warmed := false // the first CDS response is acknowledged at once
-	var pendingCDS *discoverygrpc.DiscoveryResponse
-	resps := make(chan *discoverygrpc.DiscoveryResponse)
-	failed := make(chan error, 1)
-	go func() {
-		for {
-			resp, err := c.stream.Recv()
-			if err != nil {
-				failed <- err
-				return
-			}
-			select {
-			case resps <- resp:
-			case <-c.done:
-				return
-			}
+	c.post(func() {
+		if resp := c.held[typeURL]; resp != nil {
+			delete(c.held, typeURL)
+			c.process(resp)
 		}
-	}()
-	held := map[string]*discoverygrpc.DiscoveryResponse{}
-	for {
-		var resp *discoverygrpc.DiscoveryResponse
-		select {
-		case resp = <-resps:
-		case err := <-failed:
-			c.fail(err)
-			return
-		case typeURL := <-c.released:
-			resp = held[typeURL]
-			delete(held, typeURL)
-			if resp == nil {
-				continue
-			}
-		}
-		c.mu.Lock()
-		if c.hold[resp.GetTypeUrl()] {
-			c.mu.Unlock()
-			held[resp.GetTypeUrl()] = resp
-			continue
-		}
-		detail, reject := c.reject[resp.GetTypeUrl()]
-		delete(c.reject, resp.GetTypeUrl())
-		acked := c.acked[resp.GetTypeUrl()]
-		c.mu.Unlock()
-		if reject {
-			// Envoy keeps its version but takes the nonce of what it
-			// rejects (grpc_mux_impl.cc).
-			c.mu.Lock()
-			c.nonce(resp)
-			c.mu.Unlock()
-			if err := c.send(resp.GetTypeUrl(), acked, resp.GetNonce(), c.subscribed(resp.GetTypeUrl()), &status.Status{Code: 3, Message: detail}); err != nil {
-				c.fail(err)
-				return
-			}
-			continue
-		}
-		switch resp.GetTypeUrl() {
-		case resource.ClusterType:
-			names, warming, err := c.applyClusters(resp)
-			if err != nil {
-				c.fail(err)
-				return
-			}
-			// Ask for the clusters' endpoints, then acknowledge the
-			// clusters: at once the first time, or when none is new or
-			// changed; else once their EDS came, as Envoy pauses CDS while
-			// clusters warm.
-			c.mu.Lock()
-			version := c.acked[resource.EndpointType]
-			c.mu.Unlock()
-			if err := c.send(resource.EndpointType, version, c.lastNonce(resource.EndpointType), names, nil); err != nil {
-				c.fail(err)
-				return
-			}
-			if !warmed || !warming {
-				warmed = true
-				if err := c.ack(resp); err != nil {
-					c.fail(err)
-					return
-				}
-			} else {
-				pendingCDS = resp
-			}
-		case resource.EndpointType:
-			if err := c.applyEndpoints(resp); err != nil {
-				c.fail(err)
-				return
-			}
-			if err := c.ack(resp); err != nil {
-				c.fail(err)
-				return
-			}
-			if pendingCDS != nil {
-				if err := c.ack(pendingCDS); err != nil {
-					c.fail(err)
-					return
-				}
-				pendingCDS = nil
-			}
-		}
-	}
-}
-
-// lastNonce is the last nonce received for typeURL, which Envoy echoes.
-func (c *Client) lastNonce(typeURL string) string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.nonces[typeURL]
-}
-
-// nonce records resp's nonce; c.mu is held.
-func (c *Client) nonce(resp *discoverygrpc.DiscoveryResponse) {
-	c.nonces[resp.GetTypeUrl()] = resp.GetNonce()
-}
-
-// ack acknowledges resp, and only then tells waiters: what they see has
-// been acknowledged, though the server may not have read it yet.
-func (c *Client) ack(resp *discoverygrpc.DiscoveryResponse) error {
-	err := c.send(resp.GetTypeUrl(), resp.GetVersionInfo(), resp.GetNonce(), c.subscribed(resp.GetTypeUrl()), nil)
-	c.mu.Lock()
-	c.acked[resp.GetTypeUrl()] = resp.GetVersionInfo()
-	c.signalLocked()
-	c.mu.Unlock()
-	return err
-}
-
-func (c *Client) subscribed(typeURL string) []string {
-	if typeURL != resource.EndpointType {
-		return nil
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	names := make([]string, 0, len(c.clusters))
-	for n := range c.clusters {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return names
-}
-
-// applyClusters takes a CDS response. warming says a cluster is new or
-// changed, which Envoy warms before it acknowledges the response.
-func (c *Client) applyClusters(resp *discoverygrpc.DiscoveryResponse) (names []string, warming bool, err error) {
-	next := map[string]*clusterv3.Cluster{}
-	for _, a := range resp.GetResources() {
-		cl := &clusterv3.Cluster{}
-		if err := a.UnmarshalTo(cl); err != nil {
-			return nil, false, fmt.Errorf("decode cluster: %w", err)
-		}
-		if err := cl.ValidateAll(); err != nil {
-			return nil, false, fmt.Errorf("cluster %s is invalid: %w", cl.GetName(), err)
-		}
-		next[cl.GetName()] = cl
-	}
-	c.mu.Lock()
-	for name, cl := range next {
-		if old := c.clusters[name]; old == nil || !proto.Equal(old, cl) {
-			warming = true
-		}
-	}
-	c.clusters = next
-	for name := range c.endpoints {
-		if next[name] == nil {
-			delete(c.endpoints, name)
-		}
-	}
-	c.nonce(resp)
-	c.mu.Unlock()
-	names = make([]string, 0, len(next))
-	for n := range next {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return names, warming, nil
-}
-
-func (c *Client) applyEndpoints(resp *discoverygrpc.DiscoveryResponse) error {
-	next := map[string][]string{}
-	for _, a := range resp.GetResources() {
-		la := &endpointv3.ClusterLoadAssignment{}
-		if err := a.UnmarshalTo(la); err != nil {
-			return fmt.Errorf("decode load assignment: %w", err)
-		}
-		if err := la.ValidateAll(); err != nil {
-			return fmt.Errorf("load assignment %s is invalid: %w", la.GetClusterName(), err)
-		}
-		var eps []string
-		for _, l := range la.GetEndpoints() {
-			for _, e := range l.GetLbEndpoints() {
-				sa := e.GetEndpoint().GetAddress().GetSocketAddress()
-				eps = append(eps, sa.GetAddress()+":"+strconv.Itoa(int(sa.GetPortValue())))
-			}
-		}
-		next[la.GetClusterName()] = eps
-	}
-	c.mu.Lock()
-	c.endpoints = next
-	c.nonce(resp)
-	c.mu.Unlock()
-	return nil
-}
-
-func (c *Client) fail(err error) {
-	c.mu.Lock()
-	if c.err == nil && !errors.Is(err, context.Canceled) {
-		c.err = err
-	}
-	c.signalLocked()
-	c.mu.Unlock()
+	})
 }
 
 func (c *Client) signalLocked() {
@@ -335,29 +488,32 @@ func (c *Client) signalLocked() {
 	c.changed = make(chan struct{})
 }
 
-// Endpoints returns where the client would route cluster now.
-func (c *Client) Endpoints(cluster string) []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return slices.Clone(c.endpoints[cluster])
-}
-
-// Cluster returns a cluster the client was given.
-func (c *Client) Cluster(name string) *clusterv3.Cluster {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.clusters[name]
-}
-
-// Acked returns the version last acknowledged for typeURL.
+// Acked returns the version last acknowledged for typeURL, on any stream.
 func (c *Client) Acked(typeURL string) string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.acked[typeURL]
 }
 
-// Wait returns once cond holds (checked after every acknowledgement) or
-// ctx ends.
+// StreamAcked returns the version acknowledged for typeURL on the current
+// stream: "" until the stream has had a response of the type and
+// acknowledged it.
+func (c *Client) StreamAcked(typeURL string) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.streamAcked[typeURL]
+}
+
+// Err returns why the stream broke, if it did.
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Wait returns once cond holds (checked after every event the client
+// handles: a response, a timer, a health check) or ctx ends, or the
+// stream breaks.
 func (c *Client) Wait(ctx context.Context, cond func(*Client) bool) error {
 	for {
 		c.mu.Lock()
@@ -371,6 +527,11 @@ func (c *Client) Wait(ctx context.Context, cond func(*Client) bool) error {
 		}
 		select {
 		case <-ch:
+		case <-c.done:
+			if cond(c) {
+				return nil
+			}
+			return errors.New("xdstest: the client is closed")
 		case <-ctx.Done():
 			return ctx.Err()
 		}
@@ -397,4 +558,14 @@ func Silent(ctx context.Context, conn grpc.ClientConnInterface, node string) err
 		}
 	}()
 	return nil
+}
+
+// sortedKeys returns m's keys in order.
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
 }
