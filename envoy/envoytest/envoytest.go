@@ -8,11 +8,11 @@ package envoytest
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
@@ -29,8 +29,8 @@ import (
 // Envoy is an Envoy-role client of one vgw.
 type Envoy struct {
 	ExtProc *extproctest.Envoy
-	// ADS is the xDS stream; ReconnectADS replaces it. Read it from the
-	// test's goroutine only.
+	// ADS is the xDS client: its stream, the config it keeps across
+	// streams (see ReconnectADS) and what its workers route by.
 	ADS *xdstest.Client
 	// BeforeUpstream, when set before requests are sent, runs as each
 	// request leaves for its endpoint; a test holds requests in flight
@@ -40,8 +40,6 @@ type Envoy struct {
 	t    testing.TB
 	node string
 	xds  *grpc.ClientConn
-	mu   sync.Mutex // guards ads, which the router reads
-	ads  *xdstest.Client
 }
 
 // An Option changes how Start plays the Envoy.
@@ -92,28 +90,29 @@ func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string, opts ...Option)
 	return e
 }
 
-// ReconnectADS drops the xDS stream, if there is one, and opens a new one
-// under the same node id, as Envoy does when its xDS connection breaks,
-// and waits for the new stream's first config.
+// ReconnectADS starts the Envoy's xDS client, or, when it has one, breaks
+// its stream and opens a new one under the same node id, as Envoy does
+// when its xDS connection breaks: the Envoy keeps its config and asks
+// again with the versions it has (xdstest.Client.Reconnect). It waits for
+// the stream's first endpoints acknowledged.
 func (e *Envoy) ReconnectADS() {
 	e.t.Helper()
-	if e.ADS != nil {
-		e.ADS.Close()
-	}
 	// The ADS stream lasts as long as the test: not bound to the wait below.
-	c, err := xdstest.Dial(context.Background(), e.xds, e.node)
-	if err != nil {
+	if e.ADS == nil {
+		c, err := xdstest.Dial(context.Background(), e.xds, e.node)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		e.t.Cleanup(c.Close)
+		e.ADS = c
+	} else if err := e.ADS.Reconnect(context.Background(), e.xds); err != nil {
 		e.t.Fatal(err)
 	}
-	e.t.Cleanup(c.Close)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := c.Wait(ctx, func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" }); err != nil {
-		e.t.Fatalf("the Envoy never got its first xDS config: %v", err)
+	if err := e.ADS.Wait(ctx, func(c *xdstest.Client) bool { return c.StreamAcked(resource.EndpointType) != "" }); err != nil {
+		e.t.Fatalf("the Envoy never got its xDS config on the new stream: %v", err)
 	}
-	e.mu.Lock()
-	e.ADS, e.ads = c, c
-	e.mu.Unlock()
 }
 
 // Node is this Envoy's node id on xDS.
@@ -123,17 +122,18 @@ func (e *Envoy) Node() string { return e.node }
 // another filter in front of the same upstreams.
 func (e *Envoy) Router() extproctest.Upstream { return e.route }
 
-// route is Envoy's router: the request goes to an endpoint of its cluster
-// as xDS told this Envoy, or fails as Envoy's would.
+// route is Envoy's router: the request goes to the host a worker's load
+// balancer picks in its cluster (xdstest.Client.Route: what the main
+// thread has posted to the workers, healthy hosts first, every host when
+// too few are healthy), or fails as Envoy's would: NC for a cluster the
+// workers do not have (unknown, or new and still warming), UH for one with
+// no host (router.cc).
 func (e *Envoy) route(ctx context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
-	e.mu.Lock()
-	ads := e.ads
-	e.mu.Unlock()
-	if ads.Cluster(f.Cluster) == nil {
+	addr, err := e.ADS.Route(f.Cluster)
+	switch {
+	case errors.Is(err, xdstest.ErrClusterNotFound):
 		return &extproctest.Response{Status: http.StatusServiceUnavailable, Body: []byte("cluster not found")}, nil // NC
-	}
-	eps := ads.Endpoints(f.Cluster)
-	if len(eps) == 0 {
+	case err != nil:
 		return nil, io.ErrUnexpectedEOF // UH: no healthy upstream
 	}
 	if e.BeforeUpstream != nil {
@@ -141,7 +141,7 @@ func (e *Envoy) route(ctx context.Context, f *extproctest.Forwarded) (*extprocte
 			return nil, err
 		}
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+eps[0]+"/v1/chat/completions", bytes.NewReader(f.Body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+"/v1/chat/completions", bytes.NewReader(f.Body))
 	if err != nil {
 		return nil, err
 	}
@@ -159,7 +159,7 @@ func (e *Envoy) route(ctx context.Context, f *extproctest.Forwarded) (*extprocte
 		// headers and part of the body; Envoy resets the stream.
 		ended := make(chan []byte)
 		close(ended)
-		readErr := fmt.Errorf("read %s's answer: %w", eps[0], err)
+		readErr := fmt.Errorf("read %s's answer: %w", addr, err)
 		out.Stream, out.StreamErr = ended, func() error { return readErr }
 	}
 	return out, nil
