@@ -112,9 +112,10 @@ func Dial(ctx context.Context, conn grpc.ClientConnInterface, node string, opts 
 		node:  node,
 		clock: clockwork.NewRealClock(),
 		http: &http.Client{
-			// A check is one GET on a connection of its own, never a
-			// redirect followed (health_checker_impl.cc): nothing is left
-			// open between checks.
+			// Envoy keeps a check's connection for the next one
+			// (reuse_connection); here each check connects anew, so
+			// nothing is left open between checks for a leak check to
+			// find. A redirect is an answer like any other: not followed.
 			Transport:     &http.Transport{DisableKeepAlives: true},
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
@@ -232,9 +233,10 @@ func (c *Client) read(gen int, stream *adsStream) {
 // broken records why the stream ended. Envoy keeps its config and
 // reconnects; here a test calls Reconnect.
 func (c *Client) broken(gen int, err error) {
-	if gen != c.gen {
+	if gen != c.gen || c.stream == nil {
 		return
 	}
+	c.stream.cancel()
 	c.stream = nil
 	if !errors.Is(err, context.Canceled) && c.err == nil {
 		c.err = err
