@@ -463,12 +463,20 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		st.answeredUpTo(req.GetTypeUrl(), v, time.Now(), s.settings.AckTimeout)
 		s.refreshLocked()
 	case req.GetResponseNonce() != "":
-		// What was sent with the nonce acknowledged, not the version the
-		// request names: a peer could name a version never sent (a later
-		// one, read off any response), and so be taken to know endpoints
-		// it was never given. A nonce too old to be remembered counts for
-		// at most what the stream was sent.
+		// A request acknowledges what was sent with its nonce only when it
+		// names that version. Naming another is no acknowledgement: a
+		// later one was never sent (a peer could read it off any response
+		// and be taken to know endpoints it was never given), and an
+		// earlier one is Envoy still on its last good version after it
+		// rejected the one with this nonce; grpc_mux_impl.cc keeps the
+		// rejected nonce and sends it again, with no error detail, on its
+		// next request, such as the EDS request a change of clusters
+		// makes. A nonce too old to be remembered counts for at most what
+		// the stream was sent.
 		sent, known := st.nonces[req.GetResponseNonce()]
+		if known && sent != req.GetVersionInfo() {
+			break
+		}
 		v := s.parse(sent)
 		if !known {
 			v = min(s.parse(req.GetVersionInfo()), st.sent[req.GetTypeUrl()])

@@ -14,6 +14,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
@@ -618,5 +619,68 @@ func TestForgedACK(t *testing.T) {
 	defer c2()
 	if err := f.srv.WaitAcked(short, "envoy-1", "model/llama", at("10.0.0.9:8000")); err == nil {
 		t.Fatalf("released while envoy-1 routes to %v", real.Endpoints("model/llama"))
+	}
+}
+
+// TestRequestAfterRejectionIsNoACK: after rejecting an EDS version, Envoy
+// keeps its old version but remembers the rejected response's nonce, and
+// its next EDS request (sent when its subscription changes) carries both,
+// without an error detail (grpc_mux_impl.cc: the error detail is cleared
+// once sent). That request names the old version: it acknowledges nothing
+// new, and a request waiting for the rejected endpoint must not be
+// released by it.
+func TestRequestAfterRejectionIsNoACK(t *testing.T) {
+	f := start(t, newModels("llama"))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(f.conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := &corev3.Node{Id: "envoy-1"}
+	send := func(r *discoverygrpc.DiscoveryRequest) {
+		t.Helper()
+		r.Node = node
+		if err := stream.Send(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// next reads responses until one of typeURL comes.
+	next := func(typeURL string) *discoverygrpc.DiscoveryResponse {
+		t.Helper()
+		for {
+			resp, err := stream.Recv()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.GetTypeUrl() == typeURL {
+				return resp
+			}
+		}
+	}
+	names := []string{"model/llama"}
+	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.ClusterType})
+	cds := next(resource.ClusterType)
+	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names})
+	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.ClusterType, VersionInfo: cds.GetVersionInfo(), ResponseNonce: cds.GetNonce()})
+	eds := next(resource.EndpointType)
+	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names, VersionInfo: eds.GetVersionInfo(), ResponseNonce: eds.GetNonce()})
+	eventually(t, "the first version acknowledged", func() bool {
+		n, _ := f.srv.Status()
+		return len(n) == 1 && n[0].Routes == eds.GetVersionInfo()
+	})
+
+	f.src.set("llama", "10.0.0.9:8000")
+	f.srv.Notify()
+	rejected := next(resource.EndpointType)
+	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names, VersionInfo: eds.GetVersionInfo(),
+		ResponseNonce: rejected.GetNonce(), ErrorDetail: &status.Status{Code: 3, Message: "no"}})
+	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names, VersionInfo: eds.GetVersionInfo(),
+		ResponseNonce: rejected.GetNonce()})
+
+	short, c2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer c2()
+	if err := f.srv.WaitAcked(short, "envoy-1", "model/llama", at("10.0.0.9:8000")); err == nil {
+		t.Fatal("released: the request naming the old version was taken for an acknowledgement of the rejected one")
 	}
 }
