@@ -306,3 +306,22 @@ func bodyLimits(b *bootstrapv3.Bootstrap) []bodyLimit {
 	}
 	return out
 }
+
+// Route is what an Envoy configured by a bootstrap applies to the requests
+// vgw routes, for a harness that plays that Envoy.
+type Route struct {
+	// StreamIdleTimeout is the route's idle timeout (0: none).
+	StreamIdleTimeout time.Duration
+	// BodyBufferLimit is its virtual host's request body buffer limit.
+	BodyBufferLimit int64
+}
+
+// RouteOf returns the first route vgw names the cluster for, and whether
+// b has one.
+func RouteOf(b *bootstrapv3.Bootstrap) (Route, bool) {
+	idle, limits := streamIdleTimeouts(b), bodyLimits(b)
+	if len(idle) == 0 || len(limits) == 0 {
+		return Route{}, false
+	}
+	return Route{StreamIdleTimeout: idle[0].timeout, BodyBufferLimit: limits[0].bytes}, true
+}

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -32,24 +31,13 @@ func repoFilter(t testing.TB) extproctest.Filter {
 		t.Fatal(err)
 	}
 	f := extproctest.FilterFrom(ep)
-	// The virtual host's request_body_buffer_limit is Envoy's own 413.
-	for _, l := range b.GetStaticResources().GetListeners() {
-		for _, fc := range l.GetFilterChains() {
-			for _, nf := range fc.GetFilters() {
-				hcm := &hcmv3.HttpConnectionManager{}
-				if nf.GetTypedConfig().UnmarshalTo(hcm) != nil {
-					continue
-				}
-				for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
-					f.BufferLimit = int(vh.GetRequestBodyBufferLimit().GetValue())
-				}
-				f.StreamIdleTimeout = hcm.GetStreamIdleTimeout().AsDuration()
-			}
-		}
+	// The route's idle timer, and its virtual host's
+	// request_body_buffer_limit: Envoy's own 413.
+	r, ok := envoy.RouteOf(b)
+	if !ok || r.BodyBufferLimit == 0 {
+		t.Fatal("envoy.yaml has no route for vgw's clusters with a request_body_buffer_limit")
 	}
-	if f.BufferLimit == 0 {
-		t.Fatal("envoy.yaml sets no request_body_buffer_limit")
-	}
+	f.StreamIdleTimeout, f.BufferLimit = r.StreamIdleTimeout, int(r.BodyBufferLimit)
 	return f
 }
 

@@ -83,6 +83,11 @@ func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string, opts ...Option)
 	e.ReconnectADS()
 	f := extproctest.FilterFrom(epc)
 	f.Clock = clockwork.NewFakeClock()
+	// The connection manager's idle timer and the body buffer limit of the
+	// route vgw's clusters are named on.
+	if r, ok := envoy.RouteOf(b); ok {
+		f.StreamIdleTimeout, f.BufferLimit = r.StreamIdleTimeout, int(r.BodyBufferLimit)
+	}
 	for _, o := range opts {
 		o(&f)
 	}
