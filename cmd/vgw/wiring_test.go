@@ -117,6 +117,26 @@ func TestColdModelThroughTheStack(t *testing.T) {
 	}
 }
 
+// TestColdModelBehindHealthChecks: with Envoy's active health checks on
+// (envoy.health_check_interval), the host a load adds starts failing its
+// first check (upstream_impl.cc), and the requests vgw releases at the ACK
+// reach it anyway: a lone unhealthy host puts the cluster in panic, where
+// every host takes traffic (load_balancer_impl.cc). None gets a 503.
+func TestColdModelBehindHealthChecks(t *testing.T) {
+	s := startStack(t, stackConfig+"envoy: {health_check_interval: 10s}\n")
+	if hc := s.ADS.Cluster(ClusterName("llama")).GetHealthChecks(); len(hc) == 0 {
+		t.Fatal("the model's cluster has no health checks")
+	}
+	for i, r := range s.askAll(t, "llama", 20) {
+		if r.Status != 200 {
+			t.Fatalf("request %d: %d %s %q", i, r.Status, r.Details, r.Body)
+		}
+	}
+	if n := s.loads("llama"); n != 1 {
+		t.Fatalf("%d loads for 20 requests, want 1", n)
+	}
+}
+
 // TestDistinctAnswers: an unknown model is 404, a model that fails to
 // load is 503 with how it failed (its log is for operators), one that cannot fit is 503 with where the
 // memory is, both with Retry-After.
