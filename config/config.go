@@ -94,12 +94,14 @@ type Envoy struct {
 	// before Envoy ends it, so the longest a real Envoy leaves an ext_proc
 	// stream silent before the response begins. vgw ends a stream silent
 	// for a minute longer (extproc.WithStreamIdleTimeout); 0 sets no bound.
-	// Only the client's traffic restarts Envoy's timer, so after a
-	// request's last byte it runs through vgw's wait (at most
-	// MaxMessageTimeout) and the model's time to its first byte (at most
-	// FirstByteBudget), and must cover both (conn_manager_impl.cc,
-	// filter_manager.cc reset it; utility.cc maybeRequestTimeoutCode
-	// answers 504 once the request is complete).
+	// Envoy restarts its timer when request data passes a filter and when
+	// the response's headers and data do (filter_manager.cc decodeData,
+	// encodeHeaders, encodeData), so after a request's last byte it runs
+	// through vgw's wait (at most MaxMessageTimeout), and again from vgw's
+	// answer, which lets the body go on to the model, through the model's
+	// time to its first byte (at most FirstByteBudget): it must cover
+	// each. When it runs out Envoy answers 504 (408 while the body is
+	// still arriving: utility.cc maybeRequestTimeoutCode).
 	StreamIdleTimeout Duration `yaml:"stream_idle_timeout"`
 	// FirstByteBudget is the longest a model may take to begin its answer
 	// once a request reaches it: for a streamed answer the first token,
@@ -209,7 +211,7 @@ var Defaults = Config{
 		MaxMessageTimeout: Duration(900 * time.Second),
 		XDSGrace:          Duration(2 * time.Second),
 		XDSAckTimeout:     Duration(30 * time.Second),
-		StreamIdleTimeout: Duration(1500 * time.Second),
+		StreamIdleTimeout: Duration(960 * time.Second),
 		FirstByteBudget:   Duration(600 * time.Second),
 	},
 	Runtime: Runtime{Kind: "docker", Network: "vgw", Instance: "vgw"},

@@ -80,9 +80,15 @@ func TestErrors(t *testing.T) {
 		{"tp too wide", base + "models:\n  m:\n    tensor_parallel_size: 2\n", "c.yaml:5: tensor_parallel_size 2 exceeds"},
 		{"pin mismatch", base + "models:\n  m:\n    gpus: [0, 0]\n", "c.yaml:5: gpus pins 2 GPUs"},
 		{"max message timeout", base + "envoy: {max_message_timeout: 1s}\nmodels: {m: {}}\n", "c.yaml:3: envoy.max_message_timeout"},
-		// Envoy's idle timer runs through vgw's wait and the model's time
-		// to its first byte: 900s + 10m by default, so the old 960s is short.
-		{"idle timeout under wait plus first byte", base + "envoy: {stream_idle_timeout: 960s}\nmodels: {m: {}}\n", "c.yaml:3: envoy.stream_idle_timeout must be 0 (none) or at least envoy.max_message_timeout + envoy.first_byte_budget (25m0s)"},
+		// Envoy's idle timer runs through vgw's wait, then again through
+		// the model's time to its first byte: it must cover each.
+		{"idle timeout under the wait", base + "envoy: {stream_idle_timeout: 600s}\nmodels: {m: {}}\n", "c.yaml:3: envoy.stream_idle_timeout must be 0 (none) or at least the longest vgw holds a request (envoy.max_message_timeout, or message_timeout without it) and envoy.first_byte_budget (15m0s)"},
+		{"idle timeout under the first byte", base + "envoy: {first_byte_budget: 20m}\nmodels: {m: {}}\n", "c.yaml:3: envoy.stream_idle_timeout must be 0 (none) or at least the longest vgw holds a request (envoy.max_message_timeout, or message_timeout without it) and envoy.first_byte_budget (20m0s)"},
+		// Without max_message_timeout vgw holds a request up to message_timeout.
+		{"idle timeout under message_timeout", base + "envoy: {message_timeout: 30m, max_message_timeout: 0s, stream_idle_timeout: 20m}\nmodels: {m: {}}\n", "c.yaml:3: envoy.stream_idle_timeout must be 0 (none) or at least the longest vgw holds a request (envoy.max_message_timeout, or message_timeout without it) and envoy.first_byte_budget (30m0s)"},
+		{"message timeout over Envoy's bound", base + "envoy: {message_timeout: 2h, max_message_timeout: 0s, stream_idle_timeout: 0s}\nmodels: {m: {}}\n", "c.yaml:3: envoy.message_timeout must be at most 1h"},
+		// A sum would wrap; the rule takes the longer of the two.
+		{"huge first byte budget", base + "envoy: {stream_idle_timeout: 1s, first_byte_budget: 2562047h47m}\nmodels: {m: {}}\n", "c.yaml:3: envoy.stream_idle_timeout must be 0 (none)"},
 		{"negative first byte budget", base + "envoy: {first_byte_budget: -1s}\nmodels: {m: {}}\n", "c.yaml:3: envoy.first_byte_budget must not be negative"},
 		{"utilization", base + "models:\n  m:\n    gpu_memory_utilization: 1.5\n", "c.yaml:5: gpu_memory_utilization"},
 	}
@@ -103,15 +109,16 @@ func TestErrors(t *testing.T) {
 	}
 }
 
-// TestIdleTimeoutFitsWaitAndFirstByte: a shorter first-byte budget lets a
-// shorter stream_idle_timeout through.
+// TestIdleTimeoutFitsWaitAndFirstByte: stream_idle_timeout must cover the
+// longer of vgw's wait and the model's first byte, not their sum: Envoy
+// restarts the timer between them.
 func TestIdleTimeoutFitsWaitAndFirstByte(t *testing.T) {
-	c, err := Parse("c.yaml", []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nenvoy: {stream_idle_timeout: 960s, first_byte_budget: 60s}\nmodels: {m: {}}\n"))
+	c, err := Parse("c.yaml", []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nenvoy: {stream_idle_timeout: 960s, first_byte_budget: 16m}\nmodels: {m: {}}\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := c.Envoy.FirstByteBudget.Std(); got != time.Minute {
-		t.Fatalf("first_byte_budget %v, want 1m", got)
+	if got := c.Envoy.FirstByteBudget.Std(); got != 16*time.Minute {
+		t.Fatalf("first_byte_budget %v, want 16m", got)
 	}
 }
 

@@ -140,6 +140,10 @@ func (v *validator) duration(path []string, d Duration) {
 func (v *validator) envoy(c *Config) {
 	e := c.Envoy
 	v.duration([]string{"envoy", "message_timeout"}, e.MessageTimeout)
+	if e.MessageTimeout.Std() > time.Hour {
+		// Envoy's own bound (ext_proc.proto: message_timeout <= 3600s).
+		v.at([]string{"envoy", "message_timeout"}, "envoy.message_timeout must be at most 1h, as in Envoy")
+	}
 	if e.MaxMessageTimeout < 0 || e.MaxMessageTimeout.Std() > time.Hour {
 		// Envoy's own bound (ext_proc.proto: max_message_timeout <= 3600s).
 		v.at([]string{"envoy", "max_message_timeout"}, "envoy.max_message_timeout must be between 0 and 1h, as in Envoy")
@@ -154,8 +158,14 @@ func (v *validator) envoy(c *Config) {
 	if e.FirstByteBudget < 0 {
 		v.at([]string{"envoy", "first_byte_budget"}, "envoy.first_byte_budget must not be negative")
 	}
-	if e.StreamIdleTimeout < 0 || (e.StreamIdleTimeout > 0 && e.StreamIdleTimeout < e.MaxMessageTimeout+e.FirstByteBudget) {
-		v.at([]string{"envoy", "stream_idle_timeout"}, "envoy.stream_idle_timeout must be 0 (none) or at least envoy.max_message_timeout + envoy.first_byte_budget (%v), as Envoy's must: its timer runs from the request's last byte through vgw's wait and the model's time to its first byte, and cuts the request with 504", (e.MaxMessageTimeout + e.FirstByteBudget).Std())
+	// The longest vgw holds a request: max_message_timeout, or, when Envoy
+	// accepts no override, message_timeout (extproc's waitBudget).
+	wait := e.MaxMessageTimeout
+	if wait == 0 {
+		wait = e.MessageTimeout
+	}
+	if need := max(wait, e.FirstByteBudget); e.StreamIdleTimeout < 0 || (e.StreamIdleTimeout > 0 && e.StreamIdleTimeout < need) {
+		v.at([]string{"envoy", "stream_idle_timeout"}, "envoy.stream_idle_timeout must be 0 (none) or at least the longest vgw holds a request (envoy.max_message_timeout, or message_timeout without it) and envoy.first_byte_budget (%v), as Envoy's must: its timer runs through vgw's wait, then again from vgw's answer to the model's first byte, and cuts the request with 504", need.Std())
 	}
 }
 

@@ -59,8 +59,8 @@ func TestBrokenConfigs(t *testing.T) {
 		{name: "body not buffered", old: "request_body_mode: BUFFERED", new: "request_body_mode: STREAMED", wantCheck: "must be BUFFERED"},
 		{name: "stream closes before response ends", old: "response_trailer_mode: SEND", new: "response_trailer_mode: SKIP", wantCheck: "frees the slot early"},
 		{name: "buffered response body", old: "response_body_mode: NONE", new: "response_body_mode: BUFFERED", wantCheck: "must be NONE or STREAMED"},
-		{name: "idle timeout under the wait", old: "stream_idle_timeout: 1500s", new: "stream_idle_timeout: 300s", wantCheck: "stream_idle_timeout"},
-		{name: "idle timeout default", old: "          stream_idle_timeout: 1500s\n", new: "", wantCheck: "504"},
+		{name: "idle timeout under the wait", old: "stream_idle_timeout: 960s", new: "stream_idle_timeout: 300s", wantCheck: "stream_idle_timeout"},
+		{name: "idle timeout default", old: "          stream_idle_timeout: 960s\n", new: "", wantCheck: "504"},
 		{name: "no cluster_header route", old: "cluster_header: x-vgw-cluster", new: "cluster: vgw_extproc", wantCheck: "cluster_header"},
 		{name: "route to missing cluster", old: "cluster_header: x-vgw-cluster", new: "cluster: nowhere", wantCheck: `cluster "nowhere" is not defined`},
 		{name: "duplicate cluster", old: "  clusters:\n", new: "  clusters:\n  - name: vgw_extproc\n    connect_timeout: 1s\n", wantCheck: "duplicate cluster"},
@@ -128,12 +128,12 @@ func TestCheckAgainstIdleTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, StreamIdleTimeout: 1500 * time.Second}
+	want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, StreamIdleTimeout: 960 * time.Second}
 	for _, tc := range []struct {
 		name, old, new, problem string
 	}{
 		{name: "as shipped"},
-		{name: "the connection manager's differs", old: "stream_idle_timeout: 1500s", new: "stream_idle_timeout: 1200s", problem: "listeners[0] stream_idle_timeout"},
+		{name: "the connection manager's differs", old: "stream_idle_timeout: 960s", new: "stream_idle_timeout: 1200s", problem: "listeners[0] stream_idle_timeout"},
 		{name: "the route's own overrides it", old: "timeout: 0s", new: "timeout: 0s\n                  idle_timeout: 3600s", problem: "routes[0].route.idle_timeout"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

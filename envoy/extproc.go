@@ -119,7 +119,7 @@ func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcm
 		idle = t.AsDuration()
 	}
 	if idle != 0 && maxMsg > idle {
-		c.errorf(path, "max_message_timeout (%v) exceeds the connection manager's stream_idle_timeout (%v): a request still waiting would be cut with 504 (utility.cc maybeRequestTimeoutCode); raise stream_idle_timeout to max_message_timeout plus the time a model may take to its first byte", maxMsg, idle)
+		c.errorf(path, "max_message_timeout (%v) exceeds the connection manager's stream_idle_timeout (%v): a request still waiting would be cut with 504 (utility.cc maybeRequestTimeoutCode); raise stream_idle_timeout above it, and above the time a model may take to its first byte", maxMsg, idle)
 	}
 
 	found := false
