@@ -19,34 +19,31 @@ import (
 )
 
 // TestEnvoyIdleTimer: Envoy's stream idle timer runs from the request's
-// last byte to the response's first, through vgw's queue and the model's
-// time to its first byte (for a non-streamed answer, the whole
-// generation). A request that waited in the queue and then met a slow
-// non-streamed upstream is cut with Envoy's 504 unless stream_idle_timeout
-// covers both, which is why vgw's config insists on max_message_timeout +
+// last byte through vgw's queue, and again from vgw's answer, which sends
+// the body on to the model (filter_manager.cc decodeData restarts it),
+// through the model's time to its first byte: for a non-streamed answer,
+// the whole generation. Each stretch must fit stream_idle_timeout, which
+// is why vgw's config insists on it covering max_message_timeout and
 // first_byte_budget. Whatever Envoy does, vgw gives the slot back.
 func TestEnvoyIdleTimer(t *testing.T) {
-	const (
-		waited    = 6 * time.Minute  // in vgw's queue, on Envoy's clock
-		generated = 11 * time.Minute // the upstream's time to its first byte
-	)
 	for _, tc := range []struct {
-		name   string
-		idle   time.Duration
-		status int
-		detail string
+		name              string
+		idle              time.Duration
+		waited, generated time.Duration // on Envoy's clock
+		status            int
+		detail            string
 		// cutWhileQueued: the timer runs out while vgw still holds the
 		// request; else it runs out, if at all, upstream.
 		cutWhileQueued bool
 	}{
-		{name: "shipped 1500s covers the wait and the generation", idle: 1500 * time.Second, status: 200},
-		{name: "960s cuts the generation", idle: 960 * time.Second, status: 504, detail: extproctest.DetailIdleTimeout},
+		{name: "960s covers a 14m wait and a 14m generation", idle: 960 * time.Second, waited: 14 * time.Minute, generated: 14 * time.Minute, status: 200},
+		{name: "a generation longer than 960s is cut", idle: 960 * time.Second, waited: time.Minute, generated: 17 * time.Minute, status: 504, detail: extproctest.DetailIdleTimeout},
 		// Envoy's local 504 reaches vgw as response_headers while vgw still
 		// owes the body's answer; vgw, holding the request and reading
 		// nothing, does not answer, so ext_proc's own 504 goes out
 		// (filter_manager.cc sendDirectLocalReply) and vgw sees the stream
 		// reset.
-		{name: "Envoy's default 5m cuts the wait", idle: 5 * time.Minute, status: 504, detail: extproctest.DetailMessageTimeout, cutWhileQueued: true},
+		{name: "Envoy's default 5m cuts a 6m wait", idle: 5 * time.Minute, waited: 6 * time.Minute, status: 504, detail: extproctest.DetailMessageTimeout, cutWhileQueued: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, 20*time.Minute)}})
@@ -75,24 +72,32 @@ func TestEnvoyIdleTimer(t *testing.T) {
 				doneB <- res
 			}()
 			eventually(t, "b is queued and has its override", func() bool { return h.stats(t, "llama").Queued == 1 && env.Overrides() == 1 })
-			clock.Advance(waited)
+			clock.Advance(tc.waited)
 
 			var res *extproctest.Result
 			if tc.cutWhileQueued {
-				// The response_headers call now runs under its own 200ms
-				// message timer, which vgw leaves to run out.
-				res = advanceUntil(t, clock, doneB)
+				// The idle timer fired within Advance; the response_headers
+				// call it makes then runs under a message timer of its own,
+				// beside the body call's: wait for it, and let it run out.
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				defer cancel()
+				if err := clock.BlockUntilContext(ctx, 2); err != nil {
+					t.Fatal("the local reply's response_headers were never sent")
+				}
+				clock.Advance(f.MessageTimeout)
+				res = awaitResult(t, doneB)
+				eventually(t, "vgw sees b leave", func() bool { return h.stats(t, "llama").Queued == 0 })
 				close(a.chunks)
 			} else {
 				close(a.chunks) // a ends: b gets the slot and goes upstream
 				awaitClosed(t, arrived, "b reaches the upstream")
-				clock.Advance(generated)
+				clock.Advance(tc.generated)
 				if tc.status == 200 {
 					close(answer)
 				} else {
 					awaitClosed(t, cancelled, "Envoy resets b's upstream request")
 				}
-				res = advanceUntil(t, clock, doneB)
+				res = awaitResult(t, doneB)
 			}
 			<-doneA
 			if res.Status != tc.status || res.Details != tc.detail {
@@ -121,22 +126,17 @@ func TestEnvoyIdleTimer(t *testing.T) {
 	}
 }
 
-// advanceUntil moves clock on in message-timeout steps until a result
-// arrives: the timer it waits for is made by the harness at a moment the
-// test cannot see.
-func advanceUntil(t *testing.T, clock *clockwork.FakeClock, done <-chan *extproctest.Result) *extproctest.Result {
+// awaitResult waits for a request's result, failing the test if it never
+// comes.
+func awaitResult(t *testing.T, done <-chan *extproctest.Result) *extproctest.Result {
 	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for time.Now().Before(deadline) {
-		select {
-		case res := <-done:
-			return res
-		case <-time.After(time.Millisecond): // polling interval, not synchronisation
-			clock.Advance(200 * time.Millisecond)
-		}
+	select {
+	case res := <-done:
+		return res
+	case <-time.After(time.Minute):
+		t.Fatal("no result")
+		return nil
 	}
-	t.Fatal("no result")
-	return nil
 }
 
 // awaitClosed waits for ch to close, failing the test if it never does.
@@ -306,4 +306,54 @@ func TestEnvoyClosesStream(t *testing.T) {
 			h.idle(t, "llama")
 		})
 	}
+}
+
+// TestEnvoyIdleTimerMidResponse: once the response has begun, each chunk
+// restarts Envoy's idle timer, and a stream that then goes quiet for
+// stream_idle_timeout is reset (conn_manager_impl.cc onIdleTimeout):
+// vgw frees the slot when Envoy destroys the stream.
+func TestEnvoyIdleTimerMidResponse(t *testing.T) {
+	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}})
+	idle := repoFilter(t).StreamIdleTimeout
+	a, done := h.streaming(t, context.Background(), "a", "llama")
+	send := func() {
+		t.Helper()
+		select {
+		case a.chunks <- []byte("data: {}\n\n"):
+		case res := <-done:
+			t.Fatalf("the response ended early: %d timed out %v (%s)", res.Status, res.TimedOut, res.Details)
+		}
+	}
+	// The first chunk is taken once the response headers' call is over:
+	// from then on only the idle timer runs on the clock. The next come
+	// every half timeout, less a second. A send returns once the harness
+	// has the chunk, maybe before it restarted the timer, so at most two
+	// steps (under one timeout) run on an old start; the three steps
+	// without a restart would have run out.
+	send()
+	for range 3 {
+		h.clock.Advance(idle/2 - time.Second)
+		send()
+	}
+	if st := h.stats(t, "llama"); st.InFlight != 1 {
+		t.Fatalf("in flight %d while the response streams, want 1", st.InFlight)
+	}
+	// Then nothing comes: the timer runs out a timeout after the last
+	// chunk's restart, which the test cannot see, so the clock moves on
+	// in steps until it has.
+	var res *extproctest.Result
+	for deadline := time.Now().Add(time.Minute); res == nil; {
+		if time.Now().After(deadline) {
+			t.Fatal("no result")
+		}
+		select {
+		case res = <-done:
+		case <-time.After(time.Millisecond): // polling interval
+			h.clock.Advance(idle / 2)
+		}
+	}
+	if !res.TimedOut || res.Details != extproctest.DetailIdleTimeout || res.Status != 200 || len(res.Body) != 4*len("data: {}\n\n") {
+		t.Fatalf("status %d timed out %v (%s) body %q, want a 200 cut by the idle timer after 4 chunks", res.Status, res.TimedOut, res.Details, res.Body)
+	}
+	h.idle(t, "llama")
 }

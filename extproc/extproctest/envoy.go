@@ -48,12 +48,14 @@ type Filter struct {
 	// ext_proc stream.
 	Metadata map[string]string
 	// StreamIdleTimeout is the connection manager's stream_idle_timeout
-	// (or the route's idle_timeout, which replaces it); 0 is none. Only
-	// the client's traffic restarts it (conn_manager_impl.cc, and
-	// filter_manager.cc, which resets it as response headers and each
-	// chunk enter the encoder filters), so it runs from the request's last
-	// byte to the response's first: through the processor's wait and the
-	// upstream's time to its first byte.
+	// (or the route's idle_timeout, which replaces it); 0 is none. It
+	// restarts whenever request data passes a filter and whenever response
+	// headers or data enter the encoder filters (filter_manager.cc
+	// decodeData, encodeHeaders, encodeData; conn_manager_impl.cc at the
+	// request headers), so between the request's last byte and the
+	// response's first it runs twice: while the processor holds the
+	// request, and again from the processor's answer (the body moving on
+	// to the router) to the upstream's first byte.
 	StreamIdleTimeout time.Duration
 	// Clock runs the message and idle timers; nil is the real one. A test whose
 	// outcome must not depend on how fast the machine answers gives it a
@@ -239,6 +241,8 @@ type exchange struct {
 	// filter sets none.
 	clock clockwork.Clock
 	idle  clockwork.Timer
+	// cancelUpstream resets the upstream request; a no-op until there is one.
+	cancelUpstream context.CancelFunc
 	// stale is a request-side message whose reply may still come after a
 	// local reply overtook it: applied, but with no effect, since the
 	// decoder filters cannot continue once the response is under way
@@ -262,7 +266,8 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	}
 	res := &Result{}
 	x := &exchange{e: e, ctx: sctx, cancel: cancel, replies: make(chan reply, 4), resetAfter: req.ResetAfter,
-		mode: proto.Clone(e.filter.Mode).(*filterv3.ProcessingMode), res: res, clock: e.filter.Clock, stale: -1}
+		mode: proto.Clone(e.filter.Mode).(*filterv3.ProcessingMode), res: res, clock: e.filter.Clock, stale: -1,
+		cancelUpstream: func() {}}
 	if x.clock == nil {
 		x.clock = clockwork.NewRealClock()
 	}
@@ -367,7 +372,17 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	}
 	fwd := &Forwarded{Cluster: routeCluster, Headers: headers, Body: body}
 	res.Forwarded = fwd
-	up, err := x.forward(ctx, fwd)
+	if len(body) > 0 {
+		// The body moves on past the processor to the router: each
+		// filter's decodeData restarts the idle timer (filter_manager.cc
+		// decodeData, run by commonContinue's doData once the processor
+		// answered).
+		x.resetIdle()
+	}
+	uctx, cancelUpstream := context.WithCancel(ctx)
+	defer cancelUpstream() // the upstream request lasts as long as the response
+	x.cancelUpstream = cancelUpstream
+	up, err := x.forward(uctx, fwd)
 	switch {
 	case ctx.Err() != nil:
 		res.ClientReset = true
@@ -391,30 +406,45 @@ var errIdle = errors.New("stream idle timeout")
 func idleReply() *Response { return &Response{Status: 504, Body: []byte("stream timeout")} }
 
 // forward sends the request upstream and waits for the response's
-// headers, for as long as the idle timer allows.
+// headers, for as long as the idle timer allows. ctx is the upstream
+// request's; an Upstream must return once it ends, as a reset ends the
+// request to the real upstream.
 func (x *exchange) forward(ctx context.Context, fwd *Forwarded) (*Response, error) {
 	if x.idle == nil {
 		return x.e.upstream(ctx, fwd)
 	}
-	uctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	type answer struct {
 		r   *Response
 		err error
 	}
 	done := make(chan answer, 1)
 	go func() {
-		r, err := x.e.upstream(uctx, fwd)
+		r, err := x.e.upstream(ctx, fwd)
 		done <- answer{r, err}
 	}()
 	select {
 	case a := <-done:
 		return a.r, a.err
 	case <-x.idle.Chan():
-		cancel()
-		<-done // the upstream honours its context, as Envoy's reset ends it
+		x.cancelUpstream()
+		<-done
 		return nil, errIdle
 	}
+}
+
+// resetIdle restarts the idle timer, dropping a fire no one read: a fake
+// clock's timer keeps it in its channel across a Reset.
+func (x *exchange) resetIdle() {
+	if x.idle == nil {
+		return
+	}
+	if !x.idle.Stop() {
+		select {
+		case <-x.idle.Chan():
+		default:
+		}
+	}
+	x.idle.Reset(x.e.filter.StreamIdleTimeout)
 }
 
 // respond carries a response, the upstream's or Envoy's own local reply
@@ -427,9 +457,7 @@ func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*R
 	if detail != "" {
 		res.Details = detail
 	}
-	if x.idle != nil {
-		x.idle.Reset(x.e.filter.StreamIdleTimeout) // filter_manager.cc encodeHeaders
-	}
+	x.resetIdle() // filter_manager.cc encodeHeaders
 
 	// Response headers.
 	respHeaders := append([]Header{{":status", strconv.Itoa(up.Status)}}, up.Headers...)
@@ -498,8 +526,10 @@ func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*R
 		for {
 			select {
 			case <-idle:
-				// Mid-response the idle timer resets the stream
-				// (conn_manager_impl.cc onIdleTimeout: the response has begun).
+				// Mid-response the idle timer resets the stream, and with
+				// it the upstream request (conn_manager_impl.cc
+				// onIdleTimeout: the response has begun).
+				x.cancelUpstream()
 				res.TimedOut, res.Details = true, DetailIdleTimeout
 				return res, nil
 			case c, ok := <-up.Stream:
@@ -510,9 +540,7 @@ func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*R
 					}
 					break stream
 				}
-				if x.idle != nil {
-					x.idle.Reset(x.e.filter.StreamIdleTimeout) // filter_manager.cc encodeData
-				}
+				x.resetIdle() // filter_manager.cc encodeData
 				if bodyMode == filterv3.ProcessingMode_STREAMED {
 					if _, done := x.call(ctx, responseBody(c, false), kindResponseBody); done {
 						return res, nil
@@ -668,7 +696,7 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 			// ext_proc.cc onMessageTimeout: 504 when failing closed; when
 			// failing open, the stream is closed and the request goes on.
 			if f.FailureModeAllow {
-				x.bypass = true
+				x.bypass, x.res.Bypassed = true, true
 				x.closeEarly()
 				return nil, false
 			}
@@ -682,7 +710,7 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 			}
 			if rp.err != nil {
 				if f.FailureModeAllow {
-					x.bypass = true
+					x.bypass, x.res.Bypassed = true, true
 					x.closeEarly()
 					return nil, false
 				}
@@ -714,7 +742,7 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 				if f.FailureModeAllow {
 					// ext_proc.cc onReceiveMessage: a spurious message fails
 					// open like an error when the filter allows it.
-					x.bypass = true
+					x.bypass, x.res.Bypassed = true, true
 					x.closeEarly()
 					return nil, false
 				}
