@@ -58,6 +58,7 @@ func TestBrokenConfigs(t *testing.T) {
 		{name: "fail open", old: "failure_mode_allow: false", new: "failure_mode_allow: true", wantCheck: "fail-open"},
 		{name: "body not buffered", old: "request_body_mode: BUFFERED", new: "request_body_mode: STREAMED", wantCheck: "must be BUFFERED"},
 		{name: "stream closes before response ends", old: "response_trailer_mode: SEND", new: "response_trailer_mode: SKIP", wantCheck: "frees the slot early"},
+		{name: "request trailers skipped", old: "request_trailer_mode: SEND", new: "request_trailer_mode: SKIP", wantCheck: "trailers but no body", warning: true},
 		{name: "buffered response body", old: "response_body_mode: NONE", new: "response_body_mode: BUFFERED", wantCheck: "must be NONE or STREAMED"},
 		{name: "idle timeout under the wait", old: "stream_idle_timeout: 960s", new: "stream_idle_timeout: 300s", wantCheck: "stream_idle_timeout"},
 		{name: "idle timeout default", old: "          stream_idle_timeout: 960s\n", new: "", wantCheck: "504"},

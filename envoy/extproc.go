@@ -10,6 +10,7 @@ import (
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -91,6 +92,9 @@ func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcm
 	}
 	if m := pm.GetRequestBodyMode(); m != extprocv3.ProcessingMode_BUFFERED {
 		c.errorf(path+".processing_mode.request_body_mode", "must be BUFFERED: the model name is in the body, which must reach vgw whole before Envoy routes, got %v", m)
+	}
+	if pm.GetRequestTrailerMode() != extprocv3.ProcessingMode_SEND {
+		c.warnf(path+".processing_mode.request_trailer_mode", "SEND lets vgw answer a request that has trailers but no body; without it such a request goes on unrouted and gets Envoy's 503 (cluster not found)")
 	}
 	switch pm.GetResponseBodyMode() {
 	case extprocv3.ProcessingMode_NONE:
@@ -234,37 +238,59 @@ type streamIdle struct {
 	timeout time.Duration
 }
 
-// streamIdleTimeouts lists the idle timeout of every route vgw names the
-// cluster for (cluster_header), in the connection managers that run vgw's
-// ext_proc filter: the route's idle_timeout, which overrides the
-// connection manager's stream_idle_timeout, else that (5m unless set, 0
-// for none; http_connection_manager.proto, route_components.proto).
-func streamIdleTimeouts(b *bootstrapv3.Bootstrap) []streamIdle {
-	var out []streamIdle
-	for li, hcm := range staticHCMs(b) {
-		if !slices.ContainsFunc(hcm.GetHttpFilters(), func(hf *hcmv3.HttpFilter) bool {
-			_, ok := unpack(hf.GetTypedConfig(), &extprocv3.ExternalProcessor{})
-			return ok
-		}) {
-			continue
-		}
-		idle := defaultStreamIdleTimeout
-		if t := hcm.GetStreamIdleTimeout(); t != nil {
-			idle = t.AsDuration()
-		}
-		for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
-			for ri, r := range vh.GetRoutes() {
-				if r.GetRoute().GetClusterHeader() != ClusterHeader {
-					continue
+// vgwRoute is a route vgw names the cluster for (cluster_header), in a
+// connection manager that runs vgw's ext_proc filter, with where it is.
+type vgwRoute struct {
+	listener, vhost, route int
+	hcm                    *hcmv3.HttpConnectionManager
+	vh                     *routev3.VirtualHost
+}
+
+// vgwRoutes yields the routes vgw names the cluster for.
+func vgwRoutes(b *bootstrapv3.Bootstrap) iter.Seq2[vgwRoute, *routev3.Route] {
+	return func(yield func(vgwRoute, *routev3.Route) bool) {
+		for li, hcm := range staticHCMs(b) {
+			if !slices.ContainsFunc(hcm.GetHttpFilters(), func(hf *hcmv3.HttpFilter) bool {
+				_, ok := unpack(hf.GetTypedConfig(), &extprocv3.ExternalProcessor{})
+				return ok
+			}) {
+				continue
+			}
+			for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+				for ri, r := range vh.GetRoutes() {
+					if r.GetRoute().GetClusterHeader() != ClusterHeader {
+						continue
+					}
+					if !yield(vgwRoute{listener: li, vhost: vi, route: ri, hcm: hcm, vh: vh}, r) {
+						return
+					}
 				}
-				path, routeIdle := fmt.Sprintf("static_resources.listeners[%d] stream_idle_timeout", li), idle
-				if t := r.GetRoute().GetIdleTimeout(); t != nil {
-					path = fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].routes[%d].route.idle_timeout", li, vi, ri)
-					routeIdle = t.AsDuration()
-				}
-				out = append(out, streamIdle{path, routeIdle})
 			}
 		}
+	}
+}
+
+// idle is the route's idle timeout and the field that sets it: the
+// route's idle_timeout, which overrides the connection manager's
+// stream_idle_timeout, else that (5m unless set, 0 for none;
+// http_connection_manager.proto, route_components.proto).
+func (v vgwRoute) idle(r *routev3.Route) streamIdle {
+	if t := r.GetRoute().GetIdleTimeout(); t != nil {
+		return streamIdle{fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].routes[%d].route.idle_timeout", v.listener, v.vhost, v.route), t.AsDuration()}
+	}
+	idle := defaultStreamIdleTimeout
+	if t := v.hcm.GetStreamIdleTimeout(); t != nil {
+		idle = t.AsDuration()
+	}
+	return streamIdle{fmt.Sprintf("static_resources.listeners[%d] stream_idle_timeout", v.listener), idle}
+}
+
+// streamIdleTimeouts lists the idle timeout of every route vgw names the
+// cluster for.
+func streamIdleTimeouts(b *bootstrapv3.Bootstrap) []streamIdle {
+	var out []streamIdle
+	for v, r := range vgwRoutes(b) {
+		out = append(out, v.idle(r))
 	}
 	return out
 }
@@ -287,6 +313,15 @@ func vhostBodyLimit(vh *routev3.VirtualHost, conn int64) int64 {
 	return conn
 }
 
+// connBufferLimit is a listener's per_connection_buffer_limit_bytes, 1 MiB
+// unless set (listener.proto).
+func connBufferLimit(l *listenerv3.Listener) int64 {
+	if v := l.GetPerConnectionBufferLimitBytes(); v != nil {
+		return int64(v.GetValue())
+	}
+	return 1 << 20
+}
+
 // bodyLimits returns the request body buffer limit of every virtual host
 // in the static listeners: request_body_buffer_limit, else the listener's
 // per_connection_buffer_limit_bytes (1 MiB by default), as
@@ -295,10 +330,7 @@ func bodyLimits(b *bootstrapv3.Bootstrap) []bodyLimit {
 	var out []bodyLimit
 	listeners := b.GetStaticResources().GetListeners()
 	for li, hcm := range staticHCMs(b) {
-		conn := int64(1 << 20)
-		if v := listeners[li].GetPerConnectionBufferLimitBytes(); v != nil {
-			conn = int64(v.GetValue())
-		}
+		conn := connBufferLimit(listeners[li])
 		for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
 			path := fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].request_body_buffer_limit", li, vi)
 			out = append(out, bodyLimit{path, vhostBodyLimit(vh, conn)})
@@ -319,9 +351,9 @@ type Route struct {
 // RouteOf returns the first route vgw names the cluster for, and whether
 // b has one.
 func RouteOf(b *bootstrapv3.Bootstrap) (Route, bool) {
-	idle, limits := streamIdleTimeouts(b), bodyLimits(b)
-	if len(idle) == 0 || len(limits) == 0 {
-		return Route{}, false
+	for v, r := range vgwRoutes(b) {
+		conn := connBufferLimit(b.GetStaticResources().GetListeners()[v.listener])
+		return Route{StreamIdleTimeout: v.idle(r).timeout, BodyBufferLimit: vhostBodyLimit(v.vh, conn)}, true
 	}
-	return Route{StreamIdleTimeout: idle[0].timeout, BodyBufferLimit: limits[0].bytes}, true
+	return Route{}, false
 }

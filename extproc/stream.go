@@ -19,7 +19,7 @@ import (
 // request. What Envoy sends, and when it closes the stream, follows from the
 // filter's processing mode; envoy/envoy.yaml sets the one vgw is built for:
 //
-//	request headers SEND, request body BUFFERED, request trailers SKIP,
+//	request headers SEND, request body BUFFERED, request trailers SEND,
 //	response headers SEND, response body NONE, response trailers SEND.
 //
 // With response trailers SEND and no response body processing, Envoy keeps
@@ -102,6 +102,7 @@ type stream struct {
 	idle      *idleWatch
 	responded bool // response headers came: no bound from here on
 	streamed  bool // admitted at its headers: its body streams upstream after
+	modelList bool // the request headers asked for the model list
 }
 
 // recv reads Envoy's next message. While a request waits (for a slot, for
@@ -184,6 +185,12 @@ func (st *stream) handle(req *extprocv3.ProcessingRequest) (done bool, err error
 		}
 		return st.requestBody(r.RequestBody)
 	case *extprocv3.ProcessingRequest_RequestTrailers:
+		if st.phase == phaseRequestBody {
+			// Trailers where the body should be: the request had none
+			// (ext_proc.cc onTrailers sends no body message when nothing
+			// was buffered), and this is vgw's last look at it.
+			return true, st.noBody()
+		}
 		return false, st.send(continueRequestTrailers)
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
 		return false, st.responseHeaders(r.ResponseHeaders)
@@ -235,15 +242,21 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 		// body at all.
 		return st.decide(model, true)
 	}
+	st.modelList = string(method) == "GET" && isModelList(path)
 	if h.GetEndOfStream() {
-		if string(method) == "GET" && isModelList(path) {
-			return true, st.send(modelList(st.s.models.Load().list))
-		}
-		return true, st.reject(emptyModel, badRequest(`The request has no body, so no "model" to route by.`, "missing_model"), 0, time.Time{})
+		return true, st.noBody()
 	}
 	st.phase = phaseRequestBody
 	st.extended = false
 	return false, st.send(continueRequestHeaders)
+}
+
+// noBody answers a request that has no body: the model list, or 400.
+func (st *stream) noBody() error {
+	if st.modelList {
+		return st.send(modelList(st.s.models.Load().list))
+	}
+	return st.reject(emptyModel, badRequest(`The request has no body, so no "model" to route by.`, "missing_model"), 0, time.Time{})
 }
 
 // isModelList reports whether path is /v1/models, with or without a query.

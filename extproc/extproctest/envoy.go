@@ -244,9 +244,8 @@ type exchange struct {
 	// cancelUpstream resets the upstream request; a no-op until there is one.
 	cancelUpstream context.CancelFunc
 	// stale is a request-side message whose reply may still come after a
-	// local reply overtook it: applied, but with no effect, since the
-	// decoder filters cannot continue once the response is under way
-	// (filter_manager.cc canContinue). -1 when there is none.
+	// local reply overtook it; the harness takes it and goes no further
+	// (see idleDuringCall). -1 when there is none.
 	stale kind
 }
 
@@ -761,7 +760,13 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 // response_headers on the same stream, under its own message timer,
 // though the request-side reply is still owed: nothing in ext_proc.cc
 // onHeaders looks at the other direction. A late reply to the pending
-// call is applied to no effect. If the processor does not answer the
+// call is taken and the request goes no further. That is kinder than
+// Envoy may be: a local reply made from a timer does not abort the decoder
+// filters (filter_manager.cc sendLocalReply aborts them only from within a
+// decoder callback), so Envoy may continue decoding into the router;
+// vgw never answers a request it still holds in its queue, so it meets
+// this only when it admits a request in the instant the timer runs out.
+// If the processor does not answer the
 // response_headers in time, ext_proc's 504 goes straight to the codec
 // (filter_manager.cc sendDirectLocalReply) with an empty body; failing
 // open, the idle timer's own reply goes out unprocessed.
