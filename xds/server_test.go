@@ -672,11 +672,22 @@ func TestRequestAfterRejectionIsNoACK(t *testing.T) {
 
 	f.src.set("llama", "10.0.0.9:8000")
 	f.srv.Notify()
+	cds2 := next(resource.ClusterType) // vgw sends the clusters first
 	rejected := next(resource.EndpointType)
 	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names, VersionInfo: eds.GetVersionInfo(),
 		ResponseNonce: rejected.GetNonce(), ErrorDetail: &status.Status{Code: 3, Message: "no"}})
 	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names, VersionInfo: eds.GetVersionInfo(),
 		ResponseNonce: rejected.GetNonce()})
+	// vgw reads a stream's requests in order: once it has the clusters'
+	// acknowledgement sent after them, it has judged both.
+	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.ClusterType, VersionInfo: cds2.GetVersionInfo(), ResponseNonce: cds2.GetNonce()})
+	eventually(t, "the clusters acknowledged", func() bool {
+		n, _ := f.srv.Status()
+		return len(n) == 1 && n[0].Clusters == cds2.GetVersionInfo()
+	})
+	if n, _ := f.srv.Status(); n[0].Routes != eds.GetVersionInfo() {
+		t.Fatalf("endpoints acknowledged at %s, want still %s", n[0].Routes, eds.GetVersionInfo())
+	}
 
 	short, c2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer c2()
