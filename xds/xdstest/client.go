@@ -194,6 +194,13 @@ func (c *Client) attach(stream *adsStream, reconnect bool) {
 	c.stream = stream
 	c.err = nil
 	clear(c.streamAcked)
+	// Nothing meant for the old stream goes on the new one, and no event
+	// handled before established sends an old nonce on it (grpc_mux_impl.cc
+	// clears them as the stream is established, before any request).
+	c.out = nil
+	for _, api := range c.api {
+		api.nonce = ""
+	}
 	c.mu.Unlock()
 	if old != nil {
 		old.cancel()
@@ -446,8 +453,10 @@ func (c *Client) applyEndpoints(resp *discoverygrpc.DiscoveryResponse) error {
 			return fmt.Errorf("load assignment %s is invalid: %w", la.GetClusterName(), err)
 		}
 		if las[la.GetClusterName()] != nil {
-			// eds.cc onConfigUpdate: "Unexpected EDS resource length".
-			return fmt.Errorf("load assignment %s given twice", la.GetClusterName())
+			// The first of each name is taken (grpc_mux_impl.cc
+			// processDiscoveryResources keys them by name), so each
+			// cluster's watch sees one.
+			continue
 		}
 		las[la.GetClusterName()] = la
 	}
