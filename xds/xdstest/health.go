@@ -210,15 +210,7 @@ func (c *Client) handleSuccess(cl *cluster, s *session) {
 			t = changePending
 		}
 	}
-	s.first = false
-	c.checkComplete(cl, s.host, t)
-	if !s.stopped {
-		s.interval = c.after(c.interval(cl, true, t), func() {
-			if !s.stopped && !cl.stopped {
-				c.runCheck(cl, s)
-			}
-		})
-	}
+	c.checkEnded(cl, s, true, t)
 }
 
 // handleFailure: a passing host fails at once on an answer that is not
@@ -235,10 +227,16 @@ func (c *Client) handleFailure(cl *cluster, s *session, f failure) {
 			t = changePending
 		}
 	}
+	c.checkEnded(cl, s, false, t)
+}
+
+// checkEnded ends a check: the cluster hears its result and, unless the
+// host is gone, the next check is timed by whether it passed.
+func (c *Client) checkEnded(cl *cluster, s *session, passed bool, t transition) {
 	s.first = false
 	c.checkComplete(cl, s.host, t)
 	if !s.stopped {
-		s.interval = c.after(c.interval(cl, false, t), func() {
+		s.interval = c.after(c.interval(cl, passed, t), func() {
 			if !s.stopped && !cl.stopped {
 				c.runCheck(cl, s)
 			}
