@@ -193,6 +193,11 @@ func TestTrailers(t *testing.T) {
 			status: 200, sent: []string{"request_headers", "request_trailers"}},
 		{name: "no body, SKIP", mode: filterv3.ProcessingMode_SKIP, req: extproctest.Request{Trailers: trailers},
 			status: 503, sent: []string{"request_headers", "response_headers"}},
+		// vgw never sees this request whole, so it drops the client's own
+		// x-vgw-cluster at the headers: Envoy may not route by it.
+		{name: "no body, SKIP, the client names a cluster", mode: filterv3.ProcessingMode_SKIP,
+			req:    extproctest.Request{Trailers: trailers, Headers: []extproctest.Header{{Key: "x-vgw-cluster", Value: "vgw/llama"}}},
+			status: 503, sent: []string{"request_headers", "response_headers"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}})
@@ -209,6 +214,9 @@ func TestTrailers(t *testing.T) {
 			}
 			if !slices.Equal(res.Sent, tc.sent) {
 				t.Errorf("Envoy sent %v, want %v", res.Sent, tc.sent)
+			}
+			if tc.status != 200 && res.Forwarded != nil {
+				t.Errorf("forwarded to %q", res.Forwarded.Cluster)
 			}
 			h.idle(t, "llama")
 		})

@@ -218,7 +218,7 @@ func headerValue(h *corev3.HeaderValue) []byte {
 
 func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 	var method, path, model, contentLength []byte
-	var hasModel bool
+	var hasModel, hasCluster bool
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		switch hv.GetKey() {
 		case ":method":
@@ -229,6 +229,8 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 			model, hasModel = headerValue(hv), true
 		case "content-length":
 			contentLength = headerValue(hv)
+		case HeaderCluster:
+			hasCluster = true
 		}
 	}
 	if len(contentLength) > 0 {
@@ -248,8 +250,21 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 	}
 	st.phase = phaseRequestBody
 	st.extended = false
+	if hasCluster {
+		return false, st.send(dropClientCluster)
+	}
 	return false, st.send(continueRequestHeaders)
 }
+
+// dropClientCluster goes on to the body without the client's own
+// x-vgw-cluster: the route was resolved from it, so the cache is cleared
+// too (router.cc recomputes it). vgw sets the header itself on every
+// request it admits; this keeps one it never sees whole (a request whose
+// only message after the headers is trailers Envoy skips, ext_proc.cc
+// onTrailers) from being routed where the client chose.
+var dropClientCluster = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{
+	Response: &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: []string{HeaderCluster}}, ClearRouteCache: true},
+}}}
 
 // noBody answers a request that has no body: the model list, or 400.
 func (st *stream) noBody() error {
@@ -281,6 +296,11 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 	body := b.GetBody()
 	if !st.wholeBody(b) || len(body) > st.s.maxBody {
 		return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, time.Time{})
+	}
+	if len(body) == 0 {
+		// An empty chunk that ends the request (a chunked HTTP/1.1 body
+		// of nothing: processor_state.cc handleCompleteBodyAvailable).
+		return true, st.noBody()
 	}
 	name, err := ExtractModel(body)
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
@@ -158,6 +159,34 @@ func TestBodyWithoutEndOfStream(t *testing.T) {
 			}
 			if got != tc.want {
 				t.Fatalf("answered %s, want %s", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestEmptyBody: a body that is one empty chunk ending the request (a
+// chunked HTTP/1.1 body of nothing) is a request without a body.
+func TestEmptyBody(t *testing.T) {
+	for _, tc := range []struct {
+		method, path string
+		want         int
+	}{
+		{"GET", "/v1/models", 200},
+		{"POST", "/v1/chat/completions", 400},
+	} {
+		t.Run(tc.method, func(t *testing.T) {
+			s := New([]Model{{Name: "m", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}}, readyManager{Route{Cluster: "c"}})
+			headers := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+				Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: ":method", RawValue: []byte(tc.method)}, {Key: ":path", RawValue: []byte(tc.path)}}}}},
+				ProtocolConfig: &extprocv3.ProtocolConfiguration{RequestBodyMode: filterv3.ProcessingMode_BUFFERED}}
+			body := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{EndOfStream: true}}}
+			srv := &scriptedStream{ctx: context.Background(), msgs: []*extprocv3.ProcessingRequest{headers, body}, end: io.EOF}
+			if err := s.Process(srv); err != nil {
+				t.Fatal(err)
+			}
+			ir := srv.sent[len(srv.sent)-1].GetImmediateResponse()
+			if ir == nil || int(ir.GetStatus().GetCode()) != tc.want {
+				t.Fatalf("answered %v, want %d", srv.sent, tc.want)
 			}
 		})
 	}
