@@ -258,11 +258,15 @@ func TestEnvoyFailsOpen(t *testing.T) {
 }
 
 // TestEnvoyClosesStream: when Envoy closes the ext_proc stream, which is
-// when vgw frees the slot of an admitted request, depends on the modes
-// and on the response (ext_proc.cc closeGrpcStreamIfLastRespReceived,
-// onDestroy; processor_state.cc isLastResponseAfterHeaderResp). With the
-// shipped modes a streamed response holds the stream, and so the slot,
-// until the HTTP stream ends.
+// when vgw frees the slot of an admitted request, depends on the modes,
+// the response, and whether the request direction is done with the
+// processor: the stream closes early only once both are (ext_proc.cc
+// closeGrpcStreamIfLastRespReceived, noMoreExternalProcess;
+// processor_state.cc isLastResponseAfterHeaderResp). A buffered request
+// body's reply never ends its direction (eosSeenInBody), so a request
+// admitted on its body holds the stream, and its slot, until the HTTP
+// stream ends (onDestroy); one admitted at its headers (x-vgw-model,
+// its body then not processed) can close at the response headers.
 func TestEnvoyClosesStream(t *testing.T) {
 	complete := func(context.Context, *extproctest.Forwarded) (*extproctest.Response, error) {
 		return &extproctest.Response{Status: 200, Body: []byte(`{"choices":[]}`)}, nil
@@ -278,16 +282,19 @@ func TestEnvoyClosesStream(t *testing.T) {
 		respBody     filterv3.ProcessingMode_BodySendMode
 		respTrailers filterv3.ProcessingMode_HeaderSendMode
 		upstream     extproctest.Upstream
+		atHeaders    bool // the request names its model in x-vgw-model
 		model        string
 		closed       string
 	}{
-		{name: "shipped modes, whole body with the headers", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, closed: "response_headers"},
-		{name: "shipped modes, streamed body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: streamed, closed: "destroy"},
-		{name: "trailers SKIP, streamed body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SKIP, upstream: streamed, closed: "response_headers"},
-		{name: "STREAMED body", respBody: filterv3.ProcessingMode_STREAMED, respTrailers: filterv3.ProcessingMode_SEND, upstream: streamed, closed: "response_body"},
+		{name: "shipped modes, admitted on the body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, closed: "destroy"},
+		{name: "shipped modes, admitted at the headers, whole body with the headers", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, atHeaders: true, closed: "response_headers"},
+		{name: "shipped modes, admitted at the headers, streamed body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: streamed, atHeaders: true, closed: "destroy"},
+		{name: "trailers SKIP, admitted at the headers, streamed body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SKIP, upstream: streamed, atHeaders: true, closed: "response_headers"},
+		{name: "trailers SKIP, admitted on the body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SKIP, upstream: streamed, closed: "destroy"},
+		{name: "STREAMED body, admitted at the headers", respBody: filterv3.ProcessingMode_STREAMED, respTrailers: filterv3.ProcessingMode_SEND, upstream: streamed, atHeaders: true, closed: "response_body"},
 		// A buffered body's reply never counts as the end (ext_proc.cc
 		// eosSeenInBody).
-		{name: "BUFFERED body", respBody: filterv3.ProcessingMode_BUFFERED, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, closed: "destroy"},
+		{name: "BUFFERED body, admitted at the headers", respBody: filterv3.ProcessingMode_BUFFERED, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, atHeaders: true, closed: "destroy"},
 		{name: "rejected at the body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, model: "nope", closed: "request_body"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -296,7 +303,11 @@ func TestEnvoyClosesStream(t *testing.T) {
 			f.Clock = h.clock
 			f.Mode.ResponseBodyMode, f.Mode.ResponseTrailerMode = tc.respBody, tc.respTrailers
 			model := cmp.Or(tc.model, "llama")
-			res, err := extproctest.New(h.conn, f, tc.upstream).Do(context.Background(), req("c", chat(model)))
+			r := req("c", chat(model))
+			if tc.atHeaders {
+				r.Headers = append(r.Headers, extproctest.Header{Key: "x-vgw-model", Value: model})
+			}
+			res, err := extproctest.New(h.conn, f, tc.upstream).Do(context.Background(), r)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -241,6 +241,10 @@ type exchange struct {
 	// filter sets none.
 	clock clockwork.Clock
 	idle  clockwork.Timer
+	// reqDone: the request direction has had its last reply
+	// (decoding_state_.noMoreExternalProcess); the stream closes early only
+	// once both directions are done.
+	reqDone bool
 	// cancelUpstream resets the upstream request; a no-op until there is one.
 	cancelUpstream context.CancelFunc
 	// stale is a request-side message whose reply may still come after a
@@ -321,6 +325,20 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 			}
 			x.overrideMode(r.GetModeOverride())
 		}
+		// processor_state.cc isLastResponseAfterHeaderResp: the whole
+		// request is in by now (the client sent it at once).
+		sendTrailers := x.mode.GetRequestTrailerMode() == filterv3.ProcessingMode_SEND
+		hasTrailers := len(req.Trailers) > 0
+		switch {
+		case len(req.Body) == 0 && !hasTrailers:
+			x.requestDone()
+		case x.mode.GetRequestBodyMode() == filterv3.ProcessingMode_NONE && (!sendTrailers || !hasTrailers):
+			x.requestDone()
+		case x.mode.GetRequestBodyMode() != filterv3.ProcessingMode_NONE && !sendTrailers && hasTrailers:
+			x.requestDone()
+		}
+	} else if x.mode.GetRequestBodyMode() == filterv3.ProcessingMode_NONE && x.mode.GetRequestTrailerMode() != filterv3.ProcessingMode_SEND {
+		x.reqDone = true // no request processing configured (noExternalProcess)
 	}
 
 	// Request body.
@@ -352,6 +370,12 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 					routeCluster = get(headers, e.filter.ClusterHeader)
 				}
 			}
+			// A buffered body's reply is the direction's last only when
+			// trailers came that are not sent (isLastResponseAfterBodyResp;
+			// eosSeenInBody is false for BUFFERED).
+			if len(req.Trailers) > 0 && x.mode.GetRequestTrailerMode() != filterv3.ProcessingMode_SEND {
+				x.requestDone()
+			}
 		default:
 			return nil, errors.New("extproctest: request_body_mode " + x.mode.GetRequestBodyMode().String() + " is not played")
 		}
@@ -362,6 +386,7 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 		}, kindRequestTrailers); done {
 			return res, nil
 		}
+		x.requestDone()
 	}
 
 	// Router.
@@ -464,7 +489,9 @@ func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*R
 		respHeaders = append(respHeaders, Header{"content-type", "text/plain"}) // utility.cc sendLocalReply
 	}
 	endAtHeaders := len(up.Body) == 0 && up.Stream == nil && len(up.Trailers) == 0
+	replied := false
 	if x.mode.GetResponseHeaderMode() != filterv3.ProcessingMode_SKIP && !x.bypass {
+		replied = true
 		r, done := x.call(ctx, &extprocv3.ProcessingRequest{
 			Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
 				Headers: headerMap(respHeaders), EndOfStream: endAtHeaders}},
@@ -486,7 +513,7 @@ func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*R
 	// A body that is not streamed comes with the headers, in the same read
 	// from the upstream, so Envoy has all of it before the processor's
 	// reply can be read.
-	x.maybeCloseAfterHeaders(up.Stream == nil, len(up.Trailers) > 0)
+	x.maybeCloseAfterHeaders(up.Stream == nil, len(up.Trailers) > 0, replied)
 
 	// Response body.
 	bodyMode := x.mode.GetResponseBodyMode()
@@ -558,7 +585,7 @@ func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*R
 			}
 		}
 	}
-	if bodyMode == filterv3.ProcessingMode_STREAMED && len(up.Trailers) == 0 {
+	if bodyMode == filterv3.ProcessingMode_STREAMED && len(up.Trailers) == 0 && x.reqDone {
 		x.closeEarly() // STREAMED: closed at the end_of_stream chunk (ext_proc.cc)
 	}
 	if bodyMode == filterv3.ProcessingMode_BUFFERED && (len(heldBack) > 0 || len(up.Trailers) > 0) {
@@ -580,7 +607,9 @@ func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*R
 		}, kindResponseTrailers); done {
 			return res, nil
 		}
-		x.closeEarly()
+		if x.reqDone {
+			x.closeEarly()
+		}
 	}
 	return res, nil
 }
@@ -590,16 +619,38 @@ func responseBody(b []byte, eos bool) *extprocv3.ProcessingRequest {
 }
 
 // maybeCloseAfterHeaders plays Envoy 1.37's early close after the response
-// headers reply (ext_proc.cc closeGrpcStreamIfLastRespReceived,
-// processor_state.cc isLastResponseAfterHeaderResp): with no body
-// processing, the stream closes now if no trailers phase is configured, or
-// if the whole body has already arrived (completeBodyAvailable) with no
-// trailers after it; else at the trailers' reply or onDestroy.
-func (x *exchange) maybeCloseAfterHeaders(bodyComplete, hasTrailers bool) {
+// headers (ext_proc.cc closeGrpcStreamIfLastRespReceived, encodeHeaders;
+// processor_state.cc isLastResponseAfterHeaderResp). With no response
+// processing configured at all, encodeHeaders closes the stream. Else,
+// after the headers' reply, with no body processing, this direction is
+// done if no trailers phase is configured, or if the whole body has
+// already arrived (completeBodyAvailable) with no trailers after it; and
+// the stream closes only if the request direction is done too
+// (noMoreExternalProcess). Otherwise it closes later, or at onDestroy.
+func (x *exchange) maybeCloseAfterHeaders(bodyComplete, hasTrailers, replied bool) {
 	if x.mode.GetResponseBodyMode() != filterv3.ProcessingMode_NONE {
 		return
 	}
-	if x.mode.GetResponseTrailerMode() != filterv3.ProcessingMode_SEND || (bodyComplete && !hasTrailers) {
+	noTrailers := x.mode.GetResponseTrailerMode() != filterv3.ProcessingMode_SEND
+	if !replied {
+		if noTrailers {
+			x.closeEarly()
+		}
+		return
+	}
+	if x.reqDone && (noTrailers || (bodyComplete && !hasTrailers)) {
+		x.closeEarly()
+	}
+}
+
+// requestDone marks the request direction finished with the processor
+// (processor_state.h setLastResponseForDirection); with no response
+// processing configured, that ends the stream (ext_proc.cc
+// closeGrpcStreamIfLastRespReceived: encoding_state_.noMoreExternalProcess).
+func (x *exchange) requestDone() {
+	x.reqDone = true
+	if x.mode.GetResponseHeaderMode() == filterv3.ProcessingMode_SKIP && x.mode.GetResponseBodyMode() == filterv3.ProcessingMode_NONE &&
+		x.mode.GetResponseTrailerMode() != filterv3.ProcessingMode_SEND {
 		x.closeEarly()
 	}
 }
