@@ -90,18 +90,21 @@ type Envoy struct {
 	// servers; 0 leaves them off (vgw checks /health before it routes).
 	HealthCheckInterval Duration `yaml:"health_check_interval"`
 	// StreamIdleTimeout is the connection manager's stream_idle_timeout:
-	// the longest a request goes without a byte to or from its client
-	// before Envoy ends it, so the longest a real Envoy leaves an ext_proc
-	// stream silent before the response begins. vgw ends a stream silent
-	// for a minute longer (extproc.WithStreamIdleTimeout); 0 sets no bound.
-	// Envoy restarts its timer when request data passes a filter and when
-	// the response's headers and data do (filter_manager.cc decodeData,
-	// encodeHeaders, encodeData), so after a request's last byte it runs
-	// through vgw's wait (at most MaxMessageTimeout), and again from vgw's
-	// answer, which lets the body go on to the model, through the model's
-	// time to its first byte (at most FirstByteBudget): it must cover
-	// each. When it runs out Envoy answers 504 (408 while the body is
-	// still arriving: utility.cc maybeRequestTimeoutCode).
+	// the longest a request goes with nothing moving through Envoy's
+	// filters before Envoy ends it, so the longest a real Envoy leaves an
+	// ext_proc stream silent before the response begins. vgw ends a stream
+	// silent for a minute longer (extproc.WithStreamIdleTimeout); 0 sets
+	// no bound. Envoy restarts its timer when request data passes a filter
+	// and when the response's headers and data do (filter_manager.cc
+	// decodeData, encodeHeaders, encodeData), so after a request's last
+	// byte it runs through vgw's wait (at most MaxMessageTimeout, or
+	// MessageTimeout without it), and again from vgw's answer, which lets
+	// the body go on to the model, through the model's time to its first
+	// byte (at most FirstByteBudget): it must cover each. A request with
+	// no body (one that names its model in x-vgw-model) has no such
+	// restart: one stretch covers both. When it runs out Envoy answers 504
+	// (408 while the body is still arriving: utility.cc
+	// maybeRequestTimeoutCode).
 	StreamIdleTimeout Duration `yaml:"stream_idle_timeout"`
 	// FirstByteBudget is the longest a model may take to begin its answer
 	// once a request reaches it: for a streamed answer the first token,

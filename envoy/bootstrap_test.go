@@ -46,6 +46,8 @@ func TestBrokenConfigs(t *testing.T) {
 		wantParse string // the parse must fail with this
 		wantCheck string // or the check must report this
 		warning   bool   // the check's report is a warning only
+		// noMaxMessage also drops max_message_timeout.
+		noMaxMessage bool
 	}{
 		{name: "unknown field", old: "codec_type: AUTO", new: "codec_typo: AUTO", wantParse: "codec_typo"},
 		{name: "bad enum", old: "request_body_mode: BUFFERED", new: "request_body_mode: BUFFERD", wantParse: "BUFFERD"},
@@ -62,6 +64,10 @@ func TestBrokenConfigs(t *testing.T) {
 		{name: "buffered response body", old: "response_body_mode: NONE", new: "response_body_mode: BUFFERED", wantCheck: "must be NONE or STREAMED"},
 		{name: "idle timeout under the wait", old: "stream_idle_timeout: 960s", new: "stream_idle_timeout: 300s", wantCheck: "stream_idle_timeout"},
 		{name: "idle timeout default", old: "          stream_idle_timeout: 960s\n", new: "", wantCheck: "504"},
+		// A route's own idle_timeout replaces the connection manager's.
+		{name: "route idle timeout under the wait", old: "timeout: 0s", new: "timeout: 0s\n                  idle_timeout: 300s", wantCheck: "routes[0]: has an idle timeout"},
+		// Without max_message_timeout vgw holds a request up to message_timeout.
+		{name: "message timeout over the idle timeout", old: "message_timeout: 0.2s", new: "message_timeout: 1200s", wantCheck: "under the 20m0s vgw may hold a request", noMaxMessage: true},
 		{name: "no cluster_header route", old: "cluster_header: x-vgw-cluster", new: "cluster: vgw_extproc", wantCheck: "cluster_header"},
 		{name: "route to missing cluster", old: "cluster_header: x-vgw-cluster", new: "cluster: nowhere", wantCheck: `cluster "nowhere" is not defined`},
 		{name: "duplicate cluster", old: "  clusters:\n", new: "  clusters:\n  - name: vgw_extproc\n    connect_timeout: 1s\n", wantCheck: "duplicate cluster"},
@@ -80,6 +86,9 @@ func TestBrokenConfigs(t *testing.T) {
 				t.Fatalf("envoy.yaml no longer contains %q; update the test", tt.old)
 			}
 			broken := strings.Replace(string(orig), tt.old, tt.new, 1)
+			if tt.noMaxMessage {
+				broken = strings.Replace(broken, "max_message_timeout: 900s", "max_message_timeout: 0s", 1)
+			}
 			b, err := Parse([]byte(broken))
 			if tt.wantParse != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantParse) {

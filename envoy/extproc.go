@@ -118,12 +118,14 @@ func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcm
 	if maxMsg == 0 {
 		c.warnf(path+".max_message_timeout", "unset: Envoy accepts no override_message_timeout, so a request can wait for a slot or a load only message_timeout (default 200ms)")
 	}
-	idle := defaultStreamIdleTimeout
-	if t := hcm.GetStreamIdleTimeout(); t != nil {
-		idle = t.AsDuration()
-	}
-	if idle != 0 && maxMsg > idle {
-		c.errorf(path, "max_message_timeout (%v) exceeds the connection manager's stream_idle_timeout (%v): a request still waiting would be cut with 504 (utility.cc maybeRequestTimeoutCode); raise stream_idle_timeout above it, and above the time a model may take to its first byte", maxMsg, idle)
+	// The longest vgw holds a request: max_message_timeout, or without
+	// it message_timeout (200ms unless set, config.h).
+	wait := maxMsg
+	if wait == 0 {
+		wait = 200 * time.Millisecond
+		if t := ep.GetMessageTimeout(); t != nil {
+			wait = t.AsDuration()
+		}
 	}
 
 	found := false
@@ -134,6 +136,10 @@ func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcm
 				continue
 			}
 			found = true
+			if idle := (vgwRoute{hcm: hcm}).idle(r).timeout; idle != 0 && wait > idle {
+				c.errorf(fmt.Sprintf("route_config.virtual_hosts[%d].routes[%d]", vi, ri),
+					"has an idle timeout (its idle_timeout, else the connection manager's stream_idle_timeout) of %v, under the %v vgw may hold a request (max_message_timeout, or message_timeout without it): a request still waiting would be cut with 504 (utility.cc maybeRequestTimeoutCode); raise it above that, and above the time a model may take to its first byte", idle, wait)
+			}
 			if ra.GetTimeout() == nil {
 				c.warnf(fmt.Sprintf("route_config.virtual_hosts[%d].routes[%d].route.timeout", vi, ri),
 					"unset: Envoy's default %v cuts streamed responses that take longer; set 0s", defaultRouteTimeout)

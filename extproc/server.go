@@ -444,7 +444,7 @@ func (s *Server) record(ctx context.Context, at time.Time, model *string, o Outc
 // waitBudget is how long a request may wait in all (for a slot, then for
 // its model), and the margin kept before Envoy's own timer would fire.
 // Envoy gives a reply message_timeout (200 ms by default) unless vgw
-// extends it, once per phase, with override_message_timeout, which Envoy
+// extends it (once per message) with override_message_timeout, which Envoy
 // accepts only up to max_message_timeout
 // (source/extensions/filters/http/ext_proc/processor_state.cc,
 // ext_proc.cc). vgw therefore answers 504 itself a margin before the longest

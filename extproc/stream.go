@@ -499,7 +499,7 @@ func retryAfterOf(err error) int {
 
 // extendTimeout asks Envoy, once per phase, to wait for vgw's answer until
 // a margin past deadline (override_message_timeout; ext_proc.cc accepts it
-// only within max_message_timeout and only the first time in a phase).
+// only within max_message_timeout, and once per message: vgw needs one).
 func (st *stream) extendTimeout(deadline time.Time, margin time.Duration) error {
 	if st.extended || st.s.maxMessageTimeout <= 0 {
 		return nil

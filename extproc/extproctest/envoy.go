@@ -768,9 +768,10 @@ func (x *exchange) call(ctx context.Context, msg *extprocv3.ProcessingRequest, w
 			}
 			r := rp.r
 			if d := r.GetOverrideMessageTimeout(); d != nil {
-				// Accepted once per phase, within [1ms, max_message_timeout],
-				// and it only restarts the timer (processor_state.cc,
-				// ext_proc.cc handleMessageTimeoutOverride).
+				// Accepted once per message, within [1ms,
+				// max_message_timeout], and it only restarts the timer
+				// (processor_state.cc, ext_proc.cc
+				// handleMessageTimeoutOverride).
 				v := d.AsDuration()
 				if !overridden && f.MaxMessageTimeout > 0 && v >= time.Millisecond && v <= f.MaxMessageTimeout {
 					overridden = true
