@@ -4,15 +4,19 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"testing"
 	"time"
 
 	filterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
@@ -221,38 +225,99 @@ func TestEnvoyLocalReplyReachesVgw(t *testing.T) {
 	}
 }
 
-// TestEnvoyFailsOpen: with failure_mode_allow, an Envoy that cannot reach
-// its processor sends the request on unprocessed (ext_proc.cc openStream,
-// onGrpcError), routed by whatever the client sent; the shipped bootstrap
-// fails closed, and envoy-check refuses fail-open, for this reason.
-func TestEnvoyFailsOpen(t *testing.T) {
+// processor is an ext_proc server that does what a test says.
+type processor func(extprocv3.ExternalProcessor_ProcessServer) error
+
+func (p processor) Process(srv extprocv3.ExternalProcessor_ProcessServer) error { return p(srv) }
+
+// serveProcessor runs p on a loopback listener, or, for nil, returns an
+// address where nothing listens.
+func serveProcessor(t *testing.T, p processor) *grpc.ClientConn {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := lis.Addr().String()
-	lis.Close() // nothing listens there now
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if p == nil {
+		lis.Close() // nothing listens there now
+	} else {
+		g := grpc.NewServer()
+		extprocv3.RegisterExternalProcessorServer(g, p)
+		go g.Serve(lis)
+		t.Cleanup(g.Stop)
+	}
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	for _, allow := range []bool{false, true} {
-		f := repoFilter(t)
-		f.Clock, f.FailureModeAllow = clockwork.NewFakeClock(), allow
-		up := newUpstreams()
-		env := extproctest.New(conn, f, up.serve)
-		r := req("x", chat("llama"))
-		r.Headers = append(r.Headers, extproctest.Header{Key: "x-vgw-cluster", Value: "chosen-by-the-client"})
-		res, err := env.Do(context.Background(), r)
-		if err != nil {
-			t.Fatal(err)
-		}
-		switch {
-		case !allow && (res.Status != 500 || res.Forwarded != nil):
-			t.Errorf("failing closed: status %d forwarded %v, want 500 and nothing sent", res.Status, res.Forwarded)
-		case allow && (res.Status != 200 || !res.Bypassed || res.Forwarded == nil || res.Forwarded.Cluster != "chosen-by-the-client"):
-			t.Errorf("failing open: status %d bypassed %v forwarded %+v, want 200 routed by the client's header", res.Status, res.Bypassed, res.Forwarded)
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// TestEnvoyFailsOpen: with failure_mode_allow, an Envoy whose processor
+// cannot be reached, fails, stays silent past message_timeout or answers
+// out of turn sends the request on unprocessed (ext_proc.cc openStream,
+// onGrpcError, onMessageTimeout, onReceiveMessage), routed by whatever the
+// client sent; failing closed it answers 500, or 504 for the timeout. The
+// shipped bootstrap fails closed, and envoy-check refuses fail-open, for
+// this reason.
+func TestEnvoyFailsOpen(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		processor processor
+		closed    int // the status failing closed
+		timesOut  bool
+	}{
+		{name: "unreachable", closed: 500},
+		{name: "gRPC error", processor: func(srv extprocv3.ExternalProcessor_ProcessServer) error {
+			srv.Recv()
+			return status.Error(codes.Internal, "broken")
+		}, closed: 500},
+		{name: "silent", processor: func(srv extprocv3.ExternalProcessor_ProcessServer) error {
+			<-srv.Context().Done()
+			return nil
+		}, closed: 504, timesOut: true},
+		{name: "out of turn", processor: func(srv extprocv3.ExternalProcessor_ProcessServer) error {
+			srv.Recv()
+			srv.Send(&extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: &extprocv3.HeadersResponse{}}})
+			<-srv.Context().Done()
+			return nil
+		}, closed: 500},
+	} {
+		for _, allow := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s, failure_mode_allow %v", tc.name, allow), func(t *testing.T) {
+				conn := serveProcessor(t, tc.processor)
+				clock := clockwork.NewFakeClock()
+				f := repoFilter(t)
+				f.Clock, f.FailureModeAllow = clock, allow
+				env := extproctest.New(conn, f, newUpstreams().serve)
+				r := req("x", chat("llama"))
+				r.Headers = append(r.Headers, extproctest.Header{Key: "x-vgw-cluster", Value: "chosen-by-the-client"})
+				done := make(chan *extproctest.Result, 1)
+				go func() {
+					res, err := env.Do(context.Background(), r)
+					if err != nil {
+						t.Error(err)
+					}
+					done <- res
+				}()
+				if tc.timesOut {
+					// The idle timer and the request headers' message timer.
+					ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+					defer cancel()
+					if err := clock.BlockUntilContext(ctx, 2); err != nil {
+						t.Fatal(err)
+					}
+					clock.Advance(f.MessageTimeout)
+				}
+				res := awaitResult(t, done)
+				switch {
+				case !allow && (res.Status != tc.closed || res.Forwarded != nil || res.Bypassed):
+					t.Errorf("failing closed: status %d (%s) forwarded %v, want %d and nothing sent", res.Status, res.Details, res.Forwarded, tc.closed)
+				case allow && (res.Status != 200 || !res.Bypassed || res.Forwarded == nil || res.Forwarded.Cluster != "chosen-by-the-client"):
+					t.Errorf("failing open: status %d (%s) bypassed %v forwarded %+v, want 200 routed by the client's header", res.Status, res.Details, res.Bypassed, res.Forwarded)
+				}
+			})
 		}
 	}
 }
