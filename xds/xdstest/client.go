@@ -58,6 +58,7 @@ type Client struct {
 	mu     sync.Mutex
 	stream *adsStream // nil before Dial's stream and after a failure
 	gen    int        // counts streams, to drop what an old one delivers
+	fresh  bool       // the stream is not yet established: nothing is sent
 	out    []*discoverygrpc.DiscoveryRequest
 
 	api   map[string]*apiState // type URL → subscription
@@ -194,13 +195,10 @@ func (c *Client) attach(stream *adsStream, reconnect bool) {
 	c.stream = stream
 	c.err = nil
 	clear(c.streamAcked)
-	// Nothing meant for the old stream goes on the new one, and no event
-	// handled before established sends an old nonce on it (grpc_mux_impl.cc
-	// clears them as the stream is established, before any request).
-	c.out = nil
-	for _, api := range c.api {
-		api.nonce = ""
-	}
+	// Nothing goes on the new stream before established resends every
+	// subscription (grpc_mux_impl.cc onStreamEstablished replaces the
+	// request queue): an event handled in between sends nothing.
+	c.fresh = true
 	c.mu.Unlock()
 	if old != nil {
 		old.cancel()
@@ -216,6 +214,7 @@ func (c *Client) established(gen int) {
 	if gen != c.gen {
 		return
 	}
+	c.fresh = false
 	for _, api := range c.api {
 		api.nonce = "" // clearNonce
 	}
@@ -340,7 +339,7 @@ func (c *Client) subscribe(typeURL string) {
 // (grpc_mux_impl.cc queueDiscoveryRequest, sendDiscoveryRequest).
 func (c *Client) queue(typeURL string) {
 	api := c.api[typeURL]
-	if c.stream == nil {
+	if c.stream == nil || c.fresh {
 		return
 	}
 	if api.paused {

@@ -103,6 +103,13 @@ func TestEndpointsOnlyForSubscribedClusters(t *testing.T) {
 			endpointsAre(t, c, "a", "10.0.0.1:80")
 			routesTo(t, c, "a", "10.0.0.1:80")
 		}},
+		// grpc_mux_impl.cc processDiscoveryResources keys resources by
+		// name, keeping the first: the response is taken, not rejected.
+		{"a cluster assigned twice in one response takes the first", func(t *testing.T, st *fakeStream, c *xdstest.Client) {
+			n := st.send(t, eds, "2", assignment("a", ep("10.0.0.2:80")), assignment("a", ep("10.0.0.3:80")))
+			st.expect(t, req{typeURL: eds, version: "2", nonce: n, names: []string{"a"}})
+			endpointsAre(t, c, "a", "10.0.0.2:80")
+		}},
 		{"an empty assignment empties the cluster", func(t *testing.T, st *fakeStream, c *xdstest.Client) {
 			n := st.send(t, eds, "2", assignment("a"))
 			st.expect(t, req{typeURL: eds, version: "2", nonce: n, names: []string{"a"}})
