@@ -3,6 +3,7 @@ package extproc
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"time"
 
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -39,6 +40,13 @@ type idleWatch struct {
 	cancel context.CancelCauseFunc
 	timer  clockwork.Timer
 	limit  time.Duration
+	// armed says the timer runs; only the stream's handler touches it
+	// once the tap has made the watch.
+	armed bool
+	// ended counts the streams the watch ends (Server.IdleClosed),
+	// counted as it ends one: gRPC may end such a stream before its
+	// handler ever runs.
+	ended *atomic.Uint64
 }
 
 type idleWatchKey struct{}
@@ -51,7 +59,13 @@ func (w *idleWatch) Value(key any) any {
 	return w.Context.Value(key)
 }
 
-func (w *idleWatch) expire() { w.cancel(errStreamIdle) }
+func (w *idleWatch) expire() {
+	if w.Context.Err() != nil {
+		return // the stream has ended already
+	}
+	w.cancel(errStreamIdle)
+	w.ended.Add(1)
+}
 
 // Err reports an expired watch as a deadline that passed, which it is:
 // gRPC answers a receive that failed on its context with the context's
@@ -69,11 +83,22 @@ func (w *idleWatch) expired() bool {
 	return w != nil && context.Cause(w.Context) == errStreamIdle
 }
 
-// arm starts (or restarts) the bound on the wait for Envoy's next message.
-func (w *idleWatch) arm() { w.timer.Reset(w.limit) }
+// arm starts the bound on the wait for Envoy's next message, unless it
+// runs already: the wait for the first message began when the stream
+// opened (watchIdle), not when its handler first looked.
+func (w *idleWatch) arm() {
+	if w.armed {
+		return
+	}
+	w.armed = true
+	w.timer.Reset(w.limit)
+}
 
 // disarm stops it: a message came, or vgw itself is the one waiting.
-func (w *idleWatch) disarm() { w.timer.Stop() }
+func (w *idleWatch) disarm() {
+	w.armed = false
+	w.timer.Stop()
+}
 
 // errStreamIdle is the cause of a stream ended for its silence.
 var errStreamIdle = errors.New("no message from Envoy within the stream idle bound")
@@ -88,7 +113,7 @@ func (s *Server) watchIdle(ctx context.Context, info *tap.Info) (context.Context
 		return ctx, nil
 	}
 	cctx, cancel := context.WithCancelCause(ctx)
-	w := &idleWatch{Context: cctx, cancel: cancel, limit: s.streamIdle}
+	w := &idleWatch{Context: cctx, cancel: cancel, limit: s.streamIdle, armed: true, ended: &s.idleClosed}
 	w.timer = s.clock.AfterFunc(w.limit, w.expire)
 	return w, nil
 }

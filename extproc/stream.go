@@ -39,9 +39,6 @@ func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	for {
 		req, err := st.recv()
 		if err != nil {
-			if st.idle.expired() {
-				s.idleClosed.Add(1)
-			}
 			return endErr(err)
 		}
 		done, err := st.handle(req)
