@@ -168,3 +168,47 @@ func TestCheckAgainstIdleTimeout(t *testing.T) {
 		})
 	}
 }
+
+// TestBodyLimitPrecedence: the body limit Envoy applies to vgw's route is
+// the route's own, else its virtual host's, else the deprecated
+// per-request ones, and it only ever raises the listener's per-connection
+// limit (config_impl.cc getRequestBodyBufferLimit, conn_manager_impl.cc
+// refreshBufferLimit).
+func TestBodyLimitPrecedence(t *testing.T) {
+	orig, err := os.ReadFile("envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const route = `              - match: { prefix: "/" }` + "\n"
+	const vhost = "              request_body_buffer_limit: 8388608\n"
+	noVhost := [2]string{vhost, ""}
+	for _, tc := range []struct {
+		name  string
+		edits [][2]string // old, new
+		want  int64
+	}{
+		{name: "as shipped: the virtual host's", want: 8 << 20},
+		{name: "the route's own first", edits: [][2]string{{route, route + "                request_body_buffer_limit: 16777216\n"}}, want: 16 << 20},
+		{name: "never under the connection's", edits: [][2]string{{vhost, "              request_body_buffer_limit: 1024\n"}}, want: 1 << 20},
+		{name: "the route's deprecated one", edits: [][2]string{noVhost, {route, route + "                per_request_buffer_limit_bytes: 4194304\n"}}, want: 4 << 20},
+		{name: "none: the connection's", edits: [][2]string{noVhost}, want: 1 << 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			text := string(orig)
+			for _, e := range tc.edits {
+				if !strings.Contains(text, e[0]) {
+					t.Fatalf("envoy.yaml no longer contains %q; update the test", e[0])
+				}
+				text = strings.Replace(text, e[0], e[1], 1)
+			}
+			b, err := Parse([]byte(text))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, ok := RouteOf(b)
+			if !ok || r.BodyBufferLimit != tc.want {
+				t.Fatalf("limit %d (found %v), want %d", r.BodyBufferLimit, ok, tc.want)
+			}
+		})
+	}
+}

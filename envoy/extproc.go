@@ -306,17 +306,36 @@ type bodyLimit struct {
 	bytes int64
 }
 
-// vhostBodyLimit applies route_components.proto's precedence for one
-// virtual host, given the listener's per-connection limit.
-func vhostBodyLimit(vh *routev3.VirtualHost, conn int64) int64 {
-	if v := vh.GetRequestBodyBufferLimit(); v != nil {
-		return int64(v.GetValue())
+// bodyLimit is the request body buffer limit Envoy applies to a route's
+// requests, and the field that sets it. A route's own
+// request_body_buffer_limit comes first, then its virtual host's, then the
+// deprecated per_request_buffer_limit_bytes of the route, then of the
+// virtual host (config_impl.cc getRequestBodyBufferLimit); the result
+// only ever raises the listener's per-connection limit
+// (conn_manager_impl.cc refreshBufferLimit).
+func (v vgwRoute) bodyLimit(r *routev3.Route, conn int64) bodyLimit {
+	at := func(field string) string {
+		return fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].%s", v.listener, v.vhost, field)
 	}
-	//lint:ignore SA1019 Envoy still honours the deprecated field, so the check must too.
-	if v := vh.GetPerRequestBufferLimitBytes(); v != nil {
-		return min(int64(v.GetValue()), conn)
+	routeAt := func(field string) string { return at(fmt.Sprintf("routes[%d].%s", v.route, field)) }
+	var path string
+	limit := int64(-1)
+	//lint:ignore SA1019 Envoy still honours the deprecated fields, so the check must too.
+	routeLegacy, vhostLegacy := r.GetPerRequestBufferLimitBytes(), v.vh.GetPerRequestBufferLimitBytes()
+	switch {
+	case r.GetRequestBodyBufferLimit() != nil:
+		path, limit = routeAt("request_body_buffer_limit"), int64(min(r.GetRequestBodyBufferLimit().GetValue(), 1<<62))
+	case v.vh.GetRequestBodyBufferLimit() != nil:
+		path, limit = at("request_body_buffer_limit"), int64(min(v.vh.GetRequestBodyBufferLimit().GetValue(), 1<<62))
+	case routeLegacy != nil:
+		path, limit = routeAt("per_request_buffer_limit_bytes"), int64(routeLegacy.GetValue())
+	case vhostLegacy != nil:
+		path, limit = at("per_request_buffer_limit_bytes"), int64(vhostLegacy.GetValue())
 	}
-	return conn
+	if limit <= conn {
+		return bodyLimit{fmt.Sprintf("static_resources.listeners[%d].per_connection_buffer_limit_bytes", v.listener), conn}
+	}
+	return bodyLimit{path, limit}
 }
 
 // connBufferLimit is a listener's per_connection_buffer_limit_bytes, 1 MiB
@@ -328,19 +347,13 @@ func connBufferLimit(l *listenerv3.Listener) int64 {
 	return 1 << 20
 }
 
-// bodyLimits returns the request body buffer limit of every virtual host
-// in the static listeners: request_body_buffer_limit, else the listener's
-// per_connection_buffer_limit_bytes (1 MiB by default), as
-// route_components.proto orders them.
+// bodyLimits returns the request body buffer limit of every route vgw
+// names the cluster for.
 func bodyLimits(b *bootstrapv3.Bootstrap) []bodyLimit {
 	var out []bodyLimit
 	listeners := b.GetStaticResources().GetListeners()
-	for li, hcm := range staticHCMs(b) {
-		conn := connBufferLimit(listeners[li])
-		for vi, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
-			path := fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].request_body_buffer_limit", li, vi)
-			out = append(out, bodyLimit{path, vhostBodyLimit(vh, conn)})
-		}
+	for v, r := range vgwRoutes(b) {
+		out = append(out, v.bodyLimit(r, connBufferLimit(listeners[v.listener])))
 	}
 	return out
 }
@@ -359,7 +372,7 @@ type Route struct {
 func RouteOf(b *bootstrapv3.Bootstrap) (Route, bool) {
 	for v, r := range vgwRoutes(b) {
 		conn := connBufferLimit(b.GetStaticResources().GetListeners()[v.listener])
-		return Route{StreamIdleTimeout: v.idle(r).timeout, BodyBufferLimit: vhostBodyLimit(v.vh, conn)}, true
+		return Route{StreamIdleTimeout: v.idle(r).timeout, BodyBufferLimit: v.bodyLimit(r, conn).bytes}, true
 	}
 	return Route{}, false
 }
