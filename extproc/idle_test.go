@@ -116,7 +116,7 @@ func TestIdleStreams(t *testing.T) {
 			}
 			h.idle(t, "llama")
 			// The peer hears of the end (gRPC answers the failed receive)
-			// as the handler goes on to count it.
+			// as the watch counts it.
 			eventually(t, "the ended stream is counted", func() bool { return h.srv.IdleClosed() == 1 })
 		})
 	}

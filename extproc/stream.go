@@ -42,6 +42,12 @@ func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 			return endErr(err)
 		}
 		done, err := st.handle(req)
+		if err == nil && st.idle.expired() {
+			// The bound ran out as the message came, and the wait that
+			// followed took it for the client leaving: never end with OK
+			// a stream whose message may be unanswered (see endErr).
+			return status.Error(codes.DeadlineExceeded, errStreamIdle.Error())
+		}
 		if err != nil || done {
 			return err
 		}

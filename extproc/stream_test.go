@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -187,6 +188,10 @@ func TestEmptyBody(t *testing.T) {
 			ir := srv.sent[len(srv.sent)-1].GetImmediateResponse()
 			if ir == nil || int(ir.GetStatus().GetCode()) != tc.want {
 				t.Fatalf("answered %v, want %d", srv.sent, tc.want)
+			}
+			// 400 for a missing model, not for broken JSON.
+			if tc.want == 400 && !strings.Contains(string(ir.GetBody()), "missing_model") {
+				t.Fatalf("body %s, want missing_model", ir.GetBody())
 			}
 		})
 	}
