@@ -182,6 +182,8 @@ func TestBodyLimitPrecedence(t *testing.T) {
 	const route = `              - match: { prefix: "/" }` + "\n"
 	const vhost = "              request_body_buffer_limit: 8388608\n"
 	noVhost := [2]string{vhost, ""}
+	http1 := [2]string{"codec_type: AUTO", "codec_type: HTTP1"}
+	window := "          http2_protocol_options: { initial_stream_window_size: 8388608 }\n"
 	for _, tc := range []struct {
 		name  string
 		edits [][2]string // old, new
@@ -189,9 +191,13 @@ func TestBodyLimitPrecedence(t *testing.T) {
 	}{
 		{name: "as shipped: the virtual host's", want: 8 << 20},
 		{name: "the route's own first", edits: [][2]string{{route, route + "                request_body_buffer_limit: 16777216\n"}}, want: 16 << 20},
-		{name: "never under the connection's", edits: [][2]string{{vhost, "              request_body_buffer_limit: 1024\n"}}, want: 1 << 20},
-		{name: "the route's deprecated one", edits: [][2]string{noVhost, {route, route + "                per_request_buffer_limit_bytes: 4194304\n"}}, want: 4 << 20},
-		{name: "none: the connection's", edits: [][2]string{noVhost}, want: 1 << 20},
+		{name: "HTTP/1: never under the connection's", edits: [][2]string{http1, {vhost, "              request_body_buffer_limit: 1024\n"}}, want: 1 << 20},
+		{name: "HTTP/1: the route's deprecated one", edits: [][2]string{http1, noVhost, {route, route + "                per_request_buffer_limit_bytes: 4194304\n"}}, want: 4 << 20},
+		{name: "HTTP/1: none, the connection's", edits: [][2]string{http1, noVhost}, want: 1 << 20},
+		// Over HTTP/2 a stream starts at its receive window
+		// (http2/codec_impl.cc), 16 MiB unless set.
+		{name: "HTTP/2: never under the stream window", edits: [][2]string{noVhost}, want: 8 << 20},
+		{name: "HTTP/2: the default window", edits: [][2]string{{window, ""}}, want: 16 << 20},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			text := string(orig)
@@ -208,6 +214,47 @@ func TestBodyLimitPrecedence(t *testing.T) {
 			r, ok := RouteOf(b)
 			if !ok || r.BodyBufferLimit != tc.want {
 				t.Fatalf("limit %d (found %v), want %d", r.BodyBufferLimit, ok, tc.want)
+			}
+		})
+	}
+}
+
+// TestCheckAgainstH2Window: with HTTP/2 accepted and the stream window
+// left at its 16 MiB, a body between vgw's receive limit and the window
+// would reach vgw whole and fail with Envoy's 500: envoy-check says so.
+func TestCheckAgainstH2Window(t *testing.T) {
+	orig, err := os.ReadFile("envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, RecvLimit: 9 << 20, StreamIdleTimeout: 960 * time.Second}
+	for _, tc := range []struct {
+		name    string
+		window  bool
+		problem string
+	}{
+		{name: "as shipped", window: true},
+		{name: "the default window", problem: "initial_stream_window_size: is 16777216 bytes, over the 9437184 bytes"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			text := string(orig)
+			if !tc.window {
+				text = strings.Replace(text, "          http2_protocol_options: { initial_stream_window_size: 8388608 }\n", "", 1)
+			}
+			b, err := Parse([]byte(text))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, p := range CheckAgainst(b, want) {
+				got = append(got, p.String())
+			}
+			found := tc.problem == "" && len(got) == 0
+			for _, g := range got {
+				found = found || (tc.problem != "" && strings.Contains(g, tc.problem))
+			}
+			if !found {
+				t.Fatalf("problems %q, want %q", got, tc.problem)
 			}
 		})
 	}

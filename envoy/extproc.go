@@ -312,8 +312,9 @@ type bodyLimit struct {
 // deprecated per_request_buffer_limit_bytes of the route, then of the
 // virtual host (config_impl.cc getRequestBodyBufferLimit); the result
 // only ever raises the listener's per-connection limit
-// (conn_manager_impl.cc refreshBufferLimit).
-func (v vgwRoute) bodyLimit(r *routev3.Route, conn int64) bodyLimit {
+// (conn_manager_impl.cc refreshBufferLimit) or, over HTTP/2, the stream's
+// (see streamLimit).
+func (v vgwRoute) bodyLimit(r *routev3.Route, start bodyLimit) bodyLimit {
 	at := func(field string) string {
 		return fmt.Sprintf("static_resources.listeners[%d] virtual_hosts[%d].%s", v.listener, v.vhost, field)
 	}
@@ -332,10 +333,35 @@ func (v vgwRoute) bodyLimit(r *routev3.Route, conn int64) bodyLimit {
 	case vhostLegacy != nil:
 		path, limit = at("per_request_buffer_limit_bytes"), int64(vhostLegacy.GetValue())
 	}
-	if limit <= conn {
-		return bodyLimit{fmt.Sprintf("static_resources.listeners[%d].per_connection_buffer_limit_bytes", v.listener), conn}
+	if limit <= start.bytes {
+		return start
 	}
 	return bodyLimit{path, limit}
+}
+
+// defaultH2StreamWindow is Envoy's initial_stream_window_size when unset
+// (http_option_limits.h DEFAULT_INITIAL_STREAM_WINDOW_SIZE).
+const defaultH2StreamWindow = 16 << 20
+
+// streamLimit is the buffer limit a request starts with, before its route
+// raises it (conn_manager_impl.cc: the ActiveStream takes the codec
+// stream's bufferLimit): the listener's per-connection limit over
+// HTTP/1, and over HTTP/2 the stream's receive window (http2/codec_impl.cc
+// per_stream_buffer_limit_ from initial_stream_window_size), which a
+// connection manager that accepts both (codec_type AUTO) may meet.
+func (v vgwRoute) streamLimit(l *listenerv3.Listener) bodyLimit {
+	start := bodyLimit{fmt.Sprintf("static_resources.listeners[%d].per_connection_buffer_limit_bytes", v.listener), connBufferLimit(l)}
+	switch v.hcm.GetCodecType() {
+	case hcmv3.HttpConnectionManager_AUTO, hcmv3.HttpConnectionManager_HTTP2:
+		window := int64(defaultH2StreamWindow)
+		if w := v.hcm.GetHttp2ProtocolOptions().GetInitialStreamWindowSize(); w != nil {
+			window = int64(w.GetValue())
+		}
+		if window > start.bytes {
+			start = bodyLimit{fmt.Sprintf("static_resources.listeners[%d] http2_protocol_options.initial_stream_window_size", v.listener), window}
+		}
+	}
+	return start
 }
 
 // connBufferLimit is a listener's per_connection_buffer_limit_bytes, 1 MiB
@@ -353,7 +379,7 @@ func bodyLimits(b *bootstrapv3.Bootstrap) []bodyLimit {
 	var out []bodyLimit
 	listeners := b.GetStaticResources().GetListeners()
 	for v, r := range vgwRoutes(b) {
-		out = append(out, v.bodyLimit(r, connBufferLimit(listeners[v.listener])))
+		out = append(out, v.bodyLimit(r, v.streamLimit(listeners[v.listener])))
 	}
 	return out
 }
@@ -363,7 +389,7 @@ func bodyLimits(b *bootstrapv3.Bootstrap) []bodyLimit {
 type Route struct {
 	// StreamIdleTimeout is the route's idle timeout (0: none).
 	StreamIdleTimeout time.Duration
-	// BodyBufferLimit is its virtual host's request body buffer limit.
+	// BodyBufferLimit is the request body buffer limit its requests get.
 	BodyBufferLimit int64
 }
 
@@ -371,8 +397,8 @@ type Route struct {
 // b has one.
 func RouteOf(b *bootstrapv3.Bootstrap) (Route, bool) {
 	for v, r := range vgwRoutes(b) {
-		conn := connBufferLimit(b.GetStaticResources().GetListeners()[v.listener])
-		return Route{StreamIdleTimeout: v.idle(r).timeout, BodyBufferLimit: v.bodyLimit(r, conn).bytes}, true
+		start := v.streamLimit(b.GetStaticResources().GetListeners()[v.listener])
+		return Route{StreamIdleTimeout: v.idle(r).timeout, BodyBufferLimit: v.bodyLimit(r, start).bytes}, true
 	}
 	return Route{}, false
 }
