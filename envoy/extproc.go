@@ -110,6 +110,23 @@ func (c *checker) extProc(path string, ep *extprocv3.ExternalProcessor, hcm *hcm
 	default:
 		c.errorf(path+".processing_mode.response_body_mode", "must be NONE or STREAMED: %v holds back or reshapes streamed (SSE) responses", pm.GetResponseBodyMode())
 	}
+	// vgw routes by setting x-vgw-cluster and clearing the route cache, and
+	// answers what it refuses with an immediate response: settings that
+	// undo either leave requests routed by the client's own header, or
+	// every refusal a 500 (ext_proc.cc, processor_state.cc; mutation
+	// rules: mutation_rules.cc isAllowed).
+	if ep.GetDisableClearRouteCache() || ep.GetRouteCacheAction() == extprocv3.ExternalProcessor_RETAIN {
+		c.errorf(path+".route_cache_action", "must clear the route cache: otherwise Envoy ignores vgw's clear_route_cache and routes by the route resolved before vgw answered, which may be the client's own x-vgw-cluster")
+	}
+	if ep.GetDisableImmediateResponse() {
+		c.errorf(path+".disable_immediate_response", "must be false: vgw answers what it refuses (404, 413, 429, 503, 504) with an immediate response, which Envoy would turn into a 500")
+	}
+	if ep.GetMutationRules() != nil {
+		c.warnf(path+".mutation_rules", "vgw must be allowed to set and remove x-vgw-cluster, x-vgw-model and x-vgw-queue-depth; a rule that refuses them leaves requests unrouted or routed by the client")
+	}
+	if ep.GetForwardRules() != nil {
+		c.warnf(path+".forward_rules", "vgw must see x-vgw-cluster and x-vgw-model in the request headers: hidden, a client's own x-vgw-cluster is never dropped")
+	}
 	if ep.GetSendBodyWithoutWaitingForHeaderResponse() {
 		c.warnf(path+".send_body_without_waiting_for_header_response", "makes Envoy ignore mode overrides, so the x-vgw-model fast path still buffers the body")
 	}
