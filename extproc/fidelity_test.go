@@ -350,6 +350,7 @@ func TestEnvoyClosesStream(t *testing.T) {
 		atHeaders    bool // the request names its model in x-vgw-model
 		model        string
 		closed       string
+		noRespHeader bool // response_header_mode SKIP
 	}{
 		{name: "shipped modes, admitted on the body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, closed: "destroy"},
 		{name: "shipped modes, admitted at the headers, whole body with the headers", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, atHeaders: true, closed: "response_headers"},
@@ -360,6 +361,9 @@ func TestEnvoyClosesStream(t *testing.T) {
 		// A buffered body's reply never counts as the end (ext_proc.cc
 		// eosSeenInBody).
 		{name: "BUFFERED body, admitted at the headers", respBody: filterv3.ProcessingMode_BUFFERED, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, atHeaders: true, closed: "destroy"},
+		// With no response processing, encodeHeaders closes the stream, but
+		// only once the request direction is done too.
+		{name: "no response processing, admitted on the body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SKIP, noRespHeader: true, upstream: complete, closed: "destroy"},
 		{name: "rejected at the body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, model: "nope", closed: "request_body"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -367,6 +371,9 @@ func TestEnvoyClosesStream(t *testing.T) {
 			f := repoFilter(t)
 			f.Clock = h.clock
 			f.Mode.ResponseBodyMode, f.Mode.ResponseTrailerMode = tc.respBody, tc.respTrailers
+			if tc.noRespHeader {
+				f.Mode.ResponseHeaderMode = filterv3.ProcessingMode_SKIP
+			}
 			model := cmp.Or(tc.model, "llama")
 			r := req("c", chat(model))
 			if tc.atHeaders {

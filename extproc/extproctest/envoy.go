@@ -334,7 +334,9 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 			x.requestDone()
 		case x.mode.GetRequestBodyMode() == filterv3.ProcessingMode_NONE && (!sendTrailers || !hasTrailers):
 			x.requestDone()
-		case x.mode.GetRequestBodyMode() != filterv3.ProcessingMode_NONE && !sendTrailers && hasTrailers:
+		case x.mode.GetRequestBodyMode() != filterv3.ProcessingMode_NONE && !sendTrailers && hasTrailers && len(req.Body) == 0:
+			// With a body, Envoy sends it now (handleCompleteBodyAvailable):
+			// the state is not idle, so the headers' reply is not the last.
 			x.requestDone()
 		}
 	} else if x.mode.GetRequestBodyMode() == filterv3.ProcessingMode_NONE && x.mode.GetRequestTrailerMode() != filterv3.ProcessingMode_SEND {
@@ -633,7 +635,9 @@ func (x *exchange) maybeCloseAfterHeaders(bodyComplete, hasTrailers, replied boo
 	}
 	noTrailers := x.mode.GetResponseTrailerMode() != filterv3.ProcessingMode_SEND
 	if !replied {
-		if noTrailers {
+		// encodeHeaders closes when this direction has nothing to process
+		// and the request's is done too (ext_proc.cc encodeHeaders).
+		if noTrailers && x.reqDone {
 			x.closeEarly()
 		}
 		return
