@@ -540,9 +540,9 @@ func startServing(t *testing.T, ackTimeout time.Duration) *fixture {
 	return f
 }
 
-// rawStream opens an ADS stream as node, asks for typeURL only, and
-// acknowledges every response of it.
-func (f *fixture) rawStream(t *testing.T, node, typeURL string) {
+// openADS opens an ADS stream the test drives by hand; it ends with the
+// test.
+func (f *fixture) openADS(t *testing.T) discoverygrpc.AggregatedDiscoveryService_StreamAggregatedResourcesClient {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -550,6 +550,14 @@ func (f *fixture) rawStream(t *testing.T, node, typeURL string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return stream
+}
+
+// rawStream opens an ADS stream as node, asks for typeURL only, and
+// acknowledges every response of it.
+func (f *fixture) rawStream(t *testing.T, node, typeURL string) {
+	t.Helper()
+	stream := f.openADS(t)
 	if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: typeURL}); err != nil {
 		t.Fatal(err)
 	}
@@ -595,12 +603,7 @@ func TestForgedACK(t *testing.T) {
 	real := f.envoy(t, "envoy-1")
 	wait(t, real, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
 	boot, _, _ := strings.Cut(f.srv.Version(), "-")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(f.conn).StreamAggregatedResources(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	stream := f.openADS(t)
 	node := &corev3.Node{Id: "envoy-1"}
 	for _, r := range []*discoverygrpc.DiscoveryRequest{
 		{Node: node, TypeUrl: resource.ClusterType},
@@ -631,12 +634,7 @@ func TestForgedACK(t *testing.T) {
 // released by it.
 func TestRequestAfterRejectionIsNoACK(t *testing.T) {
 	f := start(t, newModels("llama"))
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(f.conn).StreamAggregatedResources(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	stream := f.openADS(t)
 	node := &corev3.Node{Id: "envoy-1"}
 	send := func(r *discoverygrpc.DiscoveryRequest) {
 		t.Helper()
