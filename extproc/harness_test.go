@@ -14,6 +14,7 @@ import (
 	"github.com/jonboulle/clockwork"
 
 	"github.com/vgw-project/vgw/envoy"
+	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 )
@@ -26,18 +27,14 @@ func repoFilter(t testing.TB) extproctest.Filter {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ep, err := envoy.ExtProc(b)
+	f, err := envoytest.Filter(b)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := extproctest.FilterFrom(ep)
-	// The route's idle timer, and its virtual host's
-	// request_body_buffer_limit: Envoy's own 413.
-	r, ok := envoy.RouteOf(b)
-	if !ok || r.BodyBufferLimit == 0 {
-		t.Fatal("envoy.yaml has no route for vgw's clusters with a request_body_buffer_limit")
+	// The route's body buffer limit is Envoy's own 413.
+	if f.BufferLimit == 0 {
+		t.Fatal("envoy.yaml has no route for vgw's clusters")
 	}
-	f.StreamIdleTimeout, f.BufferLimit = r.StreamIdleTimeout, int(r.BodyBufferLimit)
 	return f
 }
 

@@ -20,6 +20,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/vgw-project/vgw/envoy"
+	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 	"github.com/vgw-project/vgw/manager/dockertest"
 )
@@ -240,11 +241,10 @@ func clusterEcho(t *testing.T, conn *grpc.ClientConn) *extproctest.Envoy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ep, err := envoy.ExtProc(b)
+	f, err := envoytest.Filter(b)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := extproctest.FilterFrom(ep)
 	f.Clock = clockwork.NewFakeClock()
 	return extproctest.New(conn, f, func(_ context.Context, f *extproctest.Forwarded) (*extproctest.Response, error) {
 		return &extproctest.Response{Status: 200, Body: []byte(f.Cluster)}, nil

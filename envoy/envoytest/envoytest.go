@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/jonboulle/clockwork"
 	"google.golang.org/grpc"
@@ -52,6 +53,22 @@ type Option func(*extproctest.Filter)
 // measure what a burst does.
 func WithClock(c clockwork.Clock) Option { return func(f *extproctest.Filter) { f.Clock = c } }
 
+// Filter is what the Envoy a bootstrap configures applies to the requests
+// vgw routes: its ext_proc filter (extproctest.FilterFrom), and the idle
+// timer and body buffer limit of the route vgw names clusters on
+// (envoy.RouteOf). Its clock is the real one.
+func Filter(b *bootstrapv3.Bootstrap) (extproctest.Filter, error) {
+	ep, err := envoy.ExtProc(b)
+	if err != nil {
+		return extproctest.Filter{}, err
+	}
+	f := extproctest.FilterFrom(ep)
+	if r, ok := envoy.RouteOf(b); ok {
+		f.StreamIdleTimeout, f.BufferLimit = r.StreamIdleTimeout, int(r.BodyBufferLimit)
+	}
+	return f, nil
+}
+
 // Start connects an Envoy configured by the bootstrap file to vgw's
 // ext_proc and xDS addresses, and waits for its first xDS config. It is
 // closed when the test ends.
@@ -61,7 +78,7 @@ func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string, opts ...Option)
 	if err != nil {
 		t.Fatal(err)
 	}
-	epc, err := envoy.ExtProc(b)
+	f, err := Filter(b)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,18 +93,12 @@ func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string, opts ...Option)
 	// Run as docker-compose.yaml runs Envoy: with a filter that names the
 	// Envoy by its hostname, its node id is the hostname (--service-node).
 	node := b.GetNode().GetId()
-	if f := extproctest.FilterFrom(epc); f.Metadata[envoy.NodeMetadata] == envoy.HostnameNode {
+	if f.Metadata[envoy.NodeMetadata] == envoy.HostnameNode {
 		node, _ = os.Hostname()
 	}
 	e := &Envoy{t: t, node: node, xds: dial(xdsAddr)}
 	e.ReconnectADS()
-	f := extproctest.FilterFrom(epc)
 	f.Clock = clockwork.NewFakeClock()
-	// The connection manager's idle timer and the body buffer limit of the
-	// route vgw's clusters are named on.
-	if r, ok := envoy.RouteOf(b); ok {
-		f.StreamIdleTimeout, f.BufferLimit = r.StreamIdleTimeout, int(r.BodyBufferLimit)
-	}
 	for _, o := range opts {
 		o(&f)
 	}
