@@ -226,10 +226,7 @@ gpus: [{name: sim0, memory: 80GiB}]
 models:
   a: {vram: 20GiB, always_on: true}
 `)
-	s.eventuallyWithin(t, time.Minute, "a is ready", func() bool { _, ok := s.mgr.Endpoint("a"); return ok }, nil)
-	if r := s.ask(t, "a"); r.Status != 200 {
-		t.Fatalf("before the hang: %d %s", r.Status, r.Body)
-	}
+	s.servesOnceReady(t, "a")
 	hung := statusOf(s.mgr, "a")
 	pid, err := strconv.Atoi(strings.TrimPrefix(hung.Instance, "sim-"))
 	if err != nil {

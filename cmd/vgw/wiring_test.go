@@ -62,6 +62,16 @@ func newFakeEnvoy(t testing.TB, extprocAddr, xdsAddr string, opts ...envoytest.O
 	return &fakeEnvoy{envoytest.Start(t, "../../envoy/envoy.yaml", extprocAddr, xdsAddr, opts...)}
 }
 
+// servesOnceReady waits for an always-on model to be ready, then checks
+// that a request for it is served: the baseline before a fault.
+func (s *stack) servesOnceReady(t *testing.T, model string) {
+	t.Helper()
+	s.eventuallyWithin(t, time.Minute, model+" is ready", func() bool { _, ok := s.mgr.Endpoint(model); return ok }, nil)
+	if r := s.ask(t, model); r.Status != 200 {
+		t.Fatalf("%s before the fault: %d %s", model, r.Status, r.Body)
+	}
+}
+
 // askAll sends n requests for model at once and returns their results.
 func (s *fakeEnvoy) askAll(t testing.TB, model string, n int) []*extproctest.Result {
 	results := make([]*extproctest.Result, n)

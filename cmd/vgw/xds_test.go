@@ -47,10 +47,7 @@ gpus: [{name: sim0, memory: 80GiB}]
 models:
   llama: {vram: 30GiB, always_on: true}
 `)
-	s.eventuallyWithin(t, time.Minute, "llama is ready", func() bool { _, ok := s.mgr.Endpoint("llama"); return ok }, nil)
-	if r := s.ask(t, "llama"); r.Status != 200 {
-		t.Fatalf("before the impostor: %d %s", r.Status, r.Body)
-	}
+	s.servesOnceReady(t, "llama")
 	impostor(t, s.app.xdsAddr.String(), s.Node())
 	s.eventuallyWithin(t, time.Minute, "the impostor is connected", func() bool {
 		nodes, _ := s.app.xds.Status()
