@@ -42,10 +42,12 @@ func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 			return endErr(err)
 		}
 		done, err := st.handle(req)
-		if err == nil && st.idle.expired() {
+		if done && err == nil && st.idle.expired() {
 			// The bound ran out as the message came, and the wait that
 			// followed took it for the client leaving: never end with OK
-			// a stream whose message may be unanswered (see endErr).
+			// a stream whose message may be unanswered (see endErr). Only
+			// an end is checked: a stream that goes on fails its next
+			// receive on the expired context.
 			return status.Error(codes.DeadlineExceeded, errStreamIdle.Error())
 		}
 		if err != nil || done {
@@ -322,8 +324,8 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 // In BUFFERED mode it always does, whatever its end_of_stream says: a body
 // over Envoy's buffer limit is answered 413 by Envoy and never sent
 // (filter_manager.cc), and a request that ends with trailers has its body
-// sent with end_of_stream false, then, request trailers being SKIP,
-// nothing more (ext_proc.cc onTrailers). Only BUFFERED_PARTIAL cuts a body
+// sent with end_of_stream false, the trailers following only in
+// request_trailer_mode SEND (ext_proc.cc onTrailers). Only BUFFERED_PARTIAL cuts a body
 // at the limit and sends the part without end_of_stream (ext_proc.cc;
 // processing_mode.proto), and only in STREAMED mode is a message without
 // it a first chunk. vgw's bootstraps use BUFFERED (envoy-check refuses
