@@ -109,7 +109,7 @@ func (s *Service) Status() *adminv1.Status {
 		})
 	}
 	for _, n := range nodes {
-		en := &adminv1.EnvoyNode{Node: n.Node, Streams: int32(n.Streams), ClustersVersion: n.Clusters, EndpointsVersion: n.Routes}
+		en := &adminv1.EnvoyNode{Node: n.Node, Streams: int32(n.Streams), ClustersVersion: n.Clusters, EndpointsVersion: n.Endpoints}
 		if n.LastNACK != nil {
 			en.LastNack = s.nack(*n.LastNACK)
 		}

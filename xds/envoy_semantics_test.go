@@ -214,12 +214,12 @@ func TestReconnectGetsTheConfigAgain(t *testing.T) {
 			eventually(t, "vgw counts the new stream's acknowledgement", func() bool {
 				for _, n := range must(f.srv.Status()) {
 					if n.Node == "envoy-2" {
-						return n.Streams == 1 && n.Routes == v
+						return n.Streams == 1 && n.Endpoints == v
 					}
 				}
 				return false
 			})
-			if !f.srv.AckedBy("envoy-2", "model/llama", "10.0.0.5:8000") {
+			if !f.srv.Acked("envoy-2", "model/llama", "10.0.0.5:8000") {
 				t.Fatal("vgw does not count the reconnected Envoy as knowing llama's endpoint")
 			}
 			if got, err := c.Route("model/llama"); err != nil || got != "10.0.0.5:8000" {

@@ -48,36 +48,25 @@ type Server struct {
 	current map[string][]string
 	streams map[int64]*adsStream
 	nacks   []NACK
-	wake    chan struct{} // closed and replaced on every change waiters care about
-	// ready holds, per cluster, its published endpoints and whether every
-	// connected Envoy knows them. The map is replaced, never changed, so
-	// the request path reads it without the lock.
-	ready atomic.Pointer[map[string]*atomic.Pointer[known]]
+	// alone is when requests stop waiting for an Envoy while none is
+	// connected: NoEnvoyGrace after vgw started, or after its last Envoy
+	// left.
+	alone time.Time
+	// Nodes that have had an xDS stream, and nodes seen on ext_proc that
+	// never had one (warned about once each).
+	seenNodes map[string]bool
+	strangers map[string]bool
+
+	// acks is the one record of who acknowledged what, rebuilt under mu
+	// whenever it changes (refreshLocked) and read without it.
+	acks atomic.Pointer[ackTable]
 
 	last []Model // what the last snapshot was built from; owned by Run
 
 	onNACK func(NACK) // see WithNACKHook
 	pushes atomic.Uint64
-	acks   atomic.Uint64
+	ackN   atomic.Uint64
 	nackN  atomic.Uint64
-
-	// connected counts streams whose Envoy has said its node id; with none,
-	// requests wait for an Envoy only until alone (unix nanos): vgw was
-	// started, or its last Envoy left, NoEnvoyGrace before.
-	connected atomic.Int32
-	alone     atomic.Int64
-
-	// Guarded by mu: nodes that have had an xDS stream, and nodes seen on
-	// ext_proc that never had one (warned about once each).
-	seenNodes map[string]bool
-	strangers map[string]bool
-}
-
-// known is a cluster's published endpoints, and whether every Envoy that
-// counts (see adsStream.counts) has acknowledged them.
-type known struct {
-	endpoints []string // sorted
-	acked     bool
 }
 
 // adsStream is one Envoy's ADS stream.
@@ -149,25 +138,12 @@ func (st *adsStream) waitingSince() time.Time {
 	return oldest
 }
 
-// rejected says the stream's Envoy rejected the latest endpoints it was
-// sent, and they hold version need: it will route by them only once vgw
-// sends a newer version, which it does only when something changes.
-func (st *adsStream) rejected(need uint64) bool {
-	n := st.nacked[resource.EndpointType]
-	return n >= need && n >= st.sent[resource.EndpointType]
-}
-
-// stance is where the stream's Envoy stands with EDS version need: it
-// knows it (released), is working on it (pending), or cannot be counted
-// on to (hopeless: it rejected it, or has stopped answering).
-func (st *adsStream) stance(need uint64) verdict {
-	switch {
-	case st.acked[resource.EndpointType] >= need:
-		return released
-	case st.silent || st.rejected(need):
-		return hopeless
-	}
-	return pending
+// standing is where the stream stands with the endpoints (EDS): the
+// versions it acknowledged, was sent and rejected, and whether it has
+// stopped answering.
+func (st *adsStream) standing() standing {
+	return standing{acked: st.acked[resource.EndpointType], sent: st.sent[resource.EndpointType],
+		nacked: st.nacked[resource.EndpointType], silent: st.silent}
 }
 
 // NACK is a version an Envoy rejected, and why.
@@ -181,11 +157,11 @@ type NACK struct {
 
 // NodeStatus is what one Envoy has acknowledged.
 type NodeStatus struct {
-	Node     string
-	Streams  int
-	Clusters string // the CDS version acknowledged
-	Routes   string // the EDS version acknowledged
-	LastNACK *NACK
+	Node      string
+	Streams   int
+	Clusters  string // the CDS version acknowledged
+	Endpoints string // the EDS version acknowledged
+	LastNACK  *NACK
 	// Silent counts its streams that have left a version unanswered for
 	// longer than AckTimeout, since SilentSince (the earliest).
 	Silent      int
@@ -214,7 +190,7 @@ type Counters struct {
 
 // Counters returns the server's totals.
 func (s *Server) Counters() Counters {
-	return Counters{Pushes: s.pushes.Load(), ACKs: s.acks.Load(), NACKs: s.nackN.Load()}
+	return Counters{Pushes: s.pushes.Load(), ACKs: s.ackN.Load(), NACKs: s.nackN.Load()}
 }
 
 // New returns an xDS server for src.
@@ -228,9 +204,9 @@ func New(src Source, s Settings, log *slog.Logger, opts ...Option) *Server {
 		changed: map[string]uint64{},
 		current: map[string][]string{},
 		streams: map[int64]*adsStream{},
-		wake:    make(chan struct{}),
+		alone:   time.Now().Add(s.NoEnvoyGrace),
 	}
-	srv.ready.Store(&map[string]*atomic.Pointer[known]{})
+	srv.acks.Store(&ackTable{alone: srv.alone, next: make(chan struct{})})
 	srv.cache = cache.NewSnapshotCache(true, group{}, nil)
 	// Ordered: a version's clusters reach an Envoy before their
 	// assignments, so a cluster it warms again finds its EDS (the cache
@@ -241,7 +217,6 @@ func New(src Source, s Settings, log *slog.Logger, opts ...Option) *Server {
 		StreamRequestFunc:  srv.streamRequest,
 		StreamResponseFunc: srv.streamResponse,
 	}, sotw.WithOrderedADS())
-	srv.alone.Store(time.Now().Add(s.NoEnvoyGrace).UnixNano())
 	for _, o := range opts {
 		o(srv)
 	}
@@ -348,17 +323,6 @@ func (s *Server) publish(ctx context.Context) {
 			s.changed[m.Cluster] = v
 		}
 	}
-	if ready := *s.ready.Load(); len(ready) != len(models) || slices.ContainsFunc(models, func(m Model) bool { return ready[m.Cluster] == nil }) {
-		next := make(map[string]*atomic.Pointer[known], len(models))
-		for _, m := range models {
-			if f := ready[m.Cluster]; f != nil {
-				next[m.Cluster] = f
-			} else {
-				next[m.Cluster] = new(atomic.Pointer[known])
-			}
-		}
-		s.ready.Store(&next)
-	}
 	for c := range s.current {
 		if !seen[c] {
 			delete(s.current, c)
@@ -413,12 +377,10 @@ func (s *Server) streamOpen(_ context.Context, id int64, _ string) error {
 
 func (s *Server) streamClosed(id int64, node *corev3.Node) {
 	s.mu.Lock()
-	if st := s.streams[id]; st != nil && st.node != "" {
-		if s.connected.Add(-1) == 0 {
-			s.alone.Store(time.Now().Add(s.settings.NoEnvoyGrace).UnixNano())
-		}
-	}
 	delete(s.streams, id)
+	if !s.anyNodeLocked() {
+		s.alone = time.Now().Add(s.settings.NoEnvoyGrace)
+	}
 	s.refreshLocked()
 	s.mu.Unlock()
 	s.log.Info("Envoy disconnected from xDS", slog.String("node", node.GetId()))
@@ -441,7 +403,6 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		// A new Envoy knows nothing yet: clusters are no longer known to
 		// every connected Envoy until it acknowledges them.
 		st.node = req.GetNode().GetId()
-		s.connected.Add(1)
 		s.sawLocked(st.node)
 		s.refreshLocked()
 	}
@@ -483,7 +444,7 @@ func (s *Server) streamRequest(id int64, req *discoverygrpc.DiscoveryRequest) er
 		}
 		st.acked[req.GetTypeUrl()] = v
 		st.answeredUpTo(req.GetTypeUrl(), v, time.Now(), s.settings.AckTimeout)
-		s.acks.Add(1)
+		s.ackN.Add(1)
 		s.refreshLocked()
 	}
 	node, back := st.node, wasSilent && !st.silent
@@ -519,16 +480,89 @@ func (s *Server) streamResponse(_ context.Context, id int64, _ *discoverygrpc.Di
 		delete(st.nonces, st.order[0])
 		st.order = st.order[1:]
 	}
+	if resp.GetTypeUrl() == resource.EndpointType {
+		s.refreshLocked() // a newer version sent is one the Envoy may yet take
+	}
 }
 
-// refreshLocked recomputes which clusters every counted Envoy knows the
-// current endpoints of, and wakes the waiters. s.mu is held.
+// refreshLocked publishes a new ackTable from the streams and the
+// published endpoints, and so wakes the waiters. s.mu is held.
 func (s *Server) refreshLocked() {
-	for cluster, k := range *s.ready.Load() {
-		k.Store(&known{endpoints: s.current[cluster], acked: s.judgeLocked("", s.changed[cluster]) == released})
+	t := &ackTable{clusters: make(map[string]clusterAcks, len(s.current)), nodes: map[string][]standing{}, next: make(chan struct{})}
+	for _, st := range s.streams {
+		if st.node != "" {
+			t.nodes[st.node] = append(t.nodes[st.node], st.standing())
+		}
 	}
-	close(s.wake)
-	s.wake = make(chan struct{})
+	if len(t.nodes) == 0 {
+		t.alone = s.alone
+	}
+	for cluster, eps := range s.current {
+		need := s.changed[cluster]
+		t.clusters[cluster] = clusterAcks{endpoints: eps, need: need, all: t.judge("", need) == released}
+	}
+	close(s.acks.Swap(t).next)
+}
+
+// anyNodeLocked reports whether an Envoy that has said its node id is
+// connected. s.mu is held.
+func (s *Server) anyNodeLocked() bool {
+	for _, st := range s.streams {
+		if st.node != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// ackTable is the one record of who acknowledged what, at one moment:
+// each cluster's published endpoints with the version that holds them,
+// and where each connected Envoy stands with the endpoints. It is built
+// whole under s.mu whenever any of that changes and never changed after,
+// so the request path's check (Acked) is one atomic load and a few map
+// reads, and a waiter (WaitAcked) judges by the same value it then waits
+// on: next is closed when a newer table replaces it.
+type ackTable struct {
+	clusters map[string]clusterAcks
+	nodes    map[string][]standing // the streams of each node id
+	// alone, while no Envoy is connected, is when requests stop waiting
+	// for one.
+	alone time.Time
+	next  chan struct{}
+}
+
+// clusterAcks is a cluster's published endpoints (sorted), the EDS
+// version in which they last changed, and whether every counted Envoy
+// knows them.
+type clusterAcks struct {
+	endpoints []string
+	need      uint64
+	all       bool
+}
+
+// standing is one stream's place with the endpoints: see
+// adsStream.standing.
+type standing struct {
+	acked, sent, nacked uint64
+	silent              bool
+}
+
+// rejected says the stream's Envoy rejected the latest endpoints it was
+// sent, and they hold version need: it will route by them only once vgw
+// sends a newer version, which it does only when something changes.
+func (st standing) rejected(need uint64) bool { return st.nacked >= need && st.nacked >= st.sent }
+
+// stance is where the stream's Envoy stands with EDS version need: it
+// knows it (released), is working on it (pending), or cannot be counted
+// on to (hopeless: it rejected it, or has stopped answering).
+func (st standing) stance(need uint64) verdict {
+	switch {
+	case st.acked >= need:
+		return released
+	case st.silent || st.rejected(need):
+		return hopeless
+	}
+	return pending
 }
 
 // verdict is what a request waiting for an Envoy's acknowledgement can
@@ -542,26 +576,31 @@ const (
 	absent                  // no such Envoy on xDS
 )
 
-// judgeLocked says where node's Envoy (every counted one, for "") stands
-// with the EDS version need, which holds a cluster's current endpoints.
-// For a node, one of its streams that knows is enough: another under the
-// same id (the Envoy restarted and its old stream lingers, or an
-// impostor) cannot hold the node's requests back. For "", every stream
-// that can still know must: one that rejected the version or stopped
-// answering is not waited for (it is hopeless only when all are). s.mu is
-// held.
-func (s *Server) judgeLocked(node string, need uint64) verdict {
+// judge says where node's Envoy (every counted one, for "") stands with
+// the EDS version need, which holds a cluster's current endpoints. For a
+// node, one of its streams that knows is enough: another under the same
+// id (the Envoy restarted and its old stream lingers, or an impostor)
+// cannot hold the node's requests back. For "", every stream that can
+// still know must: one that rejected the version or stopped answering is
+// not waited for (it is hopeless only when all are).
+func (t *ackTable) judge(node string, need uint64) verdict {
 	seen, known, working := false, false, false
-	for _, st := range s.streams {
-		if st.node == "" || (node != "" && st.node != node) {
-			continue
+	look := func(sts []standing) {
+		for _, st := range sts {
+			seen = true
+			switch st.stance(need) {
+			case released:
+				known = true
+			case pending:
+				working = true
+			}
 		}
-		seen = true
-		switch st.stance(need) {
-		case released:
-			known = true
-		case pending:
-			working = true
+	}
+	if node != "" {
+		look(t.nodes[node])
+	} else {
+		for _, sts := range t.nodes {
+			look(sts)
 		}
 	}
 	switch {
@@ -578,38 +617,30 @@ func (s *Server) judgeLocked(node string, need uint64) verdict {
 }
 
 // Acked reports whether addr is among cluster's published endpoints and
-// every counted Envoy has acknowledged them. It is the request path's
-// check: two atomic loads and a search of a short list. When it says no,
-// AckedBy asks the same of the request's own Envoy.
-func (s *Server) Acked(cluster, addr string) bool {
-	if s.connected.Load() == 0 {
-		// No Envoy on xDS: wait only within the grace after the last left.
-		return time.Now().UnixNano() >= s.alone.Load()
+// node's Envoy (every counted Envoy, for "") has acknowledged them. It is
+// the request path's check: one atomic load, a map read and a search of a
+// short list while every Envoy knows the endpoints; only while one does
+// not (a new one, one that rejected the version, one that stopped
+// answering) does it judge the request's own Envoy, so that only its
+// requests wait. With no Envoy on xDS it waits only within the grace
+// after the last one left.
+func (s *Server) Acked(node, cluster, addr string) bool {
+	t := s.acks.Load()
+	if len(t.nodes) == 0 {
+		return !time.Now().Before(t.alone)
 	}
-	k := (*s.ready.Load())[cluster]
-	if k == nil {
+	c := t.clusters[cluster]
+	if !slices.Contains(c.endpoints, addr) {
 		return false
 	}
-	kn := k.Load()
-	return kn != nil && kn.acked && slices.Contains(kn.endpoints, addr)
-}
-
-// AckedBy reports whether addr is among cluster's published endpoints and
-// node's Envoy has acknowledged them: the request path's second look when
-// some other Envoy has not (a new one, one that rejected the version, one
-// that stopped answering), so that only its own requests wait.
-func (s *Server) AckedBy(node, cluster, addr string) bool {
+	if c.all {
+		return true
+	}
 	if node == "" {
 		return false
 	}
-	s.mu.Lock()
-	ok := slices.Contains(s.current[cluster], addr)
-	v, _, warn := s.judgeAskerLocked(node, s.changed[cluster])
-	s.mu.Unlock()
-	if warn {
-		s.warnStranger(node)
-	}
-	return ok && v == released
+	v, _ := s.judgeAsker(t, node, c.need)
+	return v == released
 }
 
 // WaitAcked returns once the address addr gives (the model's server, which
@@ -635,26 +666,22 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 		if a == "" {
 			return ErrGone
 		}
-		s.mu.Lock()
-		published := slices.Contains(s.current[cluster], a)
-		v, judged, warn := s.judgeAskerLocked(node, s.changed[cluster])
-		wake := s.wake
-		s.mu.Unlock()
-		if warn {
-			s.warnStranger(node)
-		}
+		t := s.acks.Load()
+		c := t.clusters[cluster]
+		published := slices.Contains(c.endpoints, a)
+		v, judged := s.judgeAsker(t, node, c.need)
 		if published {
 			switch v {
 			case released:
 				return sleep(ctx, applyGrace)
 			case hopeless:
-				return s.notAcked(judged, cluster)
+				return s.notAcked(judged, cluster, c.need)
 			}
 		}
 		var giveUp *time.Timer
 		var expired <-chan time.Time
 		if published && v == absent {
-			until := time.Until(time.Unix(0, s.alone.Load()))
+			until := time.Until(t.alone)
 			if until <= 0 {
 				return nil
 			}
@@ -662,7 +689,7 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 			expired = giveUp.C
 		}
 		select {
-		case <-wake:
+		case <-t.next:
 		case <-expired: // looked at again: the Envoy may have connected meanwhile
 		case <-ctx.Done():
 		}
@@ -675,19 +702,25 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 	}
 }
 
-// judgeAskerLocked is judgeLocked for the Envoy a request names, and the
-// node it was judged as. A name no xDS stream has while other Envoys are
+// judgeAsker is t.judge for the Envoy a request names, and the node it
+// was judged as. A name no xDS stream has while other Envoys are
 // connected is a misconfigured Envoy (its x-vgw-node is not its node id)
 // or one whose stream is reconnecting: its requests are judged as an
 // unknown Envoy's (""), which wait for every Envoy, rather than let
-// through unchecked; warn says to tell the operator, once, for a name
-// never seen on xDS. s.mu is held.
-func (s *Server) judgeAskerLocked(node string, need uint64) (v verdict, judged string, warn bool) {
-	v = s.judgeLocked(node, need)
-	if v == absent && node != "" && s.connected.Load() > 0 {
-		return s.judgeLocked("", need), "", s.strangeLocked(node)
+// through unchecked, and the operator is told, once, of a name never
+// seen on xDS.
+func (s *Server) judgeAsker(t *ackTable, node string, need uint64) (verdict, string) {
+	v := t.judge(node, need)
+	if v == absent && node != "" && len(t.nodes) > 0 {
+		s.mu.Lock()
+		warn := s.strangeLocked(node)
+		s.mu.Unlock()
+		if warn {
+			s.warnStranger(node)
+		}
+		return t.judge("", need), ""
 	}
-	return v, node, false
+	return v, node
 }
 
 func (s *Server) warnStranger(node string) {
@@ -749,13 +782,13 @@ func (e *NotAckedError) Public() string {
 // Envoy to come back.
 func (e *NotAckedError) RetryAfter() time.Duration { return 30 * time.Second }
 
-func (s *Server) notAcked(node, cluster string) error {
+func (s *Server) notAcked(node, cluster string, need uint64) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := &NotAckedError{Node: node, Cluster: cluster}
 	for i := len(s.nacks) - 1; i >= 0; i-- {
 		n := s.nacks[i]
-		if (n.Node == node || node == "") && n.TypeURL == resource.EndpointType && s.parse(n.Version) >= s.changed[cluster] {
+		if (n.Node == node || node == "") && n.TypeURL == resource.EndpointType && s.parse(n.Version) >= need {
 			e.Rejected = n.Error
 			break
 		}
@@ -807,8 +840,8 @@ func (s *Server) Status() ([]NodeStatus, []NACK) {
 		if v := s.versionString(st.acked[resource.ClusterType]); s.parse(v) > s.parse(ns.Clusters) {
 			ns.Clusters = v
 		}
-		if v := s.versionString(st.acked[resource.EndpointType]); s.parse(v) > s.parse(ns.Routes) {
-			ns.Routes = v
+		if v := s.versionString(st.acked[resource.EndpointType]); s.parse(v) > s.parse(ns.Endpoints) {
+			ns.Endpoints = v
 		}
 	}
 	for i := range s.nacks {

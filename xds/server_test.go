@@ -142,8 +142,8 @@ func TestEndpointsFollowTheModels(t *testing.T) {
 	f.src.set("llama", "10.0.0.5:8000")
 	f.srv.Notify()
 	wait(t, c, "llama's endpoint appears", routes("model/llama", "10.0.0.5:8000"))
-	eventually(t, "the server knows the Envoy acknowledged it", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
-	if f.srv.Acked("model/llama", "10.0.0.9:8000") {
+	eventually(t, "the server knows the Envoy acknowledged it", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	if f.srv.Acked("", "model/llama", "10.0.0.9:8000") {
 		t.Fatal("an address never published counts as known")
 	}
 
@@ -159,7 +159,7 @@ func TestEndpointsFollowTheModels(t *testing.T) {
 	wait(t, c, "qwen's endpoint goes", routes("model/qwen"))
 	eventually(t, "the status shows envoy-1 at the last version", func() bool {
 		nodes, _ := f.srv.Status()
-		return len(nodes) == 1 && nodes[0].Node == "envoy-1" && nodes[0].Routes == f.srv.Version()
+		return len(nodes) == 1 && nodes[0].Node == "envoy-1" && nodes[0].Endpoints == f.srv.Version()
 	})
 }
 
@@ -195,7 +195,7 @@ func TestNACK(t *testing.T) {
 	if got := c.Acked(resource.EndpointType); got != good {
 		t.Fatalf("the client runs %s, want still %s", got, good)
 	}
-	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("a rejected endpoint counts as known")
 	}
 	nodes, _ := f.srv.Status()
@@ -226,7 +226,7 @@ func TestTwoNodes(t *testing.T) {
 	if err := f.srv.WaitAcked(ctx, "envoy-a", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("waiting for a: %v", err)
 	}
-	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("known to every Envoy while b has not taken it up")
 	}
 	short, c2 := context.WithTimeout(context.Background(), 100*time.Millisecond)
@@ -238,7 +238,7 @@ func TestTwoNodes(t *testing.T) {
 	if err := f.srv.WaitAcked(ctx, "envoy-b", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("waiting for b once it took the version up: %v", err)
 	}
-	eventually(t, "known to every Envoy", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	eventually(t, "known to every Envoy", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 }
 
 // TestReconnect: an Envoy that reconnects gets the current state at once;
@@ -258,7 +258,7 @@ func TestReconnect(t *testing.T) {
 	f.serve(t) // a new vgw process
 	c = f.envoy(t, "envoy-1")
 	wait(t, c, "resynced by the new vgw", routes("model/llama", "10.0.0.9:8000"))
-	eventually(t, "the new vgw sees its version acknowledged", func() bool { return f.srv.Acked("model/llama", "10.0.0.9:8000") })
+	eventually(t, "the new vgw sees its version acknowledged", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.9:8000") })
 }
 
 // TestHeldRequestReleasedAfterACK: a request waiting for its model's
@@ -316,7 +316,7 @@ func (f *fixture) silentStream(t *testing.T, node string) {
 // deadline, and fell every Envoy off the fast path.
 func TestSilentStreams(t *testing.T) {
 	f := startServing(t, 300*time.Millisecond)
-	eventually(t, "every Envoy knows llama", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	eventually(t, "every Envoy knows llama", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 
 	f.silentStream(t, "envoy-1") // an impostor under the Envoy's own id
 	f.silentStream(t, "stuck")   // a stuck Envoy of its own
@@ -324,7 +324,7 @@ func TestSilentStreams(t *testing.T) {
 		n, _ := f.srv.Status()
 		return len(n) == 2 && n[0].Streams == 2
 	})
-	if !f.srv.AckedBy("envoy-1", "model/llama", "10.0.0.5:8000") {
+	if !f.srv.Acked("envoy-1", "model/llama", "10.0.0.5:8000") {
 		t.Error("envoy-1's requests are held by a stream that acknowledged nothing")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -335,7 +335,7 @@ func TestSilentStreams(t *testing.T) {
 
 	// Past AckTimeout the silent streams stop counting: requests of an
 	// unknown Envoy are let through, and the fast path is back.
-	eventually(t, "the fast path is back", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	eventually(t, "the fast path is back", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("a request of an unknown Envoy: %v", err)
 	}
@@ -363,17 +363,17 @@ func TestNoEnvoy(t *testing.T) {
 	f.srv.Notify()
 	eventually(t, "published", func() bool { return f.srv.Version() != "" })
 	time.Sleep(510 * time.Millisecond) // the grace since start passes
-	if !f.srv.Acked("model/llama", "10.0.0.5:8000") {
+	if !f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("with no Envoy on xDS past the grace, the fast path still holds requests")
 	}
 	c := f.envoy(t, "envoy-1")
 	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
 	// The server has the Envoy's ACK, then sees it leave.
-	eventually(t, "the ACK is in", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	eventually(t, "the ACK is in", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	start := time.Now() // the grace runs from when the server sees it leave, after this
 	c.Close()
 	eventually(t, "the Envoy has left", func() bool { n, _ := f.srv.Status(); return len(n) == 0 })
-	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("right after the last Envoy left, requests are not held for the grace")
 	}
 	if err := f.srv.WaitAcked(context.Background(), "", "model/llama", at("10.0.0.5:8000")); err != nil {
@@ -428,14 +428,14 @@ func TestNewEnvoyKnowsNothing(t *testing.T) {
 	f.srv.Notify()
 	a := f.envoy(t, "envoy-a")
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
-	eventually(t, "known", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	eventually(t, "known", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	b, err := xdstest.Dial(context.Background(), f.conn, "envoy-b", xdstest.Holding(resource.EndpointType))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.Close()
 	eventually(t, "b's arrival is noticed", func() bool { n, _ := f.srv.Status(); return len(n) == 2 })
-	if f.srv.Acked("model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("known to every Envoy before b acknowledged anything")
 	}
 }
@@ -480,7 +480,7 @@ func TestStrangerWaitsForEveryEnvoy(t *testing.T) {
 	f.src.set("llama", "10.0.0.5:8000")
 	f.srv.Notify()
 	eventually(t, "published", func() bool { return f.srv.Version() != c.Acked(resource.EndpointType) })
-	if f.srv.AckedBy("misnamed", "model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("misnamed", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("a request of a misnamed Envoy is let through while envoy-1 has not taken up the endpoint")
 	}
 	answered := make(chan error, 1)
@@ -515,7 +515,7 @@ func TestRejectingEnvoyHoldsNoOneElse(t *testing.T) {
 	f.srv.Notify()
 	wait(t, good, "envoy-1 routes llama", routes("model/llama", "10.0.0.5:8000"))
 	eventually(t, "the rejection is in", func() bool { _, n := f.srv.Status(); return len(n) == 1 })
-	eventually(t, "the fast path holds for the Envoys that know", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	eventually(t, "the fast path holds for the Envoys that know", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
@@ -585,7 +585,7 @@ func TestStreamThatNeverTakesEndpoints(t *testing.T) {
 		n, _ := f.srv.Status()
 		return len(n) == 2 && n[0].Node == "clusters-only" && n[0].Silent == 1
 	})
-	eventually(t, "the fast path is back", func() bool { return f.srv.Acked("model/llama", "10.0.0.5:8000") })
+	eventually(t, "the fast path is back", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
@@ -665,7 +665,7 @@ func TestRequestAfterRejectionIsNoACK(t *testing.T) {
 	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names, VersionInfo: eds.GetVersionInfo(), ResponseNonce: eds.GetNonce()})
 	eventually(t, "the first version acknowledged", func() bool {
 		n, _ := f.srv.Status()
-		return len(n) == 1 && n[0].Routes == eds.GetVersionInfo()
+		return len(n) == 1 && n[0].Endpoints == eds.GetVersionInfo()
 	})
 
 	f.src.set("llama", "10.0.0.9:8000")
@@ -683,8 +683,8 @@ func TestRequestAfterRejectionIsNoACK(t *testing.T) {
 		n, _ := f.srv.Status()
 		return len(n) == 1 && n[0].Clusters == cds2.GetVersionInfo()
 	})
-	if n, _ := f.srv.Status(); n[0].Routes != eds.GetVersionInfo() {
-		t.Fatalf("endpoints acknowledged at %s, want still %s", n[0].Routes, eds.GetVersionInfo())
+	if n, _ := f.srv.Status(); n[0].Endpoints != eds.GetVersionInfo() {
+		t.Fatalf("endpoints acknowledged at %s, want still %s", n[0].Endpoints, eds.GetVersionInfo())
 	}
 
 	short, c2 := context.WithTimeout(context.Background(), 300*time.Millisecond)

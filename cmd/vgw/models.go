@@ -155,7 +155,7 @@ func (r *routes) Route(ctx context.Context, model string) (extproc.Route, bool) 
 	rt, ok := r.cfg.Load().routes[model]
 	if ok && r.xds != nil {
 		addr, _ := r.mgr.Endpoint(model)
-		ok = r.xds.Acked(rt.Cluster, addr) || r.xds.AckedBy(extproc.Node(ctx), rt.Cluster, addr)
+		ok = r.xds.Acked(extproc.Node(ctx), rt.Cluster, addr)
 	}
 	if !ok {
 		r.mgr.Release(model)
