@@ -17,12 +17,15 @@ import (
 	"google.golang.org/grpc"
 )
 
-// readyManager routes every model at once, as a resident model is.
-type readyManager struct{ route Route }
+// readyLeases leases every model at once, as for a resident model.
+type readyLeases struct{}
 
-func (m readyManager) Route(context.Context, string) (Route, bool)   { return m.route, true }
-func (m readyManager) Ensure(context.Context, string) (Route, error) { return m.route, nil }
-func (m readyManager) Observe(string, Result)                        {}
+func (readyLeases) TryLease(string, string) (Lease, bool)                { return noLease{}, true }
+func (readyLeases) Lease(context.Context, string, string) (Lease, error) { return noLease{}, nil }
+
+type noLease struct{}
+
+func (noLease) Release(Result) {}
 
 // discardStream is a server stream whose sends go nowhere, so a benchmark
 // measures vgw's work on a message and not gRPC's.
@@ -37,8 +40,8 @@ func (d *discardStream) Recv() (*extprocv3.ProcessingRequest, error) { return ni
 
 func benchServer(level slog.Level) *Server {
 	log := slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: level}))
-	return New([]Model{{Name: "llama-3.1-8b", Limits: Limits{MaxConcurrent: 1 << 20, MaxQueue: 1 << 20, QueueTimeout: time.Minute}}},
-		readyManager{Route{Cluster: "model/llama-3.1-8b"}}, WithLogger(log))
+	return New([]Model{{Name: "llama-3.1-8b", Cluster: "model/llama-3.1-8b", Limits: Limits{MaxConcurrent: 1 << 20, MaxQueue: 1 << 20, QueueTimeout: time.Minute}}},
+		readyLeases{}, WithLogger(log))
 }
 
 // BenchmarkExtractModel times reading the model from chat bodies of 1 KiB
@@ -161,15 +164,16 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 	if m == nil || !m.gate.tryAcquire() {
 		panic("not admitted")
 	}
-	r, ok := s.mgr.Route(context.Background(), m.name)
+	l, ok := s.leases.TryLease("", m.name)
 	if !ok {
-		panic("no route")
+		panic("no lease")
 	}
-	_ = m.headersFor(r)
+	_ = m.route.Load()
 	start := time.Now()
-	s.record(ctx, start, &m.name, OutcomeAdmitted, ReasonSlotFree, 0, 0, 0)
+	st := stream{s: s, ctx: ctx, model: m}
+	st.record(decision{at: start, model: &m.name, outcome: OutcomeAdmitted, reason: ReasonSlotFree})
 	m.gate.release()
-	s.mgr.Observe(m.name, Result{Status: 200, Duration: time.Since(start)})
+	l.Release(Result{Status: 200, Duration: time.Since(start)})
 }
 
 func TestAdmitReleaseAllocs(t *testing.T) {

@@ -100,7 +100,7 @@ func TestAdmit(t *testing.T) {
 		t.Errorf("Envoy sent %v, want %v", res.Sent, want)
 	}
 	h.idle(t, "llama")
-	o := <-h.mgr.obsCh
+	o := <-h.leases.obsCh
 	if o.model != "llama" || o.res.Status != 200 {
 		t.Errorf("manager observed %+v, want llama 200", o)
 	}
@@ -385,7 +385,7 @@ func TestStreamHoldsSlot(t *testing.T) {
 				}
 			}
 			h.idle(t, "llama")
-			if o := <-h.mgr.obsCh; o.res.Status != 200 {
+			if o := <-h.leases.obsCh; o.res.Status != 200 {
 				t.Errorf("observed %+v", o)
 			}
 		})
@@ -407,7 +407,7 @@ func TestRemovedAndAddedBack(t *testing.T) {
 	if res := do(t, h, ctx, req("gone", chat("llama"))); res.Status != 404 {
 		t.Fatalf("a removed model answered %d, want 404", res.Status)
 	}
-	h.srv.SetModels(llama)
+	h.srv.SetModels(withClusters(llama))
 	third := h.async(t, ctx, req("third", chat("llama")))
 	eventually(t, "the third request is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 	if st := h.stats(t, "llama"); st.InFlight != 2 {
@@ -447,7 +447,7 @@ func TestHeaderFastPath(t *testing.T) {
 func TestModelLoad(t *testing.T) {
 	t.Run("loads", func(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}})
-		load := h.mgr.startLoading("llama")
+		load := h.leases.startLoading("llama")
 		done := h.async(t, context.Background(), req("l", chat("llama")))
 		eventually(t, "the request waits for the load", func() bool {
 			return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeQueued})) == 1
@@ -466,7 +466,7 @@ func TestModelLoad(t *testing.T) {
 	})
 	t.Run("fails", func(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}})
-		load := h.mgr.startLoading("llama")
+		load := h.leases.startLoading("llama")
 		load <- errLoad
 		res := do(t, h, context.Background(), req("l", chat("llama")))
 		if res.Status != 503 || res.Get("retry-after") == "" {
@@ -480,7 +480,7 @@ func TestModelLoad(t *testing.T) {
 	t.Run("fails, told without the log and with secrets masked", func(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}},
 			extproc.WithRedactor(strings.NewReplacer("sk-planted", "[redacted]").Replace))
-		load := h.mgr.startLoading("llama")
+		load := h.leases.startLoading("llama")
 		load <- &logTailError{public: "server exited (--api-key sk-planted)", tail: "CUDA out of memory"}
 		res := do(t, h, context.Background(), req("l", chat("llama")))
 		if res.Status != 503 || !strings.Contains(string(res.Body), `"message":"Model 'llama' is unavailable: server exited (--api-key [redacted])"`) {
@@ -490,7 +490,7 @@ func TestModelLoad(t *testing.T) {
 	})
 	t.Run("times out", func(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithLoadTimeout(200*time.Millisecond))
-		h.mgr.startLoading("llama")
+		h.leases.startLoading("llama")
 		res := do(t, h, context.Background(), req("l", chat("llama")))
 		if res.Status != 504 || !res.Immediate {
 			t.Fatalf("got %d (%s), want vgw's 504", res.Status, res.Details)
@@ -631,7 +631,7 @@ func TestEnvoyMessageTimer(t *testing.T) {
 	t.Run("vgw waits past it: Envoy's 504", func(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}})
 		noOverride(h)
-		h.mgr.startLoading("llama")
+		h.leases.startLoading("llama")
 		done := h.async(t, context.Background(), req("l", chat("llama")))
 		eventually(t, "the request waits for the load", func() bool {
 			return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeQueued})) == 1
@@ -651,7 +651,7 @@ func TestEnvoyMessageTimer(t *testing.T) {
 	t.Run("vgw knows it cannot extend: vgw's 504", func(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithMessageTimeouts(200*time.Millisecond, 0))
 		noOverride(h)
-		h.mgr.startLoading("llama")
+		h.leases.startLoading("llama")
 		res := do(t, h, context.Background(), req("l", chat("llama")))
 		if res.Status != 504 || !res.Immediate || len(res.Overrides) != 0 {
 			t.Fatalf("got %d %s overrides %v, want vgw's 504 and no override asked", res.Status, res.Details, res.Overrides)

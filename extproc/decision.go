@@ -108,9 +108,21 @@ func NewDecisionLog(size int) *DecisionLog {
 	return &DecisionLog{mask: uint64(n - 1), slots: make([]decisionSlot, n)}
 }
 
-// record stores a decision. model must point to a string that is never
-// changed afterwards (a configured name, or a copy made for the record).
-func (l *DecisionLog) record(at time.Time, model *string, o Outcome, r Reason, status, depth int, wait time.Duration) {
+// decision is one decision as the request path files it. model points to
+// a string that is never changed afterwards (a configured name, or a copy
+// made for the record), so the ring keeps the pointer and copies nothing.
+type decision struct {
+	at      time.Time
+	model   *string
+	outcome Outcome
+	reason  Reason
+	status  int // the HTTP status vgw answered with; 0 when it answered none
+	depth   int // the model's queue depth
+	wait    time.Duration
+}
+
+// record stores a decision.
+func (l *DecisionLog) record(d decision) {
 	pos := l.next.Add(1) - 1
 	s := &l.slots[pos&l.mask]
 	// Two writers meet on a slot only when the ring wraps while one of
@@ -129,10 +141,10 @@ func (l *DecisionLog) record(at time.Time, model *string, o Outcome, r Reason, s
 			break
 		}
 	}
-	s.at.Store(at.UnixNano())
-	s.wait.Store(int64(wait))
-	s.packed.Store(uint64(o)<<56 | uint64(r)<<48 | uint64(uint16(status))<<32 | uint64(uint32(depth)))
-	s.model.Store(model)
+	s.at.Store(d.at.UnixNano())
+	s.wait.Store(int64(d.wait))
+	s.packed.Store(uint64(d.outcome)<<56 | uint64(d.reason)<<48 | uint64(uint16(d.status))<<32 | uint64(uint32(d.depth)))
+	s.model.Store(d.model)
 	s.seq.Store(2*pos + 2)
 }
 

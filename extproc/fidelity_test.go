@@ -159,10 +159,10 @@ func observed(t *testing.T, h *harness, n int) []int {
 	t.Helper()
 	var got []int
 	eventually(t, "the requests observed", func() bool {
-		h.mgr.mu.Lock()
-		defer h.mgr.mu.Unlock()
+		h.leases.mu.Lock()
+		defer h.leases.mu.Unlock()
 		got = got[:0]
-		for _, o := range h.mgr.observed {
+		for _, o := range h.leases.observed {
 			got = append(got, o.res.Status)
 		}
 		return len(got) >= n

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -38,9 +39,10 @@ func repoFilter(t testing.TB) extproctest.Filter {
 	return f
 }
 
-// fakeManager stands in for the GPU manager. Models are resident unless
-// marked loading; a loading model's Ensure waits for load to be closed.
-type fakeManager struct {
+// fakeLeases stands in for the GPU manager and the xDS server. Models are
+// resident unless marked loading; a loading model's Lease waits for its
+// load to be closed. Every lease given back is observed.
+type fakeLeases struct {
 	mu       sync.Mutex
 	loading  map[string]chan error // closed or sent to when the load ends
 	observed []observation
@@ -52,53 +54,60 @@ type observation struct {
 	res   extproc.Result
 }
 
-func newFakeManager() *fakeManager {
-	return &fakeManager{loading: map[string]chan error{}, obsCh: make(chan observation, 10000)}
+func newFakeLeases() *fakeLeases {
+	return &fakeLeases{loading: map[string]chan error{}, obsCh: make(chan observation, 10000)}
 }
 
 func clusterOf(model string) string { return "vgw/" + model }
 
-func (m *fakeManager) Route(_ context.Context, model string) (extproc.Route, bool) {
+// fakeLease is one request's lease; releasing it twice fails the test
+// run (observed twice).
+type fakeLease struct {
+	l     *fakeLeases
+	model string
+}
+
+func (f fakeLease) Release(r extproc.Result) {
+	f.l.mu.Lock()
+	f.l.observed = append(f.l.observed, observation{f.model, r})
+	f.l.mu.Unlock()
+	f.l.obsCh <- observation{f.model, r}
+}
+
+func (m *fakeLeases) TryLease(_, model string) (extproc.Lease, bool) {
 	m.mu.Lock()
 	_, loading := m.loading[model]
 	m.mu.Unlock()
 	if loading {
-		return extproc.Route{}, false
+		return nil, false
 	}
-	return extproc.Route{Cluster: clusterOf(model)}, true
+	return fakeLease{m, model}, true
 }
 
-func (m *fakeManager) Ensure(ctx context.Context, model string) (extproc.Route, error) {
+func (m *fakeLeases) Lease(ctx context.Context, _, model string) (extproc.Lease, error) {
 	m.mu.Lock()
 	ch, loading := m.loading[model]
 	m.mu.Unlock()
 	if !loading {
-		return extproc.Route{Cluster: clusterOf(model)}, nil
+		return fakeLease{m, model}, nil
 	}
 	select {
 	case err, ok := <-ch:
 		if ok && err != nil {
-			return extproc.Route{}, err
+			return nil, err
 		}
 		m.mu.Lock()
 		delete(m.loading, model)
 		m.mu.Unlock()
-		return extproc.Route{Cluster: clusterOf(model)}, nil
+		return fakeLease{m, model}, nil
 	case <-ctx.Done():
-		return extproc.Route{}, ctx.Err()
+		return nil, ctx.Err()
 	}
-}
-
-func (m *fakeManager) Observe(model string, r extproc.Result) {
-	m.mu.Lock()
-	m.observed = append(m.observed, observation{model, r})
-	m.mu.Unlock()
-	m.obsCh <- observation{model, r}
 }
 
 // startLoading marks model as not resident; closing (or sending an error
 // on) the returned channel ends the load.
-func (m *fakeManager) startLoading(model string) chan error {
+func (m *fakeLeases) startLoading(model string) chan error {
 	ch := make(chan error, 1)
 	m.mu.Lock()
 	m.loading[model] = ch
@@ -106,12 +115,23 @@ func (m *fakeManager) startLoading(model string) chan error {
 	return ch
 }
 
+// withClusters gives each model its cluster, as vgw's wiring does.
+func withClusters(models []extproc.Model) []extproc.Model {
+	out := slices.Clone(models)
+	for i := range out {
+		if out[i].Cluster == "" {
+			out[i].Cluster = clusterOf(out[i].Name)
+		}
+	}
+	return out
+}
+
 type harness struct {
-	srv  *extproc.Server
-	mgr  *fakeManager
-	conn *grpc.ClientConn
-	env  *extproctest.Envoy
-	up   *upstreams
+	srv    *extproc.Server
+	leases *fakeLeases
+	conn   *grpc.ClientConn
+	env    *extproctest.Envoy
+	up     *upstreams
 	// clock runs the Envoy's message timer. It moves only when a test
 	// advances it, so no reply is late however slow the machine: what vgw
 	// does about the timer shows in the overrides it asks for.
@@ -126,11 +146,11 @@ func start(t testing.TB, models []extproc.Model, opts ...extproc.Option) *harnes
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{mgr: newFakeManager(), up: newUpstreams(), clock: clockwork.NewFakeClock()}
+	h := &harness{leases: newFakeLeases(), up: newUpstreams(), clock: clockwork.NewFakeClock()}
 	f := repoFilter(t)
 	f.Clock = h.clock
 	opts = append([]extproc.Option{extproc.WithMessageTimeouts(f.MessageTimeout, f.MaxMessageTimeout)}, opts...)
-	h.srv = extproc.New(models, h.mgr, opts...)
+	h.srv = extproc.New(withClusters(models), h.leases, opts...)
 	g := grpc.NewServer(h.srv.ServerOptions()...)
 	h.srv.Register(g)
 	go g.Serve(lis)

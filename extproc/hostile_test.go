@@ -81,9 +81,9 @@ func TestHostileInput(t *testing.T) {
 	models := do(t, h, context.Background(), extproctest.Request{Method: "GET", Path: "/v1/models"}).Body
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			h.mgr.mu.Lock()
-			before := len(h.mgr.observed)
-			h.mgr.mu.Unlock()
+			h.leases.mu.Lock()
+			before := len(h.leases.observed)
+			h.leases.mu.Unlock()
 			res := do(t, h, context.Background(), tt.req)
 			if res.Status != tt.status {
 				t.Fatalf("status %d (%s) body %.200q, want %d", res.Status, res.Details, res.Body, tt.status)
@@ -93,7 +93,7 @@ func TestHostileInput(t *testing.T) {
 					t.Fatalf("routed to %+v, want %s", res.Forwarded, tt.routed)
 				}
 				h.idle(t, tt.routed)
-				<-h.mgr.obsCh
+				<-h.leases.obsCh
 				return
 			}
 			if res.Forwarded != nil {
@@ -124,9 +124,9 @@ func TestHostileInput(t *testing.T) {
 					t.Errorf("message %q does not quote the name %q", e.Error.Message, tt.model)
 				}
 			}
-			h.mgr.mu.Lock()
-			after := len(h.mgr.observed)
-			h.mgr.mu.Unlock()
+			h.leases.mu.Lock()
+			after := len(h.leases.observed)
+			h.leases.mu.Unlock()
 			if after != before {
 				t.Error("the manager heard of a rejected request")
 			}

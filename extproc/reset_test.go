@@ -97,9 +97,9 @@ func TestResetAtEveryPhase(t *testing.T) {
 			cleanup()
 			h.idle(t, "llama")
 			observed := func() int {
-				h.mgr.mu.Lock()
-				defer h.mgr.mu.Unlock()
-				return len(h.mgr.observed) - tt.setupRuns
+				h.leases.mu.Lock()
+				defer h.leases.mu.Unlock()
+				return len(h.leases.observed) - tt.setupRuns
 			}
 			// The manager hears after the slot is back: wait for the least.
 			eventually(t, "the manager hears", func() bool { return observed() >= tt.ran[0] })
@@ -136,12 +136,12 @@ func holdSlot(t *testing.T, h *harness) func() {
 // loading makes the model not resident, its load never ending on its own;
 // cleanup fails it, so that a vgw yet to see the reset does not admit.
 func loading(t *testing.T, h *harness) func() {
-	load := h.mgr.startLoading("llama")
+	load := h.leases.startLoading("llama")
 	return func() {
 		load <- errLoad
-		h.mgr.mu.Lock()
-		delete(h.mgr.loading, "llama")
-		h.mgr.mu.Unlock()
+		h.leases.mu.Lock()
+		delete(h.leases.loading, "llama")
+		h.leases.mu.Unlock()
 	}
 }
 

@@ -24,26 +24,38 @@ import (
 	"google.golang.org/grpc/metadata"
 )
 
-// Manager is the GPU manager as the request path sees it.
-type Manager interface {
-	// Route returns where model's requests go if the model can take traffic
-	// now, without blocking: it is ready and the request's Envoy (ctx is
-	// its ext_proc stream's; see Node) knows where it runs. It runs for
-	// every request, so it must be cheap for a resident model.
-	Route(ctx context.Context, model string) (Route, bool)
-	// Ensure makes model ready, loading it (and evicting others) if need
-	// be, and returns its route. It returns an error when the model cannot
-	// be placed or fails to load, and ctx's error when ctx ends first.
-	Ensure(ctx context.Context, model string) (Route, error)
-	// Observe reports that a request admitted for model has finished.
-	Observe(model string, r Result)
+// Leases is what the request path needs of the GPU manager and the xDS
+// server together: a hold on a model's server that the request's Envoy
+// can route to. The node is the Envoy's node id (see Node), "" when the
+// Envoy did not say.
+type Leases interface {
+	// TryLease leases model for a request of node's Envoy when the model
+	// can take it now: it is ready, and that Envoy knows where it runs. It
+	// never blocks and runs for every request, so for a resident model it
+	// must be cheap and allocate nothing.
+	TryLease(node, model string) (Lease, bool)
+	// Lease waits for model: it loads it (evicting others) if need be,
+	// then waits until node's Envoy knows where it runs. It returns an
+	// error when the model cannot be placed or fails to load, or its
+	// Envoy cannot route to it (wrapping ErrModelNotFound or
+	// ErrNotRoutable where they apply), and ctx's error when ctx ends
+	// first.
+	Lease(ctx context.Context, node, model string) (Lease, error)
 }
 
-// ErrModelNotFound is what Manager.Ensure wraps when the model is not
+// A Lease is a request's hold on its model's server: while any is held,
+// the model is neither unloaded for idleness nor stopped before its drain
+// timeout. Release gives it back, exactly once, with what became of the
+// request.
+type Lease interface {
+	Release(Result)
+}
+
+// ErrModelNotFound is what Leases.Lease wraps when the model is not
 // configured (any more): the request is answered 404, not 503.
 var ErrModelNotFound = errors.New("model not found")
 
-// ErrNotRoutable is what Manager.Ensure wraps when the model is ready but
+// ErrNotRoutable is what Leases.Lease wraps when the model is ready but
 // the request's Envoy cannot be expected to route to it (it rejected vgw's
 // config, or stopped answering it): the request is answered 503 at once,
 // not held to its deadline.
@@ -55,22 +67,13 @@ var ErrNotRoutable = errors.New("the proxy cannot route to the model")
 // request must wait for.
 const MetadataNode = "x-vgw-node"
 
-// Node returns the Envoy node id of the ext_proc stream ctx belongs to, or
-// "" when the Envoy did not say.
-func Node(ctx context.Context) string {
-	if md, ok := metadata.FromIncomingContext(ctx); ok {
-		if v := md.Get(MetadataNode); len(v) > 0 {
-			return v[0]
-		}
+// nodeOf returns the Envoy node id of the ext_proc stream ctx belongs to,
+// or "" when the Envoy did not say. It is read once per stream.
+func nodeOf(ctx context.Context) string {
+	if v := metadata.ValueFromIncomingContext(ctx, MetadataNode); len(v) > 0 {
+		return v[0]
 	}
 	return ""
-}
-
-// Route is where Envoy sends a model's requests.
-type Route struct {
-	// Cluster is the Envoy cluster name, set as the x-vgw-cluster header
-	// that the Envoy route's cluster_header reads.
-	Cluster string
 }
 
 // Result is what became of an admitted request.
@@ -81,17 +84,21 @@ type Result struct {
 	Duration time.Duration
 }
 
-// Model is a model clients may name, with its admission limits.
+// Model is a model clients may name, the Envoy cluster that serves it,
+// and its admission limits.
 type Model struct {
-	Name   string
-	Limits Limits
+	Name string
+	// Cluster is the Envoy cluster name, set as the x-vgw-cluster header
+	// that the Envoy route's cluster_header reads.
+	Cluster string
+	Limits  Limits
 }
 
 // Server implements envoy.service.ext_proc.v3.ExternalProcessor.
 type Server struct {
 	extprocv3.UnimplementedExternalProcessorServer
 
-	mgr       Manager
+	leases    Leases
 	log       *slog.Logger
 	decisions *DecisionLog
 
@@ -135,8 +142,8 @@ type modelTable struct {
 type modelEntry struct {
 	name          string
 	gate          *gate
-	route         atomic.Pointer[routeHeaders]
-	queueFullBody []byte // the 429 body, rendered once
+	route         atomic.Pointer[routeHeaders] // replaced when a reload moves the model to another cluster
+	queueFullBody []byte                       // the 429 body, rendered once
 	counts        counts
 }
 
@@ -192,11 +199,13 @@ func (c *counts) snapshot() Counts {
 }
 
 func newModelEntry(m Model) *modelEntry {
-	return &modelEntry{name: m.Name, gate: newGate(m.Limits), queueFullBody: queueFull(m.Name, 0).body()}
+	e := &modelEntry{name: m.Name, gate: newGate(m.Limits), queueFullBody: queueFull(m.Name, 0).body()}
+	e.setCluster(m.Cluster)
+	return e
 }
 
-// routeHeaders caches the immutable header mutations for a model's current
-// route, and the whole common admit reply, so admitting a request builds
+// routeHeaders caches the immutable header mutations for a model's
+// cluster, and the whole common admit reply, so admitting a request builds
 // nothing. gRPC only reads a message it sends, so streams share them.
 type routeHeaders struct {
 	cluster    string
@@ -208,19 +217,19 @@ type routeHeaders struct {
 	headersReply *extprocv3.ProcessingResponse
 }
 
-func (m *modelEntry) headersFor(r Route) *routeHeaders {
-	if h := m.route.Load(); h != nil && h.cluster == r.Cluster {
-		return h
+// setCluster builds m's route headers for cluster, unless they are built.
+func (m *modelEntry) setCluster(cluster string) {
+	if h := m.route.Load(); h != nil && h.cluster == cluster {
+		return
 	}
 	h := &routeHeaders{
-		cluster:    r.Cluster,
+		cluster:    cluster,
 		model:      setHeader(HeaderModel, []byte(m.name)),
-		clusterHdr: setHeader(HeaderCluster, []byte(r.Cluster)),
+		clusterHdr: setHeader(HeaderCluster, []byte(cluster)),
 	}
 	h.bodyReply = bodyReply(h, 0)
 	h.headersReply = headersReply(h, 0, filterv3.ProcessingMode_NONE)
 	m.route.Store(h)
-	return h
 }
 
 // An Option configures a Server.
@@ -279,10 +288,10 @@ const (
 	DefaultLoadTimeout    = 10 * time.Minute
 )
 
-// New returns a server for models, backed by mgr.
-func New(models []Model, mgr Manager, opts ...Option) *Server {
+// New returns a server for models, whose requests take leases.
+func New(models []Model, leases Leases, opts ...Option) *Server {
 	s := &Server{
-		mgr:            mgr,
+		leases:         leases,
 		log:            slog.Default(),
 		maxBody:        DefaultMaxBody,
 		loadTimeout:    DefaultLoadTimeout,
@@ -341,6 +350,7 @@ func (s *Server) SetModels(models []Model) {
 		}
 		if ok {
 			e.gate.setLimits(m.Limits)
+			e.setCluster(m.Cluster)
 		} else {
 			e = newModelEntry(m)
 		}
@@ -423,22 +433,6 @@ func renderModelList(names []string) []byte {
 	}
 	b, _ := json.Marshal(list) // strings and ints only: cannot fail
 	return b
-}
-
-// record files a decision in the ring and, at debug level only, the log.
-// The Enabled check comes first so that at info level nothing is formatted
-// or allocated; no lock is held here.
-func (s *Server) record(ctx context.Context, at time.Time, model *string, o Outcome, r Reason, status, depth int, wait time.Duration) {
-	s.decisions.record(at, model, o, r, status, depth, wait)
-	if s.log.Enabled(ctx, slog.LevelDebug) {
-		s.log.LogAttrs(ctx, slog.LevelDebug, "decision",
-			slog.String("model", *model),
-			slog.String("outcome", o.String()),
-			slog.String("reason", r.String()),
-			slog.Int("status", status),
-			slog.Int("queue_depth", depth),
-			slog.Duration("wait", wait))
-	}
 }
 
 // waitBudget is how long a request may wait in all (for a slot, then for

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"strconv"
 	"time"
 
@@ -34,6 +35,7 @@ import (
 // whichever comes first, and exactly once.
 func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	st := &stream{s: s, srv: srv, ctx: srv.Context()}
+	st.node = nodeOf(st.ctx)
 	st.idle, _ = st.ctx.Value(idleWatchKey{}).(*idleWatch)
 	defer st.close()
 	for {
@@ -81,9 +83,10 @@ const (
 // stream is the state of one ext_proc stream; only its handler goroutine
 // touches it.
 type stream struct {
-	s   *Server
-	srv extprocv3.ExternalProcessor_ProcessServer
-	ctx context.Context
+	s    *Server
+	srv  extprocv3.ExternalProcessor_ProcessServer
+	ctx  context.Context
+	node string // the Envoy's node id (see MetadataNode)
 
 	phase    phase
 	extended bool // override_message_timeout used in this phase
@@ -97,7 +100,8 @@ type stream struct {
 	respBodyMode filterv3.ProcessingMode_BodySendMode
 
 	model      *modelEntry
-	held       bool // a slot of model.gate is ours
+	held       bool  // a slot of model.gate is ours
+	lease      Lease // the model's server is ours: admitted
 	admittedAt time.Time
 	status     int // upstream :status
 
@@ -355,11 +359,8 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	start := time.Now()
 	if m.gate.tryAcquire() {
 		st.held = true
-		if r, ok := s.mgr.Route(st.ctx, m.name); ok {
-			return false, st.admit(r, ReasonSlotFree, 0, start, 0, atHeaders)
-		}
 		budget, margin := s.waitBudget(0)
-		return st.waitForModel(start, start.Add(budget), margin, 0, atHeaders)
+		return st.proceed(ReasonSlotFree, start, start, start.Add(budget), margin, 0, atHeaders)
 	}
 
 	limits := m.gate.stats().Limits
@@ -371,10 +372,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	case admitted:
 		waiterPool.Put(w)
 		st.held = true
-		if r, ok := s.mgr.Route(st.ctx, m.name); ok {
-			return false, st.admit(r, ReasonSlotFree, 0, start, 0, atHeaders)
-		}
-		return st.waitForModel(start, deadline, margin, 0, atHeaders)
+		return st.proceed(ReasonSlotFree, start, start, deadline, margin, 0, atHeaders)
 	case full:
 		waiterPool.Put(w)
 		r := queueFull(m.name, m.gate.retryAfter(depth))
@@ -382,7 +380,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 		return true, st.reject(&m.name, r, depth, time.Time{})
 	}
 
-	st.record(start, &m.name, OutcomeQueued, ReasonWaitSlot, 0, depth, 0)
+	st.record(decision{at: start, model: &m.name, outcome: OutcomeQueued, reason: ReasonWaitSlot, depth: depth})
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		st.leaveQueue(w) // sending failed: the stream is gone
 		return true, err
@@ -400,11 +398,18 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	default:
 		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), start)
 	}
-	if r, ok := s.mgr.Route(st.ctx, m.name); ok {
-		now := time.Now()
-		return false, st.admit(r, ReasonSlotGranted, m.gate.depth(), now, now.Sub(start), atHeaders)
+	return st.proceed(ReasonSlotGranted, start, time.Now(), deadline, margin, m.gate.depth(), atHeaders)
+}
+
+// proceed goes on with a request that holds a slot: it is admitted at
+// once when its model can take it now, else it waits for the model. start
+// is when the request came, now when it got its slot (start when a slot
+// was free: a request that did not wait is not counted as waiting).
+func (st *stream) proceed(reason Reason, start, now, deadline time.Time, margin time.Duration, depth int, atHeaders bool) (bool, error) {
+	if l, ok := st.s.leases.TryLease(st.node, st.model.name); ok {
+		return false, st.admit(l, reason, depth, now, now.Sub(start), atHeaders)
 	}
-	return st.waitForModel(start, deadline, margin, m.gate.depth(), atHeaders)
+	return st.waitForModel(start, deadline, margin, depth, atHeaders)
 }
 
 // waitSlot waits for w to be handed a slot, for the deadline, or for the
@@ -441,16 +446,16 @@ func (st *stream) leaveQueue(w *waiter) {
 func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, depth int, atHeaders bool) (bool, error) {
 	s, m := st.s, st.model
 	now := time.Now()
-	st.record(now, &m.name, OutcomeQueued, ReasonWaitLoad, 0, depth, now.Sub(start))
+	st.record(decision{at: now, model: &m.name, outcome: OutcomeQueued, reason: ReasonWaitLoad, depth: depth, wait: now.Sub(start)})
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		return true, err
 	}
 	ctx, cancel := context.WithDeadline(st.ctx, deadline)
-	r, err := s.mgr.Ensure(ctx, m.name)
+	l, err := s.leases.Lease(ctx, st.node, m.name)
 	cancel()
 	if err == nil {
 		now = time.Now()
-		return false, st.admit(r, ReasonModelReady, m.gate.depth(), now, now.Sub(start), atHeaders)
+		return false, st.admit(l, ReasonModelReady, m.gate.depth(), now, now.Sub(start), atHeaders)
 	}
 	st.releaseSlot()
 	switch {
@@ -515,10 +520,11 @@ func (st *stream) extendTimeout(deadline time.Time, margin time.Duration) error 
 	return st.send(&extprocv3.ProcessingResponse{OverrideMessageTimeout: durationpb.New(d)})
 }
 
-// admit sends the request on with its route (see routeResponse).
-func (st *stream) admit(r Route, reason Reason, depth int, now time.Time, wait time.Duration, atHeaders bool) error {
+// admit sends the request on to its model's cluster (see routeResponse),
+// holding l until the response ends.
+func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait time.Duration, atHeaders bool) error {
 	m := st.model
-	h := m.headersFor(r)
+	h := m.route.Load()
 	var resp *extprocv3.ProcessingResponse
 	switch {
 	case atHeaders && depth == 0 && st.respBodyMode == filterv3.ProcessingMode_NONE:
@@ -532,8 +538,8 @@ func (st *stream) admit(r Route, reason Reason, depth int, now time.Time, wait t
 	}
 	st.phase = phaseResponse
 	st.streamed = atHeaders
-	st.admittedAt = now
-	st.record(now, &m.name, OutcomeAdmitted, reason, 0, depth, wait)
+	st.lease, st.admittedAt = l, now
+	st.record(decision{at: now, model: &m.name, outcome: OutcomeAdmitted, reason: reason, depth: depth, wait: wait})
 	return st.send(resp)
 }
 
@@ -632,30 +638,41 @@ func (st *stream) reject(model *string, r *rejection, depth int, start time.Time
 	if !start.IsZero() {
 		wait = now.Sub(start)
 	}
-	st.record(now, model, r.outcome, r.reason, r.status, depth, wait)
+	st.record(decision{at: now, model: model, outcome: r.outcome, reason: r.reason, status: r.status, depth: depth, wait: wait})
 	return st.send(r.immediate(depth))
 }
 
-// record files a decision about this stream's request: the ring and log,
-// the model's counts (or the unknown-model counts before a model is
-// known), and, for a request that waited, the wait observer.
-func (st *stream) record(at time.Time, model *string, o Outcome, r Reason, status, depth int, wait time.Duration) {
+// record files a decision about this stream's request: the ring, the log
+// (at debug level only: the Enabled check comes first, so that at info
+// level nothing is formatted or allocated), the model's counts (or the
+// unknown-model counts before a model is known), and, for a request that
+// waited, the wait observer.
+func (st *stream) record(d decision) {
 	s := st.s
-	s.record(st.ctx, at, model, o, r, status, depth, wait)
-	if st.model != nil {
-		st.model.counts.add(o, status)
-	} else {
-		s.unknown.add(o, status)
+	s.decisions.record(d)
+	if s.log.Enabled(st.ctx, slog.LevelDebug) {
+		s.log.LogAttrs(st.ctx, slog.LevelDebug, "decision",
+			slog.String("model", *d.model),
+			slog.String("outcome", d.outcome.String()),
+			slog.String("reason", d.reason.String()),
+			slog.Int("status", d.status),
+			slog.Int("queue_depth", d.depth),
+			slog.Duration("wait", d.wait))
 	}
-	if wait > 0 && o != OutcomeQueued && s.waited != nil {
-		s.waited(*model, wait)
+	if st.model != nil {
+		st.model.counts.add(d.outcome, d.status)
+	} else {
+		s.unknown.add(d.outcome, d.status)
+	}
+	if d.wait > 0 && d.outcome != OutcomeQueued && s.waited != nil {
+		s.waited(*d.model, d.wait)
 	}
 }
 
 // abandoned records that the client left while its request waited.
 func (st *stream) abandoned(start time.Time) {
 	now := time.Now()
-	st.record(now, &st.model.name, OutcomeAbandoned, ReasonClientGone, 0, st.model.gate.depth(), now.Sub(start))
+	st.record(decision{at: now, model: &st.model.name, outcome: OutcomeAbandoned, reason: ReasonClientGone, depth: st.model.gate.depth(), wait: now.Sub(start)})
 }
 
 // releaseSlot gives back a slot the request took but never used.
@@ -666,15 +683,17 @@ func (st *stream) releaseSlot() {
 	}
 }
 
-// finish ends an admitted request: its slot goes back and the manager
-// hears how it went. It runs at most once per slot; later calls do nothing.
+// finish ends a request that holds a slot: the slot goes back, and the
+// lease of an admitted one with how it went. It runs at most once per
+// slot; later calls do nothing.
 func (st *stream) finish() {
-	if !st.held {
-		return
+	if st.held {
+		st.held = false
+		st.model.gate.release()
 	}
-	st.held = false
-	st.model.gate.release()
-	if st.phase == phaseResponse {
-		st.s.mgr.Observe(st.model.name, Result{Status: st.status, Duration: time.Since(st.admittedAt)})
+	if st.lease != nil {
+		l := st.lease
+		st.lease = nil
+		l.Release(Result{Status: st.status, Duration: time.Since(st.admittedAt)})
 	}
 }

@@ -337,9 +337,7 @@ func extprocModels(cfg *config.Config) []extproc.Model {
 	var ms []extproc.Model
 	for _, name := range cfg.ModelNames() {
 		l := cfg.LimitsOf(name)
-		ms = append(ms, extproc.Model{Name: name, Limits: extproc.Limits{
-			MaxConcurrent: l.MaxConcurrent, MaxQueue: l.MaxQueue, QueueTimeout: l.QueueTimeout,
-		}})
+		ms = append(ms, extproc.Model{Name: name, Cluster: ClusterName(name), Limits: extproc.Limits(l)})
 	}
 	return ms
 }

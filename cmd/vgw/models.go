@@ -109,9 +109,9 @@ func newManager(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event
 }
 
 // routes adapts the manager and the xDS server to what extproc and xds
-// need: a model's cluster once its Envoy knows where it runs, the wait for
-// a cold model (its load, then its Envoy's acknowledgement), the end of
-// each request, and the models with their endpoints for xDS.
+// need: a lease on a model once its Envoy knows where it runs, the wait
+// for a cold model (its load, then its Envoy's acknowledgement), and the
+// models with their endpoints for xDS.
 type routes struct {
 	mgr *manager.Manager
 	xds *xds.Server // nil until set
@@ -120,9 +120,9 @@ type routes struct {
 
 // routeTable is built once per config, so the request path builds no names.
 type routeTable struct {
-	routes map[string]extproc.Route
 	names  []string
 	models []xds.Model // names[i]'s, without endpoints
+	known  map[string]bool
 }
 
 func newRoutes(mgr *manager.Manager, cfg *config.Config) *routes {
@@ -132,12 +132,11 @@ func newRoutes(mgr *manager.Manager, cfg *config.Config) *routes {
 }
 
 func (r *routes) set(cfg *config.Config) {
-	t := &routeTable{routes: make(map[string]extproc.Route, len(cfg.Models))}
+	t := &routeTable{known: make(map[string]bool, len(cfg.Models))}
 	for _, name := range cfg.ModelNames() {
-		cluster := ClusterName(name)
-		t.routes[name] = extproc.Route{Cluster: cluster}
+		t.known[name] = true
 		t.names = append(t.names, name)
-		t.models = append(t.models, xds.Model{Cluster: cluster, MaxConcurrent: cfg.LimitsOf(name).MaxConcurrent})
+		t.models = append(t.models, xds.Model{Cluster: ClusterName(name), MaxConcurrent: cfg.LimitsOf(name).MaxConcurrent})
 	}
 	r.cfg.Store(t)
 }
@@ -145,55 +144,55 @@ func (r *routes) set(cfg *config.Config) {
 // ClusterName is the Envoy cluster that serves a model.
 func ClusterName(model string) string { return "model/" + model }
 
-// Route counts the request in with the manager when the model is ready
-// and the request's Envoy knows where it runs: every Envoy does (two
-// atomic loads), or else its own, named by its ext_proc stream.
-func (r *routes) Route(ctx context.Context, model string) (extproc.Route, bool) {
-	if !r.mgr.Acquire(model) {
-		return extproc.Route{}, false
-	}
-	rt, ok := r.cfg.Load().routes[model]
-	if ok && r.xds != nil {
-		addr, _ := r.mgr.Endpoint(model)
-		ok = r.xds.Acked(extproc.Node(ctx), rt.Cluster, addr)
-	}
-	if !ok {
-		r.mgr.Release(model)
-	}
-	return rt, ok
+// lease is a request's count with the manager.
+type lease struct {
+	mgr   *manager.Manager
+	model string
 }
 
-// Ensure loads the model if need be, counts the request in, and waits
+func (l lease) Release(extproc.Result) { l.mgr.Release(l.model) }
+
+// TryLease counts the request in with the manager when the model is ready
+// and the request's Envoy knows where it runs.
+func (r *routes) TryLease(node, model string) (extproc.Lease, bool) {
+	if !r.mgr.Acquire(model) {
+		return nil, false
+	}
+	addr, _ := r.mgr.Endpoint(model)
+	if r.xds != nil && !r.xds.Acked(node, ClusterName(model), addr) {
+		r.mgr.Release(model)
+		return nil, false
+	}
+	return lease{r.mgr, model}, true
+}
+
+// Lease loads the model if need be, counts the request in, and waits
 // until the request's Envoy knows where the model runs.
-func (r *routes) Ensure(ctx context.Context, model string) (extproc.Route, error) {
+func (r *routes) Lease(ctx context.Context, node, model string) (extproc.Lease, error) {
 	err := r.mgr.Ensure(ctx, model)
 	if errors.Is(err, manager.ErrUnknownModel) {
-		return extproc.Route{}, fmt.Errorf("%w: %w", extproc.ErrModelNotFound, err)
+		return nil, fmt.Errorf("%w: %w", extproc.ErrModelNotFound, err)
 	}
 	if err != nil {
-		return extproc.Route{}, err
+		return nil, err
 	}
-	rt, ok := r.cfg.Load().routes[model]
-	if !ok {
+	if !r.cfg.Load().known[model] {
 		r.mgr.Release(model)
-		return extproc.Route{}, fmt.Errorf("%w: %s", extproc.ErrModelNotFound, model)
+		return nil, fmt.Errorf("%w: %s", extproc.ErrModelNotFound, model)
 	}
 	if r.xds != nil {
 		addr := func() string { a, _ := r.mgr.Endpoint(model); return a }
-		if err := r.xds.WaitAcked(ctx, extproc.Node(ctx), rt.Cluster, addr); err != nil {
+		if err := r.xds.WaitAcked(ctx, node, ClusterName(model), addr); err != nil {
 			r.mgr.Release(model)
 			var na *xds.NotAckedError
 			if errors.As(err, &na) {
-				return extproc.Route{}, fmt.Errorf("%w: %w", extproc.ErrNotRoutable, err)
+				return nil, fmt.Errorf("%w: %w", extproc.ErrNotRoutable, err)
 			}
-			return extproc.Route{}, err
+			return nil, err
 		}
 	}
-	return rt, nil
+	return lease{r.mgr, model}, nil
 }
-
-// Observe counts the request out.
-func (r *routes) Observe(model string, _ extproc.Result) { r.mgr.Release(model) }
 
 // Models lists every configured model with the endpoint of its server
 // while it is ready, for xDS.
