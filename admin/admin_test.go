@@ -33,6 +33,7 @@ import (
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/internal/secrets"
 	"github.com/vgw-project/vgw/manager"
+	"github.com/vgw-project/vgw/manager/gpu"
 	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 	"github.com/vgw-project/vgw/xds"
 )
@@ -154,7 +155,7 @@ models:
 	}
 	mgr := &fakeManager{
 		models: []manager.ModelStatus{{Name: "llama", State: manager.Ready, GPUs: []int{0}, Addr: "127.0.0.1:8001", PerGPU: 20 << 30, Footprint: "declared"}},
-		gpus:   []manager.GPUStatus{{GPU: manager.GPU{Index: 0, Name: "g", Total: 80 << 30}, Used: 20 << 30}},
+		gpus:   []manager.GPUStatus{{GPU: gpu.GPU{Index: 0, Name: "g", Total: 80 << 30}, Used: 20 << 30}},
 		pinned: map[string]bool{},
 	}
 	adm := &fakeAdmission{counts: map[string]extproc.Counts{}}

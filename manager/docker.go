@@ -20,6 +20,8 @@ import (
 	"github.com/moby/moby/api/types/mount"
 	"github.com/moby/moby/api/types/network"
 	"github.com/moby/moby/client"
+
+	"github.com/vgw-project/vgw/manager/gpu"
 )
 
 // The labels on every container the Docker runtime creates. vgw stops,
@@ -279,7 +281,7 @@ func (r *DockerRuntime) clearName(ctx context.Context, name string, spec Spec) (
 }
 
 // gpuList is GPU indexes as the vgw.gpus label has them.
-func gpuList(gpus []GPU) string {
+func gpuList(gpus []gpu.GPU) string {
 	s := make([]string, len(gpus))
 	for i, g := range gpus {
 		s[i] = strconv.Itoa(g.Index)

@@ -22,6 +22,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/vgw-project/vgw/manager/dockertest"
+	"github.com/vgw-project/vgw/manager/gpu"
 )
 
 // Faults around the Docker runtime, on the real engine: the engine out of
@@ -298,16 +299,16 @@ func startDockerManagerWrapped(t *testing.T, yaml string, opts DockerOptions, wr
 	if err != nil {
 		t.Fatal(err)
 	}
-	var gs []GPU
+	var gs []gpu.GPU
 	for _, g := range cfg.GPUs.Declared {
-		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
+		gs = append(gs, gpu.GPU{Name: g.Name, Total: uint64(g.Memory)})
 	}
 	dm := &dockerManager{rt: rt, engine: e, instance: opts.Instance, events: &eventLog{}}
 	var mrt Runtime = rt
 	if wrap != nil {
 		mrt = wrap(rt)
 	}
-	dm.Manager = New(cfg, mrt, NewDeclaredGPUs(gs), Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond, OnEvent: dm.events.add})
+	dm.Manager = New(cfg, mrt, gpu.NewDeclared(gs), Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond, OnEvent: dm.events.add})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { dm.Run(ctx); close(done) }()

@@ -16,6 +16,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/vgw-project/vgw/manager/dockertest"
+	"github.com/vgw-project/vgw/manager/gpu"
 )
 
 // The Docker runtime's tests run on the real engine, with the fake vLLM
@@ -366,7 +367,7 @@ func TestDockerImageMissing(t *testing.T) {
 // TestDockerErrors: what a user can act on is said so, for each cause.
 func TestDockerErrors(t *testing.T) {
 	e := dockertest.Need(t)
-	spec := Spec{Model: "a", Args: []string{"--model", "org/a"}, GPUs: []GPU{{Index: 0, UUID: "GPU-00000000-0000-0000-0000-000000000000"}}}
+	spec := Spec{Model: "a", Args: []string{"--model", "org/a"}, GPUs: []gpu.GPU{{Index: 0, UUID: "GPU-00000000-0000-0000-0000-000000000000"}}}
 	tests := []struct {
 		name string
 		opt  DockerOptions
@@ -529,7 +530,7 @@ func TestDockerReconcile(t *testing.T) {
 // labels, for each setting.
 func TestCreateOptions(t *testing.T) {
 	spec := Spec{Model: "m", Args: []string{"--model", "org/m", "--api-key", "sk-x", "--enforce-eager"},
-		Env: map[string]string{"HF_TOKEN": "hf_model", "A": "1"}, GPUs: []GPU{{Index: 1, UUID: "GPU-b"}, {Index: 3, UUID: "GPU-d"}},
+		Env: map[string]string{"HF_TOKEN": "hf_model", "A": "1"}, GPUs: []gpu.GPU{{Index: 1, UUID: "GPU-b"}, {Index: 3, UUID: "GPU-d"}},
 		Signature: "sig", Launch: "launch"}
 	tests := []struct {
 		name  string

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/manager/gpu"
 )
 
 // Everything in this file runs on the loop, except the functions named
@@ -173,7 +174,7 @@ const settleTime = 5 * time.Second
 
 // spec is what the runtime needs to start md.
 func (m *Manager) spec(md *model) Spec {
-	var gpus []GPU
+	var gpus []gpu.GPU
 	var smallest uint64 = math.MaxUint64
 	for _, i := range md.gpus {
 		g := m.gpus[i]
@@ -266,7 +267,7 @@ func (m *Manager) started(md *model, op *loadOp, inst *Instance) {
 	}
 }
 
-func (m *Manager) loadReady(md *model, op *loadOp, took time.Duration, before []GPUMemory) {
+func (m *Manager) loadReady(md *model, op *loadOp, took time.Duration, before []gpu.Memory) {
 	if md.loading != op {
 		return
 	}
@@ -717,7 +718,7 @@ func (m *Manager) readGPUs() {
 // only when nothing else of vgw's started or stopped on those GPUs from
 // settleTime before the load until the reading: a neighbour's memory may
 // still be coming back, or going.
-func (m *Manager) measure(name string, inst *Instance, op *loadOp, before []GPUMemory) {
+func (m *Manager) measure(name string, inst *Instance, op *loadOp, before []gpu.Memory) {
 	var prev map[int]uint64
 	for range 20 {
 		cur, how := m.usage(inst, before)
@@ -761,7 +762,7 @@ func (m *Manager) untouched(op *loadOp) bool {
 }
 
 // usage is what inst uses on each of its GPUs now, and how that was read.
-func (m *Manager) usage(inst *Instance, before []GPUMemory) (map[int]uint64, string) {
+func (m *Manager) usage(inst *Instance, before []gpu.Memory) (map[int]uint64, string) {
 	cur := map[int]uint64{}
 	pids := inst.PIDs
 	if now, err := m.rt.PIDs(m.ctx, inst); err == nil {

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/manager/gpu"
 )
 
 // State is where a model stands.
@@ -169,7 +170,7 @@ type Manager struct {
 	// Owned by the loop.
 	ctx     context.Context
 	cfg     *config.Config
-	gpus    []GPU
+	gpus    []gpu.GPU
 	models  map[string]*model
 	gpuBusy map[int]string // GPU → model whose server is starting or stopping on it
 	pending []*model       // models wanted but not yet placed, oldest first
@@ -304,8 +305,8 @@ func (w *waiter) answer(h *handle, err error) {
 }
 
 type gpuReading struct {
-	mem   []GPUMemory
-	procs []ProcessMemory
+	mem   []gpu.Memory
+	procs []gpu.Process
 }
 
 // New returns a manager for cfg's models; Run starts it.
@@ -769,7 +770,7 @@ func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 
 // GPUStatus is one GPU with its latest reading.
 type GPUStatus struct {
-	GPU
+	gpu.GPU
 	Used uint64
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/internal/fakevllm"
 	"github.com/vgw-project/vgw/manager/dockertest"
+	"github.com/vgw-project/vgw/manager/gpu"
 )
 
 // The test binary doubles as the fake vLLM the sim runtime starts: run
@@ -69,7 +70,7 @@ func (c *countingRuntime) count(model string) int {
 type testManager struct {
 	*Manager
 	rt     *countingRuntime
-	gpus   *DeclaredGPUs
+	gpus   *gpu.Declared
 	mu     sync.Mutex
 	events []Event
 }
@@ -156,7 +157,7 @@ func startManagerOpts(t testing.TB, yaml string, opts Options) *testManager {
 	tm := &testManager{}
 	opts.OnEvent = func(e Event) { tm.mu.Lock(); tm.events = append(tm.events, e); tm.mu.Unlock() }
 	tm.Manager = startManagerWith(t, yaml,
-		func(d *DeclaredGPUs) Inventory { tm.gpus = d; return d },
+		func(d *gpu.Declared) Inventory { tm.gpus = d; return d },
 		func(rt Runtime) Runtime {
 			tm.rt = &countingRuntime{SimRuntime: rt.(*SimRuntime), starts: map[string]int{}}
 			return tm.rt
@@ -378,7 +379,7 @@ func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 	const base = 40 * time.Millisecond
 	tm := &testManager{}
 	tm.Manager = startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB}\n",
-		func(d *DeclaredGPUs) Inventory { tm.gpus = d; return d },
+		func(d *gpu.Declared) Inventory { tm.gpus = d; return d },
 		func(rt Runtime) Runtime {
 			tm.rt = &countingRuntime{SimRuntime: rt.(*SimRuntime), starts: map[string]int{}}
 			return tm.rt
@@ -581,15 +582,15 @@ func TestVLLMArgs(t *testing.T) {
 
 // noProcesses is an inventory whose driver lists no processes, as NVML in
 // a container without the host PID namespace.
-type noProcesses struct{ *DeclaredGPUs }
+type noProcesses struct{ *gpu.Declared }
 
-func (noProcesses) Processes() ([]ProcessMemory, error) { return nil, nil }
+func (noProcesses) Processes() ([]gpu.Process, error) { return nil, nil }
 
 // TestFootprintByDelta: without per-process figures, a model's footprint
 // is the rise in its GPU's used memory across its load.
 func TestFootprintByDelta(t *testing.T) {
 	cfg := parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB}\n")
-	gpus := NewDeclaredGPUs([]GPU{{Name: "sim0", Total: 80 << 30}})
+	gpus := gpu.NewDeclared([]gpu.GPU{{Name: "sim0", Total: 80 << 30}})
 	gpus.Charge(1, []int{0}, 5<<30) // someone else's, before and after
 	exe, _ := os.Executable()
 	m := New(cfg, NewSimRuntime([]string{exe}, gpus), noProcesses{gpus}, Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond})
@@ -611,14 +612,14 @@ func TestFootprintByDelta(t *testing.T) {
 // declared GPUs, with the test binary as the fake vLLM; inv and wrap, when
 // set, stand in for or wrap the inventory and the runtime. Every model is
 // stopped when the test ends.
-func startManagerWith(t testing.TB, yaml string, inv func(*DeclaredGPUs) Inventory, wrap func(Runtime) Runtime, opts Options) *Manager {
+func startManagerWith(t testing.TB, yaml string, inv func(*gpu.Declared) Inventory, wrap func(Runtime) Runtime, opts Options) *Manager {
 	t.Helper()
 	cfg := parseConfig(t, yaml)
-	var gs []GPU
+	var gs []gpu.GPU
 	for _, g := range cfg.GPUs.Declared {
-		gs = append(gs, GPU{Name: g.Name, Total: uint64(g.Memory)})
+		gs = append(gs, gpu.GPU{Name: g.Name, Total: uint64(g.Memory)})
 	}
-	gpus := NewDeclaredGPUs(gs)
+	gpus := gpu.NewDeclared(gs)
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -848,7 +849,7 @@ func answers(addr string) bool {
 // model's memory is its reservation, not also someone else's.
 func TestLoadingModelNotCountedTwice(t *testing.T) {
 	m := startManagerWith(t, baseConfig+"models:\n  big: {vram: 50GiB, sim: {startup_delay: 1h}}\n  small: {vram: 20GiB}\n",
-		func(d *DeclaredGPUs) Inventory { return noProcesses{d} }, nil, Options{})
+		func(d *gpu.Declared) Inventory { return noProcesses{d} }, nil, Options{})
 	tm := &testManager{Manager: m}
 	bigDone := make(chan error, 1)
 	go func() { bigDone <- ensure(t, tm, "big") }()

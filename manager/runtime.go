@@ -5,6 +5,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/vgw-project/vgw/manager/gpu"
 )
 
 // Spec is what a runtime needs to start one model's server.
@@ -15,7 +17,7 @@ type Spec struct {
 	Args []string
 	Env  map[string]string
 	// GPUs are the GPUs the server runs on, by inventory index and UUID.
-	GPUs []GPU
+	GPUs []gpu.GPU
 	// PerGPU is the memory it may use on each of them.
 	PerGPU uint64
 	// Signature identifies the settings that decide the server's memory

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/vgw-project/vgw/manager/gpu"
 )
 
 // SimRuntime runs each model as a fake vLLM process (vgw fakevllm) on a
@@ -21,7 +23,7 @@ type SimRuntime struct {
 	// Command runs a fake vLLM: the vgw binary and "fakevllm", or the
 	// fakevllm binary. The runtime adds the flags.
 	command []string
-	gpus    *DeclaredGPUs
+	gpus    *gpu.Declared
 	exits   chan Exit
 
 	mu    sync.Mutex
@@ -39,7 +41,7 @@ var _ Runtime = (*SimRuntime)(nil)
 
 // NewSimRuntime returns a runtime that starts command (for example
 // []string{"/usr/bin/vgw", "fakevllm"}) and charges gpus.
-func NewSimRuntime(command []string, gpus *DeclaredGPUs) *SimRuntime {
+func NewSimRuntime(command []string, gpus *gpu.Declared) *SimRuntime {
 	return &SimRuntime{command: command, gpus: gpus, exits: make(chan Exit, 64), procs: map[string]*simProc{}}
 }
 

@@ -13,7 +13,14 @@ import (
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/manager"
+	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/xds"
+)
+
+// The inventories and runtimes newMachine chooses from.
+var (
+	_ manager.Inventory = (*gpu.NVML)(nil)
+	_ manager.Inventory = (*gpu.Declared)(nil)
 )
 
 // machine is the GPUs and the runtime a config asks for.
@@ -26,19 +33,19 @@ type machine struct {
 // newMachine opens the GPUs (NVML, or the declared ones) and the runtime.
 func newMachine(cfg *config.Config, log *slog.Logger) (*machine, error) {
 	m := &machine{close: func() {}}
-	var declared *manager.DeclaredGPUs
+	var declared *gpu.Declared
 	if cfg.GPUs.Auto {
-		n, err := manager.OpenNVML(nvml.New())
+		n, err := gpu.OpenNVML(nvml.New())
 		if err != nil {
 			return nil, err
 		}
 		m.gpus, m.close = n, func() { n.Close() }
 	} else {
-		var gs []manager.GPU
+		var gs []gpu.GPU
 		for _, g := range cfg.GPUs.Declared {
-			gs = append(gs, manager.GPU{Name: g.Name, Total: uint64(g.Memory)})
+			gs = append(gs, gpu.GPU{Name: g.Name, Total: uint64(g.Memory)})
 		}
-		declared = manager.NewDeclaredGPUs(gs)
+		declared = gpu.NewDeclared(gs)
 		m.gpus = declared
 	}
 	switch cfg.Runtime.Kind {

@@ -1,4 +1,8 @@
-package manager
+// Package gpu reads the machine's GPUs and their memory: through NVML on a
+// GPU server (NVML), or from a declared list where vgw has no GPU to read
+// (Declared, to which the sim runtime charges its fake servers' memory).
+// The manager reads either through its Inventory.
+package gpu
 
 import (
 	"errors"
@@ -17,49 +21,36 @@ type GPU struct {
 	Total uint64 // bytes
 }
 
-// GPUMemory is a live reading of one GPU's memory.
-type GPUMemory struct {
+// Memory is a live reading of one GPU's memory.
+type Memory struct {
 	Index int
 	Used  uint64
 	Total uint64
 }
 
-// ProcessMemory is the GPU memory one process uses on one GPU.
-type ProcessMemory struct {
+// Process is the GPU memory one process uses on one GPU.
+type Process struct {
 	PID  int
 	GPU  int
 	Used uint64
 }
 
-// Inventory reads the machine's GPUs: NVML on a GPU box, a declared list
-// for the sim runtime.
-type Inventory interface {
-	GPUs() []GPU
-	// Memory reads every GPU's used and total memory now.
-	Memory() ([]GPUMemory, error)
-	// Processes reads the GPU memory each process uses now. It may be
-	// empty where the driver does not say (no host PID namespace).
-	Processes() ([]ProcessMemory, error)
-}
-
-// NVMLInventory reads GPUs through NVML.
-type NVMLInventory struct {
+// NVML reads GPUs through NVML.
+type NVML struct {
 	lib     nvml.Interface
 	devices []nvml.Device
 	gpus    []GPU
 }
 
-var _ Inventory = (*NVMLInventory)(nil)
-
 // OpenNVML initialises NVML through lib (nvml.New() on a GPU box, one of
 // go-nvml's mocks in tests) and lists the GPUs. When Init fails nothing
 // else is called: after a failed Init, go-nvml's other calls reach a
 // library that is not loaded and crash the process.
-func OpenNVML(lib nvml.Interface) (*NVMLInventory, error) {
+func OpenNVML(lib nvml.Interface) (*NVML, error) {
 	if ret := lib.Init(); ret != nvml.SUCCESS {
 		return nil, fmt.Errorf("initialise NVML: %w (is the NVIDIA driver installed and the GPU visible to this container?)", ret)
 	}
-	inv := &NVMLInventory{lib: lib}
+	inv := &NVML{lib: lib}
 	if err := inv.list(); err != nil {
 		lib.Shutdown()
 		return nil, err
@@ -67,7 +58,7 @@ func OpenNVML(lib nvml.Interface) (*NVMLInventory, error) {
 	return inv, nil
 }
 
-func (n *NVMLInventory) list() error {
+func (n *NVML) list() error {
 	count, ret := n.lib.DeviceGetCount()
 	if ret != nvml.SUCCESS {
 		return fmt.Errorf("count GPUs: %w", ret)
@@ -99,29 +90,34 @@ func (n *NVMLInventory) list() error {
 }
 
 // Close shuts NVML down.
-func (n *NVMLInventory) Close() error {
+func (n *NVML) Close() error {
 	if ret := n.lib.Shutdown(); ret != nvml.SUCCESS {
 		return fmt.Errorf("shut NVML down: %w", ret)
 	}
 	return nil
 }
 
-func (n *NVMLInventory) GPUs() []GPU { return slices.Clone(n.gpus) }
+// GPUs lists the GPUs as NVML numbers them.
+func (n *NVML) GPUs() []GPU { return slices.Clone(n.gpus) }
 
-func (n *NVMLInventory) Memory() ([]GPUMemory, error) {
-	out := make([]GPUMemory, 0, len(n.devices))
+// Memory reads every GPU's used and total memory now.
+func (n *NVML) Memory() ([]Memory, error) {
+	out := make([]Memory, 0, len(n.devices))
 	for i, d := range n.devices {
 		mem, ret := d.GetMemoryInfo()
 		if ret != nvml.SUCCESS {
 			return nil, fmt.Errorf("read the memory of GPU %d: %w", i, ret)
 		}
-		out = append(out, GPUMemory{Index: i, Used: mem.Used, Total: mem.Total})
+		out = append(out, Memory{Index: i, Used: mem.Used, Total: mem.Total})
 	}
 	return out, nil
 }
 
-func (n *NVMLInventory) Processes() ([]ProcessMemory, error) {
-	var out []ProcessMemory
+// Processes reads the GPU memory each process uses now. GPUs whose driver
+// does not list processes are left out; from a container without the
+// host's PID namespace the list may be empty.
+func (n *NVML) Processes() ([]Process, error) {
+	var out []Process
 	for i, d := range n.devices {
 		procs, ret := d.GetComputeRunningProcesses()
 		if ret == nvml.ERROR_NOT_SUPPORTED {
@@ -131,27 +127,25 @@ func (n *NVMLInventory) Processes() ([]ProcessMemory, error) {
 			return nil, fmt.Errorf("list the processes of GPU %d: %w", i, ret)
 		}
 		for _, p := range procs {
-			out = append(out, ProcessMemory{PID: int(p.Pid), GPU: i, Used: p.UsedGpuMemory})
+			out = append(out, Process{PID: int(p.Pid), GPU: i, Used: p.UsedGpuMemory})
 		}
 	}
 	return out, nil
 }
 
-// DeclaredGPUs is the inventory of declared GPUs, for the sim runtime and
+// Declared is the inventory of declared GPUs, for the sim runtime and
 // for machines vgw may not read. What runs is charged to it, so its
 // readings move as a real GPU's would: the sim runtime charges each model
 // server's memory while its process lives.
-type DeclaredGPUs struct {
+type Declared struct {
 	gpus    []GPU
 	mu      sync.Mutex
-	charges map[int][]ProcessMemory // by PID
+	charges map[int][]Process // by PID
 }
 
-var _ Inventory = (*DeclaredGPUs)(nil)
-
-// NewDeclaredGPUs returns an inventory of the given GPUs, numbered in order.
-func NewDeclaredGPUs(gpus []GPU) *DeclaredGPUs {
-	d := &DeclaredGPUs{charges: map[int][]ProcessMemory{}}
+// NewDeclared returns an inventory of the given GPUs, numbered in order.
+func NewDeclared(gpus []GPU) *Declared {
+	d := &Declared{charges: map[int][]Process{}}
 	for i, g := range gpus {
 		g.Index = i
 		if g.UUID == "" {
@@ -163,29 +157,31 @@ func NewDeclaredGPUs(gpus []GPU) *DeclaredGPUs {
 }
 
 // Charge records that process pid uses bytes on each of gpus.
-func (d *DeclaredGPUs) Charge(pid int, gpus []int, bytes uint64) {
+func (d *Declared) Charge(pid int, gpus []int, bytes uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, g := range gpus {
-		d.charges[pid] = append(d.charges[pid], ProcessMemory{PID: pid, GPU: g, Used: bytes})
+		d.charges[pid] = append(d.charges[pid], Process{PID: pid, GPU: g, Used: bytes})
 	}
 }
 
 // Release forgets what process pid used, as when it exits.
-func (d *DeclaredGPUs) Release(pid int) {
+func (d *Declared) Release(pid int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	delete(d.charges, pid)
 }
 
-func (d *DeclaredGPUs) GPUs() []GPU { return slices.Clone(d.gpus) }
+// GPUs lists the declared GPUs.
+func (d *Declared) GPUs() []GPU { return slices.Clone(d.gpus) }
 
-func (d *DeclaredGPUs) Memory() ([]GPUMemory, error) {
+// Memory is each GPU's total, and as used what is charged to it.
+func (d *Declared) Memory() ([]Memory, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	out := make([]GPUMemory, len(d.gpus))
+	out := make([]Memory, len(d.gpus))
 	for i, g := range d.gpus {
-		out[i] = GPUMemory{Index: i, Total: g.Total}
+		out[i] = Memory{Index: i, Total: g.Total}
 	}
 	for _, cs := range d.charges {
 		for _, c := range cs {
@@ -197,13 +193,14 @@ func (d *DeclaredGPUs) Memory() ([]GPUMemory, error) {
 	return out, nil
 }
 
-func (d *DeclaredGPUs) Processes() ([]ProcessMemory, error) {
+// Processes lists what is charged, by process.
+func (d *Declared) Processes() ([]Process, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var out []ProcessMemory
+	var out []Process
 	for _, cs := range d.charges {
 		out = append(out, cs...)
 	}
-	slices.SortFunc(out, func(a, b ProcessMemory) int { return a.PID - b.PID })
+	slices.SortFunc(out, func(a, b Process) int { return a.PID - b.PID })
 	return out, nil
 }

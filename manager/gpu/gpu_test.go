@@ -1,4 +1,4 @@
-package manager
+package gpu
 
 import (
 	"strings"
@@ -11,7 +11,7 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock/server"
 )
 
-func TestNVMLInventory(t *testing.T) {
+func TestNVML(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		lib   nvml.Interface
@@ -70,7 +70,7 @@ func TestNVMLProcesses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(ps) != 2 || ps[0] != (ProcessMemory{PID: 4242, GPU: 0, Used: 20 << 30}) {
+	if len(ps) != 2 || ps[0] != (Process{PID: 4242, GPU: 0, Used: 20 << 30}) {
 		t.Fatalf("processes %+v", ps)
 	}
 }
@@ -99,8 +99,8 @@ func TestNVMLInitFails(t *testing.T) {
 	}
 }
 
-func TestDeclaredGPUs(t *testing.T) {
-	d := NewDeclaredGPUs([]GPU{{Name: "sim0", Total: 80 << 30}, {Name: "sim1", Total: 80 << 30}})
+func TestDeclared(t *testing.T) {
+	d := NewDeclared([]GPU{{Name: "sim0", Total: 80 << 30}, {Name: "sim1", Total: 80 << 30}})
 	d.Charge(100, []int{0}, 20<<30)
 	d.Charge(200, []int{0, 1}, 30<<30)
 	mem, _ := d.Memory()
