@@ -17,6 +17,7 @@ import (
 
 	"github.com/vgw-project/vgw/manager/dockertest"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
 // The Docker runtime's tests run on the real engine, with the fake vLLM
@@ -465,7 +466,7 @@ func BenchmarkDockerCrashNoticed(b *testing.B) {
 	var noticed, killCall []float64
 	for b.Loop() {
 		b.StopTimer()
-		inst, err := rt.Start(context.Background(), Spec{Model: "a", Args: VLLMArgs("a", cfg.Models["a"], 0.5)})
+		inst, err := rt.Start(context.Background(), Spec{Model: "a", Args: vllm.Args("a", cfg.Models["a"], 0.5)})
 		if err != nil {
 			b.Fatal(err)
 		}

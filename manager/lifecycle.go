@@ -10,12 +10,12 @@ import (
 	"log/slog"
 	"math"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
 // Everything in this file runs on the loop, except the functions named
@@ -196,7 +196,7 @@ func (m *Manager) spec(md *model) Spec {
 		env[k] = v
 	}
 	return Spec{
-		Model: md.name, Args: VLLMArgs(md.name, md.cfg, util), Env: env, GPUs: gpus, PerGPU: md.perGPU, Signature: md.sig, Launch: md.launch,
+		Model: md.name, Args: vllm.Args(md.name, md.cfg, util), Env: env, GPUs: gpus, PerGPU: md.perGPU, Signature: md.sig, Launch: md.launch,
 		Sim: SimBehaviour{StartupDelay: md.cfg.Sim.StartupDelay.Std(), TokensPerSecond: md.cfg.Sim.TokensPerSecond,
 			FailStart: md.cfg.Sim.FailStart, CrashAfter: md.cfg.Sim.CrashAfter, CrashMidStream: md.cfg.Sim.CrashMidStream, SlowHealth: md.cfg.Sim.SlowHealth.Std()},
 	}
@@ -843,31 +843,6 @@ func LaunchSignature(c *config.Config, m *config.Model) string {
 	}{Signature(c, m), c.Runtime.Network, c.Runtime.CacheDir, int64(c.Runtime.ShmSize), c.Runtime.Env, m.Env, m.GPUs})
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:8])
-}
-
-// VLLMArgs builds the vLLM server arguments for a model: the flags vgw
-// manages, then the model's extra_args (which config validation keeps
-// from overriding them).
-func VLLMArgs(name string, m *config.Model, utilization float64) []string {
-	args := []string{
-		"--model", m.Repo,
-		"--served-model-name", name,
-		"--gpu-memory-utilization", strconv.FormatFloat(utilization, 'f', -1, 64),
-		"--tensor-parallel-size", strconv.Itoa(max(m.TensorParallelSize, 1)),
-	}
-	if m.MaxModelLen > 0 {
-		args = append(args, "--max-model-len", strconv.Itoa(m.MaxModelLen))
-	}
-	if m.MaxNumSeqs > 0 {
-		args = append(args, "--max-num-seqs", strconv.Itoa(m.MaxNumSeqs))
-	}
-	if m.Quantization != "" {
-		args = append(args, "--quantization", m.Quantization)
-	}
-	if m.DType != "" {
-		args = append(args, "--dtype", m.DType)
-	}
-	return append(args, m.ExtraArgs...)
 }
 
 // lastLines returns the last n lines of s.

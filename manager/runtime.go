@@ -13,7 +13,7 @@ import (
 type Spec struct {
 	Model string
 	// Args are the vLLM server arguments vgw manages, built from the
-	// model's settings (see VLLMArgs).
+	// model's settings (see vllm.Args).
 	Args []string
 	Env  map[string]string
 	// GPUs are the GPUs the server runs on, by inventory index and UUID.
