@@ -22,6 +22,8 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime"
+	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
 // The labels on every container the Docker runtime creates. vgw stops,
@@ -46,13 +48,25 @@ const apiTimeout = 30 * time.Second
 const vllmPort = 8000
 
 // Errors a user can act on; Start's errors wrap them and say what to do.
+// Their own text is what a model's clients are told (runtime.PublicError),
+// without the detail around it.
 var (
-	ErrImageMissing      = errors.New("the image is not on this Docker host")
-	ErrNoGPURuntime      = errors.New("this Docker engine cannot give containers GPUs")
-	ErrNameTaken         = errors.New("a container vgw did not create has the name")
-	ErrNetworkMissing    = errors.New("the Docker network does not exist")
-	ErrDockerUnreachable = errors.New("the Docker daemon cannot be reached")
+	ErrImageMissing   error = runtime.PublicError("the image is not on this Docker host")
+	ErrNoGPURuntime   error = runtime.PublicError("this Docker engine cannot give containers GPUs")
+	ErrNameTaken      error = runtime.PublicError("a container vgw did not create has the name")
+	ErrNetworkMissing error = runtime.PublicError("the Docker network does not exist")
+	// ErrDockerUnreachable is a runtime.ErrUnreachable: the manager retries
+	// such a load soon, as the model is not at fault.
+	ErrDockerUnreachable error = unreachableError{}
 )
+
+// unreachableError is ErrDockerUnreachable: public, and a
+// runtime.ErrUnreachable.
+type unreachableError struct{}
+
+func (unreachableError) Error() string    { return "the Docker daemon cannot be reached" }
+func (e unreachableError) Public() string { return e.Error() }
+func (unreachableError) Unwrap() error    { return runtime.ErrUnreachable }
 
 // DockerOptions configure a DockerRuntime.
 type DockerOptions struct {
@@ -89,7 +103,7 @@ type DockerOptions struct {
 type DockerRuntime struct {
 	cli   *client.Client
 	opt   DockerOptions
-	exits chan Exit
+	exits chan runtime.Exit
 	stop  context.CancelFunc
 	done  chan struct{}
 
@@ -123,7 +137,7 @@ func NewDockerRuntime(opt DockerOptions) (*DockerRuntime, error) {
 		return nil, fmt.Errorf("docker client: %w", err)
 	}
 	ctx, stop := context.WithCancel(context.Background())
-	r := &DockerRuntime{cli: cli, opt: opt, exits: make(chan Exit, 64), stop: stop, done: make(chan struct{}),
+	r := &DockerRuntime{cli: cli, opt: opt, exits: make(chan runtime.Exit, 64), stop: stop, done: make(chan struct{}),
 		live: map[string]*dockerContainer{}, unremoved: map[string]bool{}}
 	go r.watch(ctx)
 	return r, nil
@@ -138,7 +152,7 @@ func (r *DockerRuntime) Close() error {
 }
 
 // Exits reports every container of this vgw that stops.
-func (r *DockerRuntime) Exits() <-chan Exit { return r.exits }
+func (r *DockerRuntime) Exits() <-chan runtime.Exit { return r.exits }
 
 // ContainerName is the name of a model's container: the instance, then
 // the model's name in the characters Docker allows, then, when the name
@@ -175,7 +189,7 @@ func (r *DockerRuntime) ours(labels map[string]string) bool {
 
 // Start creates and starts the model's container and returns once it
 // runs; the manager then polls its /health.
-func (r *DockerRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
+func (r *DockerRuntime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
 	name := ContainerName(r.opt.Instance, spec.Model)
 	if inst, err := r.clearName(ctx, name, spec); inst != nil || err != nil {
 		return inst, err
@@ -204,7 +218,7 @@ func (r *DockerRuntime) Start(ctx context.Context, spec Spec) (*Instance, error)
 	r.mu.Lock()
 	r.live[id] = &dockerContainer{model: spec.Model} // before it starts: it may die at once
 	r.mu.Unlock()
-	fail := func(err error) (*Instance, error) {
+	fail := func(err error) (*runtime.Instance, error) {
 		r.forget(id)
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), apiTimeout)
 		defer cancel()
@@ -244,7 +258,7 @@ var errNotRunning = errors.New("not running")
 // removed. So is one whose stop could not reach the daemon: that stop was
 // asked for, and the removal queued for the reconnect would otherwise kill
 // it under the new load. Anyone else's is left alone, and the start fails.
-func (r *DockerRuntime) clearName(ctx context.Context, name string, spec Spec) (*Instance, error) {
+func (r *DockerRuntime) clearName(ctx context.Context, name string, spec runtime.Spec) (*runtime.Instance, error) {
 	res, err := r.cli.ContainerInspect(ctx, name, client.ContainerInspectOptions{})
 	switch {
 	case containerGone(err):
@@ -290,8 +304,8 @@ func gpuList(gpus []gpu.GPU) string {
 }
 
 // createOptions is the container for spec.
-func (r *DockerRuntime) createOptions(name string, spec Spec) client.ContainerCreateOptions {
-	args, apiKey := withoutAPIKey(spec.Args)
+func (r *DockerRuntime) createOptions(name string, spec runtime.Spec) client.ContainerCreateOptions {
+	args, apiKey := withoutAPIKey(vllm.Args(spec.Model, spec.Config, spec.Utilization))
 	env := make([]string, 0, len(r.opt.Env)+len(spec.Env)+1)
 	for k, v := range r.opt.Env {
 		if _, own := spec.Env[k]; !own {
@@ -352,7 +366,7 @@ func (r *DockerRuntime) createOptions(name string, spec Spec) client.ContainerCr
 }
 
 // instance describes a running container of this vgw's.
-func (r *DockerRuntime) instance(ctx context.Context, id string) (*Instance, error) {
+func (r *DockerRuntime) instance(ctx context.Context, id string) (*runtime.Instance, error) {
 	res, err := r.cli.ContainerInspect(ctx, id, client.ContainerInspectOptions{})
 	if err != nil {
 		return nil, r.daemonError("inspect container "+id, err)
@@ -369,7 +383,7 @@ func (r *DockerRuntime) instance(ctx context.Context, id string) (*Instance, err
 		return nil, fmt.Errorf("container %s has no address on network %s", strings.TrimPrefix(c.Name, "/"), r.opt.Network)
 	}
 	labels := c.Config.Labels
-	inst := &Instance{
+	inst := &runtime.Instance{
 		ID:        c.ID,
 		Model:     labels[LabelModel],
 		Addr:      net.JoinHostPort(ep.IPAddress.String(), strconv.Itoa(vllmPort)),
@@ -387,7 +401,7 @@ func (r *DockerRuntime) instance(ctx context.Context, id string) (*Instance, err
 
 // Stop stops the container, gracefully (SIGTERM) for up to grace, then
 // by force, and removes it.
-func (r *DockerRuntime) Stop(ctx context.Context, inst *Instance, grace time.Duration) error {
+func (r *DockerRuntime) Stop(ctx context.Context, inst *runtime.Instance, grace time.Duration) error {
 	r.mu.Lock()
 	if c := r.live[inst.ID]; c != nil {
 		c.stopping = true
@@ -454,12 +468,12 @@ func (r *DockerRuntime) forget(id string) {
 
 // Adopt lists this vgw's running containers, for the manager to keep or
 // stop; containers of its that are not running are removed.
-func (r *DockerRuntime) Adopt(ctx context.Context) ([]*Instance, error) {
+func (r *DockerRuntime) Adopt(ctx context.Context) ([]*runtime.Instance, error) {
 	list, err := r.cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: r.filters()})
 	if err != nil {
 		return nil, r.daemonError("list containers", err)
 	}
-	var out []*Instance
+	var out []*runtime.Instance
 	for _, c := range list.Items {
 		if !r.ours(c.Labels) { // the filter says so; checked again before anything is removed
 			continue
@@ -476,7 +490,7 @@ func (r *DockerRuntime) Adopt(ctx context.Context) ([]*Instance, error) {
 		if err != nil {
 			// Not usable (off the network, say): the manager stops it.
 			r.opt.Log.Warn("a container of this vgw's cannot be adopted as it is", slog.String("id", c.ID), slog.String("error", err.Error()))
-			inst = &Instance{ID: c.ID, Model: c.Labels[LabelModel]}
+			inst = &runtime.Instance{ID: c.ID, Model: c.Labels[LabelModel]}
 		}
 		out = append(out, inst)
 	}
@@ -487,7 +501,7 @@ func (r *DockerRuntime) Adopt(ctx context.Context) ([]*Instance, error) {
 // engine and tensor-parallel workers as processes of their own after the
 // container starts. Docker runs ps in the host's PID namespace, so these
 // are the IDs NVML reports (with vgw in the host's PID namespace).
-func (r *DockerRuntime) PIDs(ctx context.Context, inst *Instance) ([]int, error) {
+func (r *DockerRuntime) PIDs(ctx context.Context, inst *runtime.Instance) ([]int, error) {
 	top, err := r.cli.ContainerTop(ctx, inst.ID, client.ContainerTopOptions{})
 	if err != nil {
 		return nil, r.daemonError("list processes of "+inst.ID, err)
@@ -643,7 +657,7 @@ func (r *DockerRuntime) died(ctx context.Context, id string, code int, oom bool)
 	if c == nil {
 		return
 	}
-	e := Exit{ID: id, Model: c.model, Code: code, Reason: exitReason(code, c.oom || oom), Requested: c.stopping}
+	e := runtime.Exit{ID: id, Model: c.model, Code: code, Reason: exitReason(code, c.oom || oom), Requested: c.stopping}
 	if code < 0 {
 		e.Reason = "removed"
 	}
@@ -700,7 +714,7 @@ func (r *DockerRuntime) logTail(ctx context.Context, id string) string {
 		return ""
 	}
 	defer rc.Close()
-	tail := newLogTail(50)
+	tail := runtime.NewLogTail(50)
 	stdcopy.StdCopy(tail, tail, rc)
 	return tail.String()
 }

@@ -15,9 +15,10 @@ import (
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/client"
 
+	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/manager/dockertest"
 	"github.com/vgw-project/vgw/manager/gpu"
-	"github.com/vgw-project/vgw/manager/runtime/vllm"
+	"github.com/vgw-project/vgw/manager/runtime"
 )
 
 // The Docker runtime's tests run on the real engine, with the fake vLLM
@@ -144,7 +145,7 @@ func TestDockerColdStart(t *testing.T) {
 	if c.HostConfig.IpcMode != container.IPCModeHost || len(c.HostConfig.DeviceRequests) != 0 || c.HostConfig.RestartPolicy.Name != container.RestartPolicyDisabled {
 		t.Errorf("host config: ipc %q, devices %v, restart %q", c.HostConfig.IpcMode, c.HostConfig.DeviceRequests, c.HostConfig.RestartPolicy.Name)
 	}
-	inst := &Instance{ID: c.ID, PIDs: []int{c.State.Pid}}
+	inst := &runtime.Instance{ID: c.ID, PIDs: []int{c.State.Pid}}
 	if pids, err := dm.rt.PIDs(context.Background(), inst); err != nil || !slices.Contains(pids, c.State.Pid) {
 		t.Errorf("PIDs %v %v, want the container's process %d", pids, err, c.State.Pid)
 	}
@@ -242,7 +243,7 @@ func TestDockerNeverHealthy(t *testing.T) {
 // load's context.
 type startUncut struct{ Runtime }
 
-func (s startUncut) Start(ctx context.Context, spec Spec) (*Instance, error) {
+func (s startUncut) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
 	return s.Runtime.Start(context.WithoutCancel(ctx), spec)
 }
 
@@ -368,7 +369,7 @@ func TestDockerImageMissing(t *testing.T) {
 // TestDockerErrors: what a user can act on is said so, for each cause.
 func TestDockerErrors(t *testing.T) {
 	e := dockertest.Need(t)
-	spec := Spec{Model: "a", Args: []string{"--model", "org/a"}, GPUs: []gpu.GPU{{Index: 0, UUID: "GPU-00000000-0000-0000-0000-000000000000"}}}
+	spec := runtime.Spec{Model: "a", Config: &config.Model{Repo: "org/a"}, GPUs: []gpu.GPU{{Index: 0, UUID: "GPU-00000000-0000-0000-0000-000000000000"}}}
 	tests := []struct {
 		name string
 		opt  DockerOptions
@@ -412,7 +413,7 @@ func TestDockerExitLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rt.Close()
-	inst, err := rt.Start(context.Background(), Spec{Model: "broken", Args: []string{"--model", "org/broken"}, Env: map[string]string{"FAKEVLLM_FAIL_START": "true"}})
+	inst, err := rt.Start(context.Background(), runtime.Spec{Model: "broken", Config: &config.Model{Repo: "org/broken"}, Env: map[string]string{"FAKEVLLM_FAIL_START": "true"}})
 	if err != nil {
 		// It died before Start could see it run: the error says why.
 		if !strings.Contains(err.Error(), "exited as it started") || !strings.Contains(err.Error(), "memory profiling") {
@@ -466,7 +467,7 @@ func BenchmarkDockerCrashNoticed(b *testing.B) {
 	var noticed, killCall []float64
 	for b.Loop() {
 		b.StopTimer()
-		inst, err := rt.Start(context.Background(), Spec{Model: "a", Args: vllm.Args("a", cfg.Models["a"], 0.5)})
+		inst, err := rt.Start(context.Background(), runtime.Spec{Model: "a", Config: cfg.Models["a"], Utilization: 0.5})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -499,7 +500,7 @@ func TestDockerReconcile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rt.Close()
-	inst, err := rt.Start(context.Background(), Spec{Model: "a", Args: []string{"--model", "org/a"}})
+	inst, err := rt.Start(context.Background(), runtime.Spec{Model: "a", Config: &config.Model{Repo: "org/a"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -530,7 +531,7 @@ func TestDockerReconcile(t *testing.T) {
 // TestCreateOptions: the container's command, env, mounts, devices and
 // labels, for each setting.
 func TestCreateOptions(t *testing.T) {
-	spec := Spec{Model: "m", Args: []string{"--model", "org/m", "--api-key", "sk-x", "--enforce-eager"},
+	spec := runtime.Spec{Model: "m", Config: &config.Model{Repo: "org/m", ExtraArgs: []string{"--api-key", "sk-x", "--enforce-eager"}}, Utilization: 0.9,
 		Env: map[string]string{"HF_TOKEN": "hf_model", "A": "1"}, GPUs: []gpu.GPU{{Index: 1, UUID: "GPU-b"}, {Index: 3, UUID: "GPU-d"}},
 		Signature: "sig", Launch: "launch"}
 	tests := []struct {
@@ -543,7 +544,7 @@ func TestCreateOptions(t *testing.T) {
 				if o.Name != "vgw-m" || o.Config.Image != "vllm" {
 					t.Errorf("name %q image %q", o.Name, o.Config.Image)
 				}
-				if got := strings.Join(o.Config.Cmd, " "); got != "--model org/m --enforce-eager --host 0.0.0.0 --port 8000" {
+				if got := strings.Join(o.Config.Cmd, " "); got != "--model org/m --served-model-name m --gpu-memory-utilization 0.9 --tensor-parallel-size 1 --enforce-eager --host 0.0.0.0 --port 8000" {
 					t.Errorf("command %q", got)
 				}
 				env := slices.Sorted(slices.Values(o.Config.Env))

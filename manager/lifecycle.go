@@ -15,7 +15,7 @@ import (
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/manager/gpu"
-	"github.com/vgw-project/vgw/manager/runtime/vllm"
+	"github.com/vgw-project/vgw/manager/runtime"
 )
 
 // Everything in this file runs on the loop, except the functions named
@@ -173,7 +173,7 @@ func (m *Manager) releaseGPUs(model string, gpus []int) {
 const settleTime = 5 * time.Second
 
 // spec is what the runtime needs to start md.
-func (m *Manager) spec(md *model) Spec {
+func (m *Manager) spec(md *model) runtime.Spec {
 	var gpus []gpu.GPU
 	var smallest uint64 = math.MaxUint64
 	for _, i := range md.gpus {
@@ -195,17 +195,15 @@ func (m *Manager) spec(md *model) Spec {
 	for k, v := range md.cfg.Env {
 		env[k] = v
 	}
-	return Spec{
-		Model: md.name, Args: vllm.Args(md.name, md.cfg, util), Env: env, GPUs: gpus, PerGPU: md.perGPU, Signature: md.sig, Launch: md.launch,
-		Sim: SimBehaviour{StartupDelay: md.cfg.Sim.StartupDelay.Std(), TokensPerSecond: md.cfg.Sim.TokensPerSecond,
-			FailStart: md.cfg.Sim.FailStart, CrashAfter: md.cfg.Sim.CrashAfter, CrashMidStream: md.cfg.Sim.CrashMidStream, SlowHealth: md.cfg.Sim.SlowHealth.Std()},
+	return runtime.Spec{
+		Model: md.name, Config: md.cfg, Utilization: util, Env: env, GPUs: gpus, PerGPU: md.perGPU, Signature: md.sig, Launch: md.launch,
 	}
 }
 
 // load is a worker: it starts the server and polls its health. When the
 // load fails it stops the server itself before reporting, so the GPUs the
 // load claimed are free only once nothing of it runs.
-func (m *Manager) load(md *model, op *loadOp, spec Spec) {
+func (m *Manager) load(md *model, op *loadOp, spec runtime.Spec) {
 	began := time.Now()
 	before, _ := m.inv.Memory() // for measuring by difference; see measure
 	inst, err := m.rt.Start(op.ctx, spec)
@@ -253,7 +251,7 @@ func (m *Manager) waitHealthy(op *loadOp, addr string) error {
 
 // started records the server a load started. Its exit may already have
 // been seen, as it travels on another channel.
-func (m *Manager) started(md *model, op *loadOp, inst *Instance) {
+func (m *Manager) started(md *model, op *loadOp, inst *runtime.Instance) {
 	if md.loading != op {
 		return
 	}
@@ -356,11 +354,11 @@ func (m *Manager) loadFailed(md *model, op *loadOp, err error) {
 	if op.exit != nil {
 		err, tail = &exitError{*op.exit}, op.exit.LogTail
 	}
-	// Docker being away says nothing about the model: such a failure is
-	// retried at the first interval however long the outage, so that the
-	// model loads soon after Docker is back, not minutes later.
+	// The runtime (Docker) being away says nothing about the model: such a
+	// failure is retried at the first interval however long the outage, so
+	// that the model loads soon after it is back, not minutes later.
 	backoff := m.opts.Backoff
-	if !errors.Is(err, ErrDockerUnreachable) {
+	if !errors.Is(err, runtime.ErrUnreachable) {
 		md.failures++
 		backoff = m.backoff(md.failures)
 	}
@@ -389,14 +387,14 @@ func (m *Manager) backoff(failures int) time.Duration {
 }
 
 // exitError is an instance that exited, as a load error.
-type exitError struct{ Exit }
+type exitError struct{ runtime.Exit }
 
 func (e *exitError) Error() string {
 	return fmt.Sprintf("its server exited (%s, code %d)", e.Reason, e.Code)
 }
 
 // exited handles a server that stopped.
-func (m *Manager) exited(e Exit) {
+func (m *Manager) exited(e runtime.Exit) {
 	for _, md := range m.models {
 		if md.inst == nil || md.inst.ID != e.ID {
 			continue
@@ -434,7 +432,7 @@ func (m *Manager) exited(e Exit) {
 // exitedWhileLoading ends the load at once rather than at load_timeout:
 // the worker stops polling, and reports the exit with its log tail. An
 // exit the worker asked for, stopping a load that failed, changes nothing.
-func (m *Manager) exitedWhileLoading(md *model, e Exit) {
+func (m *Manager) exitedWhileLoading(md *model, e runtime.Exit) {
 	if op := md.loading; op != nil && !e.Requested {
 		op.exit = &e
 		op.cancel()
@@ -638,7 +636,7 @@ func (m *Manager) retryAdopt(ctx context.Context) {
 }
 
 // adoptAll adopts or stops each server found running.
-func (m *Manager) adoptAll(insts []*Instance) {
+func (m *Manager) adoptAll(insts []*runtime.Instance) {
 	for _, inst := range insts {
 		md := m.models[inst.Model]
 		if md != nil && md.inst != nil && md.inst.ID == inst.ID {
@@ -662,7 +660,7 @@ func (m *Manager) adoptAll(insts []*Instance) {
 
 // resume is a worker: it waits for an adopted server's /health as a load
 // does, and stops the server if it never answers.
-func (m *Manager) resume(md *model, op *loadOp, inst *Instance) {
+func (m *Manager) resume(md *model, op *loadOp, inst *runtime.Instance) {
 	began := time.Now()
 	err := m.waitHealthy(op, inst.Addr)
 	if err == nil {
@@ -718,7 +716,7 @@ func (m *Manager) readGPUs() {
 // only when nothing else of vgw's started or stopped on those GPUs from
 // settleTime before the load until the reading: a neighbour's memory may
 // still be coming back, or going.
-func (m *Manager) measure(name string, inst *Instance, op *loadOp, before []gpu.Memory) {
+func (m *Manager) measure(name string, inst *runtime.Instance, op *loadOp, before []gpu.Memory) {
 	var prev map[int]uint64
 	for range 20 {
 		cur, how := m.usage(inst, before)
@@ -762,7 +760,7 @@ func (m *Manager) untouched(op *loadOp) bool {
 }
 
 // usage is what inst uses on each of its GPUs now, and how that was read.
-func (m *Manager) usage(inst *Instance, before []gpu.Memory) (map[int]uint64, string) {
+func (m *Manager) usage(inst *runtime.Instance, before []gpu.Memory) (map[int]uint64, string) {
 	cur := map[int]uint64{}
 	pids := inst.PIDs
 	if now, err := m.rt.PIDs(m.ctx, inst); err == nil {
@@ -792,7 +790,7 @@ func (m *Manager) usage(inst *Instance, before []gpu.Memory) (map[int]uint64, st
 
 // listPIDs is a worker: it records the processes of a server that just
 // became ready, so that its GPU memory is told from its neighbours'.
-func (m *Manager) listPIDs(md *model, inst *Instance) {
+func (m *Manager) listPIDs(md *model, inst *runtime.Instance) {
 	ctx, cancel := context.WithTimeout(m.ctx, 10*time.Second)
 	defer cancel()
 	pids, err := m.rt.PIDs(ctx, inst)

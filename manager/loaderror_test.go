@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/vgw-project/vgw/manager/runtime"
 )
 
 // TestLoadErrorPublic: what a client is told of a failed load names the
@@ -15,7 +17,7 @@ func TestLoadErrorPublic(t *testing.T) {
 		err    error
 		public string
 	}{
-		{"exited", &exitError{Exit{Reason: "exited", Code: 1, LogTail: "--api-key sk-secret"}}, "its server exited (exited, code 1)"},
+		{"exited", &exitError{runtime.Exit{Reason: "exited", Code: 1, LogTail: "--api-key sk-secret"}}, "its server exited (exited, code 1)"},
 		{"exited as it started", fmt.Errorf("container vgw-a exited as it started; last log lines: --api-key sk-secret"), "its server could not be started"},
 		{"never healthy", fmt.Errorf("%w %v", ErrLoadTimeout, "15m0s"), "not healthy within load_timeout"},
 		{"Docker away", fmt.Errorf("create container vgw-a: %w at tcp://10.1.2.3:2376: is dockerd running?", ErrDockerUnreachable), "the Docker daemon cannot be reached"},

@@ -22,6 +22,7 @@ import (
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime"
 )
 
 // State is where a model stands.
@@ -80,18 +81,20 @@ func (e *LoadError) Public() string {
 	return fmt.Sprintf("model %s failed to load: %s", e.Model, publicCause(e.Err))
 }
 
-// publicCauses are the failures a client is told by name.
-var publicCauses = []error{ErrLoadTimeout, ErrDockerUnreachable, ErrImageMissing, ErrNoGPURuntime, ErrNetworkMissing, ErrNameTaken}
-
+// publicCause is the kind of failure: how the server exited, the load
+// timeout, or what the runtime's error says clients may be told (see
+// runtime.PublicError), else that the server could not be started.
 func publicCause(err error) string {
 	var exit *exitError
 	if errors.As(err, &exit) {
 		return exit.Error() // how it exited: no log
 	}
-	for _, c := range publicCauses {
-		if errors.Is(err, c) {
-			return c.Error()
-		}
+	if errors.Is(err, ErrLoadTimeout) {
+		return ErrLoadTimeout.Error()
+	}
+	var p interface{ Public() string }
+	if errors.As(err, &p) {
+		return p.Public()
 	}
 	return "its server could not be started"
 }
@@ -178,7 +181,7 @@ type Manager struct {
 	quiesced bool
 	// orphans are exits of servers not (yet) known to be a model's: an exit
 	// can overtake the news that its server started.
-	orphans []Exit
+	orphans []runtime.Exit
 	// gpuOps counts the starts and stops on each GPU, and lastStop is when
 	// the last stop on it ended, for judging a measurement by difference.
 	gpuOps   map[int]int
@@ -202,7 +205,7 @@ type model struct {
 	sig       string   // of the config in force: the memory settings, for footprints
 	launch    string   // of the config in force; inst.Launch is what runs
 	pids      instPIDs // inst's processes, found once it was ready
-	inst      *Instance
+	inst      *runtime.Instance
 	gpus      []int
 	perGPU    uint64
 	source    string // where perGPU came from: declared, learned, utilization, default
@@ -244,9 +247,9 @@ type loadOp struct {
 	// as soon as it was ready, again and again).
 	poll      time.Duration
 	gpus      []int
-	exit      *Exit // the server exited during the load
-	cancelled bool  // unloaded while loading: no backoff
-	readded   bool  // cancelled as its model left the config, which it came back to
+	exit      *runtime.Exit // the server exited during the load
+	cancelled bool          // unloaded while loading: no backoff
+	readded   bool          // cancelled as its model left the config, which it came back to
 	ops       map[int]int
 	calm      bool // no stop on its GPUs just before it started
 	adopted   bool // a server a previous vgw started, waited for as a load
@@ -254,7 +257,7 @@ type loadOp struct {
 
 // instPIDs are an instance's processes as the runtime listed them.
 type instPIDs struct {
-	inst *Instance
+	inst *runtime.Instance
 	pids []int
 }
 

@@ -18,6 +18,7 @@ import (
 	"github.com/vgw-project/vgw/internal/fakevllm"
 	"github.com/vgw-project/vgw/manager/dockertest"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime"
 )
 
 // The test binary doubles as the fake vLLM the sim runtime starts: run
@@ -44,7 +45,7 @@ type countingRuntime struct {
 	startErr error // when set, every start fails with it
 }
 
-func (c *countingRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
+func (c *countingRuntime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
 	c.mu.Lock()
 	c.starts[spec.Model]++
 	err := c.startErr
@@ -724,7 +725,7 @@ type startHook struct {
 	f func()
 }
 
-func (h startHook) Start(ctx context.Context, spec Spec) (*Instance, error) {
+func (h startHook) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
 	h.f()
 	return h.Runtime.Start(ctx, spec)
 }
@@ -734,12 +735,12 @@ func (h startHook) Start(ctx context.Context, spec Spec) (*Instance, error) {
 // overtakes the news of the start, as it may when a server dies at once.
 type exitFirst struct {
 	Runtime
-	exits chan Exit   // unbuffered: a send ends once the loop has the exit
-	taken chan string // the IDs of the exits the loop has taken
+	exits chan runtime.Exit // unbuffered: a send ends once the loop has the exit
+	taken chan string       // the IDs of the exits the loop has taken
 }
 
 func newExitFirst(t *testing.T, rt Runtime) *exitFirst {
-	x := &exitFirst{Runtime: rt, exits: make(chan Exit), taken: make(chan string, 64)}
+	x := &exitFirst{Runtime: rt, exits: make(chan runtime.Exit), taken: make(chan string, 64)}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel) // registered before the manager's: after it stopped
 	go func() {
@@ -760,9 +761,9 @@ func newExitFirst(t *testing.T, rt Runtime) *exitFirst {
 	return x
 }
 
-func (x *exitFirst) Exits() <-chan Exit { return x.exits }
+func (x *exitFirst) Exits() <-chan runtime.Exit { return x.exits }
 
-func (x *exitFirst) Start(ctx context.Context, spec Spec) (*Instance, error) {
+func (x *exitFirst) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
 	inst, err := x.Runtime.Start(ctx, spec)
 	if err != nil {
 		return inst, err
@@ -937,7 +938,7 @@ type stopGate struct {
 	open chan struct{}
 }
 
-func (g stopGate) Stop(ctx context.Context, inst *Instance, grace time.Duration) error {
+func (g stopGate) Stop(ctx context.Context, inst *runtime.Instance, grace time.Duration) error {
 	<-g.open
 	return g.Runtime.Stop(ctx, inst, grace)
 }

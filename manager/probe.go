@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net/http"
 	"time"
+
+	"github.com/vgw-project/vgw/manager/runtime"
 )
 
 // A ready model's server can stop answering without exiting: a vLLM
@@ -66,7 +68,7 @@ func (m *Manager) healthy(ctx context.Context, addr string, timeout time.Duratio
 
 // probed takes a probe's result. A probe of a server that has since gone
 // (stopped, crashed, replaced) counts for nothing.
-func (m *Manager) probed(md *model, inst *Instance, err error) {
+func (m *Manager) probed(md *model, inst *runtime.Instance, err error) {
 	p := m.cfg.ProbeOf(md.name)
 	md.probing = false
 	md.nextProbe = time.Now().Add(p.Interval)

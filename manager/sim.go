@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime"
+	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
 // SimRuntime runs each model as a fake vLLM process (vgw fakevllm) on a
@@ -24,7 +26,7 @@ type SimRuntime struct {
 	// fakevllm binary. The runtime adds the flags.
 	command []string
 	gpus    *gpu.Declared
-	exits   chan Exit
+	exits   chan runtime.Exit
 
 	mu    sync.Mutex
 	procs map[string]*simProc // by instance ID
@@ -32,7 +34,7 @@ type SimRuntime struct {
 
 type simProc struct {
 	cmd      *exec.Cmd
-	log      *logTail
+	log      *runtime.LogTail
 	done     chan struct{} // closed once the process has been reaped
 	stopping bool
 }
@@ -42,18 +44,18 @@ var _ Runtime = (*SimRuntime)(nil)
 // NewSimRuntime returns a runtime that starts command (for example
 // []string{"/usr/bin/vgw", "fakevllm"}) and charges gpus.
 func NewSimRuntime(command []string, gpus *gpu.Declared) *SimRuntime {
-	return &SimRuntime{command: command, gpus: gpus, exits: make(chan Exit, 64), procs: map[string]*simProc{}}
+	return &SimRuntime{command: command, gpus: gpus, exits: make(chan runtime.Exit, 64), procs: map[string]*simProc{}}
 }
 
-func (r *SimRuntime) Exits() <-chan Exit { return r.exits }
+func (r *SimRuntime) Exits() <-chan runtime.Exit { return r.exits }
 
 // Adopt finds nothing: fake servers die with the vgw that started them.
-func (r *SimRuntime) Adopt(context.Context) ([]*Instance, error) { return nil, nil }
+func (r *SimRuntime) Adopt(context.Context) ([]*runtime.Instance, error) { return nil, nil }
 
 // Start listens on a loopback port itself and hands the socket to the
 // fake, so there is no race for the port and the fake serves from its
 // first instant.
-func (r *SimRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
+func (r *SimRuntime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, fmt.Errorf("start %s: listen: %w", spec.Model, err)
@@ -65,27 +67,27 @@ func (r *SimRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
 	}
 	defer f.Close()
 
-	b := spec.Sim
+	b := spec.Config.Sim // how the fake behaves
 	args := append(r.command[1:len(r.command):len(r.command)],
 		"--model", spec.Model, "--listen-fd", "3",
-		"--startup-delay", b.StartupDelay.String(),
+		"--startup-delay", b.StartupDelay.Std().String(),
 		"--tokens-per-second", strconv.FormatFloat(b.TokensPerSecond, 'f', -1, 64),
 		"--crash-after", strconv.Itoa(b.CrashAfter),
 		"--crash-mid-stream", strconv.Itoa(b.CrashMidStream),
-		"--slow-health", b.SlowHealth.String())
+		"--slow-health", b.SlowHealth.Std().String())
 	if b.FailStart {
 		args = append(args, "--fail-start")
 	}
 	// The vLLM arguments, and the env, reach the fake as they would reach
 	// vLLM, which logs its arguments as it starts.
-	args = append(append(args, "--"), spec.Args...)
+	args = append(append(args, "--"), vllm.Args(spec.Model, spec.Config, spec.Utilization)...)
 	cmd := exec.Command(r.command[0], args...)
 	cmd.Env = os.Environ()
 	for k, v := range spec.Env {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
 	cmd.ExtraFiles = []*os.File{f}
-	tail := newLogTail(50)
+	tail := runtime.NewLogTail(50)
 	cmd.Stdout, cmd.Stderr = tail, tail
 	// The fake dies with vgw, as a sim model has nothing to outlive it for.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -103,13 +105,13 @@ func (r *SimRuntime) Start(ctx context.Context, spec Spec) (*Instance, error) {
 		gpus[i] = g.Index
 	}
 	r.gpus.Charge(pid, gpus, spec.PerGPU)
-	inst := &Instance{ID: id, Model: spec.Model, Addr: lis.Addr().String(), PIDs: []int{pid}, GPUs: gpus, Signature: spec.Signature, Launch: spec.Launch}
+	inst := &runtime.Instance{ID: id, Model: spec.Model, Addr: lis.Addr().String(), PIDs: []int{pid}, GPUs: gpus, Signature: spec.Signature, Launch: spec.Launch}
 	go r.reap(inst, p)
 	return inst, nil
 }
 
 // reap waits for the process, frees its memory and reports the exit.
-func (r *SimRuntime) reap(inst *Instance, p *simProc) {
+func (r *SimRuntime) reap(inst *runtime.Instance, p *simProc) {
 	err := p.cmd.Wait()
 	r.gpus.Release(inst.PIDs[0])
 	r.mu.Lock()
@@ -117,7 +119,7 @@ func (r *SimRuntime) reap(inst *Instance, p *simProc) {
 	stopping := p.stopping
 	r.mu.Unlock()
 	close(p.done)
-	e := Exit{ID: inst.ID, Model: inst.Model, Reason: "exited", LogTail: p.log.String()}
+	e := runtime.Exit{ID: inst.ID, Model: inst.Model, Reason: "exited", LogTail: p.log.String()}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		e.Code = ee.ExitCode()
@@ -132,10 +134,12 @@ func (r *SimRuntime) reap(inst *Instance, p *simProc) {
 }
 
 // PIDs is the fake's one process.
-func (r *SimRuntime) PIDs(_ context.Context, inst *Instance) ([]int, error) { return inst.PIDs, nil }
+func (r *SimRuntime) PIDs(_ context.Context, inst *runtime.Instance) ([]int, error) {
+	return inst.PIDs, nil
+}
 
 // Stop sends SIGTERM, waits up to grace, then SIGKILL.
-func (r *SimRuntime) Stop(ctx context.Context, inst *Instance, grace time.Duration) error {
+func (r *SimRuntime) Stop(ctx context.Context, inst *runtime.Instance, grace time.Duration) error {
 	r.mu.Lock()
 	p, ok := r.procs[inst.ID]
 	if ok {
