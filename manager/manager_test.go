@@ -19,6 +19,7 @@ import (
 	"github.com/vgw-project/vgw/manager/dockertest"
 	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/manager/runtime"
+	"github.com/vgw-project/vgw/manager/runtime/sim"
 )
 
 // The test binary doubles as the fake vLLM the sim runtime starts: run
@@ -37,12 +38,14 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// countingRuntime counts starts by model.
+// countingRuntime counts starts by model, and keeps the process of each
+// server it started.
 type countingRuntime struct {
-	*SimRuntime
+	*sim.Runtime
 	mu       sync.Mutex
 	starts   map[string]int
-	startErr error // when set, every start fails with it
+	pids     map[string]int // by instance ID
+	startErr error          // when set, every start fails with it
 }
 
 func (c *countingRuntime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
@@ -53,7 +56,13 @@ func (c *countingRuntime) Start(ctx context.Context, spec runtime.Spec) (*runtim
 	if err != nil {
 		return nil, err
 	}
-	return c.SimRuntime.Start(ctx, spec)
+	inst, err := c.Runtime.Start(ctx, spec)
+	if err == nil {
+		c.mu.Lock()
+		c.pids[inst.ID] = inst.PIDs[0] // the fake's one process
+		c.mu.Unlock()
+	}
+	return inst, err
 }
 
 func (c *countingRuntime) failStarts(err error) {
@@ -102,16 +111,16 @@ func (tm *testManager) event(t *testing.T, model, kind string) Event {
 	return Event{}
 }
 
-// pid is the process of a sim instance.
+// pid is the process of a sim instance it started.
 func (c *countingRuntime) pid(t *testing.T, instance string) int {
 	t.Helper()
-	c.SimRuntime.mu.Lock()
-	defer c.SimRuntime.mu.Unlock()
-	p, ok := c.SimRuntime.procs[instance]
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	pid, ok := c.pids[instance]
 	if !ok {
 		t.Fatalf("no process for instance %s", instance)
 	}
-	return p.cmd.Process.Pid
+	return pid
 }
 
 func (tm *testManager) eventAt(model, kind string) (time.Time, bool) {
@@ -160,7 +169,7 @@ func startManagerOpts(t testing.TB, yaml string, opts Options) *testManager {
 	tm.Manager = startManagerWith(t, yaml,
 		func(d *gpu.Declared) Inventory { tm.gpus = d; return d },
 		func(rt Runtime) Runtime {
-			tm.rt = &countingRuntime{SimRuntime: rt.(*SimRuntime), starts: map[string]int{}}
+			tm.rt = &countingRuntime{Runtime: rt.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
 			return tm.rt
 		},
 		opts)
@@ -382,7 +391,7 @@ func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 	tm.Manager = startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB}\n",
 		func(d *gpu.Declared) Inventory { tm.gpus = d; return d },
 		func(rt Runtime) Runtime {
-			tm.rt = &countingRuntime{SimRuntime: rt.(*SimRuntime), starts: map[string]int{}}
+			tm.rt = &countingRuntime{Runtime: rt.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
 			return tm.rt
 		}, Options{Backoff: base})
 	retryOf := func(cause error) time.Duration {
@@ -591,7 +600,7 @@ func TestFootprintByDelta(t *testing.T) {
 	gpus := gpu.NewDeclared([]gpu.GPU{{Name: "sim0", Total: 80 << 30}})
 	gpus.Charge(1, []int{0}, 5<<30) // someone else's, before and after
 	exe, _ := os.Executable()
-	m := New(cfg, NewSimRuntime([]string{exe}, gpus), noProcesses{gpus}, Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond})
+	m := New(cfg, sim.New([]string{exe}, gpus), noProcesses{gpus}, Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { m.Run(ctx); close(done) }()
@@ -622,7 +631,7 @@ func startManagerWith(t testing.TB, yaml string, inv func(*gpu.Declared) Invento
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rt Runtime = NewSimRuntime([]string{exe}, gpus)
+	var rt Runtime = sim.New([]string{exe}, gpus)
 	if wrap != nil {
 		rt = wrap(rt)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime/sim"
 	"github.com/vgw-project/vgw/xds"
 )
 
@@ -21,6 +22,7 @@ import (
 var (
 	_ manager.Inventory = (*gpu.NVML)(nil)
 	_ manager.Inventory = (*gpu.Declared)(nil)
+	_ manager.Runtime   = (*sim.Runtime)(nil)
 )
 
 // machine is the GPUs and the runtime a config asks for.
@@ -63,7 +65,7 @@ func newMachine(cfg *config.Config, log *slog.Logger) (*machine, error) {
 			}
 			command = []string{exe, "fakevllm"}
 		}
-		m.runtime = manager.NewSimRuntime(command, declared)
+		m.runtime = sim.New(command, declared)
 	case "docker":
 		rt, err := manager.NewDockerRuntime(dockerOptions(cfg, log))
 		if err != nil {

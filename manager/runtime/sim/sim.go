@@ -1,4 +1,7 @@
-package manager
+// Package sim is the runtime for a machine with no GPU and no Docker:
+// each model's server is a fake vLLM process (vgw fakevllm), its memory
+// charged to declared GPUs (see Runtime).
+package sim
 
 import (
 	"context"
@@ -17,11 +20,11 @@ import (
 	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
-// SimRuntime runs each model as a fake vLLM process (vgw fakevllm) on a
+// Runtime runs each model as a fake vLLM process (vgw fakevllm) on a
 // loopback port, and charges the model's memory to the declared GPUs while
 // the process lives. Everything vgw does with a model (start, health,
 // requests, crashes, stop) happens for real; only the tokens are fake.
-type SimRuntime struct {
+type Runtime struct {
 	// Command runs a fake vLLM: the vgw binary and "fakevllm", or the
 	// fakevllm binary. The runtime adds the flags.
 	command []string
@@ -29,33 +32,32 @@ type SimRuntime struct {
 	exits   chan runtime.Exit
 
 	mu    sync.Mutex
-	procs map[string]*simProc // by instance ID
+	procs map[string]*proc // by instance ID
 }
 
-type simProc struct {
+type proc struct {
 	cmd      *exec.Cmd
 	log      *runtime.LogTail
 	done     chan struct{} // closed once the process has been reaped
 	stopping bool
 }
 
-var _ Runtime = (*SimRuntime)(nil)
-
-// NewSimRuntime returns a runtime that starts command (for example
+// New returns a runtime that starts command (for example
 // []string{"/usr/bin/vgw", "fakevllm"}) and charges gpus.
-func NewSimRuntime(command []string, gpus *gpu.Declared) *SimRuntime {
-	return &SimRuntime{command: command, gpus: gpus, exits: make(chan runtime.Exit, 64), procs: map[string]*simProc{}}
+func New(command []string, gpus *gpu.Declared) *Runtime {
+	return &Runtime{command: command, gpus: gpus, exits: make(chan runtime.Exit, 64), procs: map[string]*proc{}}
 }
 
-func (r *SimRuntime) Exits() <-chan runtime.Exit { return r.exits }
+// Exits reports every fake that stops.
+func (r *Runtime) Exits() <-chan runtime.Exit { return r.exits }
 
 // Adopt finds nothing: fake servers die with the vgw that started them.
-func (r *SimRuntime) Adopt(context.Context) ([]*runtime.Instance, error) { return nil, nil }
+func (r *Runtime) Adopt(context.Context) ([]*runtime.Instance, error) { return nil, nil }
 
 // Start listens on a loopback port itself and hands the socket to the
 // fake, so there is no race for the port and the fake serves from its
 // first instant.
-func (r *SimRuntime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
+func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, fmt.Errorf("start %s: listen: %w", spec.Model, err)
@@ -96,7 +98,7 @@ func (r *SimRuntime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Ins
 	}
 	pid := cmd.Process.Pid
 	id := "sim-" + strconv.Itoa(pid)
-	p := &simProc{cmd: cmd, log: tail, done: make(chan struct{})}
+	p := &proc{cmd: cmd, log: tail, done: make(chan struct{})}
 	r.mu.Lock()
 	r.procs[id] = p
 	r.mu.Unlock()
@@ -111,7 +113,7 @@ func (r *SimRuntime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Ins
 }
 
 // reap waits for the process, frees its memory and reports the exit.
-func (r *SimRuntime) reap(inst *runtime.Instance, p *simProc) {
+func (r *Runtime) reap(inst *runtime.Instance, p *proc) {
 	err := p.cmd.Wait()
 	r.gpus.Release(inst.PIDs[0])
 	r.mu.Lock()
@@ -134,12 +136,12 @@ func (r *SimRuntime) reap(inst *runtime.Instance, p *simProc) {
 }
 
 // PIDs is the fake's one process.
-func (r *SimRuntime) PIDs(_ context.Context, inst *runtime.Instance) ([]int, error) {
+func (r *Runtime) PIDs(_ context.Context, inst *runtime.Instance) ([]int, error) {
 	return inst.PIDs, nil
 }
 
 // Stop sends SIGTERM, waits up to grace, then SIGKILL.
-func (r *SimRuntime) Stop(ctx context.Context, inst *runtime.Instance, grace time.Duration) error {
+func (r *Runtime) Stop(ctx context.Context, inst *runtime.Instance, grace time.Duration) error {
 	r.mu.Lock()
 	p, ok := r.procs[inst.ID]
 	if ok {
