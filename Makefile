@@ -127,7 +127,7 @@ bench-xds: ## change-to-ACK latency, snapshot build and push for 200 models
 
 bench-docker: ## the Docker runtime on the real engine: cold start, crash noticed
 	$(GO) test -run '^$$' -bench DockerColdStart -benchtime 40x ./cmd/vgw/
-	$(GO) test -run '^$$' -bench DockerCrashNoticed -benchtime 40x ./manager/
+	$(GO) test -run '^$$' -bench DockerCrashNoticed -benchtime 40x ./manager/runtime/docker/
 
 bench-load: build ## drive vgw and a no-op floor over loopback gRPC as Envoy would
 	$(BIN)/vgwload --vgw $(BIN)/vgw

@@ -41,7 +41,7 @@ import (
 
 	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
-	"github.com/vgw-project/vgw/manager/dockertest"
+	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
 	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 )
 

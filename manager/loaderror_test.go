@@ -20,8 +20,11 @@ func TestLoadErrorPublic(t *testing.T) {
 		{"exited", &exitError{runtime.Exit{Reason: "exited", Code: 1, LogTail: "--api-key sk-secret"}}, "its server exited (exited, code 1)"},
 		{"exited as it started", fmt.Errorf("container vgw-a exited as it started; last log lines: --api-key sk-secret"), "its server could not be started"},
 		{"never healthy", fmt.Errorf("%w %v", ErrLoadTimeout, "15m0s"), "not healthy within load_timeout"},
-		{"Docker away", fmt.Errorf("create container vgw-a: %w at tcp://10.1.2.3:2376: is dockerd running?", ErrDockerUnreachable), "the Docker daemon cannot be reached"},
-		{"image missing", fmt.Errorf("image vllm/vllm-openai:v9 %w: docker pull it", ErrImageMissing), "the image is not on this Docker host"},
+		// A runtime's error says what clients may be told (the Docker
+		// runtime's errors are runtime.PublicErrors: see its TestLoadErrorPublic).
+		{"Docker away", fmt.Errorf("create container vgw-a: %w at tcp://10.1.2.3:2376: is dockerd running?", runtime.PublicError("the Docker daemon cannot be reached")), "the Docker daemon cannot be reached"},
+		{"image missing", fmt.Errorf("image vllm/vllm-openai:v9 %w: docker pull it", runtime.PublicError("the image is not on this Docker host")), "the image is not on this Docker host"},
+		{"runtime away, no public text", fmt.Errorf("runtime at tcp://10.1.2.3:2376: %w", runtime.ErrUnreachable), "its server could not be started"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -16,7 +16,6 @@ import (
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/internal/fakevllm"
-	"github.com/vgw-project/vgw/manager/dockertest"
 	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/manager/runtime"
 	"github.com/vgw-project/vgw/manager/runtime/sim"
@@ -33,9 +32,7 @@ func TestMain(m *testing.M) {
 	// atexit_sleep_ms); the fake vLLM servers must stop as fast as real
 	// ones would.
 	os.Setenv("GORACE", strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
-	code := m.Run()
-	dockertest.Cleanup()
-	os.Exit(code)
+	os.Exit(m.Run())
 }
 
 // countingRuntime counts starts by model, and keeps the process of each
@@ -404,7 +401,7 @@ func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 		}
 		return le.Retry
 	}
-	away := fmt.Errorf("create container: %w", ErrDockerUnreachable)
+	away := fmt.Errorf("create container: %w", runtime.ErrUnreachable) // as the Docker runtime's errors wrap it
 	for i := range 4 {
 		if r := retryOf(away); r != base {
 			t.Errorf("Docker away, failure %d: retried in %v, want %v", i+1, r, base)

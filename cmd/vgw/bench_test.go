@@ -16,7 +16,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/vgw-project/vgw/manager"
-	"github.com/vgw-project/vgw/manager/dockertest"
+	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
 )
 
 // startupDelay is the fake backends' own startup time in these benchmarks.

@@ -22,7 +22,7 @@ import (
 	"github.com/vgw-project/vgw/envoy"
 	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
-	"github.com/vgw-project/vgw/manager/dockertest"
+	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
 )
 
 // The test binary doubles as vgw for the processes a test starts (the sim

@@ -14,6 +14,7 @@ import (
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime/docker"
 	"github.com/vgw-project/vgw/manager/runtime/sim"
 	"github.com/vgw-project/vgw/xds"
 )
@@ -22,6 +23,7 @@ import (
 var (
 	_ manager.Inventory = (*gpu.NVML)(nil)
 	_ manager.Inventory = (*gpu.Declared)(nil)
+	_ manager.Runtime   = (*docker.Runtime)(nil)
 	_ manager.Runtime   = (*sim.Runtime)(nil)
 )
 
@@ -67,7 +69,7 @@ func newMachine(cfg *config.Config, log *slog.Logger) (*machine, error) {
 		}
 		m.runtime = sim.New(command, declared)
 	case "docker":
-		rt, err := manager.NewDockerRuntime(dockerOptions(cfg, log))
+		rt, err := docker.New(dockerOptions(cfg, log))
 		if err != nil {
 			m.close()
 			return nil, err
@@ -86,7 +88,7 @@ func newMachine(cfg *config.Config, log *slog.Logger) (*machine, error) {
 // declared GPUs (a machine without one, or tests) have no devices to give.
 // The Hugging Face token comes from vgw's environment, as the original
 // gateway took it; a model's own env may set another.
-func dockerOptions(cfg *config.Config, log *slog.Logger) manager.DockerOptions {
+func dockerOptions(cfg *config.Config, log *slog.Logger) docker.Options {
 	env := map[string]string{}
 	for _, k := range []string{"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} {
 		if v := os.Getenv(k); v != "" {
@@ -94,7 +96,7 @@ func dockerOptions(cfg *config.Config, log *slog.Logger) manager.DockerOptions {
 		}
 	}
 	r := cfg.Runtime
-	return manager.DockerOptions{
+	return docker.Options{
 		Instance: r.Instance, Image: r.Image, Network: r.Network, CacheDir: r.CacheDir, ShmSize: int64(r.ShmSize),
 		GPUDevices: cfg.GPUs.Auto, Env: env, Log: log,
 	}

@@ -18,7 +18,8 @@ import (
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
 	"github.com/vgw-project/vgw/manager"
-	"github.com/vgw-project/vgw/manager/dockertest"
+	"github.com/vgw-project/vgw/manager/runtime/docker"
+	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
 )
 
 // stack is a whole vgw (startApp, as vgw serve runs it) on loopback
@@ -236,7 +237,7 @@ models:
 		t.Fatalf("llama: %d %s", r.Status, r.Body)
 	}
 	eps := s.ADS.Endpoints("model/llama")
-	c, err := e.Client.ContainerInspect(context.Background(), manager.ContainerName(s.app.currentConfig().Runtime.Instance, "llama"), client.ContainerInspectOptions{})
+	c, err := e.Client.ContainerInspect(context.Background(), docker.ContainerName(s.app.currentConfig().Runtime.Instance, "llama"), client.ContainerInspectOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

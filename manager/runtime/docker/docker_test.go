@@ -1,4 +1,4 @@
-package manager
+package docker_test
 
 import (
 	"context"
@@ -16,19 +16,21 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/vgw-project/vgw/config"
-	"github.com/vgw-project/vgw/manager/dockertest"
-	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/runtime"
+	"github.com/vgw-project/vgw/manager/runtime/docker"
+	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
 )
 
-// The Docker runtime's tests run on the real engine, with the fake vLLM
-// built into an image that takes vLLM's command line; GPUs are declared,
-// so no GPU device is requested.
+// These tests run a whole manager on the Docker runtime, on the real
+// engine, with the fake vLLM built into an image that takes vLLM's
+// command line; GPUs are declared, so no GPU device is requested. The
+// runtime's own tests are in runtime_test.go.
 
 // dockerManager is a manager on the Docker runtime.
 type dockerManager struct {
-	*Manager
-	rt       *DockerRuntime
+	*manager.Manager
+	rt       *docker.Runtime
 	engine   *dockertest.Engine
 	instance string
 	events   *eventLog
@@ -38,13 +40,13 @@ type dockerManager struct {
 // eventLog records a manager's events.
 type eventLog struct {
 	mu     sync.Mutex
-	events []Event
+	events []manager.Event
 }
 
-func (l *eventLog) add(e Event) { l.mu.Lock(); l.events = append(l.events, e); l.mu.Unlock() }
+func (l *eventLog) add(e manager.Event) { l.mu.Lock(); l.events = append(l.events, e); l.mu.Unlock() }
 
 // find returns the first event of kind for model.
-func (l *eventLog) find(model, kind string) (Event, bool) {
+func (l *eventLog) find(model, kind string) (manager.Event, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for _, e := range l.events {
@@ -52,7 +54,7 @@ func (l *eventLog) find(model, kind string) (Event, bool) {
 			return e, true
 		}
 	}
-	return Event{}, false
+	return manager.Event{}, false
 }
 
 const dockerConfig = `
@@ -81,13 +83,13 @@ func startDockerManager(t *testing.T, instance string, edit func(string) string)
 	if edit != nil {
 		yaml = edit(yaml)
 	}
-	return startDockerManagerAt(t, yaml, DockerOptions{Instance: instance, Env: map[string]string{"HF_TOKEN": "hf_from_vgw_env"}})
+	return startDockerManagerAt(t, yaml, docker.Options{Instance: instance, Env: map[string]string{"HF_TOKEN": "hf_from_vgw_env"}})
 }
 
 // container inspects the model's container by name.
 func (dm *dockerManager) container(t *testing.T, model string) (container.InspectResponse, bool) {
 	t.Helper()
-	res, err := dm.engine.Client.ContainerInspect(context.Background(), ContainerName(dm.instance, model), client.ContainerInspectOptions{})
+	res, err := dm.engine.Client.ContainerInspect(context.Background(), docker.ContainerName(dm.instance, model), client.ContainerInspectOptions{})
 	if cerrdefs.IsNotFound(err) {
 		return container.InspectResponse{}, false
 	}
@@ -108,7 +110,108 @@ func (dm *dockerManager) ensure(t *testing.T, model string) error {
 	return err
 }
 
-func (dm *dockerManager) status(model string) ModelStatus { return statusOf(dm.Manager, model) }
+func (dm *dockerManager) status(model string) manager.ModelStatus { return statusOf(dm.Manager, model) }
+
+// statusOf is one model's status.
+func statusOf(m *manager.Manager, name string) manager.ModelStatus {
+	for _, s := range m.Status() {
+		if s.Name == name {
+			return s
+		}
+	}
+	return manager.ModelStatus{}
+}
+
+func parseConfig(t testing.TB, yaml string) *config.Config {
+	t.Helper()
+	cfg, err := config.Parse("test.yaml", []byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// long bounds a wait for what must happen: only a hang reaches it, however
+// slow the machine (a busy CI runner with two cores, the race detector).
+const long = time.Minute
+
+// eventually polls cond until it holds, or fails the test after long.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(long)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(2 * time.Millisecond) // polling interval
+	}
+}
+
+// get sends a chat request to a model's server directly, as Envoy would.
+func get(t *testing.T, addr, model string) int {
+	t.Helper()
+	resp, err := http.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(`{"model":"`+model+`","max_tokens":1}`))
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// answers reports whether a server at addr answers GET /health, whatever
+// it says.
+func answers(addr string) bool {
+	c := http.Client{Timeout: 5 * time.Second} // then ask again
+	resp, err := c.Get("http://" + addr + "/health")
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return true
+}
+
+// TestLoadErrorPublic: what a client is told of a load the Docker runtime
+// failed names the kind of failure (the error's runtime.PublicError), and
+// nothing of the daemon's address or the image; the whole error keeps
+// them for operators. ErrUnreachable is a runtime.ErrUnreachable, which
+// the manager retries at its first backoff interval.
+func TestLoadErrorPublic(t *testing.T) {
+	tests := []struct {
+		name   string
+		err    error // as Start wraps it
+		public string
+	}{
+		{"Docker away", fmt.Errorf("%w at tcp://10.1.2.3:2376 (is dockerd running, and may vgw use its socket?): create container vgw-a: connection refused", docker.ErrUnreachable),
+			"the Docker daemon cannot be reached"},
+		{"image missing", fmt.Errorf("%w: vllm/vllm-openai:v9; pull it (docker pull vllm/vllm-openai:v9) or set runtime.image; vgw does not pull images", docker.ErrImageMissing),
+			"the image is not on this Docker host"},
+		{"no GPU runtime", fmt.Errorf("%w: install the NVIDIA Container Toolkit and restart dockerd (Docker said: could not select device driver \"nvidia\" at tcp://10.1.2.3:2376)", docker.ErrNoGPURuntime),
+			"this Docker engine cannot give containers GPUs"},
+		{"network missing", fmt.Errorf("%w: vgw-10.1.2.3; create it (docker network create vgw-10.1.2.3) and attach Envoy and vgw to it, or set runtime.network", docker.ErrNetworkMissing),
+			"the Docker network does not exist"},
+		{"name taken", fmt.Errorf("%w vgw-a; vgw leaves it alone: remove or rename it, or give this vgw another runtime.instance (vllm/vllm-openai at 10.1.2.3)", docker.ErrNameTaken),
+			"a container vgw did not create has the name"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := &manager.LoadError{Model: "a", Err: tt.err}
+			if got, want := e.Public(), "model a failed to load: "+tt.public; got != want {
+				t.Errorf("Public() = %q, want %q", got, want)
+			}
+			for _, hidden := range []string{"10.1.2.3", "vllm/vllm-openai"} {
+				if strings.Contains(e.Public(), hidden) {
+					t.Errorf("Public() shows %q", hidden)
+				}
+			}
+			if !strings.Contains(e.Error(), tt.err.Error()) {
+				t.Error("Error() lost the detail operators need")
+			}
+		})
+	}
+	if !errors.Is(fmt.Errorf("create container: %w", docker.ErrUnreachable), runtime.ErrUnreachable) {
+		t.Error("docker.ErrUnreachable is not a runtime.ErrUnreachable")
+	}
+}
 
 // TestDockerColdStart: a request for a model starts its container, which
 // is labelled, configured as vLLM's would be, and answers at the endpoint
@@ -127,10 +230,10 @@ func TestDockerColdStart(t *testing.T) {
 	}
 	c, ok := dm.container(t, "a")
 	if !ok {
-		t.Fatal("no container named", ContainerName(dm.instance, "a"))
+		t.Fatal("no container named", docker.ContainerName(dm.instance, "a"))
 	}
 	labels := c.Config.Labels
-	if labels[LabelManaged] != "true" || labels[LabelInstance] != dm.instance || labels[LabelModel] != "a" || labels[LabelSignature] == "" || labels[LabelGPUs] != "0" {
+	if labels[docker.LabelManaged] != "true" || labels[docker.LabelInstance] != dm.instance || labels[docker.LabelModel] != "a" || labels[docker.LabelSignature] == "" || labels[docker.LabelGPUs] != "0" {
 		t.Errorf("labels %v", labels)
 	}
 	cmd := strings.Join(c.Config.Cmd, " ")
@@ -161,7 +264,7 @@ func TestDockerEviction(t *testing.T) {
 	if err := dm.ensure(t, "b"); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := dm.events.find("a", EventEvicted); !ok {
+	if _, ok := dm.events.find("a", manager.EventEvicted); !ok {
 		t.Error("a was not evicted for b")
 	}
 	eventually(t, "a's container is removed", func() bool { _, ok := dm.container(t, "a"); return !ok })
@@ -187,12 +290,12 @@ func TestDockerCrash(t *testing.T) {
 	if _, err := dm.engine.Client.ContainerKill(context.Background(), before.ID, client.ContainerKillOptions{Signal: "SIGKILL"}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("a", EventCrashed); return ok })
-	e, _ := dm.events.find("a", EventCrashed)
+	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("a", manager.EventCrashed); return ok })
+	e, _ := dm.events.find("a", manager.EventCrashed)
 	if !strings.Contains(e.Detail, "SIGKILL") {
 		t.Errorf("crash detail %q", e.Detail)
 	}
-	if st := dm.status("a"); st.State != Stopped {
+	if st := dm.status("a"); st.State != manager.Stopped {
 		t.Errorf("a is %v after its crash", st.State)
 	}
 	if c, ok := dm.container(t, "a"); !ok || c.State.Running {
@@ -215,8 +318,8 @@ func TestDockerCrashLog(t *testing.T) {
 	}
 	addr, _ := dm.Endpoint("crashy")
 	get(t, addr, "crashy") // its first request kills it
-	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("crashy", EventCrashed); return ok })
-	e, _ := dm.events.find("crashy", EventCrashed)
+	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("crashy", manager.EventCrashed); return ok })
+	e, _ := dm.events.find("crashy", manager.EventCrashed)
 	if !strings.Contains(e.Detail, "exited, code 1") || !strings.Contains(e.Detail, "engine core died unexpectedly") {
 		t.Errorf("crash detail %q, want the exit and the server's last words", e.Detail)
 	}
@@ -230,9 +333,9 @@ func TestDockerNeverHealthy(t *testing.T) {
 	e := dockertest.Need(t)
 	instance := e.Instance(t)
 	yaml := strings.Replace(fmt.Sprintf(dockerConfig, e.Image, e.Network, instance), "load_timeout: 1m", "load_timeout: 3s", 1)
-	dm := startDockerManagerWrapped(t, yaml, DockerOptions{Instance: instance}, func(rt Runtime) Runtime { return startUncut{rt} })
+	dm := startDockerManagerWrapped(t, yaml, docker.Options{Instance: instance}, func(rt manager.Runtime) manager.Runtime { return startUncut{rt} })
 	err := dm.ensure(t, "slow")
-	var le *LoadError
+	var le *manager.LoadError
 	if !errors.As(err, &le) || !strings.Contains(err.Error(), "not healthy within load_timeout") {
 		t.Fatalf("slow: %v", err)
 	}
@@ -241,7 +344,7 @@ func TestDockerNeverHealthy(t *testing.T) {
 
 // startUncut is a runtime whose starts finish whatever becomes of the
 // load's context.
-type startUncut struct{ Runtime }
+type startUncut struct{ manager.Runtime }
 
 func (s startUncut) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
 	return s.Runtime.Start(context.WithoutCancel(ctx), spec)
@@ -264,14 +367,14 @@ func TestDockerAdopt(t *testing.T) {
 	a, _ := first.container(t, "a")
 	first.stop() // vgw exits; its containers run on
 	// A stopped container of this vgw's, left behind.
-	stale, err := e.Client.ContainerCreate(context.Background(), client.ContainerCreateOptions{Name: ContainerName(instance, "b"),
-		Config: &container.Config{Image: e.Image, Labels: map[string]string{LabelManaged: "true", LabelInstance: instance, LabelModel: "b"}}})
+	stale, err := e.Client.ContainerCreate(context.Background(), client.ContainerCreateOptions{Name: docker.ContainerName(instance, "b"),
+		Config: &container.Config{Image: e.Image, Labels: map[string]string{docker.LabelManaged: "true", docker.LabelInstance: instance, docker.LabelModel: "b"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
 
 	// Another vgw's container, and one with no labels: not this vgw's.
-	for _, labels := range []map[string]string{{LabelManaged: "true", LabelInstance: instance + "-other", LabelModel: "a"}, nil} {
+	for _, labels := range []map[string]string{{docker.LabelManaged: "true", docker.LabelInstance: instance + "-other", docker.LabelModel: "a"}, nil} {
 		other, err := e.Client.ContainerCreate(context.Background(), client.ContainerCreateOptions{
 			Config: &container.Config{Image: e.Image, Cmd: []string{"--model", "x"}, Labels: labels}})
 		if err != nil {
@@ -294,14 +397,14 @@ func TestDockerAdopt(t *testing.T) {
 	second := startDockerManager(t, instance, func(y string) string {
 		return strings.Replace(y, `crashy: {repo: org/crashy,`, `crashy: {repo: org/crashy, max_model_len: 4096,`, 1)
 	})
-	eventually(t, "a is adopted", func() bool { return second.status("a").State == Ready })
+	eventually(t, "a is adopted", func() bool { return second.status("a").State == manager.Ready })
 	if got, _ := second.Endpoint("a"); got != addr {
 		t.Errorf("a's endpoint %s after the restart, was %s", got, addr)
 	}
 	if again, _ := second.container(t, "a"); again.ID != a.ID {
 		t.Errorf("a runs in a new container %s, was %s", again.ID, a.ID)
 	}
-	if ev, ok := second.events.find("a", EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
+	if ev, ok := second.events.find("a", manager.EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
 		t.Errorf("a's ready event %+v", ev)
 	}
 	if err := second.ensure(t, "a"); err != nil {
@@ -323,7 +426,7 @@ func TestDockerAdopt(t *testing.T) {
 func TestDockerNameTaken(t *testing.T) {
 	dm := startDockerManager(t, "", nil)
 	cli := dm.engine.Client
-	other, err := cli.ContainerCreate(context.Background(), client.ContainerCreateOptions{Name: ContainerName(dm.instance, "a"),
+	other, err := cli.ContainerCreate(context.Background(), client.ContainerCreateOptions{Name: docker.ContainerName(dm.instance, "a"),
 		Config: &container.Config{Image: dm.engine.Image, Cmd: []string{"--model", "theirs"}}})
 	if err != nil {
 		t.Fatal(err)
@@ -332,13 +435,13 @@ func TestDockerNameTaken(t *testing.T) {
 		cli.ContainerRemove(context.Background(), other.ID, client.ContainerRemoveOptions{Force: true})
 	})
 	err = dm.ensure(t, "a")
-	if !errors.Is(err, ErrNameTaken) || !strings.Contains(err.Error(), "leaves it alone") {
+	if !errors.Is(err, docker.ErrNameTaken) || !strings.Contains(err.Error(), "leaves it alone") {
 		t.Fatalf("a: %v", err)
 	}
 	if c, ok := dm.container(t, "a"); !ok || c.ID != other.ID {
 		t.Fatal("the other container was touched")
 	}
-	if _, ok := dm.events.find("a", EventLoadFailed); !ok {
+	if _, ok := dm.events.find("a", manager.EventLoadFailed); !ok {
 		t.Error("no load_failed event")
 	}
 	cli.ContainerRemove(context.Background(), other.ID, client.ContainerRemoveOptions{Force: true})
@@ -354,7 +457,7 @@ func TestDockerImageMissing(t *testing.T) {
 	missing := "vgw-test-missing:" + strings.ReplaceAll(strings.ToLower(t.Name()), "/", "-")
 	dm := startDockerManager(t, "", func(y string) string { return strings.Replace(y, "image: "+e.Image, "image: "+missing, 1) })
 	err := dm.ensure(t, "a")
-	if !errors.Is(err, ErrImageMissing) || !strings.Contains(err.Error(), "docker pull "+missing) {
+	if !errors.Is(err, docker.ErrImageMissing) || !strings.Contains(err.Error(), "docker pull "+missing) {
 		t.Fatalf("a: %v", err)
 	}
 	if _, err := e.Client.ImageTag(context.Background(), client.ImageTagOptions{Source: e.Image, Target: missing}); err != nil {
@@ -363,232 +466,6 @@ func TestDockerImageMissing(t *testing.T) {
 	t.Cleanup(func() { e.Client.ImageRemove(context.Background(), missing, client.ImageRemoveOptions{}) })
 	if err := dm.Load(context.Background(), "a", true); err != nil {
 		t.Fatalf("a, once the image is there: %v", err)
-	}
-}
-
-// TestDockerErrors: what a user can act on is said so, for each cause.
-func TestDockerErrors(t *testing.T) {
-	e := dockertest.Need(t)
-	spec := runtime.Spec{Model: "a", Config: &config.Model{Repo: "org/a"}, GPUs: []gpu.GPU{{Index: 0, UUID: "GPU-00000000-0000-0000-0000-000000000000"}}}
-	tests := []struct {
-		name string
-		opt  DockerOptions
-		want error
-		say  string
-	}{
-		{"no NVIDIA runtime", DockerOptions{Image: e.Image, Network: e.Network, GPUDevices: true}, ErrNoGPURuntime, "NVIDIA Container Toolkit"},
-		{"no network", DockerOptions{Image: e.Image, Network: "vgw-test-no-such-network"}, ErrNetworkMissing, "docker network create"},
-		{"daemon unreachable", DockerOptions{Host: "unix:///nonexistent/docker.sock", Image: e.Image, Network: e.Network}, ErrDockerUnreachable, "is dockerd running"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			tt.opt.Instance = e.Instance(t)
-			rt, err := NewDockerRuntime(tt.opt)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer rt.Close()
-			inst, err := rt.Start(context.Background(), spec)
-			if tt.want == ErrNoGPURuntime && err == nil {
-				rt.Stop(context.Background(), inst, 0)
-				t.Skip("this Docker engine can give containers GPUs")
-			}
-			if !errors.Is(err, tt.want) || !strings.Contains(err.Error(), tt.say) {
-				t.Fatalf("Start: %v; want %v, saying %q", err, tt.want, tt.say)
-			}
-			// Nothing is left behind.
-			if _, err := e.Client.ContainerInspect(context.Background(), ContainerName(tt.opt.Instance, "a"), client.ContainerInspectOptions{}); !cerrdefs.IsNotFound(err) && tt.want != ErrDockerUnreachable {
-				t.Errorf("a container was left behind: %v", err)
-			}
-		})
-	}
-}
-
-// TestDockerExitLog: a server that fails as it starts is reported with the
-// end of its log, and not as an exit vgw asked for.
-func TestDockerExitLog(t *testing.T) {
-	e := dockertest.Need(t)
-	rt, err := NewDockerRuntime(DockerOptions{Instance: e.Instance(t), Image: e.Image, Network: e.Network})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rt.Close()
-	inst, err := rt.Start(context.Background(), runtime.Spec{Model: "broken", Config: &config.Model{Repo: "org/broken"}, Env: map[string]string{"FAKEVLLM_FAIL_START": "true"}})
-	if err != nil {
-		// It died before Start could see it run: the error says why.
-		if !strings.Contains(err.Error(), "exited as it started") || !strings.Contains(err.Error(), "memory profiling") {
-			t.Fatalf("Start: %v", err)
-		}
-		return
-	}
-	select {
-	case x := <-rt.Exits():
-		if x.ID != inst.ID || x.Requested || x.Code != 1 || !strings.Contains(x.LogTail, "memory profiling") {
-			t.Errorf("exit %+v", x)
-		}
-	case <-time.After(long):
-		t.Fatal("no exit reported")
-	}
-}
-
-func TestContainerName(t *testing.T) {
-	tests := []struct{ model, want string }{
-		{"llama-3.1-8b", "vgw-llama-3.1-8b"},
-		{"meta-llama/Llama-3.1-8B", "vgw-meta-llama-Llama-3.1-8B-"},
-		{"qwen:7b", "vgw-qwen-7b-"},
-	}
-	for _, tt := range tests {
-		got := ContainerName("vgw", tt.model)
-		if tt.want[len(tt.want)-1] == '-' {
-			if !strings.HasPrefix(got, tt.want) || len(got) != len(tt.want)+8 {
-				t.Errorf("ContainerName(%q) = %q, want %s and a hash", tt.model, got, tt.want)
-			}
-		} else if got != tt.want {
-			t.Errorf("ContainerName(%q) = %q, want %q", tt.model, got, tt.want)
-		}
-	}
-	if ContainerName("vgw", "a/b") == ContainerName("vgw", "a-b") || ContainerName("vgw", "a/b") == ContainerName("vgw", "a:b") {
-		t.Error("two models share a container name")
-	}
-}
-
-// BenchmarkDockerCrashNoticed times a container killed behind vgw's back
-// until the runtime reports its exit (with its log tail) from Docker's
-// event stream. Baseline in the same run: the kill call itself returning.
-func BenchmarkDockerCrashNoticed(b *testing.B) {
-	e := dockertest.Need(b)
-	instance := e.Instance(b)
-	cfg := parseConfig(b, fmt.Sprintf(dockerConfig, e.Image, e.Network, instance))
-	rt, err := NewDockerRuntime(DockerOptions{Instance: instance, Image: e.Image, Network: e.Network})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer rt.Close()
-	var noticed, killCall []float64
-	for b.Loop() {
-		b.StopTimer()
-		inst, err := rt.Start(context.Background(), runtime.Spec{Model: "a", Config: cfg.Models["a"], Utilization: 0.5})
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.StartTimer()
-		start := time.Now()
-		if _, err := e.Client.ContainerKill(context.Background(), inst.ID, client.ContainerKillOptions{Signal: "SIGKILL"}); err != nil {
-			b.Fatal(err)
-		}
-		killCall = append(killCall, float64(time.Since(start))/float64(time.Millisecond))
-		x := <-rt.Exits()
-		noticed = append(noticed, float64(time.Since(start))/float64(time.Millisecond))
-		if x.ID != inst.ID || x.Requested {
-			b.Fatalf("exit %+v", x)
-		}
-	}
-	slices.Sort(noticed)
-	slices.Sort(killCall)
-	b.ReportMetric(noticed[len(noticed)/2], "noticed-p50-ms")
-	b.ReportMetric(noticed[len(noticed)*99/100], "noticed-p99-ms")
-	b.ReportMetric(killCall[len(killCall)/2], "kill-call-p50-ms")
-}
-
-// TestDockerReconcile: a death the event stream missed (the daemon
-// restarted, or the gap outlived its memory) is found by the look the
-// runtime takes after reconnecting.
-func TestDockerReconcile(t *testing.T) {
-	e := dockertest.Need(t)
-	rt, err := NewDockerRuntime(DockerOptions{Instance: e.Instance(t), Image: e.Image, Network: e.Network})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rt.Close()
-	inst, err := rt.Start(context.Background(), runtime.Spec{Model: "a", Config: &config.Model{Repo: "org/a"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Remove it behind the runtime's back, and forget its tracking as an
-	// event would have: then restore the tracking, as if the event had
-	// been missed.
-	rt.mu.Lock()
-	c := rt.live[inst.ID]
-	rt.mu.Unlock()
-	if _, err := e.Client.ContainerRemove(context.Background(), inst.ID, client.ContainerRemoveOptions{Force: true}); err != nil {
-		t.Fatal(err)
-	}
-	x := <-rt.Exits() // the die event
-	rt.mu.Lock()
-	rt.live[inst.ID] = c
-	rt.mu.Unlock()
-	rt.reconcile(context.Background())
-	select {
-	case y := <-rt.Exits():
-		if y.ID != inst.ID || !strings.HasPrefix(y.Reason, "removed") || !y.Removed || y.Requested {
-			t.Errorf("exit from the look: %+v (the event's: %+v)", y, x)
-		}
-	case <-time.After(long):
-		t.Fatal("the look after reconnecting found nothing")
-	}
-}
-
-// TestCreateOptions: the container's command, env, mounts, devices and
-// labels, for each setting.
-func TestCreateOptions(t *testing.T) {
-	spec := runtime.Spec{Model: "m", Config: &config.Model{Repo: "org/m", ExtraArgs: []string{"--api-key", "sk-x", "--enforce-eager"}}, Utilization: 0.9,
-		Env: map[string]string{"HF_TOKEN": "hf_model", "A": "1"}, GPUs: []gpu.GPU{{Index: 1, UUID: "GPU-b"}, {Index: 3, UUID: "GPU-d"}},
-		Signature: "sig", Launch: "launch"}
-	tests := []struct {
-		name  string
-		opt   DockerOptions
-		check func(t *testing.T, o client.ContainerCreateOptions)
-	}{
-		{"defaults", DockerOptions{Instance: "vgw", Image: "vllm", Network: "net", Env: map[string]string{"HF_TOKEN": "hf_vgw", "B": "2"}},
-			func(t *testing.T, o client.ContainerCreateOptions) {
-				if o.Name != "vgw-m" || o.Config.Image != "vllm" {
-					t.Errorf("name %q image %q", o.Name, o.Config.Image)
-				}
-				if got := strings.Join(o.Config.Cmd, " "); got != "--model org/m --served-model-name m --gpu-memory-utilization 0.9 --tensor-parallel-size 1 --enforce-eager --host 0.0.0.0 --port 8000" {
-					t.Errorf("command %q", got)
-				}
-				env := slices.Sorted(slices.Values(o.Config.Env))
-				if want := []string{"A=1", "B=2", "HF_TOKEN=hf_model", "VLLM_API_KEY=sk-x"}; !slices.Equal(env, want) {
-					t.Errorf("env %q, want %q", env, want)
-				}
-				h := o.HostConfig
-				if h.IpcMode != container.IPCModeHost || h.ShmSize != 0 || len(h.DeviceRequests) != 0 {
-					t.Errorf("ipc %q shm %d devices %v", h.IpcMode, h.ShmSize, h.DeviceRequests)
-				}
-				if len(h.Mounts) != 1 || h.Mounts[0].Type != "volume" || h.Mounts[0].Source != "vgw-hf-cache" || h.Mounts[0].Target != "/root/.cache/huggingface" {
-					t.Errorf("mounts %+v", h.Mounts)
-				}
-				l := o.Config.Labels
-				if l[LabelManaged] != "true" || l[LabelInstance] != "vgw" || l[LabelModel] != "m" || l[LabelSignature] != "sig" || l[LabelLaunch] != "launch" || l[LabelGPUs] != "1,3" {
-					t.Errorf("labels %v", l)
-				}
-				if _, ok := o.NetworkingConfig.EndpointsConfig["net"]; !ok {
-					t.Errorf("networks %v", o.NetworkingConfig.EndpointsConfig)
-				}
-			}},
-		{"GPUs, shm, cache dir", DockerOptions{Instance: "vgw", Image: "vllm", Network: "net", GPUDevices: true, ShmSize: 8 << 30, CacheDir: "/srv/hf"},
-			func(t *testing.T, o client.ContainerCreateOptions) {
-				h := o.HostConfig
-				if h.IpcMode != container.IPCModePrivate || h.ShmSize != 8<<30 {
-					t.Errorf("ipc %q shm %d", h.IpcMode, h.ShmSize)
-				}
-				if len(h.DeviceRequests) != 1 || h.DeviceRequests[0].Driver != "nvidia" || !slices.Equal(h.DeviceRequests[0].DeviceIDs, []string{"GPU-b", "GPU-d"}) {
-					t.Errorf("devices %+v", h.DeviceRequests)
-				}
-				if len(h.Mounts) != 1 || h.Mounts[0].Type != "bind" || h.Mounts[0].Source != "/srv/hf" {
-					t.Errorf("mounts %+v", h.Mounts)
-				}
-			}},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			r := &DockerRuntime{opt: tt.opt}
-			o := r.createOptions(ContainerName(tt.opt.Instance, spec.Model), spec)
-			if !slices.Equal(o.HostConfig.CapDrop, []string{"NET_RAW"}) {
-				t.Errorf("capabilities dropped %v, want NET_RAW", o.HostConfig.CapDrop)
-			}
-			tt.check(t, o)
-		})
 	}
 }
 
@@ -611,20 +488,20 @@ func TestDockerAdoptLoading(t *testing.T) {
 	eventually(t, "a's container runs, still loading", func() bool {
 		c, ok := first.container(t, "a")
 		st := first.status("a")
-		return ok && c.State.Running && st.State == Loading && st.Instance == c.ID
+		return ok && c.State.Running && st.State == manager.Loading && st.Instance == c.ID
 	})
 	first.stop()
 
 	second := startDockerManager(t, instance, edit)
-	if st := second.status("a"); st.State != Loading {
+	if st := second.status("a"); st.State != manager.Loading {
 		t.Fatalf("a is %v right after the restart, want loading until its /health answers", st.State)
 	}
 	if _, ok := second.Endpoint("a"); ok {
 		t.Error("a is routed before its /health answers")
 	}
 	second.readyNow(t, "a")
-	eventually(t, "a is ready", func() bool { return second.status("a").State == Ready })
-	if ev, ok := second.events.find("a", EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
+	eventually(t, "a is ready", func() bool { return second.status("a").State == manager.Ready })
+	if ev, ok := second.events.find("a", manager.EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
 		t.Errorf("a's ready event %+v", ev)
 	}
 }
@@ -651,7 +528,7 @@ func TestDockerRemovedByHand(t *testing.T) {
 	dm := startDockerManager(t, "", func(y string) string {
 		return strings.Replace(y, "a: {repo: org/a,", "a: {repo: org/a, always_on: true,", 1)
 	})
-	eventually(t, "a is ready", func() bool { return dm.status("a").State == Ready })
+	eventually(t, "a is ready", func() bool { return dm.status("a").State == manager.Ready })
 	for i := range 5 {
 		before, ok := dm.container(t, "a")
 		if !ok {
@@ -662,10 +539,10 @@ func TestDockerRemovedByHand(t *testing.T) {
 		}
 		eventually(t, "a is back in a new container", func() bool {
 			after, ok := dm.container(t, "a")
-			return ok && after.ID != before.ID && dm.status("a").State == Ready
+			return ok && after.ID != before.ID && dm.status("a").State == manager.Ready
 		})
 	}
-	if e, failed := dm.events.find("a", EventLoadFailed); failed {
+	if e, failed := dm.events.find("a", manager.EventLoadFailed); failed {
 		t.Errorf("a load failed after its container was removed by hand: %s", e.Detail)
 	}
 }
@@ -687,7 +564,7 @@ func TestDockerRemovedByHandWhileLoading(t *testing.T) {
 		eventually(t, "a loads in a new container", func() bool {
 			var ok bool
 			c, ok = dm.container(t, "a")
-			return ok && c.ID != last && c.State.Running && dm.status("a").State == Loading
+			return ok && c.ID != last && c.State.Running && dm.status("a").State == manager.Loading
 		})
 		last = c.ID
 		if _, err := dm.engine.Client.ContainerRemove(context.Background(), c.ID, client.ContainerRemoveOptions{Force: true}); err != nil {
@@ -705,7 +582,7 @@ func TestDockerRemovedByHandWhileLoading(t *testing.T) {
 	if err := <-waited; err != nil {
 		t.Fatalf("the request waiting for a: %v", err)
 	}
-	if e, failed := dm.events.find("a", EventLoadFailed); failed {
+	if e, failed := dm.events.find("a", manager.EventLoadFailed); failed {
 		t.Errorf("a load failed as its container was removed by hand: %s", e.Detail)
 	}
 	if st := dm.status("a"); !st.RetryAt.IsZero() {

@@ -1,4 +1,4 @@
-package manager
+package docker_test
 
 import (
 	"context"
@@ -21,8 +21,10 @@ import (
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/client"
 
-	"github.com/vgw-project/vgw/manager/dockertest"
+	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime/docker"
+	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
 )
 
 // Faults around the Docker runtime, on the real engine: the engine out of
@@ -59,7 +61,7 @@ func TestDockerOutage(t *testing.T) {
 	began := time.Now()
 	proxy := newDockerProxy(t, e)
 	rtLog := &logRecorder{}
-	dm := startDockerManagerAt(t, fmt.Sprintf(faultConfig, e.Image, e.Network, instance), DockerOptions{Instance: instance, Host: proxy.host(), Log: slog.New(rtLog)})
+	dm := startDockerManagerAt(t, fmt.Sprintf(faultConfig, e.Image, e.Network, instance), docker.Options{Instance: instance, Host: proxy.host(), Log: slog.New(rtLog)})
 	for _, m := range []string{"a", "c", "d"} {
 		if err := dm.ensure(t, m); err != nil {
 			t.Fatal(err)
@@ -73,7 +75,7 @@ func TestDockerOutage(t *testing.T) {
 
 	// What is loaded serves on: the manager answers from its own state
 	// and requests go to the container, not through Docker.
-	if st := dm.status("a"); st.State != Ready || st.Instance != a.ID {
+	if st := dm.status("a"); st.State != manager.Ready || st.Instance != a.ID {
 		t.Errorf("a is %v on %s with the engine out of reach, want ready on %s", st.State, st.Instance, a.ID)
 	}
 	if err := dm.ensure(t, "a"); err != nil {
@@ -87,8 +89,8 @@ func TestDockerOutage(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), long)
 	defer cancel()
 	err := dm.Load(ctx, "b", true)
-	if !errors.Is(err, ErrDockerUnreachable) || !strings.Contains(err.Error(), "is dockerd running") {
-		t.Errorf("loading b with the engine out of reach: %v; want %v with the hint", err, ErrDockerUnreachable)
+	if !errors.Is(err, docker.ErrUnreachable) || !strings.Contains(err.Error(), "is dockerd running") {
+		t.Errorf("loading b with the engine out of reach: %v; want %v with the hint", err, docker.ErrUnreachable)
 	}
 	if _, ok := dm.container(t, "b"); ok {
 		t.Error("b has a container though its load failed")
@@ -100,7 +102,7 @@ func TestDockerOutage(t *testing.T) {
 		if err := dm.Unload(m); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, m+" is stopped", func() bool { return dm.status(m).State == Stopped })
+		eventually(t, m+" is stopped", func() bool { return dm.status(m).State == manager.Stopped })
 		if c, ok := dm.container(t, m); !ok || !c.State.Running {
 			t.Fatalf("%s's container stopped though the engine was out of vgw's reach", m)
 		}
@@ -110,7 +112,7 @@ func TestDockerOutage(t *testing.T) {
 	if _, err := e.Client.ContainerKill(context.Background(), a.ID, client.ContainerKillOptions{Signal: "SIGKILL"}); err != nil {
 		t.Fatal(err)
 	}
-	if st := dm.status("a"); st.State != Ready {
+	if st := dm.status("a"); st.State != manager.Ready {
 		t.Errorf("a is %v: vgw saw a crash with no way to", st.State)
 	}
 
@@ -145,12 +147,12 @@ func TestDockerOutage(t *testing.T) {
 		t.Errorf("d was loaded again into the container whose removal is queued")
 	}
 
-	eventually(t, "a's crash is noticed", func() bool { _, ok := dm.events.find("a", EventCrashed); return ok })
-	crash, _ := dm.events.find("a", EventCrashed)
+	eventually(t, "a's crash is noticed", func() bool { _, ok := dm.events.find("a", manager.EventCrashed); return ok })
+	crash, _ := dm.events.find("a", manager.EventCrashed)
 	if !strings.Contains(crash.Detail, "SIGKILL") {
 		t.Errorf("a's crash detail %q", crash.Detail)
 	}
-	if st := dm.status("a"); st.State != Stopped {
+	if st := dm.status("a"); st.State != manager.Stopped {
 		t.Errorf("a is %v after its crash", st.State)
 	}
 	if _, ok := dm.Endpoint("a"); ok {
@@ -160,18 +162,14 @@ func TestDockerOutage(t *testing.T) {
 	caughtUp := time.Now()
 	t.Logf("the engine back at 0: the event stream reconnects at %v (its backoff), a's crash is noticed at %v, c's queued removal is done by %v",
 		reconnect.Sub(restored).Round(time.Millisecond), crash.Time.Sub(restored).Round(time.Millisecond), caughtUp.Sub(restored).Round(time.Millisecond))
-	eventually(t, "no removal is queued", func() bool {
-		dm.rt.mu.Lock()
-		defer dm.rt.mu.Unlock()
-		return len(dm.rt.unremoved) == 0
-	})
-	if st := dm.status("d"); st.State != Ready || st.Instance != d2.ID {
+	eventually(t, "no removal is queued", func() bool { return dm.rt.Unremoved() == 0 })
+	if st := dm.status("d"); st.State != manager.Ready || st.Instance != d2.ID {
 		t.Errorf("d is %v on %q, want ready on %s", st.State, st.Instance, d2.ID)
 	}
 	if c, ok := dm.container(t, "d"); !ok || c.ID != d2.ID || !c.State.Running {
 		t.Error("d's new container went with the old one's queued removal")
 	}
-	if _, err := e.Client.ContainerInspect(context.Background(), d.ID, client.ContainerInspectOptions{}); !containerGone(err) {
+	if _, err := e.Client.ContainerInspect(context.Background(), d.ID, client.ContainerInspectOptions{}); !docker.ContainerGone(err) {
 		t.Errorf("d's old container: %v; want it removed", err)
 	}
 
@@ -200,7 +198,7 @@ func TestDockerKilled(t *testing.T) {
 	began := time.Now()
 	yaml := fmt.Sprintf(faultConfig, e.Image, e.Network, instance)
 	proxy := newDockerProxy(t, e)
-	first := startDockerManagerAt(t, yaml, DockerOptions{Instance: instance, Host: proxy.host()})
+	first := startDockerManagerAt(t, yaml, docker.Options{Instance: instance, Host: proxy.host()})
 	if err := first.ensure(t, "a"); err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +208,7 @@ func TestDockerKilled(t *testing.T) {
 	eventually(t, "warming's container runs, still loading", func() bool {
 		c, ok := first.container(t, "warming")
 		st := first.status("warming")
-		return ok && c.State.Running && st.State == Loading && st.Instance == c.ID
+		return ok && c.State.Running && st.State == manager.Loading && st.Instance == c.ID
 	})
 	a, _ := first.container(t, "a")
 	warming, _ := first.container(t, "warming")
@@ -235,13 +233,13 @@ func TestDockerKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	second := startDockerManagerAt(t, yaml, DockerOptions{Instance: instance})
-	if st := second.status("warming"); st.State != Loading || st.Instance != warming.ID {
+	second := startDockerManagerAt(t, yaml, docker.Options{Instance: instance})
+	if st := second.status("warming"); st.State != manager.Loading || st.Instance != warming.ID {
 		t.Fatalf("warming is %v in %q right after the restart, want adopted loading in %s", st.State, st.Instance, warming.ID)
 	}
 	second.readyNow(t, "warming")
 	eventually(t, "a and warming are ready", func() bool {
-		return second.status("a").State == Ready && second.status("warming").State == Ready
+		return second.status("a").State == manager.Ready && second.status("warming").State == manager.Ready
 	})
 	for _, m := range []struct {
 		name string
@@ -250,7 +248,7 @@ func TestDockerKilled(t *testing.T) {
 		if st := second.status(m.name); st.Instance != m.was.ID {
 			t.Errorf("%s runs in %s after the restart, was %s", m.name, st.Instance, m.was.ID)
 		}
-		if ev, ok := second.events.find(m.name, EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
+		if ev, ok := second.events.find(m.name, manager.EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
 			t.Errorf("%s's ready event %+v, want it adopted", m.name, ev)
 		}
 	}
@@ -260,7 +258,7 @@ func TestDockerKilled(t *testing.T) {
 
 	// Every container of the instance is a ready model's.
 	list, err := e.Client.ContainerList(context.Background(), client.ContainerListOptions{All: true,
-		Filters: make(client.Filters).Add("label", LabelInstance+"="+instance)})
+		Filters: make(client.Filters).Add("label", docker.LabelInstance+"="+instance)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -268,8 +266,8 @@ func TestDockerKilled(t *testing.T) {
 		t.Errorf("%d containers of the instance, want a's and warming's", len(list.Items))
 	}
 	for _, c := range list.Items {
-		if st := second.status(c.Labels[LabelModel]); st.Instance != c.ID || st.State != Ready {
-			t.Errorf("container %s (%s, %s) is no ready model's: an orphan", c.ID, c.Labels[LabelModel], c.State)
+		if st := second.status(c.Labels[docker.LabelModel]); st.Instance != c.ID || st.State != manager.Ready {
+			t.Errorf("container %s (%s, %s) is no ready model's: an orphan", c.ID, c.Labels[docker.LabelModel], c.State)
 		}
 	}
 	if got, want := containerStarts(t, e, instance, began), map[string]int{"a": 1, "warming": 1}; !maps.Equal(got, want) {
@@ -283,19 +281,19 @@ func TestDockerKilled(t *testing.T) {
 // startDockerManagerAt runs a manager on the Docker runtime configured by
 // yaml and opts (its image and network from yaml; its host "" for
 // Docker's environment, its log nil for none).
-func startDockerManagerAt(t *testing.T, yaml string, opts DockerOptions) *dockerManager {
+func startDockerManagerAt(t *testing.T, yaml string, opts docker.Options) *dockerManager {
 	t.Helper()
 	return startDockerManagerWrapped(t, yaml, opts, nil)
 }
 
 // startDockerManagerWrapped is startDockerManagerAt with the manager's
 // runtime wrapped, when wrap is set (dm.rt stays the Docker runtime).
-func startDockerManagerWrapped(t *testing.T, yaml string, opts DockerOptions, wrap func(Runtime) Runtime) *dockerManager {
+func startDockerManagerWrapped(t *testing.T, yaml string, opts docker.Options, wrap func(manager.Runtime) manager.Runtime) *dockerManager {
 	t.Helper()
 	e := dockertest.Need(t)
 	cfg := parseConfig(t, yaml)
 	opts.Image, opts.Network = cfg.Runtime.Image, cfg.Runtime.Network
-	rt, err := NewDockerRuntime(opts)
+	rt, err := docker.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,11 +302,11 @@ func startDockerManagerWrapped(t *testing.T, yaml string, opts DockerOptions, wr
 		gs = append(gs, gpu.GPU{Name: g.Name, Total: uint64(g.Memory)})
 	}
 	dm := &dockerManager{rt: rt, engine: e, instance: opts.Instance, events: &eventLog{}}
-	var mrt Runtime = rt
+	var mrt manager.Runtime = rt
 	if wrap != nil {
 		mrt = wrap(rt)
 	}
-	dm.Manager = New(cfg, mrt, gpu.NewDeclared(gs), Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond, OnEvent: dm.events.add})
+	dm.Manager = manager.New(cfg, mrt, gpu.NewDeclared(gs), manager.Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond, OnEvent: dm.events.add})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { dm.Run(ctx); close(done) }()
@@ -328,13 +326,13 @@ func containerStarts(t *testing.T, e *dockertest.Engine, instance string, since 
 	res := e.Client.Events(ctx, client.EventsListOptions{
 		Since:   fmt.Sprintf("%d.%09d", since.Unix(), since.Nanosecond()),
 		Until:   fmt.Sprintf("%d.%09d", until.Unix(), until.Nanosecond()),
-		Filters: make(client.Filters).Add("type", "container").Add("event", "start").Add("label", LabelInstance+"="+instance),
+		Filters: make(client.Filters).Add("type", "container").Add("event", "start").Add("label", docker.LabelInstance+"="+instance),
 	})
 	n := map[string]int{}
 	for {
 		select {
 		case m := <-res.Messages:
-			n[m.Actor.Attributes[LabelModel]]++
+			n[m.Actor.Attributes[docker.LabelModel]]++
 		case err := <-res.Err:
 			if err != nil && !errors.Is(err, io.EOF) {
 				t.Fatalf("the engine's events: %v", err)
@@ -470,7 +468,7 @@ func (l *logRecorder) Handle(_ context.Context, r slog.Record) error {
 	return nil
 }
 
-func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return l } // vgw's manager adds none
+func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return l } // the runtime adds none
 func (l *logRecorder) WithGroup(string) slog.Handler      { return l }
 
 func (l *logRecorder) all() []slog.Record {

@@ -1,4 +1,8 @@
-package manager
+// Package docker is the runtime for a GPU server: each model's vLLM
+// server runs as a container, started, watched and stopped through the
+// Docker Engine API, and left running for the next vgw to adopt when vgw
+// stops (see Runtime).
+package docker
 
 import (
 	"context"
@@ -33,8 +37,8 @@ const (
 	LabelManaged   = "vgw.managed"   // "true"
 	LabelInstance  = "vgw.instance"  // runtime.instance
 	LabelModel     = "vgw.model"     // the model's name
-	LabelSignature = "vgw.signature" // its memory settings (Signature)
-	LabelLaunch    = "vgw.launch"    // all it was started with (LaunchSignature)
+	LabelSignature = "vgw.signature" // its memory settings (Spec.Signature)
+	LabelLaunch    = "vgw.launch"    // all it was started with (Spec.Launch)
 	LabelGPUs      = "vgw.gpus"      // its GPUs' indexes, "0,1"
 )
 
@@ -55,12 +59,12 @@ var (
 	ErrNoGPURuntime   error = runtime.PublicError("this Docker engine cannot give containers GPUs")
 	ErrNameTaken      error = runtime.PublicError("a container vgw did not create has the name")
 	ErrNetworkMissing error = runtime.PublicError("the Docker network does not exist")
-	// ErrDockerUnreachable is a runtime.ErrUnreachable: the manager retries
-	// such a load soon, as the model is not at fault.
-	ErrDockerUnreachable error = unreachableError{}
+	// ErrUnreachable is a runtime.ErrUnreachable (errors.Is): the manager
+	// retries such a load soon, as the model is not at fault.
+	ErrUnreachable error = unreachableError{}
 )
 
-// unreachableError is ErrDockerUnreachable: public, and a
+// unreachableError is ErrUnreachable: public, and a
 // runtime.ErrUnreachable.
 type unreachableError struct{}
 
@@ -68,8 +72,8 @@ func (unreachableError) Error() string    { return "the Docker daemon cannot be 
 func (e unreachableError) Public() string { return e.Error() }
 func (unreachableError) Unwrap() error    { return runtime.ErrUnreachable }
 
-// DockerOptions configure a DockerRuntime.
-type DockerOptions struct {
+// Options configure a Runtime.
+type Options struct {
 	// Host is the Docker daemon's address; empty takes DOCKER_HOST and
 	// the rest of Docker's environment, then the local socket.
 	Host string
@@ -97,12 +101,12 @@ type DockerOptions struct {
 	Log *slog.Logger
 }
 
-// DockerRuntime runs each model's vLLM server as a container, through the
+// Runtime runs each model's vLLM server as a container, through the
 // Docker Engine API. Docker's event stream tells it of every container of
 // its that dies, asked to or not.
-type DockerRuntime struct {
+type Runtime struct {
 	cli   *client.Client
-	opt   DockerOptions
+	opt   Options
 	exits chan runtime.Exit
 	stop  context.CancelFunc
 	done  chan struct{}
@@ -120,11 +124,11 @@ type dockerContainer struct {
 	oom      bool // Docker reported the kernel's OOM killer
 }
 
-// NewDockerRuntime makes a client of the Docker daemon (which negotiates
-// the API version on its first call) and starts watching its events. The daemon need not be up:
-// calls fail with ErrDockerUnreachable until it is, and the event watch
-// reconnects.
-func NewDockerRuntime(opt DockerOptions) (*DockerRuntime, error) {
+// New makes a client of the Docker daemon (which negotiates the API
+// version on its first call) and starts watching its events. The daemon
+// need not be up: calls fail with ErrUnreachable until it is, and the
+// event watch reconnects.
+func New(opt Options) (*Runtime, error) {
 	if opt.Log == nil {
 		opt.Log = slog.New(slog.DiscardHandler)
 	}
@@ -137,7 +141,7 @@ func NewDockerRuntime(opt DockerOptions) (*DockerRuntime, error) {
 		return nil, fmt.Errorf("docker client: %w", err)
 	}
 	ctx, stop := context.WithCancel(context.Background())
-	r := &DockerRuntime{cli: cli, opt: opt, exits: make(chan runtime.Exit, 64), stop: stop, done: make(chan struct{}),
+	r := &Runtime{cli: cli, opt: opt, exits: make(chan runtime.Exit, 64), stop: stop, done: make(chan struct{}),
 		live: map[string]*dockerContainer{}, unremoved: map[string]bool{}}
 	go r.watch(ctx)
 	return r, nil
@@ -145,14 +149,14 @@ func NewDockerRuntime(opt DockerOptions) (*DockerRuntime, error) {
 
 // Close stops watching events and closes the connection. Containers keep
 // running, for the next vgw to adopt.
-func (r *DockerRuntime) Close() error {
+func (r *Runtime) Close() error {
 	r.stop()
 	<-r.done
 	return r.cli.Close()
 }
 
 // Exits reports every container of this vgw that stops.
-func (r *DockerRuntime) Exits() <-chan runtime.Exit { return r.exits }
+func (r *Runtime) Exits() <-chan runtime.Exit { return r.exits }
 
 // ContainerName is the name of a model's container: the instance, then
 // the model's name in the characters Docker allows, then, when the name
@@ -178,18 +182,18 @@ func ContainerName(instance, model string) string {
 }
 
 // filters selects this vgw's containers.
-func (r *DockerRuntime) filters() client.Filters {
+func (r *Runtime) filters() client.Filters {
 	return make(client.Filters).Add("label", LabelManaged+"=true", LabelInstance+"="+r.opt.Instance)
 }
 
 // ours reports whether labels mark a container as this vgw's.
-func (r *DockerRuntime) ours(labels map[string]string) bool {
+func (r *Runtime) ours(labels map[string]string) bool {
 	return labels[LabelManaged] == "true" && labels[LabelInstance] == r.opt.Instance
 }
 
 // Start creates and starts the model's container and returns once it
 // runs; the manager then polls its /health.
-func (r *DockerRuntime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
+func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instance, error) {
 	name := ContainerName(r.opt.Instance, spec.Model)
 	if inst, err := r.clearName(ctx, name, spec); inst != nil || err != nil {
 		return inst, err
@@ -258,7 +262,7 @@ var errNotRunning = errors.New("not running")
 // removed. So is one whose stop could not reach the daemon: that stop was
 // asked for, and the removal queued for the reconnect would otherwise kill
 // it under the new load. Anyone else's is left alone, and the start fails.
-func (r *DockerRuntime) clearName(ctx context.Context, name string, spec runtime.Spec) (*runtime.Instance, error) {
+func (r *Runtime) clearName(ctx context.Context, name string, spec runtime.Spec) (*runtime.Instance, error) {
 	res, err := r.cli.ContainerInspect(ctx, name, client.ContainerInspectOptions{})
 	switch {
 	case containerGone(err):
@@ -304,7 +308,7 @@ func gpuList(gpus []gpu.GPU) string {
 }
 
 // createOptions is the container for spec.
-func (r *DockerRuntime) createOptions(name string, spec runtime.Spec) client.ContainerCreateOptions {
+func (r *Runtime) createOptions(name string, spec runtime.Spec) client.ContainerCreateOptions {
 	args, apiKey := withoutAPIKey(vllm.Args(spec.Model, spec.Config, spec.Utilization))
 	env := make([]string, 0, len(r.opt.Env)+len(spec.Env)+1)
 	for k, v := range r.opt.Env {
@@ -366,7 +370,7 @@ func (r *DockerRuntime) createOptions(name string, spec runtime.Spec) client.Con
 }
 
 // instance describes a running container of this vgw's.
-func (r *DockerRuntime) instance(ctx context.Context, id string) (*runtime.Instance, error) {
+func (r *Runtime) instance(ctx context.Context, id string) (*runtime.Instance, error) {
 	res, err := r.cli.ContainerInspect(ctx, id, client.ContainerInspectOptions{})
 	if err != nil {
 		return nil, r.daemonError("inspect container "+id, err)
@@ -401,7 +405,7 @@ func (r *DockerRuntime) instance(ctx context.Context, id string) (*runtime.Insta
 
 // Stop stops the container, gracefully (SIGTERM) for up to grace, then
 // by force, and removes it.
-func (r *DockerRuntime) Stop(ctx context.Context, inst *runtime.Instance, grace time.Duration) error {
+func (r *Runtime) Stop(ctx context.Context, inst *runtime.Instance, grace time.Duration) error {
 	r.mu.Lock()
 	if c := r.live[inst.ID]; c != nil {
 		c.stopping = true
@@ -428,7 +432,7 @@ func (r *DockerRuntime) Stop(ctx context.Context, inst *runtime.Instance, grace 
 // someone else is removing (`docker rm -f` by hand) is waited for until it
 // is gone: its name is taken until then, so a start that went ahead would
 // fail on it.
-func (r *DockerRuntime) remove(ctx context.Context, id string) error {
+func (r *Runtime) remove(ctx context.Context, id string) error {
 	_, err := r.cli.ContainerRemove(ctx, id, client.ContainerRemoveOptions{Force: true})
 	if removalUnderWay(err) {
 		err = r.waitRemoved(ctx, id)
@@ -448,7 +452,7 @@ func removalUnderWay(err error) bool {
 
 // waitRemoved waits until Docker has removed the container (the wait
 // API's "removed" condition), for at most apiTimeout.
-func (r *DockerRuntime) waitRemoved(ctx context.Context, id string) error {
+func (r *Runtime) waitRemoved(ctx context.Context, id string) error {
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
 	res := r.cli.ContainerWait(ctx, id, client.ContainerWaitOptions{Condition: container.WaitConditionRemoved})
@@ -460,7 +464,7 @@ func (r *DockerRuntime) waitRemoved(ctx context.Context, id string) error {
 	}
 }
 
-func (r *DockerRuntime) forget(id string) {
+func (r *Runtime) forget(id string) {
 	r.mu.Lock()
 	delete(r.live, id)
 	r.mu.Unlock()
@@ -468,7 +472,7 @@ func (r *DockerRuntime) forget(id string) {
 
 // Adopt lists this vgw's running containers, for the manager to keep or
 // stop; containers of its that are not running are removed.
-func (r *DockerRuntime) Adopt(ctx context.Context) ([]*runtime.Instance, error) {
+func (r *Runtime) Adopt(ctx context.Context) ([]*runtime.Instance, error) {
 	list, err := r.cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: r.filters()})
 	if err != nil {
 		return nil, r.daemonError("list containers", err)
@@ -501,7 +505,7 @@ func (r *DockerRuntime) Adopt(ctx context.Context) ([]*runtime.Instance, error) 
 // engine and tensor-parallel workers as processes of their own after the
 // container starts. Docker runs ps in the host's PID namespace, so these
 // are the IDs NVML reports (with vgw in the host's PID namespace).
-func (r *DockerRuntime) PIDs(ctx context.Context, inst *runtime.Instance) ([]int, error) {
+func (r *Runtime) PIDs(ctx context.Context, inst *runtime.Instance) ([]int, error) {
 	top, err := r.cli.ContainerTop(ctx, inst.ID, client.ContainerTopOptions{})
 	if err != nil {
 		return nil, r.daemonError("list processes of "+inst.ID, err)
@@ -527,9 +531,9 @@ func (r *DockerRuntime) PIDs(ctx context.Context, inst *runtime.Instance) ([]int
 }
 
 // daemonError says what failed, and whether the daemon could be reached.
-func (r *DockerRuntime) daemonError(what string, err error) error {
+func (r *Runtime) daemonError(what string, err error) error {
 	if client.IsErrConnectionFailed(err) {
-		return fmt.Errorf("%w at %s (is dockerd running, and may vgw use its socket?): %s: %v", ErrDockerUnreachable, r.cli.DaemonHost(), what, err)
+		return fmt.Errorf("%w at %s (is dockerd running, and may vgw use its socket?): %s: %v", ErrUnreachable, r.cli.DaemonHost(), what, err)
 	}
 	return fmt.Errorf("docker: %s: %w", what, err)
 }
@@ -543,7 +547,7 @@ func containerGone(err error) bool {
 
 // unreachable reports whether err says the daemon could not be reached.
 func unreachable(err error) bool {
-	return errors.Is(err, ErrDockerUnreachable) || client.IsErrConnectionFailed(err)
+	return errors.Is(err, ErrUnreachable) || client.IsErrConnectionFailed(err)
 }
 
 // watch follows Docker's events for this vgw's containers until ctx ends,
@@ -552,7 +556,7 @@ func unreachable(err error) bool {
 // by a look at every container it tracks: Docker keeps only its last few
 // hundred events, in memory, so a death during a long gap or a daemon
 // restart is found by inspecting.
-func (r *DockerRuntime) watch(ctx context.Context) {
+func (r *Runtime) watch(ctx context.Context) {
 	defer close(r.done)
 	since := time.Now()
 	backoff := 100 * time.Millisecond
@@ -580,7 +584,7 @@ func (r *DockerRuntime) watch(ctx context.Context) {
 
 // reconcile reports the exit of every tracked container found stopped or
 // gone, and removes the containers a stop could not.
-func (r *DockerRuntime) reconcile(ctx context.Context) {
+func (r *Runtime) reconcile(ctx context.Context) {
 	actx, cancel := context.WithTimeout(ctx, apiTimeout) // ctx itself outlives this look, for the exits it sends
 	defer cancel()
 	r.mu.Lock()
@@ -614,7 +618,7 @@ func (r *DockerRuntime) reconcile(ctx context.Context) {
 }
 
 // follow handles one connection's events until it fails.
-func (r *DockerRuntime) follow(ctx context.Context, res client.EventsResult, since *time.Time, backoff *time.Duration) error {
+func (r *Runtime) follow(ctx context.Context, res client.EventsResult, since *time.Time, backoff *time.Duration) error {
 	for {
 		select {
 		case m := <-res.Messages:
@@ -632,7 +636,7 @@ func (r *DockerRuntime) follow(ctx context.Context, res client.EventsResult, sin
 	}
 }
 
-func (r *DockerRuntime) handle(ctx context.Context, m events.Message) {
+func (r *Runtime) handle(ctx context.Context, m events.Message) {
 	switch m.Action {
 	case events.ActionOOM:
 		r.mu.Lock()
@@ -649,7 +653,7 @@ func (r *DockerRuntime) handle(ctx context.Context, m events.Message) {
 // died reports a tracked container's exit, once: the event and a look
 // after a reconnect may both find it. The log is read on a goroutine of
 // its own, so that one crash does not hold up the report of the next.
-func (r *DockerRuntime) died(ctx context.Context, id string, code int, oom bool) {
+func (r *Runtime) died(ctx context.Context, id string, code int, oom bool) {
 	r.mu.Lock()
 	c := r.live[id]
 	delete(r.live, id)
@@ -680,7 +684,7 @@ func (r *DockerRuntime) died(ctx context.Context, id string, code int, oom bool)
 // removedByHand reports whether a container that died is gone, or being
 // removed: someone removed it (docker rm -f kills, then removes), as vgw
 // keeps the containers it did not stop, for their logs.
-func (r *DockerRuntime) removedByHand(ctx context.Context, id string) bool {
+func (r *Runtime) removedByHand(ctx context.Context, id string) bool {
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
 	res, err := r.cli.ContainerInspect(ctx, id, client.ContainerInspectOptions{})
@@ -706,7 +710,7 @@ func exitReason(code int, oom bool) string {
 // logTail is the end of a container's log, for the error of its failed
 // load or its crash. A crashed container is kept until its model starts
 // again, so that `docker logs` has the whole of it.
-func (r *DockerRuntime) logTail(ctx context.Context, id string) string {
+func (r *Runtime) logTail(ctx context.Context, id string) string {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	rc, err := r.cli.ContainerLogs(ctx, id, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true, Tail: "50"})
@@ -734,4 +738,13 @@ func withoutAPIKey(args []string) (rest []string, key string) {
 		}
 	}
 	return rest, key
+}
+
+// lastLines returns the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }
