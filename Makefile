@@ -120,7 +120,7 @@ bench-go: ## Go benchmarks of the request path
 
 bench-models: ## cold start and swap overheads (sim runtime), the manager's memory per waiter
 	$(GO) test -run '^$$' -bench 'ColdStart|Swap' -benchtime 60x ./cmd/vgw/
-	$(GO) test -run '^$$' -bench WaitingMemory -benchtime 1x ./manager/
+	$(GO) test -run '^$$' -bench WaitingMemory -benchtime 1x ./manager/runtime/sim/
 
 bench-xds: ## change-to-ACK latency, snapshot build and push for 200 models
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 300x ./xds/

@@ -42,23 +42,23 @@ import (
 // the whole of vgw is tested in cmd/vgw against the real ones.
 type fakeManager struct {
 	mu      sync.Mutex
-	models  []manager.ModelStatus
+	models  []manager.ModelView
 	gpus    []manager.GPUStatus
 	loadErr error
 	pinned  map[string]bool
 	calls   int // of Load, Unload and Pin
 }
 
-func (f *fakeManager) Status() []manager.ModelStatus {
+// View publishes a View of the models as they are set now.
+func (f *fakeManager) View() *manager.View {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	out := append([]manager.ModelStatus(nil), f.models...)
+	out := append([]manager.ModelView(nil), f.models...)
 	for i := range out {
 		out[i].Pinned = f.pinned[out[i].Name]
 	}
-	return out
+	return manager.NewViews().Publish(out, f.gpus)
 }
-func (f *fakeManager) GPUs() []manager.GPUStatus { return f.gpus }
 func (f *fakeManager) Load(_ context.Context, name string, _ bool) error {
 	if f.loadErr != nil {
 		return f.loadErr
@@ -154,7 +154,7 @@ models:
 		t.Fatal(err)
 	}
 	mgr := &fakeManager{
-		models: []manager.ModelStatus{{Name: "llama", State: manager.Ready, GPUs: []int{0}, Addr: "127.0.0.1:8001", PerGPU: 20 << 30, Footprint: "declared"}},
+		models: []manager.ModelView{{Name: "llama", State: manager.Ready, GPUs: []int{0}, Addr: "127.0.0.1:8001", Endpoint: "127.0.0.1:8001", PerGPU: 20 << 30, Footprint: "declared"}},
 		gpus:   []manager.GPUStatus{{GPU: gpu.GPU{Index: 0, Name: "g", Total: 80 << 30}, Used: 20 << 30}},
 		pinned: map[string]bool{},
 	}
@@ -162,8 +162,8 @@ models:
 	level := new(slog.LevelVar)
 	svc := NewService(Deps{
 		Manager: mgr, Admission: adm, Envoys: fakeEnvoys{}, Level: level,
-		Config: func() *config.Config { return cfg }, Cluster: func(m string) string { return "model/" + m },
-		Events: NewHub(), Log: slog.New(slog.DiscardHandler), Version: "test", Started: time.Now(),
+		Config: func() *config.Config { return cfg },
+		Events: NewHub(), Metrics: NewMetrics(), Log: slog.New(slog.DiscardHandler), Version: "test", Started: time.Now(),
 	})
 	return svc, mgr, adm
 }
@@ -547,7 +547,7 @@ func TestBurst(t *testing.T) {
 
 func TestHTTP(t *testing.T) {
 	svc, _, adm := newTestService(t)
-	m := NewMetrics(svc)
+	m := svc.d.Metrics
 	m.Models([]string{"llama"})
 	m.Event("llama", manager.EventReady, 1500*time.Millisecond)
 	adm.reject("", map[int]uint64{404: 2})

@@ -34,8 +34,9 @@ type Metrics struct {
 }
 
 // NewMetrics registers vgw's metrics, and Go's and the process's, in a
-// registry of their own.
-func NewMetrics(svc *Service) *Metrics {
+// registry of their own. What the admin service reports joins them when
+// the service is made with them (Deps.Metrics).
+func NewMetrics() *Metrics {
 	m := &Metrics{
 		Registry: prometheus.NewRegistry(),
 		models:   map[string]bool{},
@@ -72,7 +73,7 @@ func NewMetrics(svc *Service) *Metrics {
 	m.reloadTime.Set(float64(time.Now().Unix()))
 	m.reloads.WithLabelValues("applied")
 	m.reloads.WithLabelValues("refused")
-	m.Registry.MustRegister(m.queueWait, m.loadTime, m.lifecycle, m.reloadOK, m.reloadTime, m.reloads, &collector{svc: svc},
+	m.Registry.MustRegister(m.queueWait, m.loadTime, m.lifecycle, m.reloadOK, m.reloadTime, m.reloads,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -189,7 +190,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(g.InFlight), model)
 		ch <- prometheus.MustNewConstMetric(descLimit, prometheus.GaugeValue, float64(g.Limits.MaxConcurrent), model)
 	}
-	for _, m := range d.Manager.Status() {
+	v := d.Manager.View()
+	for _, m := range v.Models {
 		for _, s := range []string{"stopped", "loading", "ready", "draining"} {
 			v := 0.0
 			if m.State.String() == s {
@@ -198,7 +200,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, v, m.Name, s)
 		}
 	}
-	for _, g := range d.Manager.GPUs() {
+	for _, g := range v.GPUs {
 		i := strconv.Itoa(g.Index)
 		ch <- prometheus.MustNewConstMetric(descGPUInfo, prometheus.GaugeValue, 1, i, g.Name, g.UUID)
 		ch <- prometheus.MustNewConstMetric(descGPUUsed, prometheus.GaugeValue, float64(g.Used), i)

@@ -24,10 +24,10 @@ import (
 	"github.com/vgw-project/vgw/xds"
 )
 
-// Manager is the GPU manager as the admin service needs it.
+// Manager is the GPU manager as the admin service needs it: its View of
+// the models and GPUs, and the operator's actions.
 type Manager interface {
-	Status() []manager.ModelStatus
-	GPUs() []manager.GPUStatus
+	View() *manager.View
 	Load(ctx context.Context, name string, wait bool) error
 	Unload(name string) error
 	Pin(name string, on bool) error
@@ -60,9 +60,10 @@ type Deps struct {
 	Level *slog.LevelVar
 	// Config returns the config in force.
 	Config func() *config.Config
-	// Cluster names a model's Envoy cluster.
-	Cluster func(model string) string
-	Events  *Hub
+	Events *Hub
+	// Metrics, when set, read the service at every scrape (see
+	// NewMetrics).
+	Metrics *Metrics
 	Log     *slog.Logger
 	Version string
 	Started time.Time
@@ -87,22 +88,26 @@ func NewService(d Deps) *Service {
 	if d.Stopping == nil {
 		d.Stopping = func() bool { return false }
 	}
-	return &Service{d: d}
+	s := &Service{d: d}
+	if d.Metrics != nil {
+		d.Metrics.Registry.MustRegister(&collector{svc: s})
+	}
+	return s
 }
 
 // Status is what GetStatus and /status report.
 func (s *Service) Status() *adminv1.Status {
-	gpus := s.d.Manager.GPUs()
+	v := s.d.Manager.View()
 	nodes, _ := s.d.Envoys.Status()
 	st := &adminv1.Status{
 		Version:    s.d.Version,
 		Started:    timestamppb.New(s.d.Started),
 		Draining:   s.d.Admission.Draining(),
-		Models:     s.models(),
+		Models:     s.models(v),
 		Config:     s.config(),
 		XdsVersion: s.d.Envoys.Version(),
 	}
-	for _, g := range gpus {
+	for _, g := range v.GPUs {
 		st.Gpus = append(st.Gpus, &adminv1.GPU{
 			Index: int32(g.Index), Name: g.Name, Uuid: g.UUID,
 			TotalBytes: g.Total, UsedBytes: g.Used, FreeBytes: g.Total - min(g.Used, g.Total),
@@ -125,31 +130,31 @@ func (s *Service) nack(n xds.NACK) *adminv1.NACK {
 	return &adminv1.NACK{Time: timestamppb.New(n.Time), Node: n.Node, TypeUrl: n.TypeURL, Version: n.Version, Error: s.d.Redact(n.Error)}
 }
 
-// models renders every model: the manager's view, with the admission
-// state and limits of the request path.
-func (s *Service) models() []*adminv1.Model {
+// models renders every model in v, the manager's View, with the
+// admission state and limits of the request path.
+func (s *Service) models(v *manager.View) []*adminv1.Model {
 	gates := s.d.Admission.AllStats()
 	var out []*adminv1.Model
-	for _, m := range s.d.Manager.Status() {
-		out = append(out, s.model(m, gates[m.Name]))
+	for i := range v.Models {
+		out = append(out, s.model(&v.Models[i], gates[v.Models[i].Name]))
 	}
 	return out
 }
 
-func (s *Service) model(m manager.ModelStatus, g extproc.GateStats) *adminv1.Model {
+func (s *Service) model(m *manager.ModelView, g extproc.GateStats) *adminv1.Model {
 	pm := &adminv1.Model{
 		Name: m.Name, State: m.State.String(), Instance: m.Instance, Endpoint: m.Addr,
 		FootprintBytes: m.PerGPU, FootprintSource: m.Footprint,
 		InFlight: int64(g.InFlight), QueueDepth: int32(g.Queued),
 		MaxConcurrent: int32(g.Limits.MaxConcurrent), MaxQueue: int32(g.Limits.MaxQueue), QueueTimeout: durationpb.New(g.Limits.QueueTimeout),
-		AlwaysOn: m.AlwaysOn, Pinned: m.Pinned, LastError: s.d.Redact(m.LastError), Cluster: s.d.Cluster(m.Name),
+		AlwaysOn: m.AlwaysOn, Pinned: m.Pinned, LastError: s.d.Redact(m.LastError), Cluster: xds.ClusterName(m.Name),
 		WaitingForLoad: int32(m.Waiting),
 	}
 	for _, g := range m.GPUs {
 		pm.Gpus = append(pm.Gpus, int32(g))
 	}
-	if !m.LastUsed.IsZero() {
-		pm.LastUsed = timestamppb.New(m.LastUsed)
+	if t := m.LastUsed(); !t.IsZero() {
+		pm.LastUsed = timestamppb.New(t)
 	}
 	if !m.Since.IsZero() {
 		pm.Since = timestamppb.New(m.Since)
@@ -181,16 +186,13 @@ func (s *Service) GetStatus(context.Context, *adminv1.GetStatusRequest) (*adminv
 }
 
 func (s *Service) ListModels(context.Context, *adminv1.ListModelsRequest) (*adminv1.ListModelsResponse, error) {
-	return &adminv1.ListModelsResponse{Models: s.models()}, nil
+	return &adminv1.ListModelsResponse{Models: s.models(s.d.Manager.View())}, nil
 }
 
 // one reports one model, after an action on it.
 func (s *Service) one(name string) (*adminv1.Model, error) {
-	gates := s.d.Admission.AllStats()
-	for _, m := range s.d.Manager.Status() {
-		if m.Name == name {
-			return s.model(m, gates[name]), nil
-		}
+	if m := s.d.Manager.View().Model(name); m != nil {
+		return s.model(m, s.d.Admission.AllStats()[name]), nil
 	}
 	return nil, status.Errorf(codes.NotFound, "model %q is not configured", name)
 }

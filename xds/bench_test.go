@@ -38,7 +38,7 @@ func BenchmarkChangeToACK(b *testing.B) {
 		i++
 		start := time.Now()
 		f.src.set("m007", addr)
-		f.srv.Notify()
+		f.src.publish()
 		wait(b, c, "acknowledged", routes("model/m007", addr))
 		change = append(change, time.Since(start))
 
@@ -94,7 +94,7 @@ func BenchmarkPush200(b *testing.B) {
 		for i := range 200 {
 			f.src.set(fmt.Sprintf("m%03d", i), fmt.Sprintf("10.%d.0.%d:8000", round%250, i+1))
 		}
-		f.srv.Notify()
+		f.src.publish()
 		last := fmt.Sprintf("10.%d.0.200:8000", round%250)
 		wait(b, c, "all acknowledged", routes("model/m199", last))
 	}

@@ -67,7 +67,7 @@ func TestUnloadedModelIsNoLongerRouted(t *testing.T) {
 	wait(t, c, "llama is routed", routes("model/llama", "10.0.0.5:8000"))
 
 	f.src.set("llama")
-	f.srv.Notify()
+	f.src.publish()
 	wait(t, c, "llama's endpoint is gone", func(c *xdstest.Client) bool { return len(c.Endpoints("model/llama")) == 0 })
 	if _, err := c.Route("model/llama"); !errors.Is(err, xdstest.ErrNoHealthyUpstream) {
 		t.Fatalf("a request for the unloaded llama: %v, want no healthy upstream", err)
@@ -99,7 +99,7 @@ func TestClusterChangeWarmsAtOnce(t *testing.T) {
 		ms["llama"].MaxConcurrent = 8
 		ms["qwen"] = &xds.Model{Cluster: "model/qwen", MaxConcurrent: 4, Endpoints: []string{"10.0.0.6:8000"}}
 	})
-	f.srv.Notify()
+	f.src.publish()
 	v2 := f.newVersion(t, v1)
 	wait(t, c, "the clusters acknowledged", func(c *xdstest.Client) bool { return c.Acked(resource.ClusterType) == v2 })
 	if c.Warming("model/llama") || c.Warming("model/qwen") || maxRequests(c, "model/llama") != 8 {
@@ -148,7 +148,7 @@ func TestReadyModelRoutableWhenReleased(t *testing.T) {
 	addr := model.Listener.Addr().String()
 
 	f.src.set("llama", addr)
-	f.srv.Notify()
+	f.src.publish()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := f.srv.WaitAcked(ctx, "envoy-1", "model/llama", at(addr)); err != nil {

@@ -21,12 +21,35 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/server/sotw/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
+
+	"github.com/vgw-project/vgw/manager"
 )
 
-// Source is what the xDS server serves: every configured model, with the
-// endpoints of its ready servers.
+// Source is what the xDS server serves: the manager's latest View of the
+// models, whose Changed channel says when to look again.
 type Source interface {
-	Models() []Model
+	View() *manager.View
+}
+
+// ClusterName is the Envoy cluster that serves a model: the name that
+// ext_proc's x-vgw-cluster header carries.
+func ClusterName(model string) string { return "model/" + model }
+
+// modelsOf is what Envoy's config needs of a View: a cluster for every
+// configured model, with its server's address while it is ready.
+func modelsOf(v *manager.View) []Model {
+	out := make([]Model, 0, len(v.Models))
+	for _, mv := range v.Models {
+		if mv.Removed {
+			continue
+		}
+		m := Model{Cluster: ClusterName(mv.Name), MaxConcurrent: mv.Limits.MaxConcurrent}
+		if mv.Endpoint != "" {
+			m.Endpoints = []string{mv.Endpoint}
+		}
+		out = append(out, m)
+	}
+	return out
 }
 
 // Server is vgw's ADS server.
@@ -36,9 +59,9 @@ type Server struct {
 	log      *slog.Logger
 	cache    cache.SnapshotCache
 	ads      serverv3.Server
-	boot     string // tells this process's versions from a previous vgw's
-	notify   chan struct{}
-	force    atomic.Bool // the next publish bumps the version even if nothing changed
+	boot     string        // tells this process's versions from a previous vgw's
+	again    chan struct{} // Republish asks for a new version
+	force    atomic.Bool   // the next publish bumps the version even if nothing changed
 
 	// The lock guards the fields below. It is never held while sending,
 	// building a snapshot or logging: state is copied out first.
@@ -200,7 +223,7 @@ func New(src Source, s Settings, log *slog.Logger, opts ...Option) *Server {
 	srv := &Server{
 		src: src, settings: s, log: log,
 		boot:    hex.EncodeToString(b),
-		notify:  make(chan struct{}, 1),
+		again:   make(chan struct{}, 1),
 		changed: map[string]uint64{},
 		current: map[string][]string{},
 		streams: map[int64]*adsStream{},
@@ -228,28 +251,23 @@ func (s *Server) Register(g *grpc.Server) {
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, s.ads)
 }
 
-// Notify asks for a new snapshot: the models or their servers changed. It
-// never blocks; changes that come while one is being built are folded
-// into the next.
-func (s *Server) Notify() {
-	select {
-	case s.notify <- struct{}{}:
-	default:
-	}
-}
-
 // Republish makes the next snapshot a new version even if nothing
 // changed, so that every Envoy is sent the config again: after an Envoy
 // rejected a version, once its cause is fixed.
 func (s *Server) Republish() {
 	s.force.Store(true)
-	s.Notify()
+	select {
+	case s.again <- struct{}{}:
+	default:
+	}
 }
 
-// Run publishes a first snapshot, then a new one after every Notify, until
-// ctx ends; and marks streams that stopped answering.
+// Run publishes a snapshot of the source's View, then of every newer View
+// as it comes, until ctx ends; and marks streams that stopped answering.
+// Views that come while a snapshot is built are folded into the next.
 func (s *Server) Run(ctx context.Context) {
-	s.publish(ctx)
+	v := s.src.View()
+	s.publish(ctx, v)
 	var check <-chan time.Time // nil: no AckTimeout, nothing to check
 	if s.settings.AckTimeout > 0 {
 		t := time.NewTicker(max(min(s.settings.AckTimeout/4, time.Second), time.Millisecond))
@@ -258,8 +276,12 @@ func (s *Server) Run(ctx context.Context) {
 	}
 	for {
 		select {
-		case <-s.notify:
-			s.publish(ctx)
+		case <-v.Changed():
+			v = s.src.View()
+			s.publish(ctx, v)
+		case <-s.again:
+			v = s.src.View()
+			s.publish(ctx, v)
 		case now := <-check:
 			s.silence(now)
 		case <-ctx.Done():
@@ -294,18 +316,18 @@ func (s *Server) silence(now time.Time) {
 	}
 }
 
-// publish builds and sets the next snapshot, unless nothing changed since
-// the last: a new version costs every Envoy a round of work.
-func (s *Server) publish(ctx context.Context) {
-	models := normalise(s.src.Models())
+// publish builds and sets the snapshot of v, unless nothing Envoy sees
+// changed since the last: a new version costs every Envoy a round of work.
+func (s *Server) publish(ctx context.Context, v *manager.View) {
+	models := normalise(modelsOf(v))
 	if !s.force.Swap(false) && s.last != nil && slices.EqualFunc(models, s.last, sameModel) {
 		return
 	}
 	s.mu.Lock()
 	s.version++
-	v := s.version
+	n := s.version
 	s.mu.Unlock()
-	version := s.boot + "-" + strconv.FormatUint(v, 10)
+	version := s.boot + "-" + strconv.FormatUint(n, 10)
 	snap, err := Build(version, models, s.settings)
 	if err != nil {
 		s.log.Error("xDS snapshot not built", slog.String("version", version), slog.String("error", err.Error()))
@@ -320,7 +342,7 @@ func (s *Server) publish(ctx context.Context) {
 		seen[m.Cluster] = true
 		if !slices.Equal(eps, s.current[m.Cluster]) {
 			s.current[m.Cluster] = eps
-			s.changed[m.Cluster] = v
+			s.changed[m.Cluster] = n
 		}
 	}
 	for c := range s.current {

@@ -20,24 +20,31 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/xds"
 	"github.com/vgw-project/vgw/xds/xdstest"
 )
 
-// models is a Source a test changes.
+// models is a Source a test changes: set and the map change what the
+// next View shows, publish publishes it, as the manager publishes a View
+// when something changed.
 type models struct {
-	mu sync.Mutex
-	ms map[string]*xds.Model
+	mu    sync.Mutex
+	ms    map[string]*xds.Model
+	views *manager.Views
 }
 
 func newModels(names ...string) *models {
-	m := &models{ms: map[string]*xds.Model{}}
+	m := &models{ms: map[string]*xds.Model{}, views: manager.NewViews()}
 	for _, n := range names {
-		m.ms[n] = &xds.Model{Cluster: "model/" + n, MaxConcurrent: 4}
+		m.ms[n] = &xds.Model{Cluster: xds.ClusterName(n), MaxConcurrent: 4}
 	}
+	m.publish()
 	return m
 }
 
+// Models is what the next View holds, as Build takes it.
 func (m *models) Models() []xds.Model {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -53,6 +60,24 @@ func (m *models) set(name string, eps ...string) {
 	m.ms[name].Endpoints = eps
 	m.mu.Unlock()
 }
+
+// publish publishes a View of the models: one with an endpoint is ready
+// there.
+func (m *models) publish() {
+	m.mu.Lock()
+	var mvs []manager.ModelView
+	for name, x := range m.ms {
+		mv := manager.ModelView{Name: name, Limits: config.Limits{MaxConcurrent: x.MaxConcurrent}}
+		if len(x.Endpoints) > 0 {
+			mv.State, mv.Endpoint = manager.Ready, x.Endpoints[0]
+		}
+		mvs = append(mvs, mv)
+	}
+	m.mu.Unlock()
+	m.views.Publish(mvs, nil)
+}
+
+func (m *models) View() *manager.View { return m.views.View() }
 
 type fixture struct {
 	srv      *xds.Server
@@ -84,6 +109,7 @@ func (f *fixture) serve(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	f.src.publish() // what the models are as it starts
 	f.srv = xds.New(f.src, f.settings, slog.New(slog.DiscardHandler))
 	g := grpc.NewServer()
 	f.srv.Register(g)
@@ -140,7 +166,7 @@ func TestEndpointsFollowTheModels(t *testing.T) {
 	}
 
 	f.src.set("llama", "10.0.0.5:8000")
-	f.srv.Notify()
+	f.src.publish()
 	wait(t, c, "llama's endpoint appears", routes("model/llama", "10.0.0.5:8000"))
 	eventually(t, "the server knows the Envoy acknowledged it", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	if f.srv.Acked("", "model/llama", "10.0.0.9:8000") {
@@ -149,13 +175,13 @@ func TestEndpointsFollowTheModels(t *testing.T) {
 
 	f.src.set("llama")
 	f.src.set("qwen", "10.0.0.5:8000")
-	f.srv.Notify()
+	f.src.publish()
 	wait(t, c, "the swap", func(c *xdstest.Client) bool {
 		return len(c.Endpoints("model/llama")) == 0 && slices.Equal(c.Endpoints("model/qwen"), []string{"10.0.0.5:8000"})
 	})
 
 	f.src.set("qwen")
-	f.srv.Notify()
+	f.src.publish()
 	wait(t, c, "qwen's endpoint goes", routes("model/qwen"))
 	eventually(t, "the status shows envoy-1 at the last version", func() bool {
 		nodes, _ := f.srv.Status()
@@ -172,7 +198,7 @@ func TestNACK(t *testing.T) {
 	good := c.Acked(resource.EndpointType)
 	c.Reject(resource.EndpointType, "endpoint port out of range")
 	f.src.set("llama", "10.0.0.5:8000")
-	f.srv.Notify()
+	f.src.publish()
 	deadline := time.Now().Add(time.Minute)
 	for {
 		_, nacks := f.srv.Status()
@@ -204,7 +230,7 @@ func TestNACK(t *testing.T) {
 	}
 	// The next change is sent, and accepted.
 	f.src.set("llama", "10.0.0.6:8000")
-	f.srv.Notify()
+	f.src.publish()
 	wait(t, c, "the next version", routes("model/llama", "10.0.0.6:8000"))
 }
 
@@ -219,7 +245,7 @@ func TestTwoNodes(t *testing.T) {
 	}
 	b.Hold(resource.EndpointType) // slow to take the next version up
 	f.src.set("llama", "10.0.0.5:8000")
-	f.srv.Notify()
+	f.src.publish()
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -281,7 +307,7 @@ func TestHeldRequestReleasedAfterACK(t *testing.T) {
 		t.Fatalf("answered before the endpoint was published: %v", err)
 	case <-time.After(200 * time.Millisecond):
 	}
-	f.srv.Notify() // published; the Envoy rejects it
+	f.src.publish() // published; the Envoy rejects it
 	var na *xds.NotAckedError
 	if err := <-answered; !errors.As(err, &na) || na.Rejected != "not yet" || na.Node != "envoy-1" {
 		t.Fatalf("a request whose Envoy rejected its endpoint: %v, want a NotAckedError quoting the rejection", err)
@@ -360,7 +386,7 @@ func TestNoEnvoy(t *testing.T) {
 	s.NoEnvoyGrace = 500 * time.Millisecond // long enough that no check below can be late for it
 	f := startWith(t, newModels("llama"), s)
 	f.src.set("llama", "10.0.0.5:8000")
-	f.srv.Notify()
+	f.src.publish()
 	eventually(t, "published", func() bool { return f.srv.Version() != "" })
 	time.Sleep(510 * time.Millisecond) // the grace since start passes
 	if !f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
@@ -412,7 +438,7 @@ func TestGraceDoesNotReleasePastAConnectedEnvoy(t *testing.T) {
 	wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
 	c.Hold(resource.EndpointType) // working on it, so far as vgw can tell
 	f.src.set("llama", "10.0.0.5:8000")
-	f.srv.Notify()
+	f.src.publish()
 	ctx, cancel := context.WithTimeout(context.Background(), 400*time.Millisecond)
 	defer cancel()
 	if err := f.srv.WaitAcked(ctx, "envoy-1", "model/llama", at("10.0.0.5:8000")); err == nil {
@@ -425,7 +451,7 @@ func TestGraceDoesNotReleasePastAConnectedEnvoy(t *testing.T) {
 func TestNewEnvoyKnowsNothing(t *testing.T) {
 	f := start(t, newModels("llama"))
 	f.src.set("llama", "10.0.0.5:8000")
-	f.srv.Notify()
+	f.src.publish()
 	a := f.envoy(t, "envoy-a")
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
 	eventually(t, "known", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
@@ -456,7 +482,7 @@ func TestWaitFollowsAMovingModel(t *testing.T) {
 	addr = "10.0.0.6:8000" // it moved before the first address was ever published
 	mu.Unlock()
 	f.src.set("llama", "10.0.0.6:8000")
-	f.srv.Notify()
+	f.src.publish()
 	if err := <-done; err != nil {
 		t.Fatalf("waiting at the new address: %v", err)
 	}
@@ -478,7 +504,7 @@ func TestStrangerWaitsForEveryEnvoy(t *testing.T) {
 	wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
 	c.Hold(resource.EndpointType)
 	f.src.set("llama", "10.0.0.5:8000")
-	f.srv.Notify()
+	f.src.publish()
 	eventually(t, "published", func() bool { return f.srv.Version() != c.Acked(resource.EndpointType) })
 	if f.srv.Acked("misnamed", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("a request of a misnamed Envoy is let through while envoy-1 has not taken up the endpoint")
@@ -512,7 +538,7 @@ func TestRejectingEnvoyHoldsNoOneElse(t *testing.T) {
 	}
 	bad.Reject(resource.EndpointType, "bad")
 	f.src.set("llama", "10.0.0.5:8000")
-	f.srv.Notify()
+	f.src.publish()
 	wait(t, good, "envoy-1 routes llama", routes("model/llama", "10.0.0.5:8000"))
 	eventually(t, "the rejection is in", func() bool { _, n := f.srv.Status(); return len(n) == 1 })
 	eventually(t, "the fast path holds for the Envoys that know", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
@@ -616,7 +642,7 @@ func TestForgedACK(t *testing.T) {
 	eventually(t, "the impostor is connected", func() bool { n, _ := f.srv.Status(); return len(n) == 1 && n[0].Streams == 2 })
 	real.Hold(resource.EndpointType)
 	f.src.set("llama", "10.0.0.9:8000")
-	f.srv.Notify()
+	f.src.publish()
 	eventually(t, "published", func() bool { return f.srv.Version() != real.Acked(resource.EndpointType) })
 	short, c2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer c2()
@@ -669,7 +695,7 @@ func TestRequestAfterRejectionIsNoACK(t *testing.T) {
 	})
 
 	f.src.set("llama", "10.0.0.9:8000")
-	f.srv.Notify()
+	f.src.publish()
 	cds2 := next(resource.ClusterType) // vgw sends the clusters first
 	rejected := next(resource.EndpointType)
 	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names, VersionInfo: eds.GetVersionInfo(),

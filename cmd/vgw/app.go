@@ -38,7 +38,6 @@ type app struct {
 	log    *slog.Logger
 	level  *slog.LevelVar
 	mgr    *manager.Manager
-	routes *routes
 	xds    *xds.Server
 	ep     *extproc.Server
 	health *health.Server
@@ -87,22 +86,15 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 	if o.redactor == nil {
 		o.redactor = new(secrets.Redactor)
 	}
-	a := &app{cfg: cfg, log: log, level: o.level, serveErr: make(chan error, 4), done: make(chan struct{}), events: admin.NewHub(),
-		redactor: o.redactor, adminToken: o.adminToken}
+	a := &app{cfg: cfg, log: log, level: o.level, serveErr: make(chan error, 4), done: make(chan struct{}),
+		events: admin.NewHub(), metrics: admin.NewMetrics(), redactor: o.redactor, adminToken: o.adminToken}
 	a.setSecrets(cfg)
-	// The xDS server, the event watchers and the metrics hear of every
-	// lifecycle event of the manager; the manager exists before the xDS
-	// server and the metrics, so the hook looks them up.
-	var xs atomic.Pointer[xds.Server]
-	var ms atomic.Pointer[admin.Metrics]
+	a.metrics.Models(cfg.ModelNames())
+	// The event watchers and the metrics hear of every lifecycle event of
+	// the manager. The xDS server follows the manager's Views.
 	mgr, closeGPUs, err := newManager(cfg, log, func(e manager.Event) {
-		if x := xs.Load(); x != nil {
-			x.Notify()
-		}
 		a.events.Publish(admin.Event{Time: e.Time, Kind: e.Kind, Model: e.Model, Detail: e.Detail})
-		if m := ms.Load(); m != nil {
-			m.Event(e.Model, e.Kind, e.Took)
-		}
+		a.metrics.Event(e.Model, e.Kind, e.Took)
 		if o.onEvent != nil {
 			o.onEvent(e)
 		}
@@ -111,8 +103,7 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		return nil, err
 	}
 	a.mgr, a.closeGPUs = mgr, closeGPUs
-	a.routes = newRoutes(mgr, cfg)
-	a.xds = xds.New(a.routes, xds.Settings{
+	a.xds = xds.New(mgr, xds.Settings{
 		ConnectTimeout:      xds.DefaultSettings.ConnectTimeout,
 		HealthCheckInterval: cfg.Envoy.HealthCheckInterval.Std(),
 		NoEnvoyGrace:        cfg.Envoy.XDSGrace.Std(),
@@ -121,28 +112,20 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		a.events.Publish(admin.Event{Time: n.Time, Kind: "xds_nack",
 			Detail: "Envoy " + n.Node + " rejected " + n.TypeURL + " version " + n.Version + ": " + n.Error})
 	}))
-	xs.Store(a.xds)
-	a.routes.xds = a.xds
-	var waits func(string, time.Duration)
-	a.ep = extproc.New(extprocModels(cfg), a.routes,
+	a.ep = extproc.New(extprocModels(cfg), leases{mgr, a.xds},
 		extproc.WithLogger(log),
 		extproc.WithMaxBody(int(cfg.MaxBodyBytes)),
 		extproc.WithLoadTimeout(cfg.LoadTimeout.Std()),
 		extproc.WithMessageTimeouts(cfg.Envoy.MessageTimeout.Std(), cfg.Envoy.MaxMessageTimeout.Std()),
-		extproc.WithWaitObserver(func(model string, d time.Duration) { waits(model, d) }),
+		extproc.WithWaitObserver(a.metrics.QueueWait),
 		extproc.WithRedactor(a.redactor.Redact),
 		extproc.WithStreamIdleTimeout(streamIdleBound(cfg.Envoy.StreamIdleTimeout.Std())),
 	)
 	svc := admin.NewService(admin.Deps{
 		Manager: mgr, Admission: a.ep, Envoys: a.xds, Level: o.level,
-		Config: func() *config.Config { return a.currentConfig() }, Cluster: ClusterName,
-		Events: a.events, Log: log, Version: version, Started: time.Now(),
+		Config: a.currentConfig, Events: a.events, Metrics: a.metrics, Log: log, Version: version, Started: time.Now(),
 		Redact: a.redactor.Redact, Stopping: a.stopping.Load,
 	})
-	a.metrics = admin.NewMetrics(svc)
-	a.metrics.Models(cfg.ModelNames())
-	ms.Store(a.metrics)
-	waits = a.metrics.QueueWait
 
 	lis, err := listenAll(map[string]string{"xDS": cfg.Listen.XDS, "ext_proc": cfg.Listen.ExtProc, "admin": cfg.Listen.Admin, "HTTP": cfg.Listen.HTTP})
 	if err != nil {
@@ -277,11 +260,9 @@ func (a *app) configReloaded(err error) {
 // reconfigure applies a reloaded config to every part.
 func (a *app) reconfigure(cfg *config.Config) {
 	a.setSecrets(cfg)
-	a.routes.set(cfg)
-	a.mgr.Update(cfg)
+	a.mgr.Update(cfg) // a new View, which the xDS server follows
 	a.ep.SetModels(extprocModels(cfg))
 	a.metrics.Models(cfg.ModelNames())
-	a.xds.Notify()
 	a.cfgMu.Lock()
 	a.cfg = cfg
 	a.cfgMu.Unlock()
@@ -337,7 +318,7 @@ func extprocModels(cfg *config.Config) []extproc.Model {
 	var ms []extproc.Model
 	for _, name := range cfg.ModelNames() {
 		l := cfg.LimitsOf(name)
-		ms = append(ms, extproc.Model{Name: name, Cluster: ClusterName(name), Limits: extproc.Limits(l)})
+		ms = append(ms, extproc.Model{Name: name, Cluster: xds.ClusterName(name), Limits: extproc.Limits(l)})
 	}
 	return ms
 }

@@ -116,7 +116,7 @@ func pct(xs []float64, p int) float64 {
 }
 
 func unloadAll(b *testing.B, m *manager.Manager) {
-	for _, st := range m.Status() {
+	for _, st := range m.View().Models {
 		if st.State != manager.Stopped {
 			m.Unload(st.Name)
 		}
@@ -124,7 +124,7 @@ func unloadAll(b *testing.B, m *manager.Manager) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		stopped := true
-		for _, st := range m.Status() {
+		for _, st := range m.View().Models {
 			stopped = stopped && st.State == manager.Stopped
 		}
 		if stopped {

@@ -38,7 +38,7 @@ models:
 	if err != nil || first.Status != 200 || !bytes.Contains(first.Body, []byte("[DONE]")) {
 		t.Fatalf("first: %v %+v", err, first)
 	}
-	crashed := s.mgr.Status()[0].Instance
+	crashed := s.mgr.View().Models[0].Instance
 	res, err := s.Ask(ctx, "a", true)
 	if err != nil {
 		t.Fatal(err)
@@ -47,12 +47,12 @@ models:
 		t.Fatalf("the crashing stream: reset %v, %d %q", res.UpstreamReset, res.Status, res.Body)
 	}
 	s.settled(t, time.Minute)
-	eventually(t, "the crash is noticed", func() bool { return s.mgr.Status()[0].State != manager.Ready })
+	eventually(t, "the crash is noticed", func() bool { return s.mgr.View().Models[0].State != manager.Ready })
 	again, err := s.Ask(ctx, "a", true)
 	if err != nil || again.Status != 200 || !bytes.Contains(again.Body, []byte("[DONE]")) {
 		t.Fatalf("after the crash: %v %+v", err, again)
 	}
-	if st := s.mgr.Status()[0]; st.Instance == crashed || s.loads("a") != 2 {
+	if st := s.mgr.View().Models[0]; st.Instance == crashed || s.loads("a") != 2 {
 		t.Errorf("instance %s (crashed: %s), %d loads; want a new one, loaded twice", st.Instance, crashed, s.loads("a"))
 	}
 	s.settled(t, time.Minute)
@@ -156,7 +156,7 @@ models:
 	done := make(chan *extproctest.Result, 1)
 	go func() { done <- s.ask(t, "a") }()
 	eventually(t, "a's server is ready and published", func() bool {
-		_, ok := s.mgr.Endpoint("a")
+		ok := serving(s.mgr, "a")
 		return ok && s.app.xds.Version() != s.ADS.Acked(resource.EndpointType)
 	})
 	select {
@@ -197,7 +197,7 @@ models:
 		done <- res
 	}()
 	eventually(t, "a's server is ready and published", func() bool {
-		_, ok := s.mgr.Endpoint("a")
+		ok := serving(s.mgr, "a")
 		return ok && s.app.xds.Version() != s.ADS.Acked(resource.EndpointType)
 	})
 	cancel()
@@ -259,12 +259,13 @@ models:
 	s.settled(t, time.Minute)
 }
 
-// statusOf is one model's status from the manager.
-func statusOf(m *manager.Manager, name string) manager.ModelStatus {
-	for _, st := range m.Status() {
-		if st.Name == name {
-			return st
-		}
+// statusOf is one model as the manager's View shows it now.
+func statusOf(m *manager.Manager, name string) manager.ModelView {
+	if mv := m.View().Model(name); mv != nil {
+		return *mv
 	}
-	return manager.ModelStatus{}
+	return manager.ModelView{}
 }
+
+// serving reports whether the manager has the model ready.
+func serving(m *manager.Manager, name string) bool { return statusOf(m, name).Endpoint != "" }

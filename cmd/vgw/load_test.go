@@ -63,9 +63,9 @@ func (s *stack) unsettled(metrics string) string {
 			return fmt.Sprintf("admission for %s: %d in flight, %d queued", name, st.InFlight, st.Queued)
 		}
 	}
-	for _, m := range s.mgr.Status() {
-		if m.InFlight != 0 || m.Waiting != 0 {
-			return fmt.Sprintf("the manager's %s: %d in flight, %d waiting", m.Name, m.InFlight, m.Waiting)
+	for _, m := range s.mgr.View().Models {
+		if m.InFlight() != 0 || m.Waiting != 0 {
+			return fmt.Sprintf("the manager's %s: %d in flight, %d waiting", m.Name, m.InFlight(), m.Waiting)
 		}
 	}
 	samples, err := admintest.Scrape(metrics)

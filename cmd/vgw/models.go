@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"sync/atomic"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 
@@ -119,102 +118,59 @@ func newManager(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event
 	return manager.New(cfg, m.runtime, m.gpus, manager.Options{Log: log, Footprints: fps, OnEvent: onEvent}), m.close, nil
 }
 
-// routes adapts the manager and the xDS server to what extproc and xds
-// need: a lease on a model once its Envoy knows where it runs, the wait
-// for a cold model (its load, then its Envoy's acknowledgement), and the
-// models with their endpoints for xDS.
-type routes struct {
+// leases is what the request path asks for: the manager's lease on a
+// model, once the request's Envoy knows where the model runs (xDS).
+type leases struct {
 	mgr *manager.Manager
-	xds *xds.Server // nil until set
-	cfg atomic.Pointer[routeTable]
+	xds *xds.Server
 }
 
-// routeTable is built once per config, so the request path builds no names.
-type routeTable struct {
-	names  []string
-	models []xds.Model // names[i]'s, without endpoints
-	known  map[string]bool
-}
+var _ extproc.Leases = leases{}
 
-func newRoutes(mgr *manager.Manager, cfg *config.Config) *routes {
-	r := &routes{mgr: mgr}
-	r.set(cfg)
-	return r
-}
+// lease is a manager's lease as extproc holds it. It is one pointer, so
+// handing it over as an extproc.Lease allocates nothing.
+type lease struct{ manager.Lease }
 
-func (r *routes) set(cfg *config.Config) {
-	t := &routeTable{known: make(map[string]bool, len(cfg.Models))}
-	for _, name := range cfg.ModelNames() {
-		t.known[name] = true
-		t.names = append(t.names, name)
-		t.models = append(t.models, xds.Model{Cluster: ClusterName(name), MaxConcurrent: cfg.LimitsOf(name).MaxConcurrent})
-	}
-	r.cfg.Store(t)
-}
+func (l lease) Release(extproc.Result) { l.Lease.Release() }
 
-// ClusterName is the Envoy cluster that serves a model.
-func ClusterName(model string) string { return "model/" + model }
-
-// lease is a request's count with the manager.
-type lease struct {
-	mgr   *manager.Manager
-	model string
-}
-
-func (l lease) Release(extproc.Result) { l.mgr.Release(l.model) }
-
-// TryLease counts the request in with the manager when the model is ready
-// and the request's Envoy knows where it runs.
-func (r *routes) TryLease(node, model string) (extproc.Lease, bool) {
-	if !r.mgr.Acquire(model) {
+// TryLease leases a ready model when the request's Envoy knows where it
+// runs: an atomic count and a few atomic loads.
+func (ls leases) TryLease(node, model string) (extproc.Lease, bool) {
+	l, ok := ls.mgr.TryLease(model)
+	if !ok {
 		return nil, false
 	}
-	addr, _ := r.mgr.Endpoint(model)
-	if r.xds != nil && !r.xds.Acked(node, ClusterName(model), addr) {
-		r.mgr.Release(model)
+	if !ls.xds.Acked(node, xds.ClusterName(model), l.Addr()) {
+		l.Release()
 		return nil, false
 	}
-	return lease{r.mgr, model}, true
+	return lease{l}, true
 }
 
-// Lease loads the model if need be, counts the request in, and waits
-// until the request's Envoy knows where the model runs.
-func (r *routes) Lease(ctx context.Context, node, model string) (extproc.Lease, error) {
-	err := r.mgr.Ensure(ctx, model)
-	if errors.Is(err, manager.ErrUnknownModel) {
+// Lease loads the model if need be, then waits until the request's Envoy
+// knows where it runs.
+func (ls leases) Lease(ctx context.Context, node, model string) (extproc.Lease, error) {
+	l, err := ls.mgr.Lease(ctx, model)
+	switch {
+	case errors.Is(err, manager.ErrUnknownModel):
 		return nil, fmt.Errorf("%w: %w", extproc.ErrModelNotFound, err)
-	}
-	if err != nil {
+	case err != nil:
 		return nil, err
 	}
-	if !r.cfg.Load().known[model] {
-		r.mgr.Release(model)
-		return nil, fmt.Errorf("%w: %s", extproc.ErrModelNotFound, model)
-	}
-	if r.xds != nil {
-		addr := func() string { a, _ := r.mgr.Endpoint(model); return a }
-		if err := r.xds.WaitAcked(ctx, node, ClusterName(model), addr); err != nil {
-			r.mgr.Release(model)
-			var na *xds.NotAckedError
-			if errors.As(err, &na) {
-				return nil, fmt.Errorf("%w: %w", extproc.ErrNotRoutable, err)
-			}
-			return nil, err
+	// Where the lease found the model, while it still serves there.
+	addr := func() string {
+		if mv := ls.mgr.View().Model(model); mv != nil && mv.Endpoint == l.Addr() {
+			return mv.Endpoint
 		}
+		return ""
 	}
-	return lease{r.mgr, model}, nil
-}
-
-// Models lists every configured model with the endpoint of its server
-// while it is ready, for xDS.
-func (r *routes) Models() []xds.Model {
-	t := r.cfg.Load()
-	out := make([]xds.Model, len(t.models))
-	for i, m := range t.models {
-		out[i] = m
-		if addr, ok := r.mgr.Endpoint(t.names[i]); ok {
-			out[i].Endpoints = []string{addr}
+	if err := ls.xds.WaitAcked(ctx, node, xds.ClusterName(model), addr); err != nil {
+		l.Release()
+		var na *xds.NotAckedError
+		if errors.As(err, &na) {
+			return nil, fmt.Errorf("%w: %w", extproc.ErrNotRoutable, err)
 		}
+		return nil, err
 	}
-	return out
+	return lease{l}, nil
 }

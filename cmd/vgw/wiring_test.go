@@ -20,6 +20,7 @@ import (
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/runtime/docker"
 	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
+	"github.com/vgw-project/vgw/xds"
 )
 
 // stack is a whole vgw (startApp, as vgw serve runs it) on loopback
@@ -67,7 +68,7 @@ func newFakeEnvoy(t testing.TB, extprocAddr, xdsAddr string, opts ...envoytest.O
 // that a request for it is served: the baseline before a fault.
 func (s *stack) servesOnceReady(t *testing.T, model string) {
 	t.Helper()
-	s.eventuallyWithin(t, time.Minute, model+" is ready", func() bool { _, ok := s.mgr.Endpoint(model); return ok }, nil)
+	s.eventuallyWithin(t, time.Minute, model+" is ready", func() bool { return serving(s.mgr, model) }, nil)
 	if r := s.ask(t, model); r.Status != 200 {
 		t.Fatalf("%s before the fault: %d %s", model, r.Status, r.Body)
 	}
@@ -123,7 +124,7 @@ func TestColdModelThroughTheStack(t *testing.T) {
 	if r := s.ask(t, "qwen"); r.Status != 200 {
 		t.Fatalf("qwen: %d %q", r.Status, r.Body)
 	}
-	if _, ok := s.mgr.Endpoint("llama"); ok {
+	if serving(s.mgr, "llama") {
 		t.Fatal("llama is still loaded beside qwen")
 	}
 }
@@ -135,7 +136,7 @@ func TestColdModelThroughTheStack(t *testing.T) {
 // every host takes traffic (load_balancer_impl.cc). None gets a 503.
 func TestColdModelBehindHealthChecks(t *testing.T) {
 	s := startStack(t, stackConfig+"envoy: {health_check_interval: 10s}\n")
-	if hc := s.ADS.Cluster(ClusterName("llama")).GetHealthChecks(); len(hc) == 0 {
+	if hc := s.ADS.Cluster(xds.ClusterName("llama")).GetHealthChecks(); len(hc) == 0 {
 		t.Fatal("the model's cluster has no health checks")
 	}
 	for i, r := range s.askAll(t, "llama", 20) {
@@ -180,7 +181,7 @@ func TestReleasedOnlyAfterACK(t *testing.T) {
 	done := make(chan *extproctest.Result, 1)
 	go func() { done <- s.ask(t, "llama") }()
 	eventually(t, "llama's server is ready and published", func() bool {
-		_, ok := s.mgr.Endpoint("llama")
+		ok := serving(s.mgr, "llama")
 		return ok && s.app.xds.Version() != s.ADS.Acked(resource.EndpointType)
 	})
 	select {

@@ -99,27 +99,26 @@ func (dm *dockerManager) container(t *testing.T, model string) (container.Inspec
 	return res.Container, true
 }
 
+// ensure leases model and gives the lease back at once: the model is
+// ready, or why not.
 func (dm *dockerManager) ensure(t *testing.T, model string) error {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), long)
 	defer cancel()
-	err := dm.Ensure(ctx, model)
+	l, err := dm.Lease(ctx, model)
 	if err == nil {
-		dm.Release(model)
+		l.Release()
 	}
 	return err
 }
 
-func (dm *dockerManager) status(model string) manager.ModelStatus { return statusOf(dm.Manager, model) }
-
-// statusOf is one model's status.
-func statusOf(m *manager.Manager, name string) manager.ModelStatus {
-	for _, s := range m.Status() {
-		if s.Name == name {
-			return s
-		}
+// status is the model called name in the manager's latest View; the zero
+// ModelView when there is none.
+func (dm *dockerManager) status(model string) manager.ModelView {
+	if mv := dm.View().Model(model); mv != nil {
+		return *mv
 	}
-	return manager.ModelStatus{}
+	return manager.ModelView{}
 }
 
 func parseConfig(t testing.TB, yaml string) *config.Config {
@@ -221,8 +220,8 @@ func TestDockerColdStart(t *testing.T) {
 	if err := dm.ensure(t, "a"); err != nil {
 		t.Fatal(err)
 	}
-	addr, ok := dm.Endpoint("a")
-	if !ok {
+	addr := dm.status("a").Endpoint
+	if addr == "" {
 		t.Fatal("a has no endpoint once ready")
 	}
 	if code := get(t, addr, "a"); code != http.StatusOK {
@@ -271,7 +270,7 @@ func TestDockerEviction(t *testing.T) {
 	if c, ok := dm.container(t, "b"); !ok || !c.State.Running {
 		t.Error("b's container is not running")
 	}
-	addr, _ := dm.Endpoint("b")
+	addr := dm.status("b").Endpoint
 	if code := get(t, addr, "b"); code != http.StatusOK {
 		t.Errorf("b answered %d", code)
 	}
@@ -316,7 +315,7 @@ func TestDockerCrashLog(t *testing.T) {
 	if err := dm.ensure(t, "crashy"); err != nil {
 		t.Fatal(err)
 	}
-	addr, _ := dm.Endpoint("crashy")
+	addr := dm.status("crashy").Endpoint
 	get(t, addr, "crashy") // its first request kills it
 	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("crashy", manager.EventCrashed); return ok })
 	e, _ := dm.events.find("crashy", manager.EventCrashed)
@@ -363,7 +362,7 @@ func TestDockerAdopt(t *testing.T) {
 	if err := first.ensure(t, "crashy"); err != nil {
 		t.Fatal(err)
 	}
-	addr, _ := first.Endpoint("a")
+	addr := first.status("a").Endpoint
 	a, _ := first.container(t, "a")
 	first.stop() // vgw exits; its containers run on
 	// A stopped container of this vgw's, left behind.
@@ -398,13 +397,15 @@ func TestDockerAdopt(t *testing.T) {
 		return strings.Replace(y, `crashy: {repo: org/crashy,`, `crashy: {repo: org/crashy, max_model_len: 4096,`, 1)
 	})
 	eventually(t, "a is adopted", func() bool { return second.status("a").State == manager.Ready })
-	if got, _ := second.Endpoint("a"); got != addr {
+	if got := second.status("a").Endpoint; got != addr {
 		t.Errorf("a's endpoint %s after the restart, was %s", got, addr)
 	}
 	if again, _ := second.container(t, "a"); again.ID != a.ID {
 		t.Errorf("a runs in a new container %s, was %s", again.ID, a.ID)
 	}
-	if ev, ok := second.events.find("a", manager.EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
+	// The View shows a ready model before its ready event is told.
+	eventually(t, "a's ready event is told", func() bool { _, ok := second.events.find("a", manager.EventReady); return ok })
+	if ev, _ := second.events.find("a", manager.EventReady); !strings.Contains(ev.Detail, "adopted") {
 		t.Errorf("a's ready event %+v", ev)
 	}
 	if err := second.ensure(t, "a"); err != nil {
@@ -441,9 +442,8 @@ func TestDockerNameTaken(t *testing.T) {
 	if c, ok := dm.container(t, "a"); !ok || c.ID != other.ID {
 		t.Fatal("the other container was touched")
 	}
-	if _, ok := dm.events.find("a", manager.EventLoadFailed); !ok {
-		t.Error("no load_failed event")
-	}
+	// The event is told just after the load's waiter is answered.
+	eventually(t, "a load_failed event is told", func() bool { _, ok := dm.events.find("a", manager.EventLoadFailed); return ok })
 	cli.ContainerRemove(context.Background(), other.ID, client.ContainerRemoveOptions{Force: true})
 	if err := dm.Load(context.Background(), "a", true); err != nil {
 		t.Fatalf("a, once the name is free: %v", err)
@@ -493,15 +493,18 @@ func TestDockerAdoptLoading(t *testing.T) {
 	first.stop()
 
 	second := startDockerManager(t, instance, edit)
+	// The View shows what the new manager adopted once its loop runs.
+	eventually(t, "a is adopted", func() bool { return second.status("a").State != manager.Stopped })
 	if st := second.status("a"); st.State != manager.Loading {
 		t.Fatalf("a is %v right after the restart, want loading until its /health answers", st.State)
 	}
-	if _, ok := second.Endpoint("a"); ok {
-		t.Error("a is routed before its /health answers")
+	if addr := second.status("a").Endpoint; addr != "" {
+		t.Errorf("a is routed to %s before its /health answers", addr)
 	}
 	second.readyNow(t, "a")
 	eventually(t, "a is ready", func() bool { return second.status("a").State == manager.Ready })
-	if ev, ok := second.events.find("a", manager.EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
+	eventually(t, "a's ready event is told", func() bool { _, ok := second.events.find("a", manager.EventReady); return ok })
+	if ev, _ := second.events.find("a", manager.EventReady); !strings.Contains(ev.Detail, "adopted") {
 		t.Errorf("a's ready event %+v", ev)
 	}
 }

@@ -67,7 +67,7 @@ func TestDockerOutage(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	addr, _ := dm.Endpoint("a")
+	addr := dm.status("a").Endpoint
 	a, _ := dm.container(t, "a")
 	d, _ := dm.container(t, "d")
 
@@ -155,8 +155,8 @@ func TestDockerOutage(t *testing.T) {
 	if st := dm.status("a"); st.State != manager.Stopped {
 		t.Errorf("a is %v after its crash", st.State)
 	}
-	if _, ok := dm.Endpoint("a"); ok {
-		t.Error("a crashed model still has an endpoint")
+	if addr := dm.status("a").Endpoint; addr != "" {
+		t.Errorf("a crashed model still has an endpoint %s", addr)
 	}
 	eventually(t, "c's container is removed", func() bool { _, ok := dm.container(t, "c"); return !ok })
 	caughtUp := time.Now()
@@ -177,7 +177,7 @@ func TestDockerOutage(t *testing.T) {
 		t.Fatalf("b, with the engine back: %v", err)
 	}
 	b, _ := dm.container(t, "b")
-	if addr, _ := dm.Endpoint("b"); get(t, addr, "b") != http.StatusOK || !b.State.Running {
+	if addr := dm.status("b").Endpoint; get(t, addr, "b") != http.StatusOK || !b.State.Running {
 		t.Errorf("b at %s does not serve", addr)
 	}
 	// d twice, both asked for: before its unload and after.
@@ -234,6 +234,8 @@ func TestDockerKilled(t *testing.T) {
 	}
 
 	second := startDockerManagerAt(t, yaml, docker.Options{Instance: instance})
+	// The View shows what the new manager adopted once its loop runs.
+	eventually(t, "warming is adopted", func() bool { return second.status("warming").State != manager.Stopped })
 	if st := second.status("warming"); st.State != manager.Loading || st.Instance != warming.ID {
 		t.Fatalf("warming is %v in %q right after the restart, want adopted loading in %s", st.State, st.Instance, warming.ID)
 	}
@@ -248,11 +250,13 @@ func TestDockerKilled(t *testing.T) {
 		if st := second.status(m.name); st.Instance != m.was.ID {
 			t.Errorf("%s runs in %s after the restart, was %s", m.name, st.Instance, m.was.ID)
 		}
-		if ev, ok := second.events.find(m.name, manager.EventReady); !ok || !strings.Contains(ev.Detail, "adopted") {
+		// The View shows a ready model before its ready event is told.
+		eventually(t, m.name+"'s ready event is told", func() bool { _, ok := second.events.find(m.name, manager.EventReady); return ok })
+		if ev, _ := second.events.find(m.name, manager.EventReady); !strings.Contains(ev.Detail, "adopted") {
 			t.Errorf("%s's ready event %+v, want it adopted", m.name, ev)
 		}
 	}
-	if addr, _ := second.Endpoint("warming"); get(t, addr, "warming") != http.StatusOK {
+	if addr := second.status("warming").Endpoint; get(t, addr, "warming") != http.StatusOK {
 		t.Errorf("warming at %s does not serve", addr)
 	}
 

@@ -1,16 +1,19 @@
-package manager
+package sim_test
 
 import (
 	"context"
 	"log/slog"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vgw-project/vgw/manager"
 )
 
 // TestFootprintSaveFails: a footprint learned when the footprints file
@@ -57,11 +60,11 @@ func TestFootprintSaveFails(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			path, old, spoil := tt.unwritable(t, t.TempDir())
-			fps, err := OpenFootprints(path)
+			fps, err := manager.OpenFootprints(path)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := fps.Put("other", Footprint{Signature: "s", PerGPU: 7 << 30, Measured: time.Unix(1000, 0).UTC(), How: "processes"}); err != nil {
+			if err := fps.Put("other", manager.Footprint{Signature: "s", PerGPU: 7 << 30, Measured: time.Unix(1000, 0).UTC(), How: "processes"}); err != nil {
 				t.Fatal(err)
 			}
 			before, err := os.ReadFile(old)
@@ -72,12 +75,10 @@ func TestFootprintSaveFails(t *testing.T) {
 
 			logs := &logRecorder{}
 			yaml := baseConfig + "models:\n  a: {vram: 20GiB}\n"
-			m := startManagerWith(t, yaml, nil, nil, Options{Footprints: fps, Log: slog.New(logs)})
-			tm := &testManager{Manager: m}
-			if err := ensure(t, tm, "a"); err != nil {
+			tm := startManagerWith(t, yaml, nil, nil, manager.Options{Footprints: fps, Log: slog.New(logs)})
+			if err := tm.ensure("a"); err != nil {
 				t.Fatal(err)
 			}
-			m.Release("a")
 			eventually(t, "the failed save is logged", func() bool {
 				return slices.ContainsFunc(logs.all(), func(r slog.Record) bool {
 					return r.Message == "could not save footprints" && r.Level == slog.LevelError
@@ -88,14 +89,14 @@ func TestFootprintSaveFails(t *testing.T) {
 				t.Errorf("the error logged, %q, does not name the file %s", msg, path)
 			}
 
-			if st := tm.status("a"); st.State != Ready {
+			if st := tm.status("a"); st.State != manager.Ready {
 				t.Errorf("a is %v after its footprint could not be saved", st.State)
 			}
-			if addr, _ := m.Endpoint("a"); get(t, addr, "a") != http.StatusOK {
+			if addr := tm.status("a").Endpoint; get(t, addr, "a") != http.StatusOK {
 				t.Errorf("a at %s does not serve", addr)
 			}
 			cfg := parseConfig(t, yaml)
-			if fp, ok := fps.Get("a", Signature(cfg, cfg.Models["a"])); !ok || fp.PerGPU != 20<<30 {
+			if fp, ok := fps.Get("a", manager.Signature(cfg, cfg.Models["a"])); !ok || fp.PerGPU != 20<<30 {
 				t.Errorf("a's footprint in memory: %+v %v; want the 20GiB measured", fp, ok)
 			}
 			after, err := os.ReadFile(old)
@@ -107,6 +108,22 @@ func TestFootprintSaveFails(t *testing.T) {
 			}
 		})
 	}
+}
+
+// readOnly makes dir refuse new files, even to root (chattr +i), until the
+// test ends. (A copy of package manager's, whose tests this package
+// cannot reach.)
+func readOnly(t *testing.T, dir string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		os.Chmod(dir, 0o500)
+		t.Cleanup(func() { os.Chmod(dir, 0o700) })
+		return
+	}
+	if out, err := exec.Command("chattr", "+i", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot make %s read-only as root (chattr: %v %s)", dir, err, out)
+	}
+	t.Cleanup(func() { exec.Command("chattr", "-i", dir).Run() })
 }
 
 // logRecorder is a slog handler that keeps every record, for tests that

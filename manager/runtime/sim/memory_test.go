@@ -1,4 +1,4 @@
-package manager
+package sim_test
 
 import (
 	"context"
@@ -10,7 +10,7 @@ import (
 )
 
 // BenchmarkWaitingMemory measures what the manager holds for 200
-// configured models and 10,000 requests waiting in Ensure for models that
+// configured models and 10,000 requests waiting in Lease for models that
 // are loading: heap and goroutine stacks, per waiting request.
 func BenchmarkWaitingMemory(b *testing.B) {
 	var cfg strings.Builder
@@ -26,11 +26,11 @@ func BenchmarkWaitingMemory(b *testing.B) {
 		ctx, cancel := context.WithCancel(context.Background())
 		const waiting = 10000
 		for i := range waiting {
-			go tm.Ensure(ctx, fmt.Sprintf("m%03d", i%10))
+			go tm.Lease(ctx, fmt.Sprintf("m%03d", i%10))
 		}
 		for deadline := time.Now().Add(30 * time.Second); ; {
 			n := 0
-			for _, s := range tm.Status() {
+			for _, s := range tm.View().Models {
 				n += s.Waiting
 			}
 			if n == waiting {

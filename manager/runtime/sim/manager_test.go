@@ -1,4 +1,4 @@
-package manager
+package sim_test
 
 import (
 	"context"
@@ -16,10 +16,15 @@ import (
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/internal/fakevllm"
+	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/manager/runtime"
 	"github.com/vgw-project/vgw/manager/runtime/sim"
 )
+
+// These tests run a whole manager on the sim runtime: every model's
+// server is a real fake vLLM process, its memory charged to declared GPUs.
+// The manager's decisions alone are table-tested in package manager.
 
 // The test binary doubles as the fake vLLM the sim runtime starts: run
 // with VGW_TEST_FAKEVLLM=1 it is fakevllm, not the tests.
@@ -74,12 +79,35 @@ func (c *countingRuntime) count(model string) int {
 	return c.starts[model]
 }
 
+// pid is the process of a sim instance it started.
+func (c *countingRuntime) pid(t *testing.T, instance string) int {
+	t.Helper()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	pid, ok := c.pids[instance]
+	if !ok {
+		t.Fatalf("no process for instance %s", instance)
+	}
+	return pid
+}
+
+// testManager is a manager on the sim runtime, with what the tests look
+// at around it.
 type testManager struct {
-	*Manager
-	rt     *countingRuntime
-	gpus   *gpu.Declared
+	*manager.Manager
+	cfg  *config.Config // as it started
+	fps  *manager.Footprints
+	gpus *gpu.Declared
+	rt   *countingRuntime // set by startManager and startManagerOpts
+
 	mu     sync.Mutex
-	events []Event
+	events []manager.Event
+}
+
+func (tm *testManager) addEvent(e manager.Event) {
+	tm.mu.Lock()
+	tm.events = append(tm.events, e)
+	tm.mu.Unlock()
 }
 
 func (tm *testManager) eventKinds(model string) []string {
@@ -95,7 +123,7 @@ func (tm *testManager) eventKinds(model string) []string {
 }
 
 // event returns the first event of kind for model.
-func (tm *testManager) event(t *testing.T, model, kind string) Event {
+func (tm *testManager) event(t *testing.T, model, kind string) manager.Event {
 	t.Helper()
 	tm.mu.Lock()
 	defer tm.mu.Unlock()
@@ -105,19 +133,26 @@ func (tm *testManager) event(t *testing.T, model, kind string) Event {
 		}
 	}
 	t.Fatalf("no %s event for %s", kind, model)
-	return Event{}
+	return manager.Event{}
 }
 
-// pid is the process of a sim instance it started.
-func (c *countingRuntime) pid(t *testing.T, instance string) int {
-	t.Helper()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	pid, ok := c.pids[instance]
-	if !ok {
-		t.Fatalf("no process for instance %s", instance)
+// eventIndex is where the first event of kind for model is among all
+// events told; -1 when there is none.
+func (tm *testManager) eventIndex(model, kind string) int {
+	tm.mu.Lock()
+	defer tm.mu.Unlock()
+	return slices.IndexFunc(tm.events, func(e manager.Event) bool { return e.Model == model && e.Kind == kind })
+}
+
+// allEvents lists every event told, as model/kind.
+func (tm *testManager) allEvents() []string {
+	tm.mu.Lock()
+	defer tm.mu.Unlock()
+	var out []string
+	for _, e := range tm.events {
+		out = append(out, e.Model+"/"+e.Kind)
 	}
-	return pid
+	return out
 }
 
 func (tm *testManager) eventAt(model, kind string) (time.Time, bool) {
@@ -129,6 +164,46 @@ func (tm *testManager) eventAt(model, kind string) (time.Time, bool) {
 		}
 	}
 	return time.Time{}, false
+}
+
+// status is the model called name in the manager's latest View; the zero
+// ModelView when there is none.
+func (tm *testManager) status(name string) manager.ModelView {
+	if mv := tm.View().Model(name); mv != nil {
+		return *mv
+	}
+	return manager.ModelView{}
+}
+
+// lease leases model, with a deadline that only a hang reaches.
+func (tm *testManager) lease(model string) (manager.Lease, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), long)
+	defer cancel()
+	return tm.Lease(ctx, model)
+}
+
+// leased is a lease, or why there is none.
+type leased struct {
+	manager.Lease
+	err error
+}
+
+// leaseLater leases model on a goroutine of its own: the lease, or why
+// there is none, comes on the channel.
+func (tm *testManager) leaseLater(model string) <-chan leased {
+	c := make(chan leased, 1)
+	go func() { l, err := tm.lease(model); c <- leased{l, err} }()
+	return c
+}
+
+// ensure leases model and gives the lease back at once: the model is
+// ready, or why not.
+func (tm *testManager) ensure(model string) error {
+	l, err := tm.lease(model)
+	if err == nil {
+		l.Release()
+	}
+	return err
 }
 
 const baseConfig = `
@@ -155,25 +230,22 @@ func parseConfig(t testing.TB, yaml string) *config.Config {
 // model when the test ends.
 func startManager(t testing.TB, yaml string) *testManager {
 	t.Helper()
-	return startManagerOpts(t, yaml, Options{})
+	return startManagerOpts(t, yaml, manager.Options{})
 }
 
 // startManagerOpts is startManager with options; OnEvent is its own.
-func startManagerOpts(t testing.TB, yaml string, opts Options) *testManager {
+func startManagerOpts(t testing.TB, yaml string, opts manager.Options) *testManager {
 	t.Helper()
-	tm := &testManager{}
-	opts.OnEvent = func(e Event) { tm.mu.Lock(); tm.events = append(tm.events, e); tm.mu.Unlock() }
-	tm.Manager = startManagerWith(t, yaml,
-		func(d *gpu.Declared) Inventory { tm.gpus = d; return d },
-		func(rt Runtime) Runtime {
-			tm.rt = &countingRuntime{Runtime: rt.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
-			return tm.rt
+	var rt *countingRuntime
+	tm := startManagerWith(t, yaml, nil,
+		func(r manager.Runtime) manager.Runtime {
+			rt = &countingRuntime{Runtime: r.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
+			return rt
 		},
 		opts)
+	tm.rt = rt
 	return tm
 }
-
-func (tm *testManager) status(name string) ModelStatus { return statusOf(tm.Manager, name) }
 
 // long bounds a wait for what must happen: only a hang reaches it, however
 // slow the machine (a busy CI runner with two cores, the race detector).
@@ -198,13 +270,6 @@ func eventuallyWithin(t *testing.T, within time.Duration, what string, cond func
 	}
 }
 
-// ensure is Ensure with a deadline that only a hang reaches.
-func ensure(_ *testing.T, tm *testManager, model string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), long)
-	defer cancel()
-	return tm.Ensure(ctx, model)
-}
-
 // get sends a chat request to a model's server directly, as Envoy would.
 func get(t *testing.T, addr, model string) int {
 	t.Helper()
@@ -218,21 +283,23 @@ func get(t *testing.T, addr, model string) int {
 
 func TestColdStart(t *testing.T) {
 	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB}\n")
-	if tm.Acquire("a") {
+	if l, ok := tm.TryLease("a"); ok {
+		l.Release()
 		t.Fatal("a cold model was ready")
 	}
-	if err := ensure(t, tm, "a"); err != nil {
+	l, err := tm.lease("a")
+	if err != nil {
 		t.Fatal(err)
 	}
-	addr, ok := tm.Endpoint("a")
-	if !ok || get(t, addr, "a") != 200 {
-		t.Fatalf("endpoint %q %v does not serve", addr, ok)
+	addr := tm.status("a").Endpoint
+	if addr == "" || addr != l.Addr() || get(t, addr, "a") != 200 {
+		t.Fatalf("endpoint %q (leased %q) does not serve", addr, l.Addr())
 	}
 	st := tm.status("a")
-	if st.State != Ready || st.InFlight != 1 || st.Footprint != "declared" || len(st.GPUs) != 1 {
-		t.Fatalf("status %+v", st)
+	if st.State != manager.Ready || st.InFlight() != 1 || st.Footprint != "declared" || len(st.GPUs) != 1 {
+		t.Fatalf("status %+v, %d in flight", st, st.InFlight())
 	}
-	tm.Release("a")
+	l.Release()
 	// The sim charges the declared memory to the GPU while the server runs.
 	mem, _ := tm.gpus.Memory()
 	if mem[0].Used != 20<<30 {
@@ -240,10 +307,10 @@ func TestColdStart(t *testing.T) {
 	}
 	// Once ready, what it really uses is measured from its process.
 	eventually(t, "a's footprint is learned", func() bool {
-		fp, ok := tm.fps.Get("a", Signature(tm.cfg, tm.cfg.Models["a"]))
+		fp, ok := tm.fps.Get("a", manager.Signature(tm.cfg, tm.cfg.Models["a"]))
 		return ok && fp.PerGPU == 20<<30 && fp.How == "processes"
 	})
-	if err := ensure(t, tm, "nope"); !errors.Is(err, ErrUnknownModel) {
+	if err := tm.ensure("nope"); !errors.Is(err, manager.ErrUnknownModel) {
 		t.Fatalf("unknown model: %v", err)
 	}
 }
@@ -255,11 +322,9 @@ func TestCoalescedLoad(t *testing.T) {
 	var failed atomic.Int32
 	for range 100 {
 		wg.Go(func() {
-			if err := ensure(t, tm, "a"); err != nil {
+			if err := tm.ensure("a"); err != nil {
 				failed.Add(1)
-				return
 			}
-			tm.Release("a")
 		})
 	}
 	wg.Wait()
@@ -272,7 +337,8 @@ func TestCoalescedLoad(t *testing.T) {
 // it once it is idle, and waits while it is not.
 func TestEviction(t *testing.T) {
 	tm := startManager(t, baseConfig+"models:\n  a: {vram: 50GiB}\n  b: {vram: 50GiB}\n")
-	if err := ensure(t, tm, "a"); err != nil {
+	la, err := tm.lease("a")
+	if err != nil {
 		t.Fatal(err)
 	}
 	// a has a request in flight: b cannot be placed, and says why when
@@ -280,30 +346,36 @@ func TestEviction(t *testing.T) {
 	// only after its placement was judged (on the loop, as it was queued).
 	ctx, runOut := expiring()
 	answer := make(chan error, 1)
-	go func() { answer <- tm.Ensure(ctx, "b") }()
+	go func() {
+		l, err := tm.Lease(ctx, "b")
+		if err == nil {
+			l.Release()
+		}
+		answer <- err
+	}()
 	eventually(t, "b waits", func() bool { return tm.status("b").Waiting == 1 })
 	runOut()
-	err := <-answer
-	var nr *NoRoom
+	err = <-answer
+	var nr *manager.NoRoom
 	if !errors.As(err, &nr) || !strings.Contains(err.Error(), "a 50.0GiB (1 in flight)") {
 		t.Fatalf("b while a is busy: %v; want a NoRoom naming a", err)
 	}
 	// b waits for the memory instead of failing at once: releasing a lets
 	// a waiting b in.
-	done := make(chan error, 1)
-	go func() { done <- ensure(t, tm, "b") }()
+	done := tm.leaseLater("b")
 	eventually(t, "b waits", func() bool { return tm.status("b").Waiting == 1 })
-	tm.Release("a")
-	if err := <-done; err != nil {
-		t.Fatalf("b after a was released: %v", err)
+	la.Release()
+	lb := <-done
+	if lb.err != nil {
+		t.Fatalf("b after a was released: %v", lb.err)
 	}
-	if st := tm.status("a"); st.State != Stopped {
+	if st := tm.status("a"); st.State != manager.Stopped {
 		t.Fatalf("a is %v, want evicted", st.State)
 	}
 	if kinds := strings.Join(tm.eventKinds("a"), ","); !strings.Contains(kinds, "evicted,draining,unloaded") {
 		t.Fatalf("a's events %s", kinds)
 	}
-	tm.Release("b")
+	lb.Release()
 }
 
 // expiring returns a context whose deadline passes when runOut is called,
@@ -331,20 +403,30 @@ func TestStartsSerialisedPerGPU(t *testing.T) {
 	var wg sync.WaitGroup
 	for _, m := range []string{"a", "b"} {
 		wg.Go(func() {
-			if err := ensure(t, tm, m); err != nil {
+			if err := tm.ensure(m); err != nil {
 				t.Error(err)
-				return
 			}
-			tm.Release(m)
 		})
 	}
 	wg.Wait()
-	aStart, _ := tm.eventAt("a", "load_started")
-	aReady, _ := tm.eventAt("a", "ready")
-	bStart, _ := tm.eventAt("b", "load_started")
-	bReady, _ := tm.eventAt("b", "ready")
-	if !(bStart.After(aReady) || aStart.After(bReady)) {
-		t.Fatalf("loads overlapped on one GPU: a %v–%v, b %v–%v", aStart, aReady, bStart, bReady)
+	// A ready event is told once the model's waiters have been answered.
+	eventually(t, "both ready events are told", func() bool {
+		_, a := tm.eventAt("a", manager.EventReady)
+		_, b := tm.eventAt("b", manager.EventReady)
+		return a && b
+	})
+	aStart, _ := tm.eventAt("a", manager.EventLoadStarted)
+	aReady, _ := tm.eventAt("a", manager.EventReady)
+	bStart, _ := tm.eventAt("b", manager.EventLoadStarted)
+	bReady, _ := tm.eventAt("b", manager.EventReady)
+	// Events are told in the order they were decided, and those of one
+	// decision carry its time: a load that starts as the other's ends
+	// starts at the same instant, and after it.
+	after := func(start, ready time.Time, m1, m2 string) bool {
+		return !start.Before(ready) && tm.eventIndex(m2, manager.EventLoadStarted) > tm.eventIndex(m1, manager.EventReady)
+	}
+	if !(after(bStart, aReady, "a", "b") || after(aStart, bReady, "b", "a")) {
+		t.Fatalf("loads overlapped on one GPU: a %v–%v, b %v–%v; events %v", aStart, aReady, bStart, bReady, tm.allEvents())
 	}
 }
 
@@ -352,30 +434,30 @@ func TestStartsSerialisedPerGPU(t *testing.T) {
 // request loads it again.
 func TestCrash(t *testing.T) {
 	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {crash_after: 1}}\n")
-	if err := ensure(t, tm, "a"); err != nil {
+	l, err := tm.lease("a")
+	if err != nil {
 		t.Fatal(err)
 	}
-	addr, _ := tm.Endpoint("a")
 	first := tm.status("a").Instance
-	if code := get(t, addr, "a"); code == 200 {
+	if code := get(t, l.Addr(), "a"); code == 200 {
 		t.Fatalf("the crashing request got %d", code)
 	}
-	tm.Release("a")
-	eventually(t, "the crash is noticed", func() bool { return tm.status("a").State == Stopped })
-	if _, ok := tm.Endpoint("a"); ok {
-		t.Fatal("a crashed model still has an endpoint")
+	l.Release()
+	eventually(t, "the crash is noticed", func() bool { return tm.status("a").State == manager.Stopped })
+	if st := tm.status("a"); st.Endpoint != "" || st.Instance != "" {
+		t.Fatalf("a crashed model still has an endpoint %q or a server %q", st.Endpoint, st.Instance)
 	}
 	mem, _ := tm.gpus.Memory()
 	if mem[0].Used != 0 {
 		t.Fatalf("a dead server still holds %d bytes", mem[0].Used)
 	}
-	if err := ensure(t, tm, "a"); err != nil {
+	if l, err = tm.lease("a"); err != nil {
 		t.Fatal(err)
 	}
 	if second := tm.status("a").Instance; second == first || tm.rt.count("a") != 2 {
 		t.Fatalf("instances %s then %s, %d starts; want a new one", first, second, tm.rt.count("a"))
 	}
-	tm.Release("a")
+	l.Release()
 }
 
 // TestDockerAwayIsNotTheModelsFault: loads that fail because Docker cannot
@@ -384,21 +466,26 @@ func TestCrash(t *testing.T) {
 // model's own doubles the wait as usual.
 func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 	const base = 40 * time.Millisecond
-	tm := &testManager{}
-	tm.Manager = startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB}\n",
-		func(d *gpu.Declared) Inventory { tm.gpus = d; return d },
-		func(rt Runtime) Runtime {
-			tm.rt = &countingRuntime{Runtime: rt.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
-			return tm.rt
-		}, Options{Backoff: base})
+	tm := startManagerOpts(t, baseConfig+"models:\n  a: {vram: 20GiB}\n", manager.Options{Backoff: base})
+	var shown time.Time // the RetryAt the View shows for the last failure
 	retryOf := func(cause error) time.Duration {
 		t.Helper()
 		tm.rt.failStarts(cause)
 		eventually(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
-		var le *LoadError
-		if err := ensure(t, tm, "a"); !errors.As(err, &le) || le.Earlier {
+		var le *manager.LoadError
+		if err := tm.ensure("a"); !errors.As(err, &le) || le.Earlier {
 			t.Fatalf("want a fresh load failure, got %v", err)
 		}
+		// The View that shows the failure's backoff is published just
+		// after its waiter is answered.
+		eventually(t, "the View shows the failure's backoff", func() bool {
+			r := tm.status("a").RetryAt
+			if r.Equal(shown) {
+				return false
+			}
+			shown = r
+			return true
+		})
 		return le.Retry
 	}
 	away := fmt.Errorf("create container: %w", runtime.ErrUnreachable) // as the Docker runtime's errors wrap it
@@ -420,10 +507,9 @@ func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 	}
 	tm.rt.failStarts(nil)
 	eventually(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
-	if err := ensure(t, tm, "a"); err != nil {
+	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
 	}
-	tm.Release("a")
 }
 
 // TestLoadFailures: a server that never becomes healthy, or exits while
@@ -444,16 +530,16 @@ func TestLoadFailures(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			tm := startManagerOpts(t, strings.Replace(baseConfig, "load_timeout: 1m\n", "", 1)+tt.model, Options{Backoff: time.Hour})
-			err := ensure(t, tm, "m")
-			var le *LoadError
+			tm := startManagerOpts(t, strings.Replace(baseConfig, "load_timeout: 1m\n", "", 1)+tt.model, manager.Options{Backoff: time.Hour})
+			err := tm.ensure("m")
+			var le *manager.LoadError
 			if !errors.As(err, &le) {
 				t.Fatalf("m: %v; want a LoadError", err)
 			}
-			if !strings.Contains(err.Error(), tt.want) || le.Earlier || le.RetryAfter() != BackoffMax {
-				t.Fatalf("m: %v (retry in %v); want a fresh LoadError saying %q, tried again in %v", err, le.RetryAfter(), tt.want, BackoffMax)
+			if !strings.Contains(err.Error(), tt.want) || le.Earlier || le.RetryAfter() != manager.BackoffMax {
+				t.Fatalf("m: %v (retry in %v); want a fresh LoadError saying %q, tried again in %v", err, le.RetryAfter(), tt.want, manager.BackoffMax)
 			}
-			err = ensure(t, tm, "m")
+			err = tm.ensure("m")
 			if !errors.As(err, &le) || !le.Earlier || !strings.Contains(err.Error(), tt.want) || tm.rt.count("m") != 1 {
 				t.Fatalf("m again during its backoff: %v after %d starts; want the last error and no new start", err, tm.rt.count("m"))
 			}
@@ -464,23 +550,24 @@ func TestLoadFailures(t *testing.T) {
 
 func TestInactivityUnload(t *testing.T) {
 	tm := startManager(t, strings.Replace(baseConfig, "inactivity_timeout: 0s", "inactivity_timeout: 200ms", 1)+"models:\n  a: {vram: 20GiB}\n")
-	if err := ensure(t, tm, "a"); err != nil {
+	l, err := tm.lease("a")
+	if err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(400 * time.Millisecond) // longer than the inactivity timeout, with a request in flight
-	if st := tm.status("a").State; st != Ready {
+	if st := tm.status("a").State; st != manager.Ready {
 		t.Fatalf("a busy model was unloaded: %v", st)
 	}
-	tm.Release("a")
-	eventually(t, "a idle model is unloaded", func() bool { return tm.status("a").State == Stopped })
+	l.Release()
+	eventually(t, "a idle model is unloaded", func() bool { return tm.status("a").State == manager.Stopped })
 }
 
 func TestAlwaysOn(t *testing.T) {
 	tm := startManager(t, strings.Replace(baseConfig, "inactivity_timeout: 0s", "inactivity_timeout: 50ms", 1)+
 		"models:\n  a: {vram: 20GiB, always_on: true}\n")
-	eventually(t, "an always_on model loads at start", func() bool { return tm.status("a").State == Ready })
+	eventually(t, "an always_on model loads at start", func() bool { return tm.status("a").State == manager.Ready })
 	time.Sleep(200 * time.Millisecond) // longer than the inactivity timeout
-	if st := tm.status("a").State; st != Ready {
+	if st := tm.status("a").State; st != manager.Ready {
 		t.Fatalf("an always_on model was unloaded: %v", st)
 	}
 }
@@ -490,30 +577,34 @@ func TestAlwaysOn(t *testing.T) {
 func TestUpdate(t *testing.T) {
 	models := "models:\n  a: {vram: 20GiB, max_model_len: 4096}\n"
 	tm := startManager(t, baseConfig+models)
-	if err := ensure(t, tm, "a"); err != nil {
+	l, err := tm.lease("a")
+	if err != nil {
 		t.Fatal(err)
 	}
 	first := tm.status("a").Instance
-	tm.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n  b: {vram: 20GiB}\n"))
+	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n  b: {vram: 20GiB}\n")); err != nil {
+		t.Fatal(err)
+	}
 	time.Sleep(100 * time.Millisecond) // ticks pass: a is busy, so it stays
-	if st := tm.status("a"); st.State != Ready || st.Instance != first {
+	if st := tm.status("a"); st.State != manager.Ready || st.Instance != first {
 		t.Fatalf("a busy model was reloaded: %+v", st)
 	}
-	tm.Release("a")
-	eventually(t, "a reloads once idle", func() bool { return tm.status("a").State == Stopped })
-	if err := ensure(t, tm, "a"); err != nil {
+	l.Release()
+	eventually(t, "a reloads once idle", func() bool { return tm.status("a").State == manager.Stopped })
+	if l, err = tm.lease("a"); err != nil {
 		t.Fatal(err)
 	}
 	if tm.status("a").Instance == first {
 		t.Fatal("a kept its old server")
 	}
-	tm.Release("a")
-	if err := ensure(t, tm, "b"); err != nil {
+	l.Release()
+	if err := tm.ensure("b"); err != nil {
 		t.Fatalf("the new model: %v", err)
 	}
-	tm.Release("b")
-	tm.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n"))
-	if err := ensure(t, tm, "a"); !errors.Is(err, ErrUnknownModel) {
+	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n")); err != nil {
+		t.Fatal(err)
+	}
+	if err := tm.ensure("a"); !errors.Is(err, manager.ErrUnknownModel) {
 		t.Fatalf("a removed model: %v", err)
 	}
 	eventually(t, "the removed model's server stops", func() bool {
@@ -533,13 +624,15 @@ func TestRemovedWhileLoading(t *testing.T) {
 	cfg := strings.Replace(baseConfig, "load_timeout: 1m", "load_timeout: 1h", 1)
 	tm := startManager(t, cfg+"models:\n  slow: {vram: 20GiB, sim: {startup_delay: 1h}}\n  b: {vram: 20GiB}\n")
 	answer := make(chan error, 1)
-	go func() { answer <- ensure(t, tm, "slow") }()
+	go func() { answer <- tm.ensure("slow") }()
 	eventually(t, "slow is loading on the GPU", func() bool {
 		m, _ := tm.gpus.Memory()
-		return tm.status("slow").State == Loading && m[0].Used == 20<<30
+		return tm.status("slow").State == manager.Loading && m[0].Used == 20<<30
 	})
-	tm.Update(parseConfig(t, cfg+"models:\n  b: {vram: 20GiB}\n"))
-	if err := <-answer; !errors.Is(err, ErrUnknownModel) {
+	if err := tm.Update(parseConfig(t, cfg+"models:\n  b: {vram: 20GiB}\n")); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-answer; !errors.Is(err, manager.ErrUnknownModel) {
 		t.Fatalf("the waiter of the removed model got %v, want ErrUnknownModel", err)
 	}
 	// The memory is freed as the server is stopped, just before the loop
@@ -547,9 +640,9 @@ func TestRemovedWhileLoading(t *testing.T) {
 	eventually(t, "the removed model's memory is freed, and its load has ended", func() bool {
 		m, _ := tm.gpus.Memory()
 		kinds := tm.eventKinds("slow")
-		return m[0].Used == 0 && (slices.Contains(kinds, EventUnloaded) || slices.Contains(kinds, EventLoadFailed))
+		return m[0].Used == 0 && (slices.Contains(kinds, manager.EventUnloaded) || slices.Contains(kinds, manager.EventLoadFailed))
 	})
-	if kinds := tm.eventKinds("slow"); slices.Contains(kinds, EventLoadFailed) || !slices.Contains(kinds, EventUnloaded) {
+	if kinds := tm.eventKinds("slow"); slices.Contains(kinds, manager.EventLoadFailed) || !slices.Contains(kinds, manager.EventUnloaded) {
 		t.Errorf("events of the removed model: %v, want unloaded and no load_failed", kinds)
 	}
 }
@@ -563,23 +656,24 @@ models:
 `)
 	tm.gpus.Charge(999999, []int{0}, 60<<30) // someone else's job on GPU 0
 	eventually(t, "the reading shows it", func() bool {
-		s := tm.Manager.reading.Load()
-		return s != nil && s.mem[0].Used == 60<<30
+		gs := tm.View().GPUs
+		return len(gs) == 2 && gs[0].Used == 60<<30
 	})
-	if err := ensure(t, tm, "a"); err != nil {
+	l, err := tm.lease("a")
+	if err != nil {
 		t.Fatal(err)
 	}
 	if gs := tm.status("a").GPUs; len(gs) != 1 || gs[0] != 1 {
 		t.Fatalf("a placed on %v, want GPU 1", gs)
 	}
-	tm.Release("a")
+	l.Release()
 }
 
 // TestSignature: settings that change a server's memory change its
 // signature.
 func TestSignature(t *testing.T) {
 	m := &config.Model{Repo: "meta-llama/Llama-3.1-8B", MaxModelLen: 8192, TensorParallelSize: 2, Quantization: "awq", ExtraArgs: []string{"--enforce-eager"}}
-	if fmt.Sprint(Signature(&config.Config{}, m)) == Signature(&config.Config{}, &config.Model{Repo: m.Repo}) {
+	if fmt.Sprint(manager.Signature(&config.Config{}, m)) == manager.Signature(&config.Config{}, &config.Model{Repo: m.Repo}) {
 		t.Fatal("signatures of different settings are equal")
 	}
 }
@@ -597,26 +691,32 @@ func TestFootprintByDelta(t *testing.T) {
 	gpus := gpu.NewDeclared([]gpu.GPU{{Name: "sim0", Total: 80 << 30}})
 	gpus.Charge(1, []int{0}, 5<<30) // someone else's, before and after
 	exe, _ := os.Executable()
-	m := New(cfg, sim.New([]string{exe}, gpus), noProcesses{gpus}, Options{Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond})
+	fps, err := manager.OpenFootprints("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := manager.New(cfg, sim.New([]string{exe}, gpus), noProcesses{gpus}, manager.Options{Footprints: fps, Tick: 20 * time.Millisecond, GPUPoll: 20 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { m.Run(ctx); close(done) }()
 	defer func() { m.StopAll(context.Background()); cancel(); <-done }()
-	if err := m.Ensure(ctx, "a"); err != nil {
+	l, err := m.Lease(ctx, "a")
+	if err != nil {
 		t.Fatal(err)
 	}
-	m.Release("a")
+	l.Release()
 	eventually(t, "a's footprint is learned by difference", func() bool {
-		fp, ok := m.fps.Get("a", Signature(cfg, cfg.Models["a"]))
+		fp, ok := fps.Get("a", manager.Signature(cfg, cfg.Models["a"]))
 		return ok && fp.PerGPU == 20<<30 && fp.How == "delta"
 	})
 }
 
 // startManagerWith runs a manager on the sim runtime over the config's
-// declared GPUs, with the test binary as the fake vLLM; inv and wrap, when
-// set, stand in for or wrap the inventory and the runtime. Every model is
-// stopped when the test ends.
-func startManagerWith(t testing.TB, yaml string, inv func(*gpu.Declared) Inventory, wrap func(Runtime) Runtime, opts Options) *Manager {
+// declared GPUs, with the test binary as the fake vLLM, recording its
+// events; inv and wrap, when set, stand in for or wrap the inventory and
+// the runtime. Its footprints are opts.Footprints, else new ones in
+// memory. Every model is stopped when the test ends.
+func startManagerWith(t testing.TB, yaml string, inv func(*gpu.Declared) manager.Inventory, wrap func(manager.Runtime) manager.Runtime, opts manager.Options) *testManager {
 	t.Helper()
 	cfg := parseConfig(t, yaml)
 	var gs []gpu.GPU
@@ -628,60 +728,57 @@ func startManagerWith(t testing.TB, yaml string, inv func(*gpu.Declared) Invento
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rt Runtime = sim.New([]string{exe}, gpus)
+	var rt manager.Runtime = sim.New([]string{exe}, gpus)
 	if wrap != nil {
 		rt = wrap(rt)
 	}
-	var in Inventory = gpus
+	var in manager.Inventory = gpus
 	if inv != nil {
 		in = inv(gpus)
 	}
 	if opts.Tick == 0 {
 		opts.Tick, opts.GPUPoll = 20*time.Millisecond, 20*time.Millisecond
 	}
-	m := New(cfg, rt, in, opts)
+	if opts.Footprints == nil {
+		if opts.Footprints, err = manager.OpenFootprints(""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tm := &testManager{cfg: cfg, fps: opts.Footprints, gpus: gpus}
+	opts.OnEvent = tm.addEvent
+	tm.Manager = manager.New(cfg, rt, in, opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { m.Run(ctx); close(done) }()
+	go func() { tm.Run(ctx); close(done) }()
 	t.Cleanup(func() {
 		stop, c := context.WithTimeout(context.Background(), long)
 		defer c()
-		if err := m.StopAll(stop); err != nil {
+		if err := tm.StopAll(stop); err != nil {
 			t.Errorf("StopAll: %v", err)
 		}
 		cancel()
 		<-done
 	})
-	return m
-}
-
-// statusOf is one model's status.
-func statusOf(m *Manager, name string) ModelStatus {
-	for _, s := range m.Status() {
-		if s.Name == name {
-			return s
-		}
-	}
-	return ModelStatus{}
+	return tm
 }
 
 // TestReloadedModelStays: after its settings change and it reloads, the
 // model's new server is not unloaded again.
 func TestReloadedModelStays(t *testing.T) {
-	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 4096}\n", nil, nil, Options{})
-	if err := ensure(nil, &testManager{Manager: m}, "a"); err != nil {
+	tm := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 4096}\n", nil, nil, manager.Options{})
+	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
 	}
-	m.Release("a")
-	m.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n"))
-	eventually(t, "a reloads", func() bool { return statusOf(m, "a").State == Stopped })
-	if err := ensure(nil, &testManager{Manager: m}, "a"); err != nil {
+	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n")); err != nil {
 		t.Fatal(err)
 	}
-	m.Release("a")
-	second := statusOf(m, "a").Instance
+	eventually(t, "a reloads", func() bool { return tm.status("a").State == manager.Stopped })
+	if err := tm.ensure("a"); err != nil {
+		t.Fatal(err)
+	}
+	second := tm.status("a").Instance
 	time.Sleep(200 * time.Millisecond) // ten ticks
-	if st := statusOf(m, "a"); st.State != Ready || st.Instance != second {
+	if st := tm.status("a"); st.State != manager.Ready || st.Instance != second {
 		t.Fatalf("the reloaded model went again: %+v", st)
 	}
 }
@@ -690,21 +787,16 @@ func TestReloadedModelStays(t *testing.T) {
 // by concurrent clients, each get served; a model that just became ready is
 // not evicted before its waiting requests run.
 func TestNoPingPong(t *testing.T) {
-	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 60GiB}\n  b: {vram: 60GiB}\n", nil, nil, Options{})
+	tm := startManagerWith(t, baseConfig+"models:\n  a: {vram: 60GiB}\n  b: {vram: 60GiB}\n", nil, nil, manager.Options{})
 	var wg sync.WaitGroup
 	var failed atomic.Int32
 	for _, model := range []string{"a", "b"} {
 		wg.Go(func() {
 			for range 5 {
-				ctx, cancel := context.WithTimeout(context.Background(), long)
-				err := m.Ensure(ctx, model)
-				cancel()
-				if err != nil {
+				if err := tm.ensure(model); err != nil {
 					t.Logf("%s: %v", model, err)
 					failed.Add(1)
-					continue
 				}
-				m.Release(model)
 			}
 		})
 	}
@@ -718,16 +810,14 @@ func TestNoPingPong(t *testing.T) {
 // tried again once its backoff has passed.
 func TestAlwaysOnRetriedAfterFailure(t *testing.T) {
 	var starts atomic.Int32
-	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, always_on: true, sim: {fail_start: true}}\n", nil,
-		func(rt Runtime) Runtime { return startHook{rt, func() { starts.Add(1) }} }, Options{Backoff: 50 * time.Millisecond})
+	startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, always_on: true, sim: {fail_start: true}}\n", nil,
+		func(rt manager.Runtime) manager.Runtime { return startHook{rt, func() { starts.Add(1) }} }, manager.Options{Backoff: 50 * time.Millisecond})
 	eventually(t, "a second try", func() bool { return starts.Load() >= 2 })
-	_ = m
 }
 
-// startHook calls f on each start, and delays telling the manager by
-// delay after the server is started.
+// startHook calls f on each start.
 type startHook struct {
-	Runtime
+	manager.Runtime
 	f func()
 }
 
@@ -740,12 +830,12 @@ func (h startHook) Start(ctx context.Context, spec runtime.Spec) (*runtime.Insta
 // started has exited and the manager's loop has taken the exit: the exit
 // overtakes the news of the start, as it may when a server dies at once.
 type exitFirst struct {
-	Runtime
+	manager.Runtime
 	exits chan runtime.Exit // unbuffered: a send ends once the loop has the exit
 	taken chan string       // the IDs of the exits the loop has taken
 }
 
-func newExitFirst(t *testing.T, rt Runtime) *exitFirst {
+func newExitFirst(t *testing.T, rt manager.Runtime) *exitFirst {
 	x := &exitFirst{Runtime: rt, exits: make(chan runtime.Exit), taken: make(chan string, 64)}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel) // registered before the manager's: after it stopped
@@ -790,10 +880,10 @@ func (x *exitFirst) Start(ctx context.Context, spec runtime.Spec) (*runtime.Inst
 // reported fails the load at once, with its log, not at load_timeout (an
 // hour: a load that missed the exit would outlast the test's wait).
 func TestExitBeforeStartReported(t *testing.T) {
-	m := startManagerWith(t, strings.Replace(baseConfig, "load_timeout: 1m", "load_timeout: 1h", 1)+"models:\n  a: {vram: 20GiB, sim: {fail_start: true}}\n", nil,
-		func(rt Runtime) Runtime { return newExitFirst(t, rt) }, Options{})
-	err := ensure(nil, &testManager{Manager: m}, "a")
-	var le *LoadError
+	tm := startManagerWith(t, strings.Replace(baseConfig, "load_timeout: 1m", "load_timeout: 1h", 1)+"models:\n  a: {vram: 20GiB, sim: {fail_start: true}}\n", nil,
+		func(rt manager.Runtime) manager.Runtime { return newExitFirst(t, rt) }, manager.Options{})
+	err := tm.ensure("a")
+	var le *manager.LoadError
 	if !errors.As(err, &le) || !strings.Contains(err.Error(), "memory profiling") {
 		t.Fatalf("%v; want the exit with its log", err)
 	}
@@ -805,24 +895,29 @@ func TestExitBeforeStartReported(t *testing.T) {
 func TestFootprintUnderRunningSettings(t *testing.T) {
 	old := baseConfig + "models:\n  a: {vram: 20GiB, max_model_len: 4096, env: {FAKEVLLM_READY_ON_SIGNAL: USR1}}\n"
 	tm := startManager(t, old)
-	done := make(chan error, 1)
-	go func() { done <- ensure(t, tm, "a") }()
+	done := tm.leaseLater("a")
 	eventually(t, "a's server runs", func() bool { return tm.status("a").Instance != "" })
 	newCfg := parseConfig(t, strings.Replace(old, "4096", "8192", 1))
-	tm.Update(newCfg)
-	if st := tm.status("a"); st.State != Loading {
+	if err := tm.Update(newCfg); err != nil {
+		t.Fatal(err)
+	}
+	if st := tm.status("a"); st.State != manager.Loading {
 		t.Fatalf("a is %v once its settings changed, want still loading", st.State)
 	}
 	tm.readyNow(t, "a")
-	if err := <-done; err != nil {
-		t.Fatal(err)
+	l := <-done
+	if l.err != nil {
+		t.Fatal(l.err)
 	}
 	oldCfg := parseConfig(t, old)
-	eventually(t, "the footprint is filed", func() bool { _, ok := tm.fps.Get("a", Signature(oldCfg, oldCfg.Models["a"])); return ok })
-	if _, ok := tm.fps.Get("a", Signature(newCfg, newCfg.Models["a"])); ok {
+	eventually(t, "the footprint is filed", func() bool {
+		_, ok := tm.fps.Get("a", manager.Signature(oldCfg, oldCfg.Models["a"]))
+		return ok
+	})
+	if _, ok := tm.fps.Get("a", manager.Signature(newCfg, newCfg.Models["a"])); ok {
 		t.Fatal("the old server's footprint was filed under the new settings")
 	}
-	tm.Release("a")
+	l.Release()
 }
 
 // readyNow ends the load of a model whose fake waits for SIGUSR1
@@ -852,49 +947,49 @@ func answers(addr string) bool {
 // TestLoadingModelNotCountedTwice: without per-process figures, a loading
 // model's memory is its reservation, not also someone else's.
 func TestLoadingModelNotCountedTwice(t *testing.T) {
-	m := startManagerWith(t, baseConfig+"models:\n  big: {vram: 50GiB, sim: {startup_delay: 1h}}\n  small: {vram: 20GiB}\n",
-		func(d *gpu.Declared) Inventory { return noProcesses{d} }, nil, Options{})
-	tm := &testManager{Manager: m}
+	tm := startManagerWith(t, baseConfig+"models:\n  big: {vram: 50GiB, sim: {startup_delay: 1h}}\n  small: {vram: 20GiB}\n",
+		func(d *gpu.Declared) manager.Inventory { return noProcesses{d} }, nil, manager.Options{})
 	bigDone := make(chan error, 1)
-	go func() { bigDone <- ensure(t, tm, "big") }()
+	go func() { bigDone <- tm.ensure("big") }()
 	eventually(t, "big's server runs, and a GPU reading shows it", func() bool {
-		r := m.reading.Load()
-		return statusOf(m, "big").Instance != "" && r != nil && r.mem[0].Used == 50<<30
+		return tm.status("big").Instance != "" && tm.View().GPUs[0].Used == 50<<30
 	})
-	done := make(chan error, 1)
-	go func() { done <- ensure(t, tm, "small") }()
+	done := tm.leaseLater("small")
 	// small is placed beside big at once (its start then waits for big's,
 	// as starts on one GPU are serialised), not held back for memory.
-	eventually(t, "small is placed", func() bool { return statusOf(m, "small").State == Loading })
-	if st := statusOf(m, "big"); st.State != Loading {
+	eventually(t, "small is placed", func() bool { return tm.status("small").State == manager.Loading })
+	if st := tm.status("big"); st.State != manager.Loading {
 		t.Fatalf("big is %v: small was placed only after big was ready", st.State)
 	}
 	// big would load for an hour: unloading it lets small start.
-	if err := m.Unload("big"); err != nil {
+	if err := tm.Unload("big"); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-bigDone; !errors.Is(err, ErrUnloaded) {
+	if err := <-bigDone; !errors.Is(err, manager.ErrUnloaded) {
 		t.Errorf("big's waiter got %v, want ErrUnloaded", err)
 	}
-	if err := <-done; err != nil {
-		t.Fatal(err)
+	small := <-done
+	if small.err != nil {
+		t.Fatal(small.err)
 	}
-	m.Release("small")
+	small.Release()
 }
 
 // TestUnloadWhileLoading: unloading a loading model ends the load, answers
 // its waiters, and costs no backoff.
 func TestUnloadWhileLoading(t *testing.T) {
-	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 1h}}\n", nil, nil, Options{})
+	tm := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 1h}}\n", nil, nil, manager.Options{})
 	done := make(chan error, 1)
-	go func() { done <- ensure(nil, &testManager{Manager: m}, "a") }()
-	eventually(t, "a is loading", func() bool { return statusOf(m, "a").Instance != "" })
-	m.Unload("a")
-	if err := <-done; !errors.Is(err, ErrUnloaded) {
+	go func() { done <- tm.ensure("a") }()
+	eventually(t, "a is loading", func() bool { return tm.status("a").Instance != "" })
+	if err := tm.Unload("a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errors.Is(err, manager.ErrUnloaded) {
 		t.Fatalf("waiter got %v", err)
 	}
-	eventually(t, "a is stopped", func() bool { return statusOf(m, "a").State == Stopped })
-	if st := statusOf(m, "a"); !st.RetryAt.IsZero() && time.Now().Before(st.RetryAt) {
+	eventually(t, "a is stopped", func() bool { return tm.status("a").State == manager.Stopped })
+	if st := tm.status("a"); !st.RetryAt.IsZero() && time.Now().Before(st.RetryAt) {
 		t.Fatalf("an unload set a backoff until %v", st.RetryAt)
 	}
 }
@@ -911,20 +1006,20 @@ func TestOperatorLoad(t *testing.T) {
 	if err := tm.Load(ctx, "a", false); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a is ready though no request asked", func() bool { return tm.status("a").State == Ready })
+	eventually(t, "a is ready though no request asked", func() bool { return tm.status("a").State == manager.Ready })
 
 	// b needs a's memory: a, idle, is evicted.
 	if err := tm.Load(ctx, "b", true); err != nil {
 		t.Fatal(err)
 	}
-	if st := tm.status("b"); st.State != Ready || st.InFlight != 0 {
-		t.Errorf("b after a waited load: %v with %d in flight", st.State, st.InFlight)
+	if st := tm.status("b"); st.State != manager.Ready || st.InFlight() != 0 {
+		t.Errorf("b after a waited load: %v with %d in flight", st.State, st.InFlight())
 	}
-	if kinds := tm.eventKinds("a"); !slices.Contains(kinds, EventEvicted) {
+	if kinds := tm.eventKinds("a"); !slices.Contains(kinds, manager.EventEvicted) {
 		t.Errorf("a's events %v: not evicted for b", kinds)
 	}
 
-	var le *LoadError
+	var le *manager.LoadError
 	for try := 1; try <= 2; try++ {
 		if err := tm.Load(ctx, "broken", true); !errors.As(err, &le) {
 			t.Fatalf("load %d of broken: %v", try, err)
@@ -933,14 +1028,14 @@ func TestOperatorLoad(t *testing.T) {
 			t.Fatalf("after load %d of broken, %d starts", try, n)
 		}
 	}
-	if err := tm.Load(ctx, "nope", false); !errors.Is(err, ErrUnknownModel) {
+	if err := tm.Load(ctx, "nope", false); !errors.Is(err, manager.ErrUnknownModel) {
 		t.Errorf("unknown model: %v", err)
 	}
 }
 
 // stopGate is a runtime whose Stop waits until the test opens the gate.
 type stopGate struct {
-	Runtime
+	manager.Runtime
 	open chan struct{}
 }
 
@@ -956,30 +1051,26 @@ func (g stopGate) Stop(ctx context.Context, inst *runtime.Instance, grace time.D
 // a 503, by the end of the old load.
 func TestReaddedWhileItsLoadEnds(t *testing.T) {
 	gate := stopGate{open: make(chan struct{})}
-	m := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 1h}}\n", nil,
-		func(rt Runtime) Runtime { gate.Runtime = rt; return gate }, Options{})
+	tm := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 1h}}\n", nil,
+		func(rt manager.Runtime) manager.Runtime { gate.Runtime = rt; return gate }, manager.Options{})
 	first := make(chan error, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), long)
-		defer cancel()
-		first <- m.Ensure(ctx, "a")
-	}()
-	eventually(t, "a loads", func() bool { return statusOf(m, "a").Instance != "" })
-	m.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n"))
-	if err := <-first; !errors.Is(err, ErrUnknownModel) {
+	go func() { first <- tm.ensure("a") }()
+	eventually(t, "a loads", func() bool { return tm.status("a").Instance != "" })
+	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n")); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-first; !errors.Is(err, manager.ErrUnknownModel) {
 		t.Fatalf("the request of the removed model: %v", err)
 	}
-	m.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB}\n  b: {vram: 20GiB}\n"))
-	second := make(chan error, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), long)
-		defer cancel()
-		second <- m.Ensure(ctx, "a")
-	}()
-	eventually(t, "the second request waits", func() bool { return statusOf(m, "a").Waiting == 1 })
-	close(gate.open) // the old load's server stops, and its load ends
-	if err := <-second; err != nil {
-		t.Fatalf("the request made once a was back: %v", err)
+	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB}\n  b: {vram: 20GiB}\n")); err != nil {
+		t.Fatal(err)
 	}
-	m.Release("a")
+	second := tm.leaseLater("a")
+	eventually(t, "the second request waits", func() bool { return tm.status("a").Waiting == 1 })
+	close(gate.open) // the old load's server stops, and its load ends
+	l := <-second
+	if l.err != nil {
+		t.Fatalf("the request made once a was back: %v", l.err)
+	}
+	l.Release()
 }

@@ -1,4 +1,4 @@
-package manager
+package sim_test
 
 import (
 	"errors"
@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vgw-project/vgw/manager"
 )
 
 // TestUnhealthyRestarted: a ready server that stops answering (SIGSTOP:
@@ -19,10 +21,9 @@ func TestUnhealthyRestarted(t *testing.T) {
 	// slowest machine: only the stopped one fails.
 	tm := startManager(t, baseConfig+"probe_interval: 1s\nprobe_timeout: 1s\nprobe_failures: 2\nmodels:\n  a: {vram: 20GiB}\n  b: {vram: 20GiB, probe_interval: 0s}\n")
 	for _, m := range []string{"a", "b"} {
-		if err := ensure(t, tm, m); err != nil {
+		if err := tm.ensure(m); err != nil {
 			t.Fatal(err)
 		}
-		tm.Release(m)
 	}
 	stopped := map[string]string{}
 	for _, m := range []string{"a", "b"} {
@@ -33,26 +34,31 @@ func TestUnhealthyRestarted(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, "a is reported unhealthy", func() bool { _, ok := tm.eventAt("a", EventUnhealthy); return ok })
-	e := tm.event(t, "a", EventUnhealthy)
+	eventually(t, "a is reported unhealthy", func() bool { _, ok := tm.eventAt("a", manager.EventUnhealthy); return ok })
+	e := tm.event(t, "a", manager.EventUnhealthy)
 	if !strings.Contains(e.Detail, "2 health probes in a row failed") || !strings.Contains(e.Detail, "no answer to GET /health within 1s") {
 		t.Errorf("unhealthy detail %q", e.Detail)
 	}
 	eventually(t, "a serves from a new server", func() bool {
 		st := tm.status("a")
-		return st.State == Ready && st.Instance != stopped["a"]
+		return st.State == manager.Ready && st.Instance != stopped["a"]
 	})
-	addr, _ := tm.Endpoint("a")
-	if code := get(t, addr, "a"); code != 200 {
+	if code := get(t, tm.status("a").Endpoint, "a"); code != 200 {
 		t.Fatalf("the restarted server answered %d", code)
 	}
+	// The View shows a ready model before its ready event is told.
+	eventually(t, "a's second ready event is told", func() bool {
+		kinds := tm.eventKinds("a")
+		i := slices.Index(kinds, manager.EventUnhealthy)
+		return i >= 0 && slices.Contains(kinds[i:], manager.EventReady)
+	})
 	kinds := tm.eventKinds("a")
-	want := []string{EventUnhealthy, EventDraining, EventUnloaded, EventLoadStarted, EventReady}
-	if i := slices.Index(kinds, EventUnhealthy); i < 0 || !slices.Equal(kinds[i:], want) {
+	want := []string{manager.EventUnhealthy, manager.EventDraining, manager.EventUnloaded, manager.EventLoadStarted, manager.EventReady}
+	if i := slices.Index(kinds, manager.EventUnhealthy); i < 0 || !slices.Equal(kinds[i:], want) {
 		t.Errorf("events of a: %v, want %v after its first ready", kinds, want)
 	}
 	// b is not probed: it stays as it is, stopped or not.
-	if st := tm.status("b"); st.State != Ready || st.Instance != stopped["b"] || slices.Contains(tm.eventKinds("b"), EventUnhealthy) {
+	if st := tm.status("b"); st.State != manager.Ready || st.Instance != stopped["b"] || slices.Contains(tm.eventKinds("b"), manager.EventUnhealthy) {
 		t.Errorf("b, which is not probed: %+v, events %v", st, tm.eventKinds("b"))
 	}
 	syscall.Kill(tm.rt.pid(t, stopped["b"]), syscall.SIGCONT)
@@ -77,23 +83,24 @@ const probed = baseConfig + "probe_interval: 1s\nprobe_timeout: 1s\nprobe_failur
 // The unload was taken (OK) and the model came back anyway.
 func TestUnloadWinsOverUnhealthyRestart(t *testing.T) {
 	tm := startManager(t, strings.Replace(probed, "drain_timeout: 2s", "drain_timeout: 1m", 1)+"models:\n  a: {vram: 20GiB}\n")
-	if err := ensure(t, tm, "a"); err != nil { // held in flight: the drain waits
+	l, err := tm.lease("a") // held in flight: the drain waits
+	if err != nil {
 		t.Fatal(err)
 	}
 	stopServer(t, tm, "a")
 	eventually(t, "a is unhealthy and draining", func() bool {
-		_, ok := tm.eventAt("a", EventUnhealthy)
-		return ok && tm.status("a").State == Draining
+		_, ok := tm.eventAt("a", manager.EventUnhealthy)
+		return ok && tm.status("a").State == manager.Draining
 	})
 	if err := tm.Unload("a"); err != nil {
 		t.Fatal(err)
 	}
-	tm.Release("a")
-	eventually(t, "a is stopped", func() bool { return tm.status("a").State == Stopped })
+	l.Release()
+	eventually(t, "a is stopped", func() bool { return tm.status("a").State == manager.Stopped })
 	starts := tm.rt.count("a")
 	// A restart would come at once (ticks of 20 ms); none comes.
 	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if tm.rt.count("a") != starts || tm.status("a").State != Stopped {
+		if tm.rt.count("a") != starts || tm.status("a").State != manager.Stopped {
 			t.Fatalf("a restarted after the operator unloaded it: events %v", tm.eventKinds("a"))
 		}
 	}
@@ -104,28 +111,27 @@ func TestUnloadWinsOverUnhealthyRestart(t *testing.T) {
 // but after a backoff, as a failed load would be: it was restarted in a
 // loop for as long as it kept hanging.
 func TestUnhealthyAgainBacksOff(t *testing.T) {
-	tm := startManagerOpts(t, probed+"models:\n  a: {vram: 20GiB}\n", Options{Backoff: time.Hour})
-	if err := ensure(t, tm, "a"); err != nil {
+	tm := startManagerOpts(t, probed+"models:\n  a: {vram: 20GiB}\n", manager.Options{Backoff: time.Hour})
+	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
 	}
-	tm.Release("a")
 	first := stopServer(t, tm, "a")
 	eventually(t, "a serves from a second server", func() bool {
 		st := tm.status("a")
-		return st.State == Ready && st.Instance != first
+		return st.State == manager.Ready && st.Instance != first
 	})
 	stopServer(t, tm, "a") // before any probe of it has passed
 	eventually(t, "a is unhealthy again, and stopped", func() bool {
 		n := 0
 		for _, k := range tm.eventKinds("a") {
-			if k == EventUnhealthy {
+			if k == manager.EventUnhealthy {
 				n++
 			}
 		}
-		return n == 2 && tm.status("a").State == Stopped
+		return n == 2 && tm.status("a").State == manager.Stopped
 	})
 	st := tm.status("a")
-	if !st.RetryAt.After(time.Now().Add(BackoffMax - time.Minute)) { // the hour is capped at BackoffMax
+	if !st.RetryAt.After(time.Now().Add(manager.BackoffMax - time.Minute)) { // the hour is capped at BackoffMax
 		t.Fatalf("a is tried again at %v, want after the backoff", st.RetryAt)
 	}
 	if n := tm.rt.count("a"); n != 2 {
@@ -139,11 +145,11 @@ func TestUnhealthyAgainBacksOff(t *testing.T) {
 // restarted in a loop.
 func TestLoadAsStrictAsProbes(t *testing.T) {
 	tm := startManager(t, strings.Replace(probed, "load_timeout: 1m", "load_timeout: 3s", 1)+"models:\n  a: {vram: 20GiB, sim: {slow_health: 1500ms}}\n")
-	err := ensure(t, tm, "a")
-	if !errors.Is(err, ErrLoadTimeout) {
+	err := tm.ensure("a")
+	if !errors.Is(err, manager.ErrLoadTimeout) {
 		t.Fatalf("a server slower than probe_timeout: %v, want not healthy within load_timeout", err)
 	}
-	if slices.Contains(tm.eventKinds("a"), EventReady) {
+	if slices.Contains(tm.eventKinds("a"), manager.EventReady) {
 		t.Fatal("a was ready")
 	}
 }

@@ -1,0 +1,1105 @@
+package manager
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/runtime"
+)
+
+// scheduler is the manager's decision core. It holds the state of every
+// model and GPU, takes events (a request wants a model, a load ended, a
+// server exited, the config changed, an operator acted, time passed) and
+// answers with actions (start a server, stop one, probe it, measure it,
+// tell the operator), which the Manager's executor carries out and
+// reports back as further events. It does no I/O, reads no clock (every
+// event brings the time), starts no goroutine and logs nothing itself, so
+// its decisions are table-tested without processes or sleeps
+// (scheduler_test.go). Only the Manager's loop goroutine calls it.
+//
+// What the request path reads is published as a View (see publish); the
+// request path writes only each model's use counts.
+type scheduler struct {
+	cfg     *config.Config
+	gpus    []gpu.GPU
+	fps     footprintLookup
+	backoff time.Duration // after a first failed load; see backoffAfter
+
+	models  map[string]*model
+	gpuBusy map[int]string // GPU → model whose server is starting or stopping on it
+	pending []*model       // models wanted but not yet placed, oldest first
+	// quiesced stops always_on models from coming back, after StopAll.
+	quiesced bool
+	// orphans are exits of servers not (yet) known to be a model's: an exit
+	// can overtake the news that its server started.
+	orphans []runtime.Exit
+	// gpuOps counts the starts and stops on each GPU, and lastStop is when
+	// the last stop on it ended, for judging a measurement by difference.
+	gpuOps   map[int]int
+	lastStop map[int]time.Time
+	reading  *gpuReading // the latest, nil before the first
+
+	out   []action // decided, not yet carried out
+	board *board   // where Views are published
+	dirty bool     // something a View shows changed since the last publish
+}
+
+// footprintLookup finds what a model was measured to use under a
+// signature of its settings.
+type footprintLookup interface {
+	Get(model, signature string) (Footprint, bool)
+}
+
+// model is the scheduler's record of one model.
+type model struct {
+	name    string
+	cfg     *config.Model
+	sig     string // of the config in force: the memory settings, for footprints
+	launch  string // of the config in force; inst.Launch is what runs
+	use     *use   // its requests, counted by the request path
+	state   State
+	removed bool // gone from the config: unload once idle
+
+	// Where it runs, or is placed to.
+	inst   *runtime.Instance
+	pids   instPIDs // inst's processes, found once it was ready
+	gpus   []int
+	perGPU uint64
+	source string    // where perGPU came from: declared, learned, utilization, default
+	since  time.Time // when it was placed, then when it became ready
+
+	// What is under way.
+	loading  *loadOp  // the load in progress, if any
+	evicting []string // models to be gone before this one starts
+	stopping bool     // a stop is under way
+	drainBy  time.Time
+
+	// Who wants it.
+	waiters   []*waiter
+	keepUntil time.Time // an operator asked to load it: placed though no request waits, until then
+	pinned    bool
+
+	// How its loads went.
+	failures int
+	retryAt  time.Time
+	lastErr  error      // why the last load failed, or why it cannot be placed
+	lastLoad *LoadError // the last failed load, answered again during its backoff
+
+	health health
+}
+
+// health is where a ready model's server stands with its probes
+// (probe.go): one at a time, the next due at next; failures counts
+// failures in a row; unhealthy says it failed enough of them to be
+// stopped without grace, and restart that it is started again once
+// stopped (an operator's unload takes that back).
+type health struct {
+	probing   bool
+	next      time.Time
+	failures  int
+	unhealthy bool
+	restart   bool
+}
+
+// loadOp is one load of a model: its server's start and the wait for it
+// to be healthy. The GPUs it claims stay claimed until it has finished,
+// its server stopped if the load failed, so no other start or stop
+// overlaps it on those GPUs.
+type loadOp struct {
+	limit time.Duration // load_timeout
+	// poll bounds one health check: the model's probe_timeout when it is
+	// probed once ready, so that a server is ready by the same measure
+	// its probes then hold it to (one answering slower would be restarted
+	// as soon as it was ready, again and again).
+	poll      time.Duration
+	gpus      []int
+	exit      *runtime.Exit // the server exited during the load
+	cancelled bool          // unloaded while loading: no backoff
+	readded   bool          // cancelled as its model left the config, which it came back to
+	ops       map[int]int
+	calm      bool // no stop on its GPUs just before it started
+	adopted   bool // a server a previous vgw started, waited for as a load
+}
+
+// instPIDs are an instance's processes as the runtime listed them.
+type instPIDs struct {
+	inst *runtime.Instance
+	pids []int
+}
+
+// serverPIDs are the processes of md's server: as listed once it was
+// ready (vLLM's engine and workers included), else the one it started as.
+func (md *model) serverPIDs() []int {
+	if md.inst == nil {
+		return nil
+	}
+	if md.pids.inst == md.inst {
+		return md.pids.pids
+	}
+	return md.inst.PIDs
+}
+
+// stale says md's server runs settings that are no longer configured.
+func (md *model) stale() bool { return md.inst != nil && md.inst.Launch != md.launch }
+
+type gpuReading struct {
+	mem   []gpu.Memory
+	procs []gpu.Process
+}
+
+func newScheduler(cfg *config.Config, gpus []gpu.GPU, fps footprintLookup, backoff time.Duration, b *board, now time.Time) *scheduler {
+	s := &scheduler{
+		cfg: cfg, gpus: gpus, fps: fps, backoff: backoff, board: b,
+		models:   map[string]*model{},
+		gpuBusy:  map[int]string{},
+		gpuOps:   map[int]int{},
+		lastStop: map[int]time.Time{},
+	}
+	for _, name := range cfg.ModelNames() {
+		s.models[name] = s.newModel(name, cfg.Models[name], now)
+	}
+	s.publish()
+	return s
+}
+
+func (s *scheduler) newModel(name string, mc *config.Model, now time.Time) *model {
+	md := &model{name: name, use: &use{board: s.board}, cfg: mc, sig: Signature(s.cfg, mc), launch: LaunchSignature(s.cfg, mc)}
+	md.use.lastUsed.Store(now.UnixNano())
+	return md
+}
+
+// setState moves md to st; the next publish shows it.
+func (s *scheduler) setState(md *model, st State) {
+	md.state = st
+	s.dirty = true
+}
+
+// do queues an action for the executor.
+func (s *scheduler) do(a action) { s.out = append(s.out, a) }
+
+// take returns the actions decided so far, for the executor, and publishes
+// a View if anything it shows changed.
+func (s *scheduler) take() []action {
+	if s.dirty {
+		s.publish()
+	}
+	out := s.out
+	s.out = nil
+	return out
+}
+
+// publish builds a View of every model now and publishes it.
+func (s *scheduler) publish() {
+	s.dirty = false
+	v := &View{Models: make([]ModelView, 0, len(s.models)), byName: make(map[string]*ModelView, len(s.models))}
+	for _, md := range s.sorted() {
+		mv := ModelView{
+			Name: md.name, State: md.state, Removed: md.removed, GPUs: slices.Clone(md.gpus), PerGPU: md.perGPU,
+			Footprint: md.source, Since: md.since, AlwaysOn: md.cfg.AlwaysOn,
+			Pinned: md.pinned, Waiting: len(md.liveWaiters()), RetryAt: md.retryAt, use: md.use,
+		}
+		if !md.removed {
+			mv.Limits = s.cfg.LimitsOf(md.name)
+		}
+		if md.inst != nil {
+			mv.Instance, mv.Addr = md.inst.ID, md.inst.Addr
+			if md.state == Ready {
+				mv.Endpoint = md.inst.Addr
+			}
+		}
+		if md.lastErr != nil {
+			mv.LastError = md.lastErr.Error()
+		}
+		v.Models = append(v.Models, mv)
+	}
+	for i := range v.Models {
+		v.byName[v.Models[i].Name] = &v.Models[i]
+	}
+	v.GPUs = make([]GPUStatus, len(s.gpus))
+	for i, g := range s.gpus {
+		v.GPUs[i].GPU = g
+		if s.reading != nil && g.Index < len(s.reading.mem) {
+			v.GPUs[i].Used = s.reading.mem[g.Index].Used
+		}
+	}
+	s.board.publish(v)
+}
+
+// want is a request's wish for a model: it is answered at once when the
+// model is ready, unknown or backing off after a failed load, else once
+// the model is ready or cannot be.
+func (s *scheduler) want(now time.Time, name string, w *waiter) {
+	md := s.models[name]
+	if md == nil || md.removed {
+		s.answerOne(nil, w, fmt.Errorf("%w: %s", ErrUnknownModel, name))
+		return
+	}
+	switch md.state {
+	case Ready:
+		s.answerOne(md, w, nil)
+	case Loading, Draining:
+		md.waiters = append(md.waiters, w)
+		s.dirty = true
+	case Stopped:
+		if now.Before(md.retryAt) && md.lastLoad != nil {
+			again := *md.lastLoad
+			again.Retry, again.Earlier = md.retryAt.Sub(now), true
+			s.answerOne(md, w, &again)
+			return
+		}
+		md.waiters = append(md.waiters, w)
+		s.dirty = true
+		s.enqueue(md)
+		s.schedule(now)
+	}
+}
+
+// enqueue marks md as wanted: it waits in pending until it can be placed.
+func (s *scheduler) enqueue(md *model) {
+	if !slices.Contains(s.pending, md) {
+		s.pending = append(s.pending, md)
+	}
+}
+
+func (s *scheduler) dequeue(md *model) {
+	s.pending = slices.DeleteFunc(s.pending, func(x *model) bool { return x == md })
+}
+
+// liveWaiters drops the waiters that gave up.
+func (md *model) liveWaiters() []*waiter {
+	md.waiters = slices.DeleteFunc(md.waiters, func(w *waiter) bool { return w.state.Load() == gone })
+	return md.waiters
+}
+
+// answerAll answers every waiter of md; nil counts each one in.
+func (s *scheduler) answerAll(md *model, err error) {
+	for _, w := range md.waiters {
+		s.answerOne(md, w, err)
+	}
+	md.waiters = nil
+	s.dirty = true
+}
+
+// answerOne answers w, unless it gave up. A nil err counts its request in
+// with md now, so that md is busy from this decision on; the reply itself
+// goes out with the executor's other actions, in order, after the View
+// that shows this decision.
+func (s *scheduler) answerOne(md *model, w *waiter, err error) {
+	if !w.state.CompareAndSwap(waiting, answered) {
+		return
+	}
+	if err == nil {
+		md.use.inflight.Add(1)
+	}
+	name := ""
+	if md != nil {
+		name = md.name
+	}
+	s.do(answer{w: w, model: name, err: err})
+}
+
+// schedule places the pending models it can, oldest first.
+func (s *scheduler) schedule(now time.Time) {
+	for _, md := range slices.Clone(s.pending) {
+		if len(md.liveWaiters()) == 0 && !s.held(md, now) {
+			s.dequeue(md)
+			continue
+		}
+		if now.Before(md.retryAt) {
+			continue // an always_on model in its backoff: tick comes back
+		}
+		want := s.wantOf(md)
+		plan, err := Place(s.snapshot(now), want)
+		if err != nil && s.impossible(want) {
+			// It would not fit on empty GPUs either: waiting cannot help.
+			s.dequeue(md)
+			md.lastErr = err
+			s.answerAll(md, err)
+			continue
+		}
+		if err != nil {
+			var was *NoRoom
+			if !errors.As(md.lastErr, &was) {
+				s.note(slog.LevelInfo, "waiting for GPU memory", slog.String("model", md.name), slog.String("why", err.Error()))
+			}
+			md.lastErr = err
+			s.dirty = true
+			for _, w := range md.waiters {
+				w.lastErr.Store(&err)
+			}
+			continue
+		}
+		s.dequeue(md)
+		md.keepUntil = time.Time{}
+		for _, w := range md.waiters {
+			w.lastErr.Store(nil)
+		}
+		s.begin(now, md, plan)
+	}
+}
+
+// impossible reports whether w could not be placed even with every GPU
+// empty.
+func (s *scheduler) impossible(w Want) bool {
+	empty := Snapshot{}
+	for _, g := range s.gpus {
+		empty.GPUs = append(empty.GPUs, GPUState{Index: g.Index, Total: g.Total})
+	}
+	_, err := Place(empty, w)
+	return err != nil
+}
+
+// keepLoaded says md is always on: loaded at start and after a crash.
+func (s *scheduler) keepLoaded(md *model) bool { return md.cfg.AlwaysOn && !md.removed && !s.quiesced }
+
+// held says md is to be placed though no request waits for it: it is
+// always on, or an operator asked for it.
+func (s *scheduler) held(md *model, now time.Time) bool {
+	return s.keepLoaded(md) || (now.Before(md.keepUntil) && !md.removed && !s.quiesced)
+}
+
+// wantOf is the placement request for md: its memory per GPU and GPUs.
+func (s *scheduler) wantOf(md *model) Want {
+	md.perGPU, md.source = s.footprint(md)
+	return Want{Model: md.name, PerGPU: md.perGPU, TP: max(md.cfg.TensorParallelSize, 1), Allowed: md.cfg.GPUs}
+}
+
+// DefaultUtilization is vLLM's own default --gpu-memory-utilization: what a
+// model takes of a GPU when nothing says otherwise.
+const DefaultUtilization = 0.9
+
+// footprint is the memory md takes on each of its GPUs: declared, else
+// learned under the same settings, else what its utilization takes of a
+// GPU; and which of those it is.
+func (s *scheduler) footprint(md *model) (uint64, string) {
+	tp := uint64(max(md.cfg.TensorParallelSize, 1))
+	if md.cfg.VRAM > 0 {
+		return uint64(md.cfg.VRAM) / tp, "declared"
+	}
+	if fp, ok := s.fps.Get(md.name, md.sig); ok {
+		return fp.PerGPU, "learned"
+	}
+	var largest uint64
+	for _, g := range s.gpus {
+		largest = max(largest, g.Total)
+	}
+	if u := md.cfg.GPUMemoryUtilization; u > 0 {
+		return uint64(u * float64(largest)), "utilization"
+	}
+	return uint64(DefaultUtilization * float64(largest)), "default"
+}
+
+// snapshot is the state Place decides from, built from the models and the
+// latest GPU reading. Memory a GPU reports in use beyond what vgw's model
+// servers account for is External: other processes, or a stopped server's
+// memory not yet freed (the Python gateway's lesson 5: wait for it).
+func (s *scheduler) snapshot(now time.Time) Snapshot {
+	snap := Snapshot{MaxModels: s.cfg.MaxModels, MinResident: s.cfg.MinResident.Std(), Now: now}
+	ours := map[int]uint64{}
+	for _, md := range s.sorted() {
+		if md.state == Stopped {
+			continue
+		}
+		snap.Residents = append(snap.Residents, Resident{
+			Model: md.name, GPUs: md.gpus, PerGPU: md.perGPU, Since: md.since,
+			LastUsed: time.Unix(0, md.use.lastUsed.Load()), InFlight: int(md.use.inflight.Load()),
+			AlwaysOn: md.cfg.AlwaysOn, Pinned: md.pinned, Busy: md.state != Ready,
+		})
+		for g, used := range s.attributed(md) {
+			ours[g] += used
+		}
+	}
+	for _, g := range s.gpus {
+		gs := GPUState{Index: g.Index, Total: g.Total}
+		if s.reading != nil && g.Index < len(s.reading.mem) {
+			if used := s.reading.mem[g.Index].Used; used > ours[g.Index] {
+				gs.External = used - ours[g.Index]
+			}
+		}
+		snap.GPUs = append(snap.GPUs, gs)
+	}
+	return snap
+}
+
+// attributed is the memory md's server is seen using on each GPU: its
+// processes' memory where the driver lists them, else its footprint.
+func (s *scheduler) attributed(md *model) map[int]uint64 {
+	out := map[int]uint64{}
+	if md.inst == nil {
+		return out
+	}
+	found := false
+	if s.reading != nil {
+		for _, p := range s.reading.procs {
+			if slices.Contains(md.serverPIDs(), p.PID) {
+				out[p.GPU] += p.Used
+				found = true
+			}
+		}
+	}
+	if !found {
+		// No per-process figures: count the model's whole reservation as
+		// in use, so that what it holds is not also taken for someone
+		// else's memory.
+		for _, g := range md.gpus {
+			out[g] = md.perGPU
+		}
+	}
+	return out
+}
+
+// begin commits a plan: evict, then start once the evicted are gone and
+// no other start or stop is under way on the plan's GPUs.
+func (s *scheduler) begin(now time.Time, md *model, plan Plan) {
+	s.setState(md, Loading)
+	md.gpus, md.since, md.evicting = plan.GPUs, now, plan.Evict
+	md.lastErr = nil
+	s.note(slog.LevelInfo, "placing model", slog.String("model", md.name), slog.Any("gpus", plan.GPUs),
+		slog.String("per_gpu", gib(int64(md.perGPU))), slog.String("footprint", md.source), slog.Any("evict", plan.Evict))
+	for _, name := range plan.Evict {
+		if v := s.models[name]; v != nil {
+			s.event(now, v.name, EventEvicted, "to make room for "+md.name, 0)
+			s.unload(now, v, "evicted for "+md.name)
+		}
+	}
+	s.startIfClear(now, md)
+}
+
+// startIfClear starts md's server once what it waits for is done: the
+// models it evicts are stopped and no start or stop runs on its GPUs.
+func (s *scheduler) startIfClear(now time.Time, md *model) {
+	if md.state != Loading || md.loading != nil || md.inst != nil {
+		return
+	}
+	for _, name := range md.evicting {
+		if v := s.models[name]; v != nil && v.state != Stopped {
+			return
+		}
+	}
+	if !s.claimGPUs(md.name, md.gpus) {
+		return
+	}
+	md.evicting = nil
+	op := s.newLoadOp(md)
+	op.calm = true
+	for _, g := range md.gpus {
+		op.ops[g] = s.gpuOps[g]
+		if now.Sub(s.lastStop[g]) < settleTime {
+			op.calm = false
+		}
+	}
+	md.loading = op
+	s.event(now, md.name, EventLoadStarted, fmt.Sprintf("on GPUs %v", md.gpus), 0)
+	s.do(startServer{md: md, op: op, spec: s.spec(md)})
+}
+
+// newLoadOp begins a load of md: its deadline (load_timeout) and how long
+// one health check may take (see loadOp.poll).
+func (s *scheduler) newLoadOp(md *model) *loadOp {
+	op := &loadOp{gpus: md.gpus, ops: map[int]int{}, limit: s.cfg.LoadTimeout.Std(), poll: defaultPoll}
+	if p := s.cfg.ProbeOf(md.name); p.Interval > 0 {
+		op.poll = p.Timeout
+	}
+	return op
+}
+
+// defaultPoll bounds one health check of a loading server whose model is
+// not probed once ready.
+const defaultPoll = 2 * time.Second
+
+// claimGPUs marks gpus as having a start or stop under way for model, if
+// none has.
+func (s *scheduler) claimGPUs(model string, gpus []int) bool {
+	for _, g := range gpus {
+		if _, busy := s.gpuBusy[g]; busy {
+			return false
+		}
+	}
+	for _, g := range gpus {
+		s.gpuBusy[g] = model
+		s.gpuOps[g]++
+	}
+	return true
+}
+
+// freeGPUs ends model's start or stop on gpus, and starts what waited.
+func (s *scheduler) freeGPUs(now time.Time, model string, gpus []int) {
+	for _, g := range gpus {
+		if s.gpuBusy[g] == model {
+			delete(s.gpuBusy, g)
+		}
+	}
+	for _, md := range s.sorted() {
+		if md.state == Loading {
+			s.startIfClear(now, md)
+		}
+	}
+}
+
+// settleTime is how long GPU memory takes to come back after a server
+// stops (the Python gateway's lesson 5), for judging a measurement.
+const settleTime = 5 * time.Second
+
+// spec is what the runtime needs to start md.
+func (s *scheduler) spec(md *model) runtime.Spec {
+	var gpus []gpu.GPU
+	var smallest uint64 = math.MaxUint64
+	for _, i := range md.gpus {
+		g := s.gpus[i]
+		gpus = append(gpus, g)
+		smallest = min(smallest, g.Total)
+	}
+	util := md.cfg.GPUMemoryUtilization
+	if util == 0 && smallest > 0 {
+		// The model's share of its GPUs, so that vLLM sizes its KV cache
+		// to the memory vgw reserved and cannot take a neighbour's.
+		util = math.Ceil(float64(md.perGPU)/float64(smallest)*100) / 100
+		util = min(util, DefaultUtilization)
+	}
+	env := map[string]string{}
+	for k, v := range s.cfg.Runtime.Env {
+		env[k] = v
+	}
+	for k, v := range md.cfg.Env {
+		env[k] = v
+	}
+	return runtime.Spec{
+		Model: md.name, Config: md.cfg, Utilization: util, Env: env, GPUs: gpus, PerGPU: md.perGPU,
+		Signature: md.sig, Launch: md.launch,
+	}
+}
+
+// started records the server a load started. Its exit may already have
+// been seen, as it travels on another channel.
+func (s *scheduler) started(md *model, op *loadOp, inst *runtime.Instance) {
+	if md.loading != op {
+		return
+	}
+	md.inst = inst
+	s.dirty = true
+	for i, e := range s.orphans {
+		if e.ID == inst.ID {
+			s.orphans = slices.Delete(s.orphans, i, i+1)
+			s.exitedWhileLoading(md, e)
+			return
+		}
+	}
+}
+
+// loaded takes a load whose server answers its health checks: the model
+// is ready. took is how long the load took.
+func (s *scheduler) loaded(now time.Time, md *model, op *loadOp, took time.Duration, before []gpu.Memory) {
+	if md.loading != op {
+		return
+	}
+	md.loading = nil
+	md.lastErr, md.lastLoad = nil, nil
+	md.since = now // min_resident counts from here
+	probe := s.cfg.ProbeOf(md.name)
+	md.health.failures, md.health.next = 0, now.Add(probe.Interval)
+	if probe.Interval <= 0 {
+		md.failures = 0 // else once a probe passes: see probed
+	}
+	md.use.lastUsed.Store(now.UnixNano())
+	s.setState(md, Ready)
+	if op.adopted {
+		s.event(now, md.name, EventReady, "adopted "+md.inst.ID+" at "+md.inst.Addr, 0)
+	} else {
+		s.event(now, md.name, EventReady, fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr), took)
+	}
+	s.answerAll(md, nil) // counts the waiters in, so the model is busy, not idle
+	s.do(measureServer{model: md.name, inst: md.inst, op: op, before: before})
+	s.do(listPIDs{md: md, inst: md.inst})
+	s.do(rereadGPUs{}) // so that status shows the memory it took
+	s.freeGPUs(now, md.name, op.gpus)
+	if op.cancelled {
+		s.unload(now, md, "asked to while it loaded")
+	}
+	s.schedule(now)
+}
+
+// BackoffBase and BackoffMax bound the wait after failed loads: it
+// doubles with each failure in a row.
+const (
+	BackoffBase = 5 * time.Second
+	BackoffMax  = 5 * time.Minute
+)
+
+// ErrUnloaded answers the waiters of a model unloaded before it was ready
+// (an operator's unload, or the model leaving the config).
+var ErrUnloaded = errors.New("unloaded while it was loading")
+
+// loadFailed ends a load that failed: the start failed, the server exited,
+// it never became healthy, or it was unloaded. The executor has stopped
+// the server by now.
+func (s *scheduler) loadFailed(now time.Time, md *model, op *loadOp, err error) {
+	if md.loading != op {
+		return
+	}
+	md.loading = nil
+	md.inst = nil
+	s.setState(md, Stopped)
+	s.do(rereadGPUs{})
+	if op.cancelled {
+		s.event(now, md.name, EventUnloaded, "before it was ready", 0)
+		if op.readded && len(md.liveWaiters()) > 0 {
+			// Cancelled as it left the config, which it has come back to
+			// since: those who asked for it meanwhile wait for a new load.
+			s.enqueue(md)
+		} else {
+			s.answerAll(md, fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
+		}
+		s.freeGPUs(now, md.name, op.gpus)
+		s.forget(md)
+		s.schedule(now)
+		return
+	}
+	if op.exit != nil && op.exit.Removed {
+		// Someone removed its server as it loaded: not the model's
+		// failure. Its waiters wait on for the next start.
+		s.note(slog.LevelWarn, "a loading model's server was removed by someone else; starting it again",
+			slog.String("model", md.name), slog.String("instance", op.exit.ID))
+		s.event(now, md.name, EventCrashed, "its server was "+op.exit.Reason+" while it loaded; starting it again", 0)
+		if len(md.liveWaiters()) > 0 || s.held(md, now) {
+			s.enqueue(md)
+		}
+		s.freeGPUs(now, md.name, op.gpus)
+		s.schedule(now)
+		return
+	}
+	tail := ""
+	if op.exit != nil {
+		err, tail = &exitError{*op.exit}, op.exit.LogTail
+	}
+	// The runtime being away says nothing about the model: such a failure
+	// is retried at the first interval however long the outage, so that
+	// the model loads soon after the runtime is back, not minutes later.
+	backoff := s.backoff
+	if !errors.Is(err, runtime.ErrUnreachable) {
+		md.failures++
+		backoff = s.backoffAfter(md.failures)
+	}
+	md.retryAt = now.Add(backoff)
+	md.lastLoad = &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
+	md.lastErr = md.lastLoad
+	s.note(slog.LevelError, "model failed to load", slog.String("model", md.name), slog.String("error", err.Error()),
+		slog.Int("failures", md.failures), slog.Duration("retry_in", backoff), slog.String("log_tail", lastLines(tail, 20)))
+	detail := fmt.Sprintf("%v; tried again in %v", err, backoff)
+	if tail != "" {
+		detail += "; last log lines: " + lastLines(tail, 5)
+	}
+	s.event(now, md.name, EventLoadFailed, detail, 0)
+	s.answerAll(md, md.lastLoad)
+	if s.keepLoaded(md) {
+		s.enqueue(md) // tried again once the backoff has passed
+	}
+	s.freeGPUs(now, md.name, op.gpus)
+	s.schedule(now)
+}
+
+// backoffAfter is the wait after the failures-th failure in a row: it
+// doubles from the first backoff up to BackoffMax.
+func (s *scheduler) backoffAfter(failures int) time.Duration {
+	return min(s.backoff<<min(max(failures, 1)-1, 16), BackoffMax)
+}
+
+// exitError is an instance that exited, as a load error.
+type exitError struct{ runtime.Exit }
+
+func (e *exitError) Error() string {
+	return fmt.Sprintf("its server exited (%s, code %d)", e.Reason, e.Code)
+}
+
+// exited takes a server that stopped.
+func (s *scheduler) exited(now time.Time, e runtime.Exit) {
+	for _, md := range s.sorted() {
+		if md.inst == nil || md.inst.ID != e.ID {
+			continue
+		}
+		switch md.state {
+		case Loading:
+			s.exitedWhileLoading(md, e)
+		case Ready:
+			s.note(slog.LevelError, "model crashed", slog.String("model", md.name), slog.Int("code", e.Code),
+				slog.String("reason", e.Reason), slog.String("log_tail", lastLines(e.LogTail, 20)))
+			detail := fmt.Sprintf("%s, code %d", e.Reason, e.Code)
+			if e.LogTail != "" {
+				detail += "; last log lines: " + lastLines(e.LogTail, 5)
+			}
+			s.event(now, md.name, EventCrashed, detail, 0)
+			md.inst = nil
+			s.setState(md, Stopped)
+			s.do(rereadGPUs{})
+			s.forget(md)
+			if s.keepLoaded(md) {
+				s.enqueue(md)
+			}
+			s.schedule(now)
+		}
+		return // a Draining model's stop is finished when its stop returns
+	}
+	// Not known (yet): keep it for started, a few only.
+	s.orphans = append(s.orphans, e)
+	if len(s.orphans) > 64 {
+		s.orphans = s.orphans[1:]
+	}
+}
+
+// exitedWhileLoading ends the load at once rather than at load_timeout:
+// the load stops polling, and reports the exit with its log tail. An exit
+// the executor asked for, stopping a load that failed, changes nothing.
+func (s *scheduler) exitedWhileLoading(md *model, e runtime.Exit) {
+	if op := md.loading; op != nil && !e.Requested {
+		op.exit = &e
+		s.do(cancelLoad{op: op})
+	}
+}
+
+// unload drains md and then stops it; a loading model's load is ended.
+func (s *scheduler) unload(now time.Time, md *model, reason string) {
+	switch md.state {
+	case Ready:
+		// Published before the count is read: see Manager.TryLease.
+		s.setState(md, Draining)
+		s.publish()
+		md.drainBy = now.Add(s.cfg.DrainTimeout.Std())
+		s.event(now, md.name, EventDraining, fmt.Sprintf("%s; %d in flight", reason, md.use.inflight.Load()), 0)
+		s.maybeStop(now, md)
+	case Loading:
+		if op := md.loading; op != nil {
+			op.cancelled = true
+			s.do(cancelLoad{op: op}) // the load stops the server and reports
+			return
+		}
+		// Placed but not started (waiting for evictions or a GPU).
+		s.setState(md, Stopped)
+		md.gpus, md.evicting = nil, nil
+		s.answerAll(md, fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
+		s.forget(md)
+		s.schedule(now)
+	}
+}
+
+// maybeStop stops a draining model once its requests are done (or the
+// drain timeout passed) and no other start or stop runs on its GPUs.
+func (s *scheduler) maybeStop(now time.Time, md *model) {
+	if md.state != Draining || md.stopping {
+		return
+	}
+	if md.use.inflight.Load() > 0 && now.Before(md.drainBy) {
+		return
+	}
+	if !s.claimGPUs(md.name, md.gpus) {
+		return
+	}
+	md.stopping = true
+	grace := s.cfg.DrainTimeout.Std()
+	if md.health.unhealthy {
+		grace = 0 // it failed its health probes: no graceful shutdown to wait for
+	}
+	s.do(stopServer{md: md, inst: md.inst, gpus: md.gpus, grace: grace})
+}
+
+// stopped takes a draining model whose server has stopped.
+func (s *scheduler) stopped(now time.Time, md *model, gpus []int, err error) {
+	md.stopping = false
+	if err != nil {
+		s.note(slog.LevelError, "model did not stop cleanly", slog.String("model", md.name), slog.String("error", err.Error()))
+	}
+	for _, g := range gpus {
+		s.lastStop[g] = now
+	}
+	md.inst = nil
+	s.setState(md, Stopped)
+	s.do(rereadGPUs{})
+	s.event(now, md.name, EventUnloaded, "", 0)
+	if md.health.restart && !md.removed {
+		// Restarted as it was serving, whether or not a request waits;
+		// after a second failure in a row (it hung again before passing
+		// a probe, or its loads fail), only after a backoff, so a server
+		// that cannot stay up is not restarted in a loop.
+		start := now
+		if md.failures > 1 {
+			md.retryAt = now.Add(s.backoffAfter(md.failures - 1))
+			start = md.retryAt
+		}
+		md.keepUntil = start.Add(s.cfg.LoadTimeout.Std())
+		s.enqueue(md)
+	}
+	md.health.unhealthy, md.health.restart = false, false
+	if len(md.liveWaiters()) > 0 || s.keepLoaded(md) {
+		s.enqueue(md)
+	}
+	s.forget(md)
+	s.freeGPUs(now, md.name, gpus)
+	s.schedule(now)
+}
+
+// forget drops a model removed from the config once it is stopped and no
+// request of it is in flight, so a late release cannot reach a new model
+// of the same name.
+func (s *scheduler) forget(md *model) {
+	if md.removed && md.state == Stopped && md.use.inflight.Load() <= 0 && s.models[md.name] == md {
+		delete(s.models, md.name)
+		s.dirty = true
+	}
+}
+
+// reconcile runs when something may have freed: a draining model's last
+// request ended, or the GPUs' memory changed.
+func (s *scheduler) reconcile(now time.Time) {
+	for _, md := range s.sorted() {
+		s.maybeStop(now, md)
+	}
+	s.schedule(now)
+}
+
+// gpusRead takes a new reading of the GPUs' memory.
+func (s *scheduler) gpusRead(now time.Time, r *gpuReading) {
+	s.reading = r
+	s.dirty = true
+	s.reconcile(now)
+}
+
+// tick applies the timeouts: drains that ran out, idle models, models
+// whose settings changed; probes what is due; and retries placement, as
+// memory may have come back.
+func (s *scheduler) tick(now time.Time) {
+	for _, md := range s.sorted() {
+		if n := len(md.waiters); len(md.liveWaiters()) != n {
+			s.dirty = true
+		}
+		switch md.state {
+		case Stopped:
+			s.forget(md)
+		case Draining:
+			s.maybeStop(now, md)
+		case Ready:
+			s.maybeProbe(now, md)
+			idle := md.use.inflight.Load() == 0
+			switch {
+			case md.removed && idle:
+				s.unload(now, md, "it was removed from the config")
+			case md.stale() && idle:
+				s.unload(now, md, "its settings changed")
+			case idle && !s.keepLoaded(md) && !md.pinned:
+				if t := s.cfg.InactivityOf(md.name); t > 0 && now.Sub(time.Unix(0, md.use.lastUsed.Load())) >= t {
+					s.unload(now, md, "idle for "+t.String())
+				}
+			}
+		}
+	}
+	s.schedule(now)
+}
+
+// configure applies a new config. New models can be asked for at once; a
+// model that is gone, or whose memory settings changed, is unloaded once
+// it is idle (its requests in flight finish on the old server), and the
+// next request loads it under the new settings. Limits and timeouts apply
+// to the next decision.
+func (s *scheduler) configure(now time.Time, cfg *config.Config) {
+	s.cfg = cfg
+	s.dirty = true
+	var leaving []*model // loading, and gone from the config
+	for _, md := range s.sorted() {
+		mc, ok := cfg.Models[md.name]
+		if !ok {
+			md.removed = true
+			s.answerAll(md, fmt.Errorf("%w: %s", ErrUnknownModel, md.name))
+			if md.state == Loading {
+				leaving = append(leaving, md)
+			}
+			s.forget(md)
+			continue
+		}
+		if md.removed && md.loading != nil && md.loading.cancelled {
+			md.loading.readded = true
+		}
+		md.removed = false
+		md.sig = Signature(cfg, mc)
+		md.launch = LaunchSignature(cfg, mc) // a server running other settings is stale: see tick
+		md.cfg = mc
+		if mc.AlwaysOn && md.state == Stopped {
+			s.enqueue(md)
+		}
+	}
+	for _, name := range cfg.ModelNames() {
+		if _, ok := s.models[name]; !ok {
+			md := s.newModel(name, cfg.Models[name], now)
+			s.models[name] = md
+			if md.cfg.AlwaysOn {
+				s.enqueue(md)
+			}
+		}
+	}
+	// Nobody can ask for these any more: a load would only hold GPU
+	// memory until load_timeout. (A ready model is unloaded once idle, by
+	// tick.) Unloaded once every model has its new config.
+	for _, md := range leaving {
+		s.unload(now, md, "it was removed from the config")
+	}
+	s.schedule(now)
+}
+
+// start places the always-on models, once the servers found running have
+// been adopted.
+func (s *scheduler) start(now time.Time) {
+	for _, md := range s.sorted() {
+		if md.cfg.AlwaysOn && md.state == Stopped {
+			s.enqueue(md)
+		}
+	}
+	s.schedule(now)
+}
+
+// operate runs an operator's action f on the model called name. It fails
+// with ErrUnknownModel when there is none (or it has left the config,
+// unless removedToo).
+func (s *scheduler) operate(name string, removedToo bool, f func(*model)) error {
+	md := s.models[name]
+	if md == nil || (md.removed && !removedToo) {
+		return fmt.Errorf("%w: %s", ErrUnknownModel, name)
+	}
+	f(md)
+	s.dirty = true
+	return nil
+}
+
+// pin keeps md from being evicted or unloaded for idleness, or lets it go.
+func (s *scheduler) pin(name string, on bool) error {
+	return s.operate(name, false, func(md *model) { md.pinned = on })
+}
+
+// load is an operator's load: at once even during the backoff after a
+// failed load (the operator may have fixed the cause); without a request
+// waiting, the model is held until load_timeout as a request's would be.
+func (s *scheduler) load(now time.Time, name string, wait bool) error {
+	return s.operate(name, false, func(md *model) {
+		md.retryAt = time.Time{}
+		if !wait && md.state == Stopped {
+			s.enqueue(md)
+			md.keepUntil = now.Add(s.cfg.LoadTimeout.Std())
+			s.schedule(now)
+		}
+	})
+}
+
+// unloadAsked is an operator's unload.
+func (s *scheduler) unloadAsked(now time.Time, name string) error {
+	return s.operate(name, true, func(md *model) {
+		// An operator's unload wins over a restart an unhealthy model was
+		// being drained for.
+		md.health.restart, md.keepUntil = false, time.Time{}
+		s.unload(now, md, "asked to")
+	})
+}
+
+// stopAll unloads every model and keeps always_on ones from coming back;
+// it reports how many were still running.
+func (s *scheduler) stopAll(now time.Time) int {
+	s.quiesced = true
+	s.pending = nil
+	running := 0
+	for _, md := range s.sorted() {
+		s.answerAll(md, ErrClosed)
+	}
+	for _, md := range s.sorted() {
+		if md.state != Stopped {
+			running++
+			s.unload(now, md, "stopping all")
+		}
+	}
+	return running
+}
+
+// adopted takes over the servers a previous vgw left running: those whose
+// model is configured with the same launch settings are kept, and ready
+// once their /health answers (one may still be loading); the rest are
+// stopped.
+func (s *scheduler) adopted(insts []*runtime.Instance) {
+	for _, inst := range insts {
+		md := s.models[inst.Model]
+		if md != nil && md.inst != nil && md.inst.ID == inst.ID {
+			continue // already ours: a start found it running
+		}
+		if md == nil || md.removed || md.launch != inst.Launch || md.inst != nil || md.state != Stopped || inst.Addr == "" {
+			s.note(slog.LevelInfo, "stopping a model server that does not match the config", slog.String("model", inst.Model), slog.String("id", inst.ID))
+			s.do(stopServer{inst: inst, grace: s.cfg.DrainTimeout.Std()})
+			continue
+		}
+		md.gpus = inst.GPUs
+		md.perGPU, md.source = s.footprint(md)
+		s.setState(md, Loading)
+		s.claimGPUs(md.name, md.gpus) // it may still be starting: no neighbour starts meanwhile
+		op := s.newLoadOp(md)
+		op.adopted = true
+		md.loading, md.inst = op, inst
+		s.do(resumeServer{md: md, op: op, inst: inst})
+	}
+}
+
+// listed records the processes of a server that just became ready.
+func (s *scheduler) listed(md *model, inst *runtime.Instance, pids []int) {
+	md.pids = instPIDs{inst, pids}
+}
+
+// measured takes what a ready model's server was measured to use per GPU,
+// under the signature of the settings it runs, and how ("processes":
+// its processes' memory, as the driver lists it; "delta": the rise in its
+// GPUs' used memory since before it started). A difference is trusted
+// only when nothing else of vgw's started or stopped on those GPUs from
+// settleTime before the load until the reading: a neighbour's memory may
+// still be coming back, or going.
+func (s *scheduler) measured(name string, op *loadOp, fp Footprint) {
+	if fp.How == "delta" && !(op.calm && s.untouched(op)) {
+		return
+	}
+	s.do(saveFootprint{model: name, fp: fp})
+}
+
+// untouched reports whether no start or stop but op's own has claimed
+// op's GPUs since it did.
+func (s *scheduler) untouched(op *loadOp) bool {
+	for g, n := range op.ops {
+		if s.gpuOps[g] != n {
+			return false
+		}
+	}
+	return true
+}
+
+// sorted returns the models in name order, for deterministic loops.
+func (s *scheduler) sorted() []*model {
+	out := make([]*model, 0, len(s.models))
+	for _, md := range s.models {
+		out = append(out, md)
+	}
+	slices.SortFunc(out, func(a, b *model) int { return strings.Compare(a.name, b.name) })
+	return out
+}
+
+// event tells the operator of a lifecycle change.
+func (s *scheduler) event(now time.Time, model, kind, detail string, took time.Duration) {
+	s.do(tell{Event{Time: now, Model: model, Kind: kind, Detail: detail, Took: took}})
+}
+
+// note asks the executor to log a line.
+func (s *scheduler) note(level slog.Level, msg string, attrs ...slog.Attr) {
+	s.do(logLine{level: level, msg: msg, attrs: attrs})
+}
+
+// lastLines returns the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

@@ -1,0 +1,37 @@
+package manager
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+
+	"github.com/vgw-project/vgw/config"
+)
+
+// Signature identifies the settings that decide how much memory a model's
+// server takes; a footprint learned under another signature is stale.
+func Signature(c *config.Config, m *config.Model) string {
+	b, _ := json.Marshal(struct {
+		Image, Repo, Quantization, DType string
+		MaxModelLen, MaxNumSeqs, TP      int
+		Utilization                      float64
+		ExtraArgs                        []string
+	}{c.Runtime.Image, m.Repo, m.Quantization, m.DType, m.MaxModelLen, m.MaxNumSeqs, max(m.TensorParallelSize, 1), m.GPUMemoryUtilization, m.ExtraArgs})
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}
+
+// LaunchSignature identifies everything a model's server is started with
+// that the config decides: its memory settings (Signature), the runtime's
+// network, cache, shared memory and env, the model's env and GPU pins. A
+// server started otherwise is reloaded once idle, and not adopted.
+func LaunchSignature(c *config.Config, m *config.Model) string {
+	b, _ := json.Marshal(struct {
+		Signature, Network, CacheDir string
+		ShmSize                      int64
+		RuntimeEnv, Env              map[string]string
+		GPUs                         []int
+	}{Signature(c, m), c.Runtime.Network, c.Runtime.CacheDir, int64(c.Runtime.ShmSize), c.Runtime.Env, m.Env, m.GPUs})
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}
