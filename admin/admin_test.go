@@ -160,7 +160,7 @@ models:
 	}
 	adm := &fakeAdmission{counts: map[string]extproc.Counts{}}
 	level := new(slog.LevelVar)
-	svc := NewService(Deps{
+	svc := NewService(Options{
 		Manager: mgr, Admission: adm, Envoys: fakeEnvoys{}, Level: level,
 		Config: func() *config.Config { return cfg },
 		Events: NewHub(), Metrics: NewMetrics(), Log: slog.New(slog.DiscardHandler), Version: "test", Started: time.Now(),

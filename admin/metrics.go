@@ -35,7 +35,7 @@ type Metrics struct {
 
 // NewMetrics registers vgw's metrics, and Go's and the process's, in a
 // registry of their own. What the admin service reports joins them when
-// the service is made with them (Deps.Metrics).
+// the service is made with them (Options.Metrics).
 func NewMetrics() *Metrics {
 	m := &Metrics{
 		Registry: prometheus.NewRegistry(),
@@ -115,7 +115,7 @@ func (m *Metrics) Models(names []string) {
 	m.models = now
 }
 
-// QueueWait records a request's wait; give it to extproc.WithWaitObserver.
+// QueueWait records a request's wait; give it to extproc.Options.OnWait.
 func (m *Metrics) QueueWait(model string, d time.Duration) {
 	m.queueWait.WithLabelValues(model).Observe(d.Seconds())
 }

@@ -51,8 +51,8 @@ type Envoys interface {
 	Counters() xds.Counters
 }
 
-// Deps are what the admin service reports on and acts on.
-type Deps struct {
+// Options are what the admin service reports on and acts on, and how.
+type Options struct {
 	Manager   Manager
 	Admission Admission
 	Envoys    Envoys
@@ -77,11 +77,11 @@ type Deps struct {
 // Service implements vgw.admin.v1.Admin.
 type Service struct {
 	adminv1.UnimplementedAdminServer
-	d Deps
+	d Options
 }
 
 // NewService returns the admin service over d.
-func NewService(d Deps) *Service {
+func NewService(d Options) *Service {
 	if d.Redact == nil {
 		d.Redact = func(s string) string { return s }
 	}

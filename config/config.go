@@ -93,7 +93,7 @@ type Envoy struct {
 	// the longest a request goes with nothing moving through Envoy's
 	// filters before Envoy ends it, so the longest a real Envoy leaves an
 	// ext_proc stream silent before the response begins. vgw ends a stream
-	// silent for a minute longer (extproc.WithStreamIdleTimeout); 0 sets
+	// silent for a minute longer (extproc.Options.StreamIdleTimeout); 0 sets
 	// no bound. Envoy restarts its timer when request data passes a filter
 	// and when the response's headers and data do (filter_manager.cc
 	// decodeData, encodeHeaders, encodeData), so after a request's last

@@ -41,7 +41,7 @@ func (d *discardStream) Recv() (*extprocv3.ProcessingRequest, error) { return ni
 func benchServer(level slog.Level) *Server {
 	log := slog.New(slog.NewJSONHandler(io.Discard, &slog.HandlerOptions{Level: level}))
 	return New([]Model{{Name: "llama-3.1-8b", Cluster: "model/llama-3.1-8b", Limits: Limits{MaxConcurrent: 1 << 20, MaxQueue: 1 << 20, QueueTimeout: time.Minute}}},
-		readyLeases{}, WithLogger(log))
+		readyLeases{}, Options{Log: log})
 }
 
 // BenchmarkExtractModel times reading the model from chat bodies of 1 KiB

@@ -110,7 +110,7 @@ func TestAdmit(t *testing.T) {
 }
 
 func TestRejections(t *testing.T) {
-	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithMaxBody(4096))
+	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.Options{MaxBody: 4096})
 	big := append(chat("llama")[:0:0], `{"model":"llama","prompt":"`...)
 	big = append(big, strings.Repeat("x", 5000)...)
 	big = append(big, `"}`...)
@@ -479,7 +479,7 @@ func TestModelLoad(t *testing.T) {
 	})
 	t.Run("fails, told without the log and with secrets masked", func(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}},
-			extproc.WithRedactor(strings.NewReplacer("sk-planted", "[redacted]").Replace))
+			extproc.Options{Redact: strings.NewReplacer("sk-planted", "[redacted]").Replace})
 		load := h.leases.startLoading("llama")
 		load <- &logTailError{public: "server exited (--api-key sk-planted)", tail: "CUDA out of memory"}
 		res := do(t, h, context.Background(), req("l", chat("llama")))
@@ -489,7 +489,7 @@ func TestModelLoad(t *testing.T) {
 		h.idle(t, "llama")
 	})
 	t.Run("times out", func(t *testing.T) {
-		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithLoadTimeout(200*time.Millisecond))
+		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.Options{LoadTimeout: 200 * time.Millisecond})
 		h.leases.startLoading("llama")
 		res := do(t, h, context.Background(), req("l", chat("llama")))
 		if res.Status != 504 || !res.Immediate {
@@ -559,7 +559,7 @@ func TestDecisionLogging(t *testing.T) {
 		t.Run(level.String(), func(t *testing.T) {
 			var buf syncBuffer
 			log := slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: level}))
-			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}}, extproc.WithLogger(log))
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}}, extproc.Options{Log: log})
 			do(t, h, context.Background(), req("a", chat("llama")))
 			do(t, h, context.Background(), req("b", chat("nope")))
 			h.idle(t, "llama")
@@ -649,7 +649,7 @@ func TestEnvoyMessageTimer(t *testing.T) {
 		h.idle(t, "llama")
 	})
 	t.Run("vgw knows it cannot extend: vgw's 504", func(t *testing.T) {
-		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithMessageTimeouts(200*time.Millisecond, 0))
+		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.Options{MessageTimeout: 200 * time.Millisecond})
 		noOverride(h)
 		h.leases.startLoading("llama")
 		res := do(t, h, context.Background(), req("l", chat("llama")))

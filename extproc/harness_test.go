@@ -140,7 +140,9 @@ type harness struct {
 
 // start runs an ext_proc server on a loopback listener and an Envoy that
 // talks to it over real gRPC.
-func start(t testing.TB, models []extproc.Model, opts ...extproc.Option) *harness {
+// start serves models with at most one Options, whose message timeouts
+// are the shipped bootstrap's unless it sets them.
+func start(t testing.TB, models []extproc.Model, opts ...extproc.Options) *harness {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -149,8 +151,14 @@ func start(t testing.TB, models []extproc.Model, opts ...extproc.Option) *harnes
 	h := &harness{leases: newFakeLeases(), up: newUpstreams(), clock: clockwork.NewFakeClock()}
 	f := repoFilter(t)
 	f.Clock = h.clock
-	opts = append([]extproc.Option{extproc.WithMessageTimeouts(f.MessageTimeout, f.MaxMessageTimeout)}, opts...)
-	h.srv = extproc.New(withClusters(models), h.leases, opts...)
+	var o extproc.Options
+	if len(opts) > 0 {
+		o = opts[0]
+	}
+	if o.MessageTimeout == 0 { // the bootstrap's, unless the test sets its own
+		o.MessageTimeout, o.MaxMessageTimeout = f.MessageTimeout, f.MaxMessageTimeout
+	}
+	h.srv = extproc.New(withClusters(models), h.leases, o)
 	g := grpc.NewServer(h.srv.ServerOptions()...)
 	h.srv.Register(g)
 	go g.Serve(lis)

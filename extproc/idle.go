@@ -120,7 +120,7 @@ func (s *Server) watchIdle(ctx context.Context, info *tap.Info) (context.Context
 
 // streamIdleOption is the gRPC server option that bounds how long an
 // ext_proc stream may wait for Envoy before its response begins (see
-// WithStreamIdleTimeout), or none when no bound is set.
+// Options.StreamIdleTimeout), or none when no bound is set.
 func (s *Server) streamIdleOption() grpc.ServerOption {
 	if s.streamIdle <= 0 {
 		return grpc.EmptyServerOption{}

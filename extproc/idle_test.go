@@ -51,7 +51,7 @@ func TestIdleStreams(t *testing.T) {
 			// vgw's clock moves only when the test says: silence lasts
 			// exactly as long as the test makes it.
 			clock := clockwork.NewFakeClock()
-			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.WithStreamIdleTimeout(bound), extproc.WithClock(clock))
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.Options{StreamIdleTimeout: bound, Clock: clock})
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			stream, err := extprocv3.NewExternalProcessorClient(h.conn).Process(ctx)
@@ -128,7 +128,7 @@ func TestIdleStreams(t *testing.T) {
 func TestIdleBoundSparesVgwsOwnWaits(t *testing.T) {
 	const bound = 100 * time.Millisecond
 	clock := clockwork.NewFakeClock()
-	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, time.Hour)}}, extproc.WithStreamIdleTimeout(bound), extproc.WithClock(clock))
+	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, time.Hour)}}, extproc.Options{StreamIdleTimeout: bound, Clock: clock})
 	a, doneA := h.streaming(t, context.Background(), "a", "llama")
 	// An unbuffered send returns once Envoy has taken the chunk: a's
 	// response has begun, so a has no bound armed either.

@@ -6,6 +6,7 @@
 package extproc
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -118,10 +119,10 @@ type Server struct {
 	draining atomic.Bool
 	unknown  counts // decisions for requests that named no configured model
 
-	waited func(model string, d time.Duration) // see WithWaitObserver
-	redact func(string) string                 // see WithRedactor
+	waited func(model string, d time.Duration) // see Options.OnWait
+	redact func(string) string                 // see Options.Redact
 
-	streamIdle time.Duration // see WithStreamIdleTimeout
+	streamIdle time.Duration // see Options.StreamIdleTimeout
 	idleClosed atomic.Uint64 // streams ended for their silence
 	clock      clockwork.Clock
 }
@@ -232,54 +233,47 @@ func (m *modelEntry) setCluster(cluster string) {
 	m.route.Store(h)
 }
 
-// An Option configures a Server.
-type Option func(*Server)
-
-// WithLogger sets the logger; decisions are logged at debug level.
-func WithLogger(l *slog.Logger) Option { return func(s *Server) { s.log = l } }
-
-// WithDecisionLog sets the ring that keeps recent decisions.
-func WithDecisionLog(d *DecisionLog) Option { return func(s *Server) { s.decisions = d } }
-
-// WithMaxBody sets the largest request body vgw reads; larger ones are 413.
-// It should not exceed Envoy's buffer limit for the route, or Envoy answers
-// 413 itself before vgw sees the body.
-func WithMaxBody(n int) Option { return func(s *Server) { s.maxBody = n } }
-
-// WithWaitObserver has f told how long each request that waited (for a
-// slot or for its model) waited, whatever became of it; for a histogram.
-// It runs on the request's goroutine and must be quick.
-func WithWaitObserver(f func(model string, d time.Duration)) Option {
-	return func(s *Server) { s.waited = f }
+// Options are a Server's settings. The zero value of each field is its
+// default.
+type Options struct {
+	// Log receives decisions at debug level; slog.Default() when nil.
+	Log *slog.Logger
+	// Decisions keeps recent decisions; a ring of 4096 when nil.
+	Decisions *DecisionLog
+	// MaxBody is the largest request body vgw reads; larger ones are 413
+	// (DefaultMaxBody when 0). It should not exceed Envoy's buffer limit
+	// for the route, or Envoy answers 413 itself before vgw sees the body.
+	MaxBody int
+	// LoadTimeout bounds how long a request waits for its model to load
+	// (DefaultLoadTimeout when 0).
+	LoadTimeout time.Duration
+	// MessageTimeout and MaxMessageTimeout are the message_timeout and
+	// max_message_timeout of Envoy's ext_proc filter. A request may wait
+	// only as long as Envoy lets it (see waitBudget). MessageTimeout is
+	// DefaultMessageTimeout when 0; MaxMessageTimeout 0 means Envoy
+	// accepts no override, as in Envoy.
+	MessageTimeout    time.Duration
+	MaxMessageTimeout time.Duration
+	// StreamIdleTimeout bounds how long an ext_proc stream may wait for
+	// Envoy's next message where Envoy's own idle timer bounds it; a
+	// stream silent for longer is ended, and what it held given back
+	// (idle.go). Set it above Envoy's stream_idle_timeout, which ends
+	// every real request sooner; 0 sets no bound. The bound works only
+	// on a listener built with ServerOptions.
+	StreamIdleTimeout time.Duration
+	// OnWait, when set, is told how long each request that waited (for a
+	// slot or for its model) waited, whatever became of it; for a
+	// histogram. It runs on the request's goroutine and must be quick.
+	OnWait func(model string, d time.Duration)
+	// Redact, when set, masks secrets in the cause of a failed load
+	// before a client is told it. The manager already keeps the model
+	// server's log and the daemon's address out of what clients see
+	// (its errors' Public text); this is the second line, for any cause
+	// vgw passes on that quotes a value from the config.
+	Redact func(string) string
+	// Clock times the stream idle bound; tests move a fake one.
+	Clock clockwork.Clock
 }
-
-// WithRedactor has f mask secrets in the cause of a failed load before a
-// client is told it. The manager already keeps the model server's log and
-// the daemon's address out of what clients see (its errors' Public text);
-// this is the second line, for any cause vgw passes on that quotes a value
-// from the config.
-func WithRedactor(f func(string) string) Option { return func(s *Server) { s.redact = f } }
-
-// WithLoadTimeout bounds how long a request waits for its model to load.
-func WithLoadTimeout(d time.Duration) Option { return func(s *Server) { s.loadTimeout = d } }
-
-// WithMessageTimeouts tells vgw the message_timeout and max_message_timeout
-// of Envoy's ext_proc filter. A request may wait only as long as Envoy lets
-// it (see waitBudget); max 0 means Envoy accepts no override.
-func WithMessageTimeouts(message, max time.Duration) Option {
-	return func(s *Server) { s.messageTimeout, s.maxMessageTimeout = message, max }
-}
-
-// WithStreamIdleTimeout bounds how long an ext_proc stream may wait for
-// Envoy's next message where Envoy's own idle timer bounds it; a stream
-// silent for longer is ended, and what it held given back (idle.go). Set
-// it above Envoy's stream_idle_timeout, which ends every real request
-// sooner. The bound works only on a listener built with ServerOptions.
-func WithStreamIdleTimeout(d time.Duration) Option { return func(s *Server) { s.streamIdle = d } }
-
-// WithClock sets the clock that times the stream idle bound, for tests
-// that move it themselves.
-func WithClock(c clockwork.Clock) Option { return func(s *Server) { s.clock = c } }
 
 // Defaults, matching Envoy's own where the value mirrors an Envoy setting.
 const (
@@ -289,17 +283,22 @@ const (
 )
 
 // New returns a server for models, whose requests take leases.
-func New(models []Model, leases Leases, opts ...Option) *Server {
+func New(models []Model, leases Leases, o Options) *Server {
 	s := &Server{
-		leases:         leases,
-		log:            slog.Default(),
-		maxBody:        DefaultMaxBody,
-		loadTimeout:    DefaultLoadTimeout,
-		messageTimeout: DefaultMessageTimeout,
-		clock:          clockwork.NewRealClock(),
+		leases:            leases,
+		log:               cmp.Or(o.Log, slog.Default()),
+		decisions:         o.Decisions,
+		maxBody:           cmp.Or(o.MaxBody, DefaultMaxBody),
+		loadTimeout:       cmp.Or(o.LoadTimeout, DefaultLoadTimeout),
+		messageTimeout:    cmp.Or(o.MessageTimeout, DefaultMessageTimeout),
+		maxMessageTimeout: o.MaxMessageTimeout,
+		streamIdle:        o.StreamIdleTimeout,
+		waited:            o.OnWait,
+		redact:            o.Redact,
+		clock:             o.Clock,
 	}
-	for _, o := range opts {
-		o(s)
+	if s.clock == nil {
+		s.clock = clockwork.NewRealClock()
 	}
 	if s.redact == nil {
 		s.redact = func(s string) string { return s }

@@ -80,7 +80,7 @@ func TestProcessNeverEndsOKWithAMessageUnanswered(t *testing.T) {
 // handed to it in the meantime.
 func TestOverrideSendFailsAfterGrant(t *testing.T) {
 	s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}},
-		readyLeases{}, WithMessageTimeouts(200*time.Millisecond, time.Minute))
+		readyLeases{}, Options{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: time.Minute})
 	g := s.lookup([]byte("m")).gate
 	if !g.tryAcquire() {
 		t.Fatal("could not take the only slot")
@@ -104,7 +104,7 @@ func TestOverrideSendFailsAfterGrant(t *testing.T) {
 // TestDraining: while draining, new requests are answered 503 with
 // Retry-After and requests already admitted finish.
 func TestDraining(t *testing.T) {
-	s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 4, MaxQueue: 4, QueueTimeout: time.Minute}}}, readyLeases{})
+	s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 4, MaxQueue: 4, QueueTimeout: time.Minute}}}, readyLeases{}, Options{})
 	s.SetDraining(true)
 	srv := &scriptedStream{ctx: context.Background(), msgs: []*extprocv3.ProcessingRequest{bodyMsg(`{"model":"m"}`)}, end: io.EOF}
 	if err := s.Process(srv); err != nil {
@@ -139,7 +139,7 @@ func TestBodyWithoutEndOfStream(t *testing.T) {
 		{"streamed", filterv3.ProcessingMode_STREAMED, true, "413"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}}, readyLeases{})
+			s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}}, readyLeases{}, Options{})
 			msg := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
 				RequestBody: &extprocv3.HttpBody{Body: []byte(`{"model":"m"}`)}}}
 			if tc.pc {
@@ -176,7 +176,7 @@ func TestEmptyBody(t *testing.T) {
 		{"POST", "/v1/chat/completions", 400},
 	} {
 		t.Run(tc.method, func(t *testing.T) {
-			s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}}, readyLeases{})
+			s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}}, readyLeases{}, Options{})
 			headers := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
 				Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{{Key: ":method", RawValue: []byte(tc.method)}, {Key: ":path", RawValue: []byte(tc.path)}}}}},
 				ProtocolConfig: &extprocv3.ProtocolConfiguration{RequestBodyMode: filterv3.ProcessingMode_BUFFERED}}

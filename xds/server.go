@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -86,7 +87,7 @@ type Server struct {
 
 	last []Model // what the last snapshot was built from; owned by Run
 
-	onNACK func(NACK) // see WithNACKHook
+	onNACK func(NACK) // see Options.OnNACK
 	pushes atomic.Uint64
 	ackN   atomic.Uint64
 	nackN  atomic.Uint64
@@ -198,11 +199,16 @@ type group struct{}
 
 func (group) ID(*corev3.Node) string { return "vgw" }
 
-// An Option configures a Server.
-type Option func(*Server)
-
-// WithNACKHook has f told of every rejected version, off the lock.
-func WithNACKHook(f func(NACK)) Option { return func(s *Server) { s.onNACK = f } }
+// Options are a Server's settings.
+type Options struct {
+	// Settings shape the clusters and how long requests wait for Envoys.
+	Settings
+	// Log is where the server says what Envoys do; slog.Default() when nil.
+	Log *slog.Logger
+	// OnNACK, when set, is told of every version an Envoy rejects, off
+	// the server's lock.
+	OnNACK func(NACK)
+}
 
 // Counters are the server's totals since it started.
 type Counters struct {
@@ -217,7 +223,8 @@ func (s *Server) Counters() Counters {
 }
 
 // New returns an xDS server for src.
-func New(src Source, s Settings, log *slog.Logger, opts ...Option) *Server {
+func New(src Source, o Options) *Server {
+	s, log := o.Settings, cmp.Or(o.Log, slog.Default())
 	b := make([]byte, 3)
 	rand.Read(b)
 	srv := &Server{
@@ -228,6 +235,7 @@ func New(src Source, s Settings, log *slog.Logger, opts ...Option) *Server {
 		current: map[string][]string{},
 		streams: map[int64]*adsStream{},
 		alone:   time.Now().Add(s.NoEnvoyGrace),
+		onNACK:  o.OnNACK,
 	}
 	srv.acks.Store(&ackTable{alone: srv.alone, next: make(chan struct{})})
 	srv.cache = cache.NewSnapshotCache(true, group{}, nil)
@@ -240,9 +248,6 @@ func New(src Source, s Settings, log *slog.Logger, opts ...Option) *Server {
 		StreamRequestFunc:  srv.streamRequest,
 		StreamResponseFunc: srv.streamResponse,
 	}, sotw.WithOrderedADS())
-	for _, o := range opts {
-		o(srv)
-	}
 	return srv
 }
 

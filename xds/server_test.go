@@ -110,7 +110,7 @@ func (f *fixture) serve(t testing.TB) {
 		t.Fatal(err)
 	}
 	f.src.publish() // what the models are as it starts
-	f.srv = xds.New(f.src, f.settings, slog.New(slog.DiscardHandler))
+	f.srv = xds.New(f.src, xds.Options{Settings: f.settings, Log: slog.New(slog.DiscardHandler)})
 	g := grpc.NewServer()
 	f.srv.Register(g)
 	healthpb.RegisterHealthServer(g, health.NewServer())

@@ -103,25 +103,30 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		return nil, err
 	}
 	a.mgr, a.closeGPUs = mgr, closeGPUs
-	a.xds = xds.New(mgr, xds.Settings{
-		ConnectTimeout:      xds.DefaultSettings.ConnectTimeout,
-		HealthCheckInterval: cfg.Envoy.HealthCheckInterval.Std(),
-		NoEnvoyGrace:        cfg.Envoy.XDSGrace.Std(),
-		AckTimeout:          cfg.Envoy.XDSAckTimeout.Std(),
-	}, log, xds.WithNACKHook(func(n xds.NACK) {
-		a.events.Publish(admin.Event{Time: n.Time, Kind: "xds_nack",
-			Detail: "Envoy " + n.Node + " rejected " + n.TypeURL + " version " + n.Version + ": " + n.Error})
-	}))
-	a.ep = extproc.New(extprocModels(cfg), leases{mgr, a.xds},
-		extproc.WithLogger(log),
-		extproc.WithMaxBody(int(cfg.MaxBodyBytes)),
-		extproc.WithLoadTimeout(cfg.LoadTimeout.Std()),
-		extproc.WithMessageTimeouts(cfg.Envoy.MessageTimeout.Std(), cfg.Envoy.MaxMessageTimeout.Std()),
-		extproc.WithWaitObserver(a.metrics.QueueWait),
-		extproc.WithRedactor(a.redactor.Redact),
-		extproc.WithStreamIdleTimeout(streamIdleBound(cfg.Envoy.StreamIdleTimeout.Std())),
-	)
-	svc := admin.NewService(admin.Deps{
+	a.xds = xds.New(mgr, xds.Options{
+		Settings: xds.Settings{
+			ConnectTimeout:      xds.DefaultSettings.ConnectTimeout,
+			HealthCheckInterval: cfg.Envoy.HealthCheckInterval.Std(),
+			NoEnvoyGrace:        cfg.Envoy.XDSGrace.Std(),
+			AckTimeout:          cfg.Envoy.XDSAckTimeout.Std(),
+		},
+		Log: log,
+		OnNACK: func(n xds.NACK) {
+			a.events.Publish(admin.Event{Time: n.Time, Kind: "xds_nack",
+				Detail: "Envoy " + n.Node + " rejected " + n.TypeURL + " version " + n.Version + ": " + n.Error})
+		},
+	})
+	a.ep = extproc.New(extprocModels(cfg), leases{mgr, a.xds}, extproc.Options{
+		Log:               log,
+		MaxBody:           int(cfg.MaxBodyBytes),
+		LoadTimeout:       cfg.LoadTimeout.Std(),
+		MessageTimeout:    cfg.Envoy.MessageTimeout.Std(),
+		MaxMessageTimeout: cfg.Envoy.MaxMessageTimeout.Std(),
+		StreamIdleTimeout: streamIdleBound(cfg.Envoy.StreamIdleTimeout.Std()),
+		OnWait:            a.metrics.QueueWait,
+		Redact:            a.redactor.Redact,
+	})
+	svc := admin.NewService(admin.Options{
 		Manager: mgr, Admission: a.ep, Envoys: a.xds, Level: o.level,
 		Config: a.currentConfig, Events: a.events, Metrics: a.metrics, Log: log, Version: version, Started: time.Now(),
 		Redact: a.redactor.Redact, Stopping: a.stopping.Load,
