@@ -1,3 +1,7 @@
+// This file reads the "model" of an OpenAI request body (ExtractModel):
+// a JSON scanner that stops at the key and, for a name without escapes,
+// allocates nothing.
+
 package extproc
 
 import (
