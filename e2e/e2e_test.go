@@ -41,6 +41,7 @@ import (
 
 	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
 	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 )
@@ -195,7 +196,7 @@ func TestComposeSim(t *testing.T) {
 		t.Fatal("the first request for small never left for its server")
 	}
 	second := askLater(env, "small")
-	eventually(t, "the second request for small is queued", func() bool { return s.metric("vgw_queue_depth", `model="small"`) == 1 })
+	poll.Until(t, "the second request for small is queued", func() bool { return s.metric("vgw_queue_depth", `model="small"`) == 1 })
 	select {
 	case r := <-askLater(env, "small"):
 		if r.err != nil || r.code != 429 {
@@ -215,7 +216,7 @@ func TestComposeSim(t *testing.T) {
 	if code, _ := ask(env, "b", false); code != 200 {
 		t.Fatalf("b: %d\n%s", code, s.logs(compose))
 	}
-	eventually(t, "a's container is removed", func() bool { return s.containerOf("a") == "" })
+	poll.Until(t, "a's container is removed", func() bool { return s.containerOf("a") == "" })
 	bID, smallID := s.containerOf("b"), s.containerOf("small")
 	if bID == "" || smallID == "" {
 		t.Fatalf("b's container %q, small's %q", bID, smallID)
@@ -249,12 +250,12 @@ func TestComposeSim(t *testing.T) {
 	loading, stopAsking := context.WithCancel(ctx)
 	defer stopAsking()
 	go env.Ask(loading, "c", false) // fails when vgw dies; only the load matters
-	eventually(t, "c's container is starting", func() bool { return s.containerOf("c") != "" })
+	poll.Until(t, "c's container is starting", func() bool { return s.containerOf("c") != "" })
 	cID := s.containerOf("c")
 	if _, err := e.Client.ContainerKill(ctx, vgwID, client.ContainerKillOptions{Signal: "KILL"}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "vgw is dead", func() bool {
+	poll.Until(t, "vgw is dead", func() bool {
 		c, err := e.Client.ContainerInspect(ctx, vgwID, client.ContainerInspectOptions{})
 		return err == nil && !c.Container.State.Running
 	})
@@ -359,7 +360,7 @@ func (s *stack) readyNow(id string) {
 		t.Fatalf("the model container %s is not on %s", id, s.network)
 	}
 	url := "http://" + net.JoinHostPort(ep.IPAddress.String(), "8000") + "/health"
-	eventually(t, "the model container answers", func() bool {
+	poll.Until(t, "the model container answers", func() bool {
 		c := http.Client{Timeout: 5 * time.Second} // then ask again
 		resp, err := c.Get(url)
 		if err != nil {
@@ -452,17 +453,6 @@ func (s *stack) logs(compose []string) string {
 // long bounds a wait for what must happen: only a hang reaches it, however
 // slow the machine.
 const long = 2 * time.Minute
-
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(long)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(10 * time.Millisecond) // polling interval
-	}
-}
 
 // buildVGWImage builds vgw (with cgo, as released) and puts it in an image
 // with the libraries it links, found with ldd: the host's own, so no base

@@ -17,6 +17,7 @@ import (
 
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/poll"
 )
 
 func chat(model string) []byte {
@@ -231,7 +232,7 @@ func TestQueueThenAdmit(t *testing.T) {
 	a, doneA := h.streaming(t, context.Background(), "a", "llama")
 
 	doneB := h.async(t, context.Background(), req("b", chat("llama")))
-	eventually(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
+	poll.Until(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 
 	// b waits as long as a holds the slot, having asked Envoy for more
 	// than its 200ms message timeout (checked in b's overrides below).
@@ -279,7 +280,7 @@ func TestOverflow429(t *testing.T) {
 	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, 20*time.Second)}})
 	a, doneA := h.streaming(t, context.Background(), "a", "llama")
 	doneB := h.async(t, context.Background(), req("b", chat("llama")))
-	eventually(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
+	poll.Until(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 
 	res := do(t, h, context.Background(), req("c", chat("llama")))
 	if res.Status != 429 || !res.Immediate {
@@ -331,12 +332,12 @@ func TestDisconnectWhileQueued(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	doneB := h.async(t, ctx, req("b", chat("llama")))
-	eventually(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
+	poll.Until(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 	cancel()
 	if res := <-doneB; !res.ClientReset || res.Forwarded != nil {
 		t.Fatalf("b: %+v, want a client reset that never reached the upstream", res)
 	}
-	eventually(t, "b left the queue", func() bool { return h.stats(t, "llama").Queued == 0 })
+	poll.Until(t, "b left the queue", func() bool { return h.stats(t, "llama").Queued == 0 })
 	if st := h.stats(t, "llama"); st.InFlight != 1 {
 		t.Fatalf("in flight %d, want 1 (a only)", st.InFlight)
 	}
@@ -348,7 +349,7 @@ func TestDisconnectWhileQueued(t *testing.T) {
 		t.Fatalf("c: %d overrides %v, want admitted at once", res.Status, res.Overrides)
 	}
 	// The decision is filed as b's handler returns, after b left the queue.
-	eventually(t, "b's abandon is recorded", func() bool {
+	poll.Until(t, "b's abandon is recorded", func() bool {
 		return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeAbandoned})) == 1
 	})
 }
@@ -409,7 +410,7 @@ func TestRemovedAndAddedBack(t *testing.T) {
 	}
 	h.srv.SetModels(withClusters(llama))
 	third := h.async(t, ctx, req("third", chat("llama")))
-	eventually(t, "the third request is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
+	poll.Until(t, "the third request is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 	if st := h.stats(t, "llama"); st.InFlight != 2 {
 		t.Fatalf("in flight %d after the model came back, want the 2 still running", st.InFlight)
 	}
@@ -449,7 +450,7 @@ func TestModelLoad(t *testing.T) {
 		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}})
 		load := h.leases.startLoading("llama")
 		done := h.async(t, context.Background(), req("l", chat("llama")))
-		eventually(t, "the request waits for the load", func() bool {
+		poll.Until(t, "the request waits for the load", func() bool {
 			return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeQueued})) == 1
 		})
 		select {
@@ -549,7 +550,7 @@ func TestConcurrentStreams(t *testing.T) {
 		}
 	}
 	h.idle(t, "llama")
-	eventually(t, "every request completed", func() bool { return h.stats(t, "llama").Completed == n })
+	poll.Until(t, "every request completed", func() bool { return h.stats(t, "llama").Completed == n })
 }
 
 // TestDecisionLogging: at debug level every decision is logged with its
@@ -633,7 +634,7 @@ func TestEnvoyMessageTimer(t *testing.T) {
 		noOverride(h)
 		h.leases.startLoading("llama")
 		done := h.async(t, context.Background(), req("l", chat("llama")))
-		eventually(t, "the request waits for the load", func() bool {
+		poll.Until(t, "the request waits for the load", func() bool {
 			return len(h.srv.Decisions().Recent(extproc.Filter{Outcome: extproc.OutcomeQueued})) == 1
 		})
 		// Envoy's timer for the body message is running, vgw's override

@@ -20,6 +20,7 @@ import (
 
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/poll"
 )
 
 // TestEnvoyIdleTimer: Envoy's stream idle timer runs from the request's
@@ -75,7 +76,7 @@ func TestEnvoyIdleTimer(t *testing.T) {
 				}
 				doneB <- res
 			}()
-			eventually(t, "b is queued and has its override", func() bool { return h.stats(t, "llama").Queued == 1 && env.Overrides() == 1 })
+			poll.Until(t, "b is queued and has its override", func() bool { return h.stats(t, "llama").Queued == 1 && env.Overrides() == 1 })
 			clock.Advance(tc.waited)
 
 			var res *extproctest.Result
@@ -90,7 +91,7 @@ func TestEnvoyIdleTimer(t *testing.T) {
 				}
 				clock.Advance(f.MessageTimeout)
 				res = awaitResult(t, doneB)
-				eventually(t, "vgw sees b leave", func() bool { return h.stats(t, "llama").Queued == 0 })
+				poll.Until(t, "vgw sees b leave", func() bool { return h.stats(t, "llama").Queued == 0 })
 				close(a.chunks)
 			} else {
 				close(a.chunks) // a ends: b gets the slot and goes upstream
@@ -158,7 +159,7 @@ func awaitClosed(t *testing.T, ch <-chan struct{}, what string) {
 func observed(t *testing.T, h *harness, n int) []int {
 	t.Helper()
 	var got []int
-	eventually(t, "the requests observed", func() bool {
+	poll.Until(t, "the requests observed", func() bool {
 		h.leases.mu.Lock()
 		defer h.leases.mu.Unlock()
 		got = got[:0]

@@ -7,7 +7,6 @@ import (
 	"slices"
 	"sync"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -18,6 +17,7 @@ import (
 	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/poll"
 )
 
 // repoFilter reads the ext_proc filter settings from the bootstrap vgw
@@ -229,20 +229,6 @@ func (u *upstreams) serve(ctx context.Context, f *extproctest.Forwarded) (*extpr
 		Stream: chunks}, nil
 }
 
-// eventually polls cond until it holds or the deadline passes. The
-// deadline is long: it is reached only when something hangs, never
-// because the machine is slow.
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(time.Millisecond) // polling interval, not synchronisation
-	}
-}
-
 func (h *harness) stats(t testing.TB, model string) extproc.GateStats {
 	t.Helper()
 	st, ok := h.srv.Stats(model)
@@ -256,7 +242,7 @@ func (h *harness) stats(t testing.TB, model string) extproc.GateStats {
 // has been given back.
 func (h *harness) idle(t testing.TB, model string) {
 	t.Helper()
-	eventually(t, model+" is idle", func() bool {
+	poll.Until(t, model+" is idle", func() bool {
 		st := h.stats(t, model)
 		return st.InFlight == 0 && st.Queued == 0
 	})

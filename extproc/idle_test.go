@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/vgw-project/vgw/extproc"
+	"github.com/vgw-project/vgw/internal/poll"
 )
 
 // Messages a peer sends on an ext_proc stream in the idle tests.
@@ -117,7 +118,7 @@ func TestIdleStreams(t *testing.T) {
 			h.idle(t, "llama")
 			// The peer hears of the end (gRPC answers the failed receive)
 			// as the watch counts it.
-			eventually(t, "the ended stream is counted", func() bool { return h.srv.IdleClosed() == 1 })
+			poll.Until(t, "the ended stream is counted", func() bool { return h.srv.IdleClosed() == 1 })
 		})
 	}
 }
@@ -134,7 +135,7 @@ func TestIdleBoundSparesVgwsOwnWaits(t *testing.T) {
 	// response has begun, so a has no bound armed either.
 	a.chunks <- []byte("data: {}\n\n")
 	doneB := h.async(t, context.Background(), req("b", chat("llama")))
-	eventually(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
+	poll.Until(t, "b is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
 	clock.Advance(100 * bound)
 	select {
 	case res := <-doneB:

@@ -7,6 +7,7 @@ import (
 
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/poll"
 )
 
 // TestResetAtEveryPhase: Envoy resets the ext_proc stream (the client went
@@ -78,7 +79,7 @@ func TestResetAtEveryPhase(t *testing.T) {
 			defer cancel()
 			done := h.async(t, ctx, tt.req)
 			if tt.resetWhen != nil {
-				eventually(t, "the request is in place", func() bool { return tt.resetWhen(t, h) })
+				poll.Until(t, "the request is in place", func() bool { return tt.resetWhen(t, h) })
 				cancel()
 			}
 			res := <-done
@@ -90,7 +91,7 @@ func TestResetAtEveryPhase(t *testing.T) {
 			}
 			// vgw has seen the reset once the request holds nothing: only
 			// the setup's own request may hold the slot.
-			eventually(t, "the reset request holds nothing", func() bool {
+			poll.Until(t, "the reset request holds nothing", func() bool {
 				st := h.stats(t, "llama")
 				return st.Queued == 0 && st.InFlight == tt.setupRuns
 			})
@@ -102,7 +103,7 @@ func TestResetAtEveryPhase(t *testing.T) {
 				return len(h.leases.observed) - tt.setupRuns
 			}
 			// The manager hears after the slot is back: wait for the least.
-			eventually(t, "the manager hears", func() bool { return observed() >= tt.ran[0] })
+			poll.Until(t, "the manager hears", func() bool { return observed() >= tt.ran[0] })
 			n := observed()
 			if n < tt.ran[0] || n > tt.ran[1] {
 				t.Errorf("the manager heard of the request ending %d times, want %d to %d", n, tt.ran[0], tt.ran[1])

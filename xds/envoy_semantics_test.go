@@ -12,6 +12,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/jonboulle/clockwork"
 
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/xds"
 	"github.com/vgw-project/vgw/xds/xdstest"
 )
@@ -42,7 +43,7 @@ func (f *fixture) dialWith(t *testing.T, node string, opts ...xdstest.Option) *x
 // newVersion waits for a version after old to be published, and returns it.
 func (f *fixture) newVersion(t *testing.T, old string) string {
 	t.Helper()
-	eventually(t, "a new version is published", func() bool { return f.srv.Version() != old })
+	poll.Until(t, "a new version is published", func() bool { return f.srv.Version() != old })
 	return f.srv.Version()
 }
 
@@ -206,12 +207,12 @@ func TestReconnectGetsTheConfigAgain(t *testing.T) {
 			if got := c.Endpoints("model/llama"); !slices.Equal(got, []string{"10.0.0.5:8000"}) {
 				t.Fatalf("reconnecting, the Envoy routes llama to %v", got)
 			}
-			eventually(t, "the new vgw published", func() bool { return f.srv.Version() != "" })
+			poll.Until(t, "the new vgw published", func() bool { return f.srv.Version() != "" })
 			v = f.srv.Version()
 			wait(t, c, "the config acknowledged on the new stream", func(c *xdstest.Client) bool {
 				return c.StreamAcked(resource.ClusterType) == v && c.StreamAcked(resource.EndpointType) == v
 			})
-			eventually(t, "vgw counts the new stream's acknowledgement", func() bool {
+			poll.Until(t, "vgw counts the new stream's acknowledgement", func() bool {
 				for _, n := range must(f.srv.Status()) {
 					if n.Node == "envoy-2" {
 						return n.Streams == 1 && n.Endpoints == v

@@ -21,6 +21,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/xds"
 	"github.com/vgw-project/vgw/xds/xdstest"
@@ -168,7 +169,7 @@ func TestEndpointsFollowTheModels(t *testing.T) {
 	f.src.set("llama", "10.0.0.5:8000")
 	f.src.publish()
 	wait(t, c, "llama's endpoint appears", routes("model/llama", "10.0.0.5:8000"))
-	eventually(t, "the server knows the Envoy acknowledged it", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "the server knows the Envoy acknowledged it", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	if f.srv.Acked("", "model/llama", "10.0.0.9:8000") {
 		t.Fatal("an address never published counts as known")
 	}
@@ -183,7 +184,7 @@ func TestEndpointsFollowTheModels(t *testing.T) {
 	f.src.set("qwen")
 	f.src.publish()
 	wait(t, c, "qwen's endpoint goes", routes("model/qwen"))
-	eventually(t, "the status shows envoy-1 at the last version", func() bool {
+	poll.Until(t, "the status shows envoy-1 at the last version", func() bool {
 		nodes, _ := f.srv.Status()
 		return len(nodes) == 1 && nodes[0].Node == "envoy-1" && nodes[0].Endpoints == f.srv.Version()
 	})
@@ -264,7 +265,7 @@ func TestTwoNodes(t *testing.T) {
 	if err := f.srv.WaitAcked(ctx, "envoy-b", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("waiting for b once it took the version up: %v", err)
 	}
-	eventually(t, "known to every Envoy", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "known to every Envoy", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 }
 
 // TestReconnect: an Envoy that reconnects gets the current state at once;
@@ -284,7 +285,7 @@ func TestReconnect(t *testing.T) {
 	f.serve(t) // a new vgw process
 	c = f.envoy(t, "envoy-1")
 	wait(t, c, "resynced by the new vgw", routes("model/llama", "10.0.0.9:8000"))
-	eventually(t, "the new vgw sees its version acknowledged", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.9:8000") })
+	poll.Until(t, "the new vgw sees its version acknowledged", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.9:8000") })
 }
 
 // TestHeldRequestReleasedAfterACK: a request waiting for its model's
@@ -342,11 +343,11 @@ func (f *fixture) silentStream(t *testing.T, node string) {
 // deadline, and fell every Envoy off the fast path.
 func TestSilentStreams(t *testing.T) {
 	f := startServing(t, 300*time.Millisecond)
-	eventually(t, "every Envoy knows llama", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "every Envoy knows llama", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 
 	f.silentStream(t, "envoy-1") // an impostor under the Envoy's own id
 	f.silentStream(t, "stuck")   // a stuck Envoy of its own
-	eventually(t, "both are connected", func() bool {
+	poll.Until(t, "both are connected", func() bool {
 		n, _ := f.srv.Status()
 		return len(n) == 2 && n[0].Streams == 2
 	})
@@ -361,7 +362,7 @@ func TestSilentStreams(t *testing.T) {
 
 	// Past AckTimeout the silent streams stop counting: requests of an
 	// unknown Envoy are let through, and the fast path is back.
-	eventually(t, "the fast path is back", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "the fast path is back", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("a request of an unknown Envoy: %v", err)
 	}
@@ -387,7 +388,7 @@ func TestNoEnvoy(t *testing.T) {
 	f := startWith(t, newModels("llama"), s)
 	f.src.set("llama", "10.0.0.5:8000")
 	f.src.publish()
-	eventually(t, "published", func() bool { return f.srv.Version() != "" })
+	poll.Until(t, "published", func() bool { return f.srv.Version() != "" })
 	time.Sleep(510 * time.Millisecond) // the grace since start passes
 	if !f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("with no Envoy on xDS past the grace, the fast path still holds requests")
@@ -395,10 +396,10 @@ func TestNoEnvoy(t *testing.T) {
 	c := f.envoy(t, "envoy-1")
 	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
 	// The server has the Envoy's ACK, then sees it leave.
-	eventually(t, "the ACK is in", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "the ACK is in", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	start := time.Now() // the grace runs from when the server sees it leave, after this
 	c.Close()
-	eventually(t, "the Envoy has left", func() bool { n, _ := f.srv.Status(); return len(n) == 0 })
+	poll.Until(t, "the Envoy has left", func() bool { n, _ := f.srv.Status(); return len(n) == 0 })
 	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("right after the last Envoy left, requests are not held for the grace")
 	}
@@ -407,17 +408,6 @@ func TestNoEnvoy(t *testing.T) {
 	}
 	if d := time.Since(start); d < 500*time.Millisecond {
 		t.Fatalf("waited %v, want the 500ms grace", d)
-	}
-}
-
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(time.Millisecond) // polling interval
 	}
 }
 
@@ -454,13 +444,13 @@ func TestNewEnvoyKnowsNothing(t *testing.T) {
 	f.src.publish()
 	a := f.envoy(t, "envoy-a")
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
-	eventually(t, "known", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "known", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	b, err := xdstest.Dial(context.Background(), f.conn, "envoy-b", xdstest.Holding(resource.EndpointType))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.Close()
-	eventually(t, "b's arrival is noticed", func() bool { n, _ := f.srv.Status(); return len(n) == 2 })
+	poll.Until(t, "b's arrival is noticed", func() bool { n, _ := f.srv.Status(); return len(n) == 2 })
 	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("known to every Envoy before b acknowledged anything")
 	}
@@ -505,7 +495,7 @@ func TestStrangerWaitsForEveryEnvoy(t *testing.T) {
 	c.Hold(resource.EndpointType)
 	f.src.set("llama", "10.0.0.5:8000")
 	f.src.publish()
-	eventually(t, "published", func() bool { return f.srv.Version() != c.Acked(resource.EndpointType) })
+	poll.Until(t, "published", func() bool { return f.srv.Version() != c.Acked(resource.EndpointType) })
 	if f.srv.Acked("misnamed", "model/llama", "10.0.0.5:8000") {
 		t.Fatal("a request of a misnamed Envoy is let through while envoy-1 has not taken up the endpoint")
 	}
@@ -540,8 +530,8 @@ func TestRejectingEnvoyHoldsNoOneElse(t *testing.T) {
 	f.src.set("llama", "10.0.0.5:8000")
 	f.src.publish()
 	wait(t, good, "envoy-1 routes llama", routes("model/llama", "10.0.0.5:8000"))
-	eventually(t, "the rejection is in", func() bool { _, n := f.srv.Status(); return len(n) == 1 })
-	eventually(t, "the fast path holds for the Envoys that know", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "the rejection is in", func() bool { _, n := f.srv.Status(); return len(n) == 1 })
+	poll.Until(t, "the fast path holds for the Envoys that know", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
@@ -607,11 +597,11 @@ func (f *fixture) rawStream(t *testing.T, node, typeURL string) {
 func TestStreamThatNeverTakesEndpoints(t *testing.T) {
 	f := startServing(t, 300*time.Millisecond)
 	f.rawStream(t, "clusters-only", resource.ClusterType)
-	eventually(t, "the clusters-only stream is silent", func() bool {
+	poll.Until(t, "the clusters-only stream is silent", func() bool {
 		n, _ := f.srv.Status()
 		return len(n) == 2 && n[0].Node == "clusters-only" && n[0].Silent == 1
 	})
-	eventually(t, "the fast path is back", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "the fast path is back", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
@@ -639,11 +629,11 @@ func TestForgedACK(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, "the impostor is connected", func() bool { n, _ := f.srv.Status(); return len(n) == 1 && n[0].Streams == 2 })
+	poll.Until(t, "the impostor is connected", func() bool { n, _ := f.srv.Status(); return len(n) == 1 && n[0].Streams == 2 })
 	real.Hold(resource.EndpointType)
 	f.src.set("llama", "10.0.0.9:8000")
 	f.src.publish()
-	eventually(t, "published", func() bool { return f.srv.Version() != real.Acked(resource.EndpointType) })
+	poll.Until(t, "published", func() bool { return f.srv.Version() != real.Acked(resource.EndpointType) })
 	short, c2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer c2()
 	if err := f.srv.WaitAcked(short, "envoy-1", "model/llama", at("10.0.0.9:8000")); err == nil {
@@ -689,7 +679,7 @@ func TestRequestAfterRejectionIsNoACK(t *testing.T) {
 	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.ClusterType, VersionInfo: cds.GetVersionInfo(), ResponseNonce: cds.GetNonce()})
 	eds := next(resource.EndpointType)
 	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names, VersionInfo: eds.GetVersionInfo(), ResponseNonce: eds.GetNonce()})
-	eventually(t, "the first version acknowledged", func() bool {
+	poll.Until(t, "the first version acknowledged", func() bool {
 		n, _ := f.srv.Status()
 		return len(n) == 1 && n[0].Endpoints == eds.GetVersionInfo()
 	})
@@ -705,7 +695,7 @@ func TestRequestAfterRejectionIsNoACK(t *testing.T) {
 	// vgw reads a stream's requests in order: once it has the clusters'
 	// acknowledgement sent after them, it has judged both.
 	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.ClusterType, VersionInfo: cds2.GetVersionInfo(), ResponseNonce: cds2.GetNonce()})
-	eventually(t, "the clusters acknowledged", func() bool {
+	poll.Until(t, "the clusters acknowledged", func() bool {
 		n, _ := f.srv.Status()
 		return len(n) == 1 && n[0].Clusters == cds2.GetVersionInfo()
 	})

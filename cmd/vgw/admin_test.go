@@ -30,6 +30,7 @@ import (
 
 	"github.com/vgw-project/vgw/admin/admintest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/internal/secrets"
 	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 )
@@ -167,7 +168,7 @@ type watched struct {
 func (w *watched) await(kind, model string) *adminv1.Event {
 	w.t.Helper()
 	var found *adminv1.Event
-	eventually(w.t, "a "+kind+" event for "+model, func() bool {
+	poll.Until(w.t, "a "+kind+" event for "+model, func() bool {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		for _, e := range w.events {
@@ -282,7 +283,7 @@ func TestAdminWithGrpcurl(t *testing.T) {
 
 	// GPU memory is read live (every 500 ms, and as loads and stops end).
 	var st adminv1.Status
-	eventually(t, "GetStatus shows llama's memory in use", func() bool {
+	poll.Until(t, "GetStatus shows llama's memory in use", func() bool {
 		g.call("GetStatus", "{}", &st)
 		gpu := st.GetGpus()
 		return len(gpu) == 1 && gpu[0].GetTotalBytes() == 80<<30 && gpu[0].GetUsedBytes() == 30<<30 && gpu[0].GetFreeBytes() == 50<<30
@@ -312,7 +313,7 @@ func TestAdminWithGrpcurl(t *testing.T) {
 		t.Fatalf("request for llama: %v %v", res, err)
 	}
 	var debugLine map[string]any
-	eventually(t, "a DEBUG decision for llama in the log", func() bool {
+	poll.Until(t, "a DEBUG decision for llama in the log", func() bool {
 		for _, l := range logs.lines() {
 			if l["msg"] == "decision" && l["level"] == "DEBUG" && l["model"] == "llama" && l["outcome"] == "admitted" {
 				debugLine = l
@@ -437,7 +438,7 @@ func TestAdminWithGrpcurl(t *testing.T) {
 			t.Errorf("/metrics %s = %v, want at least 4", k, m[k])
 		}
 	}
-	eventually(t, "/metrics shows GPU 0 empty", func() bool {
+	poll.Until(t, "/metrics shows GPU 0 empty", func() bool {
 		m, err := admintest.Scrape(base + "/metrics")
 		return err == nil && m[`vgw_gpu_memory_used_bytes{gpu="0"}`] == 0
 	})

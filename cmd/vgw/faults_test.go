@@ -14,6 +14,7 @@ import (
 
 	"github.com/vgw-project/vgw/admin/admintest"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 )
 
@@ -47,7 +48,7 @@ models:
 		t.Fatalf("the crashing stream: reset %v, %d %q", res.UpstreamReset, res.Status, res.Body)
 	}
 	s.settled(t, time.Minute)
-	eventually(t, "the crash is noticed", func() bool { return s.mgr.View().Models[0].State != manager.Ready })
+	poll.Until(t, "the crash is noticed", func() bool { return s.mgr.View().Models[0].State != manager.Ready })
 	again, err := s.Ask(ctx, "a", true)
 	if err != nil || again.Status != 200 || !bytes.Contains(again.Body, []byte("[DONE]")) {
 		t.Fatalf("after the crash: %v %+v", err, again)
@@ -99,7 +100,7 @@ models:
 			t.Errorf("waiting for slow: %d %s %v after the first request; want 504 load_timeout, not before %v", a.status, a.code, a.at.Sub(began), loadTimeout)
 		}
 	}
-	eventually(t, "the manager has given up on slow", func() bool { return !statusOf(s.mgr, "slow").RetryAt.IsZero() })
+	poll.Until(t, "the manager has given up on slow", func() bool { return !statusOf(s.mgr, "slow").RetryAt.IsZero() })
 	loads := s.loads("slow")
 	res, err := s.Ask(context.Background(), "slow", false)
 	if err != nil || res.Status != 503 || res.Get("retry-after") == "" {
@@ -155,7 +156,7 @@ models:
 	s.ADS.Hold(resource.EndpointType)
 	done := make(chan *extproctest.Result, 1)
 	go func() { done <- s.ask(t, "a") }()
-	eventually(t, "a's server is ready and published", func() bool {
+	poll.Until(t, "a's server is ready and published", func() bool {
 		ok := serving(s.mgr, "a")
 		return ok && s.app.xds.Version() != s.ADS.Acked(resource.EndpointType)
 	})
@@ -196,7 +197,7 @@ models:
 		}
 		done <- res
 	}()
-	eventually(t, "a's server is ready and published", func() bool {
+	poll.Until(t, "a's server is ready and published", func() bool {
 		ok := serving(s.mgr, "a")
 		return ok && s.app.xds.Version() != s.ADS.Acked(resource.EndpointType)
 	})

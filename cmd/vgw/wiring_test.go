@@ -17,6 +17,7 @@ import (
 	"github.com/vgw-project/vgw/envoy/envoytest"
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/runtime/docker"
 	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
@@ -180,7 +181,7 @@ func TestReleasedOnlyAfterACK(t *testing.T) {
 	s.ADS.Hold(resource.EndpointType)
 	done := make(chan *extproctest.Result, 1)
 	go func() { done <- s.ask(t, "llama") }()
-	eventually(t, "llama's server is ready and published", func() bool {
+	poll.Until(t, "llama's server is ready and published", func() bool {
 		ok := serving(s.mgr, "llama")
 		return ok && s.app.xds.Version() != s.ADS.Acked(resource.EndpointType)
 	})
@@ -207,17 +208,6 @@ func TestReleasedOnlyAfterACK(t *testing.T) {
 	}
 	if waited := time.Since(began); waited > s.app.cfg.LoadTimeout.Std() {
 		t.Errorf("answered after %v: it waited for its deadline", waited)
-	}
-}
-
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(2 * time.Millisecond) // polling interval
 	}
 }
 

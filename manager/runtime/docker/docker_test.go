@@ -16,6 +16,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/runtime"
 	"github.com/vgw-project/vgw/manager/runtime/docker"
@@ -133,18 +134,6 @@ func parseConfig(t testing.TB, yaml string) *config.Config {
 // long bounds a wait for what must happen: only a hang reaches it, however
 // slow the machine (a busy CI runner with two cores, the race detector).
 const long = time.Minute
-
-// eventually polls cond until it holds, or fails the test after long.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(long)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(2 * time.Millisecond) // polling interval
-	}
-}
 
 // get sends a chat request to a model's server directly, as Envoy would.
 func get(t *testing.T, addr, model string) int {
@@ -266,7 +255,7 @@ func TestDockerEviction(t *testing.T) {
 	if _, ok := dm.events.find("a", manager.EventEvicted); !ok {
 		t.Error("a was not evicted for b")
 	}
-	eventually(t, "a's container is removed", func() bool { _, ok := dm.container(t, "a"); return !ok })
+	poll.Until(t, "a's container is removed", func() bool { _, ok := dm.container(t, "a"); return !ok })
 	if c, ok := dm.container(t, "b"); !ok || !c.State.Running {
 		t.Error("b's container is not running")
 	}
@@ -289,7 +278,7 @@ func TestDockerCrash(t *testing.T) {
 	if _, err := dm.engine.Client.ContainerKill(context.Background(), before.ID, client.ContainerKillOptions{Signal: "SIGKILL"}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("a", manager.EventCrashed); return ok })
+	poll.Until(t, "the crash is noticed", func() bool { _, ok := dm.events.find("a", manager.EventCrashed); return ok })
 	e, _ := dm.events.find("a", manager.EventCrashed)
 	if !strings.Contains(e.Detail, "SIGKILL") {
 		t.Errorf("crash detail %q", e.Detail)
@@ -317,7 +306,7 @@ func TestDockerCrashLog(t *testing.T) {
 	}
 	addr := dm.status("crashy").Endpoint
 	get(t, addr, "crashy") // its first request kills it
-	eventually(t, "the crash is noticed", func() bool { _, ok := dm.events.find("crashy", manager.EventCrashed); return ok })
+	poll.Until(t, "the crash is noticed", func() bool { _, ok := dm.events.find("crashy", manager.EventCrashed); return ok })
 	e, _ := dm.events.find("crashy", manager.EventCrashed)
 	if !strings.Contains(e.Detail, "exited, code 1") || !strings.Contains(e.Detail, "engine core died unexpectedly") {
 		t.Errorf("crash detail %q, want the exit and the server's last words", e.Detail)
@@ -338,7 +327,7 @@ func TestDockerNeverHealthy(t *testing.T) {
 	if !errors.As(err, &le) || !strings.Contains(err.Error(), "not healthy within load_timeout") {
 		t.Fatalf("slow: %v", err)
 	}
-	eventually(t, "slow's container is removed", func() bool { _, ok := dm.container(t, "slow"); return !ok })
+	poll.Until(t, "slow's container is removed", func() bool { _, ok := dm.container(t, "slow"); return !ok })
 }
 
 // startUncut is a runtime whose starts finish whatever becomes of the
@@ -396,7 +385,7 @@ func TestDockerAdopt(t *testing.T) {
 	second := startDockerManager(t, instance, func(y string) string {
 		return strings.Replace(y, `crashy: {repo: org/crashy,`, `crashy: {repo: org/crashy, max_model_len: 4096,`, 1)
 	})
-	eventually(t, "a is adopted", func() bool { return second.status("a").State == manager.Ready })
+	poll.Until(t, "a is adopted", func() bool { return second.status("a").State == manager.Ready })
 	if got := second.status("a").Endpoint; got != addr {
 		t.Errorf("a's endpoint %s after the restart, was %s", got, addr)
 	}
@@ -404,14 +393,14 @@ func TestDockerAdopt(t *testing.T) {
 		t.Errorf("a runs in a new container %s, was %s", again.ID, a.ID)
 	}
 	// The View shows a ready model before its ready event is told.
-	eventually(t, "a's ready event is told", func() bool { _, ok := second.events.find("a", manager.EventReady); return ok })
+	poll.Until(t, "a's ready event is told", func() bool { _, ok := second.events.find("a", manager.EventReady); return ok })
 	if ev, _ := second.events.find("a", manager.EventReady); !strings.Contains(ev.Detail, "adopted") {
 		t.Errorf("a's ready event %+v", ev)
 	}
 	if err := second.ensure(t, "a"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the stale and the mismatched containers are removed", func() bool {
+	poll.Until(t, "the stale and the mismatched containers are removed", func() bool {
 		_, b := second.container(t, "b")
 		_, c := second.container(t, "crashy")
 		return !b && !c
@@ -443,7 +432,7 @@ func TestDockerNameTaken(t *testing.T) {
 		t.Fatal("the other container was touched")
 	}
 	// The event is told just after the load's waiter is answered.
-	eventually(t, "a load_failed event is told", func() bool { _, ok := dm.events.find("a", manager.EventLoadFailed); return ok })
+	poll.Until(t, "a load_failed event is told", func() bool { _, ok := dm.events.find("a", manager.EventLoadFailed); return ok })
 	cli.ContainerRemove(context.Background(), other.ID, client.ContainerRemoveOptions{Force: true})
 	if err := dm.Load(context.Background(), "a", true); err != nil {
 		t.Fatalf("a, once the name is free: %v", err)
@@ -485,7 +474,7 @@ func TestDockerAdoptLoading(t *testing.T) {
 	// Stopped once the runtime has handed over a's container, still
 	// loading: a vgw stopped in the middle of Docker's start call may
 	// remove the container it was starting, which is not this test's case.
-	eventually(t, "a's container runs, still loading", func() bool {
+	poll.Until(t, "a's container runs, still loading", func() bool {
 		c, ok := first.container(t, "a")
 		st := first.status("a")
 		return ok && c.State.Running && st.State == manager.Loading && st.Instance == c.ID
@@ -494,7 +483,7 @@ func TestDockerAdoptLoading(t *testing.T) {
 
 	second := startDockerManager(t, instance, edit)
 	// The View shows what the new manager adopted once its loop runs.
-	eventually(t, "a is adopted", func() bool { return second.status("a").State != manager.Stopped })
+	poll.Until(t, "a is adopted", func() bool { return second.status("a").State != manager.Stopped })
 	if st := second.status("a"); st.State != manager.Loading {
 		t.Fatalf("a is %v right after the restart, want loading until its /health answers", st.State)
 	}
@@ -502,8 +491,8 @@ func TestDockerAdoptLoading(t *testing.T) {
 		t.Errorf("a is routed to %s before its /health answers", addr)
 	}
 	second.readyNow(t, "a")
-	eventually(t, "a is ready", func() bool { return second.status("a").State == manager.Ready })
-	eventually(t, "a's ready event is told", func() bool { _, ok := second.events.find("a", manager.EventReady); return ok })
+	poll.Until(t, "a is ready", func() bool { return second.status("a").State == manager.Ready })
+	poll.Until(t, "a's ready event is told", func() bool { _, ok := second.events.find("a", manager.EventReady); return ok })
 	if ev, _ := second.events.find("a", manager.EventReady); !strings.Contains(ev.Detail, "adopted") {
 		t.Errorf("a's ready event %+v", ev)
 	}
@@ -515,7 +504,7 @@ func TestDockerAdoptLoading(t *testing.T) {
 func (dm *dockerManager) readyNow(t *testing.T, model string) {
 	t.Helper()
 	st := dm.status(model)
-	eventually(t, model+"'s server answers", func() bool { return answers(st.Addr) })
+	poll.Until(t, model+"'s server answers", func() bool { return answers(st.Addr) })
 	if _, err := dm.engine.Client.ContainerKill(context.Background(), st.Instance, client.ContainerKillOptions{Signal: "SIGUSR1"}); err != nil {
 		t.Fatal(err)
 	}
@@ -531,7 +520,7 @@ func TestDockerRemovedByHand(t *testing.T) {
 	dm := startDockerManager(t, "", func(y string) string {
 		return strings.Replace(y, "a: {repo: org/a,", "a: {repo: org/a, always_on: true,", 1)
 	})
-	eventually(t, "a is ready", func() bool { return dm.status("a").State == manager.Ready })
+	poll.Until(t, "a is ready", func() bool { return dm.status("a").State == manager.Ready })
 	for i := range 5 {
 		before, ok := dm.container(t, "a")
 		if !ok {
@@ -540,7 +529,7 @@ func TestDockerRemovedByHand(t *testing.T) {
 		if _, err := dm.engine.Client.ContainerRemove(context.Background(), before.ID, client.ContainerRemoveOptions{Force: true}); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, "a is back in a new container", func() bool {
+		poll.Until(t, "a is back in a new container", func() bool {
 			after, ok := dm.container(t, "a")
 			return ok && after.ID != before.ID && dm.status("a").State == manager.Ready
 		})
@@ -564,7 +553,7 @@ func TestDockerRemovedByHandWhileLoading(t *testing.T) {
 	var last string
 	for i := range 3 {
 		var c container.InspectResponse
-		eventually(t, "a loads in a new container", func() bool {
+		poll.Until(t, "a loads in a new container", func() bool {
 			var ok bool
 			c, ok = dm.container(t, "a")
 			return ok && c.ID != last && c.State.Running && dm.status("a").State == manager.Loading
@@ -574,7 +563,7 @@ func TestDockerRemovedByHandWhileLoading(t *testing.T) {
 			t.Fatalf("round %d: %v", i, err)
 		}
 	}
-	eventually(t, "a loads in a fourth container", func() bool {
+	poll.Until(t, "a loads in a fourth container", func() bool {
 		c, ok := dm.container(t, "a")
 		return ok && c.ID != last && c.State.Running
 	})

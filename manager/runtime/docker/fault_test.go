@@ -21,6 +21,7 @@ import (
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/client"
 
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/manager/runtime/docker"
@@ -102,7 +103,7 @@ func TestDockerOutage(t *testing.T) {
 		if err := dm.Unload(m); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, m+" is stopped", func() bool { return dm.status(m).State == manager.Stopped })
+		poll.Until(t, m+" is stopped", func() bool { return dm.status(m).State == manager.Stopped })
 		if c, ok := dm.container(t, m); !ok || !c.State.Running {
 			t.Fatalf("%s's container stopped though the engine was out of vgw's reach", m)
 		}
@@ -119,7 +120,7 @@ func TestDockerOutage(t *testing.T) {
 	// The engine comes back while the event stream waits out a backoff of
 	// over a second: time for a load to get in first.
 	var reconnect time.Time // when the stream tries again
-	eventually(t, "the event stream to back off for 1.6s or more", func() bool {
+	poll.Until(t, "the event stream to back off for 1.6s or more", func() bool {
 		for _, r := range rtLog.all() {
 			if in, _ := attr(r, "in").(time.Duration); r.Level == slog.LevelWarn && in >= 1600*time.Millisecond {
 				reconnect = r.Time.Add(in)
@@ -147,7 +148,7 @@ func TestDockerOutage(t *testing.T) {
 		t.Errorf("d was loaded again into the container whose removal is queued")
 	}
 
-	eventually(t, "a's crash is noticed", func() bool { _, ok := dm.events.find("a", manager.EventCrashed); return ok })
+	poll.Until(t, "a's crash is noticed", func() bool { _, ok := dm.events.find("a", manager.EventCrashed); return ok })
 	crash, _ := dm.events.find("a", manager.EventCrashed)
 	if !strings.Contains(crash.Detail, "SIGKILL") {
 		t.Errorf("a's crash detail %q", crash.Detail)
@@ -158,11 +159,11 @@ func TestDockerOutage(t *testing.T) {
 	if addr := dm.status("a").Endpoint; addr != "" {
 		t.Errorf("a crashed model still has an endpoint %s", addr)
 	}
-	eventually(t, "c's container is removed", func() bool { _, ok := dm.container(t, "c"); return !ok })
+	poll.Until(t, "c's container is removed", func() bool { _, ok := dm.container(t, "c"); return !ok })
 	caughtUp := time.Now()
 	t.Logf("the engine back at 0: the event stream reconnects at %v (its backoff), a's crash is noticed at %v, c's queued removal is done by %v",
 		reconnect.Sub(restored).Round(time.Millisecond), crash.Time.Sub(restored).Round(time.Millisecond), caughtUp.Sub(restored).Round(time.Millisecond))
-	eventually(t, "no removal is queued", func() bool { return dm.rt.Unremoved() == 0 })
+	poll.Until(t, "no removal is queued", func() bool { return dm.rt.Unremoved() == 0 })
 	if st := dm.status("d"); st.State != manager.Ready || st.Instance != d2.ID {
 		t.Errorf("d is %v on %q, want ready on %s", st.State, st.Instance, d2.ID)
 	}
@@ -205,7 +206,7 @@ func TestDockerKilled(t *testing.T) {
 	if err := first.Load(context.Background(), "warming", false); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "warming's container runs, still loading", func() bool {
+	poll.Until(t, "warming's container runs, still loading", func() bool {
 		c, ok := first.container(t, "warming")
 		st := first.status("warming")
 		return ok && c.State.Running && st.State == manager.Loading && st.Instance == c.ID
@@ -235,12 +236,12 @@ func TestDockerKilled(t *testing.T) {
 
 	second := startDockerManagerAt(t, yaml, docker.Options{Instance: instance})
 	// The View shows what the new manager adopted once its loop runs.
-	eventually(t, "warming is adopted", func() bool { return second.status("warming").State != manager.Stopped })
+	poll.Until(t, "warming is adopted", func() bool { return second.status("warming").State != manager.Stopped })
 	if st := second.status("warming"); st.State != manager.Loading || st.Instance != warming.ID {
 		t.Fatalf("warming is %v in %q right after the restart, want adopted loading in %s", st.State, st.Instance, warming.ID)
 	}
 	second.readyNow(t, "warming")
-	eventually(t, "a and warming are ready", func() bool {
+	poll.Until(t, "a and warming are ready", func() bool {
 		return second.status("a").State == manager.Ready && second.status("warming").State == manager.Ready
 	})
 	for _, m := range []struct {
@@ -251,7 +252,7 @@ func TestDockerKilled(t *testing.T) {
 			t.Errorf("%s runs in %s after the restart, was %s", m.name, st.Instance, m.was.ID)
 		}
 		// The View shows a ready model before its ready event is told.
-		eventually(t, m.name+"'s ready event is told", func() bool { _, ok := second.events.find(m.name, manager.EventReady); return ok })
+		poll.Until(t, m.name+"'s ready event is told", func() bool { _, ok := second.events.find(m.name, manager.EventReady); return ok })
 		if ev, _ := second.events.find(m.name, manager.EventReady); !strings.Contains(ev.Detail, "adopted") {
 			t.Errorf("%s's ready event %+v, want it adopted", m.name, ev)
 		}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 )
 
@@ -79,7 +80,7 @@ func TestFootprintSaveFails(t *testing.T) {
 			if err := tm.ensure("a"); err != nil {
 				t.Fatal(err)
 			}
-			eventually(t, "the failed save is logged", func() bool {
+			poll.Until(t, "the failed save is logged", func() bool {
 				return slices.ContainsFunc(logs.all(), func(r slog.Record) bool {
 					return r.Message == "could not save footprints" && r.Level == slog.LevelError
 				})

@@ -16,6 +16,7 @@ import (
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/internal/fakevllm"
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/manager/runtime"
@@ -253,23 +254,6 @@ func startManagerOpts(t testing.TB, yaml string, opts manager.Options) *testMana
 // cannot fail falsely.
 const long = time.Minute
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	eventuallyWithin(t, long, what, cond)
-}
-
-// eventuallyWithin polls cond until it holds or the time is up.
-func eventuallyWithin(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(2 * time.Millisecond) // polling interval
-	}
-}
-
 // get sends a chat request to a model's server directly, as Envoy would.
 func get(t *testing.T, addr, model string) int {
 	t.Helper()
@@ -306,7 +290,7 @@ func TestColdStart(t *testing.T) {
 		t.Fatalf("GPU used %d, want 20GiB charged", mem[0].Used)
 	}
 	// Once ready, what it really uses is measured from its process.
-	eventually(t, "a's footprint is learned", func() bool {
+	poll.Until(t, "a's footprint is learned", func() bool {
 		fp, ok := tm.fps.Get("a", manager.Signature(tm.cfg, tm.cfg.Models["a"]))
 		return ok && fp.PerGPU == 20<<30 && fp.How == "processes"
 	})
@@ -353,7 +337,7 @@ func TestEviction(t *testing.T) {
 		}
 		answer <- err
 	}()
-	eventually(t, "b waits", func() bool { return tm.status("b").Waiting == 1 })
+	poll.Until(t, "b waits", func() bool { return tm.status("b").Waiting == 1 })
 	runOut()
 	err = <-answer
 	var nr *manager.NoRoom
@@ -363,7 +347,7 @@ func TestEviction(t *testing.T) {
 	// b waits for the memory instead of failing at once: releasing a lets
 	// a waiting b in.
 	done := tm.leaseLater("b")
-	eventually(t, "b waits", func() bool { return tm.status("b").Waiting == 1 })
+	poll.Until(t, "b waits", func() bool { return tm.status("b").Waiting == 1 })
 	la.Release()
 	lb := <-done
 	if lb.err != nil {
@@ -410,7 +394,7 @@ func TestStartsSerialisedPerGPU(t *testing.T) {
 	}
 	wg.Wait()
 	// A ready event is told once the model's waiters have been answered.
-	eventually(t, "both ready events are told", func() bool {
+	poll.Until(t, "both ready events are told", func() bool {
 		_, a := tm.eventAt("a", manager.EventReady)
 		_, b := tm.eventAt("b", manager.EventReady)
 		return a && b
@@ -443,7 +427,7 @@ func TestCrash(t *testing.T) {
 		t.Fatalf("the crashing request got %d", code)
 	}
 	l.Release()
-	eventually(t, "the crash is noticed", func() bool { return tm.status("a").State == manager.Stopped })
+	poll.Until(t, "the crash is noticed", func() bool { return tm.status("a").State == manager.Stopped })
 	if st := tm.status("a"); st.Endpoint != "" || st.Instance != "" {
 		t.Fatalf("a crashed model still has an endpoint %q or a server %q", st.Endpoint, st.Instance)
 	}
@@ -471,14 +455,14 @@ func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 	retryOf := func(cause error) time.Duration {
 		t.Helper()
 		tm.rt.failStarts(cause)
-		eventually(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
+		poll.Until(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
 		var le *manager.LoadError
 		if err := tm.ensure("a"); !errors.As(err, &le) || le.Earlier {
 			t.Fatalf("want a fresh load failure, got %v", err)
 		}
 		// The View that shows the failure's backoff is published just
 		// after its waiter is answered.
-		eventually(t, "the View shows the failure's backoff", func() bool {
+		poll.Until(t, "the View shows the failure's backoff", func() bool {
 			r := tm.status("a").RetryAt
 			if r.Equal(shown) {
 				return false
@@ -506,7 +490,7 @@ func TestDockerAwayIsNotTheModelsFault(t *testing.T) {
 		t.Errorf("Docker away after the model's own failures: retried in %v, want %v", r, base)
 	}
 	tm.rt.failStarts(nil)
-	eventually(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
+	poll.Until(t, "the backoff has passed", func() bool { return time.Now().After(tm.status("a").RetryAt) })
 	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
 	}
@@ -543,7 +527,7 @@ func TestLoadFailures(t *testing.T) {
 			if !errors.As(err, &le) || !le.Earlier || !strings.Contains(err.Error(), tt.want) || tm.rt.count("m") != 1 {
 				t.Fatalf("m again during its backoff: %v after %d starts; want the last error and no new start", err, tm.rt.count("m"))
 			}
-			eventually(t, "m's server is gone", func() bool { m, _ := tm.gpus.Memory(); return m[0].Used == 0 })
+			poll.Until(t, "m's server is gone", func() bool { m, _ := tm.gpus.Memory(); return m[0].Used == 0 })
 		})
 	}
 }
@@ -559,13 +543,13 @@ func TestInactivityUnload(t *testing.T) {
 		t.Fatalf("a busy model was unloaded: %v", st)
 	}
 	l.Release()
-	eventually(t, "a idle model is unloaded", func() bool { return tm.status("a").State == manager.Stopped })
+	poll.Until(t, "a idle model is unloaded", func() bool { return tm.status("a").State == manager.Stopped })
 }
 
 func TestAlwaysOn(t *testing.T) {
 	tm := startManager(t, strings.Replace(baseConfig, "inactivity_timeout: 0s", "inactivity_timeout: 50ms", 1)+
 		"models:\n  a: {vram: 20GiB, always_on: true}\n")
-	eventually(t, "an always_on model loads at start", func() bool { return tm.status("a").State == manager.Ready })
+	poll.Until(t, "an always_on model loads at start", func() bool { return tm.status("a").State == manager.Ready })
 	time.Sleep(200 * time.Millisecond) // longer than the inactivity timeout
 	if st := tm.status("a").State; st != manager.Ready {
 		t.Fatalf("an always_on model was unloaded: %v", st)
@@ -590,7 +574,7 @@ func TestUpdate(t *testing.T) {
 		t.Fatalf("a busy model was reloaded: %+v", st)
 	}
 	l.Release()
-	eventually(t, "a reloads once idle", func() bool { return tm.status("a").State == manager.Stopped })
+	poll.Until(t, "a reloads once idle", func() bool { return tm.status("a").State == manager.Stopped })
 	if l, err = tm.lease("a"); err != nil {
 		t.Fatal(err)
 	}
@@ -607,7 +591,7 @@ func TestUpdate(t *testing.T) {
 	if err := tm.ensure("a"); !errors.Is(err, manager.ErrUnknownModel) {
 		t.Fatalf("a removed model: %v", err)
 	}
-	eventually(t, "the removed model's server stops", func() bool {
+	poll.Until(t, "the removed model's server stops", func() bool {
 		m, _ := tm.gpus.Memory()
 		return m[0].Used == 20<<30
 	})
@@ -625,7 +609,7 @@ func TestRemovedWhileLoading(t *testing.T) {
 	tm := startManager(t, cfg+"models:\n  slow: {vram: 20GiB, sim: {startup_delay: 1h}}\n  b: {vram: 20GiB}\n")
 	answer := make(chan error, 1)
 	go func() { answer <- tm.ensure("slow") }()
-	eventually(t, "slow is loading on the GPU", func() bool {
+	poll.Until(t, "slow is loading on the GPU", func() bool {
 		m, _ := tm.gpus.Memory()
 		return tm.status("slow").State == manager.Loading && m[0].Used == 20<<30
 	})
@@ -637,7 +621,7 @@ func TestRemovedWhileLoading(t *testing.T) {
 	}
 	// The memory is freed as the server is stopped, just before the loop
 	// hears how the load ended: wait for both.
-	eventually(t, "the removed model's memory is freed, and its load has ended", func() bool {
+	poll.Until(t, "the removed model's memory is freed, and its load has ended", func() bool {
 		m, _ := tm.gpus.Memory()
 		kinds := tm.eventKinds("slow")
 		return m[0].Used == 0 && (slices.Contains(kinds, manager.EventUnloaded) || slices.Contains(kinds, manager.EventLoadFailed))
@@ -655,7 +639,7 @@ models:
   a: {vram: 40GiB}
 `)
 	tm.gpus.Charge(999999, []int{0}, 60<<30) // someone else's job on GPU 0
-	eventually(t, "the reading shows it", func() bool {
+	poll.Until(t, "the reading shows it", func() bool {
 		gs := tm.View().GPUs
 		return len(gs) == 2 && gs[0].Used == 60<<30
 	})
@@ -705,7 +689,7 @@ func TestFootprintByDelta(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.Release()
-	eventually(t, "a's footprint is learned by difference", func() bool {
+	poll.Until(t, "a's footprint is learned by difference", func() bool {
 		fp, ok := fps.Get("a", manager.Signature(cfg, cfg.Models["a"]))
 		return ok && fp.PerGPU == 20<<30 && fp.How == "delta"
 	})
@@ -772,7 +756,7 @@ func TestReloadedModelStays(t *testing.T) {
 	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n")); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a reloads", func() bool { return tm.status("a").State == manager.Stopped })
+	poll.Until(t, "a reloads", func() bool { return tm.status("a").State == manager.Stopped })
 	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
 	}
@@ -812,7 +796,7 @@ func TestAlwaysOnRetriedAfterFailure(t *testing.T) {
 	var starts atomic.Int32
 	startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, always_on: true, sim: {fail_start: true}}\n", nil,
 		func(rt manager.Runtime) manager.Runtime { return startHook{rt, func() { starts.Add(1) }} }, manager.Options{Backoff: 50 * time.Millisecond})
-	eventually(t, "a second try", func() bool { return starts.Load() >= 2 })
+	poll.Until(t, "a second try", func() bool { return starts.Load() >= 2 })
 }
 
 // startHook calls f on each start.
@@ -896,7 +880,7 @@ func TestFootprintUnderRunningSettings(t *testing.T) {
 	old := baseConfig + "models:\n  a: {vram: 20GiB, max_model_len: 4096, env: {FAKEVLLM_READY_ON_SIGNAL: USR1}}\n"
 	tm := startManager(t, old)
 	done := tm.leaseLater("a")
-	eventually(t, "a's server runs", func() bool { return tm.status("a").Instance != "" })
+	poll.Until(t, "a's server runs", func() bool { return tm.status("a").Instance != "" })
 	newCfg := parseConfig(t, strings.Replace(old, "4096", "8192", 1))
 	if err := tm.Update(newCfg); err != nil {
 		t.Fatal(err)
@@ -910,7 +894,7 @@ func TestFootprintUnderRunningSettings(t *testing.T) {
 		t.Fatal(l.err)
 	}
 	oldCfg := parseConfig(t, old)
-	eventually(t, "the footprint is filed", func() bool {
+	poll.Until(t, "the footprint is filed", func() bool {
 		_, ok := tm.fps.Get("a", manager.Signature(oldCfg, oldCfg.Models["a"]))
 		return ok
 	})
@@ -926,7 +910,7 @@ func TestFootprintUnderRunningSettings(t *testing.T) {
 func (tm *testManager) readyNow(t *testing.T, model string) {
 	t.Helper()
 	st := tm.status(model)
-	eventually(t, model+"'s server answers", func() bool { return answers(st.Addr) })
+	poll.Until(t, model+"'s server answers", func() bool { return answers(st.Addr) })
 	if err := syscall.Kill(tm.rt.pid(t, st.Instance), syscall.SIGUSR1); err != nil {
 		t.Fatal(err)
 	}
@@ -951,13 +935,13 @@ func TestLoadingModelNotCountedTwice(t *testing.T) {
 		func(d *gpu.Declared) manager.Inventory { return noProcesses{d} }, nil, manager.Options{})
 	bigDone := make(chan error, 1)
 	go func() { bigDone <- tm.ensure("big") }()
-	eventually(t, "big's server runs, and a GPU reading shows it", func() bool {
+	poll.Until(t, "big's server runs, and a GPU reading shows it", func() bool {
 		return tm.status("big").Instance != "" && tm.View().GPUs[0].Used == 50<<30
 	})
 	done := tm.leaseLater("small")
 	// small is placed beside big at once (its start then waits for big's,
 	// as starts on one GPU are serialised), not held back for memory.
-	eventually(t, "small is placed", func() bool { return tm.status("small").State == manager.Loading })
+	poll.Until(t, "small is placed", func() bool { return tm.status("small").State == manager.Loading })
 	if st := tm.status("big"); st.State != manager.Loading {
 		t.Fatalf("big is %v: small was placed only after big was ready", st.State)
 	}
@@ -981,14 +965,14 @@ func TestUnloadWhileLoading(t *testing.T) {
 	tm := startManagerWith(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 1h}}\n", nil, nil, manager.Options{})
 	done := make(chan error, 1)
 	go func() { done <- tm.ensure("a") }()
-	eventually(t, "a is loading", func() bool { return tm.status("a").Instance != "" })
+	poll.Until(t, "a is loading", func() bool { return tm.status("a").Instance != "" })
 	if err := tm.Unload("a"); err != nil {
 		t.Fatal(err)
 	}
 	if err := <-done; !errors.Is(err, manager.ErrUnloaded) {
 		t.Fatalf("waiter got %v", err)
 	}
-	eventually(t, "a is stopped", func() bool { return tm.status("a").State == manager.Stopped })
+	poll.Until(t, "a is stopped", func() bool { return tm.status("a").State == manager.Stopped })
 	if st := tm.status("a"); !st.RetryAt.IsZero() && time.Now().Before(st.RetryAt) {
 		t.Fatalf("an unload set a backoff until %v", st.RetryAt)
 	}
@@ -1006,7 +990,7 @@ func TestOperatorLoad(t *testing.T) {
 	if err := tm.Load(ctx, "a", false); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a is ready though no request asked", func() bool { return tm.status("a").State == manager.Ready })
+	poll.Until(t, "a is ready though no request asked", func() bool { return tm.status("a").State == manager.Ready })
 
 	// b needs a's memory: a, idle, is evicted.
 	if err := tm.Load(ctx, "b", true); err != nil {
@@ -1055,7 +1039,7 @@ func TestReaddedWhileItsLoadEnds(t *testing.T) {
 		func(rt manager.Runtime) manager.Runtime { gate.Runtime = rt; return gate }, manager.Options{})
 	first := make(chan error, 1)
 	go func() { first <- tm.ensure("a") }()
-	eventually(t, "a loads", func() bool { return tm.status("a").Instance != "" })
+	poll.Until(t, "a loads", func() bool { return tm.status("a").Instance != "" })
 	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n")); err != nil {
 		t.Fatal(err)
 	}
@@ -1066,7 +1050,7 @@ func TestReaddedWhileItsLoadEnds(t *testing.T) {
 		t.Fatal(err)
 	}
 	second := tm.leaseLater("a")
-	eventually(t, "the second request waits", func() bool { return tm.status("a").Waiting == 1 })
+	poll.Until(t, "the second request waits", func() bool { return tm.status("a").Waiting == 1 })
 	close(gate.open) // the old load's server stops, and its load ends
 	l := <-second
 	if l.err != nil {

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 )
 
@@ -34,12 +35,12 @@ func TestUnhealthyRestarted(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, "a is reported unhealthy", func() bool { _, ok := tm.eventAt("a", manager.EventUnhealthy); return ok })
+	poll.Until(t, "a is reported unhealthy", func() bool { _, ok := tm.eventAt("a", manager.EventUnhealthy); return ok })
 	e := tm.event(t, "a", manager.EventUnhealthy)
 	if !strings.Contains(e.Detail, "2 health probes in a row failed") || !strings.Contains(e.Detail, "no answer to GET /health within 1s") {
 		t.Errorf("unhealthy detail %q", e.Detail)
 	}
-	eventually(t, "a serves from a new server", func() bool {
+	poll.Until(t, "a serves from a new server", func() bool {
 		st := tm.status("a")
 		return st.State == manager.Ready && st.Instance != stopped["a"]
 	})
@@ -47,7 +48,7 @@ func TestUnhealthyRestarted(t *testing.T) {
 		t.Fatalf("the restarted server answered %d", code)
 	}
 	// The View shows a ready model before its ready event is told.
-	eventually(t, "a's second ready event is told", func() bool {
+	poll.Until(t, "a's second ready event is told", func() bool {
 		kinds := tm.eventKinds("a")
 		i := slices.Index(kinds, manager.EventUnhealthy)
 		return i >= 0 && slices.Contains(kinds[i:], manager.EventReady)
@@ -88,7 +89,7 @@ func TestUnloadWinsOverUnhealthyRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	stopServer(t, tm, "a")
-	eventually(t, "a is unhealthy and draining", func() bool {
+	poll.Until(t, "a is unhealthy and draining", func() bool {
 		_, ok := tm.eventAt("a", manager.EventUnhealthy)
 		return ok && tm.status("a").State == manager.Draining
 	})
@@ -96,7 +97,7 @@ func TestUnloadWinsOverUnhealthyRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.Release()
-	eventually(t, "a is stopped", func() bool { return tm.status("a").State == manager.Stopped })
+	poll.Until(t, "a is stopped", func() bool { return tm.status("a").State == manager.Stopped })
 	starts := tm.rt.count("a")
 	// A restart would come at once (ticks of 20 ms); none comes.
 	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
@@ -116,12 +117,12 @@ func TestUnhealthyAgainBacksOff(t *testing.T) {
 		t.Fatal(err)
 	}
 	first := stopServer(t, tm, "a")
-	eventually(t, "a serves from a second server", func() bool {
+	poll.Until(t, "a serves from a second server", func() bool {
 		st := tm.status("a")
 		return st.State == manager.Ready && st.Instance != first
 	})
 	stopServer(t, tm, "a") // before any probe of it has passed
-	eventually(t, "a is unhealthy again, and stopped", func() bool {
+	poll.Until(t, "a is unhealthy again, and stopped", func() bool {
 		n := 0
 		for _, k := range tm.eventKinds("a") {
 			if k == manager.EventUnhealthy {
