@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/managertest"
 	"github.com/vgw-project/vgw/manager/runtime"
 )
 
@@ -90,7 +91,7 @@ var _ Runtime = (*fakeRuntime)(nil)
 // runManager runs a Manager over rt until the test ends.
 func runManager(t *testing.T, yaml string, rt Runtime) *Manager {
 	t.Helper()
-	cfg := parseConfig(t, yaml)
+	cfg := managertest.Config(t, yaml)
 	var gs []gpu.GPU
 	for _, g := range cfg.GPUs.Declared {
 		gs = append(gs, gpu.GPU{Name: g.Name, Total: uint64(g.Memory)})

@@ -3,12 +3,13 @@ package manager
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vgw-project/vgw/manager/managertest"
 )
 
 func TestFootprints(t *testing.T) {
@@ -46,7 +47,7 @@ func TestFootprintWriteFailureKeepsOld(t *testing.T) {
 	f, _ := OpenFootprints(path)
 	f.Put("a", Footprint{Signature: "s", PerGPU: 1})
 	before, _ := os.ReadFile(path)
-	readOnly(t, dir)
+	managertest.ReadOnly(t, dir)
 	if err := f.Put("b", Footprint{Signature: "s", PerGPU: 2}); err == nil {
 		t.Fatal("a write into a read-only directory succeeded")
 	}
@@ -73,21 +74,6 @@ func TestFootprintPaths(t *testing.T) {
 	if err != nil || f.Put("a", Footprint{}) != nil {
 		t.Fatalf("in memory: %v", err)
 	}
-}
-
-// readOnly makes dir refuse new files, even to root (chattr +i), until the
-// test ends.
-func readOnly(t *testing.T, dir string) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		os.Chmod(dir, 0o500)
-		t.Cleanup(func() { os.Chmod(dir, 0o700) })
-		return
-	}
-	if out, err := exec.Command("chattr", "+i", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot make %s read-only as root (chattr: %v %s)", dir, err, out)
-	}
-	t.Cleanup(func() { exec.Command("chattr", "-i", dir).Run() })
 }
 
 // TestFootprintsConcurrentPuts: models measured at the same moment all

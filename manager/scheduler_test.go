@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/managertest"
 	"github.com/vgw-project/vgw/manager/runtime"
 )
 
@@ -50,7 +50,7 @@ func (f footprintMap) Get(model, sig string) (Footprint, bool) {
 func newRig(t *testing.T, yaml string) *rig {
 	t.Helper()
 	r := &rig{t: t, now: time.Unix(1_000_000, 0), fps: footprintMap{}}
-	cfg := parseConfig(t, yaml)
+	cfg := managertest.Config(t, yaml)
 	var gpus []gpu.GPU
 	for i, g := range cfg.GPUs.Declared {
 		gpus = append(gpus, gpu.GPU{Index: i, Name: g.Name, Total: uint64(g.Memory)})
@@ -58,15 +58,6 @@ func newRig(t *testing.T, yaml string) *rig {
 	r.b = newBoard(r.now)
 	r.s = newScheduler(cfg, gpus, r.fps, BackoffBase, r.b, r.now)
 	return r
-}
-
-func parseConfig(t testing.TB, yaml string) *config.Config {
-	t.Helper()
-	cfg, err := config.Parse("test.yaml", []byte(yaml))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cfg
 }
 
 // at runs f at the rig's time and returns the actions decided, described.
@@ -515,7 +506,7 @@ func TestConfigDecisions(t *testing.T) {
 	r.ready("a")
 	r.ready("b")
 	l := r.answered(r.want("a"))
-	next := parseConfig(t, schedConfig+"models:\n  b: {vram: 20GiB, max_model_len: 8192}\n  c: {vram: 20GiB, always_on: true}\n")
+	next := managertest.Config(t, schedConfig+"models:\n  b: {vram: 20GiB, max_model_len: 8192}\n  c: {vram: 20GiB, always_on: true}\n")
 	r.expect("reload", func(now time.Time) { r.s.configure(now, next) }, "load_started c", "start c on [0]")
 	if v := r.view("a"); !v.Removed {
 		t.Fatalf("a after the reload: %+v", v)
@@ -654,11 +645,13 @@ func TestRemovedWhileLoadingDecisions(t *testing.T) {
 	r.flush()
 	md := r.s.models["a"]
 	op := md.loading
-	r.expect("a removed", func(now time.Time) { r.s.configure(now, parseConfig(t, schedConfig+"models:\n  b: {vram: 20GiB}\n")) }, "cancel a load")
+	r.expect("a removed", func(now time.Time) {
+		r.s.configure(now, managertest.Config(t, schedConfig+"models:\n  b: {vram: 20GiB}\n"))
+	}, "cancel a load")
 	if err := r.failed(first); !errors.Is(err, ErrUnknownModel) {
 		t.Fatalf("the removed model's waiter: %v", err)
 	}
-	r.expect("a back", func(now time.Time) { r.s.configure(now, parseConfig(t, schedConfig+both)) })
+	r.expect("a back", func(now time.Time) { r.s.configure(now, managertest.Config(t, schedConfig+both)) })
 	second := r.want("a")
 	r.flush()
 	r.expect("the old load ends", func(now time.Time) { r.s.loadFailed(now, md, op, errors.New("context canceled")) },
@@ -721,7 +714,7 @@ func TestAlwaysOnRetriedAfterBackoff(t *testing.T) {
 func TestReloadedModelStaysDecisions(t *testing.T) {
 	r := newRig(t, schedConfig+"models:\n  a: {vram: 20GiB, max_model_len: 4096}\n")
 	r.ready("a")
-	r.s.configure(r.now, parseConfig(t, schedConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n"))
+	r.s.configure(r.now, managertest.Config(t, schedConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n"))
 	r.expect("stale and idle", func(now time.Time) { r.s.tick(now) }, "draining a", "stop a within 2s")
 	r.s.stopped(r.now, r.s.models["a"], []int{0}, nil)
 	r.flush()

@@ -9,15 +9,14 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	cerrdefs "github.com/containerd/errdefs"
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/client"
 
-	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
+	"github.com/vgw-project/vgw/manager/managertest"
 	"github.com/vgw-project/vgw/manager/runtime"
 	"github.com/vgw-project/vgw/manager/runtime/docker"
 	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
@@ -104,7 +103,7 @@ func (dm *dockerManager) container(t *testing.T, model string) (container.Inspec
 // ready, or why not.
 func (dm *dockerManager) ensure(t *testing.T, model string) error {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), long)
+	ctx, cancel := context.WithTimeout(context.Background(), poll.Long)
 	defer cancel()
 	l, err := dm.Lease(ctx, model)
 	if err == nil {
@@ -120,42 +119,6 @@ func (dm *dockerManager) status(model string) manager.ModelView {
 		return *mv
 	}
 	return manager.ModelView{}
-}
-
-func parseConfig(t testing.TB, yaml string) *config.Config {
-	t.Helper()
-	cfg, err := config.Parse("test.yaml", []byte(yaml))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cfg
-}
-
-// long bounds a wait for what must happen: only a hang reaches it, however
-// slow the machine (a busy CI runner with two cores, the race detector).
-const long = time.Minute
-
-// get sends a chat request to a model's server directly, as Envoy would.
-func get(t *testing.T, addr, model string) int {
-	t.Helper()
-	resp, err := http.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(`{"model":"`+model+`","max_tokens":1}`))
-	if err != nil {
-		return 0
-	}
-	resp.Body.Close()
-	return resp.StatusCode
-}
-
-// answers reports whether a server at addr answers GET /health, whatever
-// it says.
-func answers(addr string) bool {
-	c := http.Client{Timeout: 5 * time.Second} // then ask again
-	resp, err := c.Get("http://" + addr + "/health")
-	if err != nil {
-		return false
-	}
-	resp.Body.Close()
-	return true
 }
 
 // TestLoadErrorPublic: what a client is told of a load the Docker runtime
@@ -213,7 +176,7 @@ func TestDockerColdStart(t *testing.T) {
 	if addr == "" {
 		t.Fatal("a has no endpoint once ready")
 	}
-	if code := get(t, addr, "a"); code != http.StatusOK {
+	if code := managertest.Chat(addr, "a"); code != http.StatusOK {
 		t.Fatalf("a's server at %s answered %d", addr, code)
 	}
 	c, ok := dm.container(t, "a")
@@ -260,7 +223,7 @@ func TestDockerEviction(t *testing.T) {
 		t.Error("b's container is not running")
 	}
 	addr := dm.status("b").Endpoint
-	if code := get(t, addr, "b"); code != http.StatusOK {
+	if code := managertest.Chat(addr, "b"); code != http.StatusOK {
 		t.Errorf("b answered %d", code)
 	}
 }
@@ -305,7 +268,7 @@ func TestDockerCrashLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := dm.status("crashy").Endpoint
-	get(t, addr, "crashy") // its first request kills it
+	managertest.Chat(addr, "crashy") // its first request kills it
 	poll.Until(t, "the crash is noticed", func() bool { _, ok := dm.events.find("crashy", manager.EventCrashed); return ok })
 	e, _ := dm.events.find("crashy", manager.EventCrashed)
 	if !strings.Contains(e.Detail, "exited, code 1") || !strings.Contains(e.Detail, "engine core died unexpectedly") {
@@ -316,7 +279,7 @@ func TestDockerCrashLog(t *testing.T) {
 // TestDockerNeverHealthy: a load that never becomes healthy times out, and
 // its container is removed. The container's start is not cut short by
 // the load_timeout, so that the timeout is always the health's, however
-// long Docker takes to start it.
+// poll.Long Docker takes to start it.
 func TestDockerNeverHealthy(t *testing.T) {
 	e := dockertest.Need(t)
 	instance := e.Instance(t)
@@ -504,7 +467,7 @@ func TestDockerAdoptLoading(t *testing.T) {
 func (dm *dockerManager) readyNow(t *testing.T, model string) {
 	t.Helper()
 	st := dm.status(model)
-	poll.Until(t, model+"'s server answers", func() bool { return answers(st.Addr) })
+	poll.Until(t, model+"'s server answers", func() bool { return managertest.Answers(st.Addr) })
 	if _, err := dm.engine.Client.ContainerKill(context.Background(), st.Instance, client.ContainerKillOptions{Signal: "SIGUSR1"}); err != nil {
 		t.Fatal(err)
 	}

@@ -12,7 +12,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -24,6 +23,7 @@ import (
 	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/managertest"
 	"github.com/vgw-project/vgw/manager/runtime/docker"
 	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
 )
@@ -61,7 +61,7 @@ func TestDockerOutage(t *testing.T) {
 	instance := e.Instance(t)
 	began := time.Now()
 	proxy := newDockerProxy(t, e)
-	rtLog := &logRecorder{}
+	rtLog := &managertest.LogRecorder{}
 	dm := startDockerManagerAt(t, fmt.Sprintf(faultConfig, e.Image, e.Network, instance), docker.Options{Instance: instance, Host: proxy.host(), Log: slog.New(rtLog)})
 	for _, m := range []string{"a", "c", "d"} {
 		if err := dm.ensure(t, m); err != nil {
@@ -82,12 +82,12 @@ func TestDockerOutage(t *testing.T) {
 	if err := dm.ensure(t, "a"); err != nil {
 		t.Errorf("a request for a: %v", err)
 	}
-	if code := get(t, addr, "a"); code != http.StatusOK {
+	if code := managertest.Chat(addr, "a"); code != http.StatusOK {
 		t.Errorf("a's server answered %d with the engine out of reach", code)
 	}
 
 	// A load fails at once, and says why and what to check.
-	ctx, cancel := context.WithTimeout(context.Background(), long)
+	ctx, cancel := context.WithTimeout(context.Background(), poll.Long)
 	defer cancel()
 	err := dm.Load(ctx, "b", true)
 	if !errors.Is(err, docker.ErrUnreachable) || !strings.Contains(err.Error(), "is dockerd running") {
@@ -121,8 +121,8 @@ func TestDockerOutage(t *testing.T) {
 	// over a second: time for a load to get in first.
 	var reconnect time.Time // when the stream tries again
 	poll.Until(t, "the event stream to back off for 1.6s or more", func() bool {
-		for _, r := range rtLog.all() {
-			if in, _ := attr(r, "in").(time.Duration); r.Level == slog.LevelWarn && in >= 1600*time.Millisecond {
+		for _, r := range rtLog.Records() {
+			if in, _ := managertest.Attr(r, "in").(time.Duration); r.Level == slog.LevelWarn && in >= 1600*time.Millisecond {
 				reconnect = r.Time.Add(in)
 				return true
 			}
@@ -178,7 +178,7 @@ func TestDockerOutage(t *testing.T) {
 		t.Fatalf("b, with the engine back: %v", err)
 	}
 	b, _ := dm.container(t, "b")
-	if addr := dm.status("b").Endpoint; get(t, addr, "b") != http.StatusOK || !b.State.Running {
+	if addr := dm.status("b").Endpoint; managertest.Chat(addr, "b") != http.StatusOK || !b.State.Running {
 		t.Errorf("b at %s does not serve", addr)
 	}
 	// d twice, both asked for: before its unload and after.
@@ -257,7 +257,7 @@ func TestDockerKilled(t *testing.T) {
 			t.Errorf("%s's ready event %+v, want it adopted", m.name, ev)
 		}
 	}
-	if addr := second.status("warming").Endpoint; get(t, addr, "warming") != http.StatusOK {
+	if addr := second.status("warming").Endpoint; managertest.Chat(addr, "warming") != http.StatusOK {
 		t.Errorf("warming at %s does not serve", addr)
 	}
 
@@ -296,7 +296,7 @@ func startDockerManagerAt(t *testing.T, yaml string, opts docker.Options) *docke
 func startDockerManagerWrapped(t *testing.T, yaml string, opts docker.Options, wrap func(manager.Runtime) manager.Runtime) *dockerManager {
 	t.Helper()
 	e := dockertest.Need(t)
-	cfg := parseConfig(t, yaml)
+	cfg := managertest.Config(t, yaml)
 	opts.Image, opts.Network = cfg.Runtime.Image, cfg.Runtime.Network
 	rt, err := docker.New(opts)
 	if err != nil {
@@ -325,7 +325,7 @@ func startDockerManagerWrapped(t *testing.T, yaml string, opts docker.Options, w
 // engine started since then.
 func containerStarts(t *testing.T, e *dockertest.Engine, instance string, since time.Time) map[string]int {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), long)
+	ctx, cancel := context.WithTimeout(context.Background(), poll.Long)
 	defer cancel()
 	until := time.Now()
 	res := e.Client.Events(ctx, client.EventsListOptions{
@@ -455,42 +455,4 @@ func (p *dockerProxy) forward(lis net.Listener, c net.Conn) {
 	delete(p.conns, c)
 	delete(p.conns, up)
 	p.mu.Unlock()
-}
-
-// logRecorder is a slog handler that keeps every record, for tests that
-// check what was logged.
-type logRecorder struct {
-	mu      sync.Mutex
-	records []slog.Record
-}
-
-func (l *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
-
-func (l *logRecorder) Handle(_ context.Context, r slog.Record) error {
-	l.mu.Lock()
-	l.records = append(l.records, r.Clone())
-	l.mu.Unlock()
-	return nil
-}
-
-func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return l } // the runtime adds none
-func (l *logRecorder) WithGroup(string) slog.Handler      { return l }
-
-func (l *logRecorder) all() []slog.Record {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.Clone(l.records)
-}
-
-// attr is the value of a record's attribute key, or nil.
-func attr(r slog.Record, key string) any {
-	var v any
-	r.Attrs(func(a slog.Attr) bool {
-		if a.Key == key {
-			v = a.Value.Any()
-			return false
-		}
-		return true
-	})
-	return v
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/manager/runtime"
 	"github.com/vgw-project/vgw/manager/runtime/docker/dockertest"
@@ -31,9 +32,6 @@ func TestMain(m *testing.M) {
 	dockertest.Cleanup()
 	os.Exit(code)
 }
-
-// long bounds a wait for what must happen: only a hang reaches it.
-const long = time.Minute
 
 // TestDockerErrors: what a user can act on is said so, for each cause.
 func TestDockerErrors(t *testing.T) {
@@ -95,7 +93,7 @@ func TestDockerExitLog(t *testing.T) {
 		if x.ID != inst.ID || x.Requested || x.Code != 1 || !strings.Contains(x.LogTail, "memory profiling") {
 			t.Errorf("exit %+v", x)
 		}
-	case <-time.After(long):
+	case <-time.After(poll.Long):
 		t.Fatal("no exit reported")
 	}
 }
@@ -191,7 +189,7 @@ func TestDockerReconcile(t *testing.T) {
 		if y.ID != inst.ID || !strings.HasPrefix(y.Reason, "removed") || !y.Removed || y.Requested {
 			t.Errorf("exit from the look: %+v (the event's: %+v)", y, x)
 		}
-	case <-time.After(long):
+	case <-time.After(poll.Long):
 		t.Fatal("the look after reconnecting found nothing")
 	}
 }

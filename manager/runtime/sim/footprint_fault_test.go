@@ -1,20 +1,18 @@
 package sim_test
 
 import (
-	"context"
 	"log/slog"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
+	"github.com/vgw-project/vgw/manager/managertest"
 )
 
 // TestFootprintSaveFails: a footprint learned when the footprints file
@@ -31,7 +29,7 @@ func TestFootprintSaveFails(t *testing.T) {
 	}{
 		{"directory read-only", func(t *testing.T, root string) (string, string, func()) {
 			path := filepath.Join(root, "footprints.json")
-			return path, path, func() { readOnly(t, root) } // chattr +i as root: chmod does not stop root
+			return path, path, func() { managertest.ReadOnly(t, root) } // chattr +i as root: chmod does not stop root
 		}},
 		{"directory now a file", func(t *testing.T, root string) (string, string, func()) {
 			// The footprints directory is reached through a link, as
@@ -74,29 +72,29 @@ func TestFootprintSaveFails(t *testing.T) {
 			}
 			spoil()
 
-			logs := &logRecorder{}
+			logs := &managertest.LogRecorder{}
 			yaml := baseConfig + "models:\n  a: {vram: 20GiB}\n"
 			tm := startManagerWith(t, yaml, nil, nil, manager.Options{Footprints: fps, Log: slog.New(logs)})
 			if err := tm.ensure("a"); err != nil {
 				t.Fatal(err)
 			}
 			poll.Until(t, "the failed save is logged", func() bool {
-				return slices.ContainsFunc(logs.all(), func(r slog.Record) bool {
+				return slices.ContainsFunc(logs.Records(), func(r slog.Record) bool {
 					return r.Message == "could not save footprints" && r.Level == slog.LevelError
 				})
 			})
-			i := slices.IndexFunc(logs.all(), func(r slog.Record) bool { return r.Message == "could not save footprints" })
-			if msg, _ := attr(logs.all()[i], "error").(string); !strings.Contains(msg, path) {
+			i := slices.IndexFunc(logs.Records(), func(r slog.Record) bool { return r.Message == "could not save footprints" })
+			if msg, _ := managertest.Attr(logs.Records()[i], "error").(string); !strings.Contains(msg, path) {
 				t.Errorf("the error logged, %q, does not name the file %s", msg, path)
 			}
 
 			if st := tm.status("a"); st.State != manager.Ready {
 				t.Errorf("a is %v after its footprint could not be saved", st.State)
 			}
-			if addr := tm.status("a").Endpoint; get(t, addr, "a") != http.StatusOK {
+			if addr := tm.status("a").Endpoint; managertest.Chat(addr, "a") != http.StatusOK {
 				t.Errorf("a at %s does not serve", addr)
 			}
-			cfg := parseConfig(t, yaml)
+			cfg := managertest.Config(t, yaml)
 			if fp, ok := fps.Get("a", manager.Signature(cfg, cfg.Models["a"])); !ok || fp.PerGPU != 20<<30 {
 				t.Errorf("a's footprint in memory: %+v %v; want the 20GiB measured", fp, ok)
 			}
@@ -109,58 +107,4 @@ func TestFootprintSaveFails(t *testing.T) {
 			}
 		})
 	}
-}
-
-// readOnly makes dir refuse new files, even to root (chattr +i), until the
-// test ends. (A copy of package manager's, whose tests this package
-// cannot reach.)
-func readOnly(t *testing.T, dir string) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		os.Chmod(dir, 0o500)
-		t.Cleanup(func() { os.Chmod(dir, 0o700) })
-		return
-	}
-	if out, err := exec.Command("chattr", "+i", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot make %s read-only as root (chattr: %v %s)", dir, err, out)
-	}
-	t.Cleanup(func() { exec.Command("chattr", "-i", dir).Run() })
-}
-
-// logRecorder is a slog handler that keeps every record, for tests that
-// check what was logged.
-type logRecorder struct {
-	mu      sync.Mutex
-	records []slog.Record
-}
-
-func (l *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
-
-func (l *logRecorder) Handle(_ context.Context, r slog.Record) error {
-	l.mu.Lock()
-	l.records = append(l.records, r.Clone())
-	l.mu.Unlock()
-	return nil
-}
-
-func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return l } // vgw's manager adds none
-func (l *logRecorder) WithGroup(string) slog.Handler      { return l }
-
-func (l *logRecorder) all() []slog.Record {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.Clone(l.records)
-}
-
-// attr is the value of a record's attribute key, or nil.
-func attr(r slog.Record, key string) any {
-	var v any
-	r.Attrs(func(a slog.Attr) bool {
-		if a.Key == key {
-			v = a.Value.Any()
-			return false
-		}
-		return true
-	})
-	return v
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -19,6 +18,7 @@ import (
 	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/gpu"
+	"github.com/vgw-project/vgw/manager/managertest"
 	"github.com/vgw-project/vgw/manager/runtime"
 	"github.com/vgw-project/vgw/manager/runtime/sim"
 )
@@ -178,7 +178,7 @@ func (tm *testManager) status(name string) manager.ModelView {
 
 // lease leases model, with a deadline that only a hang reaches.
 func (tm *testManager) lease(model string) (manager.Lease, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), long)
+	ctx, cancel := context.WithTimeout(context.Background(), poll.Long)
 	defer cancel()
 	return tm.Lease(ctx, model)
 }
@@ -217,15 +217,6 @@ gpus:
   - {name: sim0, memory: 80GiB}
 `
 
-func parseConfig(t testing.TB, yaml string) *config.Config {
-	t.Helper()
-	cfg, err := config.Parse("test.yaml", []byte(yaml))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cfg
-}
-
 // startManager runs a manager on the sim runtime, with the test binary as
 // the fake vLLM, counting starts and recording events, and stops every
 // model when the test ends.
@@ -248,23 +239,6 @@ func startManagerOpts(t testing.TB, yaml string, opts manager.Options) *testMana
 	return tm
 }
 
-// long bounds a wait for what must happen: only a hang reaches it, however
-// slow the machine (a busy CI runner with two cores, the race detector).
-// What must not happen is checked over a short while instead, which
-// cannot fail falsely.
-const long = time.Minute
-
-// get sends a chat request to a model's server directly, as Envoy would.
-func get(t *testing.T, addr, model string) int {
-	t.Helper()
-	resp, err := http.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(`{"model":"`+model+`","max_tokens":1}`))
-	if err != nil {
-		return 0
-	}
-	resp.Body.Close()
-	return resp.StatusCode
-}
-
 func TestColdStart(t *testing.T) {
 	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB}\n")
 	if l, ok := tm.TryLease("a"); ok {
@@ -276,7 +250,7 @@ func TestColdStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := tm.status("a").Endpoint
-	if addr == "" || addr != l.Addr() || get(t, addr, "a") != 200 {
+	if addr == "" || addr != l.Addr() || managertest.Chat(addr, "a") != 200 {
 		t.Fatalf("endpoint %q (leased %q) does not serve", addr, l.Addr())
 	}
 	st := tm.status("a")
@@ -423,7 +397,7 @@ func TestCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	first := tm.status("a").Instance
-	if code := get(t, l.Addr(), "a"); code == 200 {
+	if code := managertest.Chat(l.Addr(), "a"); code == 200 {
 		t.Fatalf("the crashing request got %d", code)
 	}
 	l.Release()
@@ -566,7 +540,7 @@ func TestUpdate(t *testing.T) {
 		t.Fatal(err)
 	}
 	first := tm.status("a").Instance
-	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n  b: {vram: 20GiB}\n")); err != nil {
+	if err := tm.Update(managertest.Config(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n  b: {vram: 20GiB}\n")); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(100 * time.Millisecond) // ticks pass: a is busy, so it stays
@@ -585,7 +559,7 @@ func TestUpdate(t *testing.T) {
 	if err := tm.ensure("b"); err != nil {
 		t.Fatalf("the new model: %v", err)
 	}
-	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n")); err != nil {
+	if err := tm.Update(managertest.Config(t, baseConfig+"models:\n  b: {vram: 20GiB}\n")); err != nil {
 		t.Fatal(err)
 	}
 	if err := tm.ensure("a"); !errors.Is(err, manager.ErrUnknownModel) {
@@ -613,7 +587,7 @@ func TestRemovedWhileLoading(t *testing.T) {
 		m, _ := tm.gpus.Memory()
 		return tm.status("slow").State == manager.Loading && m[0].Used == 20<<30
 	})
-	if err := tm.Update(parseConfig(t, cfg+"models:\n  b: {vram: 20GiB}\n")); err != nil {
+	if err := tm.Update(managertest.Config(t, cfg+"models:\n  b: {vram: 20GiB}\n")); err != nil {
 		t.Fatal(err)
 	}
 	if err := <-answer; !errors.Is(err, manager.ErrUnknownModel) {
@@ -671,7 +645,7 @@ func (noProcesses) Processes() ([]gpu.Process, error) { return nil, nil }
 // TestFootprintByDelta: without per-process figures, a model's footprint
 // is the rise in its GPU's used memory across its load.
 func TestFootprintByDelta(t *testing.T) {
-	cfg := parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB}\n")
+	cfg := managertest.Config(t, baseConfig+"models:\n  a: {vram: 20GiB}\n")
 	gpus := gpu.NewDeclared([]gpu.GPU{{Name: "sim0", Total: 80 << 30}})
 	gpus.Charge(1, []int{0}, 5<<30) // someone else's, before and after
 	exe, _ := os.Executable()
@@ -702,7 +676,7 @@ func TestFootprintByDelta(t *testing.T) {
 // memory. Every model is stopped when the test ends.
 func startManagerWith(t testing.TB, yaml string, inv func(*gpu.Declared) manager.Inventory, wrap func(manager.Runtime) manager.Runtime, opts manager.Options) *testManager {
 	t.Helper()
-	cfg := parseConfig(t, yaml)
+	cfg := managertest.Config(t, yaml)
 	var gs []gpu.GPU
 	for _, g := range cfg.GPUs.Declared {
 		gs = append(gs, gpu.GPU{Name: g.Name, Total: uint64(g.Memory)})
@@ -735,7 +709,7 @@ func startManagerWith(t testing.TB, yaml string, inv func(*gpu.Declared) manager
 	done := make(chan struct{})
 	go func() { tm.Run(ctx); close(done) }()
 	t.Cleanup(func() {
-		stop, c := context.WithTimeout(context.Background(), long)
+		stop, c := context.WithTimeout(context.Background(), poll.Long)
 		defer c()
 		if err := tm.StopAll(stop); err != nil {
 			t.Errorf("StopAll: %v", err)
@@ -753,7 +727,7 @@ func TestReloadedModelStays(t *testing.T) {
 	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
 	}
-	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n")); err != nil {
+	if err := tm.Update(managertest.Config(t, baseConfig+"models:\n  a: {vram: 20GiB, max_model_len: 8192}\n")); err != nil {
 		t.Fatal(err)
 	}
 	poll.Until(t, "a reloads", func() bool { return tm.status("a").State == manager.Stopped })
@@ -881,7 +855,7 @@ func TestFootprintUnderRunningSettings(t *testing.T) {
 	tm := startManager(t, old)
 	done := tm.leaseLater("a")
 	poll.Until(t, "a's server runs", func() bool { return tm.status("a").Instance != "" })
-	newCfg := parseConfig(t, strings.Replace(old, "4096", "8192", 1))
+	newCfg := managertest.Config(t, strings.Replace(old, "4096", "8192", 1))
 	if err := tm.Update(newCfg); err != nil {
 		t.Fatal(err)
 	}
@@ -893,7 +867,7 @@ func TestFootprintUnderRunningSettings(t *testing.T) {
 	if l.err != nil {
 		t.Fatal(l.err)
 	}
-	oldCfg := parseConfig(t, old)
+	oldCfg := managertest.Config(t, old)
 	poll.Until(t, "the footprint is filed", func() bool {
 		_, ok := tm.fps.Get("a", manager.Signature(oldCfg, oldCfg.Models["a"]))
 		return ok
@@ -910,22 +884,10 @@ func TestFootprintUnderRunningSettings(t *testing.T) {
 func (tm *testManager) readyNow(t *testing.T, model string) {
 	t.Helper()
 	st := tm.status(model)
-	poll.Until(t, model+"'s server answers", func() bool { return answers(st.Addr) })
+	poll.Until(t, model+"'s server answers", func() bool { return managertest.Answers(st.Addr) })
 	if err := syscall.Kill(tm.rt.pid(t, st.Instance), syscall.SIGUSR1); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// answers reports whether a server at addr answers GET /health, whatever
-// it says.
-func answers(addr string) bool {
-	c := http.Client{Timeout: 5 * time.Second} // then ask again
-	resp, err := c.Get("http://" + addr + "/health")
-	if err != nil {
-		return false
-	}
-	resp.Body.Close()
-	return true
 }
 
 // TestLoadingModelNotCountedTwice: without per-process figures, a loading
@@ -984,7 +946,7 @@ func TestUnloadWhileLoading(t *testing.T) {
 // backoff's error (the operator may have fixed the cause).
 func TestOperatorLoad(t *testing.T) {
 	tm := startManager(t, baseConfig+"models:\n  a: {vram: 20GiB, sim: {startup_delay: 50ms}}\n  b: {vram: 70GiB}\n  broken: {vram: 10GiB, sim: {fail_start: true}}\n")
-	ctx, cancel := context.WithTimeout(context.Background(), long)
+	ctx, cancel := context.WithTimeout(context.Background(), poll.Long)
 	defer cancel()
 
 	if err := tm.Load(ctx, "a", false); err != nil {
@@ -1040,13 +1002,13 @@ func TestReaddedWhileItsLoadEnds(t *testing.T) {
 	first := make(chan error, 1)
 	go func() { first <- tm.ensure("a") }()
 	poll.Until(t, "a loads", func() bool { return tm.status("a").Instance != "" })
-	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  b: {vram: 20GiB}\n")); err != nil {
+	if err := tm.Update(managertest.Config(t, baseConfig+"models:\n  b: {vram: 20GiB}\n")); err != nil {
 		t.Fatal(err)
 	}
 	if err := <-first; !errors.Is(err, manager.ErrUnknownModel) {
 		t.Fatalf("the request of the removed model: %v", err)
 	}
-	if err := tm.Update(parseConfig(t, baseConfig+"models:\n  a: {vram: 20GiB}\n  b: {vram: 20GiB}\n")); err != nil {
+	if err := tm.Update(managertest.Config(t, baseConfig+"models:\n  a: {vram: 20GiB}\n  b: {vram: 20GiB}\n")); err != nil {
 		t.Fatal(err)
 	}
 	second := tm.leaseLater("a")

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
+	"github.com/vgw-project/vgw/manager/managertest"
 )
 
 // TestUnhealthyRestarted: a ready server that stops answering (SIGSTOP:
@@ -44,7 +45,7 @@ func TestUnhealthyRestarted(t *testing.T) {
 		st := tm.status("a")
 		return st.State == manager.Ready && st.Instance != stopped["a"]
 	})
-	if code := get(t, tm.status("a").Endpoint, "a"); code != 200 {
+	if code := managertest.Chat(tm.status("a").Endpoint, "a"); code != 200 {
 		t.Fatalf("the restarted server answered %d", code)
 	}
 	// The View shows a ready model before its ready event is told.
@@ -110,7 +111,7 @@ func TestUnloadWinsOverUnhealthyRestart(t *testing.T) {
 // TestUnhealthyAgainBacksOff: a model whose restarted server hangs again
 // before it has passed a probe is not restarted at once a second time,
 // but after a backoff, as a failed load would be: it was restarted in a
-// loop for as long as it kept hanging.
+// loop for as poll.Long as it kept hanging.
 func TestUnhealthyAgainBacksOff(t *testing.T) {
 	tm := startManagerOpts(t, probed+"models:\n  a: {vram: 20GiB}\n", manager.Options{Backoff: time.Hour})
 	if err := tm.ensure("a"); err != nil {
