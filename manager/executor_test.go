@@ -25,7 +25,7 @@ import (
 // fakeRuntime starts "servers" that are httptest servers answering
 // /health with health's status, and records what it was asked.
 type fakeRuntime struct {
-	t      *testing.T
+	t      testing.TB
 	health atomic.Int32 // the status /health answers
 	exits  chan runtime.Exit
 	// inFlight, when set, is read as each Stop begins: a server stopped
@@ -38,7 +38,7 @@ type fakeRuntime struct {
 	servers map[string]*httptest.Server
 }
 
-func newFakeRuntime(t *testing.T) *fakeRuntime {
+func newFakeRuntime(t testing.TB) *fakeRuntime {
 	f := &fakeRuntime{t: t, exits: make(chan runtime.Exit, 16), starts: map[string]int{}, servers: map[string]*httptest.Server{}}
 	f.health.Store(http.StatusOK)
 	return f
@@ -230,4 +230,53 @@ func TestCrashSeen(t *testing.T) {
 			t.Fatal("the crash was not seen")
 		}
 	}
+}
+
+// readyManager is a Manager with model a ready, without its loop: the
+// request path's view of it.
+func readyManager(t testing.TB) *Manager {
+	t.Helper()
+	cfg := managertest.Config(t, schedConfig+"models:\n  a: {vram: 20GiB}\n")
+	m := New(cfg, newFakeRuntime(nil), gpu.NewDeclared([]gpu.GPU{{Name: "sim0", Total: 80 << 30}}), Options{})
+	now := time.Now()
+	w := &waiter{reply: make(chan reply, 1)}
+	m.s.want(now, "a", w)
+	md := m.s.models["a"]
+	m.s.started(md, md.loading, &runtime.Instance{ID: "a-1", Model: "a", Addr: "10.0.0.1:8000", GPUs: []int{0}, Launch: md.launch})
+	m.s.loaded(now, md, md.loading, time.Second, nil)
+	for _, a := range m.s.take() {
+		if ans, ok := a.(answer); ok {
+			ans.send(m.board)
+		}
+	}
+	(<-w.reply).m.use.release("a")
+	return m
+}
+
+// TestTryLeaseAllocs: leasing a ready model and giving the lease back
+// allocates nothing.
+func TestTryLeaseAllocs(t *testing.T) {
+	m := readyManager(t)
+	if n := testing.AllocsPerRun(1000, func() {
+		l, ok := m.TryLease("a")
+		if !ok {
+			t.Fatal("a is not ready")
+		}
+		l.Release()
+	}); n != 0 {
+		t.Fatalf("%v allocs per lease, want 0", n)
+	}
+}
+
+// BenchmarkTryLease times the request path's whole cost in the manager:
+// a lease on a ready model, given back.
+func BenchmarkTryLease(b *testing.B) {
+	m := readyManager(b)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			l, _ := m.TryLease("a")
+			l.Release()
+		}
+	})
 }
