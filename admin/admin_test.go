@@ -136,7 +136,7 @@ type fakeEnvoys struct{}
 
 func (fakeEnvoys) Status() ([]xds.NodeStatus, []xds.NACK) {
 	n := xds.NACK{Node: "edge-1", TypeURL: "type.googleapis.com/envoy.config.cluster.v3.Cluster", Version: "v7", Error: "bad cluster"}
-	return []xds.NodeStatus{{Node: "edge-1", Streams: 2, Clusters: "v8", Endpoints: "v8", LastNACK: &n, Silent: 1, SilentSince: time.Unix(1000, 0)}}, []xds.NACK{n}
+	return []xds.NodeStatus{{Node: "edge-1", Streams: 2, ClustersVersion: "v8", EndpointsVersion: "v8", LastNACK: &n, Silent: 1, SilentSince: time.Unix(1000, 0)}}, []xds.NACK{n}
 }
 func (fakeEnvoys) Version() string        { return "v8" }
 func (fakeEnvoys) Counters() xds.Counters { return xds.Counters{Pushes: 8, ACKs: 15, NACKs: 1} }

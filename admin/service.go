@@ -114,7 +114,7 @@ func (s *Service) Status() *adminv1.Status {
 		})
 	}
 	for _, n := range nodes {
-		en := &adminv1.EnvoyNode{Node: n.Node, Streams: int32(n.Streams), ClustersVersion: n.Clusters, EndpointsVersion: n.Endpoints}
+		en := &adminv1.EnvoyNode{Node: n.Node, Streams: int32(n.Streams), ClustersVersion: n.ClustersVersion, EndpointsVersion: n.EndpointsVersion}
 		if n.LastNACK != nil {
 			en.LastNack = s.nack(*n.LastNACK)
 		}

@@ -1,8 +1,8 @@
 // Package extproc is vgw's Envoy external processor: for every request
 // Envoy proxies, it reads the model name, admits, queues or rejects the
 // request against that model's limits, and tells Envoy which cluster to
-// route it to. It knows the GPU manager only through the Manager interface
-// it declares here.
+// route it to. It knows the GPU manager and the xDS server only through
+// the Leases interface it declares here, and imports nothing else of vgw.
 package extproc
 
 import (
@@ -27,8 +27,8 @@ import (
 
 // Leases is what the request path needs of the GPU manager and the xDS
 // server together: a hold on a model's server that the request's Envoy
-// can route to. The node is the Envoy's node id (see Node), "" when the
-// Envoy did not say.
+// can route to. The node is the Envoy's node id (MetadataNode), "" when
+// the Envoy did not say.
 type Leases interface {
 	// TryLease leases model for a request of node's Envoy when the model
 	// can take it now: it is ready, and that Envoy knows where it runs. It

@@ -16,8 +16,9 @@ import (
 
 // The executor is the Manager's part that acts on the scheduler's
 // decisions. Everything here runs on the loop goroutine, except the
-// functions named as workers, which run on their own goroutines, do the
-// slow I/O and report back to the scheduler through do.
+// workers (the functions so named, and the goroutines execute starts for
+// stops, probes and footprint saves), which do the slow I/O and report
+// back to the scheduler through Manager.do.
 
 // An action is something the scheduler decided and the executor carries
 // out.
@@ -126,10 +127,10 @@ func (m *Manager) act() {
 func (m *Manager) execute(a action) {
 	switch a := a.(type) {
 	case startServer:
-		ctx := m.begin(a.op)
+		ctx := m.loadContext(a.op)
 		go m.load(ctx, a.md, a.op, a.spec)
 	case resumeServer:
-		ctx := m.begin(a.op)
+		ctx := m.loadContext(a.op)
 		go m.resume(ctx, a.md, a.op, a.inst)
 	case cancelLoad:
 		if cancel := m.cancels[a.op]; cancel != nil {
@@ -172,9 +173,9 @@ func (m *Manager) execute(a action) {
 	}
 }
 
-// begin gives a load its context, which ends at load_timeout or when the
-// load is cancelled.
-func (m *Manager) begin(op *loadOp) context.Context {
+// loadContext gives a load its context, which ends at load_timeout or
+// when the load is cancelled.
+func (m *Manager) loadContext(op *loadOp) context.Context {
 	ctx, cancel := context.WithTimeout(m.ctx, op.limit)
 	m.cancels[op] = cancel
 	return ctx

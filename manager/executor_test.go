@@ -125,11 +125,11 @@ func TestLeaseLoads(t *testing.T) {
 		t.Fatal(err)
 	}
 	l2, ok := m.TryLease("a")
-	if !ok || l2.Addr() != l.Addr() || l.Addr() == "" {
-		t.Fatalf("TryLease once ready: %v at %q, want the lease's %q", ok, l2.Addr(), l.Addr())
+	if !ok || l2.Endpoint() != l.Endpoint() || l.Endpoint() == "" {
+		t.Fatalf("TryLease once ready: %v at %q, want the lease's %q", ok, l2.Endpoint(), l.Endpoint())
 	}
 	v := m.View().Model("a")
-	if v.State != Ready || v.Endpoint != l.Addr() || v.InFlight() != 2 {
+	if v.State != Ready || v.Endpoint != l.Endpoint() || v.InFlight() != 2 {
 		t.Fatalf("the View: %+v with %d in flight", v, v.InFlight())
 	}
 	l.Release()
@@ -279,4 +279,41 @@ func BenchmarkTryLease(b *testing.B) {
 			l.Release()
 		}
 	})
+}
+
+// TestLeaseEndsWithTheManager: a request waiting for a load is answered
+// ErrClosed when the manager stops, not left to its own deadline.
+func TestLeaseEndsWithTheManager(t *testing.T) {
+	rt := newFakeRuntime(t)
+	rt.health.Store(http.StatusServiceUnavailable) // the load goes on
+	cfg := managertest.Config(t, strings.Replace(schedConfig, "load_timeout: 1m", "load_timeout: 1h", 1)+"models:\n  a: {vram: 20GiB}\n")
+	var gs []gpu.GPU
+	for _, g := range cfg.GPUs.Declared {
+		gs = append(gs, gpu.GPU{Name: g.Name, Total: uint64(g.Memory)})
+	}
+	m := New(cfg, rt, gpu.NewDeclared(gs), Options{Tick: 10 * time.Millisecond, GPUPoll: 10 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	errc := make(chan error, 1)
+	go func() {
+		lctx, lcancel := context.WithTimeout(context.Background(), time.Minute)
+		defer lcancel()
+		_, err := m.Lease(lctx, "a")
+		errc <- err
+	}()
+	// Wait until the request is waiting for the load.
+	for v := m.View(); v.Model("a").Waiting == 0; v = m.View() {
+		<-v.Changed()
+	}
+	cancel()
+	<-done
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrClosed) {
+			t.Fatalf("%v, want ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Lease still waiting 5s after the manager stopped")
+	}
 }

@@ -293,22 +293,34 @@ func (m *Manager) call(f func(now time.Time) error) error {
 
 // A Lease is a request's hold on a ready model's server: while any is
 // held, the model is neither unloaded for idleness nor stopped before its
-// drain timeout. The zero Lease holds nothing.
+// drain timeout. The zero Lease holds nothing, and releasing it does
+// nothing.
 type Lease struct{ m *ModelView }
 
-// Addr is where the leased model's server serves.
-func (l Lease) Addr() string { return l.m.Endpoint }
+// Endpoint is where the leased model took requests when the lease was
+// taken: its server's address ("" for the zero Lease, or a model that
+// began to drain as its waiters were answered).
+func (l Lease) Endpoint() string {
+	if l.m == nil {
+		return ""
+	}
+	return l.m.Endpoint
+}
 
 // Release gives the lease back. Every Lease taken must be released
 // exactly once.
 func (l Lease) Release() {
+	if l.m == nil {
+		return
+	}
 	l.m.use.lastUsed.Store(l.m.use.board.coarse.Load())
 	l.m.use.release(l.m.Name)
 }
 
 // TryLease leases the model called name if it is ready now. It is the
-// request path's whole cost for a resident model: two atomic adds, two
-// atomic loads and two map reads, no allocation.
+// request path's whole cost for a resident model, and allocates nothing:
+// one atomic add, three atomic loads and a store, two map reads, and the
+// add that Release undoes.
 //
 // Its steps pair with the scheduler's when it unloads a model: TryLease
 // counts first and then reads the state, the scheduler publishes the
@@ -345,6 +357,12 @@ func (m *Manager) Lease(ctx context.Context, name string) (Lease, error) {
 	select {
 	case r := <-w.reply:
 		return Lease{r.m}, r.err
+	case <-m.closed:
+		if !w.state.CompareAndSwap(waiting, gone) {
+			r := <-w.reply
+			return Lease{r.m}, r.err
+		}
+		return Lease{}, ErrClosed
 	case <-ctx.Done():
 		if !w.state.CompareAndSwap(waiting, gone) {
 			r := <-w.reply // answered as we gave up: take the answer

@@ -44,8 +44,8 @@ type Snapshot struct {
 	Now         time.Time
 }
 
-// Want is a model to place.
-type Want struct {
+// Demand is a model to place: what it needs of the GPUs.
+type Demand struct {
 	Model  string
 	PerGPU uint64 // memory it needs on each of its GPUs
 	TP     int    // how many GPUs it spans (tensor parallel); 0 means 1
@@ -70,7 +70,7 @@ const SimilarGPUs = 1.05
 // are never evicted; models placed less than MinResident ago only when
 // nothing else makes room. MaxModels counts too. Place is pure: it does no
 // I/O and no logging, and the same state always gives the same plan.
-func Place(s Snapshot, w Want) (Plan, error) {
+func Place(s Snapshot, w Demand) (Plan, error) {
 	tp := max(w.TP, 1)
 	sets := candidateSets(s.GPUs, tp, w.Allowed)
 	free := freeMemory(s)
@@ -192,7 +192,7 @@ func evictable(s Snapshot, r Resident, young bool) (bool, string) {
 // tryEvictions finds, for one GPU set, the least recently used evictable
 // models whose unloading makes room (and keeps MaxModels), then keeps any
 // of them that turned out not to be needed, most recently used first.
-func tryEvictions(s Snapshot, free map[int]int64, w Want, set []int, young bool) (option, bool) {
+func tryEvictions(s Snapshot, free map[int]int64, w Demand, set []int, young bool) (option, bool) {
 	var lru []Resident
 	for _, r := range s.Residents {
 		if ok, _ := evictable(s, r, young); ok {
@@ -284,7 +284,7 @@ type Holder struct {
 	Why   string
 }
 
-func noRoom(s Snapshot, free map[int]int64, w Want, tp int, noSet bool) *NoRoom {
+func noRoom(s Snapshot, free map[int]int64, w Demand, tp int, noSet bool) *NoRoom {
 	e := &NoRoom{Model: w.Model, Need: w.PerGPU, TP: tp}
 	switch {
 	case noSet && len(w.Allowed) > 0:

@@ -34,7 +34,7 @@ func TestPlace(t *testing.T) {
 	tests := []struct {
 		name      string
 		state     Snapshot
-		want      Want
+		demand    Demand
 		wantGPUs  []int
 		wantEvict []string
 		wantErr   string // a fragment of the NoRoom message
@@ -42,25 +42,25 @@ func TestPlace(t *testing.T) {
 		{
 			name:     "empty machine: the GPU with the most free memory",
 			state:    Snapshot{GPUs: []GPUState{{Index: 0, Total: 40 * gb}, {Index: 1, Total: 80 * gb}}},
-			want:     Want{Model: "m", PerGPU: 20 * gb},
+			demand:   Demand{Model: "m", PerGPU: 20 * gb},
 			wantGPUs: []int{1},
 		},
 		{
 			name:     "fits beside residents, on the emptier GPU",
 			state:    Snapshot{GPUs: gpus(80, 80), Residents: []Resident{idle("a", 0, 30, time.Minute), idle("b", 1, 50, time.Minute)}},
-			want:     Want{Model: "m", PerGPU: 20 * gb},
+			demand:   Demand{Model: "m", PerGPU: 20 * gb},
 			wantGPUs: []int{0},
 		},
 		{
 			name:     "external usage counts against a GPU",
 			state:    Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb, External: 70 * gb}, {Index: 1, Total: 80 * gb}}, Residents: []Resident{idle("a", 1, 50, time.Minute)}},
-			want:     Want{Model: "m", PerGPU: 20 * gb},
+			demand:   Demand{Model: "m", PerGPU: 20 * gb},
 			wantGPUs: []int{1},
 		},
 		{
 			name:      "LRU: the least recently used idle model goes",
 			state:     Snapshot{GPUs: gpus(80), Residents: []Resident{idle("new", 0, 40, time.Minute), idle("old", 0, 40, time.Hour)}},
-			want:      Want{Model: "m", PerGPU: 30 * gb},
+			demand:    Demand{Model: "m", PerGPU: 30 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"old"},
 		},
@@ -70,7 +70,7 @@ func TestPlace(t *testing.T) {
 				idle("recent", 0, 40, time.Minute),
 				with(idle("pinned-on", 0, 40, time.Hour), func(r *Resident) { r.AlwaysOn = true }),
 			}},
-			want:      Want{Model: "m", PerGPU: 30 * gb},
+			demand:    Demand{Model: "m", PerGPU: 30 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"recent"},
 		},
@@ -80,7 +80,7 @@ func TestPlace(t *testing.T) {
 				idle("recent", 0, 40, time.Minute),
 				with(idle("busy", 0, 40, time.Hour), func(r *Resident) { r.InFlight = 3 }),
 			}},
-			want:      Want{Model: "m", PerGPU: 30 * gb},
+			demand:    Demand{Model: "m", PerGPU: 30 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"recent"},
 		},
@@ -90,7 +90,7 @@ func TestPlace(t *testing.T) {
 				with(idle("pinned", 0, 40, time.Hour), func(r *Resident) { r.Pinned = true }),
 				with(idle("loading", 0, 40, time.Hour), func(r *Resident) { r.Busy = true }),
 			}},
-			want:    Want{Model: "m", PerGPU: 30 * gb},
+			demand:  Demand{Model: "m", PerGPU: 30 * gb},
 			wantErr: "pinned 40.0GiB (pinned), loading 40.0GiB (loading or unloading)",
 		},
 		{
@@ -99,7 +99,7 @@ func TestPlace(t *testing.T) {
 				with(idle("young", 0, 40, time.Hour), func(r *Resident) { r.Since = ago(10 * time.Second) }),
 				idle("settled", 0, 40, time.Minute),
 			}},
-			want:      Want{Model: "m", PerGPU: 30 * gb},
+			demand:    Demand{Model: "m", PerGPU: 30 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"settled"},
 		},
@@ -109,7 +109,7 @@ func TestPlace(t *testing.T) {
 				with(idle("young", 0, 40, time.Hour), func(r *Resident) { r.Since = ago(10 * time.Second) }),
 				with(idle("on", 0, 40, time.Hour), func(r *Resident) { r.AlwaysOn = true }),
 			}},
-			want:      Want{Model: "m", PerGPU: 30 * gb},
+			demand:    Demand{Model: "m", PerGPU: 30 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"young"},
 		},
@@ -119,7 +119,7 @@ func TestPlace(t *testing.T) {
 				idle("a", 0, 30, 3*time.Hour), idle("b", 0, 30, 2*time.Hour),
 				idle("c", 1, 60, time.Hour),
 			}},
-			want:      Want{Model: "m", PerGPU: 60 * gb},
+			demand:    Demand{Model: "m", PerGPU: 60 * gb},
 			wantGPUs:  []int{1},
 			wantEvict: []string{"c"},
 		},
@@ -128,14 +128,14 @@ func TestPlace(t *testing.T) {
 			state: Snapshot{GPUs: gpus(80), Residents: []Resident{
 				idle("small-old", 0, 10, 3*time.Hour), idle("big", 0, 60, 2*time.Hour),
 			}},
-			want:      Want{Model: "m", PerGPU: 60 * gb},
+			demand:    Demand{Model: "m", PerGPU: 60 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"big"},
 		},
 		{
 			name:      "max_models forces an eviction though memory fits",
 			state:     Snapshot{GPUs: gpus(80), MaxModels: 2, Residents: []Resident{idle("a", 0, 10, time.Minute), idle("b", 0, 10, time.Hour)}},
-			want:      Want{Model: "m", PerGPU: 10 * gb},
+			demand:    Demand{Model: "m", PerGPU: 10 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"b"},
 		},
@@ -144,25 +144,25 @@ func TestPlace(t *testing.T) {
 			state: Snapshot{GPUs: gpus(80), MaxModels: 1, Residents: []Resident{
 				with(idle("a", 0, 10, time.Minute), func(r *Resident) { r.InFlight = 1 }),
 			}},
-			want:    Want{Model: "m", PerGPU: 10 * gb},
+			demand:  Demand{Model: "m", PerGPU: 10 * gb},
 			wantErr: "max_models 1 are resident",
 		},
 		{
 			name:     "tensor parallel takes two similar GPUs",
 			state:    Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb}, {Index: 1, Total: 40 * gb}, {Index: 2, Total: 81 * gb}}},
-			want:     Want{Model: "m", PerGPU: 30 * gb, TP: 2},
+			demand:   Demand{Model: "m", PerGPU: 30 * gb, TP: 2},
 			wantGPUs: []int{0, 2},
 		},
 		{
 			name:    "tensor parallel: each pair within 5%, the set too",
 			state:   Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb}, {Index: 1, Total: 83 * gb}, {Index: 2, Total: 86 * gb}}},
-			want:    Want{Model: "m", PerGPU: 30 * gb, TP: 3},
+			demand:  Demand{Model: "m", PerGPU: 30 * gb, TP: 3},
 			wantErr: "no 3 GPUs of similar size",
 		},
 		{
 			name:    "tensor parallel with no similar pair",
 			state:   Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb}, {Index: 1, Total: 40 * gb}}},
-			want:    Want{Model: "m", PerGPU: 30 * gb, TP: 2},
+			demand:  Demand{Model: "m", PerGPU: 30 * gb, TP: 2},
 			wantErr: "no 2 GPUs of similar size",
 		},
 		{
@@ -170,7 +170,7 @@ func TestPlace(t *testing.T) {
 			state: Snapshot{GPUs: gpus(80, 80), Residents: []Resident{
 				idle("a", 0, 60, time.Hour), idle("b", 1, 60, 2*time.Hour),
 			}},
-			want:      Want{Model: "m", PerGPU: 40 * gb, TP: 2},
+			demand:    Demand{Model: "m", PerGPU: 40 * gb, TP: 2},
 			wantGPUs:  []int{0, 1},
 			wantEvict: []string{"b", "a"},
 		},
@@ -179,32 +179,32 @@ func TestPlace(t *testing.T) {
 			state: Snapshot{GPUs: gpus(80, 80), Residents: []Resident{
 				{Model: "tp", GPUs: []int{0, 1}, PerGPU: 70 * gb, Since: ago(time.Hour), LastUsed: ago(time.Hour)},
 			}},
-			want:      Want{Model: "m", PerGPU: 40 * gb},
+			demand:    Demand{Model: "m", PerGPU: 40 * gb},
 			wantGPUs:  []int{0},
 			wantEvict: []string{"tp"},
 		},
 		{
 			name:     "config pinning",
 			state:    Snapshot{GPUs: gpus(80, 80, 80)},
-			want:     Want{Model: "m", PerGPU: 40 * gb, Allowed: []int{2}},
+			demand:   Demand{Model: "m", PerGPU: 40 * gb, Allowed: []int{2}},
 			wantGPUs: []int{2},
 		},
 		{
 			name:    "pinned to a GPU that does not exist",
 			state:   Snapshot{GPUs: gpus(80)},
-			want:    Want{Model: "m", PerGPU: 40 * gb, Allowed: []int{3}},
+			demand:  Demand{Model: "m", PerGPU: 40 * gb, Allowed: []int{3}},
 			wantErr: "pinned GPUs [3] do not all exist",
 		},
 		{
 			name:    "too big for any GPU",
 			state:   Snapshot{GPUs: []GPUState{{Index: 0, Total: 80 * gb, External: 2 * gb}}, Residents: []Resident{with(idle("a", 0, 20, time.Minute), func(r *Resident) { r.InFlight = 2 })}},
-			want:    Want{Model: "huge", PerGPU: 90 * gb},
+			demand:  Demand{Model: "huge", PerGPU: 90 * gb},
 			wantErr: "cannot place huge (needs 90.0GiB): no GPU has room and not enough can be unloaded now; gpu0: 58.0GiB free of 80.0GiB, held by a 20.0GiB (2 in flight), other processes 2.0GiB",
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			plan, err := Place(tt.state, tt.want)
+			plan, err := Place(tt.state, tt.demand)
 			if tt.wantErr != "" {
 				var nr *NoRoom
 				if !errors.As(err, &nr) || !strings.Contains(err.Error(), tt.wantErr) {
@@ -227,9 +227,9 @@ func TestPlace(t *testing.T) {
 func TestPlaceIsPure(t *testing.T) {
 	s := Snapshot{GPUs: gpus(80, 80), Residents: []Resident{idle("a", 0, 60, time.Hour), idle("b", 1, 60, 2*time.Hour)}}
 	before := slices.Clone(s.Residents)
-	first, _ := Place(s, Want{Model: "m", PerGPU: 40 * gb})
+	first, _ := Place(s, Demand{Model: "m", PerGPU: 40 * gb})
 	for range 10 {
-		p, _ := Place(s, Want{Model: "m", PerGPU: 40 * gb})
+		p, _ := Place(s, Demand{Model: "m", PerGPU: 40 * gb})
 		if !slices.Equal(p.GPUs, first.GPUs) || !slices.Equal(p.Evict, first.Evict) {
 			t.Fatalf("plans differ: %+v then %+v", first, p)
 		}

@@ -33,7 +33,7 @@ func (s *scheduler) maybeProbe(now time.Time, md *model) {
 		return
 	}
 	md.health.probing = true
-	s.do(probeServer{md: md, inst: md.inst, timeout: p.Timeout})
+	s.emit(probeServer{md: md, inst: md.inst, timeout: p.Timeout})
 }
 
 // probed takes a probe's result. A probe of a server that has since gone

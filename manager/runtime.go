@@ -9,7 +9,8 @@ import (
 
 // Runtime starts and stops model servers: vLLM containers through Docker
 // (runtime/docker), or fake vLLM processes for sim (runtime/sim). The
-// manager calls it from worker goroutines, never from its own loop.
+// manager calls it from worker goroutines, and from its loop only once,
+// as it starts, to adopt what runs (Adopt, bounded by adoptTimeout).
 type Runtime interface {
 	// Start starts a server for spec and returns once it runs; the
 	// manager then polls its /health until it is ready. An error that

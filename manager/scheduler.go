@@ -181,8 +181,8 @@ func (s *scheduler) setState(md *model, st State) {
 	s.dirty = true
 }
 
-// do queues an action for the executor.
-func (s *scheduler) do(a action) { s.out = append(s.out, a) }
+// emit queues an action for the executor.
+func (s *scheduler) emit(a action) { s.out = append(s.out, a) }
 
 // take returns the actions decided so far, for the executor, and publishes
 // a View if anything it shows changed.
@@ -302,12 +302,16 @@ func (s *scheduler) answerOne(md *model, w *waiter, err error) {
 	if md != nil {
 		name = md.name
 	}
-	s.do(answer{w: w, model: name, err: err})
+	s.emit(answer{w: w, model: name, err: err})
 }
 
 // schedule places the pending models it can, oldest first.
 func (s *scheduler) schedule(now time.Time) {
 	for _, md := range slices.Clone(s.pending) {
+		if md.state != Stopped {
+			s.dequeue(md) // placed meanwhile (adopted): nothing left to place
+			continue
+		}
 		if len(md.liveWaiters()) == 0 && !s.held(md, now) {
 			s.dequeue(md)
 			continue
@@ -315,9 +319,9 @@ func (s *scheduler) schedule(now time.Time) {
 		if now.Before(md.retryAt) {
 			continue // an always_on model in its backoff: tick comes back
 		}
-		want := s.wantOf(md)
-		plan, err := Place(s.snapshot(now), want)
-		if err != nil && s.impossible(want) {
+		d := s.demandOf(md)
+		plan, err := Place(s.snapshot(now), d)
+		if err != nil && s.impossible(d) {
 			// It would not fit on empty GPUs either: waiting cannot help.
 			s.dequeue(md)
 			md.lastErr = err
@@ -347,7 +351,7 @@ func (s *scheduler) schedule(now time.Time) {
 
 // impossible reports whether w could not be placed even with every GPU
 // empty.
-func (s *scheduler) impossible(w Want) bool {
+func (s *scheduler) impossible(w Demand) bool {
 	empty := Snapshot{}
 	for _, g := range s.gpus {
 		empty.GPUs = append(empty.GPUs, GPUState{Index: g.Index, Total: g.Total})
@@ -365,10 +369,10 @@ func (s *scheduler) held(md *model, now time.Time) bool {
 	return s.keepLoaded(md) || (now.Before(md.keepUntil) && !md.removed && !s.quiesced)
 }
 
-// wantOf is the placement request for md: its memory per GPU and GPUs.
-func (s *scheduler) wantOf(md *model) Want {
+// demandOf is what placing md asks of the GPUs: its memory per GPU and GPUs.
+func (s *scheduler) demandOf(md *model) Demand {
 	md.perGPU, md.source = s.footprint(md)
-	return Want{Model: md.name, PerGPU: md.perGPU, TP: max(md.cfg.TensorParallelSize, 1), Allowed: md.cfg.GPUs}
+	return Demand{Model: md.name, PerGPU: md.perGPU, TP: max(md.cfg.TensorParallelSize, 1), Allowed: md.cfg.GPUs}
 }
 
 // DefaultUtilization is vLLM's own default --gpu-memory-utilization: what a
@@ -497,7 +501,7 @@ func (s *scheduler) startIfClear(now time.Time, md *model) {
 	}
 	md.loading = op
 	s.event(now, md.name, EventLoadStarted, fmt.Sprintf("on GPUs %v", md.gpus), 0)
-	s.do(startServer{md: md, op: op, spec: s.spec(md)})
+	s.emit(startServer{md: md, op: op, spec: s.spec(md)})
 }
 
 // newLoadOp begins a load of md: its deadline (load_timeout) and how long
@@ -599,6 +603,15 @@ func (s *scheduler) loaded(now time.Time, md *model, op *loadOp, took time.Durat
 	if md.loading != op {
 		return
 	}
+	if op.exit != nil {
+		// Its exit came first (the two travel on different channels): the
+		// server that answered is gone, and no other exit will come.
+		s.loadFailed(now, md, op, errors.New("its server exited as it became ready"))
+		return
+	}
+	if op.cancelled && op.readded {
+		op.cancelled = false // back in the config, and wanted: it stays
+	}
 	md.loading = nil
 	md.lastErr, md.lastLoad = nil, nil
 	md.since = now // min_resident counts from here
@@ -614,10 +627,15 @@ func (s *scheduler) loaded(now time.Time, md *model, op *loadOp, took time.Durat
 	} else {
 		s.event(now, md.name, EventReady, fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr), took)
 	}
+	if op.cancelled {
+		// Unloaded as it became ready: its waiters are told so, as if it
+		// had not come up, rather than leased a model about to drain.
+		s.answerAll(md, fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
+	}
 	s.answerAll(md, nil) // counts the waiters in, so the model is busy, not idle
-	s.do(measureServer{model: md.name, inst: md.inst, op: op, before: before})
-	s.do(listPIDs{md: md, inst: md.inst})
-	s.do(rereadGPUs{}) // so that status shows the memory it took
+	s.emit(measureServer{model: md.name, inst: md.inst, op: op, before: before})
+	s.emit(listPIDs{md: md, inst: md.inst})
+	s.emit(rereadGPUs{}) // so that status shows the memory it took
 	s.freeGPUs(now, md.name, op.gpus)
 	if op.cancelled {
 		s.unload(now, md, "asked to while it loaded")
@@ -646,7 +664,7 @@ func (s *scheduler) loadFailed(now time.Time, md *model, op *loadOp, err error) 
 	md.loading = nil
 	md.inst = nil
 	s.setState(md, Stopped)
-	s.do(rereadGPUs{})
+	s.emit(rereadGPUs{})
 	if op.cancelled {
 		s.event(now, md.name, EventUnloaded, "before it was ready", 0)
 		if op.readded && len(md.liveWaiters()) > 0 {
@@ -736,7 +754,7 @@ func (s *scheduler) exited(now time.Time, e runtime.Exit) {
 			s.event(now, md.name, EventCrashed, detail, 0)
 			md.inst = nil
 			s.setState(md, Stopped)
-			s.do(rereadGPUs{})
+			s.emit(rereadGPUs{})
 			s.forget(md)
 			if s.keepLoaded(md) {
 				s.enqueue(md)
@@ -758,7 +776,7 @@ func (s *scheduler) exited(now time.Time, e runtime.Exit) {
 func (s *scheduler) exitedWhileLoading(md *model, e runtime.Exit) {
 	if op := md.loading; op != nil && !e.Requested {
 		op.exit = &e
-		s.do(cancelLoad{op: op})
+		s.emit(cancelLoad{op: op})
 	}
 }
 
@@ -775,7 +793,7 @@ func (s *scheduler) unload(now time.Time, md *model, reason string) {
 	case Loading:
 		if op := md.loading; op != nil {
 			op.cancelled = true
-			s.do(cancelLoad{op: op}) // the load stops the server and reports
+			s.emit(cancelLoad{op: op}) // the load stops the server and reports
 			return
 		}
 		// Placed but not started (waiting for evictions or a GPU).
@@ -804,7 +822,7 @@ func (s *scheduler) maybeStop(now time.Time, md *model) {
 	if md.health.unhealthy {
 		grace = 0 // it failed its health probes: no graceful shutdown to wait for
 	}
-	s.do(stopServer{md: md, inst: md.inst, gpus: md.gpus, grace: grace})
+	s.emit(stopServer{md: md, inst: md.inst, gpus: md.gpus, grace: grace})
 }
 
 // stopped takes a draining model whose server has stopped.
@@ -818,7 +836,7 @@ func (s *scheduler) stopped(now time.Time, md *model, gpus []int, err error) {
 	}
 	md.inst = nil
 	s.setState(md, Stopped)
-	s.do(rereadGPUs{})
+	s.emit(rereadGPUs{})
 	s.event(now, md.name, EventUnloaded, "", 0)
 	if md.health.restart && !md.removed {
 		// Restarted as it was serving, whether or not a request waits;
@@ -843,8 +861,8 @@ func (s *scheduler) stopped(now time.Time, md *model, gpus []int, err error) {
 }
 
 // forget drops a model removed from the config once it is stopped and no
-// request of it is in flight, so a late release cannot reach a new model
-// of the same name.
+// request of it is in flight: until then a config that brings it back
+// finds it as it is, its requests still counted.
 func (s *scheduler) forget(md *model) {
 	if md.removed && md.state == Stopped && md.use.inflight.Load() <= 0 && s.models[md.name] == md {
 		delete(s.models, md.name)
@@ -1029,9 +1047,12 @@ func (s *scheduler) adopted(insts []*runtime.Instance) {
 		if md != nil && md.inst != nil && md.inst.ID == inst.ID {
 			continue // already ours: a start found it running
 		}
+		if md != nil && md.loading != nil && md.inst == nil {
+			continue // its own start is under way: most likely this very server
+		}
 		if md == nil || md.removed || md.launch != inst.Launch || md.inst != nil || md.state != Stopped || inst.Addr == "" {
 			s.note(slog.LevelInfo, "stopping a model server that does not match the config", slog.String("model", inst.Model), slog.String("id", inst.ID))
-			s.do(stopServer{inst: inst, grace: s.cfg.DrainTimeout.Std()})
+			s.emit(stopServer{inst: inst, grace: s.cfg.DrainTimeout.Std()})
 			continue
 		}
 		md.gpus = inst.GPUs
@@ -1041,7 +1062,8 @@ func (s *scheduler) adopted(insts []*runtime.Instance) {
 		op := s.newLoadOp(md)
 		op.adopted = true
 		md.loading, md.inst = op, inst
-		s.do(resumeServer{md: md, op: op, inst: inst})
+		s.dequeue(md) // placed now: schedule must not place it again
+		s.emit(resumeServer{md: md, op: op, inst: inst})
 	}
 }
 
@@ -1061,7 +1083,7 @@ func (s *scheduler) measured(name string, op *loadOp, fp Footprint) {
 	if fp.How == "delta" && !(op.calm && s.untouched(op)) {
 		return
 	}
-	s.do(saveFootprint{model: name, fp: fp})
+	s.emit(saveFootprint{model: name, fp: fp})
 }
 
 // untouched reports whether no start or stop but op's own has claimed
@@ -1087,12 +1109,12 @@ func (s *scheduler) sorted() []*model {
 
 // event tells the operator of a lifecycle change.
 func (s *scheduler) event(now time.Time, model, kind, detail string, took time.Duration) {
-	s.do(tell{Event{Time: now, Model: model, Kind: kind, Detail: detail, Took: took}})
+	s.emit(tell{Event{Time: now, Model: model, Kind: kind, Detail: detail, Took: took}})
 }
 
 // note asks the executor to log a line.
 func (s *scheduler) note(level slog.Level, msg string, attrs ...slog.Attr) {
-	s.do(logLine{level: level, msg: msg, attrs: attrs})
+	s.emit(logLine{level: level, msg: msg, attrs: attrs})
 }
 
 // lastLines returns the last n lines of s.

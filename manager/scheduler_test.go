@@ -247,8 +247,8 @@ func TestColdStartDecisions(t *testing.T) {
 	r.expect("healthy", func(now time.Time) { r.s.loaded(now, md, md.loading, 3*time.Second, nil) },
 		append([]string{"ready a"}, seq(readyTail, "a", "a")...)...)
 	l1, l2 := r.answered(w1), r.answered(w2)
-	if l1.Addr() != inst.Addr || l2.Addr() != inst.Addr {
-		t.Fatalf("leases at %s and %s, want %s", l1.Addr(), l2.Addr(), inst.Addr)
+	if l1.Endpoint() != inst.Addr || l2.Endpoint() != inst.Addr {
+		t.Fatalf("leases at %s and %s, want %s", l1.Endpoint(), l2.Endpoint(), inst.Addr)
 	}
 	v := r.view("a")
 	if v.State != Ready || v.Endpoint != inst.Addr || v.InFlight() != 2 || v.Waiting != 0 {
@@ -802,5 +802,145 @@ func TestLoadAsStrictAsProbes(t *testing.T) {
 	}
 	if p := r.s.newLoadOp(r.s.models["b"]).poll; p != defaultPoll {
 		t.Fatalf("b's load polls within %v, want %v: it is not probed", p, defaultPoll)
+	}
+}
+
+// TestExitBeforeLoadedDecisions: a server whose exit is taken before the
+// news that it answered its health check is not made ready: its load fails
+// with the exit, and nobody is leased a dead server.
+func TestExitBeforeLoadedDecisions(t *testing.T) {
+	r := newRig(t, schedConfig+"models:\n  a: {vram: 20GiB}\n")
+	w := r.want("a")
+	r.flush()
+	md := r.s.models["a"]
+	op := md.loading
+	inst := r.inst("a", 0)
+	r.s.started(md, op, inst)
+	r.flush()
+	// The exit comes first (random select between m.cmds and Exits()).
+	r.s.exited(r.now, runtime.Exit{ID: inst.ID, Code: 1, Reason: "exited", LogTail: "CUDA error"})
+	r.flush()
+	// Then the loaded the worker queued before the exit was seen.
+	r.s.loaded(r.now, md, op, time.Second, nil)
+	r.flush()
+	if v := r.view("a"); v.State == Ready {
+		t.Errorf("a is Ready at %s, whose server has exited; no further exit will come", v.Endpoint)
+	}
+	select {
+	case rep := <-w.reply:
+		if rep.err == nil {
+			t.Errorf("the waiter got a lease on a dead server at %s", rep.m.Endpoint)
+		}
+	default:
+	}
+	// Nothing will ever notice: no probe (probe_interval 0s), no exit.
+	for range 5 {
+		r.advance(time.Minute)
+		r.s.tick(r.now)
+		r.flush()
+	}
+	if v := r.view("a"); v.State == Ready {
+		t.Errorf("five minutes later a is still Ready at the dead %s", v.Endpoint)
+	}
+}
+
+// TestLateAdoptLeavesOwnStart: servers listed for adoption while the
+// model's own start is under way (a listing retried once the runtime is
+// back) are left alone, not stopped as strays.
+func TestLateAdoptLeavesOwnStart(t *testing.T) {
+	r := newRig(t, schedConfig+"models:\n  a: {vram: 20GiB}\n")
+	w := r.want("a")
+	r.flush()
+	md := r.s.models["a"]
+	op := md.loading
+	inst := r.inst("a", 0) // what rt.Start is creating right now
+	got := r.at(func(time.Time) { r.s.adopted([]*runtime.Instance{inst}) })
+	for _, a := range got {
+		if a == "stop stray "+inst.ID {
+			t.Errorf("adopted stops the server a's own load is starting: %q", got)
+		}
+	}
+	r.s.started(md, op, inst)
+	r.flush()
+	if md.loading != op || md.inst != inst {
+		t.Errorf("a's own load was disturbed: loading %v, instance %v", md.loading, md.inst)
+	}
+	unanswered(t, w)
+}
+
+// TestAdoptedAlwaysOnNotPlacedAgain: an always_on model queued again after
+// a failed start, then adopted once the runtime is back, is not placed a
+// second time when its backoff ends.
+func TestAdoptedAlwaysOnNotPlacedAgain(t *testing.T) {
+	r := newRig(t, schedConfig+"models:\n  a: {vram: 20GiB, always_on: true}\n")
+	r.expect("start", func(now time.Time) { r.s.start(now) }, "load_started a", "start a on [0]")
+	md := r.s.models["a"]
+	r.s.loadFailed(r.now, md, md.loading, fmt.Errorf("create: %w", runtime.ErrUnreachable))
+	r.flush()
+	old := r.inst("a", 0) // the previous vgw's server, found once Docker is back
+	r.advance(time.Second)
+	r.expect("retried adopt", func(now time.Time) { r.s.adopted([]*runtime.Instance{old}); r.s.schedule(now) }, "resume "+old.ID)
+	r.s.loaded(r.now, md, md.loading, time.Second, nil)
+	r.flush()
+	if st := r.view("a").State; st != Ready {
+		t.Fatalf("a adopted: %v", st)
+	}
+	r.advance(BackoffBase)
+	r.at(func(now time.Time) { r.s.tick(now) })
+	v := r.view("a")
+	if v.State != Ready {
+		t.Errorf("a, adopted and ready, is now %v (endpoint %q, loading op %v)", v.State, v.Endpoint, md.loading != nil)
+	}
+	w := r.want("a")
+	r.flush()
+	select {
+	case rep := <-w.reply:
+		if rep.err == nil {
+			rep.m.use.release("a")
+		}
+	default:
+		r.advance(time.Hour)
+		r.s.tick(r.now)
+		r.flush()
+		if len(w.reply) == 0 {
+			t.Errorf("a request for a is never answered: state %v, loading %v, inst %v", md.state, md.loading != nil, md.inst != nil)
+		}
+	}
+}
+
+// TestReaddedLoadSucceeds: a load cancelled as its model left the config,
+// which it came back to, and that then succeeds, serves: the model stays
+// ready and the request made meanwhile gets a usable lease.
+func TestReaddedLoadSucceeds(t *testing.T) {
+	const both = "models:\n  a: {vram: 20GiB}\n  b: {vram: 20GiB}\n"
+	r := newRig(t, schedConfig+both)
+	r.want("a")
+	r.flush()
+	md := r.s.models["a"]
+	op := md.loading
+	inst := r.inst("a", 0)
+	r.s.started(md, op, inst)
+	r.flush()
+	r.expect("a removed", func(now time.Time) {
+		r.s.configure(now, managertest.Config(t, schedConfig+"models:\n  b: {vram: 20GiB}\n"))
+	}, "cancel a load")
+	r.expect("a back", func(now time.Time) { r.s.configure(now, managertest.Config(t, schedConfig+both)) })
+	second := r.want("a")
+	r.flush()
+	// The worker saw /health answer before the cancel: loaded, not loadFailed.
+	r.s.loaded(r.now, md, op, time.Second, nil)
+	r.flush()
+	select {
+	case rep := <-second.reply:
+		if rep.err == nil && rep.m.Endpoint == "" {
+			t.Errorf("the request made after a came back got a lease with no endpoint (state %v)", rep.m.State)
+		}
+		if rep.err != nil {
+			t.Errorf("the request made after a came back failed: %v", rep.err)
+		}
+	default:
+	}
+	if st := r.view("a").State; st != Ready {
+		t.Errorf("a, configured again and wanted, is %v", st)
 	}
 }

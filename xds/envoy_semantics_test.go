@@ -98,7 +98,7 @@ func TestClusterChangeWarmsAtOnce(t *testing.T) {
 	// new, and already loaded.
 	src.change(func(ms map[string]*xds.Model) {
 		ms["llama"].MaxConcurrent = 8
-		ms["qwen"] = &xds.Model{Cluster: "model/qwen", MaxConcurrent: 4, Endpoints: []string{"10.0.0.6:8000"}}
+		ms["qwen"] = &xds.Model{Name: "qwen", Cluster: "model/qwen", MaxConcurrent: 4, Endpoints: []string{"10.0.0.6:8000"}}
 	})
 	f.src.publish()
 	v2 := f.newVersion(t, v1)
@@ -152,7 +152,7 @@ func TestReadyModelRoutableWhenReleased(t *testing.T) {
 	f.src.publish()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := f.srv.WaitAcked(ctx, "envoy-1", "model/llama", at(addr)); err != nil {
+	if err := f.srv.WaitAcked(ctx, "envoy-1", "llama", at(addr)); err != nil {
 		t.Fatal(err)
 	}
 	if got, err := c.Route("model/llama"); err != nil || got != addr {
@@ -215,12 +215,12 @@ func TestReconnectGetsTheConfigAgain(t *testing.T) {
 			poll.Until(t, "vgw counts the new stream's acknowledgement", func() bool {
 				for _, n := range must(f.srv.Status()) {
 					if n.Node == "envoy-2" {
-						return n.Streams == 1 && n.Endpoints == v
+						return n.Streams == 1 && n.EndpointsVersion == v
 					}
 				}
 				return false
 			})
-			if !f.srv.Acked("envoy-2", "model/llama", "10.0.0.5:8000") {
+			if !f.srv.Acked("envoy-2", "llama", "10.0.0.5:8000") {
 				t.Fatal("vgw does not count the reconnected Envoy as knowing llama's endpoint")
 			}
 			if got, err := c.Route("model/llama"); err != nil || got != "10.0.0.5:8000" {

@@ -44,7 +44,7 @@ func modelsOf(v *manager.View) []Model {
 		if mv.Removed {
 			continue
 		}
-		m := Model{Cluster: ClusterName(mv.Name), MaxConcurrent: mv.Limits.MaxConcurrent}
+		m := Model{Name: mv.Name, Cluster: ClusterName(mv.Name), MaxConcurrent: mv.Limits.MaxConcurrent}
 		if mv.Endpoint != "" {
 			m.Endpoints = []string{mv.Endpoint}
 		}
@@ -68,8 +68,8 @@ type Server struct {
 	// building a snapshot or logging: state is copied out first.
 	mu      sync.Mutex
 	version uint64
-	changed map[string]uint64 // cluster → version in which its endpoints last changed
-	current map[string][]string
+	changed map[string]uint64   // model → version in which its endpoints last changed
+	current map[string][]string // model → its published endpoints
 	streams map[int64]*adsStream
 	nacks   []NACK
 	// alone is when requests stop waiting for an Envoy while none is
@@ -181,11 +181,11 @@ type NACK struct {
 
 // NodeStatus is what one Envoy has acknowledged.
 type NodeStatus struct {
-	Node      string
-	Streams   int
-	Clusters  string // the CDS version acknowledged
-	Endpoints string // the EDS version acknowledged
-	LastNACK  *NACK
+	Node             string
+	Streams          int
+	ClustersVersion  string // the CDS version acknowledged
+	EndpointsVersion string // the EDS version acknowledged
+	LastNACK         *NACK
 	// Silent counts its streams that have left a version unanswered for
 	// longer than AckTimeout, since SilentSince (the earliest).
 	Silent      int
@@ -344,16 +344,16 @@ func (s *Server) publish(ctx context.Context, v *manager.View) {
 	seen := map[string]bool{}
 	for _, m := range models {
 		eps := m.Endpoints
-		seen[m.Cluster] = true
-		if !slices.Equal(eps, s.current[m.Cluster]) {
-			s.current[m.Cluster] = eps
-			s.changed[m.Cluster] = n
+		seen[m.Name] = true
+		if !slices.Equal(eps, s.current[m.Name]) {
+			s.current[m.Name] = eps
+			s.changed[m.Name] = n
 		}
 	}
-	for c := range s.current {
-		if !seen[c] {
-			delete(s.current, c)
-			delete(s.changed, c)
+	for name := range s.current {
+		if !seen[name] {
+			delete(s.current, name)
+			delete(s.changed, name)
 		}
 	}
 	s.refreshLocked()
@@ -515,7 +515,7 @@ func (s *Server) streamResponse(_ context.Context, id int64, _ *discoverygrpc.Di
 // refreshLocked publishes a new ackTable from the streams and the
 // published endpoints, and so wakes the waiters. s.mu is held.
 func (s *Server) refreshLocked() {
-	t := &ackTable{clusters: make(map[string]clusterAcks, len(s.current)), nodes: map[string][]standing{}, next: make(chan struct{})}
+	t := &ackTable{models: make(map[string]modelAcks, len(s.current)), nodes: map[string][]standing{}, next: make(chan struct{})}
 	for _, st := range s.streams {
 		if st.node != "" {
 			t.nodes[st.node] = append(t.nodes[st.node], st.standing())
@@ -524,9 +524,9 @@ func (s *Server) refreshLocked() {
 	if len(t.nodes) == 0 {
 		t.alone = s.alone
 	}
-	for cluster, eps := range s.current {
-		need := s.changed[cluster]
-		t.clusters[cluster] = clusterAcks{endpoints: eps, need: need, all: t.judge("", need) == released}
+	for model, eps := range s.current {
+		need := s.changed[model]
+		t.models[model] = modelAcks{endpoints: eps, need: need, all: t.judge("", need) == released}
 	}
 	close(s.acks.Swap(t).next)
 }
@@ -543,25 +543,24 @@ func (s *Server) anyNodeLocked() bool {
 }
 
 // ackTable is the one record of who acknowledged what, at one moment:
-// each cluster's published endpoints with the version that holds them,
+// each model's published endpoints with the version that holds them,
 // and where each connected Envoy stands with the endpoints. It is built
 // whole under s.mu whenever any of that changes and never changed after,
 // so the request path's check (Acked) is one atomic load and a few map
 // reads, and a waiter (WaitAcked) judges by the same value it then waits
 // on: next is closed when a newer table replaces it.
 type ackTable struct {
-	clusters map[string]clusterAcks
-	nodes    map[string][]standing // the streams of each node id
+	models map[string]modelAcks  // by model name, as requests name them
+	nodes  map[string][]standing // the streams of each node id
 	// alone, while no Envoy is connected, is when requests stop waiting
 	// for one.
 	alone time.Time
 	next  chan struct{}
 }
 
-// clusterAcks is a cluster's published endpoints (sorted), the EDS
-// version in which they last changed, and whether every counted Envoy
-// knows them.
-type clusterAcks struct {
+// modelAcks is a model's published endpoints (sorted), the EDS version in
+// which they last changed, and whether every counted Envoy knows them.
+type modelAcks struct {
 	endpoints []string
 	need      uint64
 	all       bool
@@ -643,7 +642,7 @@ func (t *ackTable) judge(node string, need uint64) verdict {
 	return hopeless
 }
 
-// Acked reports whether addr is among cluster's published endpoints and
+// Acked reports whether addr is among model's published endpoints and
 // node's Envoy (every counted Envoy, for "") has acknowledged them. It is
 // the request path's check: one atomic load, a map read and a search of a
 // short list while every Envoy knows the endpoints; only while one does
@@ -651,28 +650,34 @@ func (t *ackTable) judge(node string, need uint64) verdict {
 // answering) does it judge the request's own Envoy, so that only its
 // requests wait. With no Envoy on xDS it waits only within the grace
 // after the last one left.
-func (s *Server) Acked(node, cluster, addr string) bool {
+func (s *Server) Acked(node, model, addr string) bool {
 	t := s.acks.Load()
 	if len(t.nodes) == 0 {
 		return !time.Now().Before(t.alone)
 	}
-	c := t.clusters[cluster]
+	c := t.models[model]
 	if !slices.Contains(c.endpoints, addr) {
 		return false
 	}
-	if c.all {
-		return true
-	}
 	if node == "" {
-		return false
+		return c.all
+	}
+	if c.all {
+		// Every Envoy that can know does; one that cannot (it rejected
+		// the version, or stopped answering) is told so by WaitAcked, not
+		// let through here.
+		if _, known := t.nodes[node]; !known {
+			return true
+		}
+		return t.judge(node, c.need) == released
 	}
 	v, _ := s.judgeAsker(t, node, c.need)
 	return v == released
 }
 
-// WaitAcked returns once the address addr gives (the model's server, which
-// may move while the request waits) has been published as one of cluster's
-// endpoints and node's Envoy (every counted Envoy, for "") has
+// WaitAcked returns once the address addr gives (where the request's
+// lease found the model, while the model is still ready there) has been
+// published as one of model's endpoints and node's Envoy (every counted Envoy, for "") has
 // acknowledged the version holding it, so that a request released now is
 // routed where the model runs. An Envoy learns of new hosts when it applies
 // an EDS update, before it acknowledges it (grpc_mux_impl.cc), and posts
@@ -687,14 +692,14 @@ func (s *Server) Acked(node, cluster, addr string) bool {
 // Envoy left, then returns nil: with no Envoy on xDS (one with a static
 // config, say) there is nothing to wait for, and the request is better sent
 // than held. addr returning "" means the model is no longer ready: ErrGone.
-func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func() string) error {
+func (s *Server) WaitAcked(ctx context.Context, node, model string, addr func() string) error {
 	for {
 		a := addr()
 		if a == "" {
 			return ErrGone
 		}
 		t := s.acks.Load()
-		c := t.clusters[cluster]
+		c := t.models[model]
 		published := slices.Contains(c.endpoints, a)
 		v, judged := s.judgeAsker(t, node, c.need)
 		if published {
@@ -702,7 +707,7 @@ func (s *Server) WaitAcked(ctx context.Context, node, cluster string, addr func(
 			case released:
 				return sleep(ctx, applyGrace)
 			case hopeless:
-				return s.notAcked(judged, cluster, c.need)
+				return s.notAcked(judged, model, c.need)
 			}
 		}
 		var giveUp *time.Timer
@@ -809,10 +814,10 @@ func (e *NotAckedError) Public() string {
 // Envoy to come back.
 func (e *NotAckedError) RetryAfter() time.Duration { return 30 * time.Second }
 
-func (s *Server) notAcked(node, cluster string, need uint64) error {
+func (s *Server) notAcked(node, model string, need uint64) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	e := &NotAckedError{Node: node, Cluster: cluster}
+	e := &NotAckedError{Node: node, Cluster: ClusterName(model)}
 	for i := len(s.nacks) - 1; i >= 0; i-- {
 		n := s.nacks[i]
 		if (n.Node == node || node == "") && n.TypeURL == resource.EndpointType && s.parse(n.Version) >= need {
@@ -864,11 +869,11 @@ func (s *Server) Status() ([]NodeStatus, []NACK) {
 			}
 		}
 		// With several streams from one node, report the furthest.
-		if v := s.versionString(st.acked[resource.ClusterType]); s.parse(v) > s.parse(ns.Clusters) {
-			ns.Clusters = v
+		if v := s.versionString(st.acked[resource.ClusterType]); s.parse(v) > s.parse(ns.ClustersVersion) {
+			ns.ClustersVersion = v
 		}
-		if v := s.versionString(st.acked[resource.EndpointType]); s.parse(v) > s.parse(ns.Endpoints) {
-			ns.Endpoints = v
+		if v := s.versionString(st.acked[resource.EndpointType]); s.parse(v) > s.parse(ns.EndpointsVersion) {
+			ns.EndpointsVersion = v
 		}
 	}
 	for i := range s.nacks {

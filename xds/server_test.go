@@ -39,7 +39,7 @@ type models struct {
 func newModels(names ...string) *models {
 	m := &models{ms: map[string]*xds.Model{}, views: manager.NewViews()}
 	for _, n := range names {
-		m.ms[n] = &xds.Model{Cluster: xds.ClusterName(n), MaxConcurrent: 4}
+		m.ms[n] = &xds.Model{Name: n, Cluster: xds.ClusterName(n), MaxConcurrent: 4}
 	}
 	m.publish()
 	return m
@@ -51,7 +51,7 @@ func (m *models) Models() []xds.Model {
 	defer m.mu.Unlock()
 	var out []xds.Model
 	for _, x := range m.ms {
-		out = append(out, xds.Model{Cluster: x.Cluster, MaxConcurrent: x.MaxConcurrent, Endpoints: slices.Clone(x.Endpoints)})
+		out = append(out, xds.Model{Name: x.Name, Cluster: x.Cluster, MaxConcurrent: x.MaxConcurrent, Endpoints: slices.Clone(x.Endpoints)})
 	}
 	return out
 }
@@ -169,8 +169,8 @@ func TestEndpointsFollowTheModels(t *testing.T) {
 	f.src.set("llama", "10.0.0.5:8000")
 	f.src.publish()
 	wait(t, c, "llama's endpoint appears", routes("model/llama", "10.0.0.5:8000"))
-	poll.Until(t, "the server knows the Envoy acknowledged it", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
-	if f.srv.Acked("", "model/llama", "10.0.0.9:8000") {
+	poll.Until(t, "the server knows the Envoy acknowledged it", func() bool { return f.srv.Acked("", "llama", "10.0.0.5:8000") })
+	if f.srv.Acked("", "llama", "10.0.0.9:8000") {
 		t.Fatal("an address never published counts as known")
 	}
 
@@ -186,7 +186,7 @@ func TestEndpointsFollowTheModels(t *testing.T) {
 	wait(t, c, "qwen's endpoint goes", routes("model/qwen"))
 	poll.Until(t, "the status shows envoy-1 at the last version", func() bool {
 		nodes, _ := f.srv.Status()
-		return len(nodes) == 1 && nodes[0].Node == "envoy-1" && nodes[0].Endpoints == f.srv.Version()
+		return len(nodes) == 1 && nodes[0].Node == "envoy-1" && nodes[0].EndpointsVersion == f.srv.Version()
 	})
 }
 
@@ -222,7 +222,7 @@ func TestNACK(t *testing.T) {
 	if got := c.Acked(resource.EndpointType); got != good {
 		t.Fatalf("the client runs %s, want still %s", got, good)
 	}
-	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("", "llama", "10.0.0.5:8000") {
 		t.Fatal("a rejected endpoint counts as known")
 	}
 	nodes, _ := f.srv.Status()
@@ -250,22 +250,22 @@ func TestTwoNodes(t *testing.T) {
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := f.srv.WaitAcked(ctx, "envoy-a", "model/llama", at("10.0.0.5:8000")); err != nil {
+	if err := f.srv.WaitAcked(ctx, "envoy-a", "llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("waiting for a: %v", err)
 	}
-	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("", "llama", "10.0.0.5:8000") {
 		t.Fatal("known to every Envoy while b has not taken it up")
 	}
 	short, c2 := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer c2()
-	if err := f.srv.WaitAcked(short, "envoy-b", "model/llama", at("10.0.0.5:8000")); err == nil {
+	if err := f.srv.WaitAcked(short, "envoy-b", "llama", at("10.0.0.5:8000")); err == nil {
 		t.Fatal("b's request released before b took the version up")
 	}
 	b.Release(resource.EndpointType)
-	if err := f.srv.WaitAcked(ctx, "envoy-b", "model/llama", at("10.0.0.5:8000")); err != nil {
+	if err := f.srv.WaitAcked(ctx, "envoy-b", "llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("waiting for b once it took the version up: %v", err)
 	}
-	poll.Until(t, "known to every Envoy", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "known to every Envoy", func() bool { return f.srv.Acked("", "llama", "10.0.0.5:8000") })
 }
 
 // TestReconnect: an Envoy that reconnects gets the current state at once;
@@ -285,7 +285,7 @@ func TestReconnect(t *testing.T) {
 	f.serve(t) // a new vgw process
 	c = f.envoy(t, "envoy-1")
 	wait(t, c, "resynced by the new vgw", routes("model/llama", "10.0.0.9:8000"))
-	poll.Until(t, "the new vgw sees its version acknowledged", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.9:8000") })
+	poll.Until(t, "the new vgw sees its version acknowledged", func() bool { return f.srv.Acked("", "llama", "10.0.0.9:8000") })
 }
 
 // TestHeldRequestReleasedAfterACK: a request waiting for its model's
@@ -301,7 +301,7 @@ func TestHeldRequestReleasedAfterACK(t *testing.T) {
 	f.src.set("llama", "10.0.0.5:8001") // the model loaded here
 	answered := make(chan error, 1)
 	go func() {
-		answered <- f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", at("10.0.0.5:8001"))
+		answered <- f.srv.WaitAcked(context.Background(), "envoy-1", "llama", at("10.0.0.5:8001"))
 	}()
 	select {
 	case err := <-answered:
@@ -315,7 +315,7 @@ func TestHeldRequestReleasedAfterACK(t *testing.T) {
 	}
 	f.srv.Republish() // published again as a new version, which is accepted
 	wait(t, c, "the new version is acknowledged", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) == f.srv.Version() })
-	if err := f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", at("10.0.0.5:8001")); err != nil {
+	if err := f.srv.WaitAcked(context.Background(), "envoy-1", "llama", at("10.0.0.5:8001")); err != nil {
 		t.Fatal(err)
 	}
 	if got := firstOr(c.Endpoints("model/llama"), "nothing"); got != "10.0.0.5:8001" {
@@ -343,7 +343,7 @@ func (f *fixture) silentStream(t *testing.T, node string) {
 // deadline, and fell every Envoy off the fast path.
 func TestSilentStreams(t *testing.T) {
 	f := startServing(t, 300*time.Millisecond)
-	poll.Until(t, "every Envoy knows llama", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "every Envoy knows llama", func() bool { return f.srv.Acked("", "llama", "10.0.0.5:8000") })
 
 	f.silentStream(t, "envoy-1") // an impostor under the Envoy's own id
 	f.silentStream(t, "stuck")   // a stuck Envoy of its own
@@ -351,19 +351,19 @@ func TestSilentStreams(t *testing.T) {
 		n, _ := f.srv.Status()
 		return len(n) == 2 && n[0].Streams == 2
 	})
-	if !f.srv.Acked("envoy-1", "model/llama", "10.0.0.5:8000") {
+	if !f.srv.Acked("envoy-1", "llama", "10.0.0.5:8000") {
 		t.Error("envoy-1's requests are held by a stream that acknowledged nothing")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := f.srv.WaitAcked(ctx, "envoy-1", "model/llama", at("10.0.0.5:8000")); err != nil {
+	if err := f.srv.WaitAcked(ctx, "envoy-1", "llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("envoy-1's request: %v", err)
 	}
 
 	// Past AckTimeout the silent streams stop counting: requests of an
 	// unknown Envoy are let through, and the fast path is back.
-	poll.Until(t, "the fast path is back", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
-	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
+	poll.Until(t, "the fast path is back", func() bool { return f.srv.Acked("", "llama", "10.0.0.5:8000") })
+	if err := f.srv.WaitAcked(ctx, "", "llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("a request of an unknown Envoy: %v", err)
 	}
 	nodes, _ := f.srv.Status()
@@ -375,7 +375,7 @@ func TestSilentStreams(t *testing.T) {
 	// The stuck Envoy's own request cannot be released: it is told so
 	// at once, not at its deadline.
 	var na *xds.NotAckedError
-	if err := f.srv.WaitAcked(ctx, "stuck", "model/llama", at("10.0.0.5:8000")); !errors.As(err, &na) || na.Rejected != "" {
+	if err := f.srv.WaitAcked(ctx, "stuck", "llama", at("10.0.0.5:8000")); !errors.As(err, &na) || na.Rejected != "" {
 		t.Fatalf("a request of the stuck Envoy: %v, want a NotAckedError", err)
 	}
 }
@@ -390,20 +390,20 @@ func TestNoEnvoy(t *testing.T) {
 	f.src.publish()
 	poll.Until(t, "published", func() bool { return f.srv.Version() != "" })
 	time.Sleep(510 * time.Millisecond) // the grace since start passes
-	if !f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
+	if !f.srv.Acked("", "llama", "10.0.0.5:8000") {
 		t.Fatal("with no Envoy on xDS past the grace, the fast path still holds requests")
 	}
 	c := f.envoy(t, "envoy-1")
 	wait(t, c, "configured", routes("model/llama", "10.0.0.5:8000"))
 	// The server has the Envoy's ACK, then sees it leave.
-	poll.Until(t, "the ACK is in", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "the ACK is in", func() bool { return f.srv.Acked("", "llama", "10.0.0.5:8000") })
 	start := time.Now() // the grace runs from when the server sees it leave, after this
 	c.Close()
 	poll.Until(t, "the Envoy has left", func() bool { n, _ := f.srv.Status(); return len(n) == 0 })
-	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("", "llama", "10.0.0.5:8000") {
 		t.Fatal("right after the last Envoy left, requests are not held for the grace")
 	}
-	if err := f.srv.WaitAcked(context.Background(), "", "model/llama", at("10.0.0.5:8000")); err != nil {
+	if err := f.srv.WaitAcked(context.Background(), "", "llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatal(err)
 	}
 	if d := time.Since(start); d < 500*time.Millisecond {
@@ -431,7 +431,7 @@ func TestGraceDoesNotReleasePastAConnectedEnvoy(t *testing.T) {
 	f.src.publish()
 	ctx, cancel := context.WithTimeout(context.Background(), 400*time.Millisecond)
 	defer cancel()
-	if err := f.srv.WaitAcked(ctx, "envoy-1", "model/llama", at("10.0.0.5:8000")); err == nil {
+	if err := f.srv.WaitAcked(ctx, "envoy-1", "llama", at("10.0.0.5:8000")); err == nil {
 		t.Fatal("released by the grace although the Envoy is connected and has not acknowledged")
 	}
 }
@@ -444,14 +444,14 @@ func TestNewEnvoyKnowsNothing(t *testing.T) {
 	f.src.publish()
 	a := f.envoy(t, "envoy-a")
 	wait(t, a, "a routes llama", routes("model/llama", "10.0.0.5:8000"))
-	poll.Until(t, "known", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "known", func() bool { return f.srv.Acked("", "llama", "10.0.0.5:8000") })
 	b, err := xdstest.Dial(context.Background(), f.conn, "envoy-b", xdstest.Holding(resource.EndpointType))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.Close()
 	poll.Until(t, "b's arrival is noticed", func() bool { n, _ := f.srv.Status(); return len(n) == 2 })
-	if f.srv.Acked("", "model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("", "llama", "10.0.0.5:8000") {
 		t.Fatal("known to every Envoy before b acknowledged anything")
 	}
 }
@@ -467,7 +467,7 @@ func TestWaitFollowsAMovingModel(t *testing.T) {
 	addr := "10.0.0.5:8000"
 	current := func() string { mu.Lock(); defer mu.Unlock(); return addr }
 	done := make(chan error, 1)
-	go func() { done <- f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", current) }()
+	go func() { done <- f.srv.WaitAcked(context.Background(), "envoy-1", "llama", current) }()
 	mu.Lock()
 	addr = "10.0.0.6:8000" // it moved before the first address was ever published
 	mu.Unlock()
@@ -479,7 +479,7 @@ func TestWaitFollowsAMovingModel(t *testing.T) {
 	mu.Lock()
 	addr = ""
 	mu.Unlock()
-	if err := f.srv.WaitAcked(context.Background(), "envoy-1", "model/llama", current); !errors.Is(err, xds.ErrGone) {
+	if err := f.srv.WaitAcked(context.Background(), "envoy-1", "llama", current); !errors.Is(err, xds.ErrGone) {
 		t.Fatalf("a stopped model: %v", err)
 	}
 }
@@ -496,12 +496,12 @@ func TestStrangerWaitsForEveryEnvoy(t *testing.T) {
 	f.src.set("llama", "10.0.0.5:8000")
 	f.src.publish()
 	poll.Until(t, "published", func() bool { return f.srv.Version() != c.Acked(resource.EndpointType) })
-	if f.srv.Acked("misnamed", "model/llama", "10.0.0.5:8000") {
+	if f.srv.Acked("misnamed", "llama", "10.0.0.5:8000") {
 		t.Fatal("a request of a misnamed Envoy is let through while envoy-1 has not taken up the endpoint")
 	}
 	answered := make(chan error, 1)
 	go func() {
-		answered <- f.srv.WaitAcked(context.Background(), "misnamed", "model/llama", at("10.0.0.5:8000"))
+		answered <- f.srv.WaitAcked(context.Background(), "misnamed", "llama", at("10.0.0.5:8000"))
 	}()
 	select {
 	case err := <-answered:
@@ -531,14 +531,14 @@ func TestRejectingEnvoyHoldsNoOneElse(t *testing.T) {
 	f.src.publish()
 	wait(t, good, "envoy-1 routes llama", routes("model/llama", "10.0.0.5:8000"))
 	poll.Until(t, "the rejection is in", func() bool { _, n := f.srv.Status(); return len(n) == 1 })
-	poll.Until(t, "the fast path holds for the Envoys that know", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "the fast path holds for the Envoys that know", func() bool { return f.srv.Acked("", "llama", "10.0.0.5:8000") })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
+	if err := f.srv.WaitAcked(ctx, "", "llama", at("10.0.0.5:8000")); err != nil {
 		t.Errorf("a request of an unknown Envoy: %v", err)
 	}
 	var na *xds.NotAckedError
-	if err := f.srv.WaitAcked(ctx, "misconfigured", "model/llama", at("10.0.0.5:8000")); !errors.As(err, &na) || na.Rejected != "bad" {
+	if err := f.srv.WaitAcked(ctx, "misconfigured", "llama", at("10.0.0.5:8000")); !errors.As(err, &na) || na.Rejected != "bad" {
 		t.Errorf("a request of the rejecting Envoy: %v, want a NotAckedError quoting the rejection", err)
 	}
 }
@@ -601,10 +601,10 @@ func TestStreamThatNeverTakesEndpoints(t *testing.T) {
 		n, _ := f.srv.Status()
 		return len(n) == 2 && n[0].Node == "clusters-only" && n[0].Silent == 1
 	})
-	poll.Until(t, "the fast path is back", func() bool { return f.srv.Acked("", "model/llama", "10.0.0.5:8000") })
+	poll.Until(t, "the fast path is back", func() bool { return f.srv.Acked("", "llama", "10.0.0.5:8000") })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := f.srv.WaitAcked(ctx, "", "model/llama", at("10.0.0.5:8000")); err != nil {
+	if err := f.srv.WaitAcked(ctx, "", "llama", at("10.0.0.5:8000")); err != nil {
 		t.Fatalf("a request of an unknown Envoy: %v", err)
 	}
 }
@@ -636,7 +636,7 @@ func TestForgedACK(t *testing.T) {
 	poll.Until(t, "published", func() bool { return f.srv.Version() != real.Acked(resource.EndpointType) })
 	short, c2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer c2()
-	if err := f.srv.WaitAcked(short, "envoy-1", "model/llama", at("10.0.0.9:8000")); err == nil {
+	if err := f.srv.WaitAcked(short, "envoy-1", "llama", at("10.0.0.9:8000")); err == nil {
 		t.Fatalf("released while envoy-1 routes to %v", real.Endpoints("model/llama"))
 	}
 }
@@ -681,7 +681,7 @@ func TestRequestAfterRejectionIsNoACK(t *testing.T) {
 	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.EndpointType, ResourceNames: names, VersionInfo: eds.GetVersionInfo(), ResponseNonce: eds.GetNonce()})
 	poll.Until(t, "the first version acknowledged", func() bool {
 		n, _ := f.srv.Status()
-		return len(n) == 1 && n[0].Endpoints == eds.GetVersionInfo()
+		return len(n) == 1 && n[0].EndpointsVersion == eds.GetVersionInfo()
 	})
 
 	f.src.set("llama", "10.0.0.9:8000")
@@ -697,15 +697,41 @@ func TestRequestAfterRejectionIsNoACK(t *testing.T) {
 	send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.ClusterType, VersionInfo: cds2.GetVersionInfo(), ResponseNonce: cds2.GetNonce()})
 	poll.Until(t, "the clusters acknowledged", func() bool {
 		n, _ := f.srv.Status()
-		return len(n) == 1 && n[0].Clusters == cds2.GetVersionInfo()
+		return len(n) == 1 && n[0].ClustersVersion == cds2.GetVersionInfo()
 	})
-	if n, _ := f.srv.Status(); n[0].Endpoints != eds.GetVersionInfo() {
-		t.Fatalf("endpoints acknowledged at %s, want still %s", n[0].Endpoints, eds.GetVersionInfo())
+	if n, _ := f.srv.Status(); n[0].EndpointsVersion != eds.GetVersionInfo() {
+		t.Fatalf("endpoints acknowledged at %s, want still %s", n[0].EndpointsVersion, eds.GetVersionInfo())
 	}
 
 	short, c2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer c2()
-	if err := f.srv.WaitAcked(short, "envoy-1", "model/llama", at("10.0.0.9:8000")); err == nil {
+	if err := f.srv.WaitAcked(short, "envoy-1", "llama", at("10.0.0.9:8000")); err == nil {
 		t.Fatal("released: the request naming the old version was taken for an acknowledgement of the rejected one")
+	}
+}
+
+// TestAckedAgreesWithWaitAcked: an Envoy that rejected the version with
+// a model's endpoint is not let through by the fast check while the others
+// know it: its requests are told at once, as WaitAcked tells them.
+func TestAckedAgreesWithWaitAcked(t *testing.T) {
+	f := start(t, newModels("llama"))
+	good := f.envoy(t, "envoy-1")
+	bad := f.envoy(t, "misconfigured")
+	for _, c := range []*xdstest.Client{good, bad} {
+		wait(t, c, "configured", func(c *xdstest.Client) bool { return c.Acked(resource.EndpointType) != "" })
+	}
+	bad.Reject(resource.EndpointType, "bad")
+	f.src.set("llama", "10.0.0.5:8000")
+	f.src.publish()
+	wait(t, good, "envoy-1 routes llama", routes("model/llama", "10.0.0.5:8000"))
+	poll.Until(t, "the rejection is in", func() bool { _, n := f.srv.Status(); return len(n) == 1 })
+	poll.Until(t, "the fast path holds for the Envoys that know", func() bool { return f.srv.Acked("", "llama", "10.0.0.5:8000") })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	waitErr := f.srv.WaitAcked(ctx, "misconfigured", "llama", at("10.0.0.5:8000"))
+	acked := f.srv.Acked("misconfigured", "llama", "10.0.0.5:8000")
+	var na *xds.NotAckedError
+	if errors.As(waitErr, &na) && acked {
+		t.Errorf("Acked(misconfigured) = true, yet WaitAcked(misconfigured) = %v", waitErr)
 	}
 }

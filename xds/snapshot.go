@@ -26,7 +26,10 @@ import (
 
 // Model is one configured model as Envoy's config needs it.
 type Model struct {
-	// Cluster is the Envoy cluster name that ext_proc's x-vgw-cluster names.
+	// Name is the model's name, as requests name it.
+	Name string
+	// Cluster is the Envoy cluster name that ext_proc's x-vgw-cluster
+	// names (ClusterName).
 	Cluster string
 	// MaxConcurrent is how many requests vgw admits for it at once; the
 	// cluster's circuit breaker allows as many and no more.

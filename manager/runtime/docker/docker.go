@@ -482,6 +482,12 @@ func (r *Runtime) Adopt(ctx context.Context) ([]*runtime.Instance, error) {
 		if !r.ours(c.Labels) { // the filter says so; checked again before anything is removed
 			continue
 		}
+		r.mu.Lock()
+		_, mine := r.live[c.ID]
+		r.mu.Unlock()
+		if mine {
+			continue // this process started it (a start may be under way): not a leftover
+		}
 		if c.State != container.StateRunning {
 			r.opt.Log.Info("removing a stopped container a previous vgw left", slog.String("id", c.ID), slog.String("model", c.Labels[LabelModel]))
 			r.remove(ctx, c.ID)

@@ -250,8 +250,8 @@ func TestColdStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := tm.status("a").Endpoint
-	if addr == "" || addr != l.Addr() || managertest.Chat(addr, "a") != 200 {
-		t.Fatalf("endpoint %q (leased %q) does not serve", addr, l.Addr())
+	if addr == "" || addr != l.Endpoint() || managertest.Chat(addr, "a") != 200 {
+		t.Fatalf("endpoint %q (leased %q) does not serve", addr, l.Endpoint())
 	}
 	st := tm.status("a")
 	if st.State != manager.Ready || st.InFlight() != 1 || st.Footprint != "declared" || len(st.GPUs) != 1 {
@@ -397,7 +397,7 @@ func TestCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	first := tm.status("a").Instance
-	if code := managertest.Chat(l.Addr(), "a"); code == 200 {
+	if code := managertest.Chat(l.Endpoint(), "a"); code == 200 {
 		t.Fatalf("the crashing request got %d", code)
 	}
 	l.Release()

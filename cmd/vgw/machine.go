@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,12 +9,10 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 
 	"github.com/vgw-project/vgw/config"
-	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/manager/runtime/docker"
 	"github.com/vgw-project/vgw/manager/runtime/sim"
-	"github.com/vgw-project/vgw/xds"
 )
 
 // The inventories and runtimes newMachine chooses from.
@@ -116,61 +113,4 @@ func newManager(cfg *config.Config, log *slog.Logger, onEvent func(manager.Event
 		log.Info("GPU", slog.Int("index", g.Index), slog.String("name", g.Name), slog.String("uuid", g.UUID), slog.Uint64("memory_bytes", g.Total))
 	}
 	return manager.New(cfg, m.runtime, m.gpus, manager.Options{Log: log, Footprints: fps, OnEvent: onEvent}), m.close, nil
-}
-
-// leases is what the request path asks for: the manager's lease on a
-// model, once the request's Envoy knows where the model runs (xDS).
-type leases struct {
-	mgr *manager.Manager
-	xds *xds.Server
-}
-
-var _ extproc.Leases = leases{}
-
-// lease is a manager's lease as extproc holds it. It is one pointer, so
-// handing it over as an extproc.Lease allocates nothing.
-type lease struct{ manager.Lease }
-
-func (l lease) Release(extproc.Result) { l.Lease.Release() }
-
-// TryLease leases a ready model when the request's Envoy knows where it
-// runs: an atomic count and a few atomic loads.
-func (ls leases) TryLease(node, model string) (extproc.Lease, bool) {
-	l, ok := ls.mgr.TryLease(model)
-	if !ok {
-		return nil, false
-	}
-	if !ls.xds.Acked(node, xds.ClusterName(model), l.Addr()) {
-		l.Release()
-		return nil, false
-	}
-	return lease{l}, true
-}
-
-// Lease loads the model if need be, then waits until the request's Envoy
-// knows where it runs.
-func (ls leases) Lease(ctx context.Context, node, model string) (extproc.Lease, error) {
-	l, err := ls.mgr.Lease(ctx, model)
-	switch {
-	case errors.Is(err, manager.ErrUnknownModel):
-		return nil, fmt.Errorf("%w: %w", extproc.ErrModelNotFound, err)
-	case err != nil:
-		return nil, err
-	}
-	// Where the lease found the model, while it still serves there.
-	addr := func() string {
-		if mv := ls.mgr.View().Model(model); mv != nil && mv.Endpoint == l.Addr() {
-			return mv.Endpoint
-		}
-		return ""
-	}
-	if err := ls.xds.WaitAcked(ctx, node, xds.ClusterName(model), addr); err != nil {
-		l.Release()
-		var na *xds.NotAckedError
-		if errors.As(err, &na) {
-			return nil, fmt.Errorf("%w: %w", extproc.ErrNotRoutable, err)
-		}
-		return nil, err
-	}
-	return lease{l}, nil
 }
