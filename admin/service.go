@@ -62,7 +62,7 @@ type Options struct {
 	Config func() *config.Config
 	Events *Hub
 	// Metrics, when set, read the service at every scrape (see
-	// NewMetrics).
+	// NewMetrics). Metrics serve one Service.
 	Metrics *Metrics
 	Log     *slog.Logger
 	Version string
