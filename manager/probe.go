@@ -49,7 +49,7 @@ func (s *scheduler) probed(now time.Time, md *model, inst *runtime.Instance, err
 		if md.health.failures > 0 {
 			s.note(slog.LevelInfo, "model answers its health probes again", slog.String("model", md.name), slog.Int("failed", md.health.failures))
 		}
-		md.health.failures, md.failures = 0, 0 // it has served: earlier failures are over
+		md.health.failures, md.backoff.failures = 0, 0 // it has served: earlier failures are over
 		return
 	}
 	md.health.failures++
@@ -62,8 +62,8 @@ func (s *scheduler) probed(now time.Time, md *model, inst *runtime.Instance, err
 	s.note(slog.LevelError, "model is unhealthy: taking it out of service and restarting it", slog.String("model", md.name),
 		slog.String("instance", inst.ID), slog.String("error", why))
 	md.health.unhealthy, md.health.restart = true, true
-	md.failures++ // a restart after this is backed off if it does not last (stopped)
-	md.lastErr = fmt.Errorf("unhealthy: %s", why)
+	md.backoff.failures++ // a restart after this is backed off if it does not last (stopped)
+	md.backoff.lastErr = fmt.Errorf("unhealthy: %s", why)
 	s.event(now, md.name, EventUnhealthy, why+"; restarting it", 0)
 	s.unload(now, md, "it is unhealthy")
 }

@@ -27,10 +27,10 @@ import (
 // What the request path reads is published as a View (see publish); the
 // request path writes only each model's use counts.
 type scheduler struct {
-	cfg     *config.Config
-	gpus    []gpu.GPU
-	fps     footprintLookup
-	backoff time.Duration // after a first failed load; see backoffAfter
+	cfg          *config.Config
+	gpus         []gpu.GPU
+	fps          footprintLookup
+	firstBackoff time.Duration // after a first failed load; see backoffAfter
 
 	models  map[string]*model
 	gpuBusy map[int]string // GPU → model whose server is starting or stopping on it
@@ -67,13 +67,10 @@ type model struct {
 	state   State
 	removed bool // gone from the config: unload once idle
 
-	// Where it runs, or is placed to.
-	inst   *runtime.Instance
-	pids   instPIDs // inst's processes, found once it was ready
-	gpus   []int
-	perGPU uint64
-	source string    // where perGPU came from: declared, learned, utilization, default
-	since  time.Time // when it was placed, then when it became ready
+	// Its server, and where it runs or is placed to.
+	inst  *runtime.Instance
+	pids  instPIDs // inst's processes, found once it was ready
+	place placement
 
 	// What is under way.
 	loading  *loadOp  // the load in progress, if any
@@ -86,13 +83,25 @@ type model struct {
 	keepUntil time.Time // an operator asked to load it: placed though no request waits, until then
 	pinned    bool
 
-	// How its loads went.
+	backoff backoff
+	health  health
+}
+
+// placement is where a model goes: its GPUs and its memory on each.
+type placement struct {
+	gpus   []int
+	perGPU uint64
+	source string    // where perGPU came from: declared, learned, utilization, default
+	since  time.Time // when it was placed, then when it became ready
+}
+
+// backoff is how a model's loads have gone: the failures in a row, when
+// the next may be tried, and why the last failed or it cannot be placed.
+type backoff struct {
 	failures int
 	retryAt  time.Time
 	lastErr  error      // why the last load failed, or why it cannot be placed
 	lastLoad *LoadError // the last failed load, answered again during its backoff
-
-	health health
 }
 
 // health is where a ready model's server stands with its probes
@@ -156,7 +165,7 @@ type gpuReading struct {
 
 func newScheduler(cfg *config.Config, gpus []gpu.GPU, fps footprintLookup, backoff time.Duration, b *board, now time.Time) *scheduler {
 	s := &scheduler{
-		cfg: cfg, gpus: gpus, fps: fps, backoff: backoff, board: b,
+		cfg: cfg, gpus: gpus, fps: fps, firstBackoff: backoff, board: b,
 		models:   map[string]*model{},
 		gpuBusy:  map[int]string{},
 		gpuOps:   map[int]int{},
@@ -201,9 +210,9 @@ func (s *scheduler) publish() {
 	v := &View{Models: make([]ModelView, 0, len(s.models)), byName: make(map[string]*ModelView, len(s.models))}
 	for _, md := range s.sorted() {
 		mv := ModelView{
-			Name: md.name, State: md.state, Removed: md.removed, GPUs: slices.Clone(md.gpus), PerGPU: md.perGPU,
-			Footprint: md.source, Since: md.since, AlwaysOn: md.cfg.AlwaysOn,
-			Pinned: md.pinned, Waiting: len(md.liveWaiters()), RetryAt: md.retryAt, use: md.use,
+			Name: md.name, State: md.state, Removed: md.removed, GPUs: slices.Clone(md.place.gpus), PerGPU: md.place.perGPU,
+			Footprint: md.place.source, Since: md.place.since, AlwaysOn: md.cfg.AlwaysOn,
+			Pinned: md.pinned, Waiting: len(md.liveWaiters()), RetryAt: md.backoff.retryAt, use: md.use,
 		}
 		if !md.removed {
 			mv.Limits = s.cfg.LimitsOf(md.name)
@@ -214,8 +223,8 @@ func (s *scheduler) publish() {
 				mv.Endpoint = md.inst.Addr
 			}
 		}
-		if md.lastErr != nil {
-			mv.LastError = md.lastErr.Error()
+		if md.backoff.lastErr != nil {
+			mv.LastError = md.backoff.lastErr.Error()
 		}
 		v.Models = append(v.Models, mv)
 	}
@@ -248,9 +257,9 @@ func (s *scheduler) want(now time.Time, name string, w *waiter) {
 		md.waiters = append(md.waiters, w)
 		s.dirty = true
 	case Stopped:
-		if now.Before(md.retryAt) && md.lastLoad != nil {
-			again := *md.lastLoad
-			again.Retry, again.Earlier = md.retryAt.Sub(now), true
+		if now.Before(md.backoff.retryAt) && md.backoff.lastLoad != nil {
+			again := *md.backoff.lastLoad
+			again.Retry, again.Earlier = md.backoff.retryAt.Sub(now), true
 			s.answerOne(md, w, &again)
 			return
 		}
@@ -316,7 +325,7 @@ func (s *scheduler) schedule(now time.Time) {
 			s.dequeue(md)
 			continue
 		}
-		if now.Before(md.retryAt) {
+		if now.Before(md.backoff.retryAt) {
 			continue // an always_on model in its backoff: tick comes back
 		}
 		d := s.demandOf(md)
@@ -324,16 +333,16 @@ func (s *scheduler) schedule(now time.Time) {
 		if err != nil && s.impossible(d) {
 			// It would not fit on empty GPUs either: waiting cannot help.
 			s.dequeue(md)
-			md.lastErr = err
+			md.backoff.lastErr = err
 			s.answerAll(md, err)
 			continue
 		}
 		if err != nil {
 			var was *NoRoom
-			if !errors.As(md.lastErr, &was) {
+			if !errors.As(md.backoff.lastErr, &was) {
 				s.note(slog.LevelInfo, "waiting for GPU memory", slog.String("model", md.name), slog.String("why", err.Error()))
 			}
-			md.lastErr = err
+			md.backoff.lastErr = err
 			s.dirty = true
 			for _, w := range md.waiters {
 				w.lastErr.Store(&err)
@@ -371,8 +380,8 @@ func (s *scheduler) held(md *model, now time.Time) bool {
 
 // demandOf is what placing md asks of the GPUs: its memory per GPU and GPUs.
 func (s *scheduler) demandOf(md *model) Demand {
-	md.perGPU, md.source = s.footprint(md)
-	return Demand{Model: md.name, PerGPU: md.perGPU, TP: max(md.cfg.TensorParallelSize, 1), Allowed: md.cfg.GPUs}
+	md.place.perGPU, md.place.source = s.footprint(md)
+	return Demand{Model: md.name, PerGPU: md.place.perGPU, TP: max(md.cfg.TensorParallelSize, 1), Allowed: md.cfg.GPUs}
 }
 
 // DefaultUtilization is vLLM's own default --gpu-memory-utilization: what a
@@ -412,7 +421,7 @@ func (s *scheduler) snapshot(now time.Time) Snapshot {
 			continue
 		}
 		snap.Residents = append(snap.Residents, Resident{
-			Model: md.name, GPUs: md.gpus, PerGPU: md.perGPU, Since: md.since,
+			Model: md.name, GPUs: md.place.gpus, PerGPU: md.place.perGPU, Since: md.place.since,
 			LastUsed: time.Unix(0, md.use.lastUsed.Load()), InFlight: int(md.use.inflight.Load()),
 			AlwaysOn: md.cfg.AlwaysOn, Pinned: md.pinned, Busy: md.state != Ready,
 		})
@@ -452,8 +461,8 @@ func (s *scheduler) attributed(md *model) map[int]uint64 {
 		// No per-process figures: count the model's whole reservation as
 		// in use, so that what it holds is not also taken for someone
 		// else's memory.
-		for _, g := range md.gpus {
-			out[g] = md.perGPU
+		for _, g := range md.place.gpus {
+			out[g] = md.place.perGPU
 		}
 	}
 	return out
@@ -463,10 +472,10 @@ func (s *scheduler) attributed(md *model) map[int]uint64 {
 // no other start or stop is under way on the plan's GPUs.
 func (s *scheduler) begin(now time.Time, md *model, plan Plan) {
 	s.setState(md, Loading)
-	md.gpus, md.since, md.evicting = plan.GPUs, now, plan.Evict
-	md.lastErr = nil
+	md.place.gpus, md.place.since, md.evicting = plan.GPUs, now, plan.Evict
+	md.backoff.lastErr = nil
 	s.note(slog.LevelInfo, "placing model", slog.String("model", md.name), slog.Any("gpus", plan.GPUs),
-		slog.String("per_gpu", gib(int64(md.perGPU))), slog.String("footprint", md.source), slog.Any("evict", plan.Evict))
+		slog.String("per_gpu", gib(int64(md.place.perGPU))), slog.String("footprint", md.place.source), slog.Any("evict", plan.Evict))
 	for _, name := range plan.Evict {
 		if v := s.models[name]; v != nil {
 			s.event(now, v.name, EventEvicted, "to make room for "+md.name, 0)
@@ -487,27 +496,27 @@ func (s *scheduler) startIfClear(now time.Time, md *model) {
 			return
 		}
 	}
-	if !s.claimGPUs(md.name, md.gpus) {
+	if !s.claimGPUs(md.name, md.place.gpus) {
 		return
 	}
 	md.evicting = nil
 	op := s.newLoadOp(md)
 	op.calm = true
-	for _, g := range md.gpus {
+	for _, g := range md.place.gpus {
 		op.ops[g] = s.gpuOps[g]
 		if now.Sub(s.lastStop[g]) < settleTime {
 			op.calm = false
 		}
 	}
 	md.loading = op
-	s.event(now, md.name, EventLoadStarted, fmt.Sprintf("on GPUs %v", md.gpus), 0)
+	s.event(now, md.name, EventLoadStarted, fmt.Sprintf("on GPUs %v", md.place.gpus), 0)
 	s.emit(startServer{md: md, op: op, spec: s.spec(md)})
 }
 
 // newLoadOp begins a load of md: its deadline (load_timeout) and how long
 // one health check may take (see loadOp.poll).
 func (s *scheduler) newLoadOp(md *model) *loadOp {
-	op := &loadOp{gpus: md.gpus, ops: map[int]int{}, limit: s.cfg.LoadTimeout.Std(), poll: defaultPoll}
+	op := &loadOp{gpus: md.place.gpus, ops: map[int]int{}, limit: s.cfg.LoadTimeout.Std(), poll: defaultPoll}
 	if p := s.cfg.ProbeOf(md.name); p.Interval > 0 {
 		op.poll = p.Timeout
 	}
@@ -555,7 +564,7 @@ const settleTime = 5 * time.Second
 func (s *scheduler) spec(md *model) runtime.Spec {
 	var gpus []gpu.GPU
 	var smallest uint64 = math.MaxUint64
-	for _, i := range md.gpus {
+	for _, i := range md.place.gpus {
 		g := s.gpus[i]
 		gpus = append(gpus, g)
 		smallest = min(smallest, g.Total)
@@ -564,7 +573,7 @@ func (s *scheduler) spec(md *model) runtime.Spec {
 	if util == 0 && smallest > 0 {
 		// The model's share of its GPUs, so that vLLM sizes its KV cache
 		// to the memory vgw reserved and cannot take a neighbour's.
-		util = math.Ceil(float64(md.perGPU)/float64(smallest)*100) / 100
+		util = math.Ceil(float64(md.place.perGPU)/float64(smallest)*100) / 100
 		util = min(util, DefaultUtilization)
 	}
 	env := map[string]string{}
@@ -575,7 +584,7 @@ func (s *scheduler) spec(md *model) runtime.Spec {
 		env[k] = v
 	}
 	return runtime.Spec{
-		Model: md.name, Config: md.cfg, Utilization: util, Env: env, GPUs: gpus, PerGPU: md.perGPU,
+		Model: md.name, Config: md.cfg, Utilization: util, Env: env, GPUs: gpus, PerGPU: md.place.perGPU,
 		Signature: md.sig, Launch: md.launch,
 	}
 }
@@ -613,12 +622,12 @@ func (s *scheduler) loaded(now time.Time, md *model, op *loadOp, took time.Durat
 		op.cancelled = false // back in the config, and wanted: it stays
 	}
 	md.loading = nil
-	md.lastErr, md.lastLoad = nil, nil
-	md.since = now // min_resident counts from here
+	md.backoff.lastErr, md.backoff.lastLoad = nil, nil
+	md.place.since = now // min_resident counts from here
 	probe := s.cfg.ProbeOf(md.name)
 	md.health.failures, md.health.next = 0, now.Add(probe.Interval)
 	if probe.Interval <= 0 {
-		md.failures = 0 // else once a probe passes: see probed
+		md.backoff.failures = 0 // else once a probe passes: see probed
 	}
 	md.use.lastUsed.Store(now.UnixNano())
 	s.setState(md, Ready)
@@ -699,22 +708,22 @@ func (s *scheduler) loadFailed(now time.Time, md *model, op *loadOp, err error) 
 	// The runtime being away says nothing about the model: such a failure
 	// is retried at the first interval however long the outage, so that
 	// the model loads soon after the runtime is back, not minutes later.
-	backoff := s.backoff
+	backoff := s.firstBackoff
 	if !errors.Is(err, runtime.ErrUnreachable) {
-		md.failures++
-		backoff = s.backoffAfter(md.failures)
+		md.backoff.failures++
+		backoff = s.backoffAfter(md.backoff.failures)
 	}
-	md.retryAt = now.Add(backoff)
-	md.lastLoad = &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
-	md.lastErr = md.lastLoad
+	md.backoff.retryAt = now.Add(backoff)
+	md.backoff.lastLoad = &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
+	md.backoff.lastErr = md.backoff.lastLoad
 	s.note(slog.LevelError, "model failed to load", slog.String("model", md.name), slog.String("error", err.Error()),
-		slog.Int("failures", md.failures), slog.Duration("retry_in", backoff), slog.String("log_tail", lastLines(tail, 20)))
+		slog.Int("failures", md.backoff.failures), slog.Duration("retry_in", backoff), slog.String("log_tail", lastLines(tail, 20)))
 	detail := fmt.Sprintf("%v; tried again in %v", err, backoff)
 	if tail != "" {
 		detail += "; last log lines: " + lastLines(tail, 5)
 	}
 	s.event(now, md.name, EventLoadFailed, detail, 0)
-	s.answerAll(md, md.lastLoad)
+	s.answerAll(md, md.backoff.lastLoad)
 	if s.keepLoaded(md) {
 		s.enqueue(md) // tried again once the backoff has passed
 	}
@@ -725,7 +734,7 @@ func (s *scheduler) loadFailed(now time.Time, md *model, op *loadOp, err error) 
 // backoffAfter is the wait after the failures-th failure in a row: it
 // doubles from the first backoff up to BackoffMax.
 func (s *scheduler) backoffAfter(failures int) time.Duration {
-	return min(s.backoff<<min(max(failures, 1)-1, 16), BackoffMax)
+	return min(s.firstBackoff<<min(max(failures, 1)-1, 16), BackoffMax)
 }
 
 // exitError is an instance that exited, as a load error.
@@ -798,7 +807,7 @@ func (s *scheduler) unload(now time.Time, md *model, reason string) {
 		}
 		// Placed but not started (waiting for evictions or a GPU).
 		s.setState(md, Stopped)
-		md.gpus, md.evicting = nil, nil
+		md.place.gpus, md.evicting = nil, nil
 		s.answerAll(md, fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
 		s.forget(md)
 		s.schedule(now)
@@ -814,7 +823,7 @@ func (s *scheduler) maybeStop(now time.Time, md *model) {
 	if md.use.inflight.Load() > 0 && now.Before(md.drainBy) {
 		return
 	}
-	if !s.claimGPUs(md.name, md.gpus) {
+	if !s.claimGPUs(md.name, md.place.gpus) {
 		return
 	}
 	md.stopping = true
@@ -822,7 +831,7 @@ func (s *scheduler) maybeStop(now time.Time, md *model) {
 	if md.health.unhealthy {
 		grace = 0 // it failed its health probes: no graceful shutdown to wait for
 	}
-	s.emit(stopServer{md: md, inst: md.inst, gpus: md.gpus, grace: grace})
+	s.emit(stopServer{md: md, inst: md.inst, gpus: md.place.gpus, grace: grace})
 }
 
 // stopped takes a draining model whose server has stopped.
@@ -844,9 +853,9 @@ func (s *scheduler) stopped(now time.Time, md *model, gpus []int, err error) {
 		// a probe, or its loads fail), only after a backoff, so a server
 		// that cannot stay up is not restarted in a loop.
 		start := now
-		if md.failures > 1 {
-			md.retryAt = now.Add(s.backoffAfter(md.failures - 1))
-			start = md.retryAt
+		if md.backoff.failures > 1 {
+			md.backoff.retryAt = now.Add(s.backoffAfter(md.backoff.failures - 1))
+			start = md.backoff.retryAt
 		}
 		md.keepUntil = start.Add(s.cfg.LoadTimeout.Std())
 		s.enqueue(md)
@@ -1000,7 +1009,7 @@ func (s *scheduler) pin(name string, on bool) error {
 // waiting, the model is held until load_timeout as a request's would be.
 func (s *scheduler) load(now time.Time, name string, wait bool) error {
 	return s.operate(name, false, func(md *model) {
-		md.retryAt = time.Time{}
+		md.backoff.retryAt = time.Time{}
 		if !wait && md.state == Stopped {
 			s.enqueue(md)
 			md.keepUntil = now.Add(s.cfg.LoadTimeout.Std())
@@ -1055,10 +1064,10 @@ func (s *scheduler) adopted(insts []*runtime.Instance) {
 			s.emit(stopServer{inst: inst, grace: s.cfg.DrainTimeout.Std()})
 			continue
 		}
-		md.gpus = inst.GPUs
-		md.perGPU, md.source = s.footprint(md)
+		md.place.gpus = inst.GPUs
+		md.place.perGPU, md.place.source = s.footprint(md)
 		s.setState(md, Loading)
-		s.claimGPUs(md.name, md.gpus) // it may still be starting: no neighbour starts meanwhile
+		s.claimGPUs(md.name, md.place.gpus) // it may still be starting: no neighbour starts meanwhile
 		op := s.newLoadOp(md)
 		op.adopted = true
 		md.loading, md.inst = op, inst

@@ -115,7 +115,7 @@ func (r *rig) start(model string) *runtime.Instance {
 		r.t.Fatalf("%s is not loading (%v)", model, md.state)
 	}
 	op := md.loading
-	inst := r.inst(model, md.gpus...)
+	inst := r.inst(model, md.place.gpus...)
 	r.s.started(md, op, inst)
 	r.s.loaded(r.now, md, op, time.Second, nil)
 	r.flush()
@@ -366,13 +366,13 @@ func TestLoadFailureDecisions(t *testing.T) {
 	if _, err := fail(fmt.Errorf("create: %w", runtime.ErrUnreachable)); !errors.As(err, &le) || le.Retry != BackoffBase {
 		t.Fatalf("runtime away: %v, want the first backoff", err)
 	}
-	if f := r.s.models["a"].failures; f != 2 {
+	if f := r.s.models["a"].backoff.failures; f != 2 {
 		t.Fatalf("%d failures counted, want 2 (the runtime's absence is not one)", f)
 	}
 	r.advance(BackoffBase)
 	md := r.s.models["a"]
 	r.expect("an operator's load during a backoff starts at once", func(now time.Time) {
-		md.retryAt = now.Add(time.Hour)
+		md.backoff.retryAt = now.Add(time.Hour)
 		if err := r.s.load(now, "a", false); err != nil {
 			t.Fatal(err)
 		}
@@ -492,7 +492,7 @@ func TestUnloadWhileLoadingDecisions(t *testing.T) {
 	if err := r.failed(w); !errors.Is(err, ErrUnloaded) {
 		t.Fatalf("%v, want ErrUnloaded", err)
 	}
-	if !md.retryAt.IsZero() {
+	if !md.backoff.retryAt.IsZero() {
 		t.Fatal("a cancelled load backs off")
 	}
 }
