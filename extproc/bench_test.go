@@ -171,7 +171,7 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 	_ = m.route.Load()
 	start := time.Now()
 	st := stream{s: s, ctx: ctx, model: m}
-	st.record(decision{at: start, model: &m.name, outcome: OutcomeAdmitted, reason: ReasonSlotFree})
+	st.record(&decision{at: start, model: &m.name, outcome: OutcomeAdmitted, reason: ReasonSlotFree})
 	m.gate.release()
 	l.Release(Result{Status: 200, Duration: time.Since(start)})
 }

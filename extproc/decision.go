@@ -122,7 +122,7 @@ type decision struct {
 }
 
 // record stores a decision.
-func (l *DecisionLog) record(d decision) {
+func (l *DecisionLog) record(d *decision) {
 	pos := l.next.Add(1) - 1
 	s := &l.slots[pos&l.mask]
 	// Two writers meet on a slot only when the ring wraps while one of

@@ -15,9 +15,9 @@ func TestDecisionLog(t *testing.T) {
 		if i%2 == 1 {
 			m = &qwen
 		}
-		l.record(decision{at: t0.Add(time.Duration(i) * time.Second), model: m, outcome: OutcomeAdmitted, reason: ReasonSlotFree, depth: i, wait: time.Duration(i) * time.Millisecond})
+		l.record(&decision{at: t0.Add(time.Duration(i) * time.Second), model: m, outcome: OutcomeAdmitted, reason: ReasonSlotFree, depth: i, wait: time.Duration(i) * time.Millisecond})
 	}
-	l.record(decision{at: t0.Add(7 * time.Second), model: &qwen, outcome: OutcomeRejected, reason: ReasonQueueFull, status: 429, depth: 12})
+	l.record(&decision{at: t0.Add(7 * time.Second), model: &qwen, outcome: OutcomeRejected, reason: ReasonQueueFull, status: 429, depth: 12})
 
 	all := l.Recent(Filter{})
 	if len(all) != 4 {
@@ -51,7 +51,7 @@ func TestDecisionLogConcurrent(t *testing.T) {
 		wg.Go(func() {
 			for i := range 2000 {
 				// depth and wait are tied, so a torn record would show.
-				l.record(decision{at: time.Now(), model: &names[w%3], outcome: OutcomeAdmitted, reason: ReasonSlotFree, status: 200, depth: i, wait: time.Duration(i)})
+				l.record(&decision{at: time.Now(), model: &names[w%3], outcome: OutcomeAdmitted, reason: ReasonSlotFree, status: 200, depth: i, wait: time.Duration(i)})
 			}
 		})
 	}

@@ -380,7 +380,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 		return true, st.reject(&m.name, r, depth, time.Time{})
 	}
 
-	st.record(decision{at: start, model: &m.name, outcome: OutcomeQueued, reason: ReasonWaitSlot, depth: depth})
+	st.record(&decision{at: start, model: &m.name, outcome: OutcomeQueued, reason: ReasonWaitSlot, depth: depth})
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		st.leaveQueue(w) // sending failed: the stream is gone
 		return true, err
@@ -446,7 +446,7 @@ func (st *stream) leaveQueue(w *waiter) {
 func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, depth int, atHeaders bool) (bool, error) {
 	s, m := st.s, st.model
 	now := time.Now()
-	st.record(decision{at: now, model: &m.name, outcome: OutcomeQueued, reason: ReasonWaitLoad, depth: depth, wait: now.Sub(start)})
+	st.record(&decision{at: now, model: &m.name, outcome: OutcomeQueued, reason: ReasonWaitLoad, depth: depth, wait: now.Sub(start)})
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		return true, err
 	}
@@ -539,7 +539,7 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	st.phase = phaseResponse
 	st.streamed = atHeaders
 	st.lease, st.admittedAt = l, now
-	st.record(decision{at: now, model: &m.name, outcome: OutcomeAdmitted, reason: reason, depth: depth, wait: wait})
+	st.record(&decision{at: now, model: &m.name, outcome: OutcomeAdmitted, reason: reason, depth: depth, wait: wait})
 	return st.send(resp)
 }
 
@@ -638,7 +638,7 @@ func (st *stream) reject(model *string, r *rejection, depth int, start time.Time
 	if !start.IsZero() {
 		wait = now.Sub(start)
 	}
-	st.record(decision{at: now, model: model, outcome: r.outcome, reason: r.reason, status: r.status, depth: depth, wait: wait})
+	st.record(&decision{at: now, model: model, outcome: r.outcome, reason: r.reason, status: r.status, depth: depth, wait: wait})
 	return st.send(r.immediate(depth))
 }
 
@@ -647,7 +647,7 @@ func (st *stream) reject(model *string, r *rejection, depth int, start time.Time
 // level nothing is formatted or allocated), the model's counts (or the
 // unknown-model counts before a model is known), and, for a request that
 // waited, the wait observer.
-func (st *stream) record(d decision) {
+func (st *stream) record(d *decision) {
 	s := st.s
 	s.decisions.record(d)
 	if s.log.Enabled(st.ctx, slog.LevelDebug) {
@@ -672,7 +672,7 @@ func (st *stream) record(d decision) {
 // abandoned records that the client left while its request waited.
 func (st *stream) abandoned(start time.Time) {
 	now := time.Now()
-	st.record(decision{at: now, model: &st.model.name, outcome: OutcomeAbandoned, reason: ReasonClientGone, depth: st.model.gate.depth(), wait: now.Sub(start)})
+	st.record(&decision{at: now, model: &st.model.name, outcome: OutcomeAbandoned, reason: ReasonClientGone, depth: st.model.gate.depth(), wait: now.Sub(start)})
 }
 
 // releaseSlot gives back a slot the request took but never used.

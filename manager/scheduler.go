@@ -254,8 +254,9 @@ func (s *scheduler) want(now time.Time, name string, w *waiter) {
 	case Ready:
 		s.answerOne(md, w, nil)
 	case Loading, Draining:
+		// The View's count of waiters catches up at the next tick: not a
+		// View of every model per waiting request.
 		md.waiters = append(md.waiters, w)
-		s.dirty = true
 	case Stopped:
 		if now.Before(md.backoff.retryAt) && md.backoff.lastLoad != nil {
 			again := *md.backoff.lastLoad
@@ -264,7 +265,6 @@ func (s *scheduler) want(now time.Time, name string, w *waiter) {
 			return
 		}
 		md.waiters = append(md.waiters, w)
-		s.dirty = true
 		s.enqueue(md)
 		s.schedule(now)
 	}
@@ -341,9 +341,9 @@ func (s *scheduler) schedule(now time.Time) {
 			var was *NoRoom
 			if !errors.As(md.backoff.lastErr, &was) {
 				s.note(slog.LevelInfo, "waiting for GPU memory", slog.String("model", md.name), slog.String("why", err.Error()))
+				s.dirty = true // a View per new reason, not per request that waits
 			}
 			md.backoff.lastErr = err
-			s.dirty = true
 			for _, w := range md.waiters {
 				w.lastErr.Store(&err)
 			}
@@ -416,7 +416,7 @@ func (s *scheduler) footprint(md *model) (uint64, string) {
 func (s *scheduler) snapshot(now time.Time) Snapshot {
 	snap := Snapshot{MaxModels: s.cfg.MaxModels, MinResident: s.cfg.MinResident.Std(), Now: now}
 	ours := map[int]uint64{}
-	for _, md := range s.sorted() {
+	for _, md := range s.models {
 		if md.state == Stopped {
 			continue
 		}
@@ -438,6 +438,7 @@ func (s *scheduler) snapshot(now time.Time) Snapshot {
 		}
 		snap.GPUs = append(snap.GPUs, gs)
 	}
+	slices.SortFunc(snap.Residents, func(a, b Resident) int { return strings.Compare(a.Model, b.Model) })
 	return snap
 }
 
@@ -900,7 +901,7 @@ func (s *scheduler) gpusRead(now time.Time, r *gpuReading) {
 // memory may have come back.
 func (s *scheduler) tick(now time.Time) {
 	for _, md := range s.sorted() {
-		if n := len(md.waiters); len(md.liveWaiters()) != n {
+		if mv := s.board.view().Model(md.name); mv == nil || mv.Waiting != len(md.liveWaiters()) {
 			s.dirty = true
 		}
 		switch md.state {

@@ -236,6 +236,7 @@ func TestColdStartDecisions(t *testing.T) {
 	var w1, w2 *waiter
 	r.expect("first request", func(time.Time) { w1 = r.want("a") }, "load_started a", "start a on [0]")
 	r.expect("second request", func(time.Time) { w2 = r.want("a") })
+	r.expect("a tick: the View counts waiters at most a tick late", func(now time.Time) { r.s.tick(now) })
 	if v := r.view("a"); v.State != Loading || v.Waiting != 2 || v.Endpoint != "" {
 		t.Fatalf("while loading: %+v", v)
 	}
