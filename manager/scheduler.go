@@ -901,7 +901,10 @@ func (s *scheduler) gpusRead(now time.Time, r *gpuReading) {
 // memory may have come back.
 func (s *scheduler) tick(now time.Time) {
 	for _, md := range s.sorted() {
-		if mv := s.board.view().Model(md.name); mv == nil || mv.Waiting != len(md.liveWaiters()) {
+		// What a View leaves out between ticks: waiters come and go, and
+		// why a model waits for memory changes with its neighbours.
+		if mv := s.board.view().Model(md.name); mv == nil || mv.Waiting != len(md.liveWaiters()) ||
+			(md.backoff.lastErr != nil && mv.LastError != md.backoff.lastErr.Error()) {
 			s.dirty = true
 		}
 		switch md.state {
