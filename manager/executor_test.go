@@ -91,6 +91,14 @@ var _ Runtime = (*fakeRuntime)(nil)
 // runManager runs a Manager over rt until the test ends.
 func runManager(t *testing.T, yaml string, rt Runtime) *Manager {
 	t.Helper()
+	m, _ := runManagerStop(t, yaml, rt)
+	return m
+}
+
+// runManagerStop is runManager with a stop of the test's own, which
+// returns once the loop has ended.
+func runManagerStop(t *testing.T, yaml string, rt Runtime) (*Manager, func()) {
+	t.Helper()
 	cfg := managertest.Config(t, yaml)
 	var gs []gpu.GPU
 	for _, g := range cfg.GPUs.Declared {
@@ -100,8 +108,9 @@ func runManager(t *testing.T, yaml string, rt Runtime) *Manager {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { m.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return m
+	stop := func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return m, stop
 }
 
 // within bounds a wait for what must happen: only a hang reaches it.
@@ -286,15 +295,7 @@ func BenchmarkTryLease(b *testing.B) {
 func TestLeaseEndsWithTheManager(t *testing.T) {
 	rt := newFakeRuntime(t)
 	rt.health.Store(http.StatusServiceUnavailable) // the load goes on
-	cfg := managertest.Config(t, strings.Replace(schedConfig, "load_timeout: 1m", "load_timeout: 1h", 1)+"models:\n  a: {vram: 20GiB}\n")
-	var gs []gpu.GPU
-	for _, g := range cfg.GPUs.Declared {
-		gs = append(gs, gpu.GPU{Name: g.Name, Total: uint64(g.Memory)})
-	}
-	m := New(cfg, rt, gpu.NewDeclared(gs), Options{Tick: 10 * time.Millisecond, GPUPoll: 10 * time.Millisecond})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { m.Run(ctx); close(done) }()
+	m, stop := runManagerStop(t, strings.Replace(schedConfig, "load_timeout: 1m", "load_timeout: 1h", 1)+"models:\n  a: {vram: 20GiB}\n", rt)
 	errc := make(chan error, 1)
 	go func() {
 		lctx, lcancel := context.WithTimeout(context.Background(), time.Minute)
@@ -306,8 +307,7 @@ func TestLeaseEndsWithTheManager(t *testing.T) {
 	for v := m.View(); v.Model("a").Waiting == 0; v = m.View() {
 		<-v.Changed()
 	}
-	cancel()
-	<-done
+	stop()
 	select {
 	case err := <-errc:
 		if !errors.Is(err, ErrClosed) {
