@@ -165,8 +165,8 @@ func (d *Declared) Charge(pid int, gpus []int, bytes uint64) {
 	}
 }
 
-// Release forgets what process pid used, as when it exits.
-func (d *Declared) Release(pid int) {
+// Uncharge forgets what process pid used, as when it exits.
+func (d *Declared) Uncharge(pid int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	delete(d.charges, pid)

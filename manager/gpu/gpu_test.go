@@ -111,7 +111,7 @@ func TestDeclared(t *testing.T) {
 	if len(ps) != 3 || ps[0].PID != 100 {
 		t.Fatalf("processes %+v", ps)
 	}
-	d.Release(200)
+	d.Uncharge(200)
 	mem, _ = d.Memory()
 	if mem[0].Used != 20<<30 || mem[1].Used != 0 {
 		t.Fatalf("after release: %+v", mem)

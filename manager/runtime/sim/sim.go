@@ -115,7 +115,7 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instan
 // reap waits for the process, frees its memory and reports the exit.
 func (r *Runtime) reap(inst *runtime.Instance, p *proc) {
 	err := p.cmd.Wait()
-	r.gpus.Release(inst.PIDs[0])
+	r.gpus.Uncharge(inst.PIDs[0])
 	r.mu.Lock()
 	delete(r.procs, inst.ID)
 	stopping := p.stopping
