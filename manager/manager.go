@@ -26,6 +26,7 @@ import (
 	"github.com/jonboulle/clockwork"
 
 	"github.com/vgw-project/vgw/config"
+	"github.com/vgw-project/vgw/manager/runtime"
 )
 
 // State is where a model stands.
@@ -71,7 +72,7 @@ type LoadError struct {
 func (e *LoadError) Error() string {
 	msg := fmt.Sprintf("model %s failed to load: %v", e.Model, e.Err)
 	if e.LogTail != "" {
-		msg += "; last log lines: " + lastLines(e.LogTail, 5)
+		msg += "; last log lines: " + runtime.LastLines(e.LogTail, 5)
 	}
 	return msg
 }

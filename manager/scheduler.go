@@ -718,10 +718,10 @@ func (s *scheduler) loadFailed(now time.Time, md *model, op *loadOp, err error) 
 	md.backoff.lastLoad = &LoadError{Model: md.name, Err: err, LogTail: tail, Retry: backoff}
 	md.backoff.lastErr = md.backoff.lastLoad
 	s.note(slog.LevelError, "model failed to load", slog.String("model", md.name), slog.String("error", err.Error()),
-		slog.Int("failures", md.backoff.failures), slog.Duration("retry_in", backoff), slog.String("log_tail", lastLines(tail, 20)))
+		slog.Int("failures", md.backoff.failures), slog.Duration("retry_in", backoff), slog.String("log_tail", runtime.LastLines(tail, 20)))
 	detail := fmt.Sprintf("%v; tried again in %v", err, backoff)
 	if tail != "" {
-		detail += "; last log lines: " + lastLines(tail, 5)
+		detail += "; last log lines: " + runtime.LastLines(tail, 5)
 	}
 	s.event(now, md.name, EventLoadFailed, detail, 0)
 	s.answerAll(md, md.backoff.lastLoad)
@@ -756,10 +756,10 @@ func (s *scheduler) exited(now time.Time, e runtime.Exit) {
 			s.exitedWhileLoading(md, e)
 		case Ready:
 			s.note(slog.LevelError, "model crashed", slog.String("model", md.name), slog.Int("code", e.Code),
-				slog.String("reason", e.Reason), slog.String("log_tail", lastLines(e.LogTail, 20)))
+				slog.String("reason", e.Reason), slog.String("log_tail", runtime.LastLines(e.LogTail, 20)))
 			detail := fmt.Sprintf("%s, code %d", e.Reason, e.Code)
 			if e.LogTail != "" {
-				detail += "; last log lines: " + lastLines(e.LogTail, 5)
+				detail += "; last log lines: " + runtime.LastLines(e.LogTail, 5)
 			}
 			s.event(now, md.name, EventCrashed, detail, 0)
 			md.inst = nil
@@ -1128,13 +1128,4 @@ func (s *scheduler) event(now time.Time, model, kind, detail string, took time.D
 // note asks the executor to log a line.
 func (s *scheduler) note(level slog.Level, msg string, attrs ...slog.Attr) {
 	s.emit(logLine{level: level, msg: msg, attrs: attrs})
-}
-
-// lastLines returns the last n lines of s.
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

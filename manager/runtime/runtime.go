@@ -123,3 +123,13 @@ func (l *LogTail) String() string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// LastLines returns the last n lines of s: the end of a server's log, for
+// an error or an event.
+func LastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

@@ -243,7 +243,7 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instan
 	inst, err := r.instance(ictx, id)
 	if errors.Is(err, errNotRunning) {
 		// It died as it started: say why while its log is there.
-		return fail(fmt.Errorf("container %s exited as it started; last log lines: %s", name, lastLines(r.logTail(ictx, id), 5)))
+		return fail(fmt.Errorf("container %s exited as it started; last log lines: %s", name, runtime.LastLines(r.logTail(ictx, id), 5)))
 	}
 	if err != nil {
 		return fail(err)
@@ -744,13 +744,4 @@ func withoutAPIKey(args []string) (rest []string, key string) {
 		}
 	}
 	return rest, key
-}
-
-// lastLines returns the last n lines of s.
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
