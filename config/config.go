@@ -52,6 +52,12 @@ type Config struct {
 	ProbeInterval Duration `yaml:"probe_interval"`
 	ProbeTimeout  Duration `yaml:"probe_timeout"`
 	ProbeFailures int      `yaml:"probe_failures"`
+	// TrustModelHeader routes a request that carries x-vgw-model by that
+	// header alone, without reading its body: faster, but whoever can set
+	// the header chooses the route and skips vgw's body limit. Only for a
+	// front where no client can set it; off, a client's header changes
+	// nothing (and envoy/envoy.yaml strips it before ext_proc).
+	TrustModelHeader bool `yaml:"trust_model_header"`
 
 	Envoy   Envoy             `yaml:"envoy"`
 	Runtime Runtime           `yaml:"runtime"`
@@ -172,6 +178,14 @@ type Model struct {
 	GPUs                 []int             `yaml:"gpus"` // pinned GPU indexes
 	ExtraArgs            []string          `yaml:"extra_args"`
 	Env                  map[string]string `yaml:"env"`
+	// Aliases are further names clients may send for the model (besides
+	// its key and its repo), such as the OpenAI name an application was
+	// written for.
+	Aliases []string `yaml:"aliases"`
+	// Adapters are the LoRA adapters the model's server loads, by the
+	// name clients send for each, with where it comes from (a path in
+	// the server's file system, or a Hugging Face repo).
+	Adapters map[string]string `yaml:"adapters"`
 	// Sim is how the sim runtime's fake server for this model behaves.
 	Sim Sim `yaml:"sim"`
 }

@@ -31,7 +31,7 @@ var instancePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$`)
 var managedFlags = []string{
 	"--model", "--served-model-name", "--gpu-memory-utilization", "--tensor-parallel-size",
 	"--pipeline-parallel-size", "--max-model-len", "--max-num-seqs", "--port", "--host",
-	"--quantization", "--dtype",
+	"--quantization", "--dtype", "--lora-modules",
 }
 
 // flagAliases are vLLM's short names for managed flags.
@@ -103,6 +103,7 @@ func (c *Config) validate(loc *locator) error {
 	for _, name := range c.ModelNames() {
 		v.model(c, name, c.Models[name])
 	}
+	v.names(c)
 	if len(v.problems) > 0 {
 		sortProblems(v.problems)
 		return &ListError{File: c.Path, Problems: v.problems}
@@ -204,7 +205,7 @@ func (v *validator) runtime(c *Config) {
 
 func (v *validator) model(c *Config, name string, m *Model) {
 	path := func(keys ...string) []string { return append([]string{"models", name}, keys...) }
-	if !ModelNamePattern.MatchString(name) || strings.Contains(name, "..") {
+	if !validName(name) {
 		v.at(path(), "model name %s must be 1-128 of letters, digits and . _ : @ + / -, start with a letter or digit, and not contain ..", trimmed(name))
 	}
 	if m == nil {
@@ -259,7 +260,14 @@ func (v *validator) model(c *Config, name string, m *Model) {
 	for i, a := range m.ExtraArgs {
 		flag, _, _ := strings.Cut(a, "=")
 		if managed := managedFlag(flag); managed != "" {
-			v.at(path("extra_args", fmt.Sprint(i)), "extra_args may not set %s: vgw manages it from the model's settings", managed)
+			how := "from the model's settings"
+			switch managed {
+			case "--served-model-name":
+				how = "from the model's key, aliases and repo (use aliases)"
+			case "--lora-modules":
+				how = "from the model's adapters (use adapters)"
+			}
+			v.at(path("extra_args", fmt.Sprint(i)), "extra_args may not set %s: vgw manages it %s", managed, how)
 		}
 	}
 }

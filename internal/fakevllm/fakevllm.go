@@ -5,13 +5,16 @@
 package fakevllm
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,8 +24,18 @@ import (
 
 // Options shape a fake server.
 type Options struct {
-	// Model is the served model name (vLLM's --served-model-name).
+	// Model is the served model name (vLLM's first --served-model-name):
+	// the name its answers report.
 	Model string
+	// Aliases are the further names it answers to (vLLM's other
+	// --served-model-names).
+	Aliases []string
+	// Adapters are its LoRA adapters, by name, with their sources
+	// (vLLM's --lora-modules NAME=SOURCE).
+	Adapters map[string]string
+	// Root is what the server loads (vLLM's --model), reported as the
+	// root of its base model names.
+	Root string
 	// StartupDelay is how long /health answers 503, as vLLM does while it
 	// loads weights and profiles memory.
 	StartupDelay time.Duration
@@ -152,11 +165,35 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 }
 
+// models lists what the server answers to as vLLM does
+// (serving_models.py show_available_models): a card per served name,
+// rooted at what it loads, then one per LoRA adapter, rooted at its
+// source, whose parent is the first served name.
 func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]any{
-		"object": "list",
-		"data":   []any{map[string]any{"id": s.opt.Model, "object": "model", "created": s.start.Unix(), "owned_by": "vllm", "root": s.opt.Model}},
-	})
+	root := cmp.Or(s.opt.Root, s.opt.Model)
+	var data []any
+	for _, name := range append([]string{s.opt.Model}, s.opt.Aliases...) {
+		data = append(data, map[string]any{"id": name, "object": "model", "created": s.start.Unix(), "owned_by": "vllm", "root": root, "parent": nil})
+	}
+	for _, name := range slices.Sorted(maps.Keys(s.opt.Adapters)) {
+		data = append(data, map[string]any{"id": name, "object": "model", "created": s.start.Unix(), "owned_by": "vllm", "root": s.opt.Adapters[name], "parent": s.opt.Model})
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data})
+}
+
+// servedAs returns the name an answer to a request for model reports,
+// as vLLM's does (the first served name for the base model, the
+// adapter's own name for an adapter), and false when the server does
+// not serve model. vLLM takes a request that names no model as one for
+// the base model.
+func (s *Server) servedAs(model string) (string, bool) {
+	if model == "" || model == s.opt.Model || slices.Contains(s.opt.Aliases, model) {
+		return s.opt.Model, true
+	}
+	if _, ok := s.opt.Adapters[model]; ok {
+		return model, true
+	}
+	return "", false
 }
 
 func (s *Server) metrics(w http.ResponseWriter, _ *http.Request) {
@@ -191,7 +228,8 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid JSON: "+err.Error())
 		return
 	}
-	if req.Model != s.opt.Model {
+	served, ok := s.servedAs(req.Model)
+	if !ok {
 		vllmError(w, http.StatusNotFound, "NotFoundError", "The model `"+req.Model+"` does not exist.")
 		return
 	}
@@ -217,7 +255,7 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 	if req.MaxTokens != nil && *req.MaxTokens > 0 {
 		tokens = *req.MaxTokens
 	}
-	g := &generation{s: s, chat: chat, id: "cmpl-" + strconv.FormatInt(time.Now().UnixNano(), 36), tokens: tokens, crashAt: -1}
+	g := &generation{s: s, model: served, chat: chat, id: "cmpl-" + strconv.FormatInt(time.Now().UnixNano(), 36), tokens: tokens, crashAt: -1}
 	if s.opt.CrashMidStream > 0 && n == int64(s.opt.CrashMidStream) {
 		g.crashAt = tokens / 2
 	}
@@ -245,6 +283,7 @@ func (s *Server) crash(n int64) {
 // generation is one request's output: the word "token", tokens times.
 type generation struct {
 	s       *Server
+	model   string // the name the answer reports
 	chat    bool
 	id      string
 	tokens  int
@@ -285,7 +324,7 @@ func (g *generation) final() map[string]any {
 	} else {
 		choice["text"] = text
 	}
-	return map[string]any{"id": g.id, "object": g.object(), "created": time.Now().Unix(), "model": g.s.opt.Model,
+	return map[string]any{"id": g.id, "object": g.object(), "created": time.Now().Unix(), "model": g.model,
 		"choices": []any{choice}, "usage": g.usage()}
 }
 
@@ -301,7 +340,7 @@ func (g *generation) stream(w http.ResponseWriter, r *http.Request, includeUsage
 		object = "text_completion"
 	}
 	event := func(choice map[string]any, usage map[string]int) bool {
-		chunk := map[string]any{"id": g.id, "object": object, "created": time.Now().Unix(), "model": g.s.opt.Model, "choices": []any{}}
+		chunk := map[string]any{"id": g.id, "object": object, "created": time.Now().Unix(), "model": g.model, "choices": []any{}}
 		if choice != nil {
 			chunk["choices"] = []any{choice}
 		}

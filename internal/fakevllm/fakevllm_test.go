@@ -310,3 +310,71 @@ func TestVLLMCommandLine(t *testing.T) {
 		t.Error("a bad value of a known flag was ignored")
 	}
 }
+
+// TestTakeLists: vLLM's list flags take every value up to the next flag,
+// before or after "--", and in --name=value form.
+func TestTakeLists(t *testing.T) {
+	args := []string{"--model", "k", "--", "--model", "org/m", "--served-model-name", "k", "gpt", "org/m",
+		"--enable-lora", "--lora-modules", "sql=/l/sql", "b=org/b", "--max-loras", "2"}
+	rest, lists := takeLists(args, "--served-model-name", "--lora-modules")
+	if want := []string{"--model", "k", "--", "--model", "org/m", "--enable-lora", "--max-loras", "2"}; !slices.Equal(rest, want) {
+		t.Errorf("rest %q, want %q", rest, want)
+	}
+	if got := lists["--served-model-name"]; !slices.Equal(got, []string{"k", "gpt", "org/m"}) {
+		t.Errorf("served names %q", got)
+	}
+	if got := lists["--lora-modules"]; !slices.Equal(got, []string{"sql=/l/sql", "b=org/b"}) {
+		t.Errorf("lora modules %q", got)
+	}
+	_, lists = takeLists([]string{"--served-model-name=a", "b"}, "--served-model-name")
+	if got := lists["--served-model-name"]; !slices.Equal(got, []string{"a", "b"}) {
+		t.Errorf("--name=value form: %q", got)
+	}
+}
+
+// TestServedNames: the fake answers to each served name and adapter as
+// vLLM does: the base model's answers report its first name, an
+// adapter's its own, and /v1/models lists them all, adapters with their
+// parent.
+func TestServedNames(t *testing.T) {
+	_, url := serve(t, Options{Model: "k", Aliases: []string{"gpt", "org/m"}, Root: "org/m", Adapters: map[string]string{"sql": "/l/sql"}})
+	waitReady(t, url)
+	for _, tt := range []struct{ ask, reports string }{{"k", "k"}, {"gpt", "k"}, {"org/m", "k"}, {"", "k"}, {"sql", "sql"}} {
+		var got struct {
+			Model string `json:"model"`
+		}
+		r := post(t, url+"/v1/completions", `{"model":"`+tt.ask+`","max_tokens":1}`)
+		if err := json.NewDecoder(r.Body).Decode(&got); err != nil || r.StatusCode != 200 || got.Model != tt.reports {
+			t.Errorf("asked for %q: %d %v, reports %q, want %q", tt.ask, r.StatusCode, err, got.Model, tt.reports)
+		}
+	}
+	if r := post(t, url+"/v1/completions", `{"model":"other"}`); r.StatusCode != 404 {
+		t.Errorf("a name it does not serve: %d", r.StatusCode)
+	}
+	resp, err := http.Get(url + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var list struct {
+		Data []struct {
+			ID     string  `json:"id"`
+			Root   string  `json:"root"`
+			Parent *string `json:"parent"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range list.Data {
+		parent := "-"
+		if m.Parent != nil {
+			parent = *m.Parent
+		}
+		got = append(got, m.ID+"<"+m.Root+"<"+parent)
+	}
+	if want := []string{"k<org/m<-", "gpt<org/m<-", "org/m<org/m<-", "sql</l/sql<k"}; !slices.Equal(got, want) {
+		t.Errorf("models %q, want %q", got, want)
+	}
+}

@@ -33,7 +33,6 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	var opt Options
 	repo := fs.String("model", "", "the model (vLLM's repo); also the served name unless --served-model-name is given (required)")
-	served := fs.String("served-model-name", "", "the name clients send")
 	host := fs.String("host", "127.0.0.1", "listen host")
 	port := fs.Int("port", 8000, "listen port; 0 picks a free one")
 	listenFD := fs.Int("listen-fd", 0, "serve on this inherited listening socket instead of host:port")
@@ -49,17 +48,35 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	for _, name := range []string{"gpu-memory-utilization", "tensor-parallel-size", "max-model-len", "quantization", "dtype", "api-key"} {
 		fs.String(name, "", "vLLM's; ignored")
 	}
+	fs.Bool("enable-lora", false, "vLLM's; implied by --lora-modules")
 	if err := fromEnv(fs); err != nil {
 		fmt.Fprintln(stderr, "fakevllm:", err)
 		return 2
 	}
-	ignored, err := parseLenient(fs, args)
+	// vLLM's list flags take every value up to the next flag; Go's flag
+	// package would stop at the second. They are taken out first, from
+	// the vLLM arguments the sim runtime passes after "--" too.
+	rest, lists := takeLists(args, "--served-model-name", "--lora-modules")
+	ignored, err := parseLenient(fs, rest)
 	if err != nil {
 		return 2
 	}
-	opt.Model = *served
-	if opt.Model == "" {
+	opt.Root = *repo
+	if served := lists["--served-model-name"]; len(served) > 0 {
+		opt.Model, opt.Aliases = served[0], served[1:]
+	} else {
 		opt.Model = *repo
+	}
+	for _, m := range lists["--lora-modules"] {
+		name, source, ok := strings.Cut(m, "=")
+		if !ok || name == "" {
+			fmt.Fprintf(stderr, "fakevllm: --lora-modules %q is not NAME=SOURCE\n", m)
+			return 2
+		}
+		if opt.Adapters == nil {
+			opt.Adapters = map[string]string{}
+		}
+		opt.Adapters[name] = source
 	}
 	if opt.Model == "" {
 		fmt.Fprintln(stderr, "fakevllm: --model is required")
@@ -97,8 +114,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	// credentials (--api-key) included, so that vgw's masking of what a
 	// server logs can be tested. (The sim runtime passes vLLM's arguments
 	// after "--".)
-	if vllmArgs := fs.Args(); len(vllmArgs) > 0 {
-		opt.Log.Info("non-default args", "args", strings.Join(vllmArgs, " "))
+	if i := slices.Index(args, "--"); i >= 0 {
+		opt.Log.Info("non-default args", "args", strings.Join(args[i+1:], " "))
 	} else {
 		opt.Log.Info("non-default args", "args", strings.Join(args, " "))
 	}
@@ -126,6 +143,31 @@ func fromEnv(fs *flag.FlagSet) error {
 		}
 	})
 	return err
+}
+
+// takeLists takes vLLM's list flags (each of names, with every value
+// that follows it up to the next flag, or written --name=value) out of
+// args, and returns the rest and the values of each. A flag given twice
+// keeps the values of the last, as in vLLM's argparse.
+func takeLists(args []string, names ...string) (rest []string, lists map[string][]string) {
+	lists = map[string][]string{}
+	for i := 0; i < len(args); i++ {
+		name, value, hasValue := strings.Cut(args[i], "=")
+		if !slices.Contains(names, name) {
+			rest = append(rest, args[i])
+			continue
+		}
+		var values []string
+		if hasValue {
+			values = append(values, value)
+		}
+		for i+1 < len(args) && !strings.HasPrefix(args[i+1], "-") {
+			i++
+			values = append(values, args[i])
+		}
+		lists[name] = values
+	}
+	return rest, lists
 }
 
 // parseLenient parses args, dropping (and returning) flags fs does not

@@ -5,6 +5,8 @@
 package vllm
 
 import (
+	"maps"
+	"slices"
 	"strconv"
 
 	"github.com/vgw-project/vgw/config"
@@ -14,13 +16,17 @@ import (
 // manages, then the model's extra_args (which config validation keeps
 // from overriding them). utilization is the --gpu-memory-utilization the
 // manager computed for the GPUs it placed the model on.
+//
+// The server answers to every name vgw routes to it: --served-model-name
+// lists the model's key (first: the name vLLM reports back), aliases
+// and repo (config.Model.ServedNames), and each adapter is a
+// --lora-modules entry NAME=SOURCE, with --enable-lora.
 func Args(name string, m *config.Model, utilization float64) []string {
-	args := []string{
-		"--model", m.Repo,
-		"--served-model-name", name,
+	args := append([]string{"--model", m.Repo, "--served-model-name"}, m.ServedNames(name)...)
+	args = append(args,
 		"--gpu-memory-utilization", strconv.FormatFloat(utilization, 'f', -1, 64),
 		"--tensor-parallel-size", strconv.Itoa(max(m.TensorParallelSize, 1)),
-	}
+	)
 	if m.MaxModelLen > 0 {
 		args = append(args, "--max-model-len", strconv.Itoa(m.MaxModelLen))
 	}
@@ -32,6 +38,12 @@ func Args(name string, m *config.Model, utilization float64) []string {
 	}
 	if m.DType != "" {
 		args = append(args, "--dtype", m.DType)
+	}
+	if len(m.Adapters) > 0 {
+		args = append(args, "--enable-lora", "--lora-modules")
+		for _, a := range slices.Sorted(maps.Keys(m.Adapters)) {
+			args = append(args, a+"="+m.Adapters[a])
+		}
 	}
 	return append(args, m.ExtraArgs...)
 }

@@ -1,0 +1,96 @@
+package config
+
+import (
+	"maps"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+)
+
+const namesBase = "runtime: {kind: sim}\ngpus: [{name: g, memory: 80GiB}]\n"
+
+// TestNames: every name a client may send routes to its model, and a
+// repo two models share routes to neither.
+func TestNames(t *testing.T) {
+	c, err := Parse("c.yaml", []byte(namesBase+`models:
+  llama-8b:
+    repo: meta-llama/Llama-3.1-8B-Instruct
+    aliases: [gpt-4o-mini, llama]
+    adapters: {sql-lora: /loras/sql, tweet: org/tweet-lora}
+  llama-8b-long:
+    repo: org/shared
+  llama-8b-short:
+    repo: org/shared
+  plain: {repo: plain}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]Name{
+		"llama-8b":                         {"llama-8b", NameKey},
+		"meta-llama/Llama-3.1-8B-Instruct": {"llama-8b", NameRepo},
+		"gpt-4o-mini":                      {"llama-8b", NameAlias},
+		"llama":                            {"llama-8b", NameAlias},
+		"sql-lora":                         {"llama-8b", NameAdapter},
+		"tweet":                            {"llama-8b", NameAdapter},
+		"llama-8b-long":                    {"llama-8b-long", NameKey},
+		"llama-8b-short":                   {"llama-8b-short", NameKey},
+		"plain":                            {"plain", NameKey},
+	}
+	if got := c.Names(); !maps.Equal(got, want) {
+		t.Errorf("names\n%v\nwant\n%v", got, want)
+	}
+	if got := c.SharedRepos(); !reflect.DeepEqual(got, map[string][]string{"org/shared": {"llama-8b-long", "llama-8b-short"}}) {
+		t.Errorf("shared repos %v", got)
+	}
+	if got := c.Models["llama-8b"].ServedNames("llama-8b"); !slices.Equal(got, []string{"llama-8b", "gpt-4o-mini", "llama", "meta-llama/Llama-3.1-8B-Instruct"}) {
+		t.Errorf("served names %v", got)
+	}
+	if got := c.Models["plain"].ServedNames("plain"); !slices.Equal(got, []string{"plain"}) {
+		t.Errorf("served names of a model whose key is its repo: %v", got)
+	}
+}
+
+// TestNameErrors: a name two models claim is refused at its line.
+func TestNameErrors(t *testing.T) {
+	tests := []struct {
+		name, models, want string
+	}{
+		{"alias is another model's key", "  a: {aliases: [b]}\n  b: {}\n", `c.yaml:4: alias "b" of model "a" is already the key of model "b"`},
+		{"alias is another model's repo", "  a:\n    aliases: [x, org/b]\n  b: {repo: org/b}\n", `c.yaml:5: alias "org/b" of model "a" is already the repo of model "b"`},
+		{"alias of two models", "  a: {aliases: [gpt]}\n  b:\n    aliases: [gpt]\n", `c.yaml:6: alias "gpt" of model "b" is already the alias of model "a"`},
+		{"adapter is another model's alias", "  a: {aliases: [sql]}\n  b:\n    adapters:\n      sql: /l/sql\n", `c.yaml:7: adapter "sql" of model "b" is already the alias of model "a"`},
+		{"repo is another model's key", "  a: {}\n  b: {repo: a}\n", `c.yaml:5: repo "a" of model "b" is already the key of model "a"`},
+		{"adapter named as its model", "  a:\n    aliases: [x]\n    adapters: {x: /l/x}\n", `c.yaml:6: adapter "x" of model "a" has the name of the model itself`},
+		{"adapter named as its repo", "  a:\n    repo: org/a\n    adapters:\n      org/a: /l/x\n", `c.yaml:7: adapter "org/a" of model "a" has the name of the model itself`},
+		{"adapter without source", "  a:\n    adapters: {x: \"\"}\n", `c.yaml:5: adapter "x" needs a source`},
+		{"adapter source with =", "  a:\n    adapters: {x: a=b}\n", `c.yaml:5: adapter "x" needs a source`},
+		{"bad alias", "  a:\n    aliases: [\"has space\"]\n", `c.yaml:5: alias "has space" must be`},
+		{"served names in extra_args", "  a:\n    extra_args: [--served-model-name, x]\n", `c.yaml:5: extra_args may not set --served-model-name: vgw manages it from the model's key, aliases and repo (use aliases)`},
+		{"lora modules in extra_args", "  a:\n    extra_args: [--lora-modules, x=y]\n", `c.yaml:5: extra_args may not set --lora-modules: vgw manages it from the model's adapters (use adapters)`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse("c.yaml", []byte(namesBase+"models:\n"+tt.models))
+			if err == nil {
+				t.Fatal("Parse accepted the config")
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error:\n%v\nwant it to contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// TestNamesRepeatedWithinModel: a model may list a name it already has
+// (its repo as an alias); that is no clash.
+func TestNamesRepeatedWithinModel(t *testing.T) {
+	c, err := Parse("c.yaml", []byte(namesBase+"models:\n  a: {repo: org/a, aliases: [org/a, a, b, b]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Models["a"].ServedNames("a"); !slices.Equal(got, []string{"a", "org/a", "b"}) {
+		t.Errorf("served names %v", got)
+	}
+}
