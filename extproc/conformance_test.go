@@ -134,7 +134,6 @@ func TestRejections(t *testing.T) {
 		{name: "model not a string", req: req("5", []byte(`{"model":7}`)), status: 400, typ: "invalid_request_error", code: "missing_model", immediate: true},
 		{name: "no body", req: extproctest.Request{Method: "POST"}, status: 400, typ: "invalid_request_error", code: "missing_model", immediate: true},
 		{name: "body over vgw's limit", req: req("6", big), status: 413, typ: "invalid_request_error", code: "request_too_large", immediate: true},
-		{name: "unknown model in header", req: extproctest.Request{Headers: []extproctest.Header{{Key: "x-vgw-model", Value: "nope"}}, Body: chat("llama")}, status: 404, typ: "invalid_request_error", code: "model_not_found", param: "model", immediate: true},
 		// Over Envoy's own buffer limit, Envoy answers before vgw sees the
 		// body; vgw's 413 on content-length comes first for honest clients.
 		{name: "body over Envoy's buffer", req: extproctest.Request{Body: huge, Chunked: true}, status: 413, envoyReply: true},
@@ -190,8 +189,9 @@ func TestTrailers(t *testing.T) {
 			status: 200, sent: []string{"request_headers", "request_body", "request_trailers", "response_headers"}},
 		{name: "no body, SEND", mode: filterv3.ProcessingMode_SEND, req: extproctest.Request{Trailers: trailers},
 			status: 400, sent: []string{"request_headers", "request_trailers"}},
+		// The model list is answered at its headers, trailers or not.
 		{name: "model list, SEND", mode: filterv3.ProcessingMode_SEND, req: extproctest.Request{Method: "GET", Path: "/v1/models", Trailers: trailers},
-			status: 200, sent: []string{"request_headers", "request_trailers"}},
+			status: 200, sent: []string{"request_headers"}},
 		{name: "no body, SKIP", mode: filterv3.ProcessingMode_SKIP, req: extproctest.Request{Trailers: trailers},
 			status: 503, sent: []string{"request_headers", "response_headers"}},
 		// vgw never sees this request whole, so it drops the client's own
@@ -424,10 +424,11 @@ func TestRemovedAndAddedBack(t *testing.T) {
 	h.idle(t, "llama")
 }
 
-// TestHeaderFastPath: a request naming its model in x-vgw-model is decided
-// on its headers, and Envoy is told not to send the body at all.
+// TestHeaderFastPath: where the operator trusts x-vgw-model, a request
+// naming its model in it is decided on its headers, and Envoy is told not
+// to send the body at all.
 func TestHeaderFastPath(t *testing.T) {
-	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}})
+	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.Options{TrustModelHeader: true})
 	r := req("f", chat("llama"))
 	r.Headers = append(r.Headers, extproctest.Header{Key: "x-vgw-model", Value: "llama"})
 	res := do(t, h, context.Background(), r)

@@ -368,7 +368,7 @@ func TestEnvoyClosesStream(t *testing.T) {
 		{name: "rejected at the body", respBody: filterv3.ProcessingMode_NONE, respTrailers: filterv3.ProcessingMode_SEND, upstream: complete, model: "nope", closed: "request_body"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}})
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}}, extproc.Options{TrustModelHeader: true})
 			f := repoFilter(t)
 			f.Clock = h.clock
 			f.Mode.ResponseBodyMode, f.Mode.ResponseTrailerMode = tc.respBody, tc.respTrailers

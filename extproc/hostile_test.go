@@ -30,7 +30,7 @@ func TestHostileInput(t *testing.T) {
 	var logs syncBuffer
 	log := slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}, {Name: "qwen", Limits: limits(4, 4, time.Second)}},
-		extproc.Options{MaxBody: 1 << 20, Log: log})
+		extproc.Options{MaxBody: 1 << 20, Log: log, TrustModelHeader: true}) // the header rows try the fast path
 	header := func(v string) extproctest.Request {
 		return extproctest.Request{Headers: []extproctest.Header{{Key: "x-vgw-model", Value: v}}, Body: chat("llama")}
 	}

@@ -52,7 +52,7 @@ func TestIdleStreams(t *testing.T) {
 			// vgw's clock moves only when the test says: silence lasts
 			// exactly as long as the test makes it.
 			clock := clockwork.NewFakeClock()
-			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.Options{StreamIdleTimeout: bound, Clock: clock})
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second)}}, extproc.Options{StreamIdleTimeout: bound, Clock: clock, TrustModelHeader: true})
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			stream, err := extprocv3.NewExternalProcessorClient(h.conn).Process(ctx)

@@ -70,7 +70,7 @@ func TestResetAtEveryPhase(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, 30*time.Second)}})
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, 30*time.Second)}}, extproc.Options{TrustModelHeader: true})
 			cleanup := func() {}
 			if tt.setup != nil {
 				cleanup = tt.setup(t, h)

@@ -8,10 +8,10 @@ package extproc
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -88,7 +88,14 @@ type Result struct {
 // Model is a model clients may name, the Envoy cluster that serves it,
 // and its admission limits.
 type Model struct {
+	// Name is the model's own name: the one vgw reports it under, and
+	// the manager knows it by.
 	Name string
+	// Aliases are the other names that route to the model (its repo and
+	// its configured aliases), and Adapters the LoRA adapters its server
+	// loads; a request naming any of them is the model's, in its queue.
+	Aliases  []string
+	Adapters []string
 	// Cluster is the Envoy cluster name, set as the x-vgw-cluster header
 	// that the Envoy route's cluster_header reads.
 	Cluster string
@@ -121,6 +128,10 @@ type Server struct {
 
 	waited func(model string, d time.Duration) // see Options.OnWait
 	redact func(string) string                 // see Options.Redact
+	state  func(model string) string           // see Options.State
+
+	trustModelHeader bool      // see Options.TrustModelHeader
+	started          time.Time // reported as the models' created time
 
 	streamIdle time.Duration // see Options.StreamIdleTimeout
 	idleClosed atomic.Uint64 // streams ended for their silence
@@ -136,8 +147,17 @@ type retiredEntry struct {
 // modelTable is an immutable snapshot of the configured models, swapped
 // whole on reload so the request path reads it without a lock.
 type modelTable struct {
-	byName map[string]*modelEntry
-	list   []byte // the pre-rendered GET /v1/models answer
+	byName map[string]*modelEntry // every name a request may use
+	models map[string]*modelEntry // by the model's own name
+	listed []listedName           // every name, sorted, for the model list
+}
+
+// listedName is one entry of the model list: a name clients may use,
+// the model it routes to, and for an adapter that model's name.
+type listedName struct {
+	id     string
+	model  *modelEntry
+	parent string // "" but for an adapter
 }
 
 type modelEntry struct {
@@ -273,6 +293,15 @@ type Options struct {
 	Redact func(string) string
 	// Clock times the stream idle bound; tests move a fake one.
 	Clock clockwork.Clock
+	// TrustModelHeader routes a request that carries x-vgw-model by that
+	// header alone, without reading its body (which then streams
+	// upstream, with no body limit of vgw's). Only for a deployment
+	// where nothing a client sends can set the header: when false (the
+	// default), a client's x-vgw-model changes nothing.
+	TrustModelHeader bool
+	// State, when set, tells a model's state (by its own name) for the
+	// model list's vgw_state: "ready", "loading", "stopped" and so on.
+	State func(model string) string
 }
 
 // Defaults, matching Envoy's own where the value mirrors an Envoy setting.
@@ -295,6 +324,9 @@ func New(models []Model, leases Leases, o Options) *Server {
 		streamIdle:        o.StreamIdleTimeout,
 		waited:            o.OnWait,
 		redact:            o.Redact,
+		state:             o.State,
+		trustModelHeader:  o.TrustModelHeader,
+		started:           time.Now(),
 		clock:             o.Clock,
 	}
 	if s.clock == nil {
@@ -302,6 +334,9 @@ func New(models []Model, leases Leases, o Options) *Server {
 	}
 	if s.redact == nil {
 		s.redact = func(s string) string { return s }
+	}
+	if s.state == nil {
+		s.state = func(string) string { return "" }
 	}
 	if s.decisions == nil {
 		s.decisions = NewDecisionLog(4096)
@@ -335,10 +370,9 @@ func (s *Server) SetModels(models []Model) {
 	}
 	var old map[string]*modelEntry
 	if t := s.models.Load(); t != nil {
-		old = t.byName
+		old = t.models
 	}
-	t := &modelTable{byName: make(map[string]*modelEntry, len(models))}
-	names := make([]string, 0, len(models))
+	t := &modelTable{byName: make(map[string]*modelEntry, len(models)), models: make(map[string]*modelEntry, len(models))}
 	for _, m := range models {
 		e, ok := old[m.Name]
 		if !ok {
@@ -353,20 +387,43 @@ func (s *Server) SetModels(models []Model) {
 		} else {
 			e = newModelEntry(m)
 		}
-		t.byName[m.Name] = e
-		names = append(names, m.Name)
+		t.models[m.Name] = e
 	}
+	// Each model's own name first: config validation keeps names unique
+	// across models, and should two collide anyway, a model's own name
+	// wins over another's alias, and the first model (in the order
+	// given) over later ones.
+	for _, m := range models {
+		t.name(m.Name, t.models[m.Name], "")
+	}
+	for _, m := range models {
+		e := t.models[m.Name]
+		for _, a := range m.Aliases {
+			t.name(a, e, "")
+		}
+		for _, a := range m.Adapters {
+			t.name(a, e, m.Name)
+		}
+	}
+	slices.SortFunc(t.listed, func(a, b listedName) int { return strings.Compare(a.id, b.id) })
 	for name, e := range old {
-		if _, stays := t.byName[name]; !stays {
+		if _, stays := t.models[name]; !stays {
 			if s.retired == nil {
 				s.retired = map[string]retiredEntry{}
 			}
 			s.retired[name] = retiredEntry{e, now}
 		}
 	}
-	slices.Sort(names)
-	t.list = renderModelList(names)
 	s.models.Store(t)
+}
+
+// name adds a name that routes to e, unless it is taken.
+func (t *modelTable) name(id string, e *modelEntry, parent string) {
+	if _, taken := t.byName[id]; taken {
+		return
+	}
+	t.byName[id] = e
+	t.listed = append(t.listed, listedName{id: id, model: e, parent: parent})
 }
 
 // SetDraining starts or stops draining. While draining, vgw admits no new
@@ -383,17 +440,17 @@ func (s *Server) Draining() bool { return s.draining.Load() }
 // those of requests that named no configured model.
 func (s *Server) Counts() map[string]Counts {
 	t := s.models.Load()
-	out := make(map[string]Counts, len(t.byName)+1)
-	for name, e := range t.byName {
+	out := make(map[string]Counts, len(t.models)+1)
+	for name, e := range t.models {
 		out[name] = e.counts.snapshot()
 	}
 	out[""] = s.unknown.snapshot()
 	return out
 }
 
-// Stats returns the admission state of one model.
+// Stats returns the admission state of one model, by its own name.
 func (s *Server) Stats(model string) (GateStats, bool) {
-	e, ok := s.models.Load().byName[model]
+	e, ok := s.models.Load().models[model]
 	if !ok {
 		return GateStats{}, false
 	}
@@ -403,35 +460,16 @@ func (s *Server) Stats(model string) (GateStats, bool) {
 // AllStats returns the admission state of every configured model.
 func (s *Server) AllStats() map[string]GateStats {
 	t := s.models.Load()
-	out := make(map[string]GateStats, len(t.byName))
-	for name, e := range t.byName {
+	out := make(map[string]GateStats, len(t.models))
+	for name, e := range t.models {
 		out[name] = e.gate.stats()
 	}
 	return out
 }
 
+// lookup finds the model a request names, by any of its names.
 func (s *Server) lookup(name []byte) *modelEntry {
 	return s.models.Load().byName[string(name)] // no allocation: the compiler special-cases this conversion
-}
-
-// renderModelList renders the answer to GET /v1/models, the OpenAI model
-// list clients call to discover what a server offers.
-func renderModelList(names []string) []byte {
-	type model struct {
-		ID      string `json:"id"`
-		Object  string `json:"object"`
-		Created int64  `json:"created"`
-		OwnedBy string `json:"owned_by"`
-	}
-	list := struct {
-		Object string  `json:"object"`
-		Data   []model `json:"data"`
-	}{Object: "list", Data: make([]model, 0, len(names))}
-	for _, n := range names {
-		list.Data = append(list.Data, model{ID: n, Object: "model", OwnedBy: "vgw"})
-	}
-	b, _ := json.Marshal(list) // strings and ints only: cannot fail
-	return b
 }
 
 // waitBudget is how long a request may wait in all (for a slot, then for

@@ -111,7 +111,6 @@ type stream struct {
 	idle      *idleWatch
 	responded bool // response headers came: no bound from here on
 	streamed  bool // admitted at its headers: its body streams upstream after
-	modelList bool // the request headers asked for the model list
 }
 
 // recv reads Envoy's next message. While a request waits (for a slot, for
@@ -242,18 +241,21 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 			hasCluster = true
 		}
 	}
+	t, id := targetOf(path)
+	if done, err := st.local(method, t, id); done {
+		return true, err
+	}
 	if len(contentLength) > 0 {
 		n, err := strconv.ParseInt(string(contentLength), 10, 64)
 		if err == nil && n > int64(st.s.maxBody) {
 			return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, time.Time{})
 		}
 	}
-	if hasModel {
-		// The header fast path: decide now and tell Envoy not to send the
-		// body at all.
+	if hasModel && st.s.trustModelHeader {
+		// The header fast path, where the operator trusts whoever sets
+		// x-vgw-model: decide now and tell Envoy not to send the body.
 		return st.decide(model, true)
 	}
-	st.modelList = string(method) == "GET" && isModelList(path)
 	if h.GetEndOfStream() {
 		return true, st.noBody()
 	}
@@ -275,27 +277,10 @@ var dropClientCluster = &extprocv3.ProcessingResponse{Response: &extprocv3.Proce
 	Response: &extprocv3.CommonResponse{HeaderMutation: &extprocv3.HeaderMutation{RemoveHeaders: []string{HeaderCluster}}, ClearRouteCache: true},
 }}}
 
-// noBody answers a request that has no body: the model list, or 400.
+// noBody answers a request that has no body: 400, as there is no model
+// to route it by.
 func (st *stream) noBody() error {
-	if st.modelList {
-		return st.send(modelList(st.s.models.Load().list))
-	}
-	return st.reject(emptyModel, badRequest(`The request has no body, so no "model" to route by.`, "missing_model"), 0, time.Time{})
-}
-
-// isModelList reports whether path is /v1/models, with or without a query.
-func isModelList(path []byte) bool {
-	for i, c := range path {
-		if c == '?' {
-			path = path[:i]
-			break
-		}
-	}
-	return string(path) == "/v1/models" || string(path) == "/v1/models/"
-}
-
-func modelList(body []byte) *extprocv3.ProcessingResponse {
-	return immediateResponse(200, body, 0, 0, "vgw_model_list")
+	return st.reject(emptyModel, badRequest(`The request has no body, so no "model" to route by: send the request as JSON (or multipart form data) with a "model" field.`, "missing_model"), 0, time.Time{})
 }
 
 // emptyModel stands for the model of a request that named none.

@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -125,6 +127,8 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		StreamIdleTimeout: streamIdleBound(cfg.Envoy.StreamIdleTimeout.Std()),
 		OnWait:            a.metrics.QueueWait,
 		Redact:            a.redactor.Redact,
+		TrustModelHeader:  cfg.TrustModelHeader,
+		State:             modelState(mgr),
 	})
 	svc := admin.NewService(admin.Options{
 		Manager: mgr, Admission: a.ep, Envoys: a.xds, Level: o.level,
@@ -318,12 +322,26 @@ func streamIdleBound(envoyIdle time.Duration) time.Duration {
 	return envoyIdle + time.Minute
 }
 
-// extprocModels lists the configured models with their resolved limits.
+// extprocModels lists the configured models with their resolved limits,
+// and every other name that routes to each (config.Names).
 func extprocModels(cfg *config.Config) []extproc.Model {
+	byModel := map[string]*extproc.Model{}
 	var ms []extproc.Model
 	for _, name := range cfg.ModelNames() {
-		l := cfg.LimitsOf(name)
-		ms = append(ms, extproc.Model{Name: name, Cluster: xds.ClusterName(name), Limits: extproc.Limits(l)})
+		ms = append(ms, extproc.Model{Name: name, Cluster: xds.ClusterName(name), Limits: extproc.Limits(cfg.LimitsOf(name))})
+	}
+	for i := range ms {
+		byModel[ms[i].Name] = &ms[i]
+	}
+	names := cfg.Names()
+	for _, n := range slices.Sorted(maps.Keys(names)) {
+		m := byModel[names[n].Model]
+		switch names[n].Kind {
+		case config.NameRepo, config.NameAlias:
+			m.Aliases = append(m.Aliases, n)
+		case config.NameAdapter:
+			m.Adapters = append(m.Adapters, n)
+		}
 	}
 	return ms
 }

@@ -76,3 +76,14 @@ func (ls leases) Lease(ctx context.Context, node, model string) (extproc.Lease, 
 	}
 	return lease{l}, nil
 }
+
+// modelState reads a model's state for the model list (vgw_state) from
+// the manager's latest View.
+func modelState(mgr *manager.Manager) func(model string) string {
+	return func(model string) string {
+		if mv := mgr.View().Model(model); mv != nil {
+			return mv.State.String()
+		}
+		return manager.Stopped.String()
+	}
+}
