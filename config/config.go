@@ -38,6 +38,10 @@ type Config struct {
 	MaxModels         int      `yaml:"max_models"`   // resident at once; 0 = no limit
 	MinResident       Duration `yaml:"min_resident"` // no eviction before this, but as a last resort
 	MaxBodyBytes      Bytes    `yaml:"max_body_bytes"`
+	// MaxAudioBodyBytes is the body limit of the audio endpoints
+	// (/v1/audio/transcriptions and translations), whose uploads are
+	// larger than JSON: OpenAI's 25 MiB by default.
+	MaxAudioBodyBytes Bytes    `yaml:"max_audio_body_bytes"`
 	ShutdownTimeout   Duration `yaml:"shutdown_timeout"`
 	// DrainTimeout bounds how long unloading a model waits for its
 	// requests in flight to finish.
@@ -218,6 +222,7 @@ var Defaults = Config{
 	InactivityTimeout: Duration(30 * time.Minute),
 	MinResident:       Duration(90 * time.Second),
 	MaxBodyBytes:      8 << 20,
+	MaxAudioBodyBytes: 25 << 20,
 	ShutdownTimeout:   Duration(30 * time.Second),
 	DrainTimeout:      Duration(30 * time.Second),
 	ProbeInterval:     Duration(10 * time.Second),

@@ -84,6 +84,9 @@ func (c *Config) validate(loc *locator) error {
 	if c.MaxBodyBytes < 1024 || c.MaxBodyBytes > 1<<30 {
 		v.at([]string{"max_body_bytes"}, "max_body_bytes must be between 1KiB and 1GiB, got %v", c.MaxBodyBytes)
 	}
+	if c.MaxAudioBodyBytes < 1024 || c.MaxAudioBodyBytes > 1<<30 {
+		v.at([]string{"max_audio_body_bytes"}, "max_audio_body_bytes must be between 1KiB and 1GiB, got %v", c.MaxAudioBodyBytes)
+	}
 	v.duration([]string{"queue_timeout"}, c.QueueTimeout)
 	v.duration([]string{"load_timeout"}, c.LoadTimeout)
 	if c.InactivityTimeout < 0 {

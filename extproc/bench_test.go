@@ -177,12 +177,50 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 }
 
 func TestAdmitReleaseAllocs(t *testing.T) {
-	s := benchServer(slog.LevelInfo)
-	for _, first := range []bool{true, false} {
-		body := chatBody(1<<10, first)
-		if n := testing.AllocsPerRun(200, func() { admitRelease(context.Background(), s, body) }); n != 0 {
-			t.Errorf("model first=%v: %v allocs per request at info level, want 0", first, n)
+	for _, s := range []*Server{benchServer(slog.LevelInfo), namedServer()} {
+		for _, first := range []bool{true, false} {
+			body := chatBody(1<<10, first)
+			if n := testing.AllocsPerRun(200, func() { admitRelease(context.Background(), s, body) }); n != 0 {
+				t.Errorf("model first=%v: %v allocs per request at info level, want 0", first, n)
+			}
 		}
+	}
+}
+
+// namedServer serves 200 models with 5 aliases and 5 adapters each; the
+// bodies of chatBody name one model's alias.
+func namedServer() *Server {
+	var models []Model
+	for i := range 200 {
+		m := Model{Name: fmt.Sprintf("model-%d", i), Cluster: fmt.Sprintf("model/%d", i), Limits: Limits{MaxConcurrent: 1 << 20, MaxQueue: 1 << 20, QueueTimeout: time.Minute}}
+		for j := range 5 {
+			m.Aliases = append(m.Aliases, fmt.Sprintf("org-%d/model-%d-v%d", i, i, j))
+			m.Adapters = append(m.Adapters, fmt.Sprintf("model-%d-lora-%d", i, j))
+		}
+		if i == 137 {
+			m.Aliases[3] = "llama-3.1-8b"
+		}
+		models = append(models, m)
+	}
+	return New(models, readyLeases{}, Options{Log: slog.New(slog.NewJSONHandler(io.Discard, nil))})
+}
+
+// BenchmarkAdmitReleaseNames is BenchmarkAdmitRelease where the request
+// names an alias of one of 200 models that have 5 aliases and 5 adapters
+// each (2,200 names), against one model named by its key, in one run.
+func BenchmarkAdmitReleaseNames(b *testing.B) {
+	body := chatBody(1<<10, false)
+	ctx := context.Background()
+	for _, bc := range []struct {
+		name string
+		s    *Server
+	}{{"one_model", benchServer(slog.LevelInfo)}, {"2200_names", namedServer()}} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				admitRelease(ctx, bc.s, body)
+			}
+		})
 	}
 }
 

@@ -22,6 +22,7 @@ type target uint8
 
 const (
 	targetInference target = iota // anything else: routed by its model
+	targetAudio                   // /v1/audio/transcriptions, translations: uploads
 	targetModels                  // /v1/models
 	targetModel                   // /v1/models/{id}
 	targetHealth                  // /health, /healthz
@@ -39,6 +40,8 @@ func targetOf(path []byte) (target, string) {
 		return targetModels, ""
 	case "/health", "/healthz":
 		return targetHealth, ""
+	case "/v1/audio/transcriptions", "/v1/audio/translations":
+		return targetAudio, ""
 	}
 	if id, ok := bytes.CutPrefix(path, []byte("/v1/models/")); ok {
 		s, err := url.PathUnescape(string(id))
@@ -59,7 +62,7 @@ func (st *stream) local(method []byte, t target, id string) (bool, error) {
 		return true, st.send(optionsReply(t))
 	}
 	switch t {
-	case targetInference:
+	case targetInference, targetAudio:
 		if string(method) != "POST" {
 			return true, st.send(methodNotAllowed(method, "POST, OPTIONS"))
 		}
@@ -107,7 +110,7 @@ func headless(method []byte, r *extprocv3.ProcessingResponse) *extprocv3.Process
 // preflight itself (envoy/envoy.yaml says so).
 func optionsReply(t target) *extprocv3.ProcessingResponse {
 	allow := "POST, OPTIONS"
-	if t != targetInference {
+	if t != targetInference && t != targetAudio {
 		allow = "GET, HEAD, OPTIONS"
 	}
 	r := immediateResponse(204, nil, 0, 0, "vgw_options")

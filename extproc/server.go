@@ -111,6 +111,7 @@ type Server struct {
 	decisions *DecisionLog
 
 	maxBody           int
+	maxAudioBody      int
 	loadTimeout       time.Duration
 	messageTimeout    time.Duration
 	maxMessageTimeout time.Duration
@@ -264,6 +265,11 @@ type Options struct {
 	// (DefaultMaxBody when 0). It should not exceed Envoy's buffer limit
 	// for the route, or Envoy answers 413 itself before vgw sees the body.
 	MaxBody int
+	// MaxAudioBody is the same for the audio endpoints
+	// (/v1/audio/transcriptions and translations), whose uploads may be
+	// larger (DefaultMaxAudioBody when 0). Envoy's buffer limit for their
+	// route should be the same.
+	MaxAudioBody int
 	// LoadTimeout bounds how long a request waits for its model to load
 	// (DefaultLoadTimeout when 0).
 	LoadTimeout time.Duration
@@ -307,6 +313,7 @@ type Options struct {
 // Defaults, matching Envoy's own where the value mirrors an Envoy setting.
 const (
 	DefaultMaxBody        = 1 << 20                // Envoy's default per-connection buffer limit
+	DefaultMaxAudioBody   = 25 << 20               // OpenAI's limit for audio uploads
 	DefaultMessageTimeout = 200 * time.Millisecond // ext_proc filter config.h
 	DefaultLoadTimeout    = 10 * time.Minute
 )
@@ -318,6 +325,7 @@ func New(models []Model, leases Leases, o Options) *Server {
 		log:               cmp.Or(o.Log, slog.Default()),
 		decisions:         o.Decisions,
 		maxBody:           cmp.Or(o.MaxBody, DefaultMaxBody),
+		maxAudioBody:      cmp.Or(o.MaxAudioBody, DefaultMaxAudioBody),
 		loadTimeout:       cmp.Or(o.LoadTimeout, DefaultLoadTimeout),
 		messageTimeout:    cmp.Or(o.MessageTimeout, DefaultMessageTimeout),
 		maxMessageTimeout: o.MaxMessageTimeout,
@@ -490,7 +498,7 @@ func (s *Server) waitBudget(queueTimeout time.Duration) (budget, margin time.Dur
 }
 
 // RecvLimit is the largest message the ext_proc listener receives: a body
-// of maxBody, with room for its framing, or the request headers, which
+// of maxBody (the larger of the JSON and audio limits), with room for its framing, or the request headers, which
 // travel in a message of their own (Envoy's limit on them is 60 KiB by
 // default, max_request_headers_kb). gRPC refuses a longer message on its
 // length prefix, before reading it, so no stream holds more than this of
@@ -512,7 +520,7 @@ const MaxStreamsPerConnection = 4096
 // ServerOptions are the gRPC server settings s's listener needs: the
 // transport's (GRPCOptions) and the stream idle bound.
 func (s *Server) ServerOptions() []grpc.ServerOption {
-	return append(GRPCOptions(s.maxBody), s.streamIdleOption())
+	return append(GRPCOptions(max(s.maxBody, s.maxAudioBody)), s.streamIdleOption())
 }
 
 // GRPCOptions are the gRPC server settings an ext_proc listener needs:

@@ -34,7 +34,7 @@ import (
 // when a STREAMED body's last chunk arrives, or when the stream ends,
 // whichever comes first, and exactly once.
 func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
-	st := &stream{s: s, srv: srv, ctx: srv.Context()}
+	st := &stream{s: s, srv: srv, ctx: srv.Context(), maxBody: s.maxBody}
 	st.node = nodeOf(st.ctx)
 	st.idle, _ = st.ctx.Value(idleWatchKey{}).(*idleWatch)
 	defer st.close()
@@ -89,7 +89,10 @@ type stream struct {
 	node string // the Envoy's node id (see MetadataNode)
 
 	phase    phase
-	extended bool // override_message_timeout used in this phase
+	extended bool   // override_message_timeout used in this phase
+	maxBody  int    // the request's body limit, by its path
+	form     bool   // the body is multipart/form-data
+	boundary []byte // its boundary; nil when it gave none
 
 	// reqBodyMode is the request body mode Envoy reported: it says
 	// whether a body message is the whole body (see requestBody).
@@ -225,7 +228,7 @@ func headerValue(h *corev3.HeaderValue) []byte {
 }
 
 func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
-	var method, path, model, contentLength []byte
+	var method, path, model, contentLength, contentType []byte
 	var hasModel, hasCluster bool
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		switch hv.GetKey() {
@@ -237,6 +240,8 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 			model, hasModel = headerValue(hv), true
 		case "content-length":
 			contentLength = headerValue(hv)
+		case "content-type":
+			contentType = headerValue(hv)
 		case HeaderCluster:
 			hasCluster = true
 		}
@@ -245,10 +250,13 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 	if done, err := st.local(method, t, id); done {
 		return true, err
 	}
+	if t == targetAudio {
+		st.maxBody = st.s.maxAudioBody
+	}
 	if len(contentLength) > 0 {
 		n, err := strconv.ParseInt(string(contentLength), 10, 64)
-		if err == nil && n > int64(st.s.maxBody) {
-			return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, time.Time{})
+		if err == nil && n > int64(st.maxBody) {
+			return true, st.reject(emptyModel, tooLarge(st.maxBody), 0, time.Time{})
 		}
 	}
 	if hasModel && st.s.trustModelHeader {
@@ -259,6 +267,7 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 	if h.GetEndOfStream() {
 		return true, st.noBody()
 	}
+	st.boundary, st.form = FormBoundary(contentType)
 	st.phase = phaseRequestBody
 	st.extended = false
 	if hasCluster {
@@ -288,13 +297,16 @@ var emptyModel = new(string)
 
 func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 	body := b.GetBody()
-	if !st.wholeBody(b) || len(body) > st.s.maxBody {
-		return true, st.reject(emptyModel, tooLarge(st.s.maxBody), 0, time.Time{})
+	if !st.wholeBody(b) || len(body) > st.maxBody {
+		return true, st.reject(emptyModel, tooLarge(st.maxBody), 0, time.Time{})
 	}
 	if len(body) == 0 {
 		// An empty chunk that ends the request (a chunked HTTP/1.1 body
 		// of nothing: processor_state.cc handleCompleteBodyAvailable).
 		return true, st.noBody()
+	}
+	if st.form {
+		return st.formBody(body)
 	}
 	name, err := ExtractModel(body)
 	if err != nil {
@@ -305,6 +317,18 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 		default:
 			return true, st.reject(emptyModel, badRequest("The request body has no usable \"model\": "+err.Error(), "missing_model"), 0, time.Time{})
 		}
+	}
+	return st.decide(name, false)
+}
+
+// formBody decides on a multipart/form-data body by its model field.
+func (st *stream) formBody(body []byte) (bool, error) {
+	name, err := ExtractFormModel(body, st.boundary)
+	switch {
+	case errors.Is(err, ErrNoModelField) || err == nil && len(name) == 0:
+		return true, st.reject(emptyModel, badRequest(`The form has no "model" field.`, "missing_model"), 0, time.Time{})
+	case err != nil:
+		return true, st.reject(emptyModel, badRequest("The request body is not valid multipart/form-data: "+err.Error(), "invalid_multipart"), 0, time.Time{})
 	}
 	return st.decide(name, false)
 }

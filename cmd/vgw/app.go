@@ -121,6 +121,7 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 	a.ep = extproc.New(extprocModels(cfg), leases{mgr, a.xds}, extproc.Options{
 		Log:               log,
 		MaxBody:           int(cfg.MaxBodyBytes),
+		MaxAudioBody:      int(cfg.MaxAudioBodyBytes),
 		LoadTimeout:       cfg.LoadTimeout.Std(),
 		MessageTimeout:    cfg.Envoy.MessageTimeout.Std(),
 		MaxMessageTimeout: cfg.Envoy.MaxMessageTimeout.Std(),

@@ -51,7 +51,8 @@ func envoyCheck(args []string, stdout, stderr io.Writer) error {
 			MessageTimeout:    c.Envoy.MessageTimeout.Std(),
 			MaxMessageTimeout: c.Envoy.MaxMessageTimeout.Std(),
 			MaxBodyBytes:      int64(c.MaxBodyBytes),
-			RecvLimit:         int64(extproc.RecvLimit(int(c.MaxBodyBytes))),
+			MaxAudioBodyBytes: int64(c.MaxAudioBodyBytes),
+			RecvLimit:         int64(extproc.RecvLimit(int(max(c.MaxBodyBytes, c.MaxAudioBodyBytes)))),
 			StreamIdleTimeout: c.Envoy.StreamIdleTimeout.Std(),
 		}
 	}
