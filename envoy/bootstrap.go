@@ -28,10 +28,14 @@ import (
 	// Extensions a vgw bootstrap may name in a typed_config: importing them
 	// registers their types, so that their Any values can be unpacked.
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/filters/cel/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/buffer/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/cors/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/health_check/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 )
 
@@ -325,6 +329,7 @@ func (c *checker) httpConnectionManager(path string, hcm *hcmv3.HttpConnectionMa
 		}
 		if ep, ok := unpack(f.GetTypedConfig(), &extprocv3.ExternalProcessor{}); ok {
 			c.extProc(fpath+".typed_config", ep, hcm, env)
+			c.pathPolicy(path, hcm, f.GetName())
 		}
 	}
 

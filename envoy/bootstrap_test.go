@@ -48,6 +48,7 @@ func TestBrokenConfigs(t *testing.T) {
 		warning   bool   // the check's report is a warning only
 		// noMaxMessage also drops max_message_timeout.
 		noMaxMessage bool
+		all          bool // replace every occurrence of old
 	}{
 		{name: "unknown field", old: "codec_type: AUTO", new: "codec_typo: AUTO", wantParse: "codec_typo"},
 		{name: "bad enum", old: "request_body_mode: BUFFERED", new: "request_body_mode: BUFFERD", wantParse: "BUFFERD"},
@@ -72,7 +73,12 @@ func TestBrokenConfigs(t *testing.T) {
 		{name: "route idle timeout under the wait", old: "timeout: 0s", new: "timeout: 0s\n                  idle_timeout: 300s", wantCheck: "routes[0]: has an idle timeout"},
 		// Without max_message_timeout vgw holds a request up to message_timeout.
 		{name: "message timeout over the idle timeout", old: "message_timeout: 0.2s", new: "message_timeout: 1200s", wantCheck: "under the 20m0s vgw may hold a request", noMaxMessage: true},
-		{name: "no cluster_header route", old: "cluster_header: x-vgw-cluster", new: "cluster: vgw_extproc", wantCheck: "cluster_header"},
+		{name: "no cluster_header route", old: "cluster_header: x-vgw-cluster", new: "cluster: vgw_extproc", all: true, wantCheck: "cluster_header"},
+		// Only inference reaches the backends, and vgw is not asked about
+		// what Envoy answers itself.
+		{name: "a catch-all to the models", old: `              - match: { prefix: "/" }` + "\n", new: `              - match: { prefix: "/" }` + "\n                route: { cluster_header: x-vgw-cluster }\n              - match: { prefix: \"/never\" }\n", wantCheck: "sends /sleep, /wake_up"},
+		{name: "vgw asked about a direct response", old: "                    disabled: true\n", new: "                    disabled: false\n", wantCheck: "vgw would admit them, and load their model, for nothing"},
+		{name: "an inference path not routed", old: "|tokenize|", new: "|", wantCheck: "a request for /tokenize does not reach vgw", warning: true},
 		{name: "route to missing cluster", old: "cluster_header: x-vgw-cluster", new: "cluster: nowhere", wantCheck: `cluster "nowhere" is not defined`},
 		{name: "duplicate cluster", old: "  clusters:\n", new: "  clusters:\n  - name: vgw_extproc\n    connect_timeout: 1s\n", wantCheck: "duplicate cluster"},
 		{name: "no max_message_timeout", old: "              max_message_timeout: 900s\n", new: "", wantCheck: "override_message_timeout", warning: true},
@@ -89,7 +95,11 @@ func TestBrokenConfigs(t *testing.T) {
 			if !strings.Contains(string(orig), tt.old) {
 				t.Fatalf("envoy.yaml no longer contains %q; update the test", tt.old)
 			}
-			broken := strings.Replace(string(orig), tt.old, tt.new, 1)
+			n := 1
+			if tt.all {
+				n = -1
+			}
+			broken := strings.Replace(string(orig), tt.old, tt.new, n)
 			if tt.noMaxMessage {
 				broken = strings.Replace(broken, "max_message_timeout: 900s", "max_message_timeout: 0s", 1)
 			}
@@ -142,7 +152,7 @@ func TestCheckAgainstIdleTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, StreamIdleTimeout: 960 * time.Second}
+	want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, MaxAudioBodyBytes: 25 << 20, StreamIdleTimeout: 960 * time.Second}
 	for _, tc := range []struct {
 		name, old, new, problem string
 	}{
@@ -183,7 +193,7 @@ func TestBodyLimitPrecedence(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const route = `              - match: { prefix: "/" }` + "\n"
+	const route = "                route:\n                  # vgw names the cluster;"
 	const vhost = "              request_body_buffer_limit: 8388608\n"
 	noVhost := [2]string{vhost, ""}
 	http1 := [2]string{"codec_type: AUTO", "codec_type: HTTP1"}
@@ -194,9 +204,9 @@ func TestBodyLimitPrecedence(t *testing.T) {
 		want  int64
 	}{
 		{name: "as shipped: the virtual host's", want: 8 << 20},
-		{name: "the route's own first", edits: [][2]string{{route, route + "                request_body_buffer_limit: 16777216\n"}}, want: 16 << 20},
+		{name: "the route's own first", edits: [][2]string{{route, "                request_body_buffer_limit: 16777216\n" + route}}, want: 16 << 20},
 		{name: "HTTP/1: never under the connection's", edits: [][2]string{http1, {vhost, "              request_body_buffer_limit: 1024\n"}}, want: 1 << 20},
-		{name: "HTTP/1: the route's deprecated one", edits: [][2]string{http1, noVhost, {route, route + "                per_request_buffer_limit_bytes: 4194304\n"}}, want: 4 << 20},
+		{name: "HTTP/1: the route's deprecated one", edits: [][2]string{http1, noVhost, {route, "                per_request_buffer_limit_bytes: 4194304\n" + route}}, want: 4 << 20},
 		{name: "HTTP/1: none, the connection's", edits: [][2]string{http1, noVhost}, want: 1 << 20},
 		// Over HTTP/2 a stream starts at its receive window
 		// (http2/codec_impl.cc), 16 MiB unless set.
@@ -215,7 +225,7 @@ func TestBodyLimitPrecedence(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			r, ok := RouteOf(b)
+			r, ok := RouteOf(b, "/v1/chat/completions")
 			if !ok || r.BodyBufferLimit != tc.want {
 				t.Fatalf("limit %d (found %v), want %d", r.BodyBufferLimit, ok, tc.want)
 			}
@@ -231,7 +241,9 @@ func TestCheckAgainstH2Window(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, RecvLimit: 9 << 20, StreamIdleTimeout: 960 * time.Second}
+	// vgw's audio limit as low as its JSON one: the receive limit is then
+	// 9 MiB, under the default window.
+	want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, MaxAudioBodyBytes: 8 << 20, RecvLimit: 9 << 20, StreamIdleTimeout: 960 * time.Second}
 	for _, tc := range []struct {
 		name    string
 		window  bool
@@ -241,7 +253,7 @@ func TestCheckAgainstH2Window(t *testing.T) {
 		{name: "the default window", problem: "initial_stream_window_size: is 16777216 bytes, over the 9437184 bytes"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			text := string(orig)
+			text := strings.Replace(string(orig), "request_body_buffer_limit: 26214400", "request_body_buffer_limit: 8388608", 1)
 			if !tc.window {
 				text = strings.Replace(text, "          http2_protocol_options: { initial_stream_window_size: 8388608 }\n", "", 1)
 			}

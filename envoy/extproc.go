@@ -212,6 +212,9 @@ type Expect struct {
 	MessageTimeout    time.Duration
 	MaxMessageTimeout time.Duration
 	MaxBodyBytes      int64
+	// MaxAudioBodyBytes is vgw's limit for the bodies of the audio
+	// routes (AudioPaths), uploads that may be larger than JSON.
+	MaxAudioBodyBytes int64
 	// RecvLimit is the largest message vgw's ext_proc listener accepts.
 	RecvLimit int64
 	// StreamIdleTimeout is vgw's envoy.stream_idle_timeout, which ends
@@ -240,14 +243,23 @@ func CheckAgainst(b *bootstrapv3.Bootstrap, want Expect) []Problem {
 	if got := ep.GetMaxMessageTimeout().AsDuration(); got != want.MaxMessageTimeout {
 		c.errorf("ext_proc.max_message_timeout", "is %v, vgw's envoy.max_message_timeout is %v", got, want.MaxMessageTimeout)
 	}
+	seen := map[string]bool{} // the connection manager's, for each of its routes
 	for _, idle := range streamIdleTimeouts(b) {
+		if seen[idle.path] {
+			continue
+		}
+		seen[idle.path] = true
 		if idle.timeout != want.StreamIdleTimeout {
 			c.errorf(idle.path, "is %v, vgw's envoy.stream_idle_timeout is %v: vgw bounds how long an ext_proc stream may stay silent by it", idle.timeout, want.StreamIdleTimeout)
 		}
 	}
 	for _, limit := range bodyLimits(b) {
-		if limit.bytes < want.MaxBodyBytes {
-			c.errorf(limit.path, "is %d bytes, under vgw's max_body_bytes %d: Envoy would answer 413 in plain text before vgw sees the body", limit.bytes, want.MaxBodyBytes)
+		wantBytes, key := want.MaxBodyBytes, "max_body_bytes"
+		if limit.audio && want.MaxAudioBodyBytes > 0 {
+			wantBytes, key = want.MaxAudioBodyBytes, "max_audio_body_bytes"
+		}
+		if limit.bytes < wantBytes {
+			c.errorf(limit.path, "is %d bytes, under vgw's %s %d: Envoy would answer 413 before vgw sees the body", limit.bytes, key, wantBytes)
 		}
 		if want.RecvLimit > 0 && limit.bytes > want.RecvLimit {
 			c.errorf(limit.path, "is %d bytes, over the %d bytes vgw's ext_proc listener receives: such a body would fail with Envoy's 500 instead of vgw's 413", limit.bytes, want.RecvLimit)
@@ -321,6 +333,7 @@ func streamIdleTimeouts(b *bootstrapv3.Bootstrap) []streamIdle {
 type bodyLimit struct {
 	path  string
 	bytes int64
+	audio bool // the route takes the audio uploads (AudioPaths)
 }
 
 // bodyLimit is the request body buffer limit Envoy applies to a route's
@@ -353,7 +366,7 @@ func (v vgwRoute) bodyLimit(r *routev3.Route, start bodyLimit) bodyLimit {
 	if limit <= start.bytes {
 		return start
 	}
-	return bodyLimit{path, limit}
+	return bodyLimit{path: path, bytes: limit}
 }
 
 // defaultH2StreamWindow is Envoy's initial_stream_window_size when unset
@@ -367,7 +380,7 @@ const defaultH2StreamWindow = 16 << 20
 // per_stream_buffer_limit_ from initial_stream_window_size), which a
 // connection manager that accepts both (codec_type AUTO) may meet.
 func (v vgwRoute) streamLimit(l *listenerv3.Listener) bodyLimit {
-	start := bodyLimit{fmt.Sprintf("static_resources.listeners[%d].per_connection_buffer_limit_bytes", v.listener), connBufferLimit(l)}
+	start := bodyLimit{path: fmt.Sprintf("static_resources.listeners[%d].per_connection_buffer_limit_bytes", v.listener), bytes: connBufferLimit(l)}
 	switch v.hcm.GetCodecType() {
 	case hcmv3.HttpConnectionManager_AUTO, hcmv3.HttpConnectionManager_HTTP2:
 		window := int64(defaultH2StreamWindow)
@@ -375,7 +388,7 @@ func (v vgwRoute) streamLimit(l *listenerv3.Listener) bodyLimit {
 			window = int64(w.GetValue())
 		}
 		if window > start.bytes {
-			start = bodyLimit{fmt.Sprintf("static_resources.listeners[%d] http2_protocol_options.initial_stream_window_size", v.listener), window}
+			start = bodyLimit{path: fmt.Sprintf("static_resources.listeners[%d] http2_protocol_options.initial_stream_window_size", v.listener), bytes: window}
 		}
 	}
 	return start
@@ -396,7 +409,9 @@ func bodyLimits(b *bootstrapv3.Bootstrap) []bodyLimit {
 	var out []bodyLimit
 	listeners := b.GetStaticResources().GetListeners()
 	for v, r := range vgwRoutes(b) {
-		out = append(out, v.bodyLimit(r, v.streamLimit(listeners[v.listener])))
+		l := v.bodyLimit(r, v.streamLimit(listeners[v.listener]))
+		l.audio = slices.ContainsFunc(AudioPaths, func(p string) bool { ok, _ := matches(r.GetMatch(), p); return ok })
+		out = append(out, l)
 	}
 	return out
 }
@@ -410,10 +425,14 @@ type Route struct {
 	BodyBufferLimit int64
 }
 
-// RouteOf returns the first route vgw names the cluster for, and whether
-// b has one.
-func RouteOf(b *bootstrapv3.Bootstrap) (Route, bool) {
+// RouteOf returns the route vgw names the cluster for that a request for
+// path takes (the first in its virtual host that matches the path), and
+// whether b has one.
+func RouteOf(b *bootstrapv3.Bootstrap, path string) (Route, bool) {
 	for v, r := range vgwRoutes(b) {
+		if first, _ := RouteFor(v.vh, path); first != r {
+			continue
+		}
 		start := v.streamLimit(b.GetStaticResources().GetListeners()[v.listener])
 		return Route{StreamIdleTimeout: v.idle(r).timeout, BodyBufferLimit: v.bodyLimit(r, start).bytes}, true
 	}

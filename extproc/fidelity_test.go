@@ -291,6 +291,9 @@ func TestEnvoyFailsOpen(t *testing.T) {
 				clock := clockwork.NewFakeClock()
 				f := repoFilter(t)
 				f.Clock, f.FailureModeAllow = clock, allow
+				// Without the shipped removal of clients' x-vgw-* headers,
+				// to show what failing open alone would do.
+				f.StripHeader = nil
 				env := extproctest.New(conn, f, newUpstreams().serve)
 				r := req("x", chat("llama"))
 				r.Headers = append(r.Headers, extproctest.Header{Key: "x-vgw-cluster", Value: "chosen-by-the-client"})
@@ -370,6 +373,7 @@ func TestEnvoyClosesStream(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Second)}}, extproc.Options{TrustModelHeader: true})
 			f := repoFilter(t)
+			f.StripHeader = func(k string) bool { return k == extproc.HeaderCluster } // x-vgw-model trusted
 			f.Clock = h.clock
 			f.Mode.ResponseBodyMode, f.Mode.ResponseTrailerMode = tc.respBody, tc.respTrailers
 			if tc.noRespHeader {

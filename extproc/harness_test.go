@@ -158,6 +158,11 @@ func start(t testing.TB, models []extproc.Model, opts ...extproc.Options) *harne
 	if o.MessageTimeout == 0 { // the bootstrap's, unless the test sets its own
 		o.MessageTimeout, o.MaxMessageTimeout = f.MessageTimeout, f.MaxMessageTimeout
 	}
+	if o.TrustModelHeader {
+		// An operator who trusts x-vgw-model keeps it: envoy.yaml says to
+		// strip only the others then.
+		f.StripHeader = func(k string) bool { return k == extproc.HeaderCluster || k == extproc.HeaderQueueDepth }
+	}
 	h.srv = extproc.New(withClusters(models), h.leases, o)
 	g := grpc.NewServer(h.srv.ServerOptions()...)
 	h.srv.Register(g)

@@ -54,17 +54,22 @@ type Option func(*extproctest.Filter)
 func WithClock(c clockwork.Clock) Option { return func(f *extproctest.Filter) { f.Clock = c } }
 
 // Filter is what the Envoy a bootstrap configures applies to the requests
-// vgw routes: its ext_proc filter (extproctest.FilterFrom), and the idle
-// timer and body buffer limit of the route vgw names clusters on
-// (envoy.RouteOf). Its clock is the real one.
+// vgw routes: its ext_proc filter (extproctest.FilterFrom), the idle
+// timer of the route vgw names clusters on (envoy.RouteOf), and around the
+// filter the headers removed before it, the route table (each route's
+// body limit, direct responses, routes that turn ext_proc off) and
+// local_reply_config (see front). Its clock is the real one.
 func Filter(b *bootstrapv3.Bootstrap) (extproctest.Filter, error) {
 	ep, err := envoy.ExtProc(b)
 	if err != nil {
 		return extproctest.Filter{}, err
 	}
 	f := extproctest.FilterFrom(ep)
-	if r, ok := envoy.RouteOf(b); ok {
+	if r, ok := envoy.RouteOf(b, "/v1/chat/completions"); ok {
 		f.StreamIdleTimeout, f.BufferLimit = r.StreamIdleTimeout, int(r.BodyBufferLimit)
+	}
+	if err := front(&f, b); err != nil {
+		return extproctest.Filter{}, err
 	}
 	return f, nil
 }
@@ -138,8 +143,8 @@ func (e *Envoy) Node() string { return e.node }
 // another filter in front of the same upstreams.
 func (e *Envoy) Router() extproctest.Upstream { return e.route }
 
-// route is Envoy's router: the request goes to the host a worker's load
-// balancer picks in its cluster (xdstest.Client.Route: what the main
+// route is Envoy's router: the request (its path, content type and body)
+// goes to the host a worker's load balancer picks in its cluster (xdstest.Client.Route: what the main
 // thread has posted to the workers, healthy hosts first, every host when
 // too few are healthy), or fails as Envoy's would: NC for a cluster the
 // workers do not have (unknown, or new and still warming), UH for one with
@@ -157,11 +162,18 @@ func (e *Envoy) route(ctx context.Context, f *extproctest.Forwarded) (*extprocte
 			return nil, err
 		}
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+"/v1/chat/completions", bytes.NewReader(f.Body))
+	path, contentType := f.Get(":path"), f.Get("content-type")
+	if path == "" {
+		path = "/v1/chat/completions"
+	}
+	if contentType == "" {
+		contentType = "application/json"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+path, bytes.NewReader(f.Body))
 	if err != nil {
 		return nil, err
 	}
-	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Content-Type", contentType)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, err

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -57,6 +58,21 @@ type Filter struct {
 	// request, and again from the processor's answer (the body moving on
 	// to the router) to the upstream's first byte.
 	StreamIdleTimeout time.Duration
+	// StripHeader, when set, says which request headers the connection
+	// manager removes as the request arrives, before it picks the route
+	// (early_header_mutation_extensions): neither the route, the
+	// processor nor the upstream sees them.
+	StripHeader func(key string) bool
+	// RouteFor, when set, is the route table: what the route a request's
+	// :path takes does with it. Unset, every request takes one route that
+	// forwards by ClusterHeader, with BufferLimit.
+	RouteFor func(path string) Route
+	// LocalReply, when set, rewrites Envoy's local replies (the
+	// connection manager's local_reply_config, local_reply.cc): given a
+	// reply's status, response code details and body, it returns the
+	// status, body and content type the client gets instead, and false
+	// when no mapper takes the reply.
+	LocalReply func(status int, details string, body []byte) (int, []byte, string, bool)
 	// Clock runs the message and idle timers; nil is the real one. A test whose
 	// outcome must not depend on how fast the machine answers gives it a
 	// clockwork.FakeClock, which fires only when the test advances it
@@ -90,6 +106,23 @@ func FilterFrom(ep *filterv3.ExternalProcessor) Filter {
 	}
 	return f
 }
+
+// Route is what a route does with the requests it takes.
+type Route struct {
+	// Direct, when set, is the route's direct_response: the router
+	// answers the request itself (details "direct_response").
+	Direct *Response
+	// NoExtProc says the route turns the ext_proc filter off
+	// (ExtProcPerRoute disabled): the processor never hears of the
+	// request.
+	NoExtProc bool
+	// BufferLimit is its request body buffer limit; 0 means none.
+	BufferLimit int
+}
+
+// DetailDirectResponse is the response code details of a route's
+// direct_response (router.cc).
+const DetailDirectResponse = "direct_response"
 
 // Request is the client's HTTP request.
 type Request struct {
@@ -281,10 +314,28 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 		x.idle = x.clock.NewTimer(t)
 		defer x.idle.Stop()
 	}
+	if req.Method == "" {
+		req.Method = "POST"
+	}
+	if req.Path == "" {
+		req.Path = "/v1/chat/completions"
+	}
+	route := Route{BufferLimit: e.filter.BufferLimit}
+	if e.filter.RouteFor != nil {
+		route = e.filter.RouteFor(req.Path)
+	}
+	if route.NoExtProc {
+		// ext_proc.cc: a filter disabled for the route does nothing.
+		if route.Direct == nil {
+			return nil, errors.New("extproctest: a route without ext_proc that forwards is not played")
+		}
+		x.bypass, x.closed = true, true
+		return x.respond(ctx, route.Direct, DetailDirectResponse)
+	}
 	stream, err := e.client.Process(sctx)
 	if err != nil {
 		if !e.filter.FailureModeAllow {
-			return localReply(res, 500, DetailGrpcError), nil
+			return e.localReply(res, 500, DetailGrpcError), nil
 		}
 		// Failing open, a stream that cannot be opened is as good as none:
 		// the request goes on unprocessed (ext_proc.cc openStream).
@@ -295,18 +346,15 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 		defer x.close() // onDestroy
 	}
 
-	if req.Method == "" {
-		req.Method = "POST"
-	}
-	if req.Path == "" {
-		req.Path = "/v1/chat/completions"
-	}
 	headers := []Header{{":method", req.Method}, {":path", req.Path}, {":authority", "vgw.test"}, {":scheme", "http"}}
 	if len(req.Body) > 0 && !req.Chunked {
 		headers = append(headers, Header{"content-length", strconv.Itoa(len(req.Body))})
 	}
 	headers = append(headers, req.Headers...)
-	routeCluster := get(headers, e.filter.ClusterHeader) // the route as first resolved
+	if e.filter.StripHeader != nil {
+		headers = slices.DeleteFunc(headers, func(h Header) bool { return e.filter.StripHeader(h.Key) })
+	}
+	routeCluster := get(headers, e.filter.ClusterHeader) // the route as first resolved (conn_manager_impl.cc decodeHeaders)
 
 	// Request headers.
 	if x.mode.GetRequestHeaderMode() != filterv3.ProcessingMode_SKIP && !x.bypass {
@@ -349,7 +397,7 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 		switch x.mode.GetRequestBodyMode() {
 		case filterv3.ProcessingMode_NONE:
 		case filterv3.ProcessingMode_BUFFERED:
-			if e.filter.BufferLimit > 0 && len(body) > e.filter.BufferLimit {
+			if route.BufferLimit > 0 && len(body) > route.BufferLimit {
 				// filter_manager.cc: a decoder buffer over its limit is a
 				// local 413, which passes the encoder filters, ext_proc's
 				// response_headers included (sendLocalReplyViaFilterChain).
@@ -392,6 +440,9 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 	}
 
 	// Router.
+	if route.Direct != nil {
+		return x.respond(ctx, route.Direct, DetailDirectResponse)
+	}
 	if routeCluster == "" {
 		// router.cc: NC.
 		return x.respond(ctx, &Response{Status: 503, Body: []byte("cluster not found")}, DetailNoCluster)
@@ -480,15 +531,23 @@ func (x *exchange) resetIdle() {
 // response_headers.
 func (x *exchange) respond(ctx context.Context, up *Response, detail string) (*Result, error) {
 	res := x.res
+	contentType := "text/plain" // utility.cc sendLocalReply, unless the reply has one
 	if detail != "" {
 		res.Details = detail
+		if get(up.Headers, "content-type") != "" {
+			contentType = ""
+		}
+		if status, body, ct, ok := x.e.rewrite(up.Status, detail, up.Body); ok {
+			up = &Response{Status: status, Body: body, Headers: slices.DeleteFunc(slices.Clone(up.Headers), func(h Header) bool { return h.Key == "content-type" })}
+			contentType = ct
+		}
 	}
 	x.resetIdle() // filter_manager.cc encodeHeaders
 
 	// Response headers.
 	respHeaders := append([]Header{{":status", strconv.Itoa(up.Status)}}, up.Headers...)
-	if detail != "" && len(up.Body) > 0 {
-		respHeaders = append(respHeaders, Header{"content-type", "text/plain"}) // utility.cc sendLocalReply
+	if detail != "" && len(up.Body) > 0 && contentType != "" {
+		respHeaders = append(respHeaders, Header{"content-type", contentType})
 	}
 	endAtHeaders := len(up.Body) == 0 && up.Stream == nil && len(up.Trailers) == 0
 	replied := false
@@ -870,22 +929,38 @@ func (x *exchange) immediate(ir *extprocv3.ImmediateResponse) {
 		x.res.Headers = append(x.res.Headers, Header{"content-type", "text/plain"})
 	}
 	x.res.Body = ir.GetBody()
+	if status, body, ct, ok := x.e.rewrite(x.res.Status, x.res.Details, x.res.Body); ok {
+		x.res.Status, x.res.Body = status, body
+		x.res.Headers = append(slices.DeleteFunc(x.res.Headers, func(h Header) bool { return h.Key == "content-type" }), Header{"content-type", ct})
+	}
 	x.closeEarly()
 }
 
-func (x *exchange) fail(detail string) bool {
-	localReply(x.res, 500, detail)
-	if detail == DetailMessageTimeout {
-		x.res.Status = 504
+// rewrite plays local_reply_config on a local reply (Filter.LocalReply).
+func (e *Envoy) rewrite(status int, details string, body []byte) (int, []byte, string, bool) {
+	if e.filter.LocalReply == nil {
+		return 0, nil, "", false
 	}
+	return e.filter.LocalReply(status, details, body)
+}
+
+func (x *exchange) fail(detail string) bool {
+	status := 500
+	if detail == DetailMessageTimeout {
+		status = 504
+	}
+	x.e.localReply(x.res, status, detail)
 	x.closeEarly()
 	return true
 }
 
-func localReply(res *Result, status int, detail string) *Result {
+func (e *Envoy) localReply(res *Result, status int, detail string) *Result {
 	res.Status, res.Details = status, detail
 	res.Body = []byte(detail)
 	res.Headers = []Header{{"content-type", "text/plain"}}
+	if status, body, ct, ok := e.rewrite(status, detail, res.Body); ok {
+		res.Status, res.Body, res.Headers = status, body, []Header{{"content-type", ct}}
+	}
 	return res
 }
 

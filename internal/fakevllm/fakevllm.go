@@ -146,6 +146,9 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/models", s.models)
 	mux.HandleFunc("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, true) })
 	mux.HandleFunc("POST /v1/completions", func(w http.ResponseWriter, r *http.Request) { s.complete(w, r, false) })
+	mux.HandleFunc("POST /v1/embeddings", s.embeddings)
+	mux.HandleFunc("POST /v1/audio/transcriptions", s.transcribe)
+	mux.HandleFunc("POST /v1/audio/translations", s.transcribe)
 	mux.HandleFunc("GET /metrics", s.metrics)
 	return mux
 }
@@ -271,6 +274,65 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 		return
 	}
 	writeJSON(w, http.StatusOK, g.final())
+}
+
+// embeddings answers an embedding request as vLLM does: one vector of
+// four numbers per input.
+func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
+	if !s.ready.Load() {
+		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The server is not ready yet.")
+		return
+	}
+	var req struct {
+		Model string `json:"model"`
+		Input any    `json:"input"`
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<20)).Decode(&req); err != nil {
+		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid JSON: "+err.Error())
+		return
+	}
+	served, ok := s.servedAs(req.Model)
+	if !ok {
+		vllmError(w, http.StatusNotFound, "NotFoundError", "The model `"+req.Model+"` does not exist.")
+		return
+	}
+	n := 1
+	if inputs, ok := req.Input.([]any); ok {
+		n = len(inputs)
+	}
+	data := make([]any, n)
+	for i := range data {
+		data[i] = map[string]any{"object": "embedding", "index": i, "embedding": []float64{0.1, 0.2, 0.3, 0.4}}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "model": served, "data": data,
+		"usage": map[string]int{"prompt_tokens": 8 * n, "total_tokens": 8 * n}})
+}
+
+// transcribe answers a Whisper upload as vLLM does: multipart form data
+// with the audio file and the model, answered {"text": ...}; the text
+// says how many bytes of audio came.
+func (s *Server) transcribe(w http.ResponseWriter, r *http.Request) {
+	if !s.ready.Load() {
+		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The server is not ready yet.")
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, 64<<20)
+	if err := r.ParseMultipartForm(32 << 20); err != nil {
+		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid form: "+err.Error())
+		return
+	}
+	defer r.MultipartForm.RemoveAll()
+	if _, ok := s.servedAs(r.FormValue("model")); !ok {
+		vllmError(w, http.StatusNotFound, "NotFoundError", "The model `"+r.FormValue("model")+"` does not exist.")
+		return
+	}
+	f, h, err := r.FormFile("file")
+	if err != nil {
+		vllmError(w, http.StatusBadRequest, "BadRequestError", "no audio file: "+err.Error())
+		return
+	}
+	f.Close()
+	writeJSON(w, http.StatusOK, map[string]any{"text": fmt.Sprintf("heard %d bytes", h.Size)})
 }
 
 // crash kills the server while it serves its nth request.

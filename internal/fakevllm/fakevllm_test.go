@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"flag"
 	"io"
+	"mime/multipart"
 	"net"
 	"net/http"
 	"slices"
@@ -376,5 +377,42 @@ func TestServedNames(t *testing.T) {
 	}
 	if want := []string{"k<org/m<-", "gpt<org/m<-", "org/m<org/m<-", "sql</l/sql<k"}; !slices.Equal(got, want) {
 		t.Errorf("models %q, want %q", got, want)
+	}
+}
+
+// TestEmbeddingsAndTranscriptions: the fake answers embeddings, and
+// Whisper uploads (multipart form data) to a name it serves.
+func TestEmbeddingsAndTranscriptions(t *testing.T) {
+	_, url := serve(t, Options{Model: "m", Aliases: []string{"whisper-1"}})
+	waitReady(t, url)
+	var emb struct {
+		Model string `json:"model"`
+		Data  []struct {
+			Embedding []float64 `json:"embedding"`
+		} `json:"data"`
+	}
+	r := post(t, url+"/v1/embeddings", `{"model":"whisper-1","input":["a","b"]}`)
+	if err := json.NewDecoder(r.Body).Decode(&emb); err != nil || r.StatusCode != 200 || emb.Model != "m" || len(emb.Data) != 2 {
+		t.Fatalf("embeddings: %d %v %+v", r.StatusCode, err, emb)
+	}
+	for _, tc := range []struct {
+		model  string
+		status int
+	}{{"whisper-1", 200}, {"other", 404}} {
+		var b bytes.Buffer
+		w := multipart.NewWriter(&b)
+		fw, _ := w.CreateFormFile("file", "a.mp3")
+		fw.Write(make([]byte, 1000))
+		w.WriteField("model", tc.model)
+		w.Close()
+		resp, err := http.Post(url+"/v1/audio/transcriptions", w.FormDataContentType(), &b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.status || tc.status == 200 && string(body) != "{\"text\":\"heard 1000 bytes\"}\n" {
+			t.Errorf("%s: %d %s, want %d", tc.model, resp.StatusCode, body, tc.status)
+		}
 	}
 }
