@@ -7,9 +7,11 @@ package config
 import (
 	"bytes"
 	"cmp"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"reflect"
 	"slices"
@@ -62,6 +64,12 @@ type Config struct {
 	// front where no client can set it; off, a client's header changes
 	// nothing (and envoy/envoy.yaml strips it before ext_proc).
 	TrustModelHeader bool `yaml:"trust_model_header"`
+	// RequestDefaults are top-level keys every JSON request gets when its
+	// body lacks them (the client's keys win); a model's own are merged
+	// over these. DefaultModel, when set, is the name a request that
+	// names no model goes by.
+	RequestDefaults map[string]any `yaml:"request_defaults"`
+	DefaultModel    string         `yaml:"default_model"`
 
 	Envoy   Envoy             `yaml:"envoy"`
 	Runtime Runtime           `yaml:"runtime"`
@@ -186,6 +194,9 @@ type Model struct {
 	// its key and its repo), such as the OpenAI name an application was
 	// written for.
 	Aliases []string `yaml:"aliases"`
+	// RequestDefaults are the model's request defaults, merged over the
+	// gateway-wide ones (see Config.RequestDefaults).
+	RequestDefaults map[string]any `yaml:"request_defaults"`
 	// Adapters are the LoRA adapters the model's server loads, by the
 	// name clients send for each, with where it comes from (a path in
 	// the server's file system, or a Hugging Face repo).
@@ -480,6 +491,26 @@ func deref[T any](p *T, def T) T {
 		return def
 	}
 	return *p
+}
+
+// RequestDefaultsOf resolves a model's request defaults as JSON: the
+// gateway-wide ones with the model's over them; nil when there are none.
+func (c *Config) RequestDefaultsOf(name string) ([]byte, error) {
+	merged := maps.Clone(c.RequestDefaults)
+	if m := c.Models[name]; m != nil && len(m.RequestDefaults) > 0 {
+		if merged == nil {
+			merged = map[string]any{}
+		}
+		maps.Copy(merged, m.RequestDefaults)
+	}
+	if len(merged) == 0 {
+		return nil, nil
+	}
+	b, err := json.Marshal(merged)
+	if err != nil {
+		return nil, fmt.Errorf("request_defaults of model %s: %w", trimmed(name), err)
+	}
+	return b, nil
 }
 
 // Probe is how a ready model's server is watched (see Config.ProbeInterval).

@@ -94,3 +94,34 @@ func TestNamesRepeatedWithinModel(t *testing.T) {
 		t.Errorf("served names %v", got)
 	}
 }
+
+// TestRequestDefaults: a model's request defaults are the gateway's with
+// its own over them; "model" is default_model's, which must name a model.
+func TestRequestDefaults(t *testing.T) {
+	c, err := Parse("c.yaml", []byte(namesBase+`request_defaults: {temperature: 0.2, stop: ["\n"]}
+default_model: gpt
+models:
+  a: {aliases: [gpt], request_defaults: {temperature: 0.7, chat_template_kwargs: {enable_thinking: false}}}
+  b: {}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{
+		"a": `{"chat_template_kwargs":{"enable_thinking":false},"stop":["\n"],"temperature":0.7}`,
+		"b": `{"stop":["\n"],"temperature":0.2}`,
+	} {
+		if got, err := c.RequestDefaultsOf(name); err != nil || string(got) != want {
+			t.Errorf("%s: %s %v, want %s", name, got, err, want)
+		}
+	}
+	for _, tt := range []struct{ yaml, want string }{
+		{"request_defaults: {model: x}\nmodels: {a: {}}\n", `c.yaml:3: request_defaults may not set "model"`},
+		{"models:\n  a:\n    request_defaults: {model: x}\n", `c.yaml:5: request_defaults may not set "model"`},
+		{"default_model: nope\nmodels: {a: {}}\n", `c.yaml:3: default_model "nope" is not a name`},
+	} {
+		if _, err := Parse("c.yaml", []byte(namesBase+tt.yaml)); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%q: %v, want %q", tt.yaml, err, tt.want)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"math"
@@ -107,6 +108,7 @@ func (c *Config) validate(loc *locator) error {
 		v.model(c, name, c.Models[name])
 	}
 	v.names(c)
+	v.requestDefaults(c)
 	if len(v.problems) > 0 {
 		sortProblems(v.problems)
 		return &ListError{File: c.Path, Problems: v.problems}
@@ -324,4 +326,36 @@ func (l *locator) line(keys ...string) int {
 
 func keyIs(mv *ast.MappingValueNode, k string) bool {
 	return strings.Trim(mv.Key.String(), `"'`) == k
+}
+
+// requestDefaults checks each model's request defaults as they resolve:
+// JSON values, at most 64 keys, and no "model" (which routes: that is
+// default_model's). default_model must be a name clients may use.
+func (v *validator) requestDefaults(c *Config) {
+	if _, ok := c.RequestDefaults["model"]; ok {
+		v.at([]string{"request_defaults", "model"}, `request_defaults may not set "model": that is default_model`)
+	}
+	for _, name := range c.ModelNames() {
+		m := c.Models[name]
+		if m == nil {
+			continue
+		}
+		if _, ok := m.RequestDefaults["model"]; ok {
+			v.at([]string{"models", name, "request_defaults", "model"}, `request_defaults may not set "model": it routes the request`)
+		}
+		b, err := c.RequestDefaultsOf(name)
+		if err != nil {
+			v.at([]string{"models", name, "request_defaults"}, "%v", err)
+			continue
+		}
+		var keys map[string]json.RawMessage
+		if json.Unmarshal(b, &keys) == nil && len(keys) > 64 {
+			v.at([]string{"models", name, "request_defaults"}, "model %s has %d request defaults with the gateway's, more than 64", trimmed(name), len(keys))
+		}
+	}
+	if c.DefaultModel != "" {
+		if _, ok := c.Names()[c.DefaultModel]; !ok {
+			v.at([]string{"default_model"}, "default_model %s is not a name of any configured model", trimmed(c.DefaultModel))
+		}
+	}
 }

@@ -228,8 +228,24 @@ func BenchmarkAdmitReleaseNames(b *testing.B) {
 // way Envoy's messages arrive (headers, buffered body, response headers
 // that end the response), answers included, with sends discarded.
 func BenchmarkStream(b *testing.B) {
-	for _, level := range []slog.Level{slog.LevelInfo, slog.LevelDebug} {
+	withDefaults := func(level slog.Level, defaults string) *Server {
 		s := benchServer(level)
+		s.SetModels([]Model{{Name: "llama-3.1-8b", Cluster: "model/llama-3.1-8b", Defaults: []byte(defaults),
+			Limits: Limits{MaxConcurrent: 1 << 20, MaxQueue: 1 << 20, QueueTimeout: time.Minute}}})
+		return s
+	}
+	for _, bc := range []struct {
+		name string
+		s    *Server
+	}{
+		{"level=INFO", benchServer(slog.LevelInfo)},
+		{"level=DEBUG", benchServer(slog.LevelDebug)},
+		// Request defaults: keys the body has (temperature, max_tokens),
+		// then two more it lacks, merged in.
+		{"level=INFO/defaults=present", withDefaults(slog.LevelInfo, `{"temperature":0.2,"max_tokens":64}`)},
+		{"level=INFO/defaults=merged", withDefaults(slog.LevelInfo, `{"top_p":0.9,"seed":7}`)},
+	} {
+		s := bc.s
 		body := chatBody(1<<10, false)
 		msgs := []*extprocv3.ProcessingRequest{
 			{Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{Headers: &corev3.HeaderMap{Headers: []*corev3.HeaderValue{
@@ -242,10 +258,10 @@ func BenchmarkStream(b *testing.B) {
 			}}}}},
 		}
 		srv := &discardStream{ctx: context.Background()}
-		b.Run("level="+level.String(), func(b *testing.B) {
+		b.Run(bc.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				st := &stream{s: s, srv: srv, ctx: srv.ctx}
+				st := newStream(s, srv)
 				for _, m := range msgs {
 					if _, err := st.handle(m); err != nil {
 						b.Fatal(err)

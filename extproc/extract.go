@@ -145,35 +145,38 @@ func (s *scanner) end() error {
 // opening quote (after whitespace). It reports whether the key is "model",
 // escapes decoded.
 func (s *scanner) key() (bool, error) {
+	var buf [16]byte
+	k, err := s.keyInto(buf[:0])
+	return string(k) == "model", err
+}
+
+// keyInto reads an object key and the colon after it, as key does, and
+// returns the key, escapes decoded: the body's bytes when it has none,
+// else decoded into dst (rare: on the caller's stack when short).
+func (s *scanner) keyInto(dst []byte) ([]byte, error) {
 	if s.i >= len(s.b) {
-		return false, s.fail("unexpected end of body")
+		return nil, s.fail("unexpected end of body")
 	}
 	if s.b[s.i] != '"' {
-		return false, s.fail("expected a string key")
+		return nil, s.fail("expected a string key")
 	}
 	start := s.i + 1
 	if err := s.skipString(); err != nil {
-		return false, err
+		return nil, err
 	}
-	raw := s.b[start : s.i-1]
-	var isModel bool
-	if bytes.IndexByte(raw, '\\') < 0 {
-		isModel = string(raw) == "model"
-	} else {
-		// Escaped keys are rare; decode on the stack when short.
-		var buf [16]byte
-		k, ok := unescape(buf[:0], raw)
-		if !ok {
-			return false, &SyntaxError{Offset: start, msg: "invalid escape in key"}
+	k := s.b[start : s.i-1]
+	if bytes.IndexByte(k, '\\') >= 0 {
+		var ok bool
+		if k, ok = unescape(dst, k); !ok {
+			return nil, &SyntaxError{Offset: start, msg: "invalid escape in key"}
 		}
-		isModel = string(k) == "model"
 	}
 	s.skipSpace()
 	if s.i >= len(s.b) || s.b[s.i] != ':' {
-		return false, s.fail("expected ':' after object key")
+		return nil, s.fail("expected ':' after object key")
 	}
 	s.i++
-	return isModel, nil
+	return k, nil
 }
 
 // skipString moves past the string whose opening quote is at s.i. It finds

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"regexp"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -216,6 +217,41 @@ func TestClientModelHeader(t *testing.T) {
 			}
 			if res.Forwarded.Cluster != clusterOf(tc.routed) || res.Forwarded.Get("x-vgw-model") != tc.routed {
 				t.Errorf("routed to %s with x-vgw-model %q, want %s", res.Forwarded.Cluster, res.Forwarded.Get("x-vgw-model"), tc.routed)
+			}
+			h.idle(t, tc.routed)
+		})
+	}
+}
+
+// TestRequestDefaults: a model's request defaults reach its server under
+// the client's body, with a content-length that matches (the harness
+// fails the request as Envoy would otherwise); a model without any gets
+// its body untouched; a request naming no model goes to the default
+// model, its body naming it.
+func TestRequestDefaults(t *testing.T) {
+	h := start(t, []extproc.Model{
+		{Name: "llama", Defaults: []byte(`{"temperature":0.2,"max_tokens":64}`), DefaultFor: "gpt-4o-mini", Aliases: []string{"gpt-4o-mini"}, Limits: limits(4, 4, time.Second)},
+		{Name: "qwen", Limits: limits(4, 4, time.Second)},
+	})
+	for _, tc := range []struct {
+		name, body, routed, sent string
+	}{
+		{"lacks both", `{"model":"llama","messages":[]}`, "llama", `{"model":"llama","messages":[],"max_tokens":64,"temperature":0.2}`},
+		{"sets one", `{"model":"llama","temperature":1}`, "llama", `{"model":"llama","temperature":1,"max_tokens":64}`},
+		{"sets both", `{"model":"llama","temperature":1,"max_tokens":2}`, "llama", `{"model":"llama","temperature":1,"max_tokens":2}`},
+		{"another model", `{"model":"qwen"}`, "qwen", `{"model":"qwen"}`},
+		{"no model", `{"messages":[]}`, "llama", `{"messages":[],"model":"gpt-4o-mini","max_tokens":64,"temperature":0.2}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := do(t, h, context.Background(), req("d", []byte(tc.body)))
+			if res.Status != 200 || res.Forwarded == nil || res.Forwarded.Cluster != clusterOf(tc.routed) {
+				t.Fatalf("status %d (%s) %s, routed %+v, want %s", res.Status, res.Details, res.Body, res.Forwarded, tc.routed)
+			}
+			if got := string(res.Forwarded.Body); got != tc.sent {
+				t.Errorf("sent %s, want %s", got, tc.sent)
+			}
+			if cl := res.Forwarded.Get("content-length"); cl != strconv.Itoa(len(tc.sent)) {
+				t.Errorf("content-length %s for %d bytes", cl, len(tc.sent))
 			}
 			h.idle(t, tc.routed)
 		})

@@ -8,6 +8,7 @@ package extproc
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"slices"
@@ -100,6 +101,13 @@ type Model struct {
 	// that the Envoy route's cluster_header reads.
 	Cluster string
 	Limits  Limits
+	// Defaults, when set, is a JSON object of request defaults: keys a
+	// JSON request for the model gets when its body lacks them.
+	Defaults []byte
+	// DefaultFor, when set, makes the model the one a request that names
+	// no model goes to, under this name (one of the model's): the body
+	// gets "model" set to it. At most one model has it.
+	DefaultFor string
 }
 
 // Server implements envoy.service.ext_proc.v3.ExternalProcessor.
@@ -151,6 +159,10 @@ type modelTable struct {
 	byName map[string]*modelEntry // every name a request may use
 	models map[string]*modelEntry // by the model's own name
 	listed []listedName           // every name, sorted, for the model list
+	// fallback is the name a request that names no model goes by
+	// (Model.DefaultFor), nil when there is none, and fallbackKV the
+	// "model" key the request's body gets for it.
+	fallback, fallbackKV []byte
 }
 
 // listedName is one entry of the model list: a name clients may use,
@@ -163,6 +175,7 @@ type listedName struct {
 
 type modelEntry struct {
 	name          string
+	defaults      atomic.Pointer[defaults] // nil: none
 	gate          *gate
 	route         atomic.Pointer[routeHeaders] // replaced when a reload moves the model to another cluster
 	queueFullBody []byte                       // the 429 body, rendered once
@@ -395,7 +408,21 @@ func (s *Server) SetModels(models []Model) {
 		} else {
 			e = newModelEntry(m)
 		}
+		d, err := parseDefaults(m.Defaults)
+		if err != nil {
+			// The config is checked before it gets here; a model whose
+			// defaults cannot be read goes without them, and says so.
+			s.log.LogAttrs(context.Background(), slog.LevelError, "request defaults ignored",
+				slog.String("model", m.Name), slog.String("error", err.Error()))
+		}
+		e.defaults.Store(d)
 		t.models[m.Name] = e
+		if m.DefaultFor != "" && t.fallback == nil {
+			t.fallback = []byte(m.DefaultFor)
+			t.fallbackKV = appendKey(nil, "model")
+			q, _ := json.Marshal(m.DefaultFor)
+			t.fallbackKV = append(t.fallbackKV, q...)
+		}
 	}
 	// Each model's own name first: config validation keeps names unique
 	// across models, and should two collide anyway, a model's own name

@@ -34,7 +34,7 @@ import (
 // when a STREAMED body's last chunk arrives, or when the stream ends,
 // whichever comes first, and exactly once.
 func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
-	st := &stream{s: s, srv: srv, ctx: srv.Context(), maxBody: s.maxBody}
+	st := newStream(s, srv)
 	st.node = nodeOf(st.ctx)
 	st.idle, _ = st.ctx.Value(idleWatchKey{}).(*idleWatch)
 	defer st.close()
@@ -56,6 +56,10 @@ func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 			return err
 		}
 	}
+}
+
+func newStream(s *Server, srv extprocv3.ExternalProcessor_ProcessServer) *stream {
+	return &stream{s: s, srv: srv, ctx: srv.Context(), maxBody: s.maxBody}
 }
 
 // endErr is what the handler returns once receiving has failed: nothing
@@ -93,6 +97,9 @@ type stream struct {
 	maxBody  int    // the request's body limit, by its path
 	form     bool   // the body is multipart/form-data
 	boundary []byte // its boundary; nil when it gave none
+	// body is a JSON body decided on, for request defaults to merge
+	// into, and addKV a `"model":NAME` it gets (the default model's).
+	body, addKV []byte
 
 	// reqBodyMode is the request body mode Envoy reported: it says
 	// whether a body message is the whole body (see requestBody).
@@ -309,6 +316,13 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 		return st.formBody(body)
 	}
 	name, err := ExtractModel(body)
+	if errors.Is(err, ErrNoModel) {
+		if t := st.s.models.Load(); t.fallback != nil {
+			// default_model: the body names none, so it gets the default's.
+			st.body, st.addKV = body, t.fallbackKV
+			return st.decide(t.fallback, false)
+		}
+	}
 	if err != nil {
 		var se *SyntaxError
 		switch {
@@ -318,12 +332,18 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 			return true, st.reject(emptyModel, badRequest("The request body has no usable \"model\": "+err.Error(), "missing_model"), 0, time.Time{})
 		}
 	}
+	st.body = body
 	return st.decide(name, false)
 }
 
 // formBody decides on a multipart/form-data body by its model field.
 func (st *stream) formBody(body []byte) (bool, error) {
 	name, err := ExtractFormModel(body, st.boundary)
+	if t := st.s.models.Load(); t.fallback != nil && (errors.Is(err, ErrNoModelField) || err == nil && len(name) == 0) {
+		// default_model. A form is sent on as it came: vLLM takes one
+		// with no model as its served model's.
+		return st.decide(t.fallback, false)
+	}
 	switch {
 	case errors.Is(err, ErrNoModelField) || err == nil && len(name) == 0:
 		return true, st.reject(emptyModel, badRequest(`The form has no "model" field.`, "missing_model"), 0, time.Time{})
@@ -536,6 +556,8 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	h := m.route.Load()
 	var resp *extprocv3.ProcessingResponse
 	switch {
+	case !atHeaders && (st.addKV != nil || m.defaults.Load() != nil):
+		resp = st.mergedReply(h, depth)
 	case atHeaders && depth == 0 && st.respBodyMode == filterv3.ProcessingMode_NONE:
 		resp = h.headersReply // the fast path's common case, built once per route
 	case atHeaders:
@@ -545,11 +567,36 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	default:
 		resp = bodyReply(h, depth)
 	}
+	st.body, st.addKV = nil, nil // the stream lasts as long as the response: hold no body
 	st.phase = phaseResponse
 	st.streamed = atHeaders
 	st.lease, st.admittedAt = l, now
 	st.record(&decision{at: now, model: &m.name, outcome: OutcomeAdmitted, reason: reason, depth: depth, wait: wait})
 	return st.send(resp)
+}
+
+// mergedReply admits a request at the body phase with its model's request
+// defaults (and the default model's name) merged under its body: the
+// body replaced, and content-length with it, since Envoy refuses a
+// mutated body whose length the request's content-length does not match
+// (processor_state.cc validateContentLength, after the header mutation
+// of the same reply). A body the merge cannot read goes on as it came.
+func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingResponse {
+	var also [][]byte
+	if st.addKV != nil {
+		also = [][]byte{st.addKV}
+	}
+	merged, changed, _ := st.model.defaults.Load().mergeUnder(st.body, also...)
+	switch {
+	case !changed && depth == 0:
+		return h.bodyReply
+	case !changed:
+		return bodyReply(h, depth)
+	}
+	r := routeResponse(h, depth)
+	r.HeaderMutation.SetHeaders = append(r.HeaderMutation.SetHeaders, setHeader("content-length", strconv.AppendInt(nil, int64(len(merged)), 10)))
+	r.BodyMutation = &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: merged}}
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: r}}}
 }
 
 // routeResponse sets the route headers and the queue depth, and clears the

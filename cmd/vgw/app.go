@@ -329,12 +329,16 @@ func extprocModels(cfg *config.Config) []extproc.Model {
 	byModel := map[string]*extproc.Model{}
 	var ms []extproc.Model
 	for _, name := range cfg.ModelNames() {
-		ms = append(ms, extproc.Model{Name: name, Cluster: xds.ClusterName(name), Limits: extproc.Limits(cfg.LimitsOf(name))})
+		defaults, _ := cfg.RequestDefaultsOf(name) // validated
+		ms = append(ms, extproc.Model{Name: name, Cluster: xds.ClusterName(name), Limits: extproc.Limits(cfg.LimitsOf(name)), Defaults: defaults})
 	}
 	for i := range ms {
 		byModel[ms[i].Name] = &ms[i]
 	}
 	names := cfg.Names()
+	if n, ok := names[cfg.DefaultModel]; ok {
+		byModel[n.Model].DefaultFor = cfg.DefaultModel
+	}
 	for _, n := range slices.Sorted(maps.Keys(names)) {
 		m := byModel[names[n].Model]
 		switch names[n].Kind {

@@ -19,10 +19,12 @@ runtime: {kind: sim}
 load_timeout: 1m
 min_resident: 0s
 gpus: [{name: sim0, memory: 80GiB}]
+default_model: gpt-4o-mini
 models:
   llama-8b:
     repo: meta-llama/Llama-3.1-8B-Instruct
     aliases: [gpt-4o-mini]
+    request_defaults: {max_tokens: 3}
     adapters: {sql-lora: /loras/sql}
     vram: 30GiB
   whisper: {repo: openai/whisper-large-v3, vram: 10GiB}
@@ -55,6 +57,9 @@ func TestRealClients(t *testing.T) {
 		{name: "the HF repo id", req: extproctest.Request{Body: chat("meta-llama/Llama-3.1-8B-Instruct")}, status: 200, body: `"model":"llama-8b"`},
 		{name: "an alias", req: extproctest.Request{Body: chat("gpt-4o-mini")}, status: 200, body: `"model":"llama-8b"`},
 		{name: "an adapter", req: extproctest.Request{Body: chat("sql-lora")}, status: 200, body: `"model":"sql-lora"`},
+		{name: "request defaults under the body", req: extproctest.Request{Body: []byte(`{"model":"llama-8b","messages":[]}`)}, status: 200, body: `"content":"token token token"`},
+		{name: "the client's keys win", req: extproctest.Request{Body: []byte(`{"model":"llama-8b","messages":[],"max_tokens":1}`)}, status: 200, body: `"content":"token"`},
+		{name: "no model: the default model", req: extproctest.Request{Body: []byte(`{"messages":[]}`)}, status: 200, body: `"model":"llama-8b"`},
 		{name: "embeddings", req: extproctest.Request{Path: "/v1/embeddings", Body: []byte(`{"model":"llama-8b","input":"hi"}`)}, status: 200, body: `"embedding":[`},
 		{name: "models.retrieve with a slash", req: extproctest.Request{Method: "GET", Path: "/v1/models/meta-llama/Llama-3.1-8B-Instruct"}, status: 200, body: `"id":"meta-llama/Llama-3.1-8B-Instruct"`},
 		{name: "an adapter's card", req: extproctest.Request{Method: "GET", Path: "/v1/models/sql-lora"}, status: 200, body: `"parent":"llama-8b"`},

@@ -248,11 +248,15 @@ const (
 	DetailMessageTimeout = "ext_proc_error_per-message_timeout_exceeded" // ext_proc.cc onMessageTimeout
 	DetailGrpcError      = "ext_proc_error_gRPC_error"                   // ext_proc.cc onGrpcError
 	DetailSpurious       = "ext_proc_spurious_message"
-	DetailBodyTooLarge   = "request_payload_too_large" // filter_manager.cc buffer overflow
-	DetailNoCluster      = "cluster_not_found"         // router.cc, flag NC
-	DetailNoUpstream     = "no_healthy_upstream"       // router.cc, flag UH
-	DetailUpstreamReset  = "upstream_reset_after_response_started"
-	DetailIdleTimeout    = "stream_idle_timeout" // conn_manager_impl.cc onIdleTimeout
+	// DetailMutationMismatch is a replaced body whose length differs from
+	// the request's content-length (processor_state.cc
+	// validateContentLength, which fails the stream as a gRPC error).
+	DetailMutationMismatch = "ext_proc_error_gRPC_error"
+	DetailBodyTooLarge     = "request_payload_too_large" // filter_manager.cc buffer overflow
+	DetailNoCluster        = "cluster_not_found"         // router.cc, flag NC
+	DetailNoUpstream       = "no_healthy_upstream"       // router.cc, flag UH
+	DetailUpstreamReset    = "upstream_reset_after_response_started"
+	DetailIdleTimeout      = "stream_idle_timeout" // conn_manager_impl.cc onIdleTimeout
 )
 
 // exchange is one request's ext_proc stream.
@@ -418,6 +422,22 @@ func (e *Envoy) Do(ctx context.Context, req Request) (*Result, error) {
 				headers = mutate(headers, c.GetHeaderMutation())
 				if c.GetClearRouteCache() && c.GetHeaderMutation() != nil {
 					routeCluster = get(headers, e.filter.ClusterHeader)
+				}
+				if m := c.GetBodyMutation(); m != nil {
+					// processor_state.cc handleBufferedBodyCallback: the
+					// header mutation first, then a replaced body must
+					// match the content-length the headers then say
+					// (validateContentLength), or the request fails with
+					// Envoy's 500.
+					if m.GetClearBody() {
+						body = nil
+					} else {
+						body = m.GetBody()
+					}
+					if cl := get(headers, "content-length"); cl != "" && cl != strconv.Itoa(len(body)) {
+						x.closeEarly()
+						return e.localReply(res, 500, DetailMutationMismatch), nil
+					}
 				}
 			}
 			// A buffered body's reply is the direction's last only when
