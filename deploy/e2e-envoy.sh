@@ -93,6 +93,26 @@ n200=$(cat "$work"/code.* | grep -c '^200$' || true)
 echo "30 at once for qwen2.5-32b: $n200 answered, $n429 refused with 429"
 if [ "$n429" -eq 0 ] || [ "$n200" -eq 0 ]; then fail "expected both 200s and 429s"; fi
 
+# What real OpenAI clients send (issue 15): every name of a model, the
+# model list and cards, vgw's health, and nothing else reaching a backend.
+[ "$(ask meta-llama/Llama-3.1-8B-Instruct)" = 200 ] || fail "the HF repo id: $(cat "$work/body")"
+[ "$(ask gpt-4o-mini)" = 200 ] || fail "an alias: $(cat "$work/body")"
+code() { curl -sS -o "$work/body" -w '%{http_code}' --max-time 30 "$@"; }
+[ "$(code http://127.0.0.1:8080/v1/models/meta-llama/Llama-3.1-8B-Instruct)" = 200 ] || fail "GET /v1/models/{id}: $(cat "$work/body")"
+grep -q '"vgw_state"' "$work/body" || fail "no vgw_state in the model card: $(cat "$work/body")"
+[ "$(code http://127.0.0.1:8080/health)" = 200 ] || fail "GET /health: $(cat "$work/body")"
+[ "$(code -X OPTIONS http://127.0.0.1:8080/v1/chat/completions)" = 204 ] || fail "OPTIONS: $(cat "$work/body")"
+for path in /sleep /wake_up /collective_rpc /metrics /version; do
+	[ "$(code -X POST "http://127.0.0.1:8080$path" -H 'x-vgw-model: llama-3.1-8b' -H 'content-type: application/json' -d '{"model":"llama-3.1-8b"}')" = 404 ] || fail "$path reached something: $(cat "$work/body")"
+	grep -q '"code":"not_found"' "$work/body" || fail "$path: not the OpenAI error shape: $(cat "$work/body")"
+done
+[ "$(code "$url" -H 'x-vgw-cluster: vgw_qwen2.5-32b' -H 'content-type: application/json' -d '{"model":"nope"}')" = 404 ] || fail "a client's x-vgw-cluster routed: $(cat "$work/body")"
+head -c 9437184 /dev/zero | tr '\0' ' ' >"$work/big"
+[ "$(code "$url" -H 'content-type: application/json' -H 'transfer-encoding: chunked' --data-binary @"$work/big")" = 413 ] || fail "a chunked body over the limit: $(cat "$work/body")"
+grep -q '"error"' "$work/body" || fail "Envoy's 413 is not in the OpenAI error shape: $(cat "$work/body")"
+head -c 2000000 /dev/urandom >"$work/speech.mp3"
+[ "$(code http://127.0.0.1:8080/v1/audio/transcriptions -F file=@"$work/speech.mp3" -F model=gpt-4o-mini)" = 200 ] || fail "a Whisper upload: $(cat "$work/body")"
+
 # gemma-2-27b needs memory the resident models hold: one is swapped out.
 [ "$(ask gemma-2-27b)" = 200 ] || fail "gemma-2-27b (a swap): $(cat "$work/body")"
 grep -q '"msg":"model evicted"\|msg="model evicted"' "$work/vgw.log" || fail "no model was evicted for gemma-2-27b"

@@ -530,10 +530,14 @@ func TestDockerRemovedByHandWhileLoading(t *testing.T) {
 		c, ok := dm.container(t, "a")
 		return ok && c.ID != last && c.State.Running
 	})
-	c, _ := dm.container(t, "a")
-	if _, err := dm.engine.Client.ContainerKill(context.Background(), c.ID, client.ContainerKillOptions{Signal: "SIGUSR1"}); err != nil {
-		t.Fatal(err)
-	}
+	// The fake catches the signal only once it runs its main (as PID 1 it
+	// would drop one that came sooner): wait for its /health first.
+	poll.Until(t, "a's fourth server answers", func() bool {
+		c, _ := dm.container(t, "a")
+		st := dm.status("a")
+		return st.Instance == c.ID && managertest.Answers(st.Addr)
+	})
+	dm.readyNow(t, "a")
 	if err := <-waited; err != nil {
 		t.Fatalf("the request waiting for a: %v", err)
 	}
