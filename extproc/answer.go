@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strconv"
 	"strings"
+	"time"
 	"unicode/utf8"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -28,7 +29,7 @@ type rejection struct {
 	code       string // OpenAI error "code"; empty renders null
 	param      string // OpenAI error "param"; empty renders null
 	message    string
-	retryAfter int // seconds; 0 sends no Retry-After
+	retryAfter time.Duration // 0 sends no Retry-After
 	reason     Reason
 	outcome    Outcome
 	rendered   []byte // the body, when already rendered
@@ -72,10 +73,19 @@ func (r *rejection) immediate(depth int) *extprocv3.ProcessingResponse {
 // immediateResponse is an answer vgw gives in Envoy's place, as JSON.
 // Envoy's local reply keeps our content-type (source/common/http/utility.cc
 // sets text/plain only when none is set).
-func immediateResponse(status int, body []byte, depth, retryAfter int, details string) *extprocv3.ProcessingResponse {
+//
+// A retry hint goes out twice: retry-after-ms, which the OpenAI SDKs read
+// first and to the millisecond, and Retry-After in whole seconds (rounded
+// up) for every other client. It is never over MaxRetryAfter.
+func immediateResponse(status int, body []byte, depth int, retryAfter time.Duration, details string) *extprocv3.ProcessingResponse {
 	hs := []*corev3.HeaderValueOption{jsonContentType, depthHeader(depth)}
 	if retryAfter > 0 {
-		hs = append(hs, setHeader("retry-after", strconv.AppendInt(nil, int64(retryAfter), 10)))
+		retryAfter = min(retryAfter, MaxRetryAfter)
+		ms := max(1, (retryAfter+time.Millisecond-1)/time.Millisecond)
+		sec := max(1, (retryAfter+time.Second-1)/time.Second)
+		hs = append(hs,
+			setHeader("retry-after", strconv.AppendInt(nil, int64(sec), 10)),
+			setHeader("retry-after-ms", strconv.AppendInt(nil, int64(ms), 10)))
 	}
 	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
 		ImmediateResponse: &extprocv3.ImmediateResponse{
@@ -152,7 +162,7 @@ func tooLarge(limit int) *rejection {
 // queueFull answers a request that found the model's queue full. Its body
 // depends on the model alone, so callers keep it rendered (modelEntry);
 // under overload this is the answer most requests get.
-func queueFull(model string, retryAfter int) *rejection {
+func queueFull(model string, retryAfter time.Duration) *rejection {
 	return &rejection{status: 429, errType: "rate_limit_exceeded", code: "queue_full",
 		message:    "Too many requests are waiting for model '" + model + "'; retry later.",
 		retryAfter: retryAfter, reason: ReasonQueueFull, outcome: OutcomeRejected}
@@ -170,7 +180,7 @@ func timedOut(model string, r Reason) *rejection {
 
 // unavailable answers a model that cannot serve; why is the cause, shown
 // to the client, already cut to what a client may see and redacted.
-func unavailable(model, why string, retryAfter int, r Reason) *rejection {
+func unavailable(model, why string, retryAfter time.Duration, r Reason) *rejection {
 	msg := "Model '" + model + "' is unavailable"
 	if why != "" {
 		msg += ": " + why

@@ -161,7 +161,7 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 		panic(err)
 	}
 	m := s.lookup(name)
-	if m == nil || !m.gate.tryAcquire() {
+	if m == nil || !m.gate.tryAcquire(time.Now()) {
 		panic("not admitted")
 	}
 	l, ok := s.leases.TryLease("", m.name)
@@ -172,7 +172,7 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 	start := time.Now()
 	st := stream{s: s, ctx: ctx, model: m}
 	st.record(&decision{at: start, model: &m.name, outcome: OutcomeAdmitted, reason: ReasonSlotFree})
-	m.gate.release()
+	m.gate.release(0)
 	l.Release(Result{Status: 200, Duration: time.Since(start)})
 }
 
@@ -280,7 +280,7 @@ func BenchmarkQueueDepth(b *testing.B) {
 	for _, depth := range []int{0, 10, 1000, 10000} {
 		b.Run("depth="+strconv.Itoa(depth), func(b *testing.B) {
 			g := newGate(Limits{MaxConcurrent: 1, MaxQueue: depth + 2, QueueTimeout: time.Minute})
-			if !g.tryAcquire() {
+			if !g.tryAcquire(time.Now()) {
 				b.Fatal("first slot")
 			}
 			now := time.Now()
@@ -301,7 +301,7 @@ func BenchmarkQueueDepth(b *testing.B) {
 				if res, _ := g.enqueue(spare, now); res != enqueued {
 					b.Fatal("not queued")
 				}
-				g.release()
+				g.release(0)
 				if depth == 0 {
 					<-spare.ready
 					continue

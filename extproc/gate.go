@@ -2,6 +2,7 @@ package extproc
 
 import (
 	"math"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,6 +38,13 @@ type gate struct {
 	queue     waitList
 	completed uint64 // requests released so far, for the rate estimate
 	rate      rateEstimate
+	// For Retry-After (retryAfter): since when a slot has been taken
+	// without a break (inflight above 0), the model's service time (an
+	// average of the requests it served; 0 while none has been), and the
+	// latest time a turned-away request was told to come back at.
+	busySince time.Time
+	served    time.Duration
+	nextTurn  time.Time
 	// queued mirrors queue.len for readers that must not take mu, such as
 	// the queue-depth header on every response. Written under mu.
 	queued atomic.Int64
@@ -57,14 +65,22 @@ func newGate(l Limits) *gate { return &gate{limits: l} }
 // tryAcquire takes a slot when one is free and nobody is waiting: FIFO, so
 // a new request never overtakes a queued one. It is the whole admission cost
 // of an unloaded model.
-func (g *gate) tryAcquire() bool {
+func (g *gate) tryAcquire(now time.Time) bool {
 	g.mu.Lock()
 	ok := g.inflight < g.limits.MaxConcurrent && g.queue.len == 0
 	if ok {
-		g.inflight++
+		g.takeLocked(now)
 	}
 	g.mu.Unlock()
 	return ok
+}
+
+// takeLocked takes a slot.
+func (g *gate) takeLocked(now time.Time) {
+	if g.inflight == 0 {
+		g.busySince = now
+	}
+	g.inflight++
 }
 
 // enqueue is tryAcquire's slow path: it takes a slot if one has come free
@@ -74,7 +90,7 @@ func (g *gate) enqueue(w *waiter, now time.Time) (res admitResult, depth int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.inflight < g.limits.MaxConcurrent && g.queue.len == 0 {
-		g.inflight++
+		g.takeLocked(now)
 		return admitted, 0
 	}
 	g.rate.sample(now, g.completed)
@@ -90,11 +106,20 @@ func (g *gate) enqueue(w *waiter, now time.Time) (res admitResult, depth int) {
 func (g *gate) depth() int { return int(g.queued.Load()) }
 
 // release gives a slot back, handing it straight to the oldest waiter if
-// there is one. Each slot taken must be released exactly once.
-func (g *gate) release() {
+// there is one. Each slot taken must be released exactly once. served is
+// how long the model took to serve the request, 0 when it did not serve
+// it (the request gave up, or no answer began).
+func (g *gate) release(served time.Duration) {
 	g.mu.Lock()
 	g.completed++
 	g.inflight--
+	if served > 0 {
+		if g.served == 0 {
+			g.served = served
+		} else {
+			g.served += (served - g.served) * 3 / 10 // recent requests weigh most
+		}
+	}
 	g.grantLocked()
 	g.mu.Unlock()
 }
@@ -151,25 +176,58 @@ func (g *gate) stats() GateStats {
 	return GateStats{Limits: g.limits, InFlight: g.inflight, Queued: g.queue.len, Completed: g.completed, Rate: g.rate.perSec}
 }
 
-// retryAfter estimates, for a request turned away because the queue is
-// full, when the backlog ahead of it will have drained: the queue length
-// over the model's observed completion rate. With no completions observed
-// (a model still loading, say) every queued request has been served or has
-// timed out by one queue timeout, so that is the answer. The result is whole
-// seconds, at least 1, at most the queue timeout.
-func (g *gate) retryAfter(depth int) int {
+// MaxRetryAfter is the longest Retry-After vgw gives: the OpenAI Python
+// SDK honours one of at most 60 s (and backs off on its own, at most 8 s,
+// for a longer one); the Go SDK (v3.98, requestconfig.go
+// parseRetryAfterHeader) one of at most 2 minutes, and gives up at once
+// on a longer one. A client told 60 s comes back and is told its turn
+// again.
+const MaxRetryAfter = 60 * time.Second
+
+// fallbackService is what retryAfter takes a request to last before it
+// knows anything of the model's: short, so that the first turned-away
+// clients come back soon and are told better once the requests in flight
+// have shown how long they run.
+const fallbackService = time.Second
+
+// retryAfter tells a request turned away because the queue is full when
+// to come back: at its own turn, one queue place freeing per request the
+// model serves, so that turned-away clients come back spread out, each as
+// a place frees, rather than all together into a full queue again, and
+// the model is not left idle while they wait.
+//
+// A place frees every S/max_concurrent, S being the model's service
+// time: the average of the requests it served, or, before the first one
+// ends, twice the age of the oldest in flight (a request that has run
+// for t is as likely as not to run another t), and at least a second.
+// The first place frees in about half that, or what remains of the
+// oldest request's S; each turned-away request is told the turn after
+// the last one given. Turns are spread by up to 10% either way, and
+// capped at MaxRetryAfter.
+func (g *gate) retryAfter(now time.Time) time.Duration {
 	g.mu.Lock()
-	rate, limit := g.rate.perSec, g.limits.QueueTimeout
-	g.mu.Unlock()
-	maxSec := math.Ceil(limit.Seconds())
-	if maxSec < 1 {
-		maxSec = 1
+	defer g.mu.Unlock()
+	service, first := g.served, time.Duration(0)
+	slots := time.Duration(max(1, g.limits.MaxConcurrent))
+	if service == 0 {
+		var age time.Duration
+		if g.inflight > 0 {
+			age = now.Sub(g.busySince)
+		}
+		service = max(fallbackService, 2*age)
+		first = max(service-age, service/slots/4)
+	} else {
+		first = service / slots / 2
 	}
-	sec := maxSec
-	if rate > 0 {
-		sec = math.Min(maxSec, math.Ceil(float64(depth)/rate))
+	turn := service / slots
+	at := now.Add(first)
+	if next := g.nextTurn.Add(turn); next.After(at) {
+		at = next
 	}
-	return int(math.Max(1, sec))
+	g.nextTurn = at
+	d := at.Sub(now)
+	d += time.Duration((rand.Float64()*2 - 1) * 0.1 * float64(d))
+	return min(MaxRetryAfter, max(100*time.Millisecond, d))
 }
 
 // rateEstimate is an exponentially weighted completion rate. It is sampled

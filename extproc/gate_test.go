@@ -21,11 +21,11 @@ func TestGateFIFO(t *testing.T) {
 	g := newGate(Limits{MaxConcurrent: 2, MaxQueue: 3, QueueTimeout: time.Minute})
 	now := time.Now()
 	for i := range 2 {
-		if !g.tryAcquire() {
+		if !g.tryAcquire(time.Now()) {
 			t.Fatalf("request %d should take a slot", i)
 		}
 	}
-	if g.tryAcquire() {
+	if g.tryAcquire(time.Now()) {
 		t.Fatal("a third request took a slot")
 	}
 	ws := []*waiter{newWaiter(), newWaiter(), newWaiter()}
@@ -41,21 +41,21 @@ func TestGateFIFO(t *testing.T) {
 	if g.abandon(ws[1]) {
 		t.Fatal("abandon reported a grant for a queued waiter")
 	}
-	g.release()
+	g.release(0)
 	if !granted(ws[0]) || granted(ws[2]) {
 		t.Fatal("the slot did not go to the oldest waiter")
 	}
-	g.release()
+	g.release(0)
 	if !granted(ws[2]) {
 		t.Fatal("the slot did not go to the next waiter")
 	}
 	// A new request does not overtake: with nobody queued it gets a slot
 	// only once one is free.
-	if g.tryAcquire() {
+	if g.tryAcquire(time.Now()) {
 		t.Fatal("took a slot while both are held")
 	}
-	g.release()
-	g.release()
+	g.release(0)
+	g.release(0)
 	if st := g.stats(); st.InFlight != 0 || st.Queued != 0 || st.Completed != 4 {
 		t.Fatalf("stats %+v, want all released and 4 completed", st)
 	}
@@ -65,15 +65,15 @@ func TestGateFIFO(t *testing.T) {
 // handed to it owns that slot and must give it back.
 func TestGateAbandonAfterGrant(t *testing.T) {
 	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute})
-	g.tryAcquire()
+	g.tryAcquire(time.Now())
 	w := newWaiter()
 	g.enqueue(w, time.Now())
-	g.release() // hands the slot to w
+	g.release(0) // hands the slot to w
 	if !g.abandon(w) {
 		t.Fatal("abandon after a grant must report the grant")
 	}
 	<-w.ready
-	g.release()
+	g.release(0)
 	if st := g.stats(); st.InFlight != 0 || st.Queued != 0 {
 		t.Fatalf("stats %+v, want nothing held", st)
 	}
@@ -81,7 +81,7 @@ func TestGateAbandonAfterGrant(t *testing.T) {
 
 func TestGateSetLimits(t *testing.T) {
 	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 4, QueueTimeout: time.Minute})
-	g.tryAcquire()
+	g.tryAcquire(time.Now())
 	ws := []*waiter{newWaiter(), newWaiter()}
 	for _, w := range ws {
 		g.enqueue(w, time.Now())
@@ -95,34 +95,64 @@ func TestGateSetLimits(t *testing.T) {
 	}
 }
 
-// TestRetryAfter checks that Retry-After follows the observed completion
-// rate: the backlog over the rate, rounded up, within [1s, queue timeout].
+// TestRetryAfter: a turned-away request is told its own turn, one queue
+// place freeing per request served: before anything is known, from the
+// age of the request in flight; then from the service time of those
+// served. Turns are spread (within 10%), never under 100 ms nor over
+// MaxRetryAfter.
 func TestRetryAfter(t *testing.T) {
 	t0 := time.Unix(1000, 0)
+	within := func(got, want time.Duration) bool {
+		return got >= want*9/10-time.Millisecond && got <= want*11/10+time.Millisecond
+	}
 	tests := []struct {
-		name        string
-		completions uint64        // between the two samples
-		over        time.Duration // time between the samples
-		depth       int
-		want        int
+		name   string
+		slots  int
+		setup  func(g *gate) time.Time // returns when the requests are turned away
+		want   []time.Duration         // what successive turned-away requests are told
+		capped bool
 	}{
-		{"nothing observed yet", 0, 0, 10, 30},
-		{"5 per second, 20 waiting", 10, 2 * time.Second, 20, 4},
-		{"fast model", 1000, time.Second, 5, 1},
-		{"slow model, capped at the queue timeout", 1, 10 * time.Second, 200, 30},
-		{"no completions in the window", 0, 5 * time.Second, 3, 30},
+		{name: "nothing known, just started: a second apart", slots: 1,
+			setup: func(g *gate) time.Time { g.tryAcquire(t0); return t0 },
+			want:  []time.Duration{time.Second, 2 * time.Second, 3 * time.Second}},
+		{name: "nothing known, in flight for 5s: its remaining 5s, then 10s apart", slots: 1,
+			setup: func(g *gate) time.Time { g.tryAcquire(t0); return t0.Add(5 * time.Second) },
+			want:  []time.Duration{5 * time.Second, 15 * time.Second, 25 * time.Second}},
+		{name: "served 10s each, 2 slots: 5s apart, the first in half a turn", slots: 2,
+			setup: func(g *gate) time.Time {
+				g.tryAcquire(t0)
+				g.release(10 * time.Second)
+				g.tryAcquire(t0)
+				return t0
+			},
+			want: []time.Duration{2500 * time.Millisecond, 7500 * time.Millisecond, 12500 * time.Millisecond}},
+		{name: "a slow model: capped", slots: 1,
+			setup: func(g *gate) time.Time { g.tryAcquire(t0); g.release(50 * time.Second); g.tryAcquire(t0); return t0 },
+			want:  []time.Duration{25 * time.Second, MaxRetryAfter, MaxRetryAfter}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: 30 * time.Second})
-			g.rate.sample(t0, 0)
-			if tt.over > 0 {
-				g.rate.sample(t0.Add(tt.over), tt.completions)
-			}
-			if got := g.retryAfter(tt.depth); got != tt.want {
-				t.Fatalf("retryAfter(%d) = %d, want %d (rate %v/s)", tt.depth, got, tt.want, g.rate.perSec)
+			g := newGate(Limits{MaxConcurrent: tt.slots, MaxQueue: 1, QueueTimeout: 30 * time.Second})
+			now := tt.setup(g)
+			for i, want := range tt.want {
+				got := g.retryAfter(now)
+				if want == MaxRetryAfter && got != MaxRetryAfter || want != MaxRetryAfter && !within(got, want) {
+					t.Fatalf("turned away #%d told %v, want %v", i+1, got, want)
+				}
+				// The next turn follows the one given, not the spread.
+				g.nextTurn = now.Add(want)
 			}
 		})
+	}
+	// Turns given long ago do not push new ones back.
+	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 1})
+	g.tryAcquire(t0)
+	g.release(2 * time.Second)
+	g.tryAcquire(t0)
+	g.retryAfter(t0)
+	g.retryAfter(t0)
+	if got := g.retryAfter(t0.Add(time.Hour)); !within(got, time.Second) {
+		t.Errorf("an hour later: told %v, want half a turn (1s)", got)
 	}
 }
 

@@ -386,7 +386,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 		return true, st.reject(&m.name, draining(m.name), m.gate.depth(), time.Time{})
 	}
 	start := time.Now()
-	if m.gate.tryAcquire() {
+	if m.gate.tryAcquire(start) {
 		st.held = true
 		budget, margin := s.waitBudget(0)
 		return st.proceed(ReasonSlotFree, start, start, start.Add(budget), margin, 0, atHeaders)
@@ -404,7 +404,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 		return st.proceed(ReasonSlotFree, start, start, deadline, margin, 0, atHeaders)
 	case full:
 		waiterPool.Put(w)
-		r := queueFull(m.name, m.gate.retryAfter(depth))
+		r := queueFull(m.name, m.gate.retryAfter(start))
 		r.rendered = m.queueFullBody
 		return true, st.reject(&m.name, r, depth, time.Time{})
 	}
@@ -465,7 +465,7 @@ func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
 func (st *stream) leaveQueue(w *waiter) {
 	if st.model.gate.abandon(w) {
 		<-w.ready
-		st.model.gate.release()
+		st.model.gate.release(0)
 	}
 	waiterPool.Put(w)
 }
@@ -527,13 +527,13 @@ func publicCause(err error) string {
 const DefaultRetryAfter = 30 * time.Second
 
 // retryAfterOf reads a retry hint from a manager error that offers one.
-func retryAfterOf(err error) int {
+func retryAfterOf(err error) time.Duration {
 	var h interface{ RetryAfter() time.Duration }
 	d := DefaultRetryAfter
 	if errors.As(err, &h) {
 		d = h.RetryAfter()
 	}
-	return max(1, int((d+time.Second-1)/time.Second))
+	return max(time.Second, d)
 }
 
 // extendTimeout asks Envoy, once per phase, to wait for vgw's answer until
@@ -735,7 +735,7 @@ func (st *stream) abandoned(start time.Time) {
 func (st *stream) releaseSlot() {
 	if st.held {
 		st.held = false
-		st.model.gate.release()
+		st.model.gate.release(0)
 	}
 }
 
@@ -743,13 +743,21 @@ func (st *stream) releaseSlot() {
 // lease of an admitted one with how it went. It runs at most once per
 // slot; later calls do nothing.
 func (st *stream) finish() {
+	var took time.Duration
+	if st.lease != nil {
+		took = time.Since(st.admittedAt)
+	}
 	if st.held {
 		st.held = false
-		st.model.gate.release()
+		served := took
+		if st.status == 0 {
+			served = 0 // no answer began: not a time the model took to serve
+		}
+		st.model.gate.release(served)
 	}
 	if st.lease != nil {
 		l := st.lease
 		st.lease = nil
-		l.Release(Result{Status: st.status, Duration: time.Since(st.admittedAt)})
+		l.Release(Result{Status: st.status, Duration: took})
 	}
 }

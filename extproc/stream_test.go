@@ -82,13 +82,13 @@ func TestOverrideSendFailsAfterGrant(t *testing.T) {
 	s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}},
 		readyLeases{}, Options{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: time.Minute})
 	g := s.lookup([]byte("m")).gate
-	if !g.tryAcquire() {
+	if !g.tryAcquire(time.Now()) {
 		t.Fatal("could not take the only slot")
 	}
 	srv := &scriptedStream{ctx: context.Background(), msgs: []*extprocv3.ProcessingRequest{bodyMsg(`{"model":"m"}`)}, end: io.EOF}
 	srv.onSend = func(r *extprocv3.ProcessingResponse) error {
 		if r.GetOverrideMessageTimeout() != nil {
-			g.release() // the slot goes to the queued request now
+			g.release(0) // the slot goes to the queued request now
 			return errors.New("stream reset")
 		}
 		return nil
