@@ -82,21 +82,6 @@ func (c *Config) SharedRepos() map[string][]string {
 	return repos
 }
 
-// ServedNames are the names a model's server must answer to, for
-// vLLM's --served-model-name: its key first (the name vLLM reports in
-// its answers and metrics), then its aliases and its repo, each once.
-// Every name vgw routes to the model's base weights is among them, so
-// the server accepts a request as its client wrote it.
-func (m *Model) ServedNames(key string) []string {
-	out := []string{key}
-	for _, n := range append(slices.Clone(m.Aliases), m.Repo) {
-		if n != "" && !slices.Contains(out, n) {
-			out = append(out, n)
-		}
-	}
-	return out
-}
-
 // names checks the names clients may send: each well formed, and none
 // claimed by two models (see Names). A model's own names may repeat one
 // another, except an adapter's, which must differ from the base model's:
@@ -110,18 +95,19 @@ func (v *validator) names(c *Config) {
 	for _, key := range c.ModelNames() {
 		taken[key] = owner{key, NameKey}
 	}
-	repos := map[string]string{} // repo → a model that loads it
+	repos := map[string][]string{} // repo → the models that load it
 	for _, key := range c.ModelNames() {
 		if m := c.Models[key]; m != nil && m.Repo != "" {
-			if _, ok := repos[m.Repo]; !ok {
-				repos[m.Repo] = key
-			}
+			repos[m.Repo] = append(repos[m.Repo], key)
 		}
 	}
 	claim := func(name string, o owner, at []string) {
 		prev, ok := taken[name]
-		if repoOf, isRepo := repos[name]; !ok && isRepo && repoOf != o.model {
-			prev, ok = owner{repoOf, NameRepo}, true
+		if o.kind != NameRepo {
+			// Another model's repo, whichever order the keys sort in.
+			if i := slices.IndexFunc(repos[name], func(m string) bool { return m != o.model }); i >= 0 {
+				prev, ok = owner{repos[name][i], NameRepo}, true
+			}
 		}
 		switch {
 		case !ok:

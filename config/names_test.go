@@ -3,7 +3,6 @@ package config
 import (
 	"maps"
 	"reflect"
-	"slices"
 	"strings"
 	"testing"
 )
@@ -44,12 +43,6 @@ func TestNames(t *testing.T) {
 	if got := c.SharedRepos(); !reflect.DeepEqual(got, map[string][]string{"org/shared": {"llama-8b-long", "llama-8b-short"}}) {
 		t.Errorf("shared repos %v", got)
 	}
-	if got := c.Models["llama-8b"].ServedNames("llama-8b"); !slices.Equal(got, []string{"llama-8b", "gpt-4o-mini", "llama", "meta-llama/Llama-3.1-8B-Instruct"}) {
-		t.Errorf("served names %v", got)
-	}
-	if got := c.Models["plain"].ServedNames("plain"); !slices.Equal(got, []string{"plain"}) {
-		t.Errorf("served names of a model whose key is its repo: %v", got)
-	}
 }
 
 // TestNameErrors: a name two models claim is refused at its line.
@@ -59,6 +52,9 @@ func TestNameErrors(t *testing.T) {
 	}{
 		{"alias is another model's key", "  a: {aliases: [b]}\n  b: {}\n", `c.yaml:4: alias "b" of model "a" is already the key of model "b"`},
 		{"alias is another model's repo", "  a:\n    aliases: [x, org/b]\n  b: {repo: org/b}\n", `c.yaml:5: alias "org/b" of model "a" is already the repo of model "b"`},
+		// Whichever order the keys sort in.
+		{"alias is its own repo, which another model loads too", "  a:\n    repo: org/x\n    aliases: [org/x]\n  b: {repo: org/x}\n", `c.yaml:6: alias "org/x" of model "a" is already the repo of model "b"`},
+		{"the same, sorted the other way", "  z:\n    repo: org/x\n    aliases: [org/x]\n  b: {repo: org/x}\n", `c.yaml:6: alias "org/x" of model "z" is already the repo of model "b"`},
 		{"alias of two models", "  a: {aliases: [gpt]}\n  b:\n    aliases: [gpt]\n", `c.yaml:6: alias "gpt" of model "b" is already the alias of model "a"`},
 		{"adapter is another model's alias", "  a: {aliases: [sql]}\n  b:\n    adapters:\n      sql: /l/sql\n", `c.yaml:7: adapter "sql" of model "b" is already the alias of model "a"`},
 		{"repo is another model's key", "  a: {}\n  b: {repo: a}\n", `c.yaml:5: repo "a" of model "b" is already the key of model "a"`},
@@ -90,8 +86,8 @@ func TestNamesRepeatedWithinModel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := c.Models["a"].ServedNames("a"); !slices.Equal(got, []string{"a", "org/a", "b"}) {
-		t.Errorf("served names %v", got)
+	if got := c.Names(); len(got) != 3 || got["b"] != (Name{"a", NameAlias}) || got["org/a"].Model != "a" {
+		t.Errorf("names %v", got)
 	}
 }
 
@@ -119,6 +115,7 @@ models:
 		{"request_defaults: {model: x}\nmodels: {a: {}}\n", `c.yaml:3: request_defaults may not set "model"`},
 		{"models:\n  a:\n    request_defaults: {model: x}\n", `c.yaml:5: request_defaults may not set "model"`},
 		{"default_model: nope\nmodels: {a: {}}\n", `c.yaml:3: default_model "nope" is not a name`},
+		{"default_model: sql\nmodels: {a: {adapters: {sql: /l/sql}}}\n", `c.yaml:3: default_model "sql" is an adapter`},
 	} {
 		if _, err := Parse("c.yaml", []byte(namesBase+tt.yaml)); err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("%q: %v, want %q", tt.yaml, err, tt.want)

@@ -354,8 +354,13 @@ func (v *validator) requestDefaults(c *Config) {
 		}
 	}
 	if c.DefaultModel != "" {
-		if _, ok := c.Names()[c.DefaultModel]; !ok {
+		switch n, ok := c.Names()[c.DefaultModel]; {
+		case !ok:
 			v.at([]string{"default_model"}, "default_model %s is not a name of any configured model", trimmed(c.DefaultModel))
+		case n.Kind == NameAdapter:
+			// A form with no model goes on as it came, and vLLM would
+			// serve it with the base model.
+			v.at([]string{"default_model"}, "default_model %s is an adapter: name a model (its key, repo or an alias)", trimmed(c.DefaultModel))
 		}
 	}
 }

@@ -3,6 +3,9 @@ package main
 import (
 	"fmt"
 	"io"
+	"maps"
+	"slices"
+	"strings"
 
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/envoy"
@@ -25,6 +28,11 @@ func validate(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stdout, "%s: ok: %d models, runtime %s\n", *path, len(c.Models), c.Runtime.Kind)
+	shared := c.SharedRepos()
+	for _, repo := range slices.Sorted(maps.Keys(shared)) {
+		fmt.Fprintf(stdout, "%s: note: repo %s is loaded by models %s, so it names none of them: a request naming it gets 404 (clients name each by its key or an alias)\n",
+			*path, repo, strings.Join(shared[repo], ", "))
+	}
 	return nil
 }
 
@@ -54,6 +62,7 @@ func envoyCheck(args []string, stdout, stderr io.Writer) error {
 			MaxAudioBodyBytes: int64(c.MaxAudioBodyBytes),
 			RecvLimit:         int64(extproc.RecvLimit(int(max(c.MaxBodyBytes, c.MaxAudioBodyBytes)))),
 			StreamIdleTimeout: c.Envoy.StreamIdleTimeout.Std(),
+			TrustModelHeader:  c.TrustModelHeader,
 		}
 	}
 	failed := 0

@@ -49,6 +49,8 @@ func TestMain(m *testing.M) {
 func TestValidate(t *testing.T) {
 	bad := filepath.Join(t.TempDir(), "bad.yaml")
 	os.WriteFile(bad, []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nmax_queue: -1\nmodels:\n  m: {rep: x}\n"), 0o600)
+	shared := filepath.Join(t.TempDir(), "shared.yaml")
+	os.WriteFile(shared, []byte("runtime: {kind: sim}\ngpus: [{name: g, memory: 1GiB}]\nmodels:\n  short: {repo: org/m}\n  long: {repo: org/m, max_model_len: 131072}\n"), 0o600)
 	tests := []struct {
 		args     []string
 		code     int
@@ -58,6 +60,7 @@ func TestValidate(t *testing.T) {
 	}{
 		{args: []string{"validate", "--config", "../../examples/sim.yaml"}, code: 0, stdout: "ok: 4 models"},
 		{args: []string{"validate", "--config", bad}, code: 1, stderr: bad + `:5: unknown field "rep"`},
+		{args: []string{"validate", "--config", shared}, code: 0, stdout: "note: repo org/m is loaded by models long, short, so it names none of them"},
 		{args: []string{"validate"}, code: 2, stderr: "--config is required"},
 		{args: []string{"validate", "--nope"}, code: 2},
 		{args: []string{"envoy-check", "../../envoy/envoy.yaml"}, code: 0, stdout: "envoy.yaml: ok"},
