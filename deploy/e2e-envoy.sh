@@ -112,6 +112,10 @@ head -c 9437184 /dev/zero | tr '\0' ' ' >"$work/big"
 grep -q '"error"' "$work/body" || fail "Envoy's 413 is not in the OpenAI error shape: $(cat "$work/body")"
 head -c 2000000 /dev/urandom >"$work/speech.mp3"
 [ "$(code http://127.0.0.1:8080/v1/audio/transcriptions -F file=@"$work/speech.mp3" -F model=gpt-4o-mini)" = 200 ] || fail "a Whisper upload: $(cat "$work/body")"
+# Over HTTP/2 a stream's buffer starts at its 8 MiB window; the audio
+# route raises it to 25 MiB (conn_manager_impl.cc refreshBufferLimit).
+head -c 20000000 /dev/urandom >"$work/long.mp3"
+[ "$(code --http2-prior-knowledge http://127.0.0.1:8080/v1/audio/transcriptions -F file=@"$work/long.mp3" -F model=llama-3.1-8b)" = 200 ] || fail "a 20 MB upload over HTTP/2: $(cat "$work/body")"
 
 # gemma-2-27b needs memory the resident models hold: one is swapped out.
 [ "$(ask gemma-2-27b)" = 200 ] || fail "gemma-2-27b (a swap): $(cat "$work/body")"

@@ -78,6 +78,7 @@ func TestBrokenConfigs(t *testing.T) {
 		// what Envoy answers itself.
 		{name: "a catch-all to the models", old: `              - match: { prefix: "/" }` + "\n", new: `              - match: { prefix: "/" }` + "\n                route: { cluster_header: x-vgw-cluster }\n              - match: { prefix: \"/never\" }\n", wantCheck: "sends /sleep, /wake_up"},
 		{name: "vgw asked about a direct response", old: "                    disabled: true\n", new: "                    disabled: false\n", wantCheck: "vgw would admit them, and load their model, for nothing"},
+		{name: "clients' x-vgw-* headers kept", old: "              - remove_on_match: { key_matcher: { prefix: x-vgw- } }\n", new: "              - remove: x-other\n", wantCheck: "a client's own x-vgw-cluster is not removed before the route is picked", warning: true},
 		{name: "an inference path not routed", old: "|tokenize|", new: "|", wantCheck: "a request for /tokenize does not reach vgw", warning: true},
 		{name: "route to missing cluster", old: "cluster_header: x-vgw-cluster", new: "cluster: nowhere", wantCheck: `cluster "nowhere" is not defined`},
 		{name: "duplicate cluster", old: "  clusters:\n", new: "  clusters:\n  - name: vgw_extproc\n    connect_timeout: 1s\n", wantCheck: "duplicate cluster"},
@@ -180,6 +181,30 @@ func TestCheckAgainstIdleTimeout(t *testing.T) {
 				t.Fatalf("problems %v, want one about %s", ps, tc.problem)
 			}
 		})
+	}
+}
+
+// TestCheckAgainstTrustedHeader: where vgw trusts x-vgw-model, Envoy must
+// not drop it as the request arrives, as the shipped bootstraps do.
+func TestCheckAgainstTrustedHeader(t *testing.T) {
+	b, err := Load("envoy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, MaxAudioBodyBytes: 25 << 20, StreamIdleTimeout: 960 * time.Second}
+	if ps := CheckAgainst(b, want); len(ps) > 0 {
+		t.Fatalf("as shipped: %v", ps)
+	}
+	want.TrustModelHeader = true
+	ps := CheckAgainst(b, want)
+	if len(ps) != 1 || !strings.Contains(ps[0].String(), "removes x-vgw-model") {
+		t.Fatalf("trusted: %v, want one problem about x-vgw-model", ps)
+	}
+	fr, _ := FrontOf(b)
+	for header, want := range map[string]bool{"x-vgw-model": true, "X-VGW-Cluster": false, "x-vgw-cluster": true, "x-request-id": false} {
+		if got := StripsEarly(fr.HCM, header); got != want {
+			t.Errorf("StripsEarly(%q) = %v, want %v", header, got, want)
+		}
 	}
 }
 

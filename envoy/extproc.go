@@ -220,6 +220,9 @@ type Expect struct {
 	// StreamIdleTimeout is vgw's envoy.stream_idle_timeout, which ends
 	// ext_proc streams left silent longer (by a margin).
 	StreamIdleTimeout time.Duration
+	// TrustModelHeader is vgw's trust_model_header: a front that sets
+	// x-vgw-model must not have Envoy drop it.
+	TrustModelHeader bool
 }
 
 // CheckAgainst reports where b's ext_proc filter and body buffer limit
@@ -242,6 +245,9 @@ func CheckAgainst(b *bootstrapv3.Bootstrap, want Expect) []Problem {
 	}
 	if got := ep.GetMaxMessageTimeout().AsDuration(); got != want.MaxMessageTimeout {
 		c.errorf("ext_proc.max_message_timeout", "is %v, vgw's envoy.max_message_timeout is %v", got, want.MaxMessageTimeout)
+	}
+	if fr, ok := FrontOf(b); ok && want.TrustModelHeader && StripsEarly(fr.HCM, "x-vgw-model") {
+		c.errorf("early_header_mutation_extensions", "removes x-vgw-model, which vgw's trust_model_header says a trusted front sets: remove only x-vgw-cluster and x-vgw-queue-depth")
 	}
 	seen := map[string]bool{} // the connection manager's, for each of its routes
 	for _, idle := range streamIdleTimeouts(b) {

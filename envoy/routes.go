@@ -11,6 +11,8 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	earlyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 )
@@ -140,6 +142,9 @@ func (c *checker) pathPolicy(path string, hcm *hcmv3.HttpConnectionManager, extp
 				c.warnf(vpath, "a request for %s does not reach vgw (route %d): clients calling it get Envoy's answer", p, ri)
 			}
 		}
+		if !StripsEarly(hcm, ClusterHeader) {
+			c.warnf(path+".early_header_mutation_extensions", "a client's own %s is not removed before the route is picked: where vgw never sees a request whole, Envoy routes it where the client chose; remove x-vgw-* there (remove_on_match, prefix x-vgw-)", ClusterHeader)
+		}
 		for ri, r := range vh.GetRoutes() {
 			if any, _ := forwards(r); !any && !ExtProcDisabled(r, extprocName) {
 				c.errorf(fmt.Sprintf("%s.routes[%d]", vpath, ri), "answers requests itself, yet vgw's ext_proc filter runs for them first: vgw would admit them, and load their model, for nothing; add typed_per_filter_config %s: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute, disabled: true}", extprocName)
@@ -178,3 +183,51 @@ func FrontOf(b *bootstrapv3.Bootstrap) (Front, bool) {
 
 // Unpack reads a typed_config as m, and reports whether it is one.
 func Unpack[T proto.Message](a *anypb.Any, m T) (T, bool) { return unpack(a, m) }
+
+// StripsEarly reports whether the connection manager removes header from
+// every request as it arrives, before the route is picked
+// (early_header_mutation_extensions, conn_manager_utility.cc
+// mutateRequestHeaders): a remove naming it, or a remove_on_match whose
+// matcher takes it. A matcher this check cannot read counts as not.
+func StripsEarly(hcm *hcmv3.HttpConnectionManager, header string) bool {
+	for _, ext := range hcm.GetEarlyHeaderMutationExtensions() {
+		hm, ok := unpack(ext.GetTypedConfig(), &earlyv3.HeaderMutation{})
+		if !ok {
+			continue
+		}
+		for _, m := range hm.GetMutations() {
+			if strings.EqualFold(m.GetRemove(), header) || stringMatches(m.GetRemoveOnMatch().GetKeyMatcher(), header) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// stringMatches plays a StringMatcher on s; false for nil or a pattern
+// it does not know.
+func stringMatches(m *matcherv3.StringMatcher, s string) bool {
+	if m == nil {
+		return false
+	}
+	fold := func(v string) string {
+		if m.GetIgnoreCase() {
+			return strings.ToLower(v)
+		}
+		return v
+	}
+	switch p := m.GetMatchPattern().(type) {
+	case *matcherv3.StringMatcher_Exact:
+		return fold(s) == fold(p.Exact)
+	case *matcherv3.StringMatcher_Prefix:
+		return strings.HasPrefix(fold(s), fold(p.Prefix))
+	case *matcherv3.StringMatcher_Suffix:
+		return strings.HasSuffix(fold(s), fold(p.Suffix))
+	case *matcherv3.StringMatcher_Contains:
+		return strings.Contains(fold(s), fold(p.Contains))
+	case *matcherv3.StringMatcher_SafeRegex:
+		re, err := fullRegexp(p.SafeRegex.GetRegex())
+		return err == nil && re.MatchString(s)
+	}
+	return false
+}

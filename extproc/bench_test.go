@@ -160,7 +160,7 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 	if err != nil {
 		panic(err)
 	}
-	m := s.lookup(name)
+	m := s.lookup(name).model
 	if m == nil || !m.gate.tryAcquire(time.Now()) {
 		panic("not admitted")
 	}
@@ -244,6 +244,13 @@ func BenchmarkStream(b *testing.B) {
 		// then two more it lacks, merged in.
 		{"level=INFO/defaults=present", withDefaults(slog.LevelInfo, `{"temperature":0.2,"max_tokens":64}`)},
 		{"level=INFO/defaults=merged", withDefaults(slog.LevelInfo, `{"top_p":0.9,"seed":7}`)},
+		// The body names an alias: it goes on renamed to the model's own name.
+		{"level=INFO/alias", func() *Server {
+			s := benchServer(slog.LevelInfo)
+			s.SetModels([]Model{{Name: "llama", Aliases: []string{"llama-3.1-8b"}, Cluster: "model/llama",
+				Limits: Limits{MaxConcurrent: 1 << 20, MaxQueue: 1 << 20, QueueTimeout: time.Minute}}})
+			return s
+		}()},
 	} {
 		s := bc.s
 		body := chatBody(1<<10, false)

@@ -185,3 +185,46 @@ func topLevelKeys(body []byte, visit func(key []byte)) (closeAt int, empty bool,
 		}
 	}
 }
+
+// setModel returns body with the value of its first top-level "model"
+// replaced by value (a JSON string), and whether it was; with onlyEmpty,
+// only a "model" that is null or "" (which vLLM takes as no model) is.
+func setModel(body, value []byte, onlyEmpty bool) ([]byte, bool) {
+	s := scanner{b: body}
+	s.skipSpace()
+	if s.i >= len(s.b) || s.b[s.i] != '{' {
+		return body, false
+	}
+	s.i++
+	s.skipSpace()
+	var buf [16]byte
+	for s.i < len(s.b) && s.b[s.i] != '}' {
+		k, err := s.keyInto(buf[:0])
+		if err != nil {
+			return body, false
+		}
+		s.skipSpace()
+		start := s.i
+		if s.skipValue() != nil {
+			return body, false
+		}
+		if string(k) == "model" {
+			if v := s.b[start:s.i]; onlyEmpty && string(v) != "null" && string(v) != `""` {
+				return body, false
+			}
+			return splice(body, start, s.i, value), true
+		}
+		s.skipSpace()
+		if s.i < len(s.b) && s.b[s.i] == ',' {
+			s.i++
+			s.skipSpace()
+		}
+	}
+	return body, false
+}
+
+// splice returns a copy of body with body[start:end] replaced by value.
+func splice(body []byte, start, end int, value []byte) []byte {
+	out := make([]byte, 0, len(body)-(end-start)+len(value))
+	return append(append(append(out, body[:start]...), value...), body[end:]...)
+}

@@ -3,6 +3,7 @@ package extproc_test
 import (
 	"context"
 	"errors"
+	"math"
 	"net"
 	"slices"
 	"sync"
@@ -168,7 +169,8 @@ func start(t testing.TB, models []extproc.Model, opts ...extproc.Options) *harne
 	h.srv.Register(g)
 	go g.Serve(lis)
 	t.Cleanup(g.Stop)
-	h.conn, err = grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	h.conn, err = grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32))) // as Envoy's: no limit
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -107,7 +107,7 @@ func headless(method []byte, r *extprocv3.ProcessingResponse) *extprocv3.Process
 // optionsReply answers OPTIONS with the methods the target takes. It
 // grants no cross-origin access: a deployment that serves browsers puts
 // Envoy's CORS filter before ext_proc, and that filter answers a
-// preflight itself (envoy/envoy.yaml says so).
+// preflight itself (envoy/envoy.yaml says how).
 func optionsReply(t target) *extprocv3.ProcessingResponse {
 	allow := "POST, OPTIONS"
 	if t != targetInference && t != targetAudio {

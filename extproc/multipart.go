@@ -87,20 +87,29 @@ func unquote(v []byte) []byte {
 // It allocates nothing. Lines may end in CRLF, as RFC 2046 says, or in
 // LF alone, as Go's mime/multipart also accepts.
 func ExtractFormModel(body, boundary []byte) ([]byte, error) {
+	start, end, err := formModel(body, boundary)
+	if err != nil {
+		return nil, err
+	}
+	return body[start:end], nil
+}
+
+// formModel is ExtractFormModel, saying where in body the value is.
+func formModel(body, boundary []byte) (start, end int, err error) {
 	if len(boundary) == 0 {
-		return nil, ErrNoBoundary
+		return 0, 0, ErrNoBoundary
 	}
 	// The first delimiter may open the body or follow a preamble.
 	i := delimiterAt(body, 0, boundary)
 	if i < 0 {
-		return nil, ErrMalformedForm
+		return 0, 0, ErrMalformedForm
 	}
 	pos := i + 2 + len(boundary)
 	for {
 		// After a delimiter: "--" closes the form; else its line ends
 		// (delimiterAt saw to that).
 		if bytes.HasPrefix(body[pos:], []byte("--")) {
-			return nil, ErrNoModelField
+			return 0, 0, ErrNoModelField
 		}
 		pos += bytes.IndexByte(body[pos:], '\n') + 1
 		// The part's headers, up to an empty line.
@@ -108,7 +117,7 @@ func ExtractFormModel(body, boundary []byte) ([]byte, error) {
 		for {
 			eol := bytes.IndexByte(body[pos:], '\n')
 			if eol < 0 {
-				return nil, ErrMalformedForm
+				return 0, 0, ErrMalformedForm
 			}
 			line := bytes.TrimSuffix(body[pos:pos+eol], []byte("\r"))
 			pos += eol + 1
@@ -123,7 +132,7 @@ func ExtractFormModel(body, boundary []byte) ([]byte, error) {
 		// own line: the line break before it belongs to the delimiter.
 		next := delimiterAt(body, pos, boundary)
 		if next < 0 {
-			return nil, ErrMalformedForm
+			return 0, 0, ErrMalformedForm
 		}
 		if isModel {
 			end := next
@@ -133,7 +142,7 @@ func ExtractFormModel(body, boundary []byte) ([]byte, error) {
 					end--
 				}
 			}
-			return body[pos:end], nil
+			return pos, end, nil
 		}
 		pos = next + 2 + len(boundary)
 	}

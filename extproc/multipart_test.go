@@ -237,11 +237,15 @@ func stdFormModel(body []byte, boundary string) (string, bool) {
 // the audio limit, which is the audio endpoints' alone; a JSON endpoint
 // keeps its own.
 func TestUploads(t *testing.T) {
-	h := start(t, []extproc.Model{{Name: "whisper", Limits: limits(4, 4, time.Second)}},
+	h := start(t, []extproc.Model{{Name: "whisper", Aliases: []string{"whisper-1"}, Limits: limits(4, 4, time.Second)}},
 		extproc.Options{MaxBody: 1 << 20, MaxAudioBody: 3 << 20})
 	h.env = extproctest.New(h.conn, func() extproctest.Filter { f := repoFilter(t); f.Clock = h.clock; f.BufferLimit = 0; return f }(), h.up.serve)
+	var uploadAs func(path, model string, size int, modelFirst bool) extproctest.Request
 	upload := func(path string, size int, modelFirst bool) extproctest.Request {
-		fields := [][2]string{{"file", strings.Repeat("a", size)}, {"model", "whisper"}}
+		return uploadAs(path, "whisper", size, modelFirst)
+	}
+	uploadAs = func(path, model string, size int, modelFirst bool) extproctest.Request {
+		fields := [][2]string{{"file", strings.Repeat("a", size)}, {"model", model}}
 		if modelFirst {
 			fields[0], fields[1] = fields[1], fields[0]
 		}
@@ -262,6 +266,7 @@ func TestUploads(t *testing.T) {
 			body, ct := form(t, "", [2]string{"file", "x"})
 			return extproctest.Request{Path: "/v1/audio/transcriptions", Headers: []extproctest.Header{{Key: "content-type", Value: ct}}, Body: body}
 		}(), 400},
+		{"an alias, renamed in the form", uploadAs("/v1/audio/transcriptions", "whisper-1", 1<<10, false), 200},
 		{"no boundary", extproctest.Request{Path: "/v1/audio/transcriptions", Headers: []extproctest.Header{{Key: "content-type", Value: "multipart/form-data"}}, Body: []byte("x")}, 400},
 	}
 	for _, tt := range tests {
@@ -271,8 +276,13 @@ func TestUploads(t *testing.T) {
 				t.Fatalf("status %d (%s) %.200s, want %d", res.Status, res.Details, res.Body, tt.status)
 			}
 			if tt.status == 200 {
-				if res.Forwarded.Cluster != "vgw/whisper" || !bytes.Equal(res.Forwarded.Body, tt.req.Body) {
-					t.Errorf("routed to %s, body changed: %v", res.Forwarded.Cluster, !bytes.Equal(res.Forwarded.Body, tt.req.Body))
+				// The form goes on naming the model itself.
+				want := bytes.Replace(tt.req.Body, []byte("\r\n\r\nwhisper-1\r\n"), []byte("\r\n\r\nwhisper\r\n"), 1)
+				if res.Forwarded.Cluster != "vgw/whisper" || !bytes.Equal(res.Forwarded.Body, want) {
+					t.Errorf("routed to %s, body as it should be: %v", res.Forwarded.Cluster, bytes.Equal(res.Forwarded.Body, want))
+				}
+				if m, err := extproc.ExtractFormModel(res.Forwarded.Body, func() []byte { b, _ := extproc.FormBoundary([]byte(tt.req.Headers[0].Value)); return b }()); err != nil || string(m) != "whisper" {
+					t.Errorf("the form sent names %q (%v)", m, err)
 				}
 				h.idle(t, "whisper")
 			}

@@ -21,11 +21,15 @@ var namedModels = []extproc.Model{
 
 // TestModelNames: a request naming a model by its key, its repo, an alias
 // or an adapter is the model's: routed to its cluster, in its queue and
-// counts, the upstream told the model's own name; the name goes on to
-// the model's server as the client wrote it.
+// counts, the upstream told the model's own name. An alias (the repo is
+// one) goes on renamed to the model's own name, which its server answers
+// to, content-length and all; the key and an adapter go on as they came.
 func TestModelNames(t *testing.T) {
 	h := start(t, namedModels)
-	for _, name := range []string{"llama-8b", "meta-llama/Llama-3.1-8B-Instruct", "gpt-4o-mini", "sql-lora"} {
+	for _, tc := range []struct{ name, sent string }{
+		{"llama-8b", "llama-8b"}, {"meta-llama/Llama-3.1-8B-Instruct", "llama-8b"}, {"gpt-4o-mini", "llama-8b"}, {"sql-lora", "sql-lora"},
+	} {
+		name := tc.name
 		res := do(t, h, context.Background(), req(name, chat(name)))
 		if res.Status != 200 || res.Forwarded == nil || res.Forwarded.Cluster != "vgw/llama-8b" {
 			t.Fatalf("%s: status %d, routed to %+v, want vgw/llama-8b", name, res.Status, res.Forwarded)
@@ -33,8 +37,11 @@ func TestModelNames(t *testing.T) {
 		if got := res.Forwarded.Get("x-vgw-model"); got != "llama-8b" {
 			t.Errorf("%s: upstream x-vgw-model %q, want the model's own name", name, got)
 		}
-		if string(res.Forwarded.Body) != string(chat(name)) {
-			t.Errorf("%s: the body was changed on its way", name)
+		if got := string(res.Forwarded.Body); got != string(chat(tc.sent)) {
+			t.Errorf("%s: sent %s, want %s", name, got, chat(tc.sent))
+		}
+		if cl := res.Forwarded.Get("content-length"); cl != strconv.Itoa(len(chat(tc.sent))) {
+			t.Errorf("%s: content-length %s", name, cl)
 		}
 		if obs := <-h.leases.obsCh; obs.model != "llama-8b" {
 			t.Errorf("%s: leased %q", name, obs.model)
@@ -227,7 +234,8 @@ func TestClientModelHeader(t *testing.T) {
 // the client's body, with a content-length that matches (the harness
 // fails the request as Envoy would otherwise); a model without any gets
 // its body untouched; a request naming no model goes to the default
-// model, its body naming it.
+// model, its body naming it by its own name (default_model may be an
+// alias, which its server does not answer to).
 func TestRequestDefaults(t *testing.T) {
 	h := start(t, []extproc.Model{
 		{Name: "llama", Defaults: []byte(`{"temperature":0.2,"max_tokens":64}`), DefaultFor: "gpt-4o-mini", Aliases: []string{"gpt-4o-mini"}, Limits: limits(4, 4, time.Second)},
@@ -240,10 +248,21 @@ func TestRequestDefaults(t *testing.T) {
 		{"sets one", `{"model":"llama","temperature":1}`, "llama", `{"model":"llama","temperature":1,"max_tokens":64}`},
 		{"sets both", `{"model":"llama","temperature":1,"max_tokens":2}`, "llama", `{"model":"llama","temperature":1,"max_tokens":2}`},
 		{"another model", `{"model":"qwen"}`, "qwen", `{"model":"qwen"}`},
-		{"no model", `{"messages":[]}`, "llama", `{"messages":[],"model":"gpt-4o-mini","max_tokens":64,"temperature":0.2}`},
+		{"an alias, with defaults", `{"model":"gpt-4o-mini","temperature":1}`, "llama", `{"model":"llama","temperature":1,"max_tokens":64}`},
+		{"a model that is not a string", `{"model":7}`, "", ""},
+		{"no model", `{"messages":[]}`, "llama", `{"messages":[],"model":"llama","max_tokens":64,"temperature":0.2}`},
+		// vLLM takes a null or empty model as none.
+		{"a null model", `{"model": null,"messages":[]}`, "llama", `{"model": "llama","messages":[],"max_tokens":64,"temperature":0.2}`},
+		{"an empty model", `{"messages":[],"model":"", "max_tokens":1}`, "llama", `{"messages":[],"model":"llama", "max_tokens":1,"temperature":0.2}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			res := do(t, h, context.Background(), req("d", []byte(tc.body)))
+			if tc.routed == "" {
+				if res.Status != 400 {
+					t.Fatalf("status %d, want 400", res.Status)
+				}
+				return
+			}
 			if res.Status != 200 || res.Forwarded == nil || res.Forwarded.Cluster != clusterOf(tc.routed) {
 				t.Fatalf("status %d (%s) %s, routed %+v, want %s", res.Status, res.Details, res.Body, res.Forwarded, tc.routed)
 			}

@@ -95,6 +95,9 @@ type Model struct {
 	// Aliases are the other names that route to the model (its repo and
 	// its configured aliases), and Adapters the LoRA adapters its server
 	// loads; a request naming any of them is the model's, in its queue.
+	// A request naming an alias goes on naming the model itself (its
+	// body rewritten), as its server answers to that name alone; one
+	// naming an adapter goes on as it came.
 	Aliases  []string
 	Adapters []string
 	// Cluster is the Envoy cluster name, set as the x-vgw-cluster header
@@ -105,8 +108,8 @@ type Model struct {
 	// JSON request for the model gets when its body lacks them.
 	Defaults []byte
 	// DefaultFor, when set, makes the model the one a request that names
-	// no model goes to, under this name (one of the model's): the body
-	// gets "model" set to it. At most one model has it.
+	// no model goes to (default_model, which names it so): the body gets
+	// "model" set to the model's own name. At most one model has it.
 	DefaultFor string
 }
 
@@ -139,8 +142,8 @@ type Server struct {
 	redact func(string) string                 // see Options.Redact
 	state  func(model string) string           // see Options.State
 
-	trustModelHeader bool      // see Options.TrustModelHeader
-	started          time.Time // reported as the models' created time
+	trustModelHeader atomic.Bool // see Options.TrustModelHeader
+	started          time.Time   // reported as the models' created time
 
 	streamIdle time.Duration // see Options.StreamIdleTimeout
 	idleClosed atomic.Uint64 // streams ended for their silence
@@ -156,13 +159,23 @@ type retiredEntry struct {
 // modelTable is an immutable snapshot of the configured models, swapped
 // whole on reload so the request path reads it without a lock.
 type modelTable struct {
-	byName map[string]*modelEntry // every name a request may use
+	byName map[string]nameRef     // every name a request may use
 	models map[string]*modelEntry // by the model's own name
 	listed []listedName           // every name, sorted, for the model list
-	// fallback is the name a request that names no model goes by
-	// (Model.DefaultFor), nil when there is none, and fallbackKV the
+	// fallback is the model a request that names no model goes to
+	// (Model.DefaultFor: its own name), nil when there is none, and fallbackKV the
 	// "model" key the request's body gets for it.
 	fallback, fallbackKV []byte
+}
+
+// nameRef is what a name a request may use stands for: its model, and
+// whether the request's body must say the model's own name instead
+// before it goes on (an alias or repo: the model's server answers to its
+// own name and its adapters only, so that a reload can add an alias
+// without restarting it).
+type nameRef struct {
+	model   *modelEntry
+	rewrite bool
 }
 
 // listedName is one entry of the model list: a name clients may use,
@@ -175,6 +188,7 @@ type listedName struct {
 
 type modelEntry struct {
 	name          string
+	quoted        []byte                   // name as a JSON string, for bodies rewritten to name it
 	defaults      atomic.Pointer[defaults] // nil: none
 	gate          *gate
 	route         atomic.Pointer[routeHeaders] // replaced when a reload moves the model to another cluster
@@ -234,7 +248,8 @@ func (c *counts) snapshot() Counts {
 }
 
 func newModelEntry(m Model) *modelEntry {
-	e := &modelEntry{name: m.Name, gate: newGate(m.Limits), queueFullBody: queueFull(m.Name, 0).body()}
+	q, _ := json.Marshal(m.Name) // a string: cannot fail
+	e := &modelEntry{name: m.Name, quoted: q, gate: newGate(m.Limits), queueFullBody: queueFull(m.Name, 0).body()}
 	e.setCluster(m.Cluster)
 	return e
 }
@@ -346,7 +361,6 @@ func New(models []Model, leases Leases, o Options) *Server {
 		waited:            o.OnWait,
 		redact:            o.Redact,
 		state:             o.State,
-		trustModelHeader:  o.TrustModelHeader,
 		started:           time.Now(),
 		clock:             o.Clock,
 	}
@@ -359,6 +373,7 @@ func New(models []Model, leases Leases, o Options) *Server {
 	if s.state == nil {
 		s.state = func(string) string { return "" }
 	}
+	s.trustModelHeader.Store(o.TrustModelHeader)
 	if s.decisions == nil {
 		s.decisions = NewDecisionLog(4096)
 	}
@@ -378,6 +393,12 @@ func (s *Server) Decisions() *DecisionLog { return s.decisions }
 // A model that comes back before they have finished takes up its old
 // state again, so they still count against its limits.
 func (s *Server) SetModels(models []Model) {
+	var refused []slog.Attr
+	defer func() {
+		if len(refused) > 0 {
+			s.log.LogAttrs(context.Background(), slog.LevelError, "request defaults ignored", refused...)
+		}
+	}()
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
 	// Entries retired a while ago and idle now are dropped: no request
@@ -393,7 +414,7 @@ func (s *Server) SetModels(models []Model) {
 	if t := s.models.Load(); t != nil {
 		old = t.models
 	}
-	t := &modelTable{byName: make(map[string]*modelEntry, len(models)), models: make(map[string]*modelEntry, len(models))}
+	t := &modelTable{byName: make(map[string]nameRef, len(models)), models: make(map[string]*modelEntry, len(models))}
 	for _, m := range models {
 		e, ok := old[m.Name]
 		if !ok {
@@ -411,17 +432,16 @@ func (s *Server) SetModels(models []Model) {
 		d, err := parseDefaults(m.Defaults)
 		if err != nil {
 			// The config is checked before it gets here; a model whose
-			// defaults cannot be read goes without them, and says so.
-			s.log.LogAttrs(context.Background(), slog.LevelError, "request defaults ignored",
-				slog.String("model", m.Name), slog.String("error", err.Error()))
+			// defaults cannot be read goes without them, and says so
+			// (once the lock is let go).
+			refused = append(refused, slog.String(m.Name, err.Error()))
 		}
 		e.defaults.Store(d)
 		t.models[m.Name] = e
 		if m.DefaultFor != "" && t.fallback == nil {
-			t.fallback = []byte(m.DefaultFor)
-			t.fallbackKV = appendKey(nil, "model")
-			q, _ := json.Marshal(m.DefaultFor)
-			t.fallbackKV = append(t.fallbackKV, q...)
+			// By the model's own name, which its server answers to.
+			t.fallback = []byte(m.Name)
+			t.fallbackKV = append(appendKey(nil, "model"), e.quoted...)
 		}
 	}
 	// Each model's own name first: config validation keeps names unique
@@ -429,15 +449,15 @@ func (s *Server) SetModels(models []Model) {
 	// wins over another's alias, and the first model (in the order
 	// given) over later ones.
 	for _, m := range models {
-		t.name(m.Name, t.models[m.Name], "")
+		t.name(m.Name, t.models[m.Name], "", false)
 	}
 	for _, m := range models {
 		e := t.models[m.Name]
 		for _, a := range m.Aliases {
-			t.name(a, e, "")
+			t.name(a, e, "", true)
 		}
 		for _, a := range m.Adapters {
-			t.name(a, e, m.Name)
+			t.name(a, e, m.Name, false)
 		}
 	}
 	slices.SortFunc(t.listed, func(a, b listedName) int { return strings.Compare(a.id, b.id) })
@@ -453,13 +473,17 @@ func (s *Server) SetModels(models []Model) {
 }
 
 // name adds a name that routes to e, unless it is taken.
-func (t *modelTable) name(id string, e *modelEntry, parent string) {
+func (t *modelTable) name(id string, e *modelEntry, parent string, rewrite bool) {
 	if _, taken := t.byName[id]; taken {
 		return
 	}
-	t.byName[id] = e
+	t.byName[id] = nameRef{e, rewrite}
 	t.listed = append(t.listed, listedName{id: id, model: e, parent: parent})
 }
+
+// SetTrustModelHeader turns the x-vgw-model fast path on or off (see
+// Options.TrustModelHeader), for requests from now on.
+func (s *Server) SetTrustModelHeader(on bool) { s.trustModelHeader.Store(on) }
 
 // SetDraining starts or stops draining. While draining, vgw admits no new
 // request: each is answered 503 with Retry-After, so that clients go to
@@ -503,7 +527,7 @@ func (s *Server) AllStats() map[string]GateStats {
 }
 
 // lookup finds the model a request names, by any of its names.
-func (s *Server) lookup(name []byte) *modelEntry {
+func (s *Server) lookup(name []byte) nameRef {
 	return s.models.Load().byName[string(name)] // no allocation: the compiler special-cases this conversion
 }
 

@@ -97,9 +97,15 @@ type stream struct {
 	maxBody  int    // the request's body limit, by its path
 	form     bool   // the body is multipart/form-data
 	boundary []byte // its boundary; nil when it gave none
-	// body is a JSON body decided on, for request defaults to merge
-	// into, and addKV a `"model":NAME` it gets (the default model's).
+	// body is the body decided on, for the rewrites below; addKV a
+	// `"model":NAME` a JSON one gets (the default model's); bodyChanged
+	// says body is not what the client sent; renamed that its model must
+	// be renamed to the model's own (an alias); formModel is where a
+	// form's model value is.
 	body, addKV []byte
+	bodyChanged bool
+	renamed     bool
+	formModel   [2]int
 
 	// reqBodyMode is the request body mode Envoy reported: it says
 	// whether a body message is the whole body (see requestBody).
@@ -266,7 +272,7 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 			return true, st.reject(emptyModel, tooLarge(st.maxBody), 0, time.Time{})
 		}
 	}
-	if hasModel && st.s.trustModelHeader {
+	if hasModel && st.s.trustModelHeader.Load() {
 		// The header fast path, where the operator trusts whoever sets
 		// x-vgw-model: decide now and tell Envoy not to send the body.
 		return st.decide(model, true)
@@ -316,11 +322,18 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 		return st.formBody(body)
 	}
 	name, err := ExtractModel(body)
-	if errors.Is(err, ErrNoModel) {
-		if t := st.s.models.Load(); t.fallback != nil {
-			// default_model: the body names none, so it gets the default's.
+	if t := st.s.models.Load(); t.fallback != nil {
+		// default_model: a body that names no model gets the default's;
+		// so does one whose "model" is null or "", as vLLM takes those.
+		switch {
+		case errors.Is(err, ErrNoModel):
 			st.body, st.addKV = body, t.fallbackKV
 			return st.decide(t.fallback, false)
+		case errors.Is(err, ErrModelNotString):
+			if replaced, ok := setModel(body, t.fallbackKV[len(`"model":`):], true); ok {
+				st.body, st.bodyChanged = replaced, true
+				return st.decide(t.fallback, false)
+			}
 		}
 	}
 	if err != nil {
@@ -338,7 +351,8 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 
 // formBody decides on a multipart/form-data body by its model field.
 func (st *stream) formBody(body []byte) (bool, error) {
-	name, err := ExtractFormModel(body, st.boundary)
+	start, end, err := formModel(body, st.boundary)
+	name := body[start:end]
 	if t := st.s.models.Load(); t.fallback != nil && (errors.Is(err, ErrNoModelField) || err == nil && len(name) == 0) {
 		// default_model. A form is sent on as it came: vLLM takes one
 		// with no model as its served model's.
@@ -350,6 +364,7 @@ func (st *stream) formBody(body []byte) (bool, error) {
 	case err != nil:
 		return true, st.reject(emptyModel, badRequest("The request body is not valid multipart/form-data: "+err.Error(), "invalid_multipart"), 0, time.Time{})
 	}
+	st.body, st.formModel = body, [2]int{start, end}
 	return st.decide(name, false)
 }
 
@@ -376,12 +391,16 @@ func (st *stream) wholeBody(b *extprocv3.HttpBody) bool {
 // header, so the answer is a headers reply.
 func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	s := st.s
-	m := s.lookup(name)
+	ref := s.lookup(name)
+	m := ref.model
 	if m == nil {
 		copied := printable(name, 256)
 		return true, st.reject(&copied, unknownModel(copied), 0, time.Time{})
 	}
 	st.model = m
+	// An alias goes on as the model's own name (nameRef); at the headers
+	// there is no body to say it in, and the request goes as it came.
+	st.renamed = ref.rewrite && !atHeaders
 	if s.draining.Load() {
 		return true, st.reject(&m.name, draining(m.name), m.gate.depth(), time.Time{})
 	}
@@ -556,7 +575,7 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	h := m.route.Load()
 	var resp *extprocv3.ProcessingResponse
 	switch {
-	case !atHeaders && (st.addKV != nil || m.defaults.Load() != nil):
+	case !atHeaders && (st.addKV != nil || st.bodyChanged || st.renamed || !st.form && m.defaults.Load() != nil):
 		resp = st.mergedReply(h, depth)
 	case atHeaders && depth == 0 && st.respBodyMode == filterv3.ProcessingMode_NONE:
 		resp = h.headersReply // the fast path's common case, built once per route
@@ -567,7 +586,7 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	default:
 		resp = bodyReply(h, depth)
 	}
-	st.body, st.addKV = nil, nil // the stream lasts as long as the response: hold no body
+	st.body, st.addKV, st.bodyChanged, st.renamed = nil, nil, false, false // the stream lasts as long as the response: hold no body
 	st.phase = phaseResponse
 	st.streamed = atHeaders
 	st.lease, st.admittedAt = l, now
@@ -575,18 +594,31 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	return st.send(resp)
 }
 
-// mergedReply admits a request at the body phase with its model's request
-// defaults (and the default model's name) merged under its body: the
-// body replaced, and content-length with it, since Envoy refuses a
-// mutated body whose length the request's content-length does not match
+// mergedReply admits a request at the body phase with its body rewritten:
+// an alias renamed to the model's own name, its model's request defaults
+// (and the default model's name) merged under it. The body is replaced,
+// and content-length with it, since Envoy refuses a mutated body whose
+// length the request's content-length does not match
 // (processor_state.cc validateContentLength, after the header mutation
-// of the same reply). A body the merge cannot read goes on as it came.
+// of the same reply). What the rewrite cannot read goes on as it came.
 func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingResponse {
-	var also [][]byte
-	if st.addKV != nil {
-		also = [][]byte{st.addKV}
+	merged, changed := st.body, st.bodyChanged
+	if st.renamed {
+		if st.form {
+			merged, changed = splice(merged, st.formModel[0], st.formModel[1], []byte(st.model.name)), true
+		} else if renamed, ok := setModel(merged, st.model.quoted, false); ok {
+			merged, changed = renamed, true
+		}
 	}
-	merged, changed, _ := st.model.defaults.Load().mergeUnder(st.body, also...)
+	if !st.form {
+		var also [][]byte
+		if st.addKV != nil {
+			also = [][]byte{st.addKV}
+		}
+		var added bool
+		merged, added, _ = st.model.defaults.Load().mergeUnder(merged, also...)
+		changed = changed || added
+	}
 	switch {
 	case !changed && depth == 0:
 		return h.bodyReply

@@ -26,19 +26,19 @@ func Signature(c *config.Config, m *config.Model) string {
 }
 
 // LaunchSignature identifies everything a model's server is started with
-// that the config decides: its memory settings (Signature), the runtime's
-// network, cache, shared memory and env, the model's env, GPU pins and
-// aliases (a server started without an alias would refuse requests that
-// name it). A server started otherwise is reloaded once idle, and not
-// adopted.
+// that the config decides: its memory settings (Signature, adapters
+// included), the runtime's network, cache, shared memory and env, the
+// model's env and GPU pins. A server started otherwise is reloaded once
+// idle, and not adopted. A model's aliases are not among them: vgw
+// renames a request for an alias on its way, so that its server needs
+// only its own name.
 func LaunchSignature(c *config.Config, m *config.Model) string {
 	b, _ := json.Marshal(struct {
 		Signature, Network, CacheDir string
 		ShmSize                      int64
 		RuntimeEnv, Env              map[string]string
 		GPUs                         []int
-		Aliases                      []string `json:",omitempty"`
-	}{Signature(c, m), c.Runtime.Network, c.Runtime.CacheDir, int64(c.Runtime.ShmSize), c.Runtime.Env, m.Env, m.GPUs, m.Aliases})
+	}{Signature(c, m), c.Runtime.Network, c.Runtime.CacheDir, int64(c.Runtime.ShmSize), c.Runtime.Env, m.Env, m.GPUs})
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:8])
 }

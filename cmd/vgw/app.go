@@ -272,6 +272,7 @@ func (a *app) reconfigure(cfg *config.Config) {
 	a.setSecrets(cfg)
 	a.mgr.Update(cfg) // a new View, which the xDS server follows
 	a.ep.SetModels(extprocModels(cfg))
+	a.ep.SetTrustModelHeader(cfg.TrustModelHeader)
 	a.metrics.Models(cfg.ModelNames())
 	a.cfgMu.Lock()
 	a.cfg = cfg

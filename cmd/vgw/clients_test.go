@@ -66,7 +66,7 @@ func TestRealClients(t *testing.T) {
 		{name: "an unknown card", req: extproctest.Request{Method: "GET", Path: "/v1/models/gpt-5"}, status: 404, code: "model_not_found"},
 		{name: "health", req: extproctest.Request{Method: "GET", Path: "/health"}, status: 200, body: `{"status":"ok"}`},
 		{name: "HEAD", req: extproctest.Request{Method: "HEAD", Path: "/v1/models"}, status: 200},
-		{name: "a CORS preflight", req: extproctest.Request{Method: "OPTIONS", Path: "/v1/chat/completions"}, status: 204},
+		{name: "OPTIONS (no cross-origin grant: that is Envoy's CORS filter's)", req: extproctest.Request{Method: "OPTIONS", Path: "/v1/chat/completions"}, status: 204},
 		{name: "GET /version", req: extproctest.Request{Method: "GET", Path: "/version"}, status: 404, code: "not_found"},
 		{name: "a Whisper upload of 20 MiB, model after the file", req: upload("openai/whisper-large-v3", 20<<20), status: 200, body: `"text":"heard `},
 		{name: "an upload over 25 MiB", req: upload("whisper", 26<<20), status: 413, code: "request_too_large"},

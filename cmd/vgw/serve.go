@@ -124,7 +124,9 @@ type reloader struct {
 // reload applies a new config file. A bad file is refused and the running
 // config stays. Models, their limits and settings, and the log level
 // apply at once (a model whose memory settings changed is reloaded once
-// idle); listeners, the runtime, the GPUs and the Envoy settings need a
+// idle), and so do the names, request defaults, default_model and
+// trust_model_header; listeners, the body limits (the ext_proc listener
+// is sized by them), the runtime, the GPUs and the Envoy settings need a
 // restart.
 func (r *reloader) reload(why string) {
 	cfg, err := loadConfig(r.cfg.Path)
@@ -137,9 +139,9 @@ func (r *reloader) reload(why string) {
 	// The level follows the file only when the file's level changed, so a
 	// level an operator set with SetLogLevel survives an unrelated edit.
 	levelChanged := cfg.LogLevel != old.LogLevel
-	if cfg.Listen != old.Listen || cfg.MaxBodyBytes != old.MaxBodyBytes || cfg.Envoy != old.Envoy || cfg.Runtime.Kind != old.Runtime.Kind {
-		r.log.Warn("config reloaded, but listeners, max_body_bytes, envoy settings and the runtime change only on restart")
-		cfg.Listen, cfg.MaxBodyBytes, cfg.Envoy, cfg.Runtime.Kind = old.Listen, old.MaxBodyBytes, old.Envoy, old.Runtime.Kind
+	if cfg.Listen != old.Listen || cfg.MaxBodyBytes != old.MaxBodyBytes || cfg.MaxAudioBodyBytes != old.MaxAudioBodyBytes || cfg.Envoy != old.Envoy || cfg.Runtime.Kind != old.Runtime.Kind {
+		r.log.Warn("config reloaded, but listeners, max_body_bytes, max_audio_body_bytes, envoy settings and the runtime change only on restart")
+		cfg.Listen, cfg.MaxBodyBytes, cfg.MaxAudioBodyBytes, cfg.Envoy, cfg.Runtime.Kind = old.Listen, old.MaxBodyBytes, old.MaxAudioBodyBytes, old.Envoy, old.Runtime.Kind
 	}
 	cfg.GPUs = old.GPUs
 	r.app.reconfigure(cfg)

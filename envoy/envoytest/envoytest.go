@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"os"
 	"testing"
@@ -88,7 +89,11 @@ func Start(t testing.TB, bootstrap, extprocAddr, xdsAddr string, opts ...Option)
 		t.Fatal(err)
 	}
 	dial := func(addr string) *grpc.ClientConn {
-		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		// Envoy's gRPC client takes a message of any size
+		// (grpc_service.proto max_receive_message_length: 0, unlimited), such
+		// as a replaced 25 MiB upload; grpc-go's stops at 4 MiB.
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"regexp"
 	"strings"
 
 	"cel.dev/cel-go/cel"
@@ -14,8 +13,6 @@ import (
 	celv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/filters/cel/v3"
 	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
-	earlyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
-	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 
 	"github.com/vgw-project/vgw/envoy"
 	"github.com/vgw-project/vgw/extproc/extproctest"
@@ -55,75 +52,20 @@ func front(f *extproctest.Filter, b *bootstrapv3.Bootstrap) error {
 }
 
 // stripped reads the request headers the connection manager's early
-// header mutations remove (conn_manager_utility.cc mutateRequestHeaders,
-// before the route is picked). A header_mutation HTTP filter in front of
-// ext_proc is not played: it runs after the route is picked, which this
-// harness does not model.
+// header mutations remove (envoy.StripsEarly: before the route is
+// picked). A header_mutation HTTP filter in front of ext_proc is not
+// played: it runs after the route is picked, which this harness does not
+// model.
 func stripped(fr envoy.Front) (func(string) bool, error) {
 	for _, hf := range fr.HCM.GetHttpFilters() {
 		if _, ok := envoy.Unpack(hf.GetTypedConfig(), &headermutationv3.HeaderMutation{}); ok {
 			return nil, fmt.Errorf("envoytest: the header_mutation HTTP filter %q is not played", hf.GetName())
 		}
 	}
-	var matchers []func(string) bool
-	for _, ext := range fr.HCM.GetEarlyHeaderMutationExtensions() {
-		hm, ok := envoy.Unpack(ext.GetTypedConfig(), &earlyv3.HeaderMutation{})
-		if !ok {
-			return nil, fmt.Errorf("envoytest: early header mutation %q is not played", ext.GetName())
-		}
-		for _, m := range hm.GetMutations() {
-			switch {
-			case m.GetRemove() != "":
-				name := strings.ToLower(m.GetRemove())
-				matchers = append(matchers, func(k string) bool { return k == name })
-			case m.GetRemoveOnMatch() != nil:
-				match, err := stringMatcher(m.GetRemoveOnMatch().GetKeyMatcher())
-				if err != nil {
-					return nil, err
-				}
-				matchers = append(matchers, match)
-			default:
-				return nil, fmt.Errorf("envoytest: header mutation %v is not played", m)
-			}
-		}
-	}
-	if len(matchers) == 0 {
+	if len(fr.HCM.GetEarlyHeaderMutationExtensions()) == 0 {
 		return nil, nil
 	}
-	return func(key string) bool {
-		for _, m := range matchers {
-			if m(key) {
-				return true
-			}
-		}
-		return false
-	}, nil
-}
-
-func stringMatcher(m *matcherv3.StringMatcher) (func(string) bool, error) {
-	fold := func(s string) string {
-		if m.GetIgnoreCase() {
-			return strings.ToLower(s)
-		}
-		return s
-	}
-	switch p := m.GetMatchPattern().(type) {
-	case *matcherv3.StringMatcher_Exact:
-		return func(s string) bool { return fold(s) == fold(p.Exact) }, nil
-	case *matcherv3.StringMatcher_Prefix:
-		return func(s string) bool { return strings.HasPrefix(fold(s), fold(p.Prefix)) }, nil
-	case *matcherv3.StringMatcher_Suffix:
-		return func(s string) bool { return strings.HasSuffix(fold(s), fold(p.Suffix)) }, nil
-	case *matcherv3.StringMatcher_Contains:
-		return func(s string) bool { return strings.Contains(fold(s), fold(p.Contains)) }, nil
-	case *matcherv3.StringMatcher_SafeRegex:
-		re, err := regexp.Compile(`^(?:` + p.SafeRegex.GetRegex() + `)$`)
-		if err != nil {
-			return nil, err
-		}
-		return re.MatchString, nil
-	}
-	return nil, fmt.Errorf("envoytest: string matcher %v is not played", m)
+	return func(key string) bool { return envoy.StripsEarly(fr.HCM, key) }, nil
 }
 
 // routeFor is what the route a request for path takes does with it: no

@@ -249,9 +249,11 @@ const (
 	DetailGrpcError      = "ext_proc_error_gRPC_error"                   // ext_proc.cc onGrpcError
 	DetailSpurious       = "ext_proc_spurious_message"
 	// DetailMutationMismatch is a replaced body whose length differs from
-	// the request's content-length (processor_state.cc
-	// validateContentLength, which fails the stream as a gRPC error).
-	DetailMutationMismatch = "ext_proc_error_gRPC_error"
+	// the request's content-length: processor_state.cc
+	// validateContentLength's error, which ext_proc.cc handleErrorResponse
+	// answers with status_on_error (500), its message as the details,
+	// spaces made underscores (sendImmediateResponse).
+	DetailMutationMismatch = "mismatch_between_content_length_and_the_length_of_the_mutated_body"
 	DetailBodyTooLarge     = "request_payload_too_large" // filter_manager.cc buffer overflow
 	DetailNoCluster        = "cluster_not_found"         // router.cc, flag NC
 	DetailNoUpstream       = "no_healthy_upstream"       // router.cc, flag UH

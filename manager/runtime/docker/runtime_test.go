@@ -210,7 +210,7 @@ func TestCreateOptions(t *testing.T) {
 				if o.Name != "vgw-m" || o.Config.Image != "vllm" {
 					t.Errorf("name %q image %q", o.Name, o.Config.Image)
 				}
-				if got := strings.Join(o.Config.Cmd, " "); got != "--model org/m --served-model-name m org/m --gpu-memory-utilization 0.9 --tensor-parallel-size 1 --enforce-eager --host 0.0.0.0 --port 8000" {
+				if got := strings.Join(o.Config.Cmd, " "); got != "--model org/m --served-model-name m --gpu-memory-utilization 0.9 --tensor-parallel-size 1 --enforce-eager --host 0.0.0.0 --port 8000" {
 					t.Errorf("command %q", got)
 				}
 				env := slices.Sorted(slices.Values(o.Config.Env))

@@ -17,12 +17,12 @@ import (
 // from overriding them). utilization is the --gpu-memory-utilization the
 // manager computed for the GPUs it placed the model on.
 //
-// The server answers to every name vgw routes to it: --served-model-name
-// lists the model's key (first: the name vLLM reports back), aliases
-// and repo (config.Model.ServedNames), and each adapter is a
-// --lora-modules entry NAME=SOURCE, with --enable-lora.
+// The server answers to the model's own name (--served-model-name) and
+// to its adapters (--enable-lora, a --lora-modules entry NAME=SOURCE
+// each); vgw renames a request for an alias or the repo to the model's
+// own name on its way, so that changing aliases restarts nothing.
 func Args(name string, m *config.Model, utilization float64) []string {
-	args := append([]string{"--model", m.Repo, "--served-model-name"}, m.ServedNames(name)...)
+	args := []string{"--model", m.Repo, "--served-model-name", name}
 	args = append(args,
 		"--gpu-memory-utilization", strconv.FormatFloat(utilization, 'f', -1, 64),
 		"--tensor-parallel-size", strconv.Itoa(max(m.TensorParallelSize, 1)),
