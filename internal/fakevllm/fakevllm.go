@@ -222,18 +222,9 @@ func vllmError(w http.ResponseWriter, status int, typ, msg string) {
 }
 
 func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
-	if !s.ready.Load() {
-		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The server is not ready yet.")
-		return
-	}
 	var req request
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<20)).Decode(&req); err != nil {
-		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid JSON: "+err.Error())
-		return
-	}
-	served, ok := s.servedAs(req.Model)
+	served, ok := s.accept(w, r, &req, &req.Model)
 	if !ok {
-		vllmError(w, http.StatusNotFound, "NotFoundError", "The model `"+req.Model+"` does not exist.")
 		return
 	}
 	n := s.started.Add(1)
@@ -279,21 +270,12 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 // embeddings answers an embedding request as vLLM does: one vector of
 // four numbers per input.
 func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
-	if !s.ready.Load() {
-		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The server is not ready yet.")
-		return
-	}
 	var req struct {
 		Model string `json:"model"`
 		Input any    `json:"input"`
 	}
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<20)).Decode(&req); err != nil {
-		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid JSON: "+err.Error())
-		return
-	}
-	served, ok := s.servedAs(req.Model)
+	served, ok := s.accept(w, r, &req, &req.Model)
 	if !ok {
-		vllmError(w, http.StatusNotFound, "NotFoundError", "The model `"+req.Model+"` does not exist.")
 		return
 	}
 	n := 1
@@ -333,6 +315,26 @@ func (s *Server) transcribe(w http.ResponseWriter, r *http.Request) {
 	}
 	f.Close()
 	writeJSON(w, http.StatusOK, map[string]any{"text": fmt.Sprintf("heard %d bytes", h.Size)})
+}
+
+// accept reads a JSON request into req as vLLM does, answering what it
+// refuses: 503 while loading, 400 for a body that is not JSON, 404 for a
+// model (*model, once read) it does not serve. It returns the name the
+// answer reports.
+func (s *Server) accept(w http.ResponseWriter, r *http.Request, req any, model *string) (string, bool) {
+	if !s.ready.Load() {
+		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The server is not ready yet.")
+		return "", false
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<20)).Decode(req); err != nil {
+		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid JSON: "+err.Error())
+		return "", false
+	}
+	served, ok := s.servedAs(*model)
+	if !ok {
+		vllmError(w, http.StatusNotFound, "NotFoundError", "The model `"+*model+"` does not exist.")
+	}
+	return served, ok
 }
 
 // crash kills the server while it serves its nth request.
