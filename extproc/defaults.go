@@ -189,7 +189,11 @@ func topLevelKeys(body []byte, visit func(key []byte)) (closeAt int, empty bool,
 // setModel returns body with the value of its first top-level "model"
 // replaced by value (a JSON string), and whether it was; with onlyEmpty,
 // only a "model" that is null or "" (which vLLM takes as no model) is.
-func setModel(body, value []byte, onlyEmpty bool) ([]byte, bool) {
+// With same set, every later top-level "model" whose string value same
+// says names the same model is replaced too: vLLM reads the last of
+// repeated keys, vgw routes by the first.
+func setModel(body, value []byte, onlyEmpty bool, same func(name []byte) bool) ([]byte, bool) {
+	var spans [][2]int
 	s := scanner{b: body}
 	s.skipSpace()
 	if s.i >= len(s.b) || s.b[s.i] != '{' {
@@ -201,18 +205,28 @@ func setModel(body, value []byte, onlyEmpty bool) ([]byte, bool) {
 	for s.i < len(s.b) && s.b[s.i] != '}' {
 		k, err := s.keyInto(buf[:0])
 		if err != nil {
-			return body, false
+			break
 		}
 		s.skipSpace()
 		start := s.i
 		if s.skipValue() != nil {
-			return body, false
+			break
 		}
 		if string(k) == "model" {
-			if v := s.b[start:s.i]; onlyEmpty && string(v) != "null" && string(v) != `""` {
+			v := s.b[start:s.i]
+			switch {
+			case len(spans) == 0 && onlyEmpty && string(v) != "null" && string(v) != `""`:
 				return body, false
+			case len(spans) == 0:
+				spans = append(spans, [2]int{start, s.i})
+			case same != nil && len(v) >= 2 && v[0] == '"':
+				if name, err := (&scanner{b: v}).stringValue(); err == nil && same(name) {
+					spans = append(spans, [2]int{start, s.i})
+				}
 			}
-			return splice(body, start, s.i, value), true
+			if same == nil {
+				break
+			}
 		}
 		s.skipSpace()
 		if s.i < len(s.b) && s.b[s.i] == ',' {
@@ -220,11 +234,24 @@ func setModel(body, value []byte, onlyEmpty bool) ([]byte, bool) {
 			s.skipSpace()
 		}
 	}
-	return body, false
+	if len(spans) == 0 {
+		return body, false
+	}
+	return spliceAll(body, spans, value), true
 }
 
-// splice returns a copy of body with body[start:end] replaced by value.
-func splice(body []byte, start, end int, value []byte) []byte {
-	out := make([]byte, 0, len(body)-(end-start)+len(value))
-	return append(append(append(out, body[:start]...), value...), body[end:]...)
+// spliceAll returns a copy of body with each of spans (in order, not
+// overlapping) replaced by value.
+func spliceAll(body []byte, spans [][2]int, value []byte) []byte {
+	n := len(body)
+	for _, sp := range spans {
+		n += len(value) - (sp[1] - sp[0])
+	}
+	out := make([]byte, 0, n)
+	at := 0
+	for _, sp := range spans {
+		out = append(append(out, body[at:sp[0]]...), value...)
+		at = sp[1]
+	}
+	return append(out, body[at:]...)
 }

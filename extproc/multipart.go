@@ -96,20 +96,35 @@ func ExtractFormModel(body, boundary []byte) ([]byte, error) {
 
 // formModel is ExtractFormModel, saying where in body the value is.
 func formModel(body, boundary []byte) (start, end int, err error) {
+	found := false
+	err = modelFields(body, boundary, func(s, e int) bool {
+		start, end, found = s, e, true
+		return false
+	})
+	if err == nil && !found {
+		err = ErrNoModelField
+	}
+	return start, end, err
+}
+
+// modelFields calls visit with where each "model" field's value is, in
+// order, until visit returns false. It reports a malformed form only up
+// to where it stopped reading.
+func modelFields(body, boundary []byte, visit func(start, end int) bool) error {
 	if len(boundary) == 0 {
-		return 0, 0, ErrNoBoundary
+		return ErrNoBoundary
 	}
 	// The first delimiter may open the body or follow a preamble.
 	i := delimiterAt(body, 0, boundary)
 	if i < 0 {
-		return 0, 0, ErrMalformedForm
+		return ErrMalformedForm
 	}
 	pos := i + 2 + len(boundary)
 	for {
 		// After a delimiter: "--" closes the form; else its line ends
 		// (delimiterAt saw to that).
 		if bytes.HasPrefix(body[pos:], []byte("--")) {
-			return 0, 0, ErrNoModelField
+			return nil
 		}
 		pos += bytes.IndexByte(body[pos:], '\n') + 1
 		// The part's headers, up to an empty line.
@@ -117,7 +132,7 @@ func formModel(body, boundary []byte) (start, end int, err error) {
 		for {
 			eol := bytes.IndexByte(body[pos:], '\n')
 			if eol < 0 {
-				return 0, 0, ErrMalformedForm
+				return ErrMalformedForm
 			}
 			line := bytes.TrimSuffix(body[pos:pos+eol], []byte("\r"))
 			pos += eol + 1
@@ -132,7 +147,7 @@ func formModel(body, boundary []byte) (start, end int, err error) {
 		// own line: the line break before it belongs to the delimiter.
 		next := delimiterAt(body, pos, boundary)
 		if next < 0 {
-			return 0, 0, ErrMalformedForm
+			return ErrMalformedForm
 		}
 		if isModel {
 			end := next
@@ -142,7 +157,9 @@ func formModel(body, boundary []byte) (start, end int, err error) {
 					end--
 				}
 			}
-			return pos, end, nil
+			if !visit(pos, end) {
+				return nil
+			}
 		}
 		pos = next + 2 + len(boundary)
 	}

@@ -105,7 +105,7 @@ type stream struct {
 	body, addKV []byte
 	bodyChanged bool
 	renamed     bool
-	formModel   [2]int
+	table       *modelTable // the one the request was decided in
 
 	// reqBodyMode is the request body mode Envoy reported: it says
 	// whether a body message is the whole body (see requestBody).
@@ -322,17 +322,20 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 		return st.formBody(body)
 	}
 	name, err := ExtractModel(body)
-	if t := st.s.models.Load(); t.fallback != nil {
+	// One table for the whole decision: a reload in between could make
+	// the default model's name another's alias.
+	t := st.s.models.Load()
+	if t.fallback != nil {
 		// default_model: a body that names no model gets the default's;
 		// so does one whose "model" is null or "", as vLLM takes those.
 		switch {
 		case errors.Is(err, ErrNoModel):
 			st.body, st.addKV = body, t.fallbackKV
-			return st.decide(t.fallback, false)
+			return st.decideIn(t, t.fallback, false)
 		case errors.Is(err, ErrModelNotString):
-			if replaced, ok := setModel(body, t.fallbackKV[len(`"model":`):], true); ok {
+			if replaced, ok := setModel(body, t.fallbackKV[len(`"model":`):], true, nil); ok {
 				st.body, st.bodyChanged = replaced, true
-				return st.decide(t.fallback, false)
+				return st.decideIn(t, t.fallback, false)
 			}
 		}
 	}
@@ -346,17 +349,18 @@ func (st *stream) requestBody(b *extprocv3.HttpBody) (bool, error) {
 		}
 	}
 	st.body = body
-	return st.decide(name, false)
+	return st.decideIn(t, name, false)
 }
 
 // formBody decides on a multipart/form-data body by its model field.
 func (st *stream) formBody(body []byte) (bool, error) {
 	start, end, err := formModel(body, st.boundary)
 	name := body[start:end]
-	if t := st.s.models.Load(); t.fallback != nil && (errors.Is(err, ErrNoModelField) || err == nil && len(name) == 0) {
+	t := st.s.models.Load() // one table for the whole decision
+	if t.fallback != nil && (errors.Is(err, ErrNoModelField) || err == nil && len(name) == 0) {
 		// default_model. A form is sent on as it came: vLLM takes one
 		// with no model as its served model's.
-		return st.decide(t.fallback, false)
+		return st.decideIn(t, t.fallback, false)
 	}
 	switch {
 	case errors.Is(err, ErrNoModelField) || err == nil && len(name) == 0:
@@ -364,8 +368,8 @@ func (st *stream) formBody(body []byte) (bool, error) {
 	case err != nil:
 		return true, st.reject(emptyModel, badRequest("The request body is not valid multipart/form-data: "+err.Error(), "invalid_multipart"), 0, time.Time{})
 	}
-	st.body, st.formModel = body, [2]int{start, end}
-	return st.decide(name, false)
+	st.body = body
+	return st.decideIn(t, name, false)
 }
 
 // wholeBody reports whether a request_body message holds the whole body.
@@ -390,8 +394,13 @@ func (st *stream) wholeBody(b *extprocv3.HttpBody) bool {
 // sends the answer. atHeaders says the name came from the x-vgw-model
 // header, so the answer is a headers reply.
 func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
+	return st.decideIn(st.s.models.Load(), name, atHeaders)
+}
+
+// decideIn is decide with the model table the name is looked up in.
+func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, error) {
 	s := st.s
-	ref := s.lookup(name)
+	ref := t.byName[string(name)] // no allocation: the compiler special-cases this conversion
 	m := ref.model
 	if m == nil {
 		copied := printable(name, 256)
@@ -400,7 +409,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 	st.model = m
 	// An alias goes on as the model's own name (nameRef); at the headers
 	// there is no body to say it in, and the request goes as it came.
-	st.renamed = ref.rewrite && !atHeaders
+	st.renamed, st.table = ref.rewrite && !atHeaders && st.body != nil, t
 	if s.draining.Load() {
 		return true, st.reject(&m.name, draining(m.name), m.gate.depth(), time.Time{})
 	}
@@ -586,7 +595,7 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	default:
 		resp = bodyReply(h, depth)
 	}
-	st.body, st.addKV, st.bodyChanged, st.renamed = nil, nil, false, false // the stream lasts as long as the response: hold no body
+	st.body, st.addKV, st.bodyChanged, st.renamed, st.table = nil, nil, false, false, nil // the stream lasts as long as the response: hold no body
 	st.phase = phaseResponse
 	st.streamed = atHeaders
 	st.lease, st.admittedAt = l, now
@@ -604,9 +613,23 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingResponse {
 	merged, changed := st.body, st.bodyChanged
 	if st.renamed {
+		// Every name of this model the body gives, which the server may
+		// read instead of the first (vLLM takes the last of repeated
+		// keys, and of repeated form fields); a name of another model
+		// stays, for the server's own 404.
+		same := func(name []byte) bool { return st.table.byName[string(name)].model == st.model }
 		if st.form {
-			merged, changed = splice(merged, st.formModel[0], st.formModel[1], []byte(st.model.name)), true
-		} else if renamed, ok := setModel(merged, st.model.quoted, false); ok {
+			var spans [][2]int
+			_ = modelFields(merged, st.boundary, func(start, end int) bool {
+				if same(merged[start:end]) {
+					spans = append(spans, [2]int{start, end})
+				}
+				return true
+			})
+			if len(spans) > 0 {
+				merged, changed = spliceAll(merged, spans, []byte(st.model.name)), true
+			}
+		} else if renamed, ok := setModel(merged, st.model.quoted, false, same); ok {
 			merged, changed = renamed, true
 		}
 	}
