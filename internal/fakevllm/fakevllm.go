@@ -60,6 +60,13 @@ type Options struct {
 	CrashMidStream int
 	// SlowHealth delays every /health answer.
 	SlowHealth time.Duration
+	// SleepMode is vLLM's --enable-sleep-mode, and DevMode its
+	// VLLM_SERVER_DEV_MODE=1, without which the sleep endpoints do not
+	// exist (sleep.go). SleepDelay is how long falling asleep takes, and
+	// WakeDelay how long bringing the weights back does (from host memory
+	// after level 1, or reload_weights after level 2).
+	SleepMode, DevMode    bool
+	SleepDelay, WakeDelay time.Duration
 	// Log receives the server's log lines; nil discards them.
 	Log *slog.Logger
 	// Exit is called when the server must die (FailStart, CrashAfter,
@@ -78,6 +85,7 @@ type Server struct {
 	waiting atomic.Int64
 	seqs    chan struct{} // generation slots, when MaxNumSeqs > 0
 	once    sync.Once
+	sleeper sleeper
 }
 
 // New returns a server; its startup clock runs from now.
@@ -88,7 +96,7 @@ func New(opt Options) *Server {
 	if opt.Exit == nil {
 		opt.Exit = func(int) {}
 	}
-	s := &Server{opt: opt, start: time.Now()}
+	s := &Server{opt: opt, start: time.Now(), sleeper: sleeper{weights: weightsLoaded, kvCache: true}}
 	if opt.MaxNumSeqs > 0 {
 		s.seqs = make(chan struct{}, opt.MaxNumSeqs)
 	}
@@ -150,6 +158,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/audio/transcriptions", s.transcribe)
 	mux.HandleFunc("POST /v1/audio/translations", s.transcribe)
 	mux.HandleFunc("GET /metrics", s.metrics)
+	s.sleepHandlers(mux)
 	return mux
 }
 
@@ -249,7 +258,11 @@ func (s *Server) complete(w http.ResponseWriter, r *http.Request, chat bool) {
 	if req.MaxTokens != nil && *req.MaxTokens > 0 {
 		tokens = *req.MaxTokens
 	}
-	g := &generation{s: s, model: served, chat: chat, id: "cmpl-" + strconv.FormatInt(time.Now().UnixNano(), 36), tokens: tokens, crashAt: -1}
+	word := "token"
+	if _, sense := s.sleeper.awake(); !sense {
+		word = "#####"
+	}
+	g := &generation{s: s, word: word, model: served, chat: chat, id: "cmpl-" + strconv.FormatInt(time.Now().UnixNano(), 36), tokens: tokens, crashAt: -1}
 	if s.opt.CrashMidStream > 0 && n == int64(s.opt.CrashMidStream) {
 		g.crashAt = tokens / 2
 	}
@@ -294,8 +307,7 @@ func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
 // with the audio file and the model, answered {"text": ...}; the text
 // says how many bytes of audio came.
 func (s *Server) transcribe(w http.ResponseWriter, r *http.Request) {
-	if !s.ready.Load() {
-		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The server is not ready yet.")
+	if !s.serving(w) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, 64<<20)
@@ -317,13 +329,26 @@ func (s *Server) transcribe(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"text": fmt.Sprintf("heard %d bytes", h.Size)})
 }
 
+// serving answers 503 for a server that cannot serve: still loading, or
+// asleep.
+func (s *Server) serving(w http.ResponseWriter) bool {
+	if !s.ready.Load() {
+		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The server is not ready yet.")
+		return false
+	}
+	if awake, _ := s.sleeper.awake(); !awake {
+		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The engine is sleeping.")
+		return false
+	}
+	return true
+}
+
 // accept reads a JSON request into req as vLLM does, answering what it
 // refuses: 503 while loading, 400 for a body that is not JSON, 404 for a
 // model (*model, once read) it does not serve. It returns the name the
 // answer reports.
 func (s *Server) accept(w http.ResponseWriter, r *http.Request, req any, model *string) (string, bool) {
-	if !s.ready.Load() {
-		vllmError(w, http.StatusServiceUnavailable, "ServiceUnavailableError", "The server is not ready yet.")
+	if !s.serving(w) {
 		return "", false
 	}
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<20)).Decode(req); err != nil {
@@ -344,9 +369,11 @@ func (s *Server) crash(n int64) {
 	panic(http.ErrAbortHandler) // cut this connection, as a dead process would
 }
 
-// generation is one request's output: the word "token", tokens times.
+// generation is one request's output: the word "token", tokens times
+// (or "#####" from weights woken empty and never reloaded).
 type generation struct {
 	s       *Server
+	word    string
 	model   string // the name the answer reports
 	chat    bool
 	id      string
@@ -381,7 +408,7 @@ func (g *generation) usage() map[string]int {
 }
 
 func (g *generation) final() map[string]any {
-	text := strings.TrimSpace(strings.Repeat("token ", g.tokens))
+	text := strings.TrimSpace(strings.Repeat(g.word+" ", g.tokens))
 	choice := map[string]any{"index": 0, "finish_reason": "length"}
 	if g.chat {
 		choice["message"] = map[string]any{"role": "assistant", "content": text}
@@ -436,9 +463,9 @@ func (g *generation) stream(w http.ResponseWriter, r *http.Request, includeUsage
 		if !g.wait(r.Context(), 1) {
 			return
 		}
-		text := "token"
+		text := g.word
 		if i > 0 {
-			text = " token"
+			text = " " + g.word
 		}
 		if !event(piece(text, nil), nil) {
 			return

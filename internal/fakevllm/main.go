@@ -49,6 +49,9 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		fs.String(name, "", "vLLM's; ignored")
 	}
 	fs.Bool("enable-lora", false, "vLLM's; implied by --lora-modules")
+	fs.BoolVar(&opt.SleepMode, "enable-sleep-mode", false, "vLLM's: /sleep works (its endpoints need VLLM_SERVER_DEV_MODE=1)")
+	fs.DurationVar(&opt.SleepDelay, "sleep-delay", 0, "how long falling asleep takes")
+	fs.DurationVar(&opt.WakeDelay, "wake-delay", 0, "how long bringing the weights back takes (level 1 wake_up, level 2 reload_weights)")
 	if err := fromEnv(fs); err != nil {
 		fmt.Fprintln(stderr, "fakevllm:", err)
 		return 2
@@ -62,6 +65,10 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	opt.Root = *repo
+	// vLLM's own switches, wherever they are (the sim runtime passes
+	// vLLM's arguments after "--").
+	opt.SleepMode = opt.SleepMode || slices.Contains(args, "--enable-sleep-mode")
+	opt.DevMode = os.Getenv("VLLM_SERVER_DEV_MODE") == "1"
 	if served := lists["--served-model-name"]; len(served) > 0 {
 		opt.Model, opt.Aliases = served[0], served[1:]
 	} else {
