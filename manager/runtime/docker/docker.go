@@ -347,7 +347,16 @@ func (r *Runtime) createOptions(name string, spec runtime.Spec) client.Container
 		cache = mount.Mount{Type: mount.TypeVolume, Source: r.opt.Instance + "-hf-cache", Target: cache.Target,
 			VolumeOptions: &mount.VolumeOptions{Labels: map[string]string{LabelManaged: "true", LabelInstance: r.opt.Instance}}}
 	}
-	host.Mounts = []mount.Mount{cache}
+	host.Mounts = []mount.Mount{cache, r.compileCache()}
+	// vLLM's torch.compile cache and Triton's kernels in that volume, so
+	// that a new container does not compile again what the last one did
+	// (minutes of a cold start), unless the model's env says otherwise.
+	for _, kv := range []string{"VLLM_CACHE_ROOT=" + compileCacheDir + "/vllm", "TRITON_CACHE_DIR=" + compileCacheDir + "/triton"} {
+		name, _, _ := strings.Cut(kv, "=")
+		if _, own := spec.Env[name]; !own && r.opt.Env[name] == "" {
+			env = append(env, kv)
+		}
+	}
 	if r.opt.GPUDevices {
 		host.DeviceRequests = []container.DeviceRequest{{Driver: "nvidia", DeviceIDs: uuids, Capabilities: [][]string{{"gpu"}}}}
 	}
@@ -367,6 +376,19 @@ func (r *Runtime) createOptions(name string, spec runtime.Spec) client.Container
 			EndpointsConfig: map[string]*network.EndpointSettings{r.opt.Network: {}},
 		},
 	}
+}
+
+// compileCacheDir is where a container finds its compile caches.
+const compileCacheDir = "/root/.cache/vgw-compile"
+
+// compileCache is the volume of compiled kernels the containers of this
+// vgw's image share: vLLM's torch.compile cache and Triton's. It is one
+// per image reference, so that another vLLM, whose kernels differ, starts
+// its own.
+func (r *Runtime) compileCache() mount.Mount {
+	sum := sha256.Sum256([]byte(r.opt.Image))
+	return mount.Mount{Type: mount.TypeVolume, Source: r.opt.Instance + "-compile-cache-" + hex.EncodeToString(sum[:6]), Target: compileCacheDir,
+		VolumeOptions: &mount.VolumeOptions{Labels: map[string]string{LabelManaged: "true", LabelInstance: r.opt.Instance, "vgw.image": r.opt.Image}}}
 }
 
 // instance describes a running container of this vgw's.

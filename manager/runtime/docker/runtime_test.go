@@ -214,15 +214,23 @@ func TestCreateOptions(t *testing.T) {
 					t.Errorf("command %q", got)
 				}
 				env := slices.Sorted(slices.Values(o.Config.Env))
-				if want := []string{"A=1", "B=2", "HF_TOKEN=hf_model", "VLLM_API_KEY=sk-x"}; !slices.Equal(env, want) {
+				if want := []string{"A=1", "B=2", "HF_TOKEN=hf_model", "TRITON_CACHE_DIR=/root/.cache/vgw-compile/triton", "VLLM_API_KEY=sk-x", "VLLM_CACHE_ROOT=/root/.cache/vgw-compile/vllm"}; !slices.Equal(env, want) {
 					t.Errorf("env %q, want %q", env, want)
 				}
 				h := o.HostConfig
 				if h.IpcMode != container.IPCModeHost || h.ShmSize != 0 || len(h.DeviceRequests) != 0 {
 					t.Errorf("ipc %q shm %d devices %v", h.IpcMode, h.ShmSize, h.DeviceRequests)
 				}
-				if len(h.Mounts) != 1 || h.Mounts[0].Type != "volume" || h.Mounts[0].Source != "vgw-hf-cache" || h.Mounts[0].Target != "/root/.cache/huggingface" {
+				if len(h.Mounts) != 2 || h.Mounts[0].Type != "volume" || h.Mounts[0].Source != "vgw-hf-cache" || h.Mounts[0].Target != "/root/.cache/huggingface" {
 					t.Errorf("mounts %+v", h.Mounts)
+				}
+				// The compile caches: one volume per image.
+				if c := h.Mounts[1]; c.Type != "volume" || !strings.HasPrefix(c.Source, "vgw-compile-cache-") || c.Target != "/root/.cache/vgw-compile" {
+					t.Errorf("compile cache mount %+v", c)
+				}
+				other := (&Runtime{opt: Options{Instance: "vgw", Image: "vllm:other"}}).compileCache()
+				if other.Source == h.Mounts[1].Source {
+					t.Errorf("two images share the compile cache %s", other.Source)
 				}
 				l := o.Config.Labels
 				if l[LabelManaged] != "true" || l[LabelInstance] != "vgw" || l[LabelModel] != "m" || l[LabelSignature] != "sig" || l[LabelLaunch] != "launch" || l[LabelGPUs] != "1,3" {
@@ -241,7 +249,7 @@ func TestCreateOptions(t *testing.T) {
 				if len(h.DeviceRequests) != 1 || h.DeviceRequests[0].Driver != "nvidia" || !slices.Equal(h.DeviceRequests[0].DeviceIDs, []string{"GPU-b", "GPU-d"}) {
 					t.Errorf("devices %+v", h.DeviceRequests)
 				}
-				if len(h.Mounts) != 1 || h.Mounts[0].Type != "bind" || h.Mounts[0].Source != "/srv/hf" {
+				if len(h.Mounts) != 2 || h.Mounts[0].Type != "bind" || h.Mounts[0].Source != "/srv/hf" {
 					t.Errorf("mounts %+v", h.Mounts)
 				}
 			}},
@@ -255,5 +263,16 @@ func TestCreateOptions(t *testing.T) {
 			}
 			tt.check(t, o)
 		})
+	}
+}
+
+// TestCompileCacheEnv: a model's own VLLM_CACHE_ROOT or TRITON_CACHE_DIR,
+// or the runtime's, wins over the shared compile cache's.
+func TestCompileCacheEnv(t *testing.T) {
+	spec := runtime.Spec{Model: "m", Config: &config.Model{Repo: "org/m"}, Env: map[string]string{"VLLM_CACHE_ROOT": "/mine"}}
+	r := &Runtime{opt: Options{Instance: "vgw", Image: "vllm", Network: "net", Env: map[string]string{"TRITON_CACHE_DIR": "/theirs"}}}
+	env := slices.Sorted(slices.Values(r.createOptions("vgw-m", spec).Config.Env))
+	if want := []string{"TRITON_CACHE_DIR=/theirs", "VLLM_CACHE_ROOT=/mine"}; !slices.Equal(env, want) {
+		t.Errorf("env %q, want %q", env, want)
 	}
 }
