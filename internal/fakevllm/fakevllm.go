@@ -109,10 +109,15 @@ func New(opt Options) *Server {
 func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	s.opt.Log.Info("starting vLLM API server", "model", s.opt.Model, "addr", lis.Addr().String())
 	go func() {
-		select {
-		case <-time.After(time.Until(s.start.Add(s.opt.StartupDelay))):
-		case <-ctx.Done():
-			return
+		// The startup delay passes as vLLM's cold start does, each phase
+		// logged as vLLM logs it (manager/runtime/vllm.ParseProgress).
+		for _, step := range startupSteps() {
+			select {
+			case <-time.After(time.Until(s.start.Add(time.Duration(step.at * float64(s.opt.StartupDelay))))):
+			case <-ctx.Done():
+				return
+			}
+			s.opt.Log.Info(step.line)
 		}
 		if s.opt.ReadyOn != nil {
 			select {
@@ -140,6 +145,31 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 		return err
 	}
 	return nil
+}
+
+// startupStep is a line vLLM logs as it starts, and when: a fraction of
+// the startup delay.
+type startupStep struct {
+	at   float64
+	line string
+}
+
+// startupSteps are the lines of a vLLM 0.11 cold start: weights in four
+// shards, torch.compile, the KV cache, 67 CUDA graphs.
+func startupSteps() []startupStep {
+	steps := []startupStep{{0, "Starting to load model"}}
+	for i := range 5 {
+		steps = append(steps, startupStep{0.4 * float64(i) / 4, fmt.Sprintf("Loading safetensors checkpoint shards: %3d%% Completed | %d/4", 25*i, i)})
+	}
+	steps = append(steps,
+		startupStep{0.4, "Loading weights took 0.40 seconds"},
+		startupStep{0.45, "Dynamo bytecode transform time: 0.05 s"},
+		startupStep{0.6, "torch.compile takes 0.20 s in total"},
+		startupStep{0.65, "Available KV cache memory: 10.00 GiB"})
+	for n := 0; n <= 67; n += 10 {
+		steps = append(steps, startupStep{0.7 + 0.3*float64(n)/67, fmt.Sprintf("Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): %3d%%| | %d/67", 100*n/67, n)})
+	}
+	return append(steps, startupStep{1, "Graph capturing finished in 0 secs"})
 }
 
 func (s *Server) die(code int) { s.once.Do(func() { s.opt.Exit(code) }) }

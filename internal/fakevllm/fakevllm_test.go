@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"flag"
 	"io"
+	"log/slog"
 	"mime/multipart"
 	"net"
 	"net/http"
@@ -15,6 +16,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
 // serve runs a fake on a loopback port and returns its base URL.
@@ -416,3 +419,39 @@ func TestEmbeddingsAndTranscriptions(t *testing.T) {
 		}
 	}
 }
+
+// TestStartupProgress: the fake logs its start as vLLM does, each phase
+// in order, and vgw's reader of vLLM's log follows it to ready.
+func TestStartupProgress(t *testing.T) {
+	var mu sync.Mutex
+	var buf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return buf.Write(p) }), nil))
+	_, url := serve(t, Options{Model: "m", StartupDelay: 50 * time.Millisecond, Log: log})
+	waitReady(t, url)
+	mu.Lock()
+	lines := strings.Split(buf.String(), "\n")
+	mu.Unlock()
+	var phases []vllm.Phase
+	last := vllm.Progress{Percent: -1}
+	for _, l := range lines {
+		p, ok := vllm.ParseProgress(l)
+		if !ok {
+			continue
+		}
+		if p.Phase < last.Phase || p.Phase == last.Phase && p.Percent < last.Percent {
+			t.Errorf("%v after %v: %q", p, last, l)
+		}
+		if len(phases) == 0 || phases[len(phases)-1] != p.Phase {
+			phases = append(phases, p.Phase)
+		}
+		last = p
+	}
+	want := []vllm.Phase{vllm.PhaseLoading, vllm.PhaseCompiling, vllm.PhaseProfiling, vllm.PhaseCapturing, vllm.PhaseReady}
+	if !slices.Equal(phases, want) {
+		t.Errorf("phases %v, want %v", phases, want)
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
