@@ -416,7 +416,15 @@ func (g *generation) wait(ctx context.Context, n int) bool {
 	if g.s.opt.TokensPerSecond <= 0 {
 		return ctx.Err() == nil
 	}
-	t := time.NewTimer(time.Duration(float64(n) / g.s.opt.TokensPerSecond * float64(time.Second)))
+	return pause(ctx, time.Duration(float64(n)/g.s.opt.TokensPerSecond*float64(time.Second)))
+}
+
+// pause spends d unless ctx ends first, and reports whether it did.
+func pause(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:

@@ -1,11 +1,9 @@
 package fakevllm
 
 import (
-	"context"
 	"encoding/json"
 	"net/http"
 	"sync"
-	"time"
 )
 
 // Sleep mode, as vLLM serves it (docs/features/sleep_mode.md): with
@@ -72,21 +70,6 @@ func (s *Server) sleepHandlers(mux *http.ServeMux) {
 	})
 	mux.HandleFunc("POST /collective_rpc", s.collectiveRPC)
 	mux.HandleFunc("POST /reset_prefix_cache", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusOK) })
-}
-
-// pause spends d unless the request ends first.
-func pause(ctx context.Context, d time.Duration) bool {
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }
 
 func (s *Server) sleep(w http.ResponseWriter, r *http.Request) {
