@@ -110,14 +110,23 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	s.opt.Log.Info("starting vLLM API server", "model", s.opt.Model, "addr", lis.Addr().String())
 	go func() {
 		// The startup delay passes as vLLM's cold start does, each phase
-		// logged as vLLM logs it (manager/runtime/vllm.ParseProgress).
-		for _, step := range startupSteps() {
+		// logged as vLLM logs it (manager/runtime/vllm.ParseProgress). A
+		// start that fails fails in memory profiling, as vLLM's out of
+		// memory does: it logs nothing past it. A start with no delay
+		// logs none of it.
+		steps := startupSteps()
+		if s.opt.StartupDelay <= 0 {
+			steps = nil
+		}
+		for _, step := range steps {
 			select {
 			case <-time.After(time.Until(s.start.Add(time.Duration(step.at * float64(s.opt.StartupDelay))))):
 			case <-ctx.Done():
 				return
 			}
-			s.opt.Log.Info(step.line)
+			if !s.opt.FailStart || step.at < profilingAt {
+				s.opt.Log.Info(step.line)
+			}
 		}
 		if s.opt.ReadyOn != nil {
 			select {
@@ -147,6 +156,10 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	return nil
 }
 
+// profilingAt is when, in a fraction of the startup delay, memory
+// profiling ends.
+const profilingAt = 0.65
+
 // startupStep is a line vLLM logs as it starts, and when: a fraction of
 // the startup delay.
 type startupStep struct {
@@ -165,7 +178,7 @@ func startupSteps() []startupStep {
 		startupStep{0.4, "Loading weights took 0.40 seconds"},
 		startupStep{0.45, "Dynamo bytecode transform time: 0.05 s"},
 		startupStep{0.6, "torch.compile takes 0.20 s in total"},
-		startupStep{0.65, "Available KV cache memory: 10.00 GiB"})
+		startupStep{profilingAt, "Available KV cache memory: 10.00 GiB"})
 	for n := 0; n <= 67; n += 10 {
 		steps = append(steps, startupStep{0.7 + 0.3*float64(n)/67, fmt.Sprintf("Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): %3d%%| | %d/67", 100*n/67, n)})
 	}
