@@ -59,8 +59,12 @@ func parseDefaults(obj []byte) (*defaults, error) {
 	return d, nil
 }
 
-// errNotMerged says why a body was sent on as it came.
-var errNotMerged = errors.New("the body is not a JSON object to its end")
+// errNotMerged says why a body was sent on as it came; errStopped that a
+// walk of its keys stopped where its caller had what it wanted.
+var (
+	errNotMerged = errors.New("the body is not a JSON object to its end")
+	errStopped   = errors.New("stopped")
+)
 
 // mergeUnder returns body with each key of d that its top-level object
 // lacks added at the object's end, then the keys of also (already
@@ -69,13 +73,14 @@ var errNotMerged = errors.New("the body is not a JSON object to its end")
 // is returned as it is, with an error: the backend answers it.
 func (d *defaults) mergeUnder(body []byte, also ...[]byte) ([]byte, bool, error) {
 	var present uint64 // bit i: the body has d.keys[i]
-	closeAt, empty, err := topLevelKeys(body, func(k []byte) {
+	closeAt, empty, err := topLevelKeys(body, func(k []byte, _, _ int) bool {
 		if d == nil {
-			return
+			return true
 		}
 		if i, ok := slices.BinarySearch(d.keys, string(k)); ok {
 			present |= 1 << i
 		}
+		return true
 	})
 	if err != nil {
 		return body, false, err
@@ -136,10 +141,13 @@ func bitsSet(x uint64) int {
 }
 
 // topLevelKeys calls visit with each top-level key of the JSON object in
-// body (escapes decoded), and returns where the object's closing brace
-// is and whether the object is empty. The body must be one valid object
-// (values are checked as ExtractModel checks what it skips).
-func topLevelKeys(body []byte, visit func(key []byte)) (closeAt int, empty bool, err error) {
+// body (escapes decoded) and where its value is, until visit returns
+// false, and returns where the object's closing brace is and whether the
+// object is empty. Read to its end, the body must be one valid object
+// (values are checked as ExtractModel checks what it skips); stopped
+// early, or where it is not, the error says so, and visit has seen the
+// keys before that point.
+func topLevelKeys(body []byte, visit func(key []byte, start, end int) bool) (closeAt int, empty bool, err error) {
 	s := scanner{b: body}
 	s.skipSpace()
 	if s.i >= len(s.b) || s.b[s.i] != '{' {
@@ -161,9 +169,13 @@ func topLevelKeys(body []byte, visit func(key []byte)) (closeAt int, empty bool,
 		if err != nil {
 			return 0, false, errNotMerged
 		}
-		visit(k)
+		s.skipSpace()
+		start := s.i
 		if s.skipValue() != nil {
 			return 0, false, errNotMerged
+		}
+		if !visit(k, start, s.i) {
+			return 0, false, errStopped
 		}
 		s.skipSpace()
 		if s.i >= len(s.b) {
@@ -194,46 +206,25 @@ func topLevelKeys(body []byte, visit func(key []byte)) (closeAt int, empty bool,
 // repeated keys, vgw routes by the first.
 func setModel(body, value []byte, onlyEmpty bool, same func(name []byte) bool) ([]byte, bool) {
 	var spans [][2]int
-	s := scanner{b: body}
-	s.skipSpace()
-	if s.i >= len(s.b) || s.b[s.i] != '{' {
-		return body, false
-	}
-	s.i++
-	s.skipSpace()
-	var buf [16]byte
-	for s.i < len(s.b) && s.b[s.i] != '}' {
-		k, err := s.keyInto(buf[:0])
-		if err != nil {
-			break
+	// The walk's error is no matter: what it saw before the body stopped
+	// being JSON is what ExtractModel routed by (it reads no further).
+	topLevelKeys(body, func(k []byte, start, end int) bool {
+		if string(k) != "model" {
+			return true
 		}
-		s.skipSpace()
-		start := s.i
-		if s.skipValue() != nil {
-			break
-		}
-		if string(k) == "model" {
-			v := s.b[start:s.i]
-			switch {
-			case len(spans) == 0 && onlyEmpty && string(v) != "null" && string(v) != `""`:
-				return body, false
-			case len(spans) == 0:
-				spans = append(spans, [2]int{start, s.i})
-			case same != nil && len(v) >= 2 && v[0] == '"':
-				if name, err := (&scanner{b: v}).stringValue(); err == nil && same(name) {
-					spans = append(spans, [2]int{start, s.i})
-				}
-			}
-			if same == nil {
-				break
+		v := body[start:end]
+		switch {
+		case len(spans) == 0 && onlyEmpty && string(v) != "null" && string(v) != `""`:
+			return false
+		case len(spans) == 0:
+			spans = append(spans, [2]int{start, end})
+		case same != nil && len(v) >= 2 && v[0] == '"':
+			if name, err := (&scanner{b: v}).stringValue(); err == nil && same(name) {
+				spans = append(spans, [2]int{start, end})
 			}
 		}
-		s.skipSpace()
-		if s.i < len(s.b) && s.b[s.i] == ',' {
-			s.i++
-			s.skipSpace()
-		}
-	}
+		return same != nil
+	})
 	if len(spans) == 0 {
 		return body, false
 	}
