@@ -160,7 +160,7 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 	if err != nil {
 		panic(err)
 	}
-	m := s.lookup(name).model
+	m := s.models.Load().lookup(name).model
 	if m == nil || !m.gate.tryAcquire(time.Now()) {
 		panic("not admitted")
 	}

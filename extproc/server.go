@@ -527,8 +527,8 @@ func (s *Server) AllStats() map[string]GateStats {
 }
 
 // lookup finds the model a request names, by any of its names.
-func (s *Server) lookup(name []byte) nameRef {
-	return s.models.Load().byName[string(name)] // no allocation: the compiler special-cases this conversion
+func (t *modelTable) lookup(name []byte) nameRef {
+	return t.byName[string(name)] // no allocation: the compiler special-cases this conversion
 }
 
 // waitBudget is how long a request may wait in all (for a slot, then for

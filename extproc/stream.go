@@ -400,7 +400,7 @@ func (st *stream) decide(name []byte, atHeaders bool) (bool, error) {
 // decideIn is decide with the model table the name is looked up in.
 func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, error) {
 	s := st.s
-	ref := t.byName[string(name)] // no allocation: the compiler special-cases this conversion
+	ref := t.lookup(name)
 	m := ref.model
 	if m == nil {
 		copied := printable(name, 256)
@@ -617,7 +617,7 @@ func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingR
 		// read instead of the first (vLLM takes the last of repeated
 		// keys, and of repeated form fields); a name of another model
 		// stays, for the server's own 404.
-		same := func(name []byte) bool { return st.table.byName[string(name)].model == st.model }
+		same := func(name []byte) bool { return st.table.lookup(name).model == st.model }
 		if st.form {
 			var spans [][2]int
 			_ = modelFields(merged, st.boundary, func(start, end int) bool {

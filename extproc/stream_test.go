@@ -81,7 +81,7 @@ func TestProcessNeverEndsOKWithAMessageUnanswered(t *testing.T) {
 func TestOverrideSendFailsAfterGrant(t *testing.T) {
 	s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}},
 		readyLeases{}, Options{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: time.Minute})
-	g := s.lookup([]byte("m")).model.gate
+	g := s.models.Load().lookup([]byte("m")).model.gate
 	if !g.tryAcquire(time.Now()) {
 		t.Fatal("could not take the only slot")
 	}
