@@ -106,15 +106,21 @@ func (r *rig) inst(model string, gpus ...int) *runtime.Instance {
 		GPUs: gpus, Launch: md.launch, Signature: md.sig}
 }
 
+// loading returns model and the load the scheduler started for it.
+func (r *rig) loading(name string) (*model, *loadOp) {
+	r.t.Helper()
+	md := r.s.models[name]
+	if md.loading == nil {
+		r.t.Fatalf("%s is not loading (%v)", name, md.state)
+	}
+	return md, md.loading
+}
+
 // start takes the load the scheduler started for model: the server runs
 // and answers its health checks.
 func (r *rig) start(model string) *runtime.Instance {
 	r.t.Helper()
-	md := r.s.models[model]
-	if md.loading == nil {
-		r.t.Fatalf("%s is not loading (%v)", model, md.state)
-	}
-	op := md.loading
+	md, op := r.loading(model)
 	inst := r.inst(model, md.place.gpus...)
 	r.s.started(md, op, inst)
 	r.s.loaded(r.now, md, op, time.Second, nil)
@@ -644,8 +650,7 @@ func TestRemovedWhileLoadingDecisions(t *testing.T) {
 	r := newRig(t, schedConfig+both)
 	first := r.want("a")
 	r.flush()
-	md := r.s.models["a"]
-	op := md.loading
+	md, op := r.loading("a")
 	r.expect("a removed", func(now time.Time) {
 		r.s.configure(now, managertest.Config(t, schedConfig+"models:\n  b: {vram: 20GiB}\n"))
 	}, "cancel a load")
@@ -813,8 +818,7 @@ func TestExitBeforeLoadedDecisions(t *testing.T) {
 	r := newRig(t, schedConfig+"models:\n  a: {vram: 20GiB}\n")
 	w := r.want("a")
 	r.flush()
-	md := r.s.models["a"]
-	op := md.loading
+	md, op := r.loading("a")
 	inst := r.inst("a", 0)
 	r.s.started(md, op, inst)
 	r.flush()
@@ -852,8 +856,7 @@ func TestLateAdoptLeavesOwnStart(t *testing.T) {
 	r := newRig(t, schedConfig+"models:\n  a: {vram: 20GiB}\n")
 	w := r.want("a")
 	r.flush()
-	md := r.s.models["a"]
-	op := md.loading
+	md, op := r.loading("a")
 	inst := r.inst("a", 0) // what rt.Start is creating right now
 	got := r.at(func(time.Time) { r.s.adopted([]*runtime.Instance{inst}) })
 	for _, a := range got {
@@ -917,8 +920,7 @@ func TestReaddedLoadSucceeds(t *testing.T) {
 	r := newRig(t, schedConfig+both)
 	r.want("a")
 	r.flush()
-	md := r.s.models["a"]
-	op := md.loading
+	md, op := r.loading("a")
 	inst := r.inst("a", 0)
 	r.s.started(md, op, inst)
 	r.flush()
