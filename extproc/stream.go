@@ -100,8 +100,7 @@ type stream struct {
 	// body is the body decided on, for the rewrites below; addKV a
 	// `"model":NAME` a JSON one gets (the default model's); bodyChanged
 	// says body is not what the client sent; renamed that its model must
-	// be renamed to the model's own (an alias); formModel is where a
-	// form's model value is.
+	// be renamed to the model's own (an alias).
 	body, addKV []byte
 	bodyChanged bool
 	renamed     bool
@@ -583,9 +582,11 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	m := st.model
 	h := m.route.Load()
 	var resp *extprocv3.ProcessingResponse
-	switch {
-	case !atHeaders && (st.addKV != nil || st.bodyChanged || st.renamed || !st.form && m.defaults.Load() != nil):
+	if !atHeaders && (st.addKV != nil || st.bodyChanged || st.renamed || !st.form && m.defaults.Load() != nil) {
 		resp = st.mergedReply(h, depth)
+	}
+	switch {
+	case resp != nil: // the body rewritten
 	case atHeaders && depth == 0 && st.respBodyMode == filterv3.ProcessingMode_NONE:
 		resp = h.headersReply // the fast path's common case, built once per route
 	case atHeaders:
@@ -609,7 +610,8 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 // and content-length with it, since Envoy refuses a mutated body whose
 // length the request's content-length does not match
 // (processor_state.cc validateContentLength, after the header mutation
-// of the same reply). What the rewrite cannot read goes on as it came.
+// of the same reply). It is nil when the body goes on as it came: there
+// was nothing to rewrite, or what there was could not be read.
 func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingResponse {
 	merged, changed := st.body, st.bodyChanged
 	if st.renamed {
@@ -642,11 +644,8 @@ func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingR
 		merged, added, _ = st.model.defaults.Load().mergeUnder(merged, also...)
 		changed = changed || added
 	}
-	switch {
-	case !changed && depth == 0:
-		return h.bodyReply
-	case !changed:
-		return bodyReply(h, depth)
+	if !changed {
+		return nil
 	}
 	r := routeResponse(h, depth)
 	r.HeaderMutation.SetHeaders = append(r.HeaderMutation.SetHeaders, setHeader("content-length", strconv.AppendInt(nil, int64(len(merged)), 10)))
