@@ -40,7 +40,6 @@ type Name struct {
 // cannot say which is meant; their keys and aliases do.
 func (c *Config) Names() map[string]Name {
 	names := make(map[string]Name, len(c.Models))
-	repos := map[string][]string{}
 	for _, key := range c.ModelNames() {
 		m := c.Models[key]
 		names[key] = Name{Model: key, Kind: NameKey}
@@ -57,11 +56,8 @@ func (c *Config) Names() map[string]Name {
 				names[a] = Name{Model: key, Kind: NameAdapter}
 			}
 		}
-		if m.Repo != "" && !slices.Contains(repos[m.Repo], key) {
-			repos[m.Repo] = append(repos[m.Repo], key)
-		}
 	}
-	for repo, models := range repos {
+	for repo, models := range c.repos() {
 		if _, taken := names[repo]; !taken && len(models) == 1 {
 			names[repo] = Name{Model: models[0], Kind: NameRepo}
 		}
@@ -72,13 +68,19 @@ func (c *Config) Names() map[string]Name {
 // SharedRepos returns each repo that more than one model loads, with
 // those models, sorted: a name no request can use (see Names).
 func (c *Config) SharedRepos() map[string][]string {
+	repos := c.repos()
+	maps.DeleteFunc(repos, func(_ string, models []string) bool { return len(models) < 2 })
+	return repos
+}
+
+// repos maps each repo to the models that load it, sorted.
+func (c *Config) repos() map[string][]string {
 	repos := map[string][]string{}
 	for _, key := range c.ModelNames() {
 		if m := c.Models[key]; m != nil && m.Repo != "" {
 			repos[m.Repo] = append(repos[m.Repo], key)
 		}
 	}
-	maps.DeleteFunc(repos, func(_ string, models []string) bool { return len(models) < 2 })
 	return repos
 }
 
@@ -95,12 +97,7 @@ func (v *validator) names(c *Config) {
 	for _, key := range c.ModelNames() {
 		taken[key] = owner{key, NameKey}
 	}
-	repos := map[string][]string{} // repo → the models that load it
-	for _, key := range c.ModelNames() {
-		if m := c.Models[key]; m != nil && m.Repo != "" {
-			repos[m.Repo] = append(repos[m.Repo], key)
-		}
-	}
+	repos := c.repos()
 	claim := func(name string, o owner, at []string) {
 		prev, ok := taken[name]
 		if o.kind != NameRepo {
