@@ -70,6 +70,10 @@ type Config struct {
 	// names no model goes by.
 	RequestDefaults map[string]any `yaml:"request_defaults"`
 	DefaultModel    string         `yaml:"default_model"`
+	// Sleep is how models leave their GPUs by default (see Sleep), and
+	// HostMemory the host memory that sleeping models may hold in all.
+	Sleep      Sleep      `yaml:"sleep"`
+	HostMemory HostMemory `yaml:"host_memory"`
 
 	Envoy   Envoy             `yaml:"envoy"`
 	Runtime Runtime           `yaml:"runtime"`
@@ -201,6 +205,8 @@ type Model struct {
 	// name clients send for each, with where it comes from (a path in
 	// the server's file system, or a Hugging Face repo).
 	Adapters map[string]string `yaml:"adapters"`
+	// Sleep overrides the gateway's sleep setting for this model.
+	Sleep Sleep `yaml:"sleep"`
 	// Sim is how the sim runtime's fake server for this model behaves.
 	Sim Sim `yaml:"sim"`
 }
@@ -213,6 +219,12 @@ type Sim struct {
 	CrashAfter      int      `yaml:"crash_after"`
 	CrashMidStream  int      `yaml:"crash_mid_stream"`
 	SlowHealth      Duration `yaml:"slow_health"`
+	// SleepDelay and WakeDelay are how long the fake takes to fall asleep
+	// and to wake (see FallAsleep and Wake), and ResidualVRAM the GPU
+	// memory it keeps on each GPU while asleep (see Residual).
+	SleepDelay   *Duration `yaml:"sleep_delay"`
+	WakeDelay    *Duration `yaml:"wake_delay"`
+	ResidualVRAM *Bytes    `yaml:"residual_vram"`
 }
 
 // Defaults. The admission ones are the Python gateway's (50 in flight,
@@ -239,6 +251,8 @@ var Defaults = Config{
 	ProbeInterval:     Duration(10 * time.Second),
 	ProbeTimeout:      Duration(5 * time.Second),
 	ProbeFailures:     3,
+	Sleep:             SleepOff,
+	HostMemory:        HostMemory{Auto: true},
 	Envoy: Envoy{
 		MessageTimeout:    Duration(200 * time.Millisecond),
 		MaxMessageTimeout: Duration(900 * time.Second),

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"slices"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"github.com/vgw-project/vgw/config"
 	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/manager/runtime"
+	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
 // scheduler is the manager's decision core. It holds the state of every
@@ -584,8 +586,10 @@ func (s *scheduler) spec(md *model) runtime.Spec {
 	for k, v := range md.cfg.Env {
 		env[k] = v
 	}
+	sleep := s.cfg.SleepFor(md.cfg)
+	maps.Copy(env, vllm.Env(sleep))
 	return runtime.Spec{
-		Model: md.name, Config: md.cfg, Utilization: util, Env: env, GPUs: gpus, PerGPU: md.place.perGPU,
+		Model: md.name, Config: md.cfg, Utilization: util, Sleep: sleep, Env: env, GPUs: gpus, PerGPU: md.place.perGPU,
 		Signature: md.sig, Launch: md.launch,
 	}
 }

@@ -28,7 +28,8 @@ func Signature(c *config.Config, m *config.Model) string {
 // LaunchSignature identifies everything a model's server is started with
 // that the config decides: its memory settings (Signature, adapters
 // included), the runtime's network, cache, shared memory and env, the
-// model's env and GPU pins. A server started otherwise is reloaded once
+// model's env and GPU pins, and whether sleep mode is on (its level is
+// chosen as it falls asleep, so changing it restarts nothing). A server started otherwise is reloaded once
 // idle, and not adopted. A model's aliases are not among them: vgw
 // renames a request for an alias on its way, so that its server needs
 // only its own name.
@@ -38,7 +39,8 @@ func LaunchSignature(c *config.Config, m *config.Model) string {
 		ShmSize                      int64
 		RuntimeEnv, Env              map[string]string
 		GPUs                         []int
-	}{Signature(c, m), c.Runtime.Network, c.Runtime.CacheDir, int64(c.Runtime.ShmSize), c.Runtime.Env, m.Env, m.GPUs})
+		SleepMode                    bool `json:",omitempty"`
+	}{Signature(c, m), c.Runtime.Network, c.Runtime.CacheDir, int64(c.Runtime.ShmSize), c.Runtime.Env, m.Env, m.GPUs, c.SleepFor(m).Level() > 0})
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:8])
 }

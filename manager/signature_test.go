@@ -41,6 +41,8 @@ func TestSignatures(t *testing.T) {
 		{"an adapter", config.Model{Adapters: map[string]string{"sql": "/l/sql"}}, true, true},
 		{"the key repeated as an alias", config.Model{Aliases: []string{"a"}}, false, false},
 		{"request defaults", config.Model{RequestDefaults: map[string]any{"temperature": 0.1}}, false, false},
+		{"sleep off", config.Model{Sleep: config.SleepOff}, false, false},
+		{"sleep mode on", config.Model{Sleep: config.SleepLevel1}, false, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -51,5 +53,16 @@ func TestSignatures(t *testing.T) {
 				t.Errorf("launch signature changed %v, want %v", got, tt.launchChanges)
 			}
 		})
+	}
+	// The level is chosen as a server falls asleep: no restart for it.
+	l1, l2 := config.Model{Sleep: config.SleepLevel1}, config.Model{Sleep: config.SleepLevel2}
+	if LaunchSignature(c, &l1) != LaunchSignature(c, &l2) {
+		t.Error("level1 and level2 launch differently")
+	}
+	// The gateway's setting counts as the model's own.
+	cs := *c
+	cs.Sleep = config.SleepLevel2
+	if LaunchSignature(&cs, &base) != LaunchSignature(c, &l2) {
+		t.Error("the gateway's sleep setting does not reach the launch signature")
 	}
 }

@@ -25,7 +25,11 @@ type Spec struct {
 	// Utilization is the --gpu-memory-utilization the manager computed:
 	// the model's own setting, else its share of its GPUs' memory.
 	Utilization float64
-	Env         map[string]string
+	// Sleep is the model's sleep setting: with a level, its server is
+	// started in sleep mode (see vllm.Args), and the manager may put it
+	// to sleep at that level (Sleeper).
+	Sleep config.Sleep
+	Env   map[string]string
 	// GPUs are the GPUs the server runs on, by inventory index and UUID.
 	GPUs []gpu.GPU
 	// PerGPU is the memory it may use on each of them.

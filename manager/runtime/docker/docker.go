@@ -309,7 +309,7 @@ func gpuList(gpus []gpu.GPU) string {
 
 // createOptions is the container for spec.
 func (r *Runtime) createOptions(name string, spec runtime.Spec) client.ContainerCreateOptions {
-	args, apiKey := withoutAPIKey(vllm.Args(spec.Model, spec.Config, spec.Utilization))
+	args, apiKey := withoutAPIKey(vllm.Args(spec.Model, spec.Config, spec.Utilization, spec.Sleep))
 	env := make([]string, 0, len(r.opt.Env)+len(spec.Env)+1)
 	for k, v := range r.opt.Env {
 		if _, own := spec.Env[k]; !own {

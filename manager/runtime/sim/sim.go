@@ -82,7 +82,7 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instan
 	}
 	// The vLLM arguments, and the env, reach the fake as they would reach
 	// vLLM, which logs its arguments as it starts.
-	args = append(append(args, "--"), vllm.Args(spec.Model, spec.Config, spec.Utilization)...)
+	args = append(append(args, "--"), vllm.Args(spec.Model, spec.Config, spec.Utilization, spec.Sleep)...)
 	cmd := exec.Command(r.command[0], args...)
 	cmd.Env = os.Environ()
 	for k, v := range spec.Env {

@@ -20,8 +20,10 @@ import (
 // The server answers to the model's own name (--served-model-name) and
 // to its adapters (--enable-lora, a --lora-modules entry NAME=SOURCE
 // each); vgw renames a request for an alias or the repo to the model's
-// own name on its way, so that changing aliases restarts nothing.
-func Args(name string, m *config.Model, utilization float64) []string {
+// own name on its way, so that changing aliases restarts nothing. With
+// a sleep level it starts in sleep mode (--enable-sleep-mode), whose
+// endpoints also need the environment's VLLM_SERVER_DEV_MODE=1 (Env).
+func Args(name string, m *config.Model, utilization float64, sleep config.Sleep) []string {
 	args := []string{"--model", m.Repo, "--served-model-name", name}
 	args = append(args,
 		"--gpu-memory-utilization", strconv.FormatFloat(utilization, 'f', -1, 64),
@@ -45,5 +47,20 @@ func Args(name string, m *config.Model, utilization float64) []string {
 			args = append(args, a+"="+m.Adapters[a])
 		}
 	}
+	if sleep.Level() > 0 {
+		args = append(args, "--enable-sleep-mode")
+	}
 	return append(args, m.ExtraArgs...)
+}
+
+// Env is what vLLM's environment needs for a sleep setting: with a level,
+// VLLM_SERVER_DEV_MODE=1, without which vLLM serves no /sleep or
+// /wake_up (docs/features/sleep_mode.md). Those endpoints are never
+// reachable from clients: Envoy's catch-all route answers every path it
+// does not route to a model (envoy/envoy.yaml).
+func Env(sleep config.Sleep) map[string]string {
+	if sleep.Level() == 0 {
+		return nil
+	}
+	return map[string]string{"VLLM_SERVER_DEV_MODE": "1"}
 }
