@@ -114,7 +114,9 @@ const (
 )
 
 // FallAsleep is how long the model's fake takes to fall asleep.
-func (s Sim) FallAsleep() time.Duration { return deref(s.SleepDelay, Duration(DefaultSimSleepDelay)).Std() }
+func (s Sim) FallAsleep() time.Duration {
+	return deref(s.SleepDelay, Duration(DefaultSimSleepDelay)).Std()
+}
 
 // Wake is how long the model's fake takes to bring its weights back.
 func (s Sim) Wake() time.Duration { return deref(s.WakeDelay, Duration(DefaultSimWakeDelay)).Std() }
