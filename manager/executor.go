@@ -39,6 +39,22 @@ type (
 		op   *loadOp
 		inst *runtime.Instance
 	}
+	// wakeServer wakes md's sleeping server for op and waits for it to
+	// be healthy: loaded or loadFailed, as a load.
+	wakeServer struct {
+		md   *model
+		op   *loadOp
+		inst *runtime.Instance
+	}
+	// sleepServer puts md's server to sleep at level and measures what
+	// it keeps: slept.
+	sleepServer struct {
+		md      *model
+		inst    *runtime.Instance
+		level   int
+		gpus    []int
+		timeout time.Duration
+	}
 	// cancelLoad ends a load under way; it reports as loadFailed.
 	cancelLoad struct{ op *loadOp }
 	// stopServer stops inst, gracefully for up to grace: stopped, for a
@@ -96,6 +112,8 @@ type (
 
 func (startServer) isAction()   {}
 func (resumeServer) isAction()  {}
+func (wakeServer) isAction()    {}
+func (sleepServer) isAction()   {}
 func (cancelLoad) isAction()    {}
 func (stopServer) isAction()    {}
 func (probeServer) isAction()   {}
@@ -132,6 +150,11 @@ func (m *Manager) execute(a action) {
 	case resumeServer:
 		ctx := m.loadContext(a.op)
 		go m.resume(ctx, a.md, a.op, a.inst)
+	case wakeServer:
+		ctx := m.loadContext(a.op)
+		go m.wake(ctx, a.md, a.op, a.inst)
+	case sleepServer:
+		go m.sleep(a)
 	case cancelLoad:
 		if cancel := m.cancels[a.op]; cancel != nil {
 			cancel()
@@ -200,6 +223,13 @@ func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec runtime.
 		m.do(func(time.Time) { m.s.started(md, op, inst) })
 		err = m.waitHealthy(ctx, op, inst.Addr)
 	}
+	if err == nil && m.sleeper != nil && spec.Sleep.Level() > 0 {
+		// The first request after a load in sleep mode is slow: made
+		// here, it is no client's. Its failure fails nothing.
+		if werr := m.sleeper.WarmUp(ctx, inst, spec); werr != nil {
+			m.log.Warn("the warm-up request after a load failed", slog.String("model", md.name), slog.String("error", werr.Error()))
+		}
+	}
 	if err == nil {
 		took := m.clock.Since(began)
 		m.do(func(now time.Time) { m.end(op); m.s.loaded(now, md, op, took, before) })
@@ -219,6 +249,14 @@ func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec runtime.
 func (m *Manager) resume(ctx context.Context, md *model, op *loadOp, inst *runtime.Instance) {
 	began := m.clock.Now()
 	err := m.waitHealthy(ctx, op, inst.Addr)
+	if err == nil && m.sleeper != nil {
+		// A previous vgw may have put it to sleep: it answers /health
+		// asleep, and would answer requests 503.
+		if asleep, serr := m.sleeper.IsSleeping(ctx, inst); serr == nil && asleep {
+			m.do(func(now time.Time) { m.end(op); m.s.adoptedAsleep(now, md, op) })
+			return
+		}
+	}
 	if err == nil {
 		took := m.clock.Since(began)
 		m.do(func(now time.Time) { m.end(op); m.s.loaded(now, md, op, took, nil) })
@@ -229,6 +267,59 @@ func (m *Manager) resume(ctx context.Context, md *model, op *loadOp, inst *runti
 	}
 	m.rt.Stop(context.Background(), inst, 0)
 	m.do(func(now time.Time) { m.end(op); m.s.loadFailed(now, md, op, err) })
+}
+
+// wake is a worker: it wakes a sleeping server and waits for its health
+// as a load does. A wake that fails stops the server, which the
+// scheduler then starts again cold (wakeFailed).
+func (m *Manager) wake(ctx context.Context, md *model, op *loadOp, inst *runtime.Instance) {
+	began := m.clock.Now()
+	err := m.sleeper.Wake(ctx, inst, op.level)
+	if err == nil {
+		err = m.waitHealthy(ctx, op, inst.Addr)
+	}
+	if err == nil {
+		took := m.clock.Since(began)
+		m.do(func(now time.Time) { m.end(op); m.s.loaded(now, md, op, took, nil) })
+		return
+	}
+	if m.ctx.Err() != nil {
+		return // vgw is stopping: the next vgw adopts it, asleep or not
+	}
+	m.rt.Stop(context.Background(), inst, 0)
+	m.do(func(now time.Time) { m.end(op); m.s.loadFailed(now, md, op, err) })
+}
+
+// sleep is a worker: it puts a drained server to sleep, then measures
+// what it keeps of its GPUs (its processes' memory, where the driver
+// lists them) and of host memory (the runtime's reading), each falling
+// back to what was foreseen.
+func (m *Manager) sleep(a sleepServer) {
+	ctx, cancel := context.WithTimeout(m.ctx, a.timeout)
+	defer cancel()
+	err := m.sleeper.Sleep(ctx, a.inst, a.level)
+	var residual, host uint64
+	var hostErr error
+	if err == nil {
+		if cur, how := m.usage(a.inst, nil); how == "processes" {
+			for _, g := range a.gpus {
+				residual = max(residual, cur[g])
+			}
+		}
+		host, hostErr = m.sleeper.HostMemory(ctx, a.inst)
+	}
+	m.do(func(now time.Time) {
+		fr, fh := m.s.foreseen(a.md, a.level)
+		if residual == 0 {
+			residual = fr
+		}
+		if hostErr != nil {
+			m.log.Warn("could not read a sleeping server's host memory; counting what was foreseen",
+				slog.String("model", a.md.name), slog.String("error", hostErr.Error()))
+			host = fh
+		}
+		m.s.slept(now, a.md, a.level, a.gpus, residual, host, err)
+	})
 }
 
 // waitHealthy polls GET /health until it answers 200, each poll within

@@ -36,10 +36,12 @@ const (
 	Stopped  State = iota // not resident
 	Loading               // placed; its server is starting (or waiting for room)
 	Ready                 // serving
-	Draining              // being unloaded: finishing requests, then stopping
+	Draining              // being unloaded or put to sleep: finishing requests, then stopping or sleeping
+	Sleeping              // its server sleeps: most of its GPU memory given back, woken by the next request
+	Waking                // its sleeping server is being woken
 )
 
-var stateNames = [...]string{"stopped", "loading", "ready", "draining"}
+var stateNames = [...]string{"stopped", "loading", "ready", "draining", "sleeping", "waking"}
 
 func (s State) String() string {
 	if int(s) < len(stateNames) {
@@ -137,10 +139,19 @@ const (
 	// EventUnhealthy: a ready model's server failed probe_failures health
 	// probes in a row; it is taken out of service and restarted.
 	EventUnhealthy = "unhealthy"
+	// EventSleeping: a model's server fell asleep; EventWaking: a wake
+	// began; EventWoken: the model is ready again, Took after the wake
+	// began. A wake that fails is EventWakeFailed, and the model is
+	// started again.
+	EventSleeping   = "sleeping"
+	EventWaking     = "waking"
+	EventWoken      = "woken"
+	EventWakeFailed = "wake_failed"
 )
 
 // EventKinds lists every kind of Event, for those who count them.
-var EventKinds = []string{EventLoadStarted, EventReady, EventLoadFailed, EventEvicted, EventDraining, EventCrashed, EventUnloaded, EventUnhealthy}
+var EventKinds = []string{EventLoadStarted, EventReady, EventLoadFailed, EventEvicted, EventDraining, EventCrashed, EventUnloaded, EventUnhealthy,
+	EventSleeping, EventWaking, EventWoken, EventWakeFailed}
 
 // Options are a Manager's optional settings; the zero value of each is a
 // sensible default.
@@ -158,17 +169,22 @@ type Options struct {
 	Backoff time.Duration
 	// Clock is the loop's clock; tests move a fake one.
 	Clock clockwork.Clock
+	// HostMemory is the machine's memory, from which host_memory: auto
+	// is worked out; 0 reads /proc/meminfo.
+	HostMemory uint64
 }
 
 // Manager runs models on GPUs.
 type Manager struct {
-	rt    Runtime
-	inv   Inventory
-	fps   *Footprints
-	log   *slog.Logger
-	opts  Options
-	clock clockwork.Clock
-	board *board
+	rt Runtime
+	// sleeper is rt as a Sleeper, nil when its servers cannot sleep.
+	sleeper Sleeper
+	inv     Inventory
+	fps     *Footprints
+	log     *slog.Logger
+	opts    Options
+	clock   clockwork.Clock
+	board   *board
 
 	cmds   chan func(now time.Time)
 	reread chan struct{} // asks the GPU watcher to read now
@@ -213,7 +229,13 @@ func New(cfg *config.Config, rt Runtime, inv Inventory, opts Options) *Manager {
 		health:  &http.Client{}, // each check bounds itself (healthy)
 		cancels: map[*loadOp]context.CancelFunc{},
 	}
+	m.sleeper, _ = rt.(Sleeper)
+	if opts.HostMemory == 0 {
+		opts.HostMemory = memTotal()
+	}
 	m.s = newScheduler(cfg, inv.GPUs(), m.fps, opts.Backoff, m.board, opts.Clock.Now())
+	m.s.canSleep, m.s.hostTotal = m.sleeper != nil, opts.HostMemory
+	m.s.publish() // with the host memory budget
 	return m
 }
 
@@ -416,6 +438,29 @@ func (m *Manager) Pin(name string, on bool) error {
 // and the model is tried until load_timeout as a request's would be.
 func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 	err := m.call(func(now time.Time) error { return m.s.load(now, name, wait) })
+	if err != nil || !wait {
+		return err
+	}
+	l, err := m.Lease(ctx, name)
+	if err != nil {
+		return err
+	}
+	l.Release()
+	return nil
+}
+
+// Sleep puts a ready model to sleep now, as an operator asks: at its
+// level, once its requests are done. It fails with ErrCannotSleep when
+// the model cannot sleep (sleep off, not ready, no room in host_memory).
+func (m *Manager) Sleep(name string) error {
+	return m.call(func(now time.Time) error { return m.s.sleepAsked(now, name) })
+}
+
+// Wake wakes a sleeping model as an operator asks; with wait it returns
+// once the model is ready, or why it is not, by ctx's end. It fails with
+// ErrNotAsleep for a model that neither sleeps nor wakes.
+func (m *Manager) Wake(ctx context.Context, name string, wait bool) error {
+	err := m.call(func(now time.Time) error { return m.s.wakeAsked(now, name) })
 	if err != nil || !wait {
 		return err
 	}

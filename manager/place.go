@@ -111,8 +111,9 @@ const SimilarGPUs = 1.05
 // only when nothing else makes room. MaxModels caps the awake models.
 //
 // A sleeping model's wake is placed as its own Demand: it stays on its
-// GPUs, needs there its footprint less the residual it holds, and gives
-// back its host memory.
+// GPUs and needs there its footprint less the residual it holds. Its host
+// memory is given back only once it is awake, after those it puts down
+// sleep, so a wake's plan counts both.
 //
 // Place is pure: it does no I/O and no logging, and the same state always
 // gives the same plan.
@@ -297,10 +298,10 @@ func tryEvictions(s Snapshot, free map[int]int64, w Demand, set []int, young boo
 	awake := s.awake()
 	host := s.hostUsed()
 	if r, ok := s.resident(w.Model); ok && r.Asleep {
-		// A wake: it holds its residual already, and its host memory
-		// comes back; it becomes one more awake model.
+		// A wake: it holds its residual already, and becomes one more
+		// awake model. Its host memory it holds until it is awake, after
+		// those it puts down have fallen asleep: both count.
 		need -= int64(r.PerGPU)
-		host -= r.Host
 	}
 	fits := func(steps []putDown) bool {
 		for _, g := range set {

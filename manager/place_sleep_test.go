@@ -94,13 +94,22 @@ func TestPlaceTiers(t *testing.T) {
 			wantEvict: []string{"s2"},
 		},
 		{
-			name: "a wake stays on its GPU, needs its footprint less its residual, and gives back its host memory",
-			state: Snapshot{GPUs: gpus(80, 80), HostBudget: 40 * gb, Residents: []Resident{
+			name: "a wake stays on its GPU, and needs its footprint less its residual",
+			state: Snapshot{GPUs: gpus(80, 80), HostBudget: 50 * gb, Residents: []Resident{
 				asleep("m", 1, time.Hour, 20), sleepy("b", 1, 60, 2*time.Hour, 30),
 			}},
 			demand:    Demand{Model: "m", PerGPU: 40 * gb},
 			wantGPUs:  []int{1},
 			wantSleep: []string{"b"},
+		},
+		{
+			name: "a wake holds its host memory until awake: a neighbour that cannot sleep beside it stops",
+			state: Snapshot{GPUs: gpus(80, 80), HostBudget: 49 * gb, Residents: []Resident{
+				asleep("m", 1, time.Hour, 20), sleepy("b", 1, 60, 2*time.Hour, 30),
+			}},
+			demand:    Demand{Model: "m", PerGPU: 40 * gb},
+			wantGPUs:  []int{1},
+			wantEvict: []string{"b"},
 		},
 		{
 			name: "a wake that fits beside its neighbours puts nobody down",

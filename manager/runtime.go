@@ -30,3 +30,24 @@ type Runtime interface {
 	// after it starts (vLLM's engine and tensor-parallel workers).
 	PIDs(ctx context.Context, inst *runtime.Instance) ([]int, error)
 }
+
+// Sleeper is a Runtime whose servers can sleep: vLLM's sleep mode, for
+// servers started with a sleep level (runtime.Spec.Sleep). The manager
+// calls it from worker goroutines. A Runtime that is not a Sleeper runs
+// every model as if its sleep were off.
+type Sleeper interface {
+	// Sleep puts inst to sleep at level (1 or 2). No request of it may be
+	// in flight.
+	Sleep(ctx context.Context, inst *runtime.Instance, level int) error
+	// Wake wakes inst, asleep at level; level 0 says the level is not
+	// known (a sleeper adopted from an earlier vgw), which is woken as
+	// level 2 is, the sequence that wakes either.
+	Wake(ctx context.Context, inst *runtime.Instance, level int) error
+	// IsSleeping asks inst whether it sleeps.
+	IsSleeping(ctx context.Context, inst *runtime.Instance) (bool, error)
+	// WarmUp sends inst, just loaded, the one request that makes the
+	// next one as fast as the rest (see vllm.WarmUp).
+	WarmUp(ctx context.Context, inst *runtime.Instance, spec runtime.Spec) error
+	// HostMemory is the host memory inst holds now.
+	HostMemory(ctx context.Context, inst *runtime.Instance) (uint64, error)
+}

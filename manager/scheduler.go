@@ -47,6 +47,10 @@ type scheduler struct {
 	gpuOps   map[int]int
 	lastStop map[int]time.Time
 	reading  *gpuReading // the latest, nil before the first
+	// canSleep says the runtime can put servers to sleep (a Sleeper), and
+	// hostTotal is the machine's memory, for host_memory: auto.
+	canSleep  bool
+	hostTotal uint64
 
 	out   []action // decided, not yet carried out
 	board *board   // where Views are published
@@ -77,8 +81,15 @@ type model struct {
 	// What is under way.
 	loading  *loadOp  // the load in progress, if any
 	evicting []string // models to be gone before this one starts
-	stopping bool     // a stop is under way
+	stopping bool     // a stop (or sleep) is under way
 	drainBy  time.Time
+	// sleepTo is the level a draining model is to sleep at; 0 stops it.
+	// sleep is its server's sleep while it sleeps (and wakes, or is
+	// stopped from its sleep), and seen what its sleeps were measured to
+	// keep (sleep.go).
+	sleepTo int
+	sleep   sleepInfo
+	seen    sleepSeen
 
 	// Who wants it.
 	waiters   []*waiter
@@ -137,6 +148,10 @@ type loadOp struct {
 	ops       map[int]int
 	calm      bool // no stop on its GPUs just before it started
 	adopted   bool // a server a previous vgw started, waited for as a load
+	// wake says the op wakes a sleeping server, asleep at level, rather
+	// than starting one.
+	wake  bool
+	level int
 }
 
 // instPIDs are an instance's processes as the runtime listed them.
@@ -228,11 +243,16 @@ func (s *scheduler) publish() {
 		if md.backoff.lastErr != nil {
 			mv.LastError = md.backoff.lastErr.Error()
 		}
+		if md.asleep() {
+			mv.SleepLevel, mv.Residual, mv.HostMemory = md.sleep.level, md.sleep.residual, md.sleep.host
+			v.HostUsed += md.sleep.host
+		}
 		v.Models = append(v.Models, mv)
 	}
 	for i := range v.Models {
 		v.byName[v.Models[i].Name] = &v.Models[i]
 	}
+	v.HostBudget = s.hostBudget()
 	v.GPUs = make([]GPUStatus, len(s.gpus))
 	for i, g := range s.gpus {
 		v.GPUs[i].GPU = g
@@ -255,10 +275,14 @@ func (s *scheduler) want(now time.Time, name string, w *waiter) {
 	switch md.state {
 	case Ready:
 		s.answerOne(md, w, nil)
-	case Loading, Draining:
+	case Loading, Draining, Waking:
 		// The View's count of waiters catches up at the next tick: not a
 		// View of every model per waiting request.
 		md.waiters = append(md.waiters, w)
+	case Sleeping:
+		md.waiters = append(md.waiters, w)
+		s.enqueue(md)
+		s.schedule(now)
 	case Stopped:
 		if now.Before(md.backoff.retryAt) && md.backoff.lastLoad != nil {
 			again := *md.backoff.lastLoad
@@ -319,7 +343,7 @@ func (s *scheduler) answerOne(md *model, w *waiter, err error) {
 // schedule places the pending models it can, oldest first.
 func (s *scheduler) schedule(now time.Time) {
 	for _, md := range slices.Clone(s.pending) {
-		if md.state != Stopped {
+		if md.state != Stopped && md.state != Sleeping {
 			s.dequeue(md) // placed meanwhile (adopted): nothing left to place
 			continue
 		}
@@ -416,17 +440,37 @@ func (s *scheduler) footprint(md *model) (uint64, string) {
 // servers account for is External: other processes, or a stopped server's
 // memory not yet freed (the Python gateway's lesson 5: wait for it).
 func (s *scheduler) snapshot(now time.Time) Snapshot {
-	snap := Snapshot{MaxModels: s.cfg.MaxModels, MinResident: s.cfg.MinResident.Std(), Now: now}
+	snap := Snapshot{MaxModels: s.cfg.MaxModels, MinResident: s.cfg.MinResident.Std(), HostBudget: s.hostBudget(), Now: now}
 	ours := map[int]uint64{}
 	for _, md := range s.models {
 		if md.state == Stopped {
 			continue
 		}
-		snap.Residents = append(snap.Residents, Resident{
+		r := Resident{
 			Model: md.name, GPUs: md.place.gpus, PerGPU: md.place.perGPU, Since: md.place.since,
 			LastUsed: time.Unix(0, md.use.lastUsed.Load()), InFlight: int(md.use.inflight.Load()),
-			AlwaysOn: md.cfg.AlwaysOn, Pinned: md.pinned, Busy: md.state != Ready,
-		})
+			AlwaysOn: md.cfg.AlwaysOn, Pinned: md.pinned, Busy: md.state != Ready && md.state != Sleeping,
+		}
+		switch {
+		case md.state == Sleeping:
+			r.Asleep, r.PerGPU, r.Host = true, md.sleep.residual, md.sleep.host
+		case md.asleep():
+			// Waking, or being stopped from its sleep: a wake holds the
+			// memory it needs from the start, and the host memory until
+			// it is awake.
+			r.Asleep, r.Host = true, md.sleep.host
+			if md.state == Draining {
+				r.PerGPU = md.sleep.residual
+			}
+		case md.sleepTo > 0:
+			_, r.Host = s.foreseen(md, md.sleepTo) // falling asleep: its host memory is spoken for
+		case md.state == Ready:
+			if level := s.sleepLevel(md); level > 0 {
+				r.CanSleep = true
+				r.Residual, r.SleepHost = s.foreseen(md, level)
+			}
+		}
+		snap.Residents = append(snap.Residents, r)
 		for g, used := range s.attributed(md) {
 			ours[g] += used
 		}
@@ -466,6 +510,9 @@ func (s *scheduler) attributed(md *model) map[int]uint64 {
 		// else's memory.
 		for _, g := range md.place.gpus {
 			out[g] = md.place.perGPU
+			if md.state == Sleeping {
+				out[g] = md.sleep.residual
+			}
 		}
 	}
 	return out
@@ -474,15 +521,26 @@ func (s *scheduler) attributed(md *model) map[int]uint64 {
 // begin commits a plan: evict, then start once the evicted are gone and
 // no other start or stop is under way on the plan's GPUs.
 func (s *scheduler) begin(now time.Time, md *model, plan Plan) {
-	s.setState(md, Loading)
-	md.place.gpus, md.place.since, md.evicting = plan.GPUs, now, plan.Evict
+	if md.state == Sleeping {
+		s.setState(md, Waking)
+	} else {
+		s.setState(md, Loading)
+	}
+	md.place.gpus, md.place.since = plan.GPUs, now
+	md.evicting = append(slices.Clone(plan.Evict), plan.Sleep...)
 	md.backoff.lastErr = nil
 	s.note(slog.LevelInfo, "placing model", slog.String("model", md.name), slog.Any("gpus", plan.GPUs),
-		slog.String("per_gpu", gib(int64(md.place.perGPU))), slog.String("footprint", md.place.source), slog.Any("evict", plan.Evict))
+		slog.String("per_gpu", gib(int64(md.place.perGPU))), slog.String("footprint", md.place.source), slog.Any("evict", plan.Evict),
+		slog.Any("sleep", plan.Sleep))
 	for _, name := range plan.Evict {
 		if v := s.models[name]; v != nil {
 			s.event(now, v.name, EventEvicted, "to make room for "+md.name, 0)
 			s.unload(now, v, "evicted for "+md.name)
+		}
+	}
+	for _, name := range plan.Sleep {
+		if v := s.models[name]; v != nil {
+			s.drain(now, v, "put down for "+md.name, s.sleepLevel(v))
 		}
 	}
 	s.startIfClear(now, md)
@@ -491,11 +549,14 @@ func (s *scheduler) begin(now time.Time, md *model, plan Plan) {
 // startIfClear starts md's server once what it waits for is done: the
 // models it evicts are stopped and no start or stop runs on its GPUs.
 func (s *scheduler) startIfClear(now time.Time, md *model) {
-	if md.state != Loading || md.loading != nil || md.inst != nil {
+	waking := md.state == Waking
+	if (md.state != Loading && !waking) || md.loading != nil || (md.inst != nil && !waking) {
 		return
 	}
 	for _, name := range md.evicting {
-		if v := s.models[name]; v != nil && v.state != Stopped {
+		// Put down: stopped, or asleep (a sleeper to be stopped drains
+		// first, so it is not taken for done).
+		if v := s.models[name]; v != nil && v.state != Stopped && v.state != Sleeping {
 			return
 		}
 	}
@@ -512,6 +573,12 @@ func (s *scheduler) startIfClear(now time.Time, md *model) {
 		}
 	}
 	md.loading = op
+	if waking {
+		op.wake, op.level = true, md.sleep.level
+		s.event(now, md.name, EventWaking, fmt.Sprintf("from level %d on GPUs %v", md.sleep.level, md.place.gpus), 0)
+		s.emit(wakeServer{md: md, op: op, inst: md.inst})
+		return
+	}
 	s.event(now, md.name, EventLoadStarted, fmt.Sprintf("on GPUs %v", md.place.gpus), 0)
 	s.emit(startServer{md: md, op: op, spec: s.spec(md)})
 }
@@ -553,7 +620,7 @@ func (s *scheduler) freeGPUs(now time.Time, model string, gpus []int) {
 		}
 	}
 	for _, md := range s.sorted() {
-		if md.state == Loading {
+		if md.state == Loading || md.state == Waking {
 			s.startIfClear(now, md)
 		}
 	}
@@ -636,9 +703,13 @@ func (s *scheduler) loaded(now time.Time, md *model, op *loadOp, took time.Durat
 	}
 	md.use.lastUsed.Store(now.UnixNano())
 	s.setState(md, Ready)
-	if op.adopted {
+	switch {
+	case op.wake:
+		s.event(now, md.name, EventWoken, fmt.Sprintf("from level %d in %v at %s", op.level, took.Round(time.Millisecond), md.inst.Addr), took)
+		md.sleep = sleepInfo{}
+	case op.adopted:
 		s.event(now, md.name, EventReady, "adopted "+md.inst.ID+" at "+md.inst.Addr, 0)
-	} else {
+	default:
 		s.event(now, md.name, EventReady, fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr), took)
 	}
 	if op.cancelled {
@@ -647,8 +718,10 @@ func (s *scheduler) loaded(now time.Time, md *model, op *loadOp, took time.Durat
 		s.answerAll(md, fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
 	}
 	s.answerAll(md, nil) // counts the waiters in, so the model is busy, not idle
-	s.emit(measureServer{model: md.name, inst: md.inst, op: op, before: before})
-	s.emit(listPIDs{md: md, inst: md.inst})
+	if !op.wake {
+		s.emit(measureServer{model: md.name, inst: md.inst, op: op, before: before})
+		s.emit(listPIDs{md: md, inst: md.inst})
+	}
 	s.emit(rereadGPUs{}) // so that status shows the memory it took
 	s.freeGPUs(now, md.name, op.gpus)
 	if op.cancelled {
@@ -677,8 +750,13 @@ func (s *scheduler) loadFailed(now time.Time, md *model, op *loadOp, err error) 
 	}
 	md.loading = nil
 	md.inst = nil
+	md.sleep = sleepInfo{}
 	s.setState(md, Stopped)
 	s.emit(rereadGPUs{})
+	if op.wake && !op.cancelled {
+		s.wakeFailed(now, md, op, err)
+		return
+	}
 	if op.cancelled {
 		s.event(now, md.name, EventUnloaded, "before it was ready", 0)
 		if op.readded && len(md.liveWaiters()) > 0 {
@@ -756,9 +834,9 @@ func (s *scheduler) exited(now time.Time, e runtime.Exit) {
 			continue
 		}
 		switch md.state {
-		case Loading:
+		case Loading, Waking:
 			s.exitedWhileLoading(md, e)
-		case Ready:
+		case Ready, Sleeping:
 			s.note(slog.LevelError, "model crashed", slog.String("model", md.name), slog.Int("code", e.Code),
 				slog.String("reason", e.Reason), slog.String("log_tail", runtime.LastLines(e.LogTail, 20)))
 			detail := fmt.Sprintf("%s, code %d", e.Reason, e.Code)
@@ -767,6 +845,7 @@ func (s *scheduler) exited(now time.Time, e runtime.Exit) {
 			}
 			s.event(now, md.name, EventCrashed, detail, 0)
 			md.inst = nil
+			md.sleep = sleepInfo{}
 			s.setState(md, Stopped)
 			s.emit(rereadGPUs{})
 			s.forget(md)
@@ -797,13 +876,21 @@ func (s *scheduler) exitedWhileLoading(md *model, e runtime.Exit) {
 // unload drains md and then stops it; a loading model's load is ended.
 func (s *scheduler) unload(now time.Time, md *model, reason string) {
 	switch md.state {
-	case Ready:
-		// Published before the count is read: see Manager.TryLease.
-		s.setState(md, Draining)
-		s.publish()
-		md.drainBy = now.Add(s.cfg.DrainTimeout.Std())
-		s.event(now, md.name, EventDraining, fmt.Sprintf("%s; %d in flight", reason, md.use.inflight.Load()), 0)
-		s.maybeStop(now, md)
+	case Ready, Sleeping:
+		s.drain(now, md, reason, 0)
+	case Draining:
+		md.sleepTo = 0 // to stop, not sleep; a sleep under way is followed by a stop (slept)
+	case Waking:
+		if md.loading == nil {
+			// Placed but not started: it sleeps on, to be stopped.
+			s.setState(md, Sleeping)
+			md.place.gpus, md.evicting = md.inst.GPUs, nil
+			s.answerAll(md, fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
+			s.drain(now, md, reason, 0)
+			return
+		}
+		md.loading.cancelled = true
+		s.emit(cancelLoad{op: md.loading})
 	case Loading:
 		if op := md.loading; op != nil {
 			op.cancelled = true
@@ -832,6 +919,13 @@ func (s *scheduler) maybeStop(now time.Time, md *model) {
 		return
 	}
 	md.stopping = true
+	if md.sleepTo > 0 && md.use.inflight.Load() == 0 && !md.health.unhealthy {
+		s.emit(sleepServer{md: md, inst: md.inst, level: md.sleepTo, gpus: md.place.gpus, timeout: s.cfg.LoadTimeout.Std()})
+		return
+	}
+	// Never asleep with requests in flight (vllm#28714): a drain that ran
+	// out with some left stops the server.
+	md.sleepTo = 0
 	grace := s.cfg.DrainTimeout.Std()
 	if md.health.unhealthy {
 		grace = 0 // it failed its health probes: no graceful shutdown to wait for
@@ -849,6 +943,7 @@ func (s *scheduler) stopped(now time.Time, md *model, gpus []int, err error) {
 		s.lastStop[g] = now
 	}
 	md.inst = nil
+	md.sleep, md.sleepTo = sleepInfo{}, 0
 	s.setState(md, Stopped)
 	s.emit(rereadGPUs{})
 	s.event(now, md.name, EventUnloaded, "", 0)
@@ -926,10 +1021,24 @@ func (s *scheduler) tick(now time.Time) {
 				s.unload(now, md, "its settings changed")
 			case idle && !s.keepLoaded(md) && !md.pinned:
 				if t := s.cfg.InactivityOf(md.name); t > 0 && now.Sub(time.Unix(0, md.use.lastUsed.Load())) >= t {
-					s.unload(now, md, "idle for "+t.String())
+					s.retire(now, md, "idle for "+t.String())
 				}
 			}
+		case Sleeping:
+			switch {
+			case md.removed:
+				s.unload(now, md, "it was removed from the config")
+			case md.stale():
+				s.unload(now, md, "its settings changed")
+			case s.cfg.SleepFor(md.cfg).Level() == 0 || md.cfg.AlwaysOn:
+				s.unload(now, md, "its sleep was turned off")
+			}
 		}
+	}
+	// Host memory past its budget (lowered, or a sleeper larger than
+	// foreseen): the least recently used sleepers stop.
+	for _, name := range OverHost(s.snapshot(now)) {
+		s.unload(now, s.models[name], "host memory is past host_memory")
 	}
 	s.schedule(now)
 }
@@ -1018,7 +1127,7 @@ func (s *scheduler) pin(name string, on bool) error {
 func (s *scheduler) load(now time.Time, name string, wait bool) error {
 	return s.operate(name, false, func(md *model) {
 		md.backoff.retryAt = time.Time{}
-		if !wait && md.state == Stopped {
+		if !wait && (md.state == Stopped || md.state == Sleeping) {
 			s.enqueue(md)
 			md.keepUntil = now.Add(s.cfg.LoadTimeout.Std())
 			s.schedule(now)

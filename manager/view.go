@@ -23,6 +23,9 @@ type View struct {
 	Models []ModelView
 	// GPUs are the GPUs with their memory in use at the latest reading.
 	GPUs []GPUStatus
+	// HostUsed is the host memory sleeping models hold, and HostBudget
+	// what they may (host_memory).
+	HostUsed, HostBudget uint64
 
 	byName map[string]*ModelView
 	next   chan struct{} // closed once a newer View is published
@@ -64,6 +67,13 @@ type ModelView struct {
 	LastError string
 	// RetryAt is when a model whose load failed is tried again.
 	RetryAt time.Time
+	// SleepLevel is the level a sleeping model sleeps at (0 when it is
+	// awake, or adopted asleep at a level not known), Residual what it
+	// keeps of each of its GPUs and HostMemory what it holds of host
+	// memory; all set while it sleeps or wakes.
+	SleepLevel int
+	Residual   uint64
+	HostMemory uint64
 
 	use *use // live: changes with every request, unlike the rest
 }

@@ -40,6 +40,11 @@ type proc struct {
 	log      *runtime.LogTail
 	done     chan struct{} // closed once the process has been reaped
 	stopping bool
+	// What the fake is charged: perGPU of each of gpus awake, residual
+	// asleep, and host of host memory asleep (sleep.go).
+	gpus             []int
+	perGPU, residual uint64
+	host             uint64
 }
 
 // New returns a runtime that starts command (for example
@@ -76,7 +81,9 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instan
 		"--tokens-per-second", strconv.FormatFloat(b.TokensPerSecond, 'f', -1, 64),
 		"--crash-after", strconv.Itoa(b.CrashAfter),
 		"--crash-mid-stream", strconv.Itoa(b.CrashMidStream),
-		"--slow-health", b.SlowHealth.Std().String())
+		"--slow-health", b.SlowHealth.Std().String(),
+		"--sleep-delay", b.FallAsleep().String(),
+		"--wake-delay", b.Wake().String())
 	if b.FailStart {
 		args = append(args, "--fail-start")
 	}
@@ -98,14 +105,14 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instan
 	}
 	pid := cmd.Process.Pid
 	id := "sim-" + strconv.Itoa(pid)
-	p := &proc{cmd: cmd, log: tail, done: make(chan struct{})}
-	r.mu.Lock()
-	r.procs[id] = p
-	r.mu.Unlock()
 	gpus := make([]int, len(spec.GPUs))
 	for i, g := range spec.GPUs {
 		gpus[i] = g.Index
 	}
+	p := &proc{cmd: cmd, log: tail, done: make(chan struct{}), gpus: gpus, perGPU: spec.PerGPU, residual: min(b.Residual(), spec.PerGPU)}
+	r.mu.Lock()
+	r.procs[id] = p
+	r.mu.Unlock()
 	r.gpus.Charge(pid, gpus, spec.PerGPU)
 	inst := &runtime.Instance{ID: id, Model: spec.Model, Addr: lis.Addr().String(), PIDs: []int{pid}, GPUs: gpus, Signature: spec.Signature, Launch: spec.Launch}
 	go r.reap(inst, p)
@@ -115,8 +122,8 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instan
 // reap waits for the process, frees its memory and reports the exit.
 func (r *Runtime) reap(inst *runtime.Instance, p *proc) {
 	err := p.cmd.Wait()
+	r.mu.Lock() // with the charge: a sleep or wake recharges under it
 	r.gpus.Uncharge(inst.PIDs[0])
-	r.mu.Lock()
 	delete(r.procs, inst.ID)
 	stopping := p.stopping
 	r.mu.Unlock()
