@@ -45,8 +45,10 @@ type fakeManager struct {
 	models  []manager.ModelView
 	gpus    []manager.GPUStatus
 	loadErr error
-	pinned  map[string]bool
-	calls   int // of Load, Unload and Pin
+	// sleepErr, when set, is what Sleep answers.
+	sleepErr error
+	pinned   map[string]bool
+	calls    int // of Load, Unload and Pin
 }
 
 // View publishes a View of the models as they are set now.
@@ -66,6 +68,13 @@ func (f *fakeManager) Load(_ context.Context, name string, _ bool) error {
 	return f.known(name)
 }
 func (f *fakeManager) Unload(name string) error { return f.known(name) }
+func (f *fakeManager) Sleep(_ context.Context, name string, _ bool) error {
+	if f.sleepErr != nil {
+		return f.sleepErr
+	}
+	return f.known(name)
+}
+func (f *fakeManager) Wake(_ context.Context, name string, _ bool) error { return f.known(name) }
 func (f *fakeManager) Pin(name string, on bool) error {
 	if err := f.known(name); err != nil {
 		return err

@@ -53,6 +53,16 @@ func (m *countingManager) Unload(name string) error {
 	return m.Manager.Unload(name)
 }
 
+func (m *countingManager) Sleep(ctx context.Context, name string, wait bool) error {
+	m.record("Sleep " + name)
+	return m.Manager.Sleep(ctx, name, wait)
+}
+
+func (m *countingManager) Wake(ctx context.Context, name string, wait bool) error {
+	m.record("Wake " + name)
+	return m.Manager.Wake(ctx, name, wait)
+}
+
 func (m *countingManager) Pin(name string, on bool) error {
 	if on {
 		m.record("Pin " + name)
@@ -236,6 +246,14 @@ func TestTokenAuthEveryRPC(t *testing.T) {
 			_, err := c.UnloadModel(ctx, &adminv1.UnloadModelRequest{Model: llama})
 			return err
 		}, effect: managerCall("Unload " + llama)},
+		{name: "SleepModel", call: func(ctx context.Context, c adminv1.AdminClient) error {
+			_, err := c.SleepModel(ctx, &adminv1.SleepModelRequest{Model: llama})
+			return err
+		}, effect: managerCall("Sleep " + llama)},
+		{name: "WakeModel", call: func(ctx context.Context, c adminv1.AdminClient) error {
+			_, err := c.WakeModel(ctx, &adminv1.WakeModelRequest{Model: llama})
+			return err
+		}, effect: managerCall("Wake " + llama)},
 		{name: "PinModel", call: func(ctx context.Context, c adminv1.AdminClient) error {
 			_, err := c.PinModel(ctx, &adminv1.PinModelRequest{Model: llama})
 			return err

@@ -26,6 +26,7 @@ type Metrics struct {
 
 	queueWait *prometheus.HistogramVec
 	loadTime  *prometheus.HistogramVec
+	wakeTime  *prometheus.HistogramVec
 	lifecycle *prometheus.CounterVec
 
 	reloadOK   prometheus.Gauge
@@ -50,6 +51,11 @@ func NewMetrics() *Metrics {
 			Help:    "How long loading a model took, from starting its server to its /health answering 200.",
 			Buckets: prometheus.ExponentialBuckets(0.1, 2, 14), // 100 ms to about 14 min
 		}, []string{"model"}),
+		wakeTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "vgw_model_wake_seconds",
+			Help:    "How long waking a sleeping model took, from the wake's start to its /health answering 200.",
+			Buckets: prometheus.ExponentialBuckets(0.05, 2, 12), // 50 ms to about 100 s
+		}, []string{"model"}),
 		lifecycle: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vgw_model_events_total",
 			Help: "Model lifecycle events by kind: " + strings.Join(manager.EventKinds, ", ") + ".",
@@ -73,7 +79,7 @@ func NewMetrics() *Metrics {
 	m.reloadTime.Set(float64(time.Now().Unix()))
 	m.reloads.WithLabelValues("applied")
 	m.reloads.WithLabelValues("refused")
-	m.Registry.MustRegister(m.queueWait, m.loadTime, m.lifecycle, m.reloadOK, m.reloadTime, m.reloads,
+	m.Registry.MustRegister(m.queueWait, m.loadTime, m.wakeTime, m.lifecycle, m.reloadOK, m.reloadTime, m.reloads,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -109,6 +115,7 @@ func (m *Metrics) Models(names []string) {
 		if !now[name] {
 			m.lifecycle.DeletePartialMatch(prometheus.Labels{"model": name})
 			m.loadTime.DeleteLabelValues(name)
+			m.wakeTime.DeleteLabelValues(name)
 			m.queueWait.DeleteLabelValues(name)
 		}
 	}
@@ -120,11 +127,15 @@ func (m *Metrics) QueueWait(model string, d time.Duration) {
 	m.queueWait.WithLabelValues(model).Observe(d.Seconds())
 }
 
-// Event counts a lifecycle event, and a load's duration.
+// Event counts a lifecycle event, and a load's or a wake's duration.
 func (m *Metrics) Event(model, kind string, took time.Duration) {
 	m.lifecycle.WithLabelValues(model, kind).Inc()
-	if kind == manager.EventReady && took > 0 {
+	switch {
+	case took <= 0:
+	case kind == manager.EventReady:
 		m.loadTime.WithLabelValues(model).Observe(took.Seconds())
+	case kind == manager.EventWoken:
+		m.wakeTime.WithLabelValues(model).Observe(took.Seconds())
 	}
 }
 
@@ -140,7 +151,9 @@ var (
 	descQueue     = prometheus.NewDesc("vgw_queue_depth", "Requests waiting for a slot, by model.", []string{"model"}, nil)
 	descInFlight  = prometheus.NewDesc("vgw_requests_in_flight", "Requests holding a slot (sent on, or waiting for their model to load), by model.", []string{"model"}, nil)
 	descLimit     = prometheus.NewDesc("vgw_model_max_concurrent", "The model's limit on requests in flight.", []string{"model"}, nil)
-	descState     = prometheus.NewDesc("vgw_model_state", "1 for the state each model is in: stopped, loading, ready, draining.", []string{"model", "state"}, nil)
+	descState     = prometheus.NewDesc("vgw_model_state", "1 for the state each model is in: "+strings.Join(manager.StateNames(), ", ")+".", []string{"model", "state"}, nil)
+	descHostUsed  = prometheus.NewDesc("vgw_host_memory_used_bytes", "Host memory sleeping models hold.", nil, nil)
+	descHostLimit = prometheus.NewDesc("vgw_host_memory_budget_bytes", "Host memory sleeping models may hold (host_memory).", nil, nil)
 	descGPUInfo   = prometheus.NewDesc("vgw_gpu_info", "1 for each GPU, with its name and UUID.", []string{"gpu", "name", "uuid"}, nil)
 	descGPUUsed   = prometheus.NewDesc("vgw_gpu_memory_used_bytes", "GPU memory in use at the latest reading.", []string{"gpu"}, nil)
 	descGPUTotal  = prometheus.NewDesc("vgw_gpu_memory_total_bytes", "GPU memory in all.", []string{"gpu"}, nil)
@@ -159,7 +172,7 @@ type collector struct{ svc *Service }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descDecisions, descQueued, descAnswers, descQueue, descInFlight, descLimit, descState,
-		descGPUInfo, descGPUUsed, descGPUTotal, descPushes, descACKs, descNACKs, descEnvoys, descDraining, descSilent, descIdleEnded} {
+		descGPUInfo, descGPUUsed, descGPUTotal, descHostUsed, descHostLimit, descPushes, descACKs, descNACKs, descEnvoys, descDraining, descSilent, descIdleEnded} {
 		ch <- d
 	}
 }
@@ -192,7 +205,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	v := d.Manager.View()
 	for _, m := range v.Models {
-		for _, s := range []string{"stopped", "loading", "ready", "draining"} {
+		for _, s := range manager.StateNames() {
 			v := 0.0
 			if m.State.String() == s {
 				v = 1
@@ -206,6 +219,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descGPUUsed, prometheus.GaugeValue, float64(g.Used), i)
 		ch <- prometheus.MustNewConstMetric(descGPUTotal, prometheus.GaugeValue, float64(g.Total), i)
 	}
+	ch <- prometheus.MustNewConstMetric(descHostUsed, prometheus.GaugeValue, float64(v.HostUsed))
+	ch <- prometheus.MustNewConstMetric(descHostLimit, prometheus.GaugeValue, float64(v.HostBudget))
 	x := d.Envoys.Counters()
 	ch <- prometheus.MustNewConstMetric(descPushes, prometheus.CounterValue, float64(x.Pushes))
 	ch <- prometheus.MustNewConstMetric(descACKs, prometheus.CounterValue, float64(x.ACKs))

@@ -31,6 +31,8 @@ type Manager interface {
 	Load(ctx context.Context, name string, wait bool) error
 	Unload(name string) error
 	Pin(name string, on bool) error
+	Sleep(ctx context.Context, name string, wait bool) error
+	Wake(ctx context.Context, name string, wait bool) error
 }
 
 // Admission is the request path as the admin service needs it.
@@ -106,6 +108,8 @@ func (s *Service) Status() *adminv1.Status {
 		Models:     s.models(v),
 		Config:     s.config(),
 		XdsVersion: s.d.Envoys.Version(),
+
+		HostMemoryUsedBytes: v.HostUsed, HostMemoryBudgetBytes: v.HostBudget,
 	}
 	for _, g := range v.GPUs {
 		st.Gpus = append(st.Gpus, &adminv1.GPU{
@@ -149,6 +153,10 @@ func (s *Service) model(m *manager.ModelView, g extproc.GateStats) *adminv1.Mode
 		MaxConcurrent: int32(g.Limits.MaxConcurrent), MaxQueue: int32(g.Limits.MaxQueue), QueueTimeout: durationpb.New(g.Limits.QueueTimeout),
 		AlwaysOn: m.AlwaysOn, Pinned: m.Pinned, LastError: s.d.Redact(m.LastError), Cluster: xds.ClusterName(m.Name),
 		WaitingForLoad: int32(m.Waiting),
+		SleepLevel:     int32(m.SleepLevel), ResidualBytes: m.Residual, HostMemoryBytes: m.HostMemory,
+	}
+	if !m.Removed {
+		pm.Sleep = string(s.d.Config().SleepOf(m.Name))
 	}
 	for _, g := range m.GPUs {
 		pm.Gpus = append(pm.Gpus, int32(g))
@@ -178,6 +186,7 @@ func (s *Service) config() *adminv1.Config {
 		MinResident: durationpb.New(c.MinResident.Std()), MaxBodyBytes: uint64(c.MaxBodyBytes),
 		DrainTimeout: durationpb.New(c.DrainTimeout.Std()), MaxMessageTimeout: durationpb.New(c.Envoy.MaxMessageTimeout.Std()),
 		Listen: map[string]string{"extproc": c.Listen.ExtProc, "xds": c.Listen.XDS, "admin": c.Listen.Admin, "http": c.Listen.HTTP},
+		Sleep:  string(c.Sleep), HostMemory: c.HostMemory.String(),
 	}
 }
 
@@ -215,6 +224,8 @@ func (s *Service) grpcError(err error) error {
 		return status.Error(codes.Canceled, msg)
 	case errors.Is(err, manager.ErrClosed), errors.As(err, &nr), errors.As(err, &le):
 		return status.Error(codes.Unavailable, msg)
+	case errors.Is(err, manager.ErrCannotSleep), errors.Is(err, manager.ErrNotAsleep):
+		return status.Error(codes.FailedPrecondition, msg)
 	case errors.Is(err, manager.ErrUnloaded):
 		// Another action (an unload, a reload without the model) ended
 		// the load this call waited for.
@@ -224,20 +235,49 @@ func (s *Service) grpcError(err error) error {
 }
 
 func (s *Service) LoadModel(ctx context.Context, req *adminv1.LoadModelRequest) (*adminv1.LoadModelResponse, error) {
-	if req.GetWait() {
-		timeout := s.d.Config().LoadTimeout.Std()
-		if t := req.GetTimeout(); t != nil {
-			if err := t.CheckValid(); err != nil || t.AsDuration() <= 0 {
-				return nil, status.Errorf(codes.InvalidArgument, "timeout %v: want a duration above zero, such as \"300s\"", t.AsDuration())
-			}
-			timeout = t.AsDuration()
-		}
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, timeout)
-		defer cancel()
+	ctx, cancel, err := s.waitContext(ctx, req.GetWait(), req.GetTimeout())
+	if err != nil {
+		return nil, err
 	}
+	defer cancel()
 	m, err := s.act(ctx, "load", req.GetModel(), func() error { return s.d.Manager.Load(ctx, req.GetModel(), req.GetWait()) })
 	return &adminv1.LoadModelResponse{Model: m}, err
+}
+
+func (s *Service) SleepModel(ctx context.Context, req *adminv1.SleepModelRequest) (*adminv1.SleepModelResponse, error) {
+	ctx, cancel, err := s.waitContext(ctx, req.GetWait(), req.GetTimeout())
+	if err != nil {
+		return nil, err
+	}
+	defer cancel()
+	m, err := s.act(ctx, "sleep", req.GetModel(), func() error { return s.d.Manager.Sleep(ctx, req.GetModel(), req.GetWait()) })
+	return &adminv1.SleepModelResponse{Model: m}, err
+}
+
+func (s *Service) WakeModel(ctx context.Context, req *adminv1.WakeModelRequest) (*adminv1.WakeModelResponse, error) {
+	ctx, cancel, err := s.waitContext(ctx, req.GetWait(), req.GetTimeout())
+	if err != nil {
+		return nil, err
+	}
+	defer cancel()
+	m, err := s.act(ctx, "wake", req.GetModel(), func() error { return s.d.Manager.Wake(ctx, req.GetModel(), req.GetWait()) })
+	return &adminv1.WakeModelResponse{Model: m}, err
+}
+
+// waitContext bounds an action that waits: by timeout, else load_timeout.
+func (s *Service) waitContext(ctx context.Context, wait bool, timeout *durationpb.Duration) (context.Context, context.CancelFunc, error) {
+	if !wait {
+		return ctx, func() {}, nil
+	}
+	limit := s.d.Config().LoadTimeout.Std()
+	if timeout != nil {
+		if err := timeout.CheckValid(); err != nil || timeout.AsDuration() <= 0 {
+			return nil, nil, status.Errorf(codes.InvalidArgument, "timeout %v: want a duration above zero, such as \"300s\"", timeout.AsDuration())
+		}
+		limit = timeout.AsDuration()
+	}
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	return ctx, cancel, nil
 }
 
 func (s *Service) UnloadModel(ctx context.Context, req *adminv1.UnloadModelRequest) (*adminv1.UnloadModelResponse, error) {

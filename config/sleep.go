@@ -70,6 +70,14 @@ func (h *HostMemory) UnmarshalYAML(n ast.Node) error {
 	return nil
 }
 
+// String is host_memory as configured: auto, or the size.
+func (h HostMemory) String() string {
+	if h.Auto {
+		return "auto"
+	}
+	return h.Bytes.String()
+}
+
 // Budget is the host memory sleeping models may hold on a machine with
 // total bytes of memory.
 func (h HostMemory) Budget(total uint64) uint64 {

@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -42,6 +43,9 @@ const (
 )
 
 var stateNames = [...]string{"stopped", "loading", "ready", "draining", "sleeping", "waking"}
+
+// StateNames lists every State by name, for those who show each.
+func StateNames() []string { return slices.Clone(stateNames[:]) }
 
 func (s State) String() string {
 	if int(s) < len(stateNames) {
@@ -452,8 +456,30 @@ func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 // Sleep puts a ready model to sleep now, as an operator asks: at its
 // level, once its requests are done. It fails with ErrCannotSleep when
 // the model cannot sleep (sleep off, not ready, no room in host_memory).
-func (m *Manager) Sleep(name string) error {
-	return m.call(func(now time.Time) error { return m.s.sleepAsked(now, name) })
+// With wait it returns once the model sleeps, or has stopped (its sleep
+// failed, or something else unloaded it), by ctx's end.
+func (m *Manager) Sleep(ctx context.Context, name string, wait bool) error {
+	if err := m.call(func(now time.Time) error { return m.s.sleepAsked(now, name) }); err != nil || !wait {
+		return err
+	}
+	for {
+		v := m.View()
+		switch mv := v.Model(name); {
+		case mv == nil:
+			return fmt.Errorf("%w: %s", ErrUnknownModel, name)
+		case mv.State == Sleeping:
+			return nil
+		case mv.State != Draining:
+			return fmt.Errorf("model %s is %s, not asleep: %w", name, mv.State, ErrNotAsleep)
+		}
+		select {
+		case <-v.Changed():
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-m.closed:
+			return ErrClosed
+		}
+	}
 }
 
 // Wake wakes a sleeping model as an operator asks; with wait it returns

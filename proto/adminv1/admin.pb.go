@@ -76,9 +76,12 @@ type Status struct {
 	Envoys   []*EnvoyNode           `protobuf:"bytes,6,rep,name=envoys,proto3" json:"envoys,omitempty"`
 	Config   *Config                `protobuf:"bytes,7,opt,name=config,proto3" json:"config,omitempty"`
 	// The xDS version last published.
-	XdsVersion    string `protobuf:"bytes,8,opt,name=xds_version,json=xdsVersion,proto3" json:"xds_version,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	XdsVersion string `protobuf:"bytes,8,opt,name=xds_version,json=xdsVersion,proto3" json:"xds_version,omitempty"`
+	// The host memory sleeping models hold, and may (host_memory).
+	HostMemoryUsedBytes   uint64 `protobuf:"varint,9,opt,name=host_memory_used_bytes,json=hostMemoryUsedBytes,proto3" json:"host_memory_used_bytes,omitempty"`
+	HostMemoryBudgetBytes uint64 `protobuf:"varint,10,opt,name=host_memory_budget_bytes,json=hostMemoryBudgetBytes,proto3" json:"host_memory_budget_bytes,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *Status) Reset() {
@@ -165,6 +168,20 @@ func (x *Status) GetXdsVersion() string {
 		return x.XdsVersion
 	}
 	return ""
+}
+
+func (x *Status) GetHostMemoryUsedBytes() uint64 {
+	if x != nil {
+		return x.HostMemoryUsedBytes
+	}
+	return 0
+}
+
+func (x *Status) GetHostMemoryBudgetBytes() uint64 {
+	if x != nil {
+		return x.HostMemoryBudgetBytes
+	}
+	return 0
 }
 
 type GPU struct {
@@ -255,7 +272,7 @@ func (x *GPU) GetFreeBytes() uint64 {
 type Model struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// stopped, loading, ready or draining.
+	// stopped, loading, ready, draining, sleeping or waking.
 	State string  `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
 	Gpus  []int32 `protobuf:"varint,3,rep,packed,name=gpus,proto3" json:"gpus,omitempty"`
 	// The runtime's name for its server (container or process), and where
@@ -280,10 +297,19 @@ type Model struct {
 	LastError string                 `protobuf:"bytes,17,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
 	RetryAt   *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=retry_at,json=retryAt,proto3" json:"retry_at,omitempty"`
 	Cluster   string                 `protobuf:"bytes,19,opt,name=cluster,proto3" json:"cluster,omitempty"`
-	// Requests waiting in the manager for it to load.
+	// Requests waiting in the manager for it to load or wake.
 	WaitingForLoad int32 `protobuf:"varint,20,opt,name=waiting_for_load,json=waitingForLoad,proto3" json:"waiting_for_load,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// How it leaves its GPUs when put down: off (stopped), level1 or
+	// level2 (asleep).
+	Sleep string `protobuf:"bytes,21,opt,name=sleep,proto3" json:"sleep,omitempty"`
+	// While it sleeps or wakes: the level it sleeps at (0 when not known:
+	// adopted asleep from an earlier vgw), what it keeps of each of its
+	// GPUs, and the host memory it holds.
+	SleepLevel      int32  `protobuf:"varint,22,opt,name=sleep_level,json=sleepLevel,proto3" json:"sleep_level,omitempty"`
+	ResidualBytes   uint64 `protobuf:"varint,23,opt,name=residual_bytes,json=residualBytes,proto3" json:"residual_bytes,omitempty"`
+	HostMemoryBytes uint64 `protobuf:"varint,24,opt,name=host_memory_bytes,json=hostMemoryBytes,proto3" json:"host_memory_bytes,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Model) Reset() {
@@ -452,6 +478,34 @@ func (x *Model) GetCluster() string {
 func (x *Model) GetWaitingForLoad() int32 {
 	if x != nil {
 		return x.WaitingForLoad
+	}
+	return 0
+}
+
+func (x *Model) GetSleep() string {
+	if x != nil {
+		return x.Sleep
+	}
+	return ""
+}
+
+func (x *Model) GetSleepLevel() int32 {
+	if x != nil {
+		return x.SleepLevel
+	}
+	return 0
+}
+
+func (x *Model) GetResidualBytes() uint64 {
+	if x != nil {
+		return x.ResidualBytes
+	}
+	return 0
+}
+
+func (x *Model) GetHostMemoryBytes() uint64 {
+	if x != nil {
+		return x.HostMemoryBytes
 	}
 	return 0
 }
@@ -647,8 +701,12 @@ type Config struct {
 	DrainTimeout      *durationpb.Duration `protobuf:"bytes,13,opt,name=drain_timeout,json=drainTimeout,proto3" json:"drain_timeout,omitempty"`
 	Listen            map[string]string    `protobuf:"bytes,14,rep,name=listen,proto3" json:"listen,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	MaxMessageTimeout *durationpb.Duration `protobuf:"bytes,15,opt,name=max_message_timeout,json=maxMessageTimeout,proto3" json:"max_message_timeout,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The gateway's sleep setting, and host_memory as configured: a size
+	// or auto.
+	Sleep         string `protobuf:"bytes,16,opt,name=sleep,proto3" json:"sleep,omitempty"`
+	HostMemory    string `protobuf:"bytes,17,opt,name=host_memory,json=hostMemory,proto3" json:"host_memory,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Config) Reset() {
@@ -784,6 +842,20 @@ func (x *Config) GetMaxMessageTimeout() *durationpb.Duration {
 		return x.MaxMessageTimeout
 	}
 	return nil
+}
+
+func (x *Config) GetSleep() string {
+	if x != nil {
+		return x.Sleep
+	}
+	return ""
+}
+
+func (x *Config) GetHostMemory() string {
+	if x != nil {
+		return x.HostMemory
+	}
+	return ""
 }
 
 type ListModelsRequest struct {
@@ -972,6 +1044,218 @@ func (x *LoadModelResponse) GetModel() *Model {
 	return nil
 }
 
+type SleepModelRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Model string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Wait until the model sleeps (or is stopped, its sleep having failed),
+	// up to timeout (default load_timeout).
+	Wait          bool                 `protobuf:"varint,2,opt,name=wait,proto3" json:"wait,omitempty"`
+	Timeout       *durationpb.Duration `protobuf:"bytes,3,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SleepModelRequest) Reset() {
+	*x = SleepModelRequest{}
+	mi := &file_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SleepModelRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SleepModelRequest) ProtoMessage() {}
+
+func (x *SleepModelRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SleepModelRequest.ProtoReflect.Descriptor instead.
+func (*SleepModelRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *SleepModelRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *SleepModelRequest) GetWait() bool {
+	if x != nil {
+		return x.Wait
+	}
+	return false
+}
+
+func (x *SleepModelRequest) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+type SleepModelResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Model         *Model                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SleepModelResponse) Reset() {
+	*x = SleepModelResponse{}
+	mi := &file_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SleepModelResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SleepModelResponse) ProtoMessage() {}
+
+func (x *SleepModelResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SleepModelResponse.ProtoReflect.Descriptor instead.
+func (*SleepModelResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *SleepModelResponse) GetModel() *Model {
+	if x != nil {
+		return x.Model
+	}
+	return nil
+}
+
+type WakeModelRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Model string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Wait until the model is ready (or fails), up to timeout (default
+	// load_timeout).
+	Wait          bool                 `protobuf:"varint,2,opt,name=wait,proto3" json:"wait,omitempty"`
+	Timeout       *durationpb.Duration `protobuf:"bytes,3,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WakeModelRequest) Reset() {
+	*x = WakeModelRequest{}
+	mi := &file_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WakeModelRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WakeModelRequest) ProtoMessage() {}
+
+func (x *WakeModelRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WakeModelRequest.ProtoReflect.Descriptor instead.
+func (*WakeModelRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *WakeModelRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *WakeModelRequest) GetWait() bool {
+	if x != nil {
+		return x.Wait
+	}
+	return false
+}
+
+func (x *WakeModelRequest) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+type WakeModelResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Model         *Model                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WakeModelResponse) Reset() {
+	*x = WakeModelResponse{}
+	mi := &file_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WakeModelResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WakeModelResponse) ProtoMessage() {}
+
+func (x *WakeModelResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WakeModelResponse.ProtoReflect.Descriptor instead.
+func (*WakeModelResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *WakeModelResponse) GetModel() *Model {
+	if x != nil {
+		return x.Model
+	}
+	return nil
+}
+
 type UnloadModelRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Model         string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
@@ -981,7 +1265,7 @@ type UnloadModelRequest struct {
 
 func (x *UnloadModelRequest) Reset() {
 	*x = UnloadModelRequest{}
-	mi := &file_admin_proto_msgTypes[11]
+	mi := &file_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -993,7 +1277,7 @@ func (x *UnloadModelRequest) String() string {
 func (*UnloadModelRequest) ProtoMessage() {}
 
 func (x *UnloadModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[11]
+	mi := &file_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1006,7 +1290,7 @@ func (x *UnloadModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnloadModelRequest.ProtoReflect.Descriptor instead.
 func (*UnloadModelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{11}
+	return file_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *UnloadModelRequest) GetModel() string {
@@ -1025,7 +1309,7 @@ type UnloadModelResponse struct {
 
 func (x *UnloadModelResponse) Reset() {
 	*x = UnloadModelResponse{}
-	mi := &file_admin_proto_msgTypes[12]
+	mi := &file_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1037,7 +1321,7 @@ func (x *UnloadModelResponse) String() string {
 func (*UnloadModelResponse) ProtoMessage() {}
 
 func (x *UnloadModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[12]
+	mi := &file_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1050,7 +1334,7 @@ func (x *UnloadModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnloadModelResponse.ProtoReflect.Descriptor instead.
 func (*UnloadModelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{12}
+	return file_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *UnloadModelResponse) GetModel() *Model {
@@ -1069,7 +1353,7 @@ type PinModelRequest struct {
 
 func (x *PinModelRequest) Reset() {
 	*x = PinModelRequest{}
-	mi := &file_admin_proto_msgTypes[13]
+	mi := &file_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1081,7 +1365,7 @@ func (x *PinModelRequest) String() string {
 func (*PinModelRequest) ProtoMessage() {}
 
 func (x *PinModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[13]
+	mi := &file_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1094,7 +1378,7 @@ func (x *PinModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinModelRequest.ProtoReflect.Descriptor instead.
 func (*PinModelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{13}
+	return file_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PinModelRequest) GetModel() string {
@@ -1113,7 +1397,7 @@ type PinModelResponse struct {
 
 func (x *PinModelResponse) Reset() {
 	*x = PinModelResponse{}
-	mi := &file_admin_proto_msgTypes[14]
+	mi := &file_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1125,7 +1409,7 @@ func (x *PinModelResponse) String() string {
 func (*PinModelResponse) ProtoMessage() {}
 
 func (x *PinModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[14]
+	mi := &file_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1138,7 +1422,7 @@ func (x *PinModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinModelResponse.ProtoReflect.Descriptor instead.
 func (*PinModelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{14}
+	return file_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PinModelResponse) GetModel() *Model {
@@ -1157,7 +1441,7 @@ type UnpinModelRequest struct {
 
 func (x *UnpinModelRequest) Reset() {
 	*x = UnpinModelRequest{}
-	mi := &file_admin_proto_msgTypes[15]
+	mi := &file_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1169,7 +1453,7 @@ func (x *UnpinModelRequest) String() string {
 func (*UnpinModelRequest) ProtoMessage() {}
 
 func (x *UnpinModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[15]
+	mi := &file_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1182,7 +1466,7 @@ func (x *UnpinModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinModelRequest.ProtoReflect.Descriptor instead.
 func (*UnpinModelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{15}
+	return file_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UnpinModelRequest) GetModel() string {
@@ -1201,7 +1485,7 @@ type UnpinModelResponse struct {
 
 func (x *UnpinModelResponse) Reset() {
 	*x = UnpinModelResponse{}
-	mi := &file_admin_proto_msgTypes[16]
+	mi := &file_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1497,7 @@ func (x *UnpinModelResponse) String() string {
 func (*UnpinModelResponse) ProtoMessage() {}
 
 func (x *UnpinModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[16]
+	mi := &file_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1510,7 @@ func (x *UnpinModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinModelResponse.ProtoReflect.Descriptor instead.
 func (*UnpinModelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{16}
+	return file_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *UnpinModelResponse) GetModel() *Model {
@@ -1246,7 +1530,7 @@ type SetLogLevelRequest struct {
 
 func (x *SetLogLevelRequest) Reset() {
 	*x = SetLogLevelRequest{}
-	mi := &file_admin_proto_msgTypes[17]
+	mi := &file_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1258,7 +1542,7 @@ func (x *SetLogLevelRequest) String() string {
 func (*SetLogLevelRequest) ProtoMessage() {}
 
 func (x *SetLogLevelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[17]
+	mi := &file_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1271,7 +1555,7 @@ func (x *SetLogLevelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLogLevelRequest.ProtoReflect.Descriptor instead.
 func (*SetLogLevelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{17}
+	return file_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetLogLevelRequest) GetLevel() string {
@@ -1291,7 +1575,7 @@ type SetLogLevelResponse struct {
 
 func (x *SetLogLevelResponse) Reset() {
 	*x = SetLogLevelResponse{}
-	mi := &file_admin_proto_msgTypes[18]
+	mi := &file_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1303,7 +1587,7 @@ func (x *SetLogLevelResponse) String() string {
 func (*SetLogLevelResponse) ProtoMessage() {}
 
 func (x *SetLogLevelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[18]
+	mi := &file_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1316,7 +1600,7 @@ func (x *SetLogLevelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLogLevelResponse.ProtoReflect.Descriptor instead.
 func (*SetLogLevelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{18}
+	return file_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SetLogLevelResponse) GetPrevious() string {
@@ -1347,7 +1631,7 @@ type ListDecisionsRequest struct {
 
 func (x *ListDecisionsRequest) Reset() {
 	*x = ListDecisionsRequest{}
-	mi := &file_admin_proto_msgTypes[19]
+	mi := &file_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1359,7 +1643,7 @@ func (x *ListDecisionsRequest) String() string {
 func (*ListDecisionsRequest) ProtoMessage() {}
 
 func (x *ListDecisionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[19]
+	mi := &file_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1372,7 +1656,7 @@ func (x *ListDecisionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDecisionsRequest.ProtoReflect.Descriptor instead.
 func (*ListDecisionsRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{19}
+	return file_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListDecisionsRequest) GetModel() string {
@@ -1405,7 +1689,7 @@ type ListDecisionsResponse struct {
 
 func (x *ListDecisionsResponse) Reset() {
 	*x = ListDecisionsResponse{}
-	mi := &file_admin_proto_msgTypes[20]
+	mi := &file_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1417,7 +1701,7 @@ func (x *ListDecisionsResponse) String() string {
 func (*ListDecisionsResponse) ProtoMessage() {}
 
 func (x *ListDecisionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[20]
+	mi := &file_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1430,7 +1714,7 @@ func (x *ListDecisionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDecisionsResponse.ProtoReflect.Descriptor instead.
 func (*ListDecisionsResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{20}
+	return file_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListDecisionsResponse) GetDecisions() []*Decision {
@@ -1456,7 +1740,7 @@ type Decision struct {
 
 func (x *Decision) Reset() {
 	*x = Decision{}
-	mi := &file_admin_proto_msgTypes[21]
+	mi := &file_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1752,7 @@ func (x *Decision) String() string {
 func (*Decision) ProtoMessage() {}
 
 func (x *Decision) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[21]
+	mi := &file_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1765,7 @@ func (x *Decision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Decision.ProtoReflect.Descriptor instead.
 func (*Decision) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{21}
+	return file_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Decision) GetTime() *timestamppb.Timestamp {
@@ -1543,7 +1827,7 @@ type WatchEventsRequest struct {
 
 func (x *WatchEventsRequest) Reset() {
 	*x = WatchEventsRequest{}
-	mi := &file_admin_proto_msgTypes[22]
+	mi := &file_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1555,7 +1839,7 @@ func (x *WatchEventsRequest) String() string {
 func (*WatchEventsRequest) ProtoMessage() {}
 
 func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[22]
+	mi := &file_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1568,7 +1852,7 @@ func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsRequest.ProtoReflect.Descriptor instead.
 func (*WatchEventsRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{22}
+	return file_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WatchEventsRequest) GetModel() string {
@@ -1593,7 +1877,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_admin_proto_msgTypes[23]
+	mi := &file_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1605,7 +1889,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[23]
+	mi := &file_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1618,7 +1902,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{23}
+	return file_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Event) GetTime() *timestamppb.Timestamp {
@@ -1659,7 +1943,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_admin_proto_msgTypes[24]
+	mi := &file_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +1955,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[24]
+	mi := &file_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +1968,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{24}
+	return file_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DrainRequest) GetDrain() bool {
@@ -1705,7 +1989,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_admin_proto_msgTypes[25]
+	mi := &file_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1717,7 +2001,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[25]
+	mi := &file_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1730,7 +2014,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{25}
+	return file_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DrainResponse) GetDraining() bool {
@@ -1752,7 +2036,7 @@ var File_admin_proto protoreflect.FileDescriptor
 const file_admin_proto_rawDesc = "" +
 	"\n" +
 	"\vadmin.proto\x12\fvgw.admin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n" +
-	"\x10GetStatusRequest\"\xc8\x02\n" +
+	"\x10GetStatusRequest\"\xb6\x03\n" +
 	"\x06Status\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x124\n" +
 	"\astarted\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\astarted\x12\x1a\n" +
@@ -1762,7 +2046,10 @@ const file_admin_proto_rawDesc = "" +
 	"\x06envoys\x18\x06 \x03(\v2\x17.vgw.admin.v1.EnvoyNodeR\x06envoys\x12,\n" +
 	"\x06config\x18\a \x01(\v2\x14.vgw.admin.v1.ConfigR\x06config\x12\x1f\n" +
 	"\vxds_version\x18\b \x01(\tR\n" +
-	"xdsVersion\"\xa2\x01\n" +
+	"xdsVersion\x123\n" +
+	"\x16host_memory_used_bytes\x18\t \x01(\x04R\x13hostMemoryUsedBytes\x127\n" +
+	"\x18host_memory_budget_bytes\x18\n" +
+	" \x01(\x04R\x15hostMemoryBudgetBytes\"\xa2\x01\n" +
 	"\x03GPU\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -1772,7 +2059,7 @@ const file_admin_proto_rawDesc = "" +
 	"\n" +
 	"used_bytes\x18\x05 \x01(\x04R\tusedBytes\x12\x1d\n" +
 	"\n" +
-	"free_bytes\x18\x06 \x01(\x04R\tfreeBytes\"\xcd\x05\n" +
+	"free_bytes\x18\x06 \x01(\x04R\tfreeBytes\"\xd7\x06\n" +
 	"\x05Model\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x12\n" +
@@ -1796,7 +2083,12 @@ const file_admin_proto_rawDesc = "" +
 	"last_error\x18\x11 \x01(\tR\tlastError\x125\n" +
 	"\bretry_at\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\aretryAt\x12\x18\n" +
 	"\acluster\x18\x13 \x01(\tR\acluster\x12(\n" +
-	"\x10waiting_for_load\x18\x14 \x01(\x05R\x0ewaitingForLoad\"\xa8\x02\n" +
+	"\x10waiting_for_load\x18\x14 \x01(\x05R\x0ewaitingForLoad\x12\x14\n" +
+	"\x05sleep\x18\x15 \x01(\tR\x05sleep\x12\x1f\n" +
+	"\vsleep_level\x18\x16 \x01(\x05R\n" +
+	"sleepLevel\x12%\n" +
+	"\x0eresidual_bytes\x18\x17 \x01(\x04R\rresidualBytes\x12*\n" +
+	"\x11host_memory_bytes\x18\x18 \x01(\x04R\x0fhostMemoryBytes\"\xa8\x02\n" +
 	"\tEnvoyNode\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\astreams\x18\x02 \x01(\x05R\astreams\x12)\n" +
@@ -1810,7 +2102,7 @@ const file_admin_proto_rawDesc = "" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x19\n" +
 	"\btype_url\x18\x03 \x01(\tR\atypeUrl\x12\x18\n" +
 	"\aversion\x18\x04 \x01(\tR\aversion\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error\"\xf8\x05\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\"\xaf\x06\n" +
 	"\x06Config\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1b\n" +
 	"\tlog_level\x18\x02 \x01(\tR\blogLevel\x12\x18\n" +
@@ -1828,7 +2120,10 @@ const file_admin_proto_rawDesc = "" +
 	"\x0emax_body_bytes\x18\f \x01(\x04R\fmaxBodyBytes\x12>\n" +
 	"\rdrain_timeout\x18\r \x01(\v2\x19.google.protobuf.DurationR\fdrainTimeout\x128\n" +
 	"\x06listen\x18\x0e \x03(\v2 .vgw.admin.v1.Config.ListenEntryR\x06listen\x12I\n" +
-	"\x13max_message_timeout\x18\x0f \x01(\v2\x19.google.protobuf.DurationR\x11maxMessageTimeout\x1a9\n" +
+	"\x13max_message_timeout\x18\x0f \x01(\v2\x19.google.protobuf.DurationR\x11maxMessageTimeout\x12\x14\n" +
+	"\x05sleep\x18\x10 \x01(\tR\x05sleep\x12\x1f\n" +
+	"\vhost_memory\x18\x11 \x01(\tR\n" +
+	"hostMemory\x1a9\n" +
 	"\vListenEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x13\n" +
@@ -1840,6 +2135,18 @@ const file_admin_proto_rawDesc = "" +
 	"\x04wait\x18\x02 \x01(\bR\x04wait\x123\n" +
 	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\">\n" +
 	"\x11LoadModelResponse\x12)\n" +
+	"\x05model\x18\x01 \x01(\v2\x13.vgw.admin.v1.ModelR\x05model\"r\n" +
+	"\x11SleepModelRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
+	"\x04wait\x18\x02 \x01(\bR\x04wait\x123\n" +
+	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\"?\n" +
+	"\x12SleepModelResponse\x12)\n" +
+	"\x05model\x18\x01 \x01(\v2\x13.vgw.admin.v1.ModelR\x05model\"q\n" +
+	"\x10WakeModelRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
+	"\x04wait\x18\x02 \x01(\bR\x04wait\x123\n" +
+	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\">\n" +
+	"\x11WakeModelResponse\x12)\n" +
 	"\x05model\x18\x01 \x01(\v2\x13.vgw.admin.v1.ModelR\x05model\"*\n" +
 	"\x12UnloadModelRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\"@\n" +
@@ -1884,7 +2191,7 @@ const file_admin_proto_rawDesc = "" +
 	"\x05drain\x18\x01 \x01(\bR\x05drain\"H\n" +
 	"\rDrainResponse\x12\x1a\n" +
 	"\bdraining\x18\x01 \x01(\bR\bdraining\x12\x1b\n" +
-	"\tin_flight\x18\x02 \x01(\x03R\binFlight2\x91\x06\n" +
+	"\tin_flight\x18\x02 \x01(\x03R\binFlight2\xb0\a\n" +
 	"\x05Admin\x12A\n" +
 	"\tGetStatus\x12\x1e.vgw.admin.v1.GetStatusRequest\x1a\x14.vgw.admin.v1.Status\x12O\n" +
 	"\n" +
@@ -1897,7 +2204,10 @@ const file_admin_proto_rawDesc = "" +
 	"\vSetLogLevel\x12 .vgw.admin.v1.SetLogLevelRequest\x1a!.vgw.admin.v1.SetLogLevelResponse\x12X\n" +
 	"\rListDecisions\x12\".vgw.admin.v1.ListDecisionsRequest\x1a#.vgw.admin.v1.ListDecisionsResponse\x12F\n" +
 	"\vWatchEvents\x12 .vgw.admin.v1.WatchEventsRequest\x1a\x13.vgw.admin.v1.Event0\x01\x12@\n" +
-	"\x05Drain\x12\x1a.vgw.admin.v1.DrainRequest\x1a\x1b.vgw.admin.v1.DrainResponseB2Z0github.com/vgw-project/vgw/proto/adminv1;adminv1b\x06proto3"
+	"\x05Drain\x12\x1a.vgw.admin.v1.DrainRequest\x1a\x1b.vgw.admin.v1.DrainResponse\x12O\n" +
+	"\n" +
+	"SleepModel\x12\x1f.vgw.admin.v1.SleepModelRequest\x1a .vgw.admin.v1.SleepModelResponse\x12L\n" +
+	"\tWakeModel\x12\x1e.vgw.admin.v1.WakeModelRequest\x1a\x1f.vgw.admin.v1.WakeModelResponseB2Z0github.com/vgw-project/vgw/proto/adminv1;adminv1b\x06proto3"
 
 var (
 	file_admin_proto_rawDescOnce sync.Once
@@ -1911,7 +2221,7 @@ func file_admin_proto_rawDescGZIP() []byte {
 	return file_admin_proto_rawDescData
 }
 
-var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_admin_proto_goTypes = []any{
 	(*GetStatusRequest)(nil),      // 0: vgw.admin.v1.GetStatusRequest
 	(*Status)(nil),                // 1: vgw.admin.v1.Status
@@ -1924,80 +2234,92 @@ var file_admin_proto_goTypes = []any{
 	(*ListModelsResponse)(nil),    // 8: vgw.admin.v1.ListModelsResponse
 	(*LoadModelRequest)(nil),      // 9: vgw.admin.v1.LoadModelRequest
 	(*LoadModelResponse)(nil),     // 10: vgw.admin.v1.LoadModelResponse
-	(*UnloadModelRequest)(nil),    // 11: vgw.admin.v1.UnloadModelRequest
-	(*UnloadModelResponse)(nil),   // 12: vgw.admin.v1.UnloadModelResponse
-	(*PinModelRequest)(nil),       // 13: vgw.admin.v1.PinModelRequest
-	(*PinModelResponse)(nil),      // 14: vgw.admin.v1.PinModelResponse
-	(*UnpinModelRequest)(nil),     // 15: vgw.admin.v1.UnpinModelRequest
-	(*UnpinModelResponse)(nil),    // 16: vgw.admin.v1.UnpinModelResponse
-	(*SetLogLevelRequest)(nil),    // 17: vgw.admin.v1.SetLogLevelRequest
-	(*SetLogLevelResponse)(nil),   // 18: vgw.admin.v1.SetLogLevelResponse
-	(*ListDecisionsRequest)(nil),  // 19: vgw.admin.v1.ListDecisionsRequest
-	(*ListDecisionsResponse)(nil), // 20: vgw.admin.v1.ListDecisionsResponse
-	(*Decision)(nil),              // 21: vgw.admin.v1.Decision
-	(*WatchEventsRequest)(nil),    // 22: vgw.admin.v1.WatchEventsRequest
-	(*Event)(nil),                 // 23: vgw.admin.v1.Event
-	(*DrainRequest)(nil),          // 24: vgw.admin.v1.DrainRequest
-	(*DrainResponse)(nil),         // 25: vgw.admin.v1.DrainResponse
-	nil,                           // 26: vgw.admin.v1.Config.ListenEntry
-	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
+	(*SleepModelRequest)(nil),     // 11: vgw.admin.v1.SleepModelRequest
+	(*SleepModelResponse)(nil),    // 12: vgw.admin.v1.SleepModelResponse
+	(*WakeModelRequest)(nil),      // 13: vgw.admin.v1.WakeModelRequest
+	(*WakeModelResponse)(nil),     // 14: vgw.admin.v1.WakeModelResponse
+	(*UnloadModelRequest)(nil),    // 15: vgw.admin.v1.UnloadModelRequest
+	(*UnloadModelResponse)(nil),   // 16: vgw.admin.v1.UnloadModelResponse
+	(*PinModelRequest)(nil),       // 17: vgw.admin.v1.PinModelRequest
+	(*PinModelResponse)(nil),      // 18: vgw.admin.v1.PinModelResponse
+	(*UnpinModelRequest)(nil),     // 19: vgw.admin.v1.UnpinModelRequest
+	(*UnpinModelResponse)(nil),    // 20: vgw.admin.v1.UnpinModelResponse
+	(*SetLogLevelRequest)(nil),    // 21: vgw.admin.v1.SetLogLevelRequest
+	(*SetLogLevelResponse)(nil),   // 22: vgw.admin.v1.SetLogLevelResponse
+	(*ListDecisionsRequest)(nil),  // 23: vgw.admin.v1.ListDecisionsRequest
+	(*ListDecisionsResponse)(nil), // 24: vgw.admin.v1.ListDecisionsResponse
+	(*Decision)(nil),              // 25: vgw.admin.v1.Decision
+	(*WatchEventsRequest)(nil),    // 26: vgw.admin.v1.WatchEventsRequest
+	(*Event)(nil),                 // 27: vgw.admin.v1.Event
+	(*DrainRequest)(nil),          // 28: vgw.admin.v1.DrainRequest
+	(*DrainResponse)(nil),         // 29: vgw.admin.v1.DrainResponse
+	nil,                           // 30: vgw.admin.v1.Config.ListenEntry
+	(*timestamppb.Timestamp)(nil), // 31: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 32: google.protobuf.Duration
 }
 var file_admin_proto_depIdxs = []int32{
-	27, // 0: vgw.admin.v1.Status.started:type_name -> google.protobuf.Timestamp
+	31, // 0: vgw.admin.v1.Status.started:type_name -> google.protobuf.Timestamp
 	2,  // 1: vgw.admin.v1.Status.gpus:type_name -> vgw.admin.v1.GPU
 	3,  // 2: vgw.admin.v1.Status.models:type_name -> vgw.admin.v1.Model
 	4,  // 3: vgw.admin.v1.Status.envoys:type_name -> vgw.admin.v1.EnvoyNode
 	6,  // 4: vgw.admin.v1.Status.config:type_name -> vgw.admin.v1.Config
-	27, // 5: vgw.admin.v1.Model.last_used:type_name -> google.protobuf.Timestamp
-	27, // 6: vgw.admin.v1.Model.since:type_name -> google.protobuf.Timestamp
-	28, // 7: vgw.admin.v1.Model.queue_timeout:type_name -> google.protobuf.Duration
-	27, // 8: vgw.admin.v1.Model.retry_at:type_name -> google.protobuf.Timestamp
+	31, // 5: vgw.admin.v1.Model.last_used:type_name -> google.protobuf.Timestamp
+	31, // 6: vgw.admin.v1.Model.since:type_name -> google.protobuf.Timestamp
+	32, // 7: vgw.admin.v1.Model.queue_timeout:type_name -> google.protobuf.Duration
+	31, // 8: vgw.admin.v1.Model.retry_at:type_name -> google.protobuf.Timestamp
 	5,  // 9: vgw.admin.v1.EnvoyNode.last_nack:type_name -> vgw.admin.v1.NACK
-	27, // 10: vgw.admin.v1.EnvoyNode.silent_since:type_name -> google.protobuf.Timestamp
-	27, // 11: vgw.admin.v1.NACK.time:type_name -> google.protobuf.Timestamp
-	28, // 12: vgw.admin.v1.Config.queue_timeout:type_name -> google.protobuf.Duration
-	28, // 13: vgw.admin.v1.Config.load_timeout:type_name -> google.protobuf.Duration
-	28, // 14: vgw.admin.v1.Config.inactivity_timeout:type_name -> google.protobuf.Duration
-	28, // 15: vgw.admin.v1.Config.min_resident:type_name -> google.protobuf.Duration
-	28, // 16: vgw.admin.v1.Config.drain_timeout:type_name -> google.protobuf.Duration
-	26, // 17: vgw.admin.v1.Config.listen:type_name -> vgw.admin.v1.Config.ListenEntry
-	28, // 18: vgw.admin.v1.Config.max_message_timeout:type_name -> google.protobuf.Duration
+	31, // 10: vgw.admin.v1.EnvoyNode.silent_since:type_name -> google.protobuf.Timestamp
+	31, // 11: vgw.admin.v1.NACK.time:type_name -> google.protobuf.Timestamp
+	32, // 12: vgw.admin.v1.Config.queue_timeout:type_name -> google.protobuf.Duration
+	32, // 13: vgw.admin.v1.Config.load_timeout:type_name -> google.protobuf.Duration
+	32, // 14: vgw.admin.v1.Config.inactivity_timeout:type_name -> google.protobuf.Duration
+	32, // 15: vgw.admin.v1.Config.min_resident:type_name -> google.protobuf.Duration
+	32, // 16: vgw.admin.v1.Config.drain_timeout:type_name -> google.protobuf.Duration
+	30, // 17: vgw.admin.v1.Config.listen:type_name -> vgw.admin.v1.Config.ListenEntry
+	32, // 18: vgw.admin.v1.Config.max_message_timeout:type_name -> google.protobuf.Duration
 	3,  // 19: vgw.admin.v1.ListModelsResponse.models:type_name -> vgw.admin.v1.Model
-	28, // 20: vgw.admin.v1.LoadModelRequest.timeout:type_name -> google.protobuf.Duration
+	32, // 20: vgw.admin.v1.LoadModelRequest.timeout:type_name -> google.protobuf.Duration
 	3,  // 21: vgw.admin.v1.LoadModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 22: vgw.admin.v1.UnloadModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 23: vgw.admin.v1.PinModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 24: vgw.admin.v1.UnpinModelResponse.model:type_name -> vgw.admin.v1.Model
-	21, // 25: vgw.admin.v1.ListDecisionsResponse.decisions:type_name -> vgw.admin.v1.Decision
-	27, // 26: vgw.admin.v1.Decision.time:type_name -> google.protobuf.Timestamp
-	28, // 27: vgw.admin.v1.Decision.wait:type_name -> google.protobuf.Duration
-	27, // 28: vgw.admin.v1.Event.time:type_name -> google.protobuf.Timestamp
-	0,  // 29: vgw.admin.v1.Admin.GetStatus:input_type -> vgw.admin.v1.GetStatusRequest
-	7,  // 30: vgw.admin.v1.Admin.ListModels:input_type -> vgw.admin.v1.ListModelsRequest
-	9,  // 31: vgw.admin.v1.Admin.LoadModel:input_type -> vgw.admin.v1.LoadModelRequest
-	11, // 32: vgw.admin.v1.Admin.UnloadModel:input_type -> vgw.admin.v1.UnloadModelRequest
-	13, // 33: vgw.admin.v1.Admin.PinModel:input_type -> vgw.admin.v1.PinModelRequest
-	15, // 34: vgw.admin.v1.Admin.UnpinModel:input_type -> vgw.admin.v1.UnpinModelRequest
-	17, // 35: vgw.admin.v1.Admin.SetLogLevel:input_type -> vgw.admin.v1.SetLogLevelRequest
-	19, // 36: vgw.admin.v1.Admin.ListDecisions:input_type -> vgw.admin.v1.ListDecisionsRequest
-	22, // 37: vgw.admin.v1.Admin.WatchEvents:input_type -> vgw.admin.v1.WatchEventsRequest
-	24, // 38: vgw.admin.v1.Admin.Drain:input_type -> vgw.admin.v1.DrainRequest
-	1,  // 39: vgw.admin.v1.Admin.GetStatus:output_type -> vgw.admin.v1.Status
-	8,  // 40: vgw.admin.v1.Admin.ListModels:output_type -> vgw.admin.v1.ListModelsResponse
-	10, // 41: vgw.admin.v1.Admin.LoadModel:output_type -> vgw.admin.v1.LoadModelResponse
-	12, // 42: vgw.admin.v1.Admin.UnloadModel:output_type -> vgw.admin.v1.UnloadModelResponse
-	14, // 43: vgw.admin.v1.Admin.PinModel:output_type -> vgw.admin.v1.PinModelResponse
-	16, // 44: vgw.admin.v1.Admin.UnpinModel:output_type -> vgw.admin.v1.UnpinModelResponse
-	18, // 45: vgw.admin.v1.Admin.SetLogLevel:output_type -> vgw.admin.v1.SetLogLevelResponse
-	20, // 46: vgw.admin.v1.Admin.ListDecisions:output_type -> vgw.admin.v1.ListDecisionsResponse
-	23, // 47: vgw.admin.v1.Admin.WatchEvents:output_type -> vgw.admin.v1.Event
-	25, // 48: vgw.admin.v1.Admin.Drain:output_type -> vgw.admin.v1.DrainResponse
-	39, // [39:49] is the sub-list for method output_type
-	29, // [29:39] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	32, // 22: vgw.admin.v1.SleepModelRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 23: vgw.admin.v1.SleepModelResponse.model:type_name -> vgw.admin.v1.Model
+	32, // 24: vgw.admin.v1.WakeModelRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 25: vgw.admin.v1.WakeModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 26: vgw.admin.v1.UnloadModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 27: vgw.admin.v1.PinModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 28: vgw.admin.v1.UnpinModelResponse.model:type_name -> vgw.admin.v1.Model
+	25, // 29: vgw.admin.v1.ListDecisionsResponse.decisions:type_name -> vgw.admin.v1.Decision
+	31, // 30: vgw.admin.v1.Decision.time:type_name -> google.protobuf.Timestamp
+	32, // 31: vgw.admin.v1.Decision.wait:type_name -> google.protobuf.Duration
+	31, // 32: vgw.admin.v1.Event.time:type_name -> google.protobuf.Timestamp
+	0,  // 33: vgw.admin.v1.Admin.GetStatus:input_type -> vgw.admin.v1.GetStatusRequest
+	7,  // 34: vgw.admin.v1.Admin.ListModels:input_type -> vgw.admin.v1.ListModelsRequest
+	9,  // 35: vgw.admin.v1.Admin.LoadModel:input_type -> vgw.admin.v1.LoadModelRequest
+	15, // 36: vgw.admin.v1.Admin.UnloadModel:input_type -> vgw.admin.v1.UnloadModelRequest
+	17, // 37: vgw.admin.v1.Admin.PinModel:input_type -> vgw.admin.v1.PinModelRequest
+	19, // 38: vgw.admin.v1.Admin.UnpinModel:input_type -> vgw.admin.v1.UnpinModelRequest
+	21, // 39: vgw.admin.v1.Admin.SetLogLevel:input_type -> vgw.admin.v1.SetLogLevelRequest
+	23, // 40: vgw.admin.v1.Admin.ListDecisions:input_type -> vgw.admin.v1.ListDecisionsRequest
+	26, // 41: vgw.admin.v1.Admin.WatchEvents:input_type -> vgw.admin.v1.WatchEventsRequest
+	28, // 42: vgw.admin.v1.Admin.Drain:input_type -> vgw.admin.v1.DrainRequest
+	11, // 43: vgw.admin.v1.Admin.SleepModel:input_type -> vgw.admin.v1.SleepModelRequest
+	13, // 44: vgw.admin.v1.Admin.WakeModel:input_type -> vgw.admin.v1.WakeModelRequest
+	1,  // 45: vgw.admin.v1.Admin.GetStatus:output_type -> vgw.admin.v1.Status
+	8,  // 46: vgw.admin.v1.Admin.ListModels:output_type -> vgw.admin.v1.ListModelsResponse
+	10, // 47: vgw.admin.v1.Admin.LoadModel:output_type -> vgw.admin.v1.LoadModelResponse
+	16, // 48: vgw.admin.v1.Admin.UnloadModel:output_type -> vgw.admin.v1.UnloadModelResponse
+	18, // 49: vgw.admin.v1.Admin.PinModel:output_type -> vgw.admin.v1.PinModelResponse
+	20, // 50: vgw.admin.v1.Admin.UnpinModel:output_type -> vgw.admin.v1.UnpinModelResponse
+	22, // 51: vgw.admin.v1.Admin.SetLogLevel:output_type -> vgw.admin.v1.SetLogLevelResponse
+	24, // 52: vgw.admin.v1.Admin.ListDecisions:output_type -> vgw.admin.v1.ListDecisionsResponse
+	27, // 53: vgw.admin.v1.Admin.WatchEvents:output_type -> vgw.admin.v1.Event
+	29, // 54: vgw.admin.v1.Admin.Drain:output_type -> vgw.admin.v1.DrainResponse
+	12, // 55: vgw.admin.v1.Admin.SleepModel:output_type -> vgw.admin.v1.SleepModelResponse
+	14, // 56: vgw.admin.v1.Admin.WakeModel:output_type -> vgw.admin.v1.WakeModelResponse
+	45, // [45:57] is the sub-list for method output_type
+	33, // [33:45] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_admin_proto_init() }
@@ -2011,7 +2333,7 @@ func file_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_admin_proto_rawDesc), len(file_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

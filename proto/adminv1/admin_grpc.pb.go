@@ -36,6 +36,8 @@ const (
 	Admin_ListDecisions_FullMethodName = "/vgw.admin.v1.Admin/ListDecisions"
 	Admin_WatchEvents_FullMethodName   = "/vgw.admin.v1.Admin/WatchEvents"
 	Admin_Drain_FullMethodName         = "/vgw.admin.v1.Admin/Drain"
+	Admin_SleepModel_FullMethodName    = "/vgw.admin.v1.Admin/SleepModel"
+	Admin_WakeModel_FullMethodName     = "/vgw.admin.v1.Admin/WakeModel"
 )
 
 // AdminClient is the client API for Admin service.
@@ -70,6 +72,17 @@ type AdminClient interface {
 	// Drain stops admitting new requests (each is answered 503 with
 	// Retry-After) while those in flight finish; drain=false resumes.
 	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
+	// SleepModel puts a ready model to sleep at its sleep level, once its
+	// requests in flight are done: its server stays, most of its GPU
+	// memory is given back, and the next request wakes it in seconds. It
+	// fails (FailedPrecondition) for a model that cannot sleep now: sleep
+	// off, not ready, or no room in host_memory. With wait it returns once
+	// the model sleeps.
+	SleepModel(ctx context.Context, in *SleepModelRequest, opts ...grpc.CallOption) (*SleepModelResponse, error)
+	// WakeModel wakes a sleeping model; with wait it returns once the model
+	// is ready, or says why it is not. It fails (FailedPrecondition) for a
+	// model that is not asleep: use LoadModel.
+	WakeModel(ctx context.Context, in *WakeModelRequest, opts ...grpc.CallOption) (*WakeModelResponse, error)
 }
 
 type adminClient struct {
@@ -189,6 +202,26 @@ func (c *adminClient) Drain(ctx context.Context, in *DrainRequest, opts ...grpc.
 	return out, nil
 }
 
+func (c *adminClient) SleepModel(ctx context.Context, in *SleepModelRequest, opts ...grpc.CallOption) (*SleepModelResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SleepModelResponse)
+	err := c.cc.Invoke(ctx, Admin_SleepModel_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) WakeModel(ctx context.Context, in *WakeModelRequest, opts ...grpc.CallOption) (*WakeModelResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(WakeModelResponse)
+	err := c.cc.Invoke(ctx, Admin_WakeModel_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -221,6 +254,17 @@ type AdminServer interface {
 	// Drain stops admitting new requests (each is answered 503 with
 	// Retry-After) while those in flight finish; drain=false resumes.
 	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
+	// SleepModel puts a ready model to sleep at its sleep level, once its
+	// requests in flight are done: its server stays, most of its GPU
+	// memory is given back, and the next request wakes it in seconds. It
+	// fails (FailedPrecondition) for a model that cannot sleep now: sleep
+	// off, not ready, or no room in host_memory. With wait it returns once
+	// the model sleeps.
+	SleepModel(context.Context, *SleepModelRequest) (*SleepModelResponse, error)
+	// WakeModel wakes a sleeping model; with wait it returns once the model
+	// is ready, or says why it is not. It fails (FailedPrecondition) for a
+	// model that is not asleep: use LoadModel.
+	WakeModel(context.Context, *WakeModelRequest) (*WakeModelResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -260,6 +304,12 @@ func (UnimplementedAdminServer) WatchEvents(*WatchEventsRequest, grpc.ServerStre
 }
 func (UnimplementedAdminServer) Drain(context.Context, *DrainRequest) (*DrainResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Drain not implemented")
+}
+func (UnimplementedAdminServer) SleepModel(context.Context, *SleepModelRequest) (*SleepModelResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SleepModel not implemented")
+}
+func (UnimplementedAdminServer) WakeModel(context.Context, *WakeModelRequest) (*WakeModelResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method WakeModel not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -455,6 +505,42 @@ func _Admin_Drain_Handler(srv interface{}, ctx context.Context, dec func(interfa
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_SleepModel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SleepModelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).SleepModel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_SleepModel_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).SleepModel(ctx, req.(*SleepModelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_WakeModel_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(WakeModelRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).WakeModel(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_WakeModel_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).WakeModel(ctx, req.(*WakeModelRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -497,6 +583,14 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Drain",
 			Handler:    _Admin_Drain_Handler,
+		},
+		{
+			MethodName: "SleepModel",
+			Handler:    _Admin_SleepModel_Handler,
+		},
+		{
+			MethodName: "WakeModel",
+			Handler:    _Admin_WakeModel_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

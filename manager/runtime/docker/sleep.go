@@ -66,15 +66,18 @@ func (r *Runtime) HostMemory(ctx context.Context, inst *runtime.Instance) (uint6
 	return memoryInUse(st.MemoryStats), nil
 }
 
-// memoryInUse is usage less inactive_file (cgroup v2) or
-// total_inactive_file (v1), as the docker CLI works it out.
+// memoryInUse is usage less the inactive page cache, as the docker CLI
+// works it out (cli/command/container/stats_helpers.go,
+// calculateMemUsageUnixNoCache): total_inactive_file under cgroup v1,
+// whose stats carry inactive_file too but for the container's own cgroup
+// alone, else inactive_file (v2); the whole usage when the cache is not
+// below it.
 func memoryInUse(m container.MemoryStats) uint64 {
-	cache, ok := m.Stats["inactive_file"]
-	if !ok {
-		cache = m.Stats["total_inactive_file"]
+	if v, v1 := m.Stats["total_inactive_file"]; v1 && v < m.Usage {
+		return m.Usage - v
 	}
-	if cache > m.Usage {
-		return 0
+	if v := m.Stats["inactive_file"]; v < m.Usage {
+		return m.Usage - v
 	}
-	return m.Usage - cache
+	return m.Usage
 }

@@ -233,7 +233,7 @@ func TestWakeFails(t *testing.T) {
 // it; each says why when it cannot.
 func TestSleepWakeAsked(t *testing.T) {
 	tm := startManager(t, sleepSetup{}.config()+"models:\n"+sleepyModel("a", "20GiB")+"  off: {vram: 20GiB, sleep: off}\n")
-	if err := tm.Sleep("a"); !errors.Is(err, manager.ErrCannotSleep) {
+	if err := tm.Sleep(context.Background(), "a", false); !errors.Is(err, manager.ErrCannotSleep) {
 		t.Errorf("sleep of a stopped model: %v", err)
 	}
 	if err := tm.Wake(context.Background(), "a", false); !errors.Is(err, manager.ErrNotAsleep) {
@@ -244,15 +244,17 @@ func TestSleepWakeAsked(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := tm.Sleep("off"); !errors.Is(err, manager.ErrCannotSleep) {
+	if err := tm.Sleep(context.Background(), "off", false); !errors.Is(err, manager.ErrCannotSleep) {
 		t.Errorf("sleep of a model with sleep off: %v", err)
 	}
-	if err := tm.Sleep("a"); err != nil {
-		t.Fatal(err)
-	}
-	poll.Until(t, "a to sleep", func() bool { return tm.status("a").State == manager.Sleeping })
 	ctx, cancel := context.WithTimeout(context.Background(), poll.Long)
 	defer cancel()
+	if err := tm.Sleep(ctx, "a", true); err != nil {
+		t.Fatal(err)
+	}
+	if st := tm.status("a"); st.State != manager.Sleeping {
+		t.Fatalf("a is %v once its sleep returned", st.State)
+	}
 	if err := tm.Wake(ctx, "a", true); err != nil {
 		t.Fatal(err)
 	}
