@@ -95,3 +95,10 @@ func (r *Runtime) recharge(inst *runtime.Instance, f func(*proc) (perGPU, host u
 	r.gpus.Charge(inst.PIDs[0], p.gpus, gpu)
 	return nil
 }
+
+// Live counts the fakes running.
+func (r *Runtime) Live() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.procs)
+}
