@@ -56,10 +56,13 @@ const (
 	ReasonDraining            // 503 the gateway is draining
 	ReasonModelReady          // sent on once its model had loaded
 	ReasonNotRoutable         // 503 the request's Envoy cannot route to the ready model
+	ReasonWaitWake            // waiting for the sleeping model to wake
+	ReasonModelWoken          // sent on once its model had woken
 )
 
 var reasonNames = [...]string{"", "slot_free", "slot_granted", "queue_full", "queue_timeout", "load_timeout",
-	"load_failed", "unknown_model", "bad_request", "too_large", "wait_slot", "wait_load", "client_gone", "draining", "model_ready", "not_routable"}
+	"load_failed", "unknown_model", "bad_request", "too_large", "wait_slot", "wait_load", "client_gone", "draining", "model_ready", "not_routable",
+	"wait_wake", "model_woken"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {

@@ -502,7 +502,13 @@ func (st *stream) leaveQueue(w *waiter) {
 func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, depth int, atHeaders bool) (bool, error) {
 	s, m := st.s, st.model
 	now := time.Now()
-	st.record(&decision{at: now, model: &m.name, outcome: OutcomeQueued, reason: ReasonWaitLoad, depth: depth, wait: now.Sub(start)})
+	waitFor, readyFor := ReasonWaitLoad, ReasonModelReady
+	if s.state != nil {
+		if state := s.state(m.name); state == "sleeping" || state == "waking" {
+			waitFor, readyFor = ReasonWaitWake, ReasonModelWoken
+		}
+	}
+	st.record(&decision{at: now, model: &m.name, outcome: OutcomeQueued, reason: waitFor, depth: depth, wait: now.Sub(start)})
 	if err := st.extendTimeout(deadline, margin); err != nil {
 		return true, err
 	}
@@ -511,7 +517,7 @@ func (st *stream) waitForModel(start, deadline time.Time, margin time.Duration, 
 	cancel()
 	if err == nil {
 		now = time.Now()
-		return false, st.admit(l, ReasonModelReady, m.gate.depth(), now, now.Sub(start), atHeaders)
+		return false, st.admit(l, readyFor, m.gate.depth(), now, now.Sub(start), atHeaders)
 	}
 	st.releaseSlot()
 	switch {

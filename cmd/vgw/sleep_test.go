@@ -80,6 +80,16 @@ func TestSleepWithGrpcurl(t *testing.T) {
 	if e := events.await("woken", "llama"); !strings.Contains(e.GetDetail(), "from level 1") {
 		t.Errorf("woken event: %v", e)
 	}
+	// The decision ring says the request waited for a wake, not a load.
+	var ds adminv1.ListDecisionsResponse
+	g.call("ListDecisions", `{"model":"llama"}`, &ds)
+	var reasons []string
+	for _, d := range ds.GetDecisions() {
+		reasons = append(reasons, d.GetOutcome()+"/"+d.GetReason())
+	}
+	if len(reasons) < 2 || reasons[0] != "admitted/model_woken" || reasons[1] != "queued/wait_wake" {
+		t.Errorf("decisions for llama, newest first: %v", reasons)
+	}
 	var woke adminv1.WakeModelResponse
 	g.call("WakeModel", `{"model":"llama","wait":true}`, &woke) // awake already: nothing to do
 	if m := woke.GetModel(); m.GetState() != "ready" || m.GetSleepLevel() != 0 || m.GetHostMemoryBytes() != 0 {
