@@ -129,6 +129,9 @@ func (m *Metrics) QueueWait(model string, d time.Duration) {
 
 // Event counts a lifecycle event, and a load's or a wake's duration.
 func (m *Metrics) Event(model, kind string, took time.Duration) {
+	if kind == manager.EventProgress {
+		return
+	}
 	m.lifecycle.WithLabelValues(model, kind).Inc()
 	switch {
 	case took <= 0:

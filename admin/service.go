@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -157,6 +158,15 @@ func (s *Service) model(m *manager.ModelView, g extproc.GateStats) *adminv1.Mode
 	}
 	if !m.Removed {
 		pm.Sleep = string(s.d.Config().SleepOf(m.Name))
+	}
+	if !m.Began.IsZero() {
+		pm.Began, pm.Phase = timestamppb.New(m.Began), m.Phase
+		if m.Percent >= 0 {
+			pm.PhasePercent = proto.Int32(int32(m.Percent))
+		}
+		if m.Expected > 0 {
+			pm.ExpectedLeft = durationpb.New(max(time.Until(m.Began.Add(m.Expected)), 0))
+		}
 	}
 	for _, g := range m.GPUs {
 		pm.Gpus = append(pm.Gpus, int32(g))

@@ -12,6 +12,7 @@ import (
 
 	"github.com/vgw-project/vgw/manager/gpu"
 	"github.com/vgw-project/vgw/manager/runtime"
+	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
 // The executor is the Manager's part that acts on the scheduler's
@@ -221,6 +222,7 @@ func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec runtime.
 	inst, err := m.rt.Start(ctx, spec)
 	if err == nil {
 		m.do(func(time.Time) { m.s.started(md, op, inst) })
+		m.followProgress(ctx, md, op, inst)
 		err = m.waitHealthy(ctx, op, inst.Addr)
 	}
 	if err == nil && m.sleeper != nil && spec.Sleep.Level() > 0 {
@@ -248,6 +250,7 @@ func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec runtime.
 // does, and stops the server if it never answers.
 func (m *Manager) resume(ctx context.Context, md *model, op *loadOp, inst *runtime.Instance) {
 	began := m.clock.Now()
+	m.followProgress(ctx, md, op, inst)
 	err := m.waitHealthy(ctx, op, inst.Addr)
 	if err == nil && m.sleeper != nil {
 		// A previous vgw may have put it to sleep: it answers /health
@@ -267,6 +270,30 @@ func (m *Manager) resume(ctx context.Context, md *model, op *loadOp, inst *runti
 	}
 	m.rt.Stop(context.Background(), inst, 0)
 	m.do(func(now time.Time) { m.end(op); m.s.loadFailed(now, md, op, err) })
+}
+
+// followProgress follows a loading server's log, where the runtime can,
+// until the load's ctx ends, and tells the scheduler each new phase and
+// each new whole percent of it (vllm.ParseProgress).
+func (m *Manager) followProgress(ctx context.Context, md *model, op *loadOp, inst *runtime.Instance) {
+	f, ok := m.rt.(LogFollower)
+	if !ok {
+		return
+	}
+	go func() {
+		last := vllm.Progress{Percent: -2}
+		err := f.FollowLog(ctx, inst, func(line string) {
+			p, ok := vllm.ParseProgress(line)
+			if !ok || (p.Phase == last.Phase && int(p.Percent) == int(last.Percent)) {
+				return
+			}
+			last = p
+			m.doCtx(ctx, func(now time.Time) { m.s.progressed(now, md, op, p) })
+		})
+		if err != nil && ctx.Err() == nil {
+			m.log.Debug("could not follow a loading server's log", slog.String("model", md.name), slog.String("error", err.Error()))
+		}
+	}()
 }
 
 // wake is a worker: it wakes a sleeping server and waits for its health

@@ -151,6 +151,10 @@ const (
 	EventWaking     = "waking"
 	EventWoken      = "woken"
 	EventWakeFailed = "wake_failed"
+	// EventProgress: a loading server's log told a new phase of its
+	// start, or a tenth more of one (Detail). Not among EventKinds: it is
+	// news for an operator watching, not a count worth keeping.
+	EventProgress = "progress"
 )
 
 // EventKinds lists every kind of Event, for those who count them.

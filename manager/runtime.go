@@ -51,3 +51,11 @@ type Sleeper interface {
 	// HostMemory is the host memory inst holds now.
 	HostMemory(ctx context.Context, inst *runtime.Instance) (uint64, error)
 }
+
+// LogFollower is a Runtime that can follow what a server writes, so that
+// a loading model's progress is read from its log (vllm.ParseProgress).
+type LogFollower interface {
+	// FollowLog calls line for each line inst writes until ctx ends or
+	// inst stops; a runtime may begin with what it wrote before.
+	FollowLog(ctx context.Context, inst *runtime.Instance, line func(string)) error
+}

@@ -90,6 +90,9 @@ type model struct {
 	sleepTo int
 	sleep   sleepInfo
 	seen    sleepSeen
+	// took is how long its last cold load and its last wake took, for
+	// the time a load or wake under way is expected to take yet.
+	took struct{ load, wake time.Duration }
 
 	// Who wants it.
 	waiters   []*waiter
@@ -152,6 +155,11 @@ type loadOp struct {
 	// than starting one.
 	wake  bool
 	level int
+	// began is when it began; progress is where the server's log says
+	// its start stands, once it has said (seen).
+	began    time.Time
+	progress vllm.Progress
+	seen     bool
 }
 
 // instPIDs are an instance's processes as the runtime listed them.
@@ -242,6 +250,16 @@ func (s *scheduler) publish() {
 		}
 		if md.backoff.lastErr != nil {
 			mv.LastError = md.backoff.lastErr.Error()
+		}
+		if op := md.loading; op != nil {
+			mv.Began, mv.Phase, mv.Percent = op.began, "", -1
+			if op.seen {
+				mv.Phase, mv.Percent = op.progress.Phase.String(), op.progress.Percent
+			}
+			mv.Expected = md.took.load
+			if op.wake {
+				mv.Expected = md.took.wake
+			}
 		}
 		if md.asleep() {
 			mv.SleepLevel, mv.Residual, mv.HostMemory = md.sleep.level, md.sleep.residual, md.sleep.host
@@ -573,6 +591,7 @@ func (s *scheduler) startIfClear(now time.Time, md *model) {
 		}
 	}
 	md.loading = op
+	op.began = now
 	if waking {
 		op.wake, op.level = true, md.sleep.level
 		s.event(now, md.name, EventWaking, fmt.Sprintf("from level %d on GPUs %v", md.sleep.level, md.place.gpus), 0)
@@ -707,10 +726,12 @@ func (s *scheduler) loaded(now time.Time, md *model, op *loadOp, took time.Durat
 	case op.wake:
 		s.event(now, md.name, EventWoken, fmt.Sprintf("from level %d in %v at %s", op.level, took.Round(time.Millisecond), md.inst.Addr), took)
 		md.sleep = sleepInfo{}
+		md.took.wake = took
 	case op.adopted:
 		s.event(now, md.name, EventReady, "adopted "+md.inst.ID+" at "+md.inst.Addr, 0)
 	default:
 		s.event(now, md.name, EventReady, fmt.Sprintf("in %v at %s", took.Round(time.Millisecond), md.inst.Addr), took)
+		md.took.load = took
 	}
 	if op.cancelled {
 		// Unloaded as it became ready: its waiters are told so, as if it

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"time"
+
+	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
 // The sleep tier (config sleep: level1 or level2): a model leaving its
@@ -246,4 +248,28 @@ func (s *scheduler) adoptedAsleep(now time.Time, md *model, op *loadOp) {
 		s.enqueue(md)
 	}
 	s.schedule(now)
+}
+
+// progressed takes what a loading server's log says of its start: shown
+// in the View, and told as a progress event at each new phase and each
+// tenth of one.
+func (s *scheduler) progressed(now time.Time, md *model, op *loadOp, p vllm.Progress) {
+	if md.loading != op {
+		return
+	}
+	prev, seen := op.progress, op.seen
+	op.progress, op.seen = p, true
+	s.dirty = true
+	if seen && p.Phase == prev.Phase && int(p.Percent)/10 == int(prev.Percent)/10 {
+		return
+	}
+	detail := p.Phase.String()
+	if p.Percent >= 0 {
+		detail += fmt.Sprintf(" %.0f%%", p.Percent)
+	}
+	if md.took.load > 0 {
+		left := max(md.took.load-now.Sub(op.began), 0)
+		detail += fmt.Sprintf("; about %v left, as its last load took %v", left.Round(time.Second), md.took.load.Round(time.Second))
+	}
+	s.event(now, md.name, EventProgress, detail, 0)
 }

@@ -74,6 +74,14 @@ type ModelView struct {
 	SleepLevel int
 	Residual   uint64
 	HostMemory uint64
+	// While its server starts or wakes: when that began, the phase of its
+	// start its log last told ("" before it told any: vllm.Phase) and how
+	// far through it (0-100, -1 where the log does not say), and how long
+	// its last load (or wake) took, 0 when none is known.
+	Began    time.Time
+	Phase    string
+	Percent  float64
+	Expected time.Duration
 
 	use *use // live: changes with every request, unlike the rest
 }

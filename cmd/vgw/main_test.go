@@ -58,7 +58,7 @@ func TestValidate(t *testing.T) {
 		stderr   string
 		notInOut string
 	}{
-		{args: []string{"validate", "--config", "../../examples/sim.yaml"}, code: 0, stdout: "ok: 4 models"},
+		{args: []string{"validate", "--config", "../../examples/sim.yaml"}, code: 0, stdout: "ok: 6 models"},
 		{args: []string{"validate", "--config", bad}, code: 1, stderr: bad + `:5: unknown field "rep"`},
 		{args: []string{"validate", "--config", shared}, code: 0, stdout: "note: repo org/m is loaded by models long, short, so it names none of them"},
 		{args: []string{"validate"}, code: 2, stderr: "--config is required"},

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/vgw-project/vgw/admin/admintest"
+	"github.com/vgw-project/vgw/internal/poll"
 	adminv1 "github.com/vgw-project/vgw/proto/adminv1"
 )
 
@@ -20,7 +21,7 @@ runtime: {kind: sim}
 gpus: [{name: sim0, memory: 80GiB}]
 models:
   llama: {vram: 30GiB, sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}
-  qwen: {vram: 30GiB, sleep: off}
+  qwen: {vram: 30GiB, sleep: off, sim: {startup_delay: 600ms}}
 `
 
 // TestSleepWithGrpcurl: an operator puts a model to sleep with grpcurl and
@@ -114,4 +115,33 @@ func TestSleepWithGrpcurl(t *testing.T) {
 			t.Errorf("/metrics %s = %v (present: %v), want %v", k, v, ok, want)
 		}
 	}
+}
+
+// TestProgressWithGrpcurl: while a model loads, GetStatus shows when its
+// load began and the phase of its start its server's log last told, and
+// WatchEvents streams each new phase.
+func TestProgressWithGrpcurl(t *testing.T) {
+	dir := t.TempDir()
+	cfgPath, tokenPath := filepath.Join(dir, "vgw.yaml"), filepath.Join(dir, "token")
+	os.WriteFile(cfgPath, []byte(sleepConfig), 0o600)
+	os.WriteFile(tokenPath, []byte(adminToken+"\n"), 0o600)
+	_, addr := startServe(t, "--config", cfgPath, "--admin-token-file", tokenPath)
+	g := newGrpcurl(t, addr("admin"), adminToken)
+	events := g.watch()
+	var loaded adminv1.LoadModelResponse
+	g.call("LoadModel", `{"model":"qwen"}`, &loaded)
+	var st adminv1.Status
+	poll.Until(t, "GetStatus to show qwen's phase", func() bool {
+		g.call("GetStatus", "{}", &st)
+		for _, m := range st.GetModels() {
+			if m.GetName() == "qwen" && m.GetState() == "loading" && m.GetPhase() != "" && m.GetBegan() != nil {
+				return true
+			}
+		}
+		return false
+	})
+	if e := events.await("progress", "qwen"); !strings.HasPrefix(e.GetDetail(), "loading_weights") {
+		t.Errorf("first progress event: %v", e)
+	}
+	events.await("ready", "qwen")
 }

@@ -308,8 +308,17 @@ type Model struct {
 	SleepLevel      int32  `protobuf:"varint,22,opt,name=sleep_level,json=sleepLevel,proto3" json:"sleep_level,omitempty"`
 	ResidualBytes   uint64 `protobuf:"varint,23,opt,name=residual_bytes,json=residualBytes,proto3" json:"residual_bytes,omitempty"`
 	HostMemoryBytes uint64 `protobuf:"varint,24,opt,name=host_memory_bytes,json=hostMemoryBytes,proto3" json:"host_memory_bytes,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// While its server starts or wakes: when that began, the phase of the
+	// start its log last told (downloading, loading_weights, compiling,
+	// profiling, capturing_graphs, ready; empty before it told any) and how
+	// far through it, where the log says, and how long it is expected to
+	// take yet, from how long its last load (or wake) took.
+	Began         *timestamppb.Timestamp `protobuf:"bytes,25,opt,name=began,proto3" json:"began,omitempty"`
+	Phase         string                 `protobuf:"bytes,26,opt,name=phase,proto3" json:"phase,omitempty"`
+	PhasePercent  *int32                 `protobuf:"varint,27,opt,name=phase_percent,json=phasePercent,proto3,oneof" json:"phase_percent,omitempty"`
+	ExpectedLeft  *durationpb.Duration   `protobuf:"bytes,28,opt,name=expected_left,json=expectedLeft,proto3" json:"expected_left,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Model) Reset() {
@@ -508,6 +517,34 @@ func (x *Model) GetHostMemoryBytes() uint64 {
 		return x.HostMemoryBytes
 	}
 	return 0
+}
+
+func (x *Model) GetBegan() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Began
+	}
+	return nil
+}
+
+func (x *Model) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *Model) GetPhasePercent() int32 {
+	if x != nil && x.PhasePercent != nil {
+		return *x.PhasePercent
+	}
+	return 0
+}
+
+func (x *Model) GetExpectedLeft() *durationpb.Duration {
+	if x != nil {
+		return x.ExpectedLeft
+	}
+	return nil
 }
 
 type EnvoyNode struct {
@@ -2059,7 +2096,7 @@ const file_admin_proto_rawDesc = "" +
 	"\n" +
 	"used_bytes\x18\x05 \x01(\x04R\tusedBytes\x12\x1d\n" +
 	"\n" +
-	"free_bytes\x18\x06 \x01(\x04R\tfreeBytes\"\xd7\x06\n" +
+	"free_bytes\x18\x06 \x01(\x04R\tfreeBytes\"\x9b\b\n" +
 	"\x05Model\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x12\n" +
@@ -2088,7 +2125,12 @@ const file_admin_proto_rawDesc = "" +
 	"\vsleep_level\x18\x16 \x01(\x05R\n" +
 	"sleepLevel\x12%\n" +
 	"\x0eresidual_bytes\x18\x17 \x01(\x04R\rresidualBytes\x12*\n" +
-	"\x11host_memory_bytes\x18\x18 \x01(\x04R\x0fhostMemoryBytes\"\xa8\x02\n" +
+	"\x11host_memory_bytes\x18\x18 \x01(\x04R\x0fhostMemoryBytes\x120\n" +
+	"\x05began\x18\x19 \x01(\v2\x1a.google.protobuf.TimestampR\x05began\x12\x14\n" +
+	"\x05phase\x18\x1a \x01(\tR\x05phase\x12(\n" +
+	"\rphase_percent\x18\x1b \x01(\x05H\x00R\fphasePercent\x88\x01\x01\x12>\n" +
+	"\rexpected_left\x18\x1c \x01(\v2\x19.google.protobuf.DurationR\fexpectedLeftB\x10\n" +
+	"\x0e_phase_percent\"\xa8\x02\n" +
 	"\tEnvoyNode\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\astreams\x18\x02 \x01(\x05R\astreams\x12)\n" +
@@ -2267,59 +2309,61 @@ var file_admin_proto_depIdxs = []int32{
 	31, // 6: vgw.admin.v1.Model.since:type_name -> google.protobuf.Timestamp
 	32, // 7: vgw.admin.v1.Model.queue_timeout:type_name -> google.protobuf.Duration
 	31, // 8: vgw.admin.v1.Model.retry_at:type_name -> google.protobuf.Timestamp
-	5,  // 9: vgw.admin.v1.EnvoyNode.last_nack:type_name -> vgw.admin.v1.NACK
-	31, // 10: vgw.admin.v1.EnvoyNode.silent_since:type_name -> google.protobuf.Timestamp
-	31, // 11: vgw.admin.v1.NACK.time:type_name -> google.protobuf.Timestamp
-	32, // 12: vgw.admin.v1.Config.queue_timeout:type_name -> google.protobuf.Duration
-	32, // 13: vgw.admin.v1.Config.load_timeout:type_name -> google.protobuf.Duration
-	32, // 14: vgw.admin.v1.Config.inactivity_timeout:type_name -> google.protobuf.Duration
-	32, // 15: vgw.admin.v1.Config.min_resident:type_name -> google.protobuf.Duration
-	32, // 16: vgw.admin.v1.Config.drain_timeout:type_name -> google.protobuf.Duration
-	30, // 17: vgw.admin.v1.Config.listen:type_name -> vgw.admin.v1.Config.ListenEntry
-	32, // 18: vgw.admin.v1.Config.max_message_timeout:type_name -> google.protobuf.Duration
-	3,  // 19: vgw.admin.v1.ListModelsResponse.models:type_name -> vgw.admin.v1.Model
-	32, // 20: vgw.admin.v1.LoadModelRequest.timeout:type_name -> google.protobuf.Duration
-	3,  // 21: vgw.admin.v1.LoadModelResponse.model:type_name -> vgw.admin.v1.Model
-	32, // 22: vgw.admin.v1.SleepModelRequest.timeout:type_name -> google.protobuf.Duration
-	3,  // 23: vgw.admin.v1.SleepModelResponse.model:type_name -> vgw.admin.v1.Model
-	32, // 24: vgw.admin.v1.WakeModelRequest.timeout:type_name -> google.protobuf.Duration
-	3,  // 25: vgw.admin.v1.WakeModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 26: vgw.admin.v1.UnloadModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 27: vgw.admin.v1.PinModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 28: vgw.admin.v1.UnpinModelResponse.model:type_name -> vgw.admin.v1.Model
-	25, // 29: vgw.admin.v1.ListDecisionsResponse.decisions:type_name -> vgw.admin.v1.Decision
-	31, // 30: vgw.admin.v1.Decision.time:type_name -> google.protobuf.Timestamp
-	32, // 31: vgw.admin.v1.Decision.wait:type_name -> google.protobuf.Duration
-	31, // 32: vgw.admin.v1.Event.time:type_name -> google.protobuf.Timestamp
-	0,  // 33: vgw.admin.v1.Admin.GetStatus:input_type -> vgw.admin.v1.GetStatusRequest
-	7,  // 34: vgw.admin.v1.Admin.ListModels:input_type -> vgw.admin.v1.ListModelsRequest
-	9,  // 35: vgw.admin.v1.Admin.LoadModel:input_type -> vgw.admin.v1.LoadModelRequest
-	15, // 36: vgw.admin.v1.Admin.UnloadModel:input_type -> vgw.admin.v1.UnloadModelRequest
-	17, // 37: vgw.admin.v1.Admin.PinModel:input_type -> vgw.admin.v1.PinModelRequest
-	19, // 38: vgw.admin.v1.Admin.UnpinModel:input_type -> vgw.admin.v1.UnpinModelRequest
-	21, // 39: vgw.admin.v1.Admin.SetLogLevel:input_type -> vgw.admin.v1.SetLogLevelRequest
-	23, // 40: vgw.admin.v1.Admin.ListDecisions:input_type -> vgw.admin.v1.ListDecisionsRequest
-	26, // 41: vgw.admin.v1.Admin.WatchEvents:input_type -> vgw.admin.v1.WatchEventsRequest
-	28, // 42: vgw.admin.v1.Admin.Drain:input_type -> vgw.admin.v1.DrainRequest
-	11, // 43: vgw.admin.v1.Admin.SleepModel:input_type -> vgw.admin.v1.SleepModelRequest
-	13, // 44: vgw.admin.v1.Admin.WakeModel:input_type -> vgw.admin.v1.WakeModelRequest
-	1,  // 45: vgw.admin.v1.Admin.GetStatus:output_type -> vgw.admin.v1.Status
-	8,  // 46: vgw.admin.v1.Admin.ListModels:output_type -> vgw.admin.v1.ListModelsResponse
-	10, // 47: vgw.admin.v1.Admin.LoadModel:output_type -> vgw.admin.v1.LoadModelResponse
-	16, // 48: vgw.admin.v1.Admin.UnloadModel:output_type -> vgw.admin.v1.UnloadModelResponse
-	18, // 49: vgw.admin.v1.Admin.PinModel:output_type -> vgw.admin.v1.PinModelResponse
-	20, // 50: vgw.admin.v1.Admin.UnpinModel:output_type -> vgw.admin.v1.UnpinModelResponse
-	22, // 51: vgw.admin.v1.Admin.SetLogLevel:output_type -> vgw.admin.v1.SetLogLevelResponse
-	24, // 52: vgw.admin.v1.Admin.ListDecisions:output_type -> vgw.admin.v1.ListDecisionsResponse
-	27, // 53: vgw.admin.v1.Admin.WatchEvents:output_type -> vgw.admin.v1.Event
-	29, // 54: vgw.admin.v1.Admin.Drain:output_type -> vgw.admin.v1.DrainResponse
-	12, // 55: vgw.admin.v1.Admin.SleepModel:output_type -> vgw.admin.v1.SleepModelResponse
-	14, // 56: vgw.admin.v1.Admin.WakeModel:output_type -> vgw.admin.v1.WakeModelResponse
-	45, // [45:57] is the sub-list for method output_type
-	33, // [33:45] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	31, // 9: vgw.admin.v1.Model.began:type_name -> google.protobuf.Timestamp
+	32, // 10: vgw.admin.v1.Model.expected_left:type_name -> google.protobuf.Duration
+	5,  // 11: vgw.admin.v1.EnvoyNode.last_nack:type_name -> vgw.admin.v1.NACK
+	31, // 12: vgw.admin.v1.EnvoyNode.silent_since:type_name -> google.protobuf.Timestamp
+	31, // 13: vgw.admin.v1.NACK.time:type_name -> google.protobuf.Timestamp
+	32, // 14: vgw.admin.v1.Config.queue_timeout:type_name -> google.protobuf.Duration
+	32, // 15: vgw.admin.v1.Config.load_timeout:type_name -> google.protobuf.Duration
+	32, // 16: vgw.admin.v1.Config.inactivity_timeout:type_name -> google.protobuf.Duration
+	32, // 17: vgw.admin.v1.Config.min_resident:type_name -> google.protobuf.Duration
+	32, // 18: vgw.admin.v1.Config.drain_timeout:type_name -> google.protobuf.Duration
+	30, // 19: vgw.admin.v1.Config.listen:type_name -> vgw.admin.v1.Config.ListenEntry
+	32, // 20: vgw.admin.v1.Config.max_message_timeout:type_name -> google.protobuf.Duration
+	3,  // 21: vgw.admin.v1.ListModelsResponse.models:type_name -> vgw.admin.v1.Model
+	32, // 22: vgw.admin.v1.LoadModelRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 23: vgw.admin.v1.LoadModelResponse.model:type_name -> vgw.admin.v1.Model
+	32, // 24: vgw.admin.v1.SleepModelRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 25: vgw.admin.v1.SleepModelResponse.model:type_name -> vgw.admin.v1.Model
+	32, // 26: vgw.admin.v1.WakeModelRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 27: vgw.admin.v1.WakeModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 28: vgw.admin.v1.UnloadModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 29: vgw.admin.v1.PinModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 30: vgw.admin.v1.UnpinModelResponse.model:type_name -> vgw.admin.v1.Model
+	25, // 31: vgw.admin.v1.ListDecisionsResponse.decisions:type_name -> vgw.admin.v1.Decision
+	31, // 32: vgw.admin.v1.Decision.time:type_name -> google.protobuf.Timestamp
+	32, // 33: vgw.admin.v1.Decision.wait:type_name -> google.protobuf.Duration
+	31, // 34: vgw.admin.v1.Event.time:type_name -> google.protobuf.Timestamp
+	0,  // 35: vgw.admin.v1.Admin.GetStatus:input_type -> vgw.admin.v1.GetStatusRequest
+	7,  // 36: vgw.admin.v1.Admin.ListModels:input_type -> vgw.admin.v1.ListModelsRequest
+	9,  // 37: vgw.admin.v1.Admin.LoadModel:input_type -> vgw.admin.v1.LoadModelRequest
+	15, // 38: vgw.admin.v1.Admin.UnloadModel:input_type -> vgw.admin.v1.UnloadModelRequest
+	17, // 39: vgw.admin.v1.Admin.PinModel:input_type -> vgw.admin.v1.PinModelRequest
+	19, // 40: vgw.admin.v1.Admin.UnpinModel:input_type -> vgw.admin.v1.UnpinModelRequest
+	21, // 41: vgw.admin.v1.Admin.SetLogLevel:input_type -> vgw.admin.v1.SetLogLevelRequest
+	23, // 42: vgw.admin.v1.Admin.ListDecisions:input_type -> vgw.admin.v1.ListDecisionsRequest
+	26, // 43: vgw.admin.v1.Admin.WatchEvents:input_type -> vgw.admin.v1.WatchEventsRequest
+	28, // 44: vgw.admin.v1.Admin.Drain:input_type -> vgw.admin.v1.DrainRequest
+	11, // 45: vgw.admin.v1.Admin.SleepModel:input_type -> vgw.admin.v1.SleepModelRequest
+	13, // 46: vgw.admin.v1.Admin.WakeModel:input_type -> vgw.admin.v1.WakeModelRequest
+	1,  // 47: vgw.admin.v1.Admin.GetStatus:output_type -> vgw.admin.v1.Status
+	8,  // 48: vgw.admin.v1.Admin.ListModels:output_type -> vgw.admin.v1.ListModelsResponse
+	10, // 49: vgw.admin.v1.Admin.LoadModel:output_type -> vgw.admin.v1.LoadModelResponse
+	16, // 50: vgw.admin.v1.Admin.UnloadModel:output_type -> vgw.admin.v1.UnloadModelResponse
+	18, // 51: vgw.admin.v1.Admin.PinModel:output_type -> vgw.admin.v1.PinModelResponse
+	20, // 52: vgw.admin.v1.Admin.UnpinModel:output_type -> vgw.admin.v1.UnpinModelResponse
+	22, // 53: vgw.admin.v1.Admin.SetLogLevel:output_type -> vgw.admin.v1.SetLogLevelResponse
+	24, // 54: vgw.admin.v1.Admin.ListDecisions:output_type -> vgw.admin.v1.ListDecisionsResponse
+	27, // 55: vgw.admin.v1.Admin.WatchEvents:output_type -> vgw.admin.v1.Event
+	29, // 56: vgw.admin.v1.Admin.Drain:output_type -> vgw.admin.v1.DrainResponse
+	12, // 57: vgw.admin.v1.Admin.SleepModel:output_type -> vgw.admin.v1.SleepModelResponse
+	14, // 58: vgw.admin.v1.Admin.WakeModel:output_type -> vgw.admin.v1.WakeModelResponse
+	47, // [47:59] is the sub-list for method output_type
+	35, // [35:47] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_admin_proto_init() }
@@ -2327,6 +2371,7 @@ func file_admin_proto_init() {
 	if File_admin_proto != nil {
 		return
 	}
+	file_admin_proto_msgTypes[3].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

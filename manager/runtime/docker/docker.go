@@ -751,6 +751,22 @@ func (r *Runtime) logTail(ctx context.Context, id string) string {
 	return tail.String()
 }
 
+// FollowLog calls line for each line the container writes (its whole log
+// so far first) until ctx ends or the container stops: how a loading
+// vLLM's progress is read.
+func (r *Runtime) FollowLog(ctx context.Context, inst *runtime.Instance, line func(string)) error {
+	rc, err := r.cli.ContainerLogs(ctx, inst.ID, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true, Follow: true})
+	if err != nil {
+		return r.daemonError("follow the log of container "+inst.ID, err)
+	}
+	defer rc.Close()
+	lines := runtime.NewLines(line)
+	if _, err := stdcopy.StdCopy(lines, lines, rc); err != nil && ctx.Err() == nil {
+		return fmt.Errorf("follow the log of container %s: %w", inst.ID, err)
+	}
+	return nil
+}
+
 // withoutAPIKey takes --api-key and its value out of vLLM's arguments.
 func withoutAPIKey(args []string) (rest []string, key string) {
 	rest = make([]string, 0, len(args))

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -38,6 +39,7 @@ type Runtime struct {
 type proc struct {
 	cmd      *exec.Cmd
 	log      *runtime.LogTail
+	follow   runtime.Followers // its output, line by line, for FollowLog
 	done     chan struct{} // closed once the process has been reaped
 	stopping bool
 	// What the fake is charged: perGPU of each of gpus awake, residual
@@ -97,7 +99,9 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instan
 	}
 	cmd.ExtraFiles = []*os.File{f}
 	tail := runtime.NewLogTail(50)
-	cmd.Stdout, cmd.Stderr = tail, tail
+	p := &proc{cmd: cmd, log: tail, done: make(chan struct{})}
+	out := io.MultiWriter(tail, &p.follow) // one writer: exec copies to it from one goroutine
+	cmd.Stdout, cmd.Stderr = out, out
 	// The fake dies with vgw, as a sim model has nothing to outlive it for.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -109,7 +113,7 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (*runtime.Instan
 	for i, g := range spec.GPUs {
 		gpus[i] = g.Index
 	}
-	p := &proc{cmd: cmd, log: tail, done: make(chan struct{}), gpus: gpus, perGPU: spec.PerGPU, residual: min(b.Residual(), spec.PerGPU)}
+	p.gpus, p.perGPU, p.residual = gpus, spec.PerGPU, min(b.Residual(), spec.PerGPU)
 	r.mu.Lock()
 	r.procs[id] = p
 	r.mu.Unlock()
@@ -140,6 +144,24 @@ func (r *Runtime) reap(inst *runtime.Instance, p *proc) {
 		e.Reason, e.Requested = "stopped", true
 	}
 	r.exits <- e
+}
+
+// FollowLog calls line for each line the fake writes from now until ctx
+// ends or the fake exits.
+func (r *Runtime) FollowLog(ctx context.Context, inst *runtime.Instance, line func(string)) error {
+	r.mu.Lock()
+	p, ok := r.procs[inst.ID]
+	r.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("sim: no fake %s", inst.ID)
+	}
+	stop := p.follow.Follow(line)
+	defer stop()
+	select {
+	case <-ctx.Done():
+	case <-p.done:
+	}
+	return nil
 }
 
 // PIDs is the fake's one process.
