@@ -40,7 +40,7 @@ type proc struct {
 	cmd      *exec.Cmd
 	log      *runtime.LogTail
 	follow   runtime.Followers // its output, line by line, for FollowLog
-	done     chan struct{} // closed once the process has been reaped
+	done     chan struct{}     // closed once the process has been reaped
 	stopping bool
 	// What the fake is charged: perGPU of each of gpus awake, residual
 	// asleep, and host of host memory asleep (sleep.go).
