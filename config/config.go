@@ -37,7 +37,7 @@ type Config struct {
 	QueueTimeout      Duration `yaml:"queue_timeout"`
 	LoadTimeout       Duration `yaml:"load_timeout"`
 	InactivityTimeout Duration `yaml:"inactivity_timeout"`
-	MaxModels         int      `yaml:"max_models"`   // resident at once; 0 = no limit
+	MaxModels         int      `yaml:"max_models"`   // awake at once (sleepers not counted); 0 = no limit
 	MinResident       Duration `yaml:"min_resident"` // no eviction before this, but as a last resort
 	MaxBodyBytes      Bytes    `yaml:"max_body_bytes"`
 	// MaxAudioBodyBytes is the body limit of the audio endpoints

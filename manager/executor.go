@@ -39,6 +39,8 @@ type (
 		md   *model
 		op   *loadOp
 		inst *runtime.Instance
+		// sleepMode says it was started in sleep mode: it may be asleep.
+		sleepMode bool
 	}
 	// wakeServer wakes md's sleeping server for op and waits for it to
 	// be healthy: loaded or loadFailed, as a load.
@@ -150,7 +152,7 @@ func (m *Manager) execute(a action) {
 		go m.load(ctx, a.md, a.op, a.spec)
 	case resumeServer:
 		ctx := m.loadContext(a.op)
-		go m.resume(ctx, a.md, a.op, a.inst)
+		go m.resume(ctx, a)
 	case wakeServer:
 		ctx := m.loadContext(a.op)
 		go m.wake(ctx, a.md, a.op, a.inst)
@@ -248,14 +250,19 @@ func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec runtime.
 
 // resume is a worker: it waits for an adopted server's /health as a load
 // does, and stops the server if it never answers.
-func (m *Manager) resume(ctx context.Context, md *model, op *loadOp, inst *runtime.Instance) {
+func (m *Manager) resume(ctx context.Context, a resumeServer) {
+	md, op, inst := a.md, a.op, a.inst
 	began := m.clock.Now()
 	m.followProgress(ctx, md, op, inst)
 	err := m.waitHealthy(ctx, op, inst.Addr)
-	if err == nil && m.sleeper != nil {
+	if err == nil && a.sleepMode && m.sleeper != nil {
 		// A previous vgw may have put it to sleep: it answers /health
-		// asleep, and would answer requests 503.
-		if asleep, serr := m.sleeper.IsSleeping(ctx, inst); serr == nil && asleep {
+		// asleep, and would answer requests 503. Not known is not awake.
+		asleep, serr := m.sleeper.IsSleeping(ctx, inst)
+		switch {
+		case serr != nil:
+			err = fmt.Errorf("could not tell whether it sleeps: %w", serr)
+		case asleep:
 			m.do(func(now time.Time) { m.end(op); m.s.adoptedAsleep(now, md, op) })
 			return
 		}
@@ -324,16 +331,22 @@ func (m *Manager) wake(ctx context.Context, md *model, op *loadOp, inst *runtime
 func (m *Manager) sleep(a sleepServer) {
 	ctx, cancel := context.WithTimeout(m.ctx, a.timeout)
 	defer cancel()
+	// What sleeping adds to the server's host memory is what it holds
+	// asleep: the weights, at level 1. Its own (Python, CUDA, buffers),
+	// which it holds awake too, the budget leaves to the reserve.
+	before, hostErr := m.sleeper.HostMemory(ctx, a.inst)
 	err := m.sleeper.Sleep(ctx, a.inst, a.level)
 	var residual, host uint64
-	var hostErr error
 	if err == nil {
 		if cur, how := m.usage(a.inst, nil); how == "processes" {
 			for _, g := range a.gpus {
 				residual = max(residual, cur[g])
 			}
 		}
-		host, hostErr = m.sleeper.HostMemory(ctx, a.inst)
+		var after uint64
+		if after, hostErr = m.sleeper.HostMemory(ctx, a.inst); hostErr == nil {
+			host = after - min(before, after)
+		}
 	}
 	m.do(func(now time.Time) {
 		fr, fh := m.s.foreseen(a.md, a.level)

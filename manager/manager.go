@@ -40,9 +40,13 @@ const (
 	Draining              // being unloaded or put to sleep: finishing requests, then stopping or sleeping
 	Sleeping              // its server sleeps: most of its GPU memory given back, woken by the next request
 	Waking                // its sleeping server is being woken
+	// Failed is Stopped after a load that failed, until one succeeds: a
+	// View's state only (the scheduler's is Stopped), so that status,
+	// /v1/models and metrics tell it from a model merely not loaded.
+	Failed
 )
 
-var stateNames = [...]string{"stopped", "loading", "ready", "draining", "sleeping", "waking"}
+var stateNames = [...]string{"stopped", "loading", "ready", "draining", "sleeping", "waking", "failed"}
 
 // StateNames lists every State by name, for those who show each.
 func StateNames() []string { return slices.Clone(stateNames[:]) }
@@ -458,7 +462,8 @@ func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 }
 
 // Sleep puts a ready model to sleep now, as an operator asks: at its
-// level, once its requests are done. It fails with ErrCannotSleep when
+// level, once its requests are done (a drain that runs out, at
+// drain_timeout, with requests left stops it, as an unload does). It fails with ErrCannotSleep when
 // the model cannot sleep (sleep off, not ready, no room in host_memory).
 // With wait it returns once the model sleeps, or has stopped (its sleep
 // failed, or something else unloaded it), by ctx's end.
@@ -471,8 +476,8 @@ func (m *Manager) Sleep(ctx context.Context, name string, wait bool) error {
 		switch mv := v.Model(name); {
 		case mv == nil:
 			return fmt.Errorf("%w: %s", ErrUnknownModel, name)
-		case mv.State == Sleeping:
-			return nil
+		case mv.State == Sleeping, mv.State == Waking, mv.State == Ready:
+			return nil // asleep, or woken already by a request that came as it fell asleep
 		case mv.State != Draining:
 			return fmt.Errorf("model %s is %s, not asleep: %w", name, mv.State, ErrNotAsleep)
 		}

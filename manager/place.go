@@ -28,11 +28,14 @@ type Resident struct {
 	InFlight int
 	AlwaysOn bool
 	Pinned   bool // pinned by an operator
-	Busy     bool // loading, waking or unloading: its memory counts, but it cannot be evicted now
+	Busy     bool // loading, waking, falling asleep or unloading: its memory counts, but it cannot be evicted now
 
 	// Asleep says its server sleeps: it holds only its residual (PerGPU)
 	// of the GPUs, and Host of host memory. An eviction stops it.
 	Asleep bool
+	// Leaving says it is being stopped: what it holds is on its way back,
+	// and counts as held until it is (see OverHost).
+	Leaving bool
 	// Host is the host memory it holds asleep, or will once asleep.
 	Host uint64
 	// CanSleep says an eviction may put it to sleep rather than stop it:
@@ -48,7 +51,8 @@ type Resident struct {
 type Snapshot struct {
 	GPUs      []GPUState
 	Residents []Resident
-	// MaxModels caps how many models are resident at once; 0 is no cap.
+	// MaxModels caps how many models are awake at once (sleepers are not
+	// counted); 0 is no cap.
 	MaxModels int
 	// MinResident protects a model placed less than this long ago: it is
 	// evicted only when nothing else makes room.
@@ -238,14 +242,12 @@ func similarToAll(set []GPUState, total uint64) bool {
 // evictable says whether r may be evicted, and if not, why.
 func evictable(s Snapshot, r Resident, young bool) (bool, string) {
 	switch {
-	case r.Busy && r.Asleep:
-		return false, "waking"
 	case r.AlwaysOn:
 		return false, "always_on"
 	case r.Pinned:
 		return false, "pinned"
 	case r.Busy:
-		return false, "loading or unloading"
+		return false, "loading, waking or unloading"
 	case r.InFlight > 0:
 		return false, fmt.Sprintf("%d in flight", r.InFlight)
 	case !young && s.Now.Sub(r.Since) < s.MinResident:
@@ -455,8 +457,16 @@ func SleepOrStop(s Snapshot, model string) (stop []string, sleep bool) {
 // OverHost lists the sleepers to stop, least recently used first, to
 // bring the host memory sleepers hold back within the budget: after the
 // budget was lowered, or a sleeper was measured larger than foreseen.
+// What those already leaving hold counts as given back: else, while one
+// is being stopped to make room for another's sleep, the two together
+// would seem past the budget, and a third be stopped for nothing.
 func OverHost(s Snapshot) []string {
 	used := int64(s.hostUsed())
+	for _, r := range s.Residents {
+		if r.Leaving {
+			used -= int64(r.Host)
+		}
+	}
 	var stop []string
 	for _, r := range lruOf(s, true, "") {
 		if used <= int64(s.HostBudget) {
@@ -507,7 +517,7 @@ func noRoom(s Snapshot, free map[int]int64, w Demand, tp int, noSet bool) *NoRoo
 		e.Reason = fmt.Sprintf("there are no %d GPUs of similar size", tp)
 	case s.MaxModels > 0 && s.awake() >= s.MaxModels:
 		e.MaxModels = s.MaxModels
-		e.Reason = fmt.Sprintf("max_models %d are resident and none can be unloaded now", s.MaxModels)
+		e.Reason = fmt.Sprintf("max_models %d are awake and none can be put down now", s.MaxModels)
 	default:
 		e.Reason = "no GPU has room and not enough can be unloaded now"
 	}

@@ -134,7 +134,7 @@ func TestPlaceTiers(t *testing.T) {
 				with(asleep("w", 0, time.Hour, 10), func(r *Resident) { r.Busy, r.PerGPU = true, 78*gb }),
 			}},
 			demand:  Demand{Model: "m", PerGPU: 10 * gb},
-			wantErr: "held by w 78.0GiB (waking)",
+			wantErr: "held by w 78.0GiB (loading, waking or unloading)",
 		},
 		{
 			name: "an always_on model is not put to sleep",

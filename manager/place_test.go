@@ -91,7 +91,7 @@ func TestPlace(t *testing.T) {
 				with(idle("loading", 0, 40, time.Hour), func(r *Resident) { r.Busy = true }),
 			}},
 			demand:  Demand{Model: "m", PerGPU: 30 * gb},
-			wantErr: "pinned 40.0GiB (pinned), loading 40.0GiB (loading or unloading)",
+			wantErr: "pinned 40.0GiB (pinned), loading 40.0GiB (loading, waking or unloading)",
 		},
 		{
 			name: "two-pass cooldown: an older model goes before a young one, even if more recently used",

@@ -48,7 +48,8 @@ type Sleeper interface {
 	// WarmUp sends inst, just loaded, the one request that makes the
 	// next one as fast as the rest (see vllm.WarmUp).
 	WarmUp(ctx context.Context, inst *runtime.Instance, spec runtime.Spec) error
-	// HostMemory is the host memory inst holds now.
+	// HostMemory is the host memory inst holds now: read before and
+	// after a sleep, the rise is what it holds asleep.
 	HostMemory(ctx context.Context, inst *runtime.Instance) (uint64, error)
 }
 

@@ -235,7 +235,7 @@ func (s *scheduler) publish() {
 	v := &View{Models: make([]ModelView, 0, len(s.models)), byName: make(map[string]*ModelView, len(s.models))}
 	for _, md := range s.sorted() {
 		mv := ModelView{
-			Name: md.name, State: md.state, Removed: md.removed, GPUs: slices.Clone(md.place.gpus), PerGPU: md.place.perGPU,
+			Name: md.name, State: md.viewState(), Removed: md.removed, GPUs: slices.Clone(md.place.gpus), PerGPU: md.place.perGPU,
 			Footprint: md.place.source, Since: md.place.since, AlwaysOn: md.cfg.AlwaysOn,
 			Pinned: md.pinned, Waiting: len(md.liveWaiters()), RetryAt: md.backoff.retryAt, use: md.use,
 		}
@@ -469,17 +469,17 @@ func (s *scheduler) snapshot(now time.Time) Snapshot {
 			LastUsed: time.Unix(0, md.use.lastUsed.Load()), InFlight: int(md.use.inflight.Load()),
 			AlwaysOn: md.cfg.AlwaysOn, Pinned: md.pinned, Busy: md.state != Ready && md.state != Sleeping,
 		}
+		r.Leaving = md.state == Draining && md.sleepTo == 0
 		switch {
 		case md.state == Sleeping:
 			r.Asleep, r.PerGPU, r.Host = true, md.sleep.residual, md.sleep.host
+		case md.state == Waking:
+			// A wake holds the memory it needs from the start, the host
+			// memory until it is awake, and counts as awake (max_models).
+			r.Host = md.sleep.host
 		case md.asleep():
-			// Waking, or being stopped from its sleep: a wake holds the
-			// memory it needs from the start, and the host memory until
-			// it is awake.
-			r.Asleep, r.Host = true, md.sleep.host
-			if md.state == Draining {
-				r.PerGPU = md.sleep.residual
-			}
+			// Being stopped from its sleep.
+			r.Asleep, r.PerGPU, r.Host = true, md.sleep.residual, md.sleep.host
 		case md.sleepTo > 0:
 			_, r.Host = s.foreseen(md, md.sleepTo) // falling asleep: its host memory is spoken for
 		case md.state == Ready:
@@ -528,7 +528,7 @@ func (s *scheduler) attributed(md *model) map[int]uint64 {
 		// else's memory.
 		for _, g := range md.place.gpus {
 			out[g] = md.place.perGPU
-			if md.state == Sleeping {
+			if md.asleep() && md.state != Waking {
 				out[g] = md.sleep.residual
 			}
 		}
@@ -770,6 +770,13 @@ func (s *scheduler) loadFailed(now time.Time, md *model, op *loadOp, err error) 
 		return
 	}
 	md.loading = nil
+	if md.inst != nil {
+		// The executor stopped its server: its memory is coming back,
+		// which a measurement on these GPUs must not take for a load's.
+		for _, g := range op.gpus {
+			s.lastStop[g] = now
+		}
+	}
 	md.inst = nil
 	md.sleep = sleepInfo{}
 	s.setState(md, Stopped)
@@ -855,7 +862,13 @@ func (s *scheduler) exited(now time.Time, e runtime.Exit) {
 			continue
 		}
 		switch md.state {
-		case Loading, Waking:
+		case Waking:
+			if md.loading == nil {
+				s.exitedBeforeWake(now, md, e)
+				return
+			}
+			s.exitedWhileLoading(md, e)
+		case Loading:
 			s.exitedWhileLoading(md, e)
 		case Ready, Sleeping:
 			s.note(slog.LevelError, "model crashed", slog.String("model", md.name), slog.Int("code", e.Code),
@@ -1051,7 +1064,9 @@ func (s *scheduler) tick(now time.Time) {
 				s.unload(now, md, "it was removed from the config")
 			case md.stale():
 				s.unload(now, md, "its settings changed")
-			case s.cfg.SleepFor(md.cfg).Level() == 0 || md.cfg.AlwaysOn:
+			case s.keepLoaded(md):
+				s.enqueue(md) // always_on (adopted asleep, or made so since): woken
+			case s.cfg.SleepFor(md.cfg).Level() == 0:
 				s.unload(now, md, "its sleep was turned off")
 			}
 		}
@@ -1078,7 +1093,7 @@ func (s *scheduler) configure(now time.Time, cfg *config.Config) {
 		if !ok {
 			md.removed = true
 			s.answerAll(md, fmt.Errorf("%w: %s", ErrUnknownModel, md.name))
-			if md.state == Loading {
+			if md.state == Loading || md.state == Waking {
 				leaving = append(leaving, md)
 			}
 			s.forget(md)
@@ -1210,7 +1225,7 @@ func (s *scheduler) adopted(insts []*runtime.Instance) {
 		op.adopted = true
 		md.loading, md.inst = op, inst
 		s.dequeue(md) // placed now: schedule must not place it again
-		s.emit(resumeServer{md: md, op: op, inst: inst})
+		s.emit(resumeServer{md: md, op: op, inst: inst, sleepMode: s.canSleep && s.cfg.SleepFor(md.cfg).Level() > 0})
 	}
 }
 

@@ -198,6 +198,10 @@ func describe(a action) string {
 		return "resume " + a.inst.ID
 	case cancelLoad:
 		return "cancel a load"
+	case sleepServer:
+		return fmt.Sprintf("sleep %s at level %d", a.md.name, a.level)
+	case wakeServer:
+		return fmt.Sprintf("wake %s from level %d", a.md.name, a.op.level)
 	case stopServer:
 		if a.md == nil {
 			return fmt.Sprintf("stop stray %s", a.inst.ID)

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/vgw-project/vgw/manager/runtime"
 	"github.com/vgw-project/vgw/manager/runtime/vllm"
 )
 
@@ -221,6 +222,7 @@ var (
 // server, and md, Stopped now, is started again cold for its waiters,
 // with no backoff: the wake's failure says nothing of a load.
 func (s *scheduler) wakeFailed(now time.Time, md *model, op *loadOp, err error) {
+	// loadFailed has marked its GPUs as just stopped.
 	s.note(slog.LevelWarn, "model did not wake; starting it again", slog.String("model", md.name), slog.String("error", err.Error()))
 	s.event(now, md.name, EventWakeFailed, err.Error()+"; starting it again", 0)
 	if len(md.liveWaiters()) > 0 || s.held(md, now) {
@@ -232,22 +234,42 @@ func (s *scheduler) wakeFailed(now time.Time, md *model, op *loadOp, err error) 
 }
 
 // adoptedAsleep takes an adopted server that answered its health check
-// asleep: a previous vgw put it to sleep, at a level not known now.
+// asleep: a previous vgw put it to sleep, at a level not known now (it
+// is woken as level 2 is, which wakes either), foreseen to hold what its
+// configured level would.
 func (s *scheduler) adoptedAsleep(now time.Time, md *model, op *loadOp) {
 	if md.loading != op {
 		return
 	}
 	md.loading = nil
-	residual, host := s.foreseen(md, 1)
+	residual, host := s.foreseen(md, max(s.cfg.SleepFor(md.cfg).Level(), 1))
 	md.sleep = sleepInfo{residual: residual, host: host, since: now}
 	s.setState(md, Sleeping)
 	s.event(now, md.name, EventSleeping, "adopted "+md.inst.ID+" asleep", 0)
 	s.emit(listPIDs{md: md, inst: md.inst})
 	s.freeGPUs(now, md.name, op.gpus)
+	if op.cancelled {
+		s.answerAll(md, fmt.Errorf("model %s: %w", md.name, ErrUnloaded))
+		s.unload(now, md, "asked to while it was adopted")
+		return
+	}
 	if len(md.liveWaiters()) > 0 || s.held(md, now) {
 		s.enqueue(md)
 	}
 	s.schedule(now)
+}
+
+// exitedBeforeWake takes the exit of a sleeper whose wake waits for room:
+// placed already, it is started cold there instead, its waiters waiting
+// on.
+func (s *scheduler) exitedBeforeWake(now time.Time, md *model, e runtime.Exit) {
+	s.note(slog.LevelWarn, "a sleeping model's server exited before its wake; starting it again",
+		slog.String("model", md.name), slog.String("reason", e.Reason))
+	s.event(now, md.name, EventCrashed, fmt.Sprintf("asleep, %s, code %d; starting it again", e.Reason, e.Code), 0)
+	md.inst, md.sleep = nil, sleepInfo{}
+	s.setState(md, Loading)
+	s.emit(rereadGPUs{})
+	s.startIfClear(now, md)
 }
 
 // progressed takes what a loading server's log says of its start: shown
@@ -272,4 +294,13 @@ func (s *scheduler) progressed(now time.Time, md *model, op *loadOp, p vllm.Prog
 		detail += fmt.Sprintf("; about %v left, as its last load took %v", left.Round(time.Second), md.took.load.Round(time.Second))
 	}
 	s.event(now, md.name, EventProgress, detail, 0)
+}
+
+// viewState is md's state as a View shows it: Failed for a model stopped
+// after a failed load.
+func (md *model) viewState() State {
+	if md.state == Stopped && md.backoff.lastLoad != nil {
+		return Failed
+	}
+	return md.state
 }

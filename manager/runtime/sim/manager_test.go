@@ -111,12 +111,14 @@ func (tm *testManager) addEvent(e manager.Event) {
 	tm.mu.Unlock()
 }
 
+// eventKinds lists the kinds of model's events in order, progress events
+// left out.
 func (tm *testManager) eventKinds(model string) []string {
 	tm.mu.Lock()
 	defer tm.mu.Unlock()
 	var out []string
 	for _, e := range tm.events {
-		if e.Model == model {
+		if e.Model == model && e.Kind != manager.EventProgress { // a load's progress: see progress_test.go
 			out = append(out, e.Kind)
 		}
 	}
