@@ -145,7 +145,7 @@ func TestPlace(t *testing.T) {
 				with(idle("a", 0, 10, time.Minute), func(r *Resident) { r.InFlight = 1 }),
 			}},
 			demand:  Demand{Model: "m", PerGPU: 10 * gb},
-			wantErr: "max_models 1 are resident",
+			wantErr: "max_models 1 are awake",
 		},
 		{
 			name:     "tensor parallel takes two similar GPUs",
