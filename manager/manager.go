@@ -453,6 +453,12 @@ func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 	if err != nil || !wait {
 		return err
 	}
+	return m.awaitReady(ctx, name)
+}
+
+// awaitReady returns once the model called name is ready, or why it is
+// not, by ctx's end: a lease taken and given back at once.
+func (m *Manager) awaitReady(ctx context.Context, name string) error {
 	l, err := m.Lease(ctx, name)
 	if err != nil {
 		return err
@@ -463,10 +469,11 @@ func (m *Manager) Load(ctx context.Context, name string, wait bool) error {
 
 // Sleep puts a ready model to sleep now, as an operator asks: at its
 // level, once its requests are done (a drain that runs out, at
-// drain_timeout, with requests left stops it, as an unload does). It fails with ErrCannotSleep when
-// the model cannot sleep (sleep off, not ready, no room in host_memory).
-// With wait it returns once the model sleeps, or has stopped (its sleep
-// failed, or something else unloaded it), by ctx's end.
+// drain_timeout, with requests left stops it, as an unload does). It
+// fails with ErrCannotSleep when the model cannot sleep (sleep off, not
+// ready, no room in host_memory). With wait it returns once the model
+// sleeps (or a request has woken it since), or why it does not (its
+// sleep failed, or something else unloaded it), by ctx's end.
 func (m *Manager) Sleep(ctx context.Context, name string, wait bool) error {
 	if err := m.call(func(now time.Time) error { return m.s.sleepAsked(now, name) }); err != nil || !wait {
 		return err
@@ -499,12 +506,7 @@ func (m *Manager) Wake(ctx context.Context, name string, wait bool) error {
 	if err != nil || !wait {
 		return err
 	}
-	l, err := m.Lease(ctx, name)
-	if err != nil {
-		return err
-	}
-	l.Release()
-	return nil
+	return m.awaitReady(ctx, name)
 }
 
 // Unload drains and stops a model now, as an operator asks.

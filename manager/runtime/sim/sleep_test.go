@@ -177,10 +177,12 @@ func TestSleepOff(t *testing.T) {
 	}
 }
 
-// TestSleeperCrash: a sleeper whose server dies is stopped, its host
-// memory given back, and the next request starts it cold.
-func TestSleeperCrash(t *testing.T) {
-	tm := startManager(t, sleepSetup{hostMemory: "100GiB"}.config()+"models:\n"+sleepyModel("a", "60GiB")+sleepyModel("b", "60GiB"))
+// startSleeper runs a manager with setup and two models that each take
+// most of the GPU, loads a and then b, which puts a to sleep, and returns
+// the process of a's fake.
+func startSleeper(t *testing.T, setup sleepSetup) (*testManager, int) {
+	t.Helper()
+	tm := startManager(t, setup.config()+"models:\n"+sleepyModel("a", "60GiB")+sleepyModel("b", "60GiB"))
 	for _, m := range []string{"a", "b"} {
 		if err := tm.ensure(m); err != nil {
 			t.Fatal(err)
@@ -190,7 +192,14 @@ func TestSleeperCrash(t *testing.T) {
 	if st.State != manager.Sleeping {
 		t.Fatalf("a is %v", st.State)
 	}
-	syscall.Kill(tm.rt.pid(t, st.Instance), syscall.SIGKILL)
+	return tm, tm.rt.pid(t, st.Instance)
+}
+
+// TestSleeperCrash: a sleeper whose server dies is stopped, its host
+// memory given back, and the next request starts it cold.
+func TestSleeperCrash(t *testing.T) {
+	tm, a := startSleeper(t, sleepSetup{hostMemory: "100GiB"})
+	syscall.Kill(a, syscall.SIGKILL)
 	poll.Until(t, "a to be stopped", func() bool { return tm.status("a").State == manager.Stopped })
 	if v := tm.View(); v.HostUsed != 0 || tm.rt.Host() != 0 {
 		t.Errorf("host memory %d in the view, %d charged, after the sleeper died", v.HostUsed, tm.rt.Host())
@@ -207,17 +216,8 @@ func TestSleeperCrash(t *testing.T) {
 // SIGSTOP) is stopped at load_timeout and started again cold for the
 // request that waits.
 func TestWakeFails(t *testing.T) {
-	tm := startManager(t, sleepSetup{hostMemory: "100GiB", loadTimeout: "1s"}.config()+"models:\n"+sleepyModel("a", "60GiB")+sleepyModel("b", "60GiB"))
-	for _, m := range []string{"a", "b"} {
-		if err := tm.ensure(m); err != nil {
-			t.Fatal(err)
-		}
-	}
-	st := tm.status("a")
-	if st.State != manager.Sleeping {
-		t.Fatalf("a is %v", st.State)
-	}
-	syscall.Kill(tm.rt.pid(t, st.Instance), syscall.SIGSTOP)
+	tm, a := startSleeper(t, sleepSetup{hostMemory: "100GiB", loadTimeout: "1s"})
+	syscall.Kill(a, syscall.SIGSTOP)
 	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
 	}
