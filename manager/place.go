@@ -357,11 +357,15 @@ func tryEvictions(s Snapshot, free map[int]int64, w Demand, set []int, young boo
 	if !fits(steps) {
 		return option{}, false
 	}
-	// Keep back what was not needed, the most recently used first.
-	for i := len(steps) - 1; i >= 0; i-- {
-		without := slices.Delete(slices.Clone(steps), i, i+1)
-		if fits(without) {
-			steps = without
+	// Keep back what was not needed, the most recently used first, until
+	// nothing more can be: keeping one awake may free the host memory
+	// that made another's stop needed.
+	for kept := true; kept; {
+		kept = false
+		for i := len(steps) - 1; i >= 0; i-- {
+			if without := slices.Delete(slices.Clone(steps), i, i+1); fits(without) {
+				steps, kept = without, true
+			}
 		}
 	}
 	o := option{gpus: set, minFree: 1<<63 - 1, awake: awakeIn(steps)}

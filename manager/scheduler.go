@@ -90,6 +90,12 @@ type model struct {
 	sleepTo int
 	sleep   sleepInfo
 	seen    sleepSeen
+	// sleepAfter are the sleepers stopped to make host memory for md's
+	// sleep: it falls asleep only once they have stopped. stopAfter says
+	// its sleep, under way, is to end in a stop: an unload came, or its
+	// server exited.
+	sleepAfter []string
+	stopAfter  bool
 	// took is how long its last cold load and its last wake took, for
 	// the time a load or wake under way is expected to take yet.
 	took struct{ load, wake time.Duration }
@@ -424,6 +430,11 @@ func (s *scheduler) held(md *model, now time.Time) bool {
 
 // demandOf is what placing md asks of the GPUs: its memory per GPU and GPUs.
 func (s *scheduler) demandOf(md *model) Demand {
+	if md.state == Sleeping && md.inst != nil {
+		// A wake: its server takes back what it was started with, on the
+		// GPUs it sleeps on, whatever the config says now.
+		return Demand{Model: md.name, PerGPU: md.place.perGPU, TP: len(md.place.gpus), Allowed: md.place.gpus}
+	}
 	md.place.perGPU, md.place.source = s.footprint(md)
 	return Demand{Model: md.name, PerGPU: md.place.perGPU, TP: max(md.cfg.TensorParallelSize, 1), Allowed: md.cfg.GPUs}
 }
@@ -558,6 +569,8 @@ func (s *scheduler) begin(now time.Time, md *model, plan Plan) {
 	}
 	for _, name := range plan.Sleep {
 		if v := s.models[name]; v != nil {
+			// The sleepers stopped alongside may be making its host memory.
+			v.sleepAfter = slices.DeleteFunc(slices.Clone(plan.Evict), func(n string) bool { o := s.models[n]; return o == nil || !o.asleep() })
 			s.drain(now, v, "put down for "+md.name, s.sleepLevel(v))
 		}
 	}
@@ -574,9 +587,16 @@ func (s *scheduler) startIfClear(now time.Time, md *model) {
 	for _, name := range md.evicting {
 		// Put down: stopped, or asleep (a sleeper to be stopped drains
 		// first, so it is not taken for done).
-		if v := s.models[name]; v != nil && v.state != Stopped && v.state != Sleeping {
-			return
+		v := s.models[name]
+		switch {
+		case v == nil || v.state == Stopped || v.state == Sleeping:
+			continue
+		case v.state != Draining:
+			// Brought back (woken, or loaded again) before md started:
+			// the room it made is taken, and md is placed afresh.
+			s.unplace(md)
 		}
+		return
 	}
 	if !s.claimGPUs(md.name, md.place.gpus) {
 		return
@@ -600,6 +620,20 @@ func (s *scheduler) startIfClear(now time.Time, md *model) {
 	}
 	s.event(now, md.name, EventLoadStarted, fmt.Sprintf("on GPUs %v", md.place.gpus), 0)
 	s.emit(startServer{md: md, op: op, spec: s.spec(md)})
+}
+
+// unplace takes back the placement of md, placed but not started, and
+// has it placed again.
+func (s *scheduler) unplace(md *model) {
+	md.evicting = nil
+	if md.state == Waking {
+		s.setState(md, Sleeping)
+		md.place.gpus = md.inst.GPUs
+	} else {
+		s.setState(md, Stopped)
+		md.place.gpus = nil
+	}
+	s.enqueue(md)
 }
 
 // newLoadOp begins a load of md: its deadline (load_timeout) and how long
@@ -888,6 +922,9 @@ func (s *scheduler) exited(now time.Time, e runtime.Exit) {
 			}
 			s.schedule(now)
 		}
+		if md.state == Draining {
+			md.stopAfter = true // a sleep under way, or to come, ends in a stop: its server is gone
+		}
 		return // a Draining model's stop is finished when its stop returns
 	}
 	// Not known (yet): keep it for started, a few only.
@@ -913,7 +950,11 @@ func (s *scheduler) unload(now time.Time, md *model, reason string) {
 	case Ready, Sleeping:
 		s.drain(now, md, reason, 0)
 	case Draining:
-		md.sleepTo = 0 // to stop, not sleep; a sleep under way is followed by a stop (slept)
+		if md.stopping && md.sleepTo > 0 {
+			md.stopAfter = true // its sleep is under way: stopped once it ends, its memory counted till then
+			return
+		}
+		md.sleepTo = 0 // to stop, not sleep
 	case Waking:
 		if md.loading == nil {
 			// Placed but not started: it sleeps on, to be stopped.
@@ -949,11 +990,20 @@ func (s *scheduler) maybeStop(now time.Time, md *model) {
 	if md.use.inflight.Load() > 0 && now.Before(md.drainBy) {
 		return
 	}
+	sleep := md.sleepTo > 0 && md.use.inflight.Load() == 0 && !md.health.unhealthy && !md.stopAfter
+	if sleep {
+		for _, name := range md.sleepAfter {
+			if v := s.models[name]; v != nil && v.state == Draining && v.asleep() {
+				return // the host memory it is to sleep in is not free yet
+			}
+		}
+	}
 	if !s.claimGPUs(md.name, md.place.gpus) {
 		return
 	}
 	md.stopping = true
-	if md.sleepTo > 0 && md.use.inflight.Load() == 0 && !md.health.unhealthy {
+	if sleep {
+		md.sleepAfter = nil
 		s.emit(sleepServer{md: md, inst: md.inst, level: md.sleepTo, gpus: md.place.gpus, timeout: s.cfg.LoadTimeout.Std()})
 		return
 	}
@@ -977,7 +1027,7 @@ func (s *scheduler) stopped(now time.Time, md *model, gpus []int, err error) {
 		s.lastStop[g] = now
 	}
 	md.inst = nil
-	md.sleep, md.sleepTo = sleepInfo{}, 0
+	md.sleep, md.sleepTo, md.sleepAfter, md.stopAfter = sleepInfo{}, 0, nil, false
 	s.setState(md, Stopped)
 	s.emit(rereadGPUs{})
 	s.event(now, md.name, EventUnloaded, "", 0)
@@ -1000,7 +1050,7 @@ func (s *scheduler) stopped(now time.Time, md *model, gpus []int, err error) {
 	}
 	s.forget(md)
 	s.freeGPUs(now, md.name, gpus)
-	s.schedule(now)
+	s.reconcile(now) // a sleep may wait for the host memory this stop gave back
 }
 
 // forget drops a model removed from the config once it is stopped and no

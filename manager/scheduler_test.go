@@ -529,11 +529,11 @@ func TestConfigDecisions(t *testing.T) {
 	r.start("c")
 	l.Release()
 	r.expect("tick: a idle", func(now time.Time) { r.s.tick(now) }, "draining a", "stop a within 2s")
-	r.expect("a stopped", func(now time.Time) { r.s.stopped(now, r.s.models["a"], []int{0}, nil) }, "reread GPUs", "unloaded a")
+	r.expect("a stopped: b's turn at once", func(now time.Time) { r.s.stopped(now, r.s.models["a"], []int{0}, nil) },
+		"reread GPUs", "unloaded a", "stop b within 2s")
 	if r.b.view().Model("a") != nil {
 		t.Fatal("a removed and stopped is still in the View")
 	}
-	r.expect("tick: b's turn", func(now time.Time) { r.s.tick(now) }, "stop b within 2s")
 }
 
 // TestProbeDecisions: a ready model is probed every probe_interval; after

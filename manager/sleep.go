@@ -113,6 +113,7 @@ func (s *scheduler) retire(now time.Time, md *model, reason string) {
 					s.unload(now, v, "to make host memory for "+md.name)
 				}
 			}
+			md.sleepAfter = stop
 			s.drain(now, md, reason, level)
 			return
 		}
@@ -127,11 +128,14 @@ func (s *scheduler) slept(now time.Time, md *model, level int, gpus []int, resid
 	for _, g := range gpus {
 		s.lastStop[g] = now
 	}
-	if err != nil || md.sleepTo == 0 {
+	if err != nil || md.stopAfter {
 		if err != nil {
 			s.note(slog.LevelError, "model did not fall asleep; stopping it", slog.String("model", md.name), slog.String("error", err.Error()))
+		} else {
+			// Asleep until it has stopped: what it holds stays counted.
+			md.sleep = sleepInfo{level: level, residual: residual, host: host, since: now}
 		}
-		md.sleepTo = 0
+		md.sleepTo, md.stopAfter = 0, false
 		s.emit(stopServer{md: md, inst: md.inst, gpus: gpus, grace: s.cfg.DrainTimeout.Std()}) // md.stopping stays set
 		return
 	}
@@ -183,6 +187,7 @@ func (s *scheduler) sleepAsked(now time.Time, name string) error {
 				}
 			}
 			md.keepUntil = time.Time{}
+			md.sleepAfter = stop
 			s.drain(now, md, "asked to", level)
 		}
 	})
