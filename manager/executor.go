@@ -221,10 +221,11 @@ func (m *Manager) end(op *loadOp) {
 func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec runtime.Spec) {
 	began := m.clock.Now()
 	before, _ := m.inv.Memory() // for measuring by difference; see measured
+	since := time.Now()         // the log's clock, not the loop's (a test's may be fake)
 	inst, err := m.rt.Start(ctx, spec)
 	if err == nil {
 		m.do(func(time.Time) { m.s.started(md, op, inst) })
-		m.followProgress(ctx, md, op, inst)
+		m.followProgress(ctx, md, op, inst, since)
 		err = m.waitHealthy(ctx, op, inst.Addr)
 	}
 	if err == nil && m.sleeper != nil && spec.Sleep.Level() > 0 {
@@ -253,7 +254,7 @@ func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec runtime.
 func (m *Manager) resume(ctx context.Context, a resumeServer) {
 	md, op, inst := a.md, a.op, a.inst
 	began := m.clock.Now()
-	m.followProgress(ctx, md, op, inst)
+	m.followProgress(ctx, md, op, inst, time.Now()) // not the old log of a server long up
 	err := m.waitHealthy(ctx, op, inst.Addr)
 	if err == nil && a.sleepMode && m.sleeper != nil {
 		// A previous vgw may have put it to sleep: it answers /health
@@ -279,17 +280,17 @@ func (m *Manager) resume(ctx context.Context, a resumeServer) {
 	m.do(func(now time.Time) { m.end(op); m.s.loadFailed(now, md, op, err) })
 }
 
-// followProgress follows a loading server's log, where the runtime can,
-// until the load's ctx ends, and tells the scheduler each new phase and
-// each new whole percent of it (vllm.ParseProgress).
-func (m *Manager) followProgress(ctx context.Context, md *model, op *loadOp, inst *runtime.Instance) {
+// followProgress follows a loading server's log from since, where the
+// runtime can, until the load's ctx ends, and tells the scheduler each new
+// phase and each new whole percent of it (vllm.ParseProgress).
+func (m *Manager) followProgress(ctx context.Context, md *model, op *loadOp, inst *runtime.Instance, since time.Time) {
 	f, ok := m.rt.(LogFollower)
 	if !ok {
 		return
 	}
 	go func() {
 		last := vllm.Progress{Percent: -2}
-		err := f.FollowLog(ctx, inst, func(line string) {
+		err := f.FollowLog(ctx, inst, since, func(line string) {
 			p, ok := vllm.ParseProgress(line)
 			if !ok || (p.Phase == last.Phase && int(p.Percent) == int(last.Percent)) {
 				return
@@ -343,9 +344,11 @@ func (m *Manager) sleep(a sleepServer) {
 				residual = max(residual, cur[g])
 			}
 		}
-		var after uint64
-		if after, hostErr = m.sleeper.HostMemory(ctx, a.inst); hostErr == nil {
-			host = after - min(before, after)
+		if hostErr == nil { // without the reading before, the rise is not known
+			var after uint64
+			if after, hostErr = m.sleeper.HostMemory(ctx, a.inst); hostErr == nil {
+				host = after - min(before, after)
+			}
 		}
 	}
 	m.do(func(now time.Time) {
@@ -353,7 +356,7 @@ func (m *Manager) sleep(a sleepServer) {
 		if residual == 0 {
 			residual = fr
 		}
-		if hostErr != nil {
+		if hostErr != nil && err == nil {
 			m.log.Warn("could not read a sleeping server's host memory; counting what was foreseen",
 				slog.String("model", a.md.name), slog.String("error", hostErr.Error()))
 			host = fh

@@ -57,6 +57,8 @@ type Sleeper interface {
 // a loading model's progress is read from its log (vllm.ParseProgress).
 type LogFollower interface {
 	// FollowLog calls line for each line inst writes until ctx ends or
-	// inst stops; a runtime may begin with what it wrote before.
-	FollowLog(ctx context.Context, inst *runtime.Instance, line func(string)) error
+	// inst stops, beginning with what it wrote since since where the
+	// runtime keeps its log (a server just started has written lines
+	// before anyone could follow; an adopted one, a whole old log).
+	FollowLog(ctx context.Context, inst *runtime.Instance, since time.Time, line func(string)) error
 }

@@ -400,7 +400,9 @@ func (s *scheduler) schedule(now time.Time) {
 			continue
 		}
 		s.dequeue(md)
-		md.keepUntil = time.Time{}
+		// keepUntil holds on until it is ready: a placement taken back
+		// (unplace) is placed again for an operator's load as for a
+		// request.
 		for _, w := range md.waiters {
 			w.lastErr.Store(nil)
 		}
@@ -747,6 +749,7 @@ func (s *scheduler) loaded(now time.Time, md *model, op *loadOp, took time.Durat
 		op.cancelled = false // back in the config, and wanted: it stays
 	}
 	md.loading = nil
+	md.keepUntil = time.Time{}
 	md.backoff.lastErr, md.backoff.lastLoad = nil, nil
 	md.place.since = now // min_resident counts from here
 	probe := s.cfg.ProbeOf(md.name)

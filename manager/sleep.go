@@ -246,6 +246,9 @@ func (s *scheduler) adoptedAsleep(now time.Time, md *model, op *loadOp) {
 	if md.loading != op {
 		return
 	}
+	if op.cancelled && op.readded {
+		op.cancelled = false // back in the config: it stays, as in loaded
+	}
 	md.loading = nil
 	residual, host := s.foreseen(md, max(s.cfg.SleepFor(md.cfg).Level(), 1))
 	md.sleep = sleepInfo{residual: residual, host: host, since: now}
@@ -272,6 +275,9 @@ func (s *scheduler) exitedBeforeWake(now time.Time, md *model, e runtime.Exit) {
 		slog.String("model", md.name), slog.String("reason", e.Reason))
 	s.event(now, md.name, EventCrashed, fmt.Sprintf("asleep, %s, code %d; starting it again", e.Reason, e.Code), 0)
 	md.inst, md.sleep = nil, sleepInfo{}
+	for _, g := range md.place.gpus {
+		s.lastStop[g] = now // its residual is coming back as the cold start begins
+	}
 	s.setState(md, Loading)
 	s.emit(rereadGPUs{})
 	s.startIfClear(now, md)

@@ -117,7 +117,7 @@ func pct(xs []float64, p int) float64 {
 
 func unloadAll(b *testing.B, m *manager.Manager) {
 	for _, st := range m.View().Models {
-		if st.State != manager.Stopped {
+		if st.State != manager.Stopped && st.State != manager.Failed {
 			m.Unload(st.Name)
 		}
 	}
@@ -125,7 +125,7 @@ func unloadAll(b *testing.B, m *manager.Manager) {
 	for {
 		stopped := true
 		for _, st := range m.View().Models {
-			stopped = stopped && st.State == manager.Stopped
+			stopped = stopped && (st.State == manager.Stopped || st.State == manager.Failed)
 		}
 		if stopped {
 			return

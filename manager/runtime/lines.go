@@ -84,5 +84,8 @@ func (f *Followers) Follow(line func(string)) (stop func()) {
 		f.mu.Lock()
 		defer f.mu.Unlock()
 		delete(f.subs, id)
+		if len(f.subs) == 0 {
+			f.lines = nil // what is written unfollowed is dropped: no half line kept for the next
+		}
 	}
 }

@@ -50,4 +50,15 @@ func TestFollowers(t *testing.T) {
 	if !slices.Equal(a, []string{"one"}) || !slices.Equal(b, []string{"one", "two", "three"}) {
 		t.Errorf("a %q, b %q", a, b)
 	}
+	// Half a line written as the last follower leaves is not glued to
+	// the next follower's first.
+	var c []string
+	stopC := f.Follow(func(s string) {})
+	f.Write([]byte("ha"))
+	stopC()
+	f.Follow(func(s string) { c = append(c, s) })
+	f.Write([]byte("lf\nfive\n"))
+	if !slices.Equal(c, []string{"lf", "five"}) {
+		t.Errorf("c %q", c)
+	}
 }

@@ -272,7 +272,8 @@ func (x *GPU) GetFreeBytes() uint64 {
 type Model struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// stopped, loading, ready, draining, sleeping or waking.
+	// stopped, loading, ready, draining, sleeping, waking, or failed
+	// (stopped after a failed load, until one succeeds).
 	State string  `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
 	Gpus  []int32 `protobuf:"varint,3,rep,packed,name=gpus,proto3" json:"gpus,omitempty"`
 	// The runtime's name for its server (container or process), and where

@@ -76,8 +76,10 @@ type AdminClient interface {
 	// requests in flight are done: its server stays, most of its GPU
 	// memory is given back, and the next request wakes it in seconds. It
 	// fails (FailedPrecondition) for a model that cannot sleep now: sleep
-	// off, not ready, or no room in host_memory. With wait it returns once
-	// the model sleeps.
+	// off, not ready, or no room in host_memory. A drain that runs out
+	// (drain_timeout) with requests left stops the model, as UnloadModel's
+	// does. With wait it returns once the model sleeps (or a request has
+	// woken it since), or says why it does not.
 	SleepModel(ctx context.Context, in *SleepModelRequest, opts ...grpc.CallOption) (*SleepModelResponse, error)
 	// WakeModel wakes a sleeping model; with wait it returns once the model
 	// is ready, or says why it is not. It fails (FailedPrecondition) for a
@@ -258,8 +260,10 @@ type AdminServer interface {
 	// requests in flight are done: its server stays, most of its GPU
 	// memory is given back, and the next request wakes it in seconds. It
 	// fails (FailedPrecondition) for a model that cannot sleep now: sleep
-	// off, not ready, or no room in host_memory. With wait it returns once
-	// the model sleeps.
+	// off, not ready, or no room in host_memory. A drain that runs out
+	// (drain_timeout) with requests left stops the model, as UnloadModel's
+	// does. With wait it returns once the model sleeps (or a request has
+	// woken it since), or says why it does not.
 	SleepModel(context.Context, *SleepModelRequest) (*SleepModelResponse, error)
 	// WakeModel wakes a sleeping model; with wait it returns once the model
 	// is ready, or says why it is not. It fails (FailedPrecondition) for a

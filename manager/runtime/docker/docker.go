@@ -751,11 +751,12 @@ func (r *Runtime) logTail(ctx context.Context, id string) string {
 	return tail.String()
 }
 
-// FollowLog calls line for each line the container writes (its whole log
-// so far first) until ctx ends or the container stops: how a loading
-// vLLM's progress is read.
-func (r *Runtime) FollowLog(ctx context.Context, inst *runtime.Instance, line func(string)) error {
-	rc, err := r.cli.ContainerLogs(ctx, inst.ID, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true, Follow: true})
+// FollowLog calls line for each line the container writes, from since
+// (to the second: Docker's resolution) until ctx ends or the container
+// stops: how a loading vLLM's progress is read.
+func (r *Runtime) FollowLog(ctx context.Context, inst *runtime.Instance, since time.Time, line func(string)) error {
+	rc, err := r.cli.ContainerLogs(ctx, inst.ID, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true, Follow: true,
+		Since: strconv.FormatInt(since.Unix(), 10)})
 	if err != nil {
 		return r.daemonError("follow the log of container "+inst.ID, err)
 	}

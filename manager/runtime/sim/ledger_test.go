@@ -100,7 +100,7 @@ func (tm *testManager) ledger() string {
 	var host uint64
 	for _, m := range v.Models {
 		switch m.State {
-		case manager.Stopped:
+		case manager.Stopped, manager.Failed:
 			continue
 		case manager.Ready:
 			for _, g := range m.GPUs {

@@ -146,9 +146,10 @@ func (r *Runtime) reap(inst *runtime.Instance, p *proc) {
 	r.exits <- e
 }
 
-// FollowLog calls line for each line the fake writes from now until ctx
-// ends or the fake exits.
-func (r *Runtime) FollowLog(ctx context.Context, inst *runtime.Instance, line func(string)) error {
+// FollowLog calls line for each line the fake writes from now (the sim
+// keeps no log to go back to: since is not used) until ctx ends or the
+// fake exits.
+func (r *Runtime) FollowLog(ctx context.Context, inst *runtime.Instance, _ time.Time, line func(string)) error {
 	r.mu.Lock()
 	p, ok := r.procs[inst.ID]
 	r.mu.Unlock()
