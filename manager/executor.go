@@ -90,10 +90,17 @@ type (
 	// rereadGPUs reads the GPUs' memory now: after a server stops, its
 	// memory shows free as soon as the driver says.
 	rereadGPUs struct{}
-	// saveFootprint records what a model was measured to use.
+	// saveFootprint records what a model was measured to use awake.
 	saveFootprint struct {
 		model string
 		fp    Footprint
+	}
+	// saveSleep records what a model's server was measured to keep
+	// asleep at level, under signature.
+	saveSleep struct {
+		model, signature string
+		level            int
+		residual, host   uint64
 	}
 	// tell tells the operator of a lifecycle change: the log, and
 	// Options.OnEvent.
@@ -124,6 +131,7 @@ func (measureServer) isAction() {}
 func (listPIDs) isAction()      {}
 func (rereadGPUs) isAction()    {}
 func (saveFootprint) isAction() {}
+func (saveSleep) isAction()     {}
 func (tell) isAction()          {}
 func (answer) isAction()        {}
 func (logLine) isAction()       {}
@@ -184,11 +192,18 @@ func (m *Manager) execute(a action) {
 		default:
 		}
 	case saveFootprint:
-		go func() {
-			if err := m.fps.Put(a.model, a.fp); err != nil {
-				m.log.Error("could not save footprints", slog.String("error", err.Error()))
+		go m.saveFootprint(a.model, a.fp.Signature, func(fp *Footprint) {
+			fp.PerGPU, fp.Measured, fp.How = a.fp.PerGPU, a.fp.Measured, a.fp.How
+		})
+	case saveSleep:
+		go m.saveFootprint(a.model, a.signature, func(fp *Footprint) {
+			fp.Residual = a.residual
+			if a.level == 1 {
+				fp.HostLevel1 = a.host
+			} else {
+				fp.HostLevel2 = a.host
 			}
-		}()
+		})
 	case tell:
 		m.log.Info("model "+strings.ReplaceAll(a.e.Kind, "_", " "), slog.String("model", a.e.Model), slog.String("detail", a.e.Detail))
 		m.opts.OnEvent(a.e)
@@ -196,6 +211,14 @@ func (m *Manager) execute(a action) {
 		a.send(m.board)
 	case logLine:
 		m.log.LogAttrs(m.ctx, a.level, a.msg, a.attrs...)
+	}
+}
+
+// saveFootprint is a worker: it changes a model's footprint as change
+// says, and writes the file.
+func (m *Manager) saveFootprint(model, signature string, change func(*Footprint)) {
+	if err := m.fps.Update(model, signature, change); err != nil {
+		m.log.Error("could not save footprints", slog.String("error", err.Error()))
 	}
 }
 

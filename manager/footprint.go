@@ -19,7 +19,16 @@ type Footprint struct {
 	Measured  time.Time `json:"measured"`
 	// How says how it was measured: "processes" (its processes' memory),
 	// "delta" (the GPU's used memory before and after it loaded alone).
+	// PerGPU is 0, and How empty, while only its sleep was measured.
 	How string `json:"how"`
+	// What its server keeps asleep, as last measured under the same
+	// signature (sleep.go): of each of its GPUs, and of host memory at
+	// level 1 and at level 2; 0 where not measured. Kept so that a
+	// restarted vgw counts its sleepers, adopted or new, at what they
+	// hold, not at the most they might.
+	Residual   uint64 `json:"residual_bytes,omitempty"`
+	HostLevel1 uint64 `json:"asleep_level1_host_bytes,omitempty"`
+	HostLevel2 uint64 `json:"asleep_level2_host_bytes,omitempty"`
 }
 
 // Footprints keeps learned footprints, in memory and, when it has a path,
@@ -101,6 +110,26 @@ func (f *Footprints) Put(model string, fp Footprint) error {
 	f.mu.Lock()
 	f.byModel[model] = fp
 	f.mu.Unlock()
+	return f.write()
+}
+
+// Update changes model's footprint under signature (the one kept, if it
+// was measured under the same signature, else a new one) as change says,
+// and writes the file: a measurement of one part keeps the others.
+func (f *Footprints) Update(model, signature string, change func(*Footprint)) error {
+	f.mu.Lock()
+	fp := f.byModel[model]
+	if fp.Signature != signature {
+		fp = Footprint{Signature: signature}
+	}
+	change(&fp)
+	f.byModel[model] = fp
+	f.mu.Unlock()
+	return f.write()
+}
+
+// write writes the file, if there is one.
+func (f *Footprints) write() error {
 	if f.path == "" {
 		return nil
 	}

@@ -109,3 +109,26 @@ func TestFootprintsConcurrentPuts(t *testing.T) {
 		}
 	}
 }
+
+// TestFootprintUpdate: a measurement of one part of a footprint keeps the
+// others, under the same signature; under another it starts afresh.
+func TestFootprintUpdate(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "footprints.json")
+	f, err := OpenFootprints(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Update("a", "s1", func(fp *Footprint) { fp.PerGPU, fp.How = 20<<30, "processes" })
+	f.Update("a", "s1", func(fp *Footprint) { fp.Residual, fp.HostLevel1 = 1<<30, 15<<30 })
+	again, err := OpenFootprints(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fp, ok := again.Get("a", "s1"); !ok || fp.PerGPU != 20<<30 || fp.How != "processes" || fp.Residual != 1<<30 || fp.HostLevel1 != 15<<30 {
+		t.Fatalf("after two updates and a reopen: %+v, %v", fp, ok)
+	}
+	f.Update("a", "s2", func(fp *Footprint) { fp.HostLevel2 = 1 << 20 })
+	if fp, _ := f.Get("a", "s2"); fp.PerGPU != 0 || fp.HostLevel1 != 0 || fp.HostLevel2 != 1<<20 {
+		t.Fatalf("under new settings: %+v", fp)
+	}
+}

@@ -453,7 +453,7 @@ func (s *scheduler) footprint(md *model) (uint64, string) {
 	if md.cfg.VRAM > 0 {
 		return uint64(md.cfg.VRAM) / tp, "declared"
 	}
-	if fp, ok := s.fps.Get(md.name, md.sig); ok {
+	if fp, ok := s.fps.Get(md.name, md.sig); ok && fp.PerGPU > 0 { // 0: only its sleep measured
 		return fp.PerGPU, "learned"
 	}
 	var largest uint64
@@ -1156,6 +1156,9 @@ func (s *scheduler) configure(now time.Time, cfg *config.Config) {
 			md.loading.readded = true
 		}
 		md.removed = false
+		if sig := Signature(cfg, mc); sig != md.sig {
+			md.seen = sleepSeen{} // measured under other settings
+		}
 		md.sig = Signature(cfg, mc)
 		md.launch = LaunchSignature(cfg, mc) // a server running other settings is stale: see tick
 		md.cfg = mc

@@ -217,6 +217,8 @@ func describe(a action) string {
 		return "reread GPUs"
 	case saveFootprint:
 		return fmt.Sprintf("save %s %s %s", a.model, gib(int64(a.fp.PerGPU)), a.fp.How)
+	case saveSleep:
+		return fmt.Sprintf("save %s asleep at level %d: %s of each GPU, %s of host memory", a.model, a.level, gib(int64(a.residual)), gib(int64(a.host)))
 	case tell:
 		return a.e.Kind + " " + a.e.Model
 	case logLine:

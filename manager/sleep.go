@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -70,14 +71,19 @@ func (s *scheduler) sleepLevel(md *model) int {
 // its whole footprint in host memory (its weights are less than that,
 // but not known before a first sleep), and none at level 2.
 func (s *scheduler) foreseen(md *model, level int) (residual, host uint64) {
-	residual = DefaultResidual
-	if md.seen.residual > 0 {
-		residual = md.seen.residual
+	kept, ok := s.fps.Get(md.name, md.sig) // measured by an earlier vgw
+	if !ok {
+		kept = Footprint{}
 	}
+	residual = cmp.Or(md.seen.residual, kept.Residual, DefaultResidual)
 	residual = min(residual, md.place.perGPU)
 	switch {
 	case md.seen.hostSeen[level]:
 		host = md.seen.host[level]
+	case level == 1 && kept.HostLevel1 > 0:
+		host = kept.HostLevel1
+	case level == 2:
+		host = kept.HostLevel2
 	case level == 1:
 		host = md.place.perGPU * uint64(max(len(md.place.gpus), 1))
 	}
@@ -143,6 +149,7 @@ func (s *scheduler) slept(now time.Time, md *model, level int, gpus []int, resid
 	md.sleep = sleepInfo{level: level, residual: residual, host: host, since: now}
 	md.seen.residual = residual
 	md.seen.host[level], md.seen.hostSeen[level] = host, true
+	s.emit(saveSleep{model: md.name, signature: md.inst.Signature, level: level, residual: residual, host: host})
 	s.setState(md, Sleeping)
 	s.event(now, md.name, EventSleeping, fmt.Sprintf("level %d; keeps %s of each of GPUs %v and %s of host memory",
 		level, gib(int64(residual)), md.place.gpus, gib(int64(host))), 0)

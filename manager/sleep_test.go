@@ -49,7 +49,7 @@ func TestSleepDecisions(t *testing.T) {
 	r.expect("b needs a's room", func(time.Time) {}, "draining a", "sleep a at level 1")
 	a := r.s.models["a"]
 	r.expect("a sleeps; b starts", func(now time.Time) { r.s.slept(now, a, 1, a.place.gpus, 1<<30, 59<<30, nil) },
-		"sleeping a", "reread GPUs", "load_started b", "start b on [0]")
+		"save a asleep at level 1: 1.0GiB of each GPU, 59.0GiB of host memory", "sleeping a", "reread GPUs", "load_started b", "start b on [0]")
 	if mv := r.view("a"); mv.State != Sleeping || mv.SleepLevel != 1 || mv.Endpoint != "" || mv.HostMemory != 59<<30 {
 		t.Fatalf("a asleep: %+v", mv)
 	}
@@ -59,7 +59,7 @@ func TestSleepDecisions(t *testing.T) {
 	r.expect("a needs b's room: b sleeps, then a wakes", func(time.Time) {}, "draining b", "sleep b at level 1")
 	b := r.s.models["b"]
 	r.expect("b sleeps; a wakes", func(now time.Time) { r.s.slept(now, b, 1, b.place.gpus, 1<<30, 59<<30, nil) },
-		"sleeping b", "reread GPUs", "waking a", "wake a from level 1")
+		"save b asleep at level 1: 1.0GiB of each GPU, 59.0GiB of host memory", "sleeping b", "reread GPUs", "waking a", "wake a from level 1")
 	if mv := r.view("a"); mv.State != Waking {
 		t.Fatalf("a: %v", mv.State)
 	}
@@ -213,5 +213,29 @@ func TestFailedState(t *testing.T) {
 	r.failed(w)
 	if mv := r.view("a"); mv.State != Failed || mv.State.String() != "failed" {
 		t.Fatalf("a after a failed load: %v", mv.State)
+	}
+}
+
+// TestSleepFiguresKept: what a sleep measured is kept with the model's
+// footprints, so that a restarted vgw counts a sleeper, adopted or new,
+// at what it held, not at the most it might; what was measured under
+// other settings is not used.
+func TestSleepFiguresKept(t *testing.T) {
+	r := sleepRig(t, sleepSchedConfig+"models:\n  a: {vram: 20GiB}\n")
+	md := r.s.models["a"]
+	r.fps["a"] = Footprint{Signature: md.sig, Residual: 2 << 30, HostLevel1: 12 << 30}
+	inst := r.inst("a", 0)
+	r.at(func(time.Time) { r.s.adopted([]*runtime.Instance{inst}) })
+	op := md.loading
+	r.at(func(now time.Time) { r.s.adoptedAsleep(now, md, op) })
+	if md.sleep.residual != 2<<30 || md.sleep.host != 12<<30 {
+		t.Fatalf("adopted asleep, counted at %d of each GPU and %d of host memory", md.sleep.residual, md.sleep.host)
+	}
+	if perGPU, source := r.s.footprint(md); source != "declared" || perGPU != 20<<30 {
+		t.Fatalf("footprint %d %s", perGPU, source)
+	}
+	r.fps["a"] = Footprint{Signature: "other", Residual: 2 << 30, HostLevel1: 12 << 30}
+	if _, host := r.s.foreseen(md, 1); host != 20<<30 {
+		t.Fatalf("figures of other settings used: host %d", host)
 	}
 }
