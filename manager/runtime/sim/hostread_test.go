@@ -9,7 +9,6 @@ import (
 	"github.com/vgw-project/vgw/internal/poll"
 	"github.com/vgw-project/vgw/manager"
 	"github.com/vgw-project/vgw/manager/runtime"
-	"github.com/vgw-project/vgw/manager/runtime/sim"
 )
 
 // failFirstHost fails its first read of host memory (the one before a
@@ -33,13 +32,9 @@ func (h failFirstHost) HostMemory(ctx context.Context, inst *runtime.Instance) (
 // baseline included).
 func TestSleepHostReadFails(t *testing.T) {
 	var calls atomic.Int32
-	var rt *countingRuntime
-	tm := startManagerWith(t, sleepSetup{}.config()+"models:\n"+sleepyModel("a", "40GiB"), nil,
-		func(r manager.Runtime) manager.Runtime {
-			rt = &countingRuntime{Runtime: r.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
-			return failFirstHost{rt, &calls}
-		}, manager.Options{})
-	tm.rt = rt
+	tm := startWrapped(t, sleepSetup{}.config()+"models:\n"+sleepyModel("a", "40GiB"), func(rt *countingRuntime) manager.Runtime {
+		return failFirstHost{rt, &calls}
+	})
 	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +42,7 @@ func TestSleepHostReadFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	poll.Until(t, "a asleep", func() bool { return tm.status("a").State == manager.Sleeping })
-	if got, real := tm.status("a").HostMemory, rt.Host(); got < real || got > 40<<30 {
+	if got, real := tm.status("a").HostMemory, tm.rt.Host(); got < real || got > 40<<30 {
 		t.Errorf("a counted as holding %d GiB of host memory asleep; the sleep added %d GiB, its footprint is 40", got>>30, real>>30)
 	}
 }

@@ -19,6 +19,19 @@ import (
 	"github.com/vgw-project/vgw/manager/runtime/sim"
 )
 
+// startWrapped is startManager with the counting runtime wrapped by wrap,
+// for a test that changes how the runtime answers.
+func startWrapped(t *testing.T, yaml string, wrap func(rt *countingRuntime) manager.Runtime) *testManager {
+	t.Helper()
+	var rt *countingRuntime
+	tm := startManagerWith(t, yaml, nil, func(r manager.Runtime) manager.Runtime {
+		rt = &countingRuntime{Runtime: r.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
+		return wrap(rt)
+	}, manager.Options{})
+	tm.rt = rt
+	return tm
+}
+
 // awakeCount is how many models are loading, ready or waking.
 func (tm *testManager) awakeCount() (n int, states map[string]manager.State) {
 	states = map[string]manager.State{}
@@ -188,26 +201,22 @@ func (h hostHook) HostMemory(ctx context.Context, inst *runtime.Instance) (uint6
 // gone.
 func TestDiesAsItFallsAsleep(t *testing.T) {
 	var armed atomic.Bool
-	var rt *countingRuntime
-	tm := startManagerWith(t, sleepSetup{}.config()+"models:\n"+sleepyModel("a", "40GiB"), nil,
-		func(r manager.Runtime) manager.Runtime {
-			rt = &countingRuntime{Runtime: r.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
-			return hostHook{rt, func(inst *runtime.Instance) {
-				if !armed.CompareAndSwap(true, false) {
-					return
+	tm := startWrapped(t, sleepSetup{}.config()+"models:\n"+sleepyModel("a", "40GiB"), func(rt *countingRuntime) manager.Runtime {
+		return hostHook{rt, func(inst *runtime.Instance) {
+			if !armed.CompareAndSwap(true, false) {
+				return
+			}
+			syscall.Kill(inst.PIDs[0], syscall.SIGKILL)
+			// Until it is reaped and its exit taken by the loop.
+			for {
+				if _, err := rt.Runtime.HostMemory(context.Background(), inst); err != nil {
+					break
 				}
-				syscall.Kill(inst.PIDs[0], syscall.SIGKILL)
-				// Until it is reaped and its exit taken by the loop.
-				for {
-					if _, err := rt.Runtime.HostMemory(context.Background(), inst); err != nil {
-						break
-					}
-					time.Sleep(time.Millisecond)
-				}
-				time.Sleep(100 * time.Millisecond)
-			}, 0}
-		}, manager.Options{})
-	tm.rt = rt
+				time.Sleep(time.Millisecond)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}, 0}
+	})
 	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
 	}
@@ -286,8 +295,7 @@ func (s slowStop) Stop(ctx context.Context, inst *runtime.Instance, grace time.D
 // asleep sleeps, then stops; meanwhile its host memory stays counted, so
 // no other model is put to sleep in it past host_memory.
 func TestHostUncountedWhileSleepThenStop(t *testing.T) {
-	var rt *countingRuntime
-	tm := startManagerWith(t, `
+	tm := startWrapped(t, `
 runtime: {kind: sim}
 load_timeout: 1m
 drain_timeout: 2s
@@ -301,11 +309,9 @@ gpus:
 models:
   a: {vram: 40GiB, gpus: [0], sim: {sleep_delay: 500ms, wake_delay: 20ms, residual_vram: 1GiB}}
   b: {vram: 40GiB, gpus: [1], sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}
-`, nil, func(r manager.Runtime) manager.Runtime {
-		rt = &countingRuntime{Runtime: r.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
+`, func(rt *countingRuntime) manager.Runtime {
 		return slowStop{rt, time.Second}
-	}, manager.Options{})
-	tm.rt = rt
+	})
 	for _, m := range []string{"a", "b"} {
 		if err := tm.ensure(m); err != nil {
 			t.Fatal(err)
@@ -520,8 +526,7 @@ func TestSleepStressSleepOff(t *testing.T) {
 // has stopped (seconds, for vLLM), so the two never hold host memory
 // past host_memory together.
 func TestSleepBeforeHostRoomIsMade(t *testing.T) {
-	var rt *countingRuntime
-	tm := startManagerWith(t, `
+	tm := startWrapped(t, `
 runtime: {kind: sim}
 load_timeout: 1m
 drain_timeout: 2s
@@ -535,11 +540,7 @@ gpus:
 models:
 `+"  s: {vram: 40GiB, gpus: [1], sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}\n"+
 		"  a: {vram: 40GiB, gpus: [0], sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}\n",
-		nil, func(r manager.Runtime) manager.Runtime {
-			rt = &countingRuntime{Runtime: r.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
-			return slowStop{rt, slowStopDelay}
-		}, manager.Options{})
-	tm.rt = rt
+		func(rt *countingRuntime) manager.Runtime { return slowStop{rt, slowStopDelay} })
 	ctx, cancel := context.WithTimeout(context.Background(), poll.Long)
 	defer cancel()
 	if err := tm.ensure("s"); err != nil {
@@ -711,13 +712,9 @@ func pollFor(t *testing.T, tm *testManager, d time.Duration, what string, cond f
 // container's (docker stats: GiBs for vLLM's Python process): what it
 // holds asleep is what sleeping added.
 func TestLevel2WithNoHostBudget(t *testing.T) {
-	var rt *countingRuntime
-	tm := startManagerWith(t, sleepSetup{hostMemory: "0", sleep: "level2"}.config()+"models:\n"+sleepyModel("a", "60GiB")+sleepyModel("b", "60GiB"), nil,
-		func(r manager.Runtime) manager.Runtime {
-			rt = &countingRuntime{Runtime: r.(*sim.Runtime), starts: map[string]int{}, pids: map[string]int{}}
-			return hostHook{rt, func(*runtime.Instance) {}, 8 << 20}
-		}, manager.Options{})
-	tm.rt = rt
+	tm := startWrapped(t, sleepSetup{hostMemory: "0", sleep: "level2"}.config()+"models:\n"+sleepyModel("a", "60GiB")+sleepyModel("b", "60GiB"), func(rt *countingRuntime) manager.Runtime {
+		return hostHook{rt, func(*runtime.Instance) {}, 8 << 20}
+	})
 	for _, m := range []string{"a", "b"} {
 		if err := tm.ensure(m); err != nil {
 			t.Fatal(err)
