@@ -258,16 +258,25 @@ func (m *Manager) load(ctx context.Context, md *model, op *loadOp, spec runtime.
 			m.log.Warn("the warm-up request after a load failed", slog.String("model", md.name), slog.String("error", werr.Error()))
 		}
 	}
+	m.finish(md, op, inst, began, before, err)
+}
+
+// finish reports how a load, a resume or a wake ended, with how long it
+// took since began: ready, or failed, its server (if it got one) stopped
+// first, so the GPUs the op claimed are free only once nothing of it
+// runs. While vgw stops it reports nothing and stops nothing: the server
+// goes on, for the next vgw to adopt.
+func (m *Manager) finish(md *model, op *loadOp, inst *runtime.Instance, began time.Time, before []gpu.Memory, err error) {
 	if err == nil {
 		took := m.clock.Since(began)
 		m.do(func(now time.Time) { m.end(op); m.s.loaded(now, md, op, took, before) })
 		return
 	}
 	if m.ctx.Err() != nil {
-		return // vgw is stopping: the server loads on, for the next vgw to adopt
+		return
 	}
 	if inst != nil {
-		m.rt.Stop(context.Background(), inst, 0) // it never served: nothing to drain
+		m.rt.Stop(context.Background(), inst, 0) // it never served since: nothing to drain
 	}
 	m.do(func(now time.Time) { m.end(op); m.s.loadFailed(now, md, op, err) })
 }
@@ -291,16 +300,7 @@ func (m *Manager) resume(ctx context.Context, a resumeServer) {
 			return
 		}
 	}
-	if err == nil {
-		took := m.clock.Since(began)
-		m.do(func(now time.Time) { m.end(op); m.s.loaded(now, md, op, took, nil) })
-		return
-	}
-	if m.ctx.Err() != nil {
-		return // vgw is stopping: as in load
-	}
-	m.rt.Stop(context.Background(), inst, 0)
-	m.do(func(now time.Time) { m.end(op); m.s.loadFailed(now, md, op, err) })
+	m.finish(md, op, inst, began, nil, err)
 }
 
 // followProgress follows a loading server's log from since, where the
@@ -336,16 +336,7 @@ func (m *Manager) wake(ctx context.Context, md *model, op *loadOp, inst *runtime
 	if err == nil {
 		err = m.waitHealthy(ctx, op, inst.Addr)
 	}
-	if err == nil {
-		took := m.clock.Since(began)
-		m.do(func(now time.Time) { m.end(op); m.s.loaded(now, md, op, took, nil) })
-		return
-	}
-	if m.ctx.Err() != nil {
-		return // vgw is stopping: the next vgw adopts it, asleep or not
-	}
-	m.rt.Stop(context.Background(), inst, 0)
-	m.do(func(now time.Time) { m.end(op); m.s.loadFailed(now, md, op, err) })
+	m.finish(md, op, inst, began, nil, err)
 }
 
 // sleep is a worker: it puts a drained server to sleep, then measures

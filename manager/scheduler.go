@@ -484,15 +484,12 @@ func (s *scheduler) snapshot(now time.Time) Snapshot {
 		}
 		r.Leaving = md.state == Draining && md.sleepTo == 0
 		switch {
-		case md.state == Sleeping:
+		case md.residualOnly(): // asleep, or being stopped from its sleep
 			r.Asleep, r.PerGPU, r.Host = true, md.sleep.residual, md.sleep.host
 		case md.state == Waking:
 			// A wake holds the memory it needs from the start, the host
 			// memory until it is awake, and counts as awake (max_models).
 			r.Host = md.sleep.host
-		case md.asleep():
-			// Being stopped from its sleep.
-			r.Asleep, r.PerGPU, r.Host = true, md.sleep.residual, md.sleep.host
 		case md.sleepTo > 0:
 			_, r.Host = s.foreseen(md, md.sleepTo) // falling asleep: its host memory is spoken for
 		case md.state == Ready:
@@ -541,7 +538,7 @@ func (s *scheduler) attributed(md *model) map[int]uint64 {
 		// else's memory.
 		for _, g := range md.place.gpus {
 			out[g] = md.place.perGPU
-			if md.asleep() && md.state != Waking {
+			if md.residualOnly() {
 				out[g] = md.sleep.residual
 			}
 		}

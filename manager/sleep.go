@@ -41,6 +41,11 @@ type sleepInfo struct {
 // stopped from its sleep).
 func (md *model) asleep() bool { return !md.sleep.since.IsZero() }
 
+// residualOnly reports whether md's server holds only its residual of its
+// GPUs: asleep, or being stopped from its sleep; not waking, whose
+// memory is spoken for from the wake's start.
+func (md *model) residualOnly() bool { return md.asleep() && md.state != Waking }
+
 // sleepSeen is what md's server was measured to keep asleep: of each of
 // its GPUs, and of host memory at each level (by level), 0 when not yet
 // measured.
@@ -112,19 +117,28 @@ func (s *scheduler) drain(now time.Time, md *model, reason string, sleepTo int) 
 // to sleep, if it can and host memory has room (made by stopping older
 // sleepers), else stopped.
 func (s *scheduler) retire(now time.Time, md *model, reason string) {
-	if level := s.sleepLevel(md); level > 0 {
-		if stop, ok := SleepOrStop(s.snapshot(now), md.name); ok {
-			for _, name := range stop {
-				if v := s.models[name]; v != nil {
-					s.unload(now, v, "to make host memory for "+md.name)
-				}
-			}
-			md.sleepAfter = stop
-			s.drain(now, md, reason, level)
-			return
-		}
+	if level := s.sleepLevel(md); level > 0 && s.sleepInRoom(now, md, reason, level) {
+		return
 	}
 	s.unload(now, md, reason)
+}
+
+// sleepInRoom drains md to sleep at level when host memory has room for
+// it, stopping first the older sleepers that make it (SleepOrStop); it
+// reports false, and does nothing, when there is none.
+func (s *scheduler) sleepInRoom(now time.Time, md *model, reason string, level int) bool {
+	stop, ok := SleepOrStop(s.snapshot(now), md.name)
+	if !ok {
+		return false
+	}
+	for _, name := range stop {
+		if v := s.models[name]; v != nil {
+			s.unload(now, v, "to make host memory for "+md.name)
+		}
+	}
+	md.sleepAfter = stop
+	s.drain(now, md, reason, level)
+	return true
 }
 
 // slept takes the end of a sleep: md's server sleeps, keeping residual
@@ -180,22 +194,12 @@ func (s *scheduler) sleepAsked(now time.Time, name string) error {
 			err = fmt.Errorf("%w: model %s's server was started without sleep mode; it restarts with it once idle", ErrCannotSleep, name)
 		case level == 0:
 			err = fmt.Errorf("%w: model %s has sleep: off", ErrCannotSleep, name)
-		default:
-			stop, ok := SleepOrStop(s.snapshot(now), md.name)
-			if !ok {
-				_, need := s.foreseen(md, level)
-				err = fmt.Errorf("%w: host_memory has no room for model %s's %s (%s of %s in use)", ErrCannotSleep, name,
-					gib(int64(need)), gib(int64(s.snapshot(now).hostUsed())), gib(int64(s.hostBudget())))
-				return
-			}
-			for _, v := range stop {
-				if o := s.models[v]; o != nil {
-					s.unload(now, o, "to make host memory for "+md.name)
-				}
-			}
+		case s.sleepInRoom(now, md, "asked to", level):
 			md.keepUntil = time.Time{}
-			md.sleepAfter = stop
-			s.drain(now, md, "asked to", level)
+		default:
+			_, need := s.foreseen(md, level)
+			err = fmt.Errorf("%w: host_memory has no room for model %s's %s (%s of %s in use)", ErrCannotSleep, name,
+				gib(int64(need)), gib(int64(s.snapshot(now).hostUsed())), gib(int64(s.hostBudget())))
 		}
 	})
 	if oerr != nil {
