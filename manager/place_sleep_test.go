@@ -1,9 +1,7 @@
 package manager
 
 import (
-	"errors"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 )
@@ -157,21 +155,7 @@ func TestPlaceTiers(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.state.Now = t0
-			plan, err := Place(tt.state, tt.demand)
-			if tt.wantErr != "" {
-				var nr *NoRoom
-				if !errors.As(err, &nr) || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("Place = %+v, %v; want a NoRoom with %q", plan, err, tt.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("Place: %v", err)
-			}
-			if !slices.Equal(plan.GPUs, tt.wantGPUs) || !slices.Equal(plan.Sleep, tt.wantSleep) || !slices.Equal(plan.Evict, tt.wantEvict) {
-				t.Fatalf("Place = gpus %v sleep %v evict %v; want gpus %v sleep %v evict %v",
-					plan.GPUs, plan.Sleep, plan.Evict, tt.wantGPUs, tt.wantSleep, tt.wantEvict)
-			}
+			checkPlace(t, tt.state, tt.demand, Plan{GPUs: tt.wantGPUs, Sleep: tt.wantSleep, Evict: tt.wantEvict}, tt.wantErr)
 		})
 	}
 }

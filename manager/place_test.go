@@ -204,21 +204,29 @@ func TestPlace(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			plan, err := Place(tt.state, tt.demand)
-			if tt.wantErr != "" {
-				var nr *NoRoom
-				if !errors.As(err, &nr) || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("Place = %+v, %v; want a NoRoom with %q", plan, err, tt.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("Place: %v", err)
-			}
-			if !slices.Equal(plan.GPUs, tt.wantGPUs) || !slices.Equal(plan.Evict, tt.wantEvict) {
-				t.Fatalf("Place = gpus %v evict %v; want gpus %v evict %v", plan.GPUs, plan.Evict, tt.wantGPUs, tt.wantEvict)
-			}
+			checkPlace(t, tt.state, tt.demand, Plan{GPUs: tt.wantGPUs, Evict: tt.wantEvict}, tt.wantErr)
 		})
+	}
+}
+
+// checkPlace places demand in state and checks the plan against want, or,
+// with wantErr, that Place answered a NoRoom saying it.
+func checkPlace(t *testing.T, state Snapshot, demand Demand, want Plan, wantErr string) {
+	t.Helper()
+	plan, err := Place(state, demand)
+	if wantErr != "" {
+		var nr *NoRoom
+		if !errors.As(err, &nr) || !strings.Contains(err.Error(), wantErr) {
+			t.Fatalf("Place = %+v, %v; want a NoRoom with %q", plan, err, wantErr)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatalf("Place: %v", err)
+	}
+	if !slices.Equal(plan.GPUs, want.GPUs) || !slices.Equal(plan.Sleep, want.Sleep) || !slices.Equal(plan.Evict, want.Evict) {
+		t.Fatalf("Place = gpus %v sleep %v evict %v; want gpus %v sleep %v evict %v",
+			plan.GPUs, plan.Sleep, plan.Evict, want.GPUs, want.Sleep, want.Evict)
 	}
 }
 

@@ -47,17 +47,7 @@ func (tm *testManager) awakeCount() (n int, states map[string]manager.State) {
 // TestMaxModelsWhileWaking: a waking model counts against max_models,
 // so no other model is placed beside it past the cap.
 func TestMaxModelsWhileWaking(t *testing.T) {
-	tm := startManager(t, `
-runtime: {kind: sim}
-load_timeout: 1m
-drain_timeout: 2s
-min_resident: 0s
-inactivity_timeout: 0s
-max_models: 1
-sleep: level1
-host_memory: 80GiB
-gpus:
-  - {name: sim0, memory: 90GiB}
+	tm := startManager(t, sleepSetup{}.config()+`max_models: 1
 models:
   a: {vram: 20GiB, sim: {sleep_delay: 10ms, wake_delay: 2s, residual_vram: 1GiB}}
   b: {vram: 20GiB, sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}
@@ -135,18 +125,7 @@ func TestVRAMChangedWhileAsleep(t *testing.T) {
 // another is woken before that other has started, the other gives up its
 // placement and is placed afresh, rather than wait for ever.
 func TestEvictedModelWokenFirst(t *testing.T) {
-	tm := startManager(t, `
-runtime: {kind: sim}
-load_timeout: 1m
-drain_timeout: 2s
-min_resident: 0s
-inactivity_timeout: 0s
-sleep: level1
-host_memory: 200GiB
-gpus:
-  - {name: sim0, memory: 90GiB}
-  - {name: sim1, memory: 90GiB}
-models:
+	tm := startManager(t, sleepSetup{hostMemory: "200GiB", twoGPUs: true}.config()+`models:
   a: {vram: 40GiB, gpus: [0], sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}
   b: {vram: 30GiB, gpus: [0], sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}
   d: {vram: 20GiB, gpus: [1], sim: {startup_delay: 2s}}
@@ -295,18 +274,7 @@ func (s slowStop) Stop(ctx context.Context, inst *runtime.Instance, grace time.D
 // asleep sleeps, then stops; meanwhile its host memory stays counted, so
 // no other model is put to sleep in it past host_memory.
 func TestHostUncountedWhileSleepThenStop(t *testing.T) {
-	tm := startWrapped(t, `
-runtime: {kind: sim}
-load_timeout: 1m
-drain_timeout: 2s
-min_resident: 0s
-inactivity_timeout: 0s
-sleep: level1
-host_memory: 50GiB
-gpus:
-  - {name: sim0, memory: 90GiB}
-  - {name: sim1, memory: 90GiB}
-models:
+	tm := startWrapped(t, sleepSetup{hostMemory: "50GiB", twoGPUs: true}.config()+`models:
   a: {vram: 40GiB, gpus: [0], sim: {sleep_delay: 500ms, wake_delay: 20ms, residual_vram: 1GiB}}
   b: {vram: 40GiB, gpus: [1], sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}
 `, func(rt *countingRuntime) manager.Runtime {
@@ -526,19 +494,8 @@ func TestSleepStressSleepOff(t *testing.T) {
 // has stopped (seconds, for vLLM), so the two never hold host memory
 // past host_memory together.
 func TestSleepBeforeHostRoomIsMade(t *testing.T) {
-	tm := startWrapped(t, `
-runtime: {kind: sim}
-load_timeout: 1m
-drain_timeout: 2s
-min_resident: 0s
-inactivity_timeout: 0s
-sleep: level1
-host_memory: 50GiB
-gpus:
-  - {name: sim0, memory: 90GiB}
-  - {name: sim1, memory: 90GiB}
-models:
-`+"  s: {vram: 40GiB, gpus: [1], sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}\n"+
+	tm := startWrapped(t, sleepSetup{hostMemory: "50GiB", twoGPUs: true}.config()+"models:\n"+
+		"  s: {vram: 40GiB, gpus: [1], sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}\n"+
 		"  a: {vram: 40GiB, gpus: [0], sim: {sleep_delay: 10ms, wake_delay: 20ms, residual_vram: 1GiB}}\n",
 		func(rt *countingRuntime) manager.Runtime { return slowStop{rt, slowStopDelay} })
 	ctx, cancel := context.WithTimeout(context.Background(), poll.Long)

@@ -16,11 +16,17 @@ import (
 // sleepSetup is the gateway's settings of a sleep test.
 type sleepSetup struct {
 	sleep, hostMemory, loadTimeout string
+	twoGPUs                        bool
 }
 
-// config is a sim config of one 90 GiB GPU with s's settings (by default
-// level 1, 80 GiB of host memory, a load timeout of a minute).
+// config is a sim config of one 90 GiB GPU (two with twoGPUs) with s's
+// settings (by default level 1, 80 GiB of host memory, a load timeout of
+// a minute).
 func (s sleepSetup) config() string {
+	second := ""
+	if s.twoGPUs {
+		second = "  - {name: sim1, memory: 90GiB}\n"
+	}
 	return `
 runtime: {kind: sim}
 load_timeout: ` + cmp.Or(s.loadTimeout, "1m") + `
@@ -31,7 +37,7 @@ sleep: ` + cmp.Or(s.sleep, "level1") + `
 host_memory: ` + cmp.Or(s.hostMemory, "80GiB") + `
 gpus:
   - {name: sim0, memory: 90GiB}
-`
+` + second
 }
 
 // sleepyModel is a sim model of vram that sleeps in 10 ms, wakes in
