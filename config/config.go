@@ -74,6 +74,16 @@ type Config struct {
 	// HostMemory the host memory that sleeping models may hold in all.
 	Sleep      Sleep      `yaml:"sleep"`
 	HostMemory HostMemory `yaml:"host_memory"`
+	// Fair queues (see fairness.go): where a request's tenant and
+	// objective come from, the priority of each objective, the tenants
+	// configured, how many of one tenant's requests may wait for a model,
+	// and how a model's queue picks the next tenant.
+	TenantHeader      string             `yaml:"tenant_header"`
+	ObjectiveHeader   string             `yaml:"objective_header"`
+	Objectives        map[string]int     `yaml:"objectives"`
+	Tenants           map[string]*Tenant `yaml:"tenants"`
+	MaxQueuePerTenant int                `yaml:"max_queue_per_tenant"`
+	Fairness          string             `yaml:"fairness"`
 
 	Envoy   Envoy             `yaml:"envoy"`
 	Runtime Runtime           `yaml:"runtime"`
@@ -253,6 +263,9 @@ var Defaults = Config{
 	ProbeFailures:     3,
 	Sleep:             SleepOff,
 	HostMemory:        HostMemory{Auto: true},
+	TenantHeader:      DefaultTenantHeader,
+	ObjectiveHeader:   DefaultObjectiveHeader,
+	Fairness:          FairRoundRobin,
 	Envoy: Envoy{
 		MessageTimeout:    Duration(200 * time.Millisecond),
 		MaxMessageTimeout: Duration(900 * time.Second),

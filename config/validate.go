@@ -110,6 +110,7 @@ func (c *Config) validate(loc *locator) error {
 	v.names(c)
 	v.requestDefaults(c)
 	v.sleep(c)
+	v.fairness(c)
 	if len(v.problems) > 0 {
 		sortProblems(v.problems)
 		return &ListError{File: c.Path, Problems: v.problems}

@@ -168,6 +168,23 @@ func queueFull(model string, retryAfter time.Duration) *rejection {
 		retryAfter: retryAfter, reason: ReasonQueueFull, outcome: OutcomeRejected}
 }
 
+// tenantQueueFull answers a request whose tenant has as many requests
+// waiting for the model as its share allows (max_queue_per_tenant, or the
+// tenant's own max_queue).
+func tenantQueueFull(model, tenant string, retryAfter time.Duration) *rejection {
+	return &rejection{status: 429, errType: "rate_limit_exceeded", code: "tenant_queue_full",
+		message:    "Tenant '" + tenant + "' has as many requests waiting for model '" + model + "' as it may; retry later.",
+		retryAfter: retryAfter, reason: ReasonTenantFull, outcome: OutcomeRejected}
+}
+
+// displacedBy answers a request taken out of a full queue to make room
+// for one of a higher priority, or of a tenant with fewer waiting.
+func displacedBy(model string, retryAfter time.Duration) *rejection {
+	return &rejection{status: 429, errType: "rate_limit_exceeded", code: "queue_full",
+		message:    "Too many requests are waiting for model '" + model + "', and this one gave its place to a request of a higher priority or of a tenant with fewer waiting; retry later.",
+		retryAfter: retryAfter, reason: ReasonDisplaced, outcome: OutcomeRejected}
+}
+
 func timedOut(model string, r Reason) *rejection {
 	what := "a free slot"
 	if r == ReasonLoadTimeout {

@@ -161,7 +161,7 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 		panic(err)
 	}
 	m := s.models.Load().lookup(name).model
-	if m == nil || !m.gate.tryAcquire(time.Now()) {
+	if m == nil || !m.gate.tryAcquire(time.Now(), flowKey{}, 0) {
 		panic("not admitted")
 	}
 	l, ok := s.leases.TryLease("", m.name)
@@ -281,44 +281,81 @@ func BenchmarkStream(b *testing.B) {
 }
 
 // BenchmarkQueueDepth times a new request joining the tail of a queue of
-// the given depth and a finishing request handing its slot to the head:
-// the costs a long queue must not raise.
+// the given depth and a finishing request handing its slot to the waiter
+// whose turn it is: the costs a long queue must not raise. flows=1 is one
+// FIFO (no fairness configured); flows=300 is 100 tenants at 3
+// priorities, the waiters spread over all of them, each arrival of the
+// next tenant at the next priority, under weighted round robin or VTC.
 func BenchmarkQueueDepth(b *testing.B) {
-	for _, depth := range []int{0, 10, 1000, 10000} {
-		b.Run("depth="+strconv.Itoa(depth), func(b *testing.B) {
-			g := newGate(Limits{MaxConcurrent: 1, MaxQueue: depth + 2, QueueTimeout: time.Minute})
-			if !g.tryAcquire(time.Now()) {
-				b.Fatal("first slot")
-			}
-			now := time.Now()
-			ws := make([]*waiter, 0, depth)
-			for range depth {
-				w := &waiter{ready: make(chan struct{}, 1)}
-				if res, _ := g.enqueue(w, now); res != enqueued {
-					b.Fatal("not queued")
-				}
-				ws = append(ws, w)
-			}
-			spare := &waiter{ready: make(chan struct{}, 1)}
-			h := 0
-			b.ReportAllocs()
-			for b.Loop() {
-				// One joins at the tail, the slot moves to the head, and the
-				// old head, now holding it, leaves; depth is back where it was.
-				if res, _ := g.enqueue(spare, now); res != enqueued {
-					b.Fatal("not queued")
-				}
-				g.release(0)
-				if depth == 0 {
-					<-spare.ready
-					continue
-				}
-				// ws is a ring in queue order from h: the head leaves position h
-				// and the new tail takes it.
-				<-ws[h].ready
-				ws[h], spare = spare, ws[h]
-				h = (h + 1) % depth
-			}
-		})
+	tenants := make([]Tenant, 100)
+	var names [][]byte
+	for i := range tenants {
+		tenants[i] = Tenant{Name: "tenant-" + strconv.Itoa(i), Weight: 1 + i%3, MaxQueue: -1}
+		names = append(names, []byte(tenants[i].Name))
 	}
+	objectives := [][]byte{[]byte("interactive"), nil, []byte("batch")}
+	fair := func(vtc bool) *flowTable {
+		return newFlowTable(Fairness{Tenants: tenants, Objectives: map[string]int{"interactive": 10, "batch": -10}, VTC: vtc})
+	}
+	for _, tc := range []struct {
+		name string
+		t    *flowTable
+	}{{"flows=1", fifo}, {"flows=300/round_robin", fair(false)}, {"flows=300/vtc", fair(true)}} {
+		for _, depth := range []int{0, 10, 1000, 10000} {
+			b.Run(tc.name+"/depth="+strconv.Itoa(depth), func(b *testing.B) {
+				keys := make([]flowKey, 3*len(names)+1) // coprime with both
+				for i := range keys {
+					keys[i] = tc.t.key(names[i%len(names)], objectives[i%len(objectives)])
+				}
+				g := newGate(Limits{MaxConcurrent: 1, MaxQueue: depth + 2, QueueTimeout: time.Minute}, tc.t)
+				if !g.tryAcquire(time.Now(), keys[0], 100) {
+					b.Fatal("first slot")
+				}
+				now := time.Now()
+				for i := range depth {
+					w := &waiter{ready: make(chan struct{}, 1)}
+					if res, _ := g.enqueue(w, now, keys[i%len(keys)], 100+i%1000); res != enqueued {
+						b.Fatal("not queued")
+					}
+				}
+				spare := &waiter{ready: make(chan struct{}, 1)}
+				i := depth
+				b.ReportAllocs()
+				for b.Loop() {
+					// One joins, the slot moves to the waiter whose turn it
+					// is, which, now holding it, leaves; depth is back where
+					// it was, and the one that left joins next.
+					i++
+					if res, _ := g.enqueue(spare, now, keys[i%len(keys)], 100+i%1000); res != enqueued {
+						b.Fatal("not queued")
+					}
+					next := g.peek()
+					g.release(0)
+					<-next.ready
+					spare = next
+				}
+			})
+		}
+	}
+}
+
+// peek returns the waiter whose turn it is, as nextLocked would choose it,
+// without taking it out; for the benchmark, which is the gate's only user.
+func (g *gate) peek() *waiter {
+	for i := range g.bands {
+		b := &g.bands[i]
+		if b.len == 0 {
+			continue
+		}
+		f := b.cursor
+		if g.vtc {
+			for x := f.next; x != b.cursor; x = x.next {
+				if x.counter < f.counter {
+					f = x
+				}
+			}
+		}
+		return f.q.head
+	}
+	return nil
 }

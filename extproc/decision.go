@@ -58,11 +58,13 @@ const (
 	ReasonNotRoutable         // 503 the request's Envoy cannot route to the ready model
 	ReasonWaitWake            // waiting for the sleeping model to wake
 	ReasonModelWoken          // sent on once its model had woken
+	ReasonTenantFull          // 429 its tenant has as many waiting as it may
+	ReasonDisplaced           // 429 taken out of the full queue for a request of a higher priority, or of a tenant further under its share
 )
 
 var reasonNames = [...]string{"", "slot_free", "slot_granted", "queue_full", "queue_timeout", "load_timeout",
 	"load_failed", "unknown_model", "bad_request", "too_large", "wait_slot", "wait_load", "client_gone", "draining", "model_ready", "not_routable",
-	"wait_wake", "model_woken"}
+	"wait_wake", "model_woken", "tenant_queue_full", "displaced"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {
@@ -80,6 +82,11 @@ type Decision struct {
 	Status     int // HTTP status vgw answered with; 0 when it answered none
 	QueueDepth int
 	Wait       time.Duration
+	// Tenant is the request's flow's tenant: a configured tenant's name,
+	// or DefaultTenant; "" for a request decided before its headers were
+	// read. Priority is its priority.
+	Tenant   string
+	Priority int
 }
 
 // DecisionLog is a bounded ring of the most recent decisions. Writers never
@@ -94,11 +101,13 @@ type DecisionLog struct {
 }
 
 type decisionSlot struct {
-	seq    atomic.Uint64 // 2*pos+1 while slot pos is written, 2*pos+2 once whole
-	at     atomic.Int64  // unix nanoseconds
-	wait   atomic.Int64
-	packed atomic.Uint64 // outcome<<56 | reason<<48 | status<<32 | depth
-	model  atomic.Pointer[string]
+	seq      atomic.Uint64 // 2*pos+1 while slot pos is written, 2*pos+2 once whole
+	at       atomic.Int64  // unix nanoseconds
+	wait     atomic.Int64
+	packed   atomic.Uint64 // outcome<<56 | reason<<48 | status<<32 | depth
+	model    atomic.Pointer[string]
+	tenant   atomic.Pointer[string]
+	priority atomic.Int64
 }
 
 // NewDecisionLog returns a ring that keeps the last size decisions, size
@@ -122,6 +131,10 @@ type decision struct {
 	status  int // the HTTP status vgw answered with; 0 when it answered none
 	depth   int // the model's queue depth
 	wait    time.Duration
+	// tenant, like model, is never changed afterwards (a flow table's
+	// name); nil when the request's flow is not known.
+	tenant   *string
+	priority int
 }
 
 // record stores a decision.
@@ -148,12 +161,15 @@ func (l *DecisionLog) record(d *decision) {
 	s.wait.Store(int64(d.wait))
 	s.packed.Store(uint64(d.outcome)<<56 | uint64(d.reason)<<48 | uint64(uint16(d.status))<<32 | uint64(uint32(d.depth)))
 	s.model.Store(d.model)
+	s.tenant.Store(d.tenant)
+	s.priority.Store(int64(d.priority))
 	s.seq.Store(2*pos + 2)
 }
 
 // Filter selects decisions in Recent; zero fields match everything.
 type Filter struct {
 	Model   string
+	Tenant  string
 	Outcome Outcome
 	Limit   int // at most this many; 0 means the whole ring
 }
@@ -182,10 +198,14 @@ func (l *DecisionLog) Recent(f Filter) []Decision {
 		if m := s.model.Load(); m != nil {
 			d.Model = *m
 		}
+		if t := s.tenant.Load(); t != nil {
+			d.Tenant = *t
+		}
+		d.Priority = int(s.priority.Load())
 		if s.seq.Load() != 2*pos+2 {
 			continue // overwritten while we read it
 		}
-		if (f.Model != "" && d.Model != f.Model) || (f.Outcome != 0 && d.Outcome != f.Outcome) {
+		if (f.Model != "" && d.Model != f.Model) || (f.Tenant != "" && d.Tenant != f.Tenant) || (f.Outcome != 0 && d.Outcome != f.Outcome) {
 			continue
 		}
 		out = append(out, d)

@@ -1,8 +1,11 @@
 package extproc
 
 import (
+	"cmp"
 	"math"
 	"math/rand/v2"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,22 +25,36 @@ type Limits struct {
 type admitResult uint8
 
 const (
-	admitted admitResult = iota // the slot is the caller's
-	enqueued                    // the caller waits on its waiter
-	full                        // no slot and no room to wait: 429
+	admitted   admitResult = iota // the slot is the caller's
+	enqueued                      // the caller waits on its waiter
+	full                          // no slot and no room to wait: 429
+	tenantFull                    // the tenant has as many waiting as it may: 429
 )
 
-// A gate is one model's admission state: a counting semaphore in front of a
-// bounded FIFO of waiters. Every operation is O(1) under a mutex that guards
-// counters and list links only; nothing logs, allocates or blocks while
-// holding it, so admission costs the same with 10,000 waiters as with none.
+// A gate is one model's admission state: a counting semaphore in front of
+// fair queues of waiters (see Fairness). Waiters queue in bands, one per
+// priority, and within a band in flows, one per tenant; a freed slot goes
+// to the highest band that has waiters, and in it to the flow whose turn
+// it is (weighted round robin, or VTC), and in it to the oldest waiter.
+// Every operation but VTC's choice and displacement is O(1) under a mutex
+// that guards counters and links only; nothing logs, allocates (past a
+// flow's first request) or blocks while holding it, so admission costs
+// the same with 10,000 waiters as with none.
 type gate struct {
-	mu        sync.Mutex
-	limits    Limits
-	inflight  int
-	queue     waitList
-	completed uint64 // requests released so far, for the rate estimate
-	rate      rateEstimate
+	mu       sync.Mutex
+	limits   Limits
+	inflight int
+	// table is the fairness in force; bands are indexed as its
+	// priorities, each band's flows as its tenants, and so is
+	// tenantQueued, each capped tenant's waiters over all bands.
+	table        *flowTable
+	vtc          bool // table.vtc
+	bands        []band
+	tenantQueued []int
+	queueLen     int
+	seq          uint64 // arrival order of waiters, for a band's newest
+	completed    uint64 // requests released so far, for the rate estimate
+	rate         rateEstimate
 	// For Retry-After (retryAfter): since when a slot has been taken
 	// without a break (inflight above 0), the model's service time (an
 	// average of the requests it served; 0 while none has been), and the
@@ -45,70 +62,318 @@ type gate struct {
 	busySince time.Time
 	served    time.Duration
 	nextTurn  time.Time
-	// queued mirrors queue.len for readers that must not take mu, such as
+	// queued mirrors queueLen for readers that must not take mu, such as
 	// the queue-depth header on every response. Written under mu.
 	queued atomic.Int64
+}
+
+// A band is the waiters of one priority.
+type band struct {
+	flows []*flow // by tenant; nil until the tenant's first request
+	// cursor is the flow whose turn it is, in a ring of the flows that
+	// have waiters (flow.prev, flow.next); nil while none has.
+	cursor *flow
+	len    int
+	last   float64 // VTC: the counter of the flow served last
+}
+
+// A flow is one tenant's waiters in one band, oldest first.
+type flow struct {
+	q          waitList
+	tenant     uint16
+	band       uint8
+	weight     int     // the tenant's
+	maxQueue   int     // the tenant's cap; 0: none
+	prev, next *flow   // the band's ring; nil while the flow has no waiters
+	credit     int     // round robin: what is left of its turn
+	counter    float64 // VTC: its service so far, over its weight
+	counts     flowCounts
+}
+
+// flowCounts are what became of a flow's requests, for metrics.
+type flowCounts struct {
+	admitted  uint64 // given a slot, at once or after waiting
+	displaced uint64 // taken out of the queue for a request that came later
+	rejected  uint64 // turned away on arrival: the queue or the tenant's share was full
 }
 
 // A waiter is one request queued at a gate. Waiters are pooled: a queued
 // request is the slow path, but under overload every request takes it.
 type waiter struct {
 	prev, next *waiter
-	queued     bool          // in the gate's list; guarded by gate.mu
-	ready      chan struct{} // receives once when a slot is handed over
+	flow       *flow // the flow it waits in; guarded by gate.mu
+	seq        uint64
+	cost       int       // VTC's charge: the request's bytes
+	state      waitState // guarded by gate.mu until ready receives
+	ready      chan struct{}
 }
+
+// waitState is where a waiter stands.
+type waitState uint8
+
+const (
+	waiting   waitState = iota + 1
+	granted             // handed a slot: its owner must release it
+	displaced           // taken out for a request that came later: 429
+)
 
 var waiterPool = sync.Pool{New: func() any { return &waiter{ready: make(chan struct{}, 1)} }}
 
-func newGate(l Limits) *gate { return &gate{limits: l} }
+func newGate(l Limits, t *flowTable) *gate {
+	g := &gate{limits: l}
+	g.setTableLocked(t)
+	return g
+}
 
-// tryAcquire takes a slot when one is free and nobody is waiting: FIFO, so
-// a new request never overtakes a queued one. It is the whole admission cost
-// of an unloaded model.
-func (g *gate) tryAcquire(now time.Time) bool {
+// flowLocked returns k's flow, making it on the tenant's first request in
+// the band.
+func (g *gate) flowLocked(k flowKey) *flow {
+	if k.t != g.table {
+		k = k.translate(g.table)
+	}
+	b := &g.bands[k.band]
+	f := b.flows[k.tenant]
+	if f == nil {
+		spec := g.table.tenants[k.tenant]
+		f = &flow{tenant: k.tenant, band: k.band, weight: spec.weight, maxQueue: spec.maxQueue}
+		b.flows[k.tenant] = f
+	}
+	return f
+}
+
+// tryAcquire takes a slot for a request of flow k when one is free and
+// nobody is waiting: a new request never overtakes a queued one. It is
+// the whole admission cost of an unloaded model. cost is the request's
+// bytes, which VTC charges.
+func (g *gate) tryAcquire(now time.Time, k flowKey, cost int) bool {
 	g.mu.Lock()
-	ok := g.inflight < g.limits.MaxConcurrent && g.queue.len == 0
+	ok := g.inflight < g.limits.MaxConcurrent && g.queueLen == 0
 	if ok {
-		g.takeLocked(now)
+		g.takeLocked(now, g.flowLocked(k), cost)
 	}
 	g.mu.Unlock()
 	return ok
 }
 
-// takeLocked takes a slot.
-func (g *gate) takeLocked(now time.Time) {
+// takeLocked takes a slot for a request of f.
+func (g *gate) takeLocked(now time.Time, f *flow, cost int) {
 	if g.inflight == 0 {
 		g.busySince = now
 	}
 	g.inflight++
+	f.counts.admitted++
+	g.chargeLocked(f, cost)
+}
+
+// chargeLocked counts a request's service against its flow, for VTC.
+func (g *gate) chargeLocked(f *flow, cost int) {
+	if g.vtc {
+		f.counter += float64(max(cost, 1)) / float64(f.weight)
+		g.bands[f.band].last = f.counter
+	}
 }
 
 // enqueue is tryAcquire's slow path: it takes a slot if one has come free
-// since, else queues w when there is room. It samples the completion rate
-// for Retry-After. depth is the queue length after the call.
-func (g *gate) enqueue(w *waiter, now time.Time) (res admitResult, depth int) {
+// since, else queues w when there is room. Room is the model's max_queue
+// and the tenant's cap. When the queue is full, a request displaces (see
+// victimLocked) rather than being turned away where the queue is not
+// fair to it: the displaced waiter's owner is told, and answers 429 as
+// if its request had found the queue full. It samples the completion
+// rate for Retry-After. depth is the queue length after the call.
+func (g *gate) enqueue(w *waiter, now time.Time, k flowKey, cost int) (res admitResult, depth int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.inflight < g.limits.MaxConcurrent && g.queue.len == 0 {
-		g.takeLocked(now)
+	f := g.flowLocked(k)
+	if g.inflight < g.limits.MaxConcurrent && g.queueLen == 0 {
+		g.takeLocked(now, f, cost)
 		return admitted, 0
 	}
 	g.rate.sample(now, g.completed)
-	if g.queue.len >= g.limits.MaxQueue {
-		return full, g.queue.len
+	if f.maxQueue > 0 && g.tenantQueued[f.tenant] >= f.maxQueue {
+		f.counts.rejected++
+		return tenantFull, g.queueLen
 	}
-	g.queue.pushBack(w)
-	g.queued.Store(int64(g.queue.len))
-	return enqueued, g.queue.len
+	if g.queueLen >= g.limits.MaxQueue {
+		v := g.victimLocked(f)
+		if v == nil {
+			f.counts.rejected++
+			return full, g.queueLen
+		}
+		v.flow.counts.displaced++
+		g.removeLocked(v)
+		v.state = displaced
+		v.ready <- struct{}{} // never blocks: capacity 1, one word per queuing
+	}
+	g.pushLocked(w, f, cost)
+	return enqueued, g.queueLen
+}
+
+// victimLocked chooses whom a request of f displaces from a full queue:
+// the newest waiter of the lowest band below f's, as priority goes first;
+// else, in f's band, the newest waiter of the tenant furthest over its
+// share of the queue (waiters over weight), if that is further over than
+// f's tenant would be with one more: the longest queue drop of fair
+// buffer management, which keeps one tenant's flood from filling the
+// queue for good. nil when it displaces no one.
+func (g *gate) victimLocked(f *flow) *waiter {
+	for i := len(g.bands) - 1; i > int(f.band); i-- {
+		if b := &g.bands[i]; b.len > 0 {
+			return b.newest()
+		}
+	}
+	b := &g.bands[f.band]
+	if b.cursor == nil {
+		return nil
+	}
+	var worst *flow
+	for x := b.cursor; ; {
+		if x != f && (worst == nil || x.q.len*worst.weight > worst.q.len*x.weight) {
+			worst = x
+		}
+		if x = x.next; x == b.cursor {
+			break
+		}
+	}
+	if worst != nil && worst.q.len*f.weight > (f.q.len+1)*worst.weight {
+		return worst.q.tail
+	}
+	return nil
+}
+
+// newest is the band's latest arrival: the newest of its flows' tails.
+func (b *band) newest() *waiter {
+	var w *waiter
+	for x := b.cursor; ; {
+		if w == nil || x.q.tail.seq > w.seq {
+			w = x.q.tail
+		}
+		if x = x.next; x == b.cursor {
+			return w
+		}
+	}
+}
+
+// pushLocked queues w in f.
+func (g *gate) pushLocked(w *waiter, f *flow, cost int) {
+	b := &g.bands[f.band]
+	if f.q.len == 0 {
+		g.activateLocked(b, f)
+	}
+	w.flow, w.seq, w.cost, w.state = f, g.seq, cost, waiting
+	g.seq++
+	f.q.pushBack(w)
+	b.len++
+	if f.maxQueue > 0 {
+		g.tenantQueued[f.tenant]++
+	}
+	g.queueLen++
+	g.queued.Store(int64(g.queueLen))
+}
+
+// activateLocked puts a flow that has its first waiter in its band's
+// ring, last in the round. Under VTC its counter is lifted to the least
+// of those waiting (or the last served, if none waits), so that a tenant
+// gains no credit by having been idle (Sheng et al., §4.1).
+func (g *gate) activateLocked(b *band, f *flow) {
+	f.credit = f.weight
+	if b.cursor == nil {
+		f.prev, f.next, b.cursor = f, f, f
+		if g.vtc {
+			f.counter = max(f.counter, b.last)
+		}
+		return
+	}
+	if g.vtc {
+		least := b.cursor.counter
+		for x := b.cursor.next; x != b.cursor; x = x.next {
+			least = min(least, x.counter)
+		}
+		f.counter = max(f.counter, least)
+	}
+	c := b.cursor
+	f.prev, f.next = c.prev, c
+	c.prev.next = f
+	c.prev = f
+}
+
+// removeLocked takes w out of the queue.
+func (g *gate) removeLocked(w *waiter) {
+	f := w.flow
+	b := &g.bands[f.band]
+	f.q.remove(w)
+	w.flow = nil
+	b.len--
+	if f.maxQueue > 0 {
+		g.tenantQueued[f.tenant]--
+	}
+	g.queueLen--
+	g.queued.Store(int64(g.queueLen))
+	if f.q.len > 0 {
+		return
+	}
+	// The flow has no waiters left: out of the ring.
+	if f.next == f {
+		b.cursor = nil
+	} else {
+		f.prev.next, f.next.prev = f.next, f.prev
+		if b.cursor == f {
+			g.turnLocked(b, f.next)
+		}
+	}
+	f.prev, f.next = nil, nil
+}
+
+// turnLocked gives the turn to f.
+func (g *gate) turnLocked(b *band, f *flow) {
+	b.cursor = f
+	f.credit = f.weight
+}
+
+// nextLocked takes the waiter whose turn it is out of the queue: from the
+// highest band with waiters, the flow whose turn it is (round robin: the
+// cursor's, which keeps the turn for as many requests as its weight; VTC:
+// the least served), its oldest waiter, counted admitted. nil when nobody
+// waits.
+func (g *gate) nextLocked() *waiter {
+	for i := range g.bands {
+		b := &g.bands[i]
+		if b.len == 0 {
+			continue
+		}
+		f := b.cursor
+		if g.vtc {
+			for x := f.next; x != b.cursor; x = x.next {
+				if x.counter < f.counter {
+					f = x
+				}
+			}
+		}
+		w := f.q.head
+		g.removeLocked(w)
+		f.counts.admitted++
+		switch {
+		case g.vtc:
+			g.chargeLocked(f, w.cost)
+			if f.next != nil {
+				b.cursor = f.next // ties go round
+			}
+		case f.next != nil: // still waiting: the turn goes on or passes
+			if f.credit--; f.credit <= 0 {
+				g.turnLocked(b, f.next)
+			}
+		}
+		return w
+	}
+	return nil
 }
 
 // depth is the number of requests waiting, read without the lock.
 func (g *gate) depth() int { return int(g.queued.Load()) }
 
-// release gives a slot back, handing it straight to the oldest waiter if
-// there is one. Each slot taken must be released exactly once. served is
-// how long the model took to serve the request, 0 when it did not serve
-// it (the request gave up, or no answer began).
+// release gives a slot back, handing it straight to the waiter whose turn
+// it is if there is one. Each slot taken must be released exactly once.
+// served is how long the model took to serve the request, 0 when it did
+// not serve it (the request gave up, or no answer began).
 func (g *gate) release(served time.Duration) {
 	g.mu.Lock()
 	g.completed++
@@ -124,29 +389,29 @@ func (g *gate) release(served time.Duration) {
 	g.mu.Unlock()
 }
 
-// grantLocked hands free slots to waiters in FIFO order.
+// grantLocked hands free slots to waiters, in turn.
 func (g *gate) grantLocked() {
-	for g.inflight < g.limits.MaxConcurrent && g.queue.len > 0 {
-		w := g.queue.popFront()
-		g.queued.Store(int64(g.queue.len))
+	for g.inflight < g.limits.MaxConcurrent && g.queueLen > 0 {
+		w := g.nextLocked()
 		g.inflight++
-		w.ready <- struct{}{} // never blocks: capacity 1, one grant per queuing
+		w.state = granted
+		w.ready <- struct{}{} // never blocks: capacity 1, one word per queuing
 	}
 }
 
 // abandon takes w out of the queue because its request gave up (timeout,
-// client gone). It reports whether a slot had already been handed to w, in
-// which case the caller owns that slot and must release it, and must drain
-// w.ready before reusing w.
-func (g *gate) abandon(w *waiter) (granted bool) {
+// client gone), and reports where it stood: waiting (taken out now), or
+// granted or displaced, in which case a word is on w.ready for the caller
+// to drain before reusing w, and a granted slot is the caller's to release.
+func (g *gate) abandon(w *waiter) waitState {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if w.queued {
-		g.queue.remove(w)
-		g.queued.Store(int64(g.queue.len))
-		return false
+	st := w.state
+	if st == waiting {
+		g.removeLocked(w)
+		w.state = 0
 	}
-	return true
+	return st
 }
 
 // setLimits applies new limits. Raised concurrency admits waiters at once;
@@ -159,6 +424,55 @@ func (g *gate) setLimits(l Limits) {
 	g.mu.Unlock()
 }
 
+// setTable puts new fairness in force. The waiters go on waiting, in the
+// order they came, each in its flow under the new table (its tenant by
+// name, or the shared one; its priority, or the default); flows' counts
+// carry over the same way.
+func (g *gate) setTable(t *flowTable) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if t == g.table {
+		return
+	}
+	old, oldBands := g.table, g.bands
+	var ws []*waiter
+	for i := range oldBands {
+		for _, f := range oldBands[i].flows {
+			if f != nil {
+				ws = append(ws, f.q.all()...)
+			}
+		}
+	}
+	slices.SortFunc(ws, func(a, b *waiter) int { return cmp.Compare(a.seq, b.seq) })
+	g.setTableLocked(t)
+	for i := range oldBands {
+		for _, f := range oldBands[i].flows {
+			if f != nil {
+				c := g.flowLocked(flowKey{t: old, tenant: f.tenant, band: f.band})
+				c.counts.admitted += f.counts.admitted
+				c.counts.displaced += f.counts.displaced
+				c.counts.rejected += f.counts.rejected
+			}
+		}
+	}
+	for _, w := range ws {
+		k := flowKey{t: old, tenant: w.flow.tenant, band: w.flow.band}
+		g.pushLocked(w, g.flowLocked(k), w.cost)
+	}
+}
+
+// setTableLocked makes empty bands and flows for t.
+func (g *gate) setTableLocked(t *flowTable) {
+	g.table, g.vtc = t, t.vtc
+	g.bands = make([]band, len(t.priorities))
+	for i := range g.bands {
+		g.bands[i].flows = make([]*flow, len(t.tenants))
+	}
+	g.tenantQueued = make([]int, len(t.tenants))
+	g.queueLen = 0
+	g.queued.Store(0)
+}
+
 // GateStats is a snapshot of one model's admission state.
 type GateStats struct {
 	Limits    Limits
@@ -168,12 +482,42 @@ type GateStats struct {
 	// Rate is the observed completion rate in requests per second, or 0
 	// when nothing has been observed yet.
 	Rate float64
+	// Bands are the model's queue by priority, highest first: every
+	// priority, with the tenants that have sent it requests.
+	Bands []BandStats
+}
+
+// BandStats is one priority's share of a model's queue.
+type BandStats struct {
+	Priority int
+	Queued   int
+	Tenants  []FlowStats // by tenant name
+}
+
+// FlowStats is one tenant's requests at one priority.
+type FlowStats struct {
+	Tenant                        string
+	Queued                        int
+	Admitted, Displaced, Rejected uint64
 }
 
 func (g *gate) stats() GateStats {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return GateStats{Limits: g.limits, InFlight: g.inflight, Queued: g.queue.len, Completed: g.completed, Rate: g.rate.perSec}
+	s := GateStats{Limits: g.limits, InFlight: g.inflight, Queued: g.queueLen, Completed: g.completed, Rate: g.rate.perSec,
+		Bands: make([]BandStats, len(g.bands))}
+	for i := range g.bands {
+		b := &g.bands[i]
+		s.Bands[i] = BandStats{Priority: g.table.priorities[i], Queued: b.len}
+		for _, f := range b.flows {
+			if f != nil {
+				s.Bands[i].Tenants = append(s.Bands[i].Tenants, FlowStats{Tenant: g.table.tenants[f.tenant].name, Queued: f.q.len,
+					Admitted: f.counts.admitted, Displaced: f.counts.displaced, Rejected: f.counts.rejected})
+			}
+		}
+		slices.SortFunc(s.Bands[i].Tenants, func(a, b FlowStats) int { return strings.Compare(a.Tenant, b.Tenant) })
+	}
+	return s
 }
 
 // MaxRetryAfter is the longest Retry-After vgw gives: the OpenAI Python
@@ -282,14 +626,7 @@ func (l *waitList) pushBack(w *waiter) {
 		l.tail.next = w
 	}
 	l.tail = w
-	w.queued = true
 	l.len++
-}
-
-func (l *waitList) popFront() *waiter {
-	w := l.head
-	l.remove(w)
-	return w
 }
 
 func (l *waitList) remove(w *waiter) {
@@ -303,6 +640,15 @@ func (l *waitList) remove(w *waiter) {
 	} else {
 		w.next.prev = w.prev
 	}
-	w.prev, w.next, w.queued = nil, nil, false
+	w.prev, w.next = nil, nil
 	l.len--
+}
+
+// all returns the waiters in order.
+func (l *waitList) all() []*waiter {
+	out := make([]*waiter, 0, l.len)
+	for w := l.head; w != nil; w = w.next {
+		out = append(out, w)
+	}
+	return out
 }

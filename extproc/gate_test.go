@@ -5,10 +5,13 @@ import (
 	"time"
 )
 
+// fifo is the fairness of a gate that has one flow: a FIFO.
+var fifo = newFlowTable(Fairness{})
+
 func newWaiter() *waiter { return &waiter{ready: make(chan struct{}, 1)} }
 
-// granted reports whether w has been handed a slot, without blocking.
-func granted(w *waiter) bool {
+// signalled reports whether w has been handed a slot (or displaced), without blocking.
+func signalled(w *waiter) bool {
 	select {
 	case <-w.ready:
 		return true
@@ -18,40 +21,40 @@ func granted(w *waiter) bool {
 }
 
 func TestGateFIFO(t *testing.T) {
-	g := newGate(Limits{MaxConcurrent: 2, MaxQueue: 3, QueueTimeout: time.Minute})
+	g := newGate(Limits{MaxConcurrent: 2, MaxQueue: 3, QueueTimeout: time.Minute}, fifo)
 	now := time.Now()
 	for i := range 2 {
-		if !g.tryAcquire(time.Now()) {
+		if !g.tryAcquire(time.Now(), flowKey{}, 0) {
 			t.Fatalf("request %d should take a slot", i)
 		}
 	}
-	if g.tryAcquire(time.Now()) {
+	if g.tryAcquire(time.Now(), flowKey{}, 0) {
 		t.Fatal("a third request took a slot")
 	}
 	ws := []*waiter{newWaiter(), newWaiter(), newWaiter()}
 	for i, w := range ws {
-		if res, depth := g.enqueue(w, now); res != enqueued || depth != i+1 {
+		if res, depth := g.enqueue(w, now, flowKey{}, 0); res != enqueued || depth != i+1 {
 			t.Fatalf("waiter %d: %v depth %d", i, res, depth)
 		}
 	}
-	if res, depth := g.enqueue(newWaiter(), now); res != full || depth != 3 {
+	if res, depth := g.enqueue(newWaiter(), now, flowKey{}, 0); res != full || depth != 3 {
 		t.Fatalf("fourth waiter: %v depth %d, want full at 3", res, depth)
 	}
 	// The middle one leaves; the others keep their order.
-	if g.abandon(ws[1]) {
-		t.Fatal("abandon reported a grant for a queued waiter")
+	if st := g.abandon(ws[1]); st != waiting {
+		t.Fatalf("abandon of a queued waiter reported %v", st)
 	}
 	g.release(0)
-	if !granted(ws[0]) || granted(ws[2]) {
+	if !signalled(ws[0]) || signalled(ws[2]) {
 		t.Fatal("the slot did not go to the oldest waiter")
 	}
 	g.release(0)
-	if !granted(ws[2]) {
+	if !signalled(ws[2]) {
 		t.Fatal("the slot did not go to the next waiter")
 	}
 	// A new request does not overtake: with nobody queued it gets a slot
 	// only once one is free.
-	if g.tryAcquire(time.Now()) {
+	if g.tryAcquire(time.Now(), flowKey{}, 0) {
 		t.Fatal("took a slot while both are held")
 	}
 	g.release(0)
@@ -64,12 +67,12 @@ func TestGateFIFO(t *testing.T) {
 // TestGateAbandonAfterGrant: a waiter that gives up just as a slot is
 // handed to it owns that slot and must give it back.
 func TestGateAbandonAfterGrant(t *testing.T) {
-	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute})
-	g.tryAcquire(time.Now())
+	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}, fifo)
+	g.tryAcquire(time.Now(), flowKey{}, 0)
 	w := newWaiter()
-	g.enqueue(w, time.Now())
+	g.enqueue(w, time.Now(), flowKey{}, 0)
 	g.release(0) // hands the slot to w
-	if !g.abandon(w) {
+	if g.abandon(w) != granted {
 		t.Fatal("abandon after a grant must report the grant")
 	}
 	<-w.ready
@@ -80,14 +83,14 @@ func TestGateAbandonAfterGrant(t *testing.T) {
 }
 
 func TestGateSetLimits(t *testing.T) {
-	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 4, QueueTimeout: time.Minute})
-	g.tryAcquire(time.Now())
+	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 4, QueueTimeout: time.Minute}, fifo)
+	g.tryAcquire(time.Now(), flowKey{}, 0)
 	ws := []*waiter{newWaiter(), newWaiter()}
 	for _, w := range ws {
-		g.enqueue(w, time.Now())
+		g.enqueue(w, time.Now(), flowKey{}, 0)
 	}
 	g.setLimits(Limits{MaxConcurrent: 3, MaxQueue: 4, QueueTimeout: time.Minute})
-	if !granted(ws[0]) || !granted(ws[1]) {
+	if !signalled(ws[0]) || !signalled(ws[1]) {
 		t.Fatal("raising max_concurrent did not admit the waiters")
 	}
 	if st := g.stats(); st.InFlight != 3 || st.Queued != 0 {
@@ -113,26 +116,31 @@ func TestRetryAfter(t *testing.T) {
 		capped bool
 	}{
 		{name: "nothing known, just started: a second apart", slots: 1,
-			setup: func(g *gate) time.Time { g.tryAcquire(t0); return t0 },
+			setup: func(g *gate) time.Time { g.tryAcquire(t0, flowKey{}, 0); return t0 },
 			want:  []time.Duration{time.Second, 2 * time.Second, 3 * time.Second}},
 		{name: "nothing known, in flight for 5s: its remaining 5s, then 10s apart", slots: 1,
-			setup: func(g *gate) time.Time { g.tryAcquire(t0); return t0.Add(5 * time.Second) },
+			setup: func(g *gate) time.Time { g.tryAcquire(t0, flowKey{}, 0); return t0.Add(5 * time.Second) },
 			want:  []time.Duration{5 * time.Second, 15 * time.Second, 25 * time.Second}},
 		{name: "served 10s each, 2 slots: 5s apart, the first in half a turn", slots: 2,
 			setup: func(g *gate) time.Time {
-				g.tryAcquire(t0)
+				g.tryAcquire(t0, flowKey{}, 0)
 				g.release(10 * time.Second)
-				g.tryAcquire(t0)
+				g.tryAcquire(t0, flowKey{}, 0)
 				return t0
 			},
 			want: []time.Duration{2500 * time.Millisecond, 7500 * time.Millisecond, 12500 * time.Millisecond}},
 		{name: "a slow model: capped", slots: 1,
-			setup: func(g *gate) time.Time { g.tryAcquire(t0); g.release(50 * time.Second); g.tryAcquire(t0); return t0 },
-			want:  []time.Duration{25 * time.Second, MaxRetryAfter, MaxRetryAfter}},
+			setup: func(g *gate) time.Time {
+				g.tryAcquire(t0, flowKey{}, 0)
+				g.release(50 * time.Second)
+				g.tryAcquire(t0, flowKey{}, 0)
+				return t0
+			},
+			want: []time.Duration{25 * time.Second, MaxRetryAfter, MaxRetryAfter}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			g := newGate(Limits{MaxConcurrent: tt.slots, MaxQueue: 1, QueueTimeout: 30 * time.Second})
+			g := newGate(Limits{MaxConcurrent: tt.slots, MaxQueue: 1, QueueTimeout: 30 * time.Second}, fifo)
 			now := tt.setup(g)
 			for i, want := range tt.want {
 				got := g.retryAfter(now)
@@ -145,10 +153,10 @@ func TestRetryAfter(t *testing.T) {
 		})
 	}
 	// Turns given long ago do not push new ones back.
-	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 1})
-	g.tryAcquire(t0)
+	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 1}, fifo)
+	g.tryAcquire(t0, flowKey{}, 0)
 	g.release(2 * time.Second)
-	g.tryAcquire(t0)
+	g.tryAcquire(t0, flowKey{}, 0)
 	g.retryAfter(t0)
 	g.retryAfter(t0)
 	if got := g.retryAfter(t0.Add(time.Hour)); !within(got, time.Second) {

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -128,7 +129,8 @@ type Server struct {
 	maxMessageTimeout time.Duration
 
 	models atomic.Pointer[modelTable]
-	setMu  sync.Mutex // serialises SetModels, and guards retired
+	flows  atomic.Pointer[flowTable] // see Fairness
+	setMu  sync.Mutex                // serialises SetModels and SetFairness, and guards retired
 	// retired holds the entries of models removed from the config, and
 	// when each was, so that a model added back gets its old gate: the
 	// requests it still has in flight count against its max_concurrent,
@@ -247,9 +249,9 @@ func (c *counts) snapshot() Counts {
 	return out
 }
 
-func newModelEntry(m Model) *modelEntry {
+func newModelEntry(m Model, t *flowTable) *modelEntry {
 	q, _ := json.Marshal(m.Name) // a string: cannot fail
-	e := &modelEntry{name: m.Name, quoted: q, gate: newGate(m.Limits), queueFullBody: queueFull(m.Name, 0).body()}
+	e := &modelEntry{name: m.Name, quoted: q, gate: newGate(m.Limits, t), queueFullBody: queueFull(m.Name, 0).body()}
 	e.setCluster(m.Cluster)
 	return e
 }
@@ -336,6 +338,9 @@ type Options struct {
 	// State, when set, tells a model's state (by its own name) for the
 	// model list's vgw_state: "ready", "loading", "stopped" and so on.
 	State func(model string) string
+	// Fairness is how tenants share each model's queue; the zero value
+	// puts every request in one flow at one priority, a FIFO.
+	Fairness Fairness
 }
 
 // Defaults, matching Envoy's own where the value mirrors an Envoy setting.
@@ -374,6 +379,7 @@ func New(models []Model, leases Leases, o Options) *Server {
 		s.state = func(string) string { return "" }
 	}
 	s.trustModelHeader.Store(o.TrustModelHeader)
+	s.flows.Store(newFlowTable(o.Fairness))
 	if s.decisions == nil {
 		s.decisions = NewDecisionLog(4096)
 	}
@@ -427,7 +433,7 @@ func (s *Server) SetModels(models []Model) {
 			e.gate.setLimits(m.Limits)
 			e.setCluster(m.Cluster)
 		} else {
-			e = newModelEntry(m)
+			e = newModelEntry(m, s.flows.Load())
 		}
 		d, err := parseDefaults(m.Defaults)
 		if err != nil {
@@ -470,6 +476,25 @@ func (s *Server) SetModels(models []Model) {
 		}
 	}
 	s.models.Store(t)
+}
+
+// SetFairness puts new fairness settings in force, for requests from now
+// on and for those waiting (see gate.setTable). Settings equal to those
+// in force change nothing.
+func (s *Server) SetFairness(f Fairness) {
+	s.setMu.Lock()
+	defer s.setMu.Unlock()
+	t := newFlowTable(f)
+	if reflect.DeepEqual(t, s.flows.Load()) {
+		return
+	}
+	s.flows.Store(t)
+	for _, e := range s.models.Load().models {
+		e.gate.setTable(t)
+	}
+	for _, r := range s.retired {
+		r.entry.gate.setTable(t)
+	}
 }
 
 // name adds a name that routes to e, unless it is taken.

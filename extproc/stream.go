@@ -115,8 +115,10 @@ type stream struct {
 	respBodyMode filterv3.ProcessingMode_BodySendMode
 
 	model      *modelEntry
-	held       bool  // a slot of model.gate is ours
-	lease      Lease // the model's server is ours: admitted
+	key        flowKey // the request's tenant and priority
+	size       int     // the request's bytes (its content-length until its body is read), for VTC
+	held       bool    // a slot of model.gate is ours
+	lease      Lease   // the model's server is ours: admitted
 	admittedAt time.Time
 	status     int // upstream :status
 
@@ -240,10 +242,11 @@ func headerValue(h *corev3.HeaderValue) []byte {
 }
 
 func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
-	var method, path, model, contentLength, contentType []byte
+	var method, path, model, contentLength, contentType, tenant, objective []byte
 	var hasModel, hasCluster bool
+	ft := st.s.flows.Load()
 	for _, hv := range h.GetHeaders().GetHeaders() {
-		switch hv.GetKey() {
+		switch k := hv.GetKey(); k {
 		case ":method":
 			method = headerValue(hv)
 		case ":path":
@@ -256,8 +259,13 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 			contentType = headerValue(hv)
 		case HeaderCluster:
 			hasCluster = true
+		case ft.tenantHeader:
+			tenant = headerValue(hv)
+		case ft.objectiveHeader:
+			objective = headerValue(hv)
 		}
 	}
+	st.key = ft.key(tenant, objective)
 	t, id := targetOf(path)
 	if done, err := st.local(method, t, id); done {
 		return true, err
@@ -270,6 +278,7 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 		if err == nil && n > int64(st.maxBody) {
 			return true, st.reject(emptyModel, tooLarge(st.maxBody), 0, time.Time{})
 		}
+		st.size = int(max(n, 0))
 	}
 	if hasModel && st.s.trustModelHeader.Load() {
 		// The header fast path, where the operator trusts whoever sets
@@ -413,7 +422,10 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 		return true, st.reject(&m.name, draining(m.name), m.gate.depth(), time.Time{})
 	}
 	start := time.Now()
-	if m.gate.tryAcquire(start) {
+	if st.body != nil {
+		st.size = len(st.body)
+	}
+	if m.gate.tryAcquire(start, st.key, st.size) {
 		st.held = true
 		budget, margin := s.waitBudget(0)
 		return st.proceed(ReasonSlotFree, start, start, start.Add(budget), margin, 0, atHeaders)
@@ -423,7 +435,7 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 	budget, margin := s.waitBudget(limits.QueueTimeout)
 	deadline := start.Add(budget)
 	w := waiterPool.Get().(*waiter)
-	res, depth := m.gate.enqueue(w, start)
+	res, depth := m.gate.enqueue(w, start, st.key, st.size)
 	switch res {
 	case admitted:
 		waiterPool.Put(w)
@@ -434,6 +446,9 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 		r := queueFull(m.name, m.gate.retryAfter(start))
 		r.rendered = m.queueFullBody
 		return true, st.reject(&m.name, r, depth, time.Time{})
+	case tenantFull:
+		waiterPool.Put(w)
+		return true, st.reject(&m.name, tenantQueueFull(m.name, st.tenant(), m.gate.retryAfter(start)), depth, time.Time{})
 	}
 
 	st.record(&decision{at: start, model: &m.name, outcome: OutcomeQueued, reason: ReasonWaitSlot, depth: depth})
@@ -451,6 +466,8 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 	case ReasonClientGone:
 		st.abandoned(start)
 		return true, nil // Envoy reset the stream: nobody is listening
+	case ReasonDisplaced:
+		return true, st.reject(&m.name, displacedBy(m.name, m.gate.retryAfter(time.Now())), m.gate.depth(), start)
 	default:
 		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), start)
 	}
@@ -468,15 +485,19 @@ func (st *stream) proceed(reason Reason, start, now, deadline time.Time, margin 
 	return st.waitForModel(start, deadline, margin, depth, atHeaders)
 }
 
-// waitSlot waits for w to be handed a slot, for the deadline, or for the
-// client to leave, and reports which came first. A slot handed over as the
-// wait gives up is given straight back.
+// waitSlot waits for w to be handed a slot or displaced, for the
+// deadline, or for the client to leave, and reports which came first. A
+// slot handed over as the wait gives up is given straight back.
 func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
 	select {
 	case <-w.ready:
+		got := w.state // written before the word was sent
 		waiterPool.Put(w)
+		if got == displaced {
+			return ReasonDisplaced
+		}
 		return ReasonSlotGranted
 	case <-timer.C:
 		st.leaveQueue(w)
@@ -490,9 +511,12 @@ func (st *stream) waitSlot(w *waiter, deadline time.Time) Reason {
 // leaveQueue takes w out of its model's queue for a request that gives up.
 // A slot handed to w as it gave up is given straight back.
 func (st *stream) leaveQueue(w *waiter) {
-	if st.model.gate.abandon(w) {
+	switch st.model.gate.abandon(w) {
+	case granted:
 		<-w.ready
 		st.model.gate.release(0)
+	case displaced:
+		<-w.ready
 	}
 	waiterPool.Put(w)
 }
@@ -765,6 +789,9 @@ func (st *stream) reject(model *string, r *rejection, depth int, start time.Time
 // waited, the wait observer.
 func (st *stream) record(d *decision) {
 	s := st.s
+	if k := st.key; k.t != nil {
+		d.tenant, d.priority = &k.t.tenants[k.tenant].name, k.t.priorities[k.band]
+	}
 	s.decisions.record(d)
 	if s.log.Enabled(st.ctx, slog.LevelDebug) {
 		s.log.LogAttrs(st.ctx, slog.LevelDebug, "decision",
@@ -773,6 +800,8 @@ func (st *stream) record(d *decision) {
 			slog.String("reason", d.reason.String()),
 			slog.Int("status", d.status),
 			slog.Int("queue_depth", d.depth),
+			slog.String("tenant", st.tenant()),
+			slog.Int("priority", d.priority),
 			slog.Duration("wait", d.wait))
 	}
 	if st.model != nil {
@@ -783,6 +812,14 @@ func (st *stream) record(d *decision) {
 	if d.wait > 0 && d.outcome != OutcomeQueued && s.waited != nil {
 		s.waited(*d.model, d.wait)
 	}
+}
+
+// tenant is the name of the request's tenant, "" before it is known.
+func (st *stream) tenant() string {
+	if k := st.key; k.t != nil {
+		return k.t.tenants[k.tenant].name
+	}
+	return ""
 }
 
 // abandoned records that the client left while its request waited.

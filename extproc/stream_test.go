@@ -82,7 +82,7 @@ func TestOverrideSendFailsAfterGrant(t *testing.T) {
 	s := New([]Model{{Name: "m", Cluster: "c", Limits: Limits{MaxConcurrent: 1, MaxQueue: 1, QueueTimeout: time.Minute}}},
 		readyLeases{}, Options{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: time.Minute})
 	g := s.models.Load().lookup([]byte("m")).model.gate
-	if !g.tryAcquire(time.Now()) {
+	if !g.tryAcquire(time.Now(), flowKey{}, 0) {
 		t.Fatal("could not take the only slot")
 	}
 	srv := &scriptedStream{ctx: context.Background(), msgs: []*extprocv3.ProcessingRequest{bodyMsg(`{"model":"m"}`)}, end: io.EOF}

@@ -130,6 +130,7 @@ func startApp(cfg *config.Config, log *slog.Logger, o appOptions) (*app, error) 
 		Redact:            a.redactor.Redact,
 		TrustModelHeader:  cfg.TrustModelHeader,
 		State:             modelState(mgr),
+		Fairness:          fairnessOf(cfg),
 	})
 	svc := admin.NewService(admin.Options{
 		Manager: mgr, Admission: a.ep, Envoys: a.xds, Level: o.level,
@@ -271,6 +272,7 @@ func (a *app) configReloaded(err error) {
 func (a *app) reconfigure(cfg *config.Config) {
 	a.setSecrets(cfg)
 	a.mgr.Update(cfg) // a new View, which the xDS server follows
+	a.ep.SetFairness(fairnessOf(cfg))
 	a.ep.SetModels(extprocModels(cfg))
 	a.ep.SetTrustModelHeader(cfg.TrustModelHeader)
 	a.metrics.Models(cfg.ModelNames())
@@ -350,4 +352,20 @@ func extprocModels(cfg *config.Config) []extproc.Model {
 		}
 	}
 	return ms
+}
+
+// fairnessOf resolves how tenants share each model's queue.
+func fairnessOf(cfg *config.Config) extproc.Fairness {
+	f := extproc.Fairness{
+		TenantHeader:      cfg.TenantHeader,
+		ObjectiveHeader:   cfg.ObjectiveHeader,
+		Objectives:        cfg.Objectives,
+		MaxQueuePerTenant: cfg.MaxQueuePerTenant,
+		VTC:               cfg.Fairness == config.FairVTC,
+	}
+	for _, name := range slices.Sorted(maps.Keys(cfg.Tenants)) {
+		t := cfg.Tenants[name]
+		f.Tenants = append(f.Tenants, extproc.Tenant{Name: name, Weight: t.FairWeight(), MaxQueue: cfg.TenantMaxQueue(name)})
+	}
+	return f
 }
