@@ -145,6 +145,13 @@ type harness struct {
 // are the shipped bootstrap's unless it sets them.
 func start(t testing.TB, models []extproc.Model, opts ...extproc.Options) *harness {
 	t.Helper()
+	return startEdited(t, models, nil, opts...)
+}
+
+// startEdited is start with the Envoy's filter edited, as an operator
+// would edit envoy.yaml.
+func startEdited(t testing.TB, models []extproc.Model, edit func(*extproctest.Filter), opts ...extproc.Options) *harness {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -163,6 +170,9 @@ func start(t testing.TB, models []extproc.Model, opts ...extproc.Options) *harne
 		// An operator who trusts x-vgw-model keeps it: envoy.yaml says to
 		// strip only the others then.
 		f.StripHeader = func(k string) bool { return k == extproc.HeaderCluster || k == extproc.HeaderQueueDepth }
+	}
+	if edit != nil {
+		edit(&f)
 	}
 	h.srv = extproc.New(withClusters(models), h.leases, o)
 	g := grpc.NewServer(h.srv.ServerOptions()...)
