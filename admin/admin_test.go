@@ -103,7 +103,11 @@ type fakeAdmission struct {
 }
 
 func (f *fakeAdmission) AllStats() map[string]extproc.GateStats {
-	return map[string]extproc.GateStats{"llama": {Limits: extproc.Limits{MaxConcurrent: 8, MaxQueue: 32}, InFlight: 3, Queued: 2}}
+	return map[string]extproc.GateStats{"llama": {Limits: extproc.Limits{MaxConcurrent: 8, MaxQueue: 32}, InFlight: 3, Queued: 2,
+		Bands: []extproc.BandStats{
+			{Priority: 10, Tenants: []extproc.FlowStats{{Tenant: "team-a", Admitted: 4}}},
+			{Priority: 0, Queued: 2, Tenants: []extproc.FlowStats{{Tenant: "default-flow", Queued: 2, Admitted: 1, Displaced: 1, Rejected: 3}}},
+		}}}
 }
 func (f *fakeAdmission) Counts() map[string]extproc.Counts {
 	f.mu.Lock()
@@ -189,6 +193,10 @@ func TestStatus(t *testing.T) {
 	m := st.Models[0]
 	if m.State != "ready" || m.Cluster != "model/llama" || m.InFlight != 3 || m.QueueDepth != 2 || m.MaxConcurrent != 8 || m.LastUsed != nil {
 		t.Errorf("model %v", m)
+	}
+	if q := m.Queue; len(q) != 2 || q[0].Priority != 10 || q[0].Tenants[0].Tenant != "team-a" || q[0].Tenants[0].Admitted != 4 ||
+		q[1].Queued != 2 || q[1].Tenants[0].Displaced != 1 || q[1].Tenants[0].Rejected != 3 {
+		t.Errorf("queue %v", m.Queue)
 	}
 	if e := st.Envoys; len(e) != 1 || e[0].LastNack.GetError() != "bad cluster" || e[0].ClustersVersion != "v8" ||
 		e[0].SilentStreams != 1 || e[0].SilentSince.AsTime().Unix() != 1000 {
@@ -615,30 +623,34 @@ func TestHTTP(t *testing.T) {
 		t.Fatalf("/metrics: %v", err)
 	}
 	want := map[string]float64{
-		`vgw_gpu_info{gpu="0",name="g",uuid=""}`:                   1,
-		`vgw_gpu_memory_used_bytes{gpu="0"}`:                       20 << 30,
-		`vgw_gpu_memory_total_bytes{gpu="0"}`:                      80 << 30,
-		`vgw_requests_in_flight{model="llama"}`:                    3,
-		`vgw_model_max_concurrent{model="llama"}`:                  8,
-		`vgw_decisions_total{model="llama",outcome="admitted"}`:    5,
-		`vgw_decisions_total{model="_unknown",outcome="rejected"}`: 2,
-		`vgw_queued_total{model="llama"}`:                          4,
-		`vgw_answers_total{model="_unknown",status="404"}`:         2,
-		`vgw_answers_total{model="llama",status="other"}`:          1,
-		`vgw_xds_connected_envoys`:                                 1,
-		`vgw_draining`:                                             0,
-		`vgw_queue_depth{model="llama"}`:                           2,
-		`vgw_xds_pushes_total`:                                     8,
-		`vgw_xds_acks_total`:                                       15,
-		`vgw_xds_nacks_total`:                                      1,
-		`vgw_xds_silent_streams`:                                   1,
-		`vgw_extproc_idle_streams_ended_total`:                     2,
-		`vgw_model_events_total{kind="unhealthy",model="llama"}`:   0,
-		`vgw_model_events_total{kind="crashed",model="llama"}`:     0,
-		`vgw_model_events_total{kind="ready",model="llama"}`:       1,
-		`vgw_model_state{model="llama",state="ready"}`:             1,
-		`vgw_model_load_seconds_count{model="llama"}`:              1,
-		`vgw_queue_wait_seconds_count{model="llama"}`:              1,
+		`vgw_gpu_info{gpu="0",name="g",uuid=""}`:                                                       1,
+		`vgw_gpu_memory_used_bytes{gpu="0"}`:                                                           20 << 30,
+		`vgw_gpu_memory_total_bytes{gpu="0"}`:                                                          80 << 30,
+		`vgw_requests_in_flight{model="llama"}`:                                                        3,
+		`vgw_model_max_concurrent{model="llama"}`:                                                      8,
+		`vgw_decisions_total{model="llama",outcome="admitted"}`:                                        5,
+		`vgw_decisions_total{model="_unknown",outcome="rejected"}`:                                     2,
+		`vgw_queued_total{model="llama"}`:                                                              4,
+		`vgw_answers_total{model="_unknown",status="404"}`:                                             2,
+		`vgw_answers_total{model="llama",status="other"}`:                                              1,
+		`vgw_xds_connected_envoys`:                                                                     1,
+		`vgw_draining`:                                                                                 0,
+		`vgw_queue_depth{model="llama"}`:                                                               2,
+		`vgw_flow_queue_depth{model="llama",priority="0",tenant="default-flow"}`:                       2,
+		`vgw_flow_requests_total{model="llama",priority="10",result="admitted",tenant="team-a"}`:       4,
+		`vgw_flow_requests_total{model="llama",priority="0",result="displaced",tenant="default-flow"}`: 1,
+		`vgw_flow_requests_total{model="llama",priority="0",result="rejected",tenant="default-flow"}`:  3,
+		`vgw_xds_pushes_total`:                                                                         8,
+		`vgw_xds_acks_total`:                                                                           15,
+		`vgw_xds_nacks_total`:                                                                          1,
+		`vgw_xds_silent_streams`:                                                                       1,
+		`vgw_extproc_idle_streams_ended_total`:                                                         2,
+		`vgw_model_events_total{kind="unhealthy",model="llama"}`:                                       0,
+		`vgw_model_events_total{kind="crashed",model="llama"}`:                                         0,
+		`vgw_model_events_total{kind="ready",model="llama"}`:                                           1,
+		`vgw_model_state{model="llama",state="ready"}`:                                                 1,
+		`vgw_model_load_seconds_count{model="llama"}`:                                                  1,
+		`vgw_queue_wait_seconds_count{model="llama"}`:                                                  1,
 	}
 	for k, v := range want {
 		if g, ok := got[k]; !ok || g != v {

@@ -152,6 +152,8 @@ var (
 	descQueued    = prometheus.NewDesc("vgw_queued_total", "Times a request had to wait, for a slot or for its model to load, by model.", []string{"model"}, nil)
 	descAnswers   = prometheus.NewDesc("vgw_answers_total", "Errors vgw answered itself instead of sending the request on, by model and HTTP status (other: a status not listed).", []string{"model", "status"}, nil)
 	descQueue     = prometheus.NewDesc("vgw_queue_depth", "Requests waiting for a slot, by model.", []string{"model"}, nil)
+	descFlowQueue = prometheus.NewDesc("vgw_flow_queue_depth", "Requests waiting for a slot, by model, priority and tenant (a configured tenant, or default-flow for every other); sum by priority for a band's, by tenant for a tenant's.", []string{"model", "priority", "tenant"}, nil)
+	descFlowReqs  = prometheus.NewDesc("vgw_flow_requests_total", "What became of requests as they asked a model for a slot, by model, priority, tenant and result: admitted (given a slot, at once or after waiting), displaced (taken out of the full queue for a later request of a higher priority or of a tenant further under its share: 429), rejected (the queue or the tenant's share of it was full as it came: 429).", []string{"model", "priority", "tenant", "result"}, nil)
 	descInFlight  = prometheus.NewDesc("vgw_requests_in_flight", "Requests holding a slot (sent on, or waiting for their model to load), by model.", []string{"model"}, nil)
 	descLimit     = prometheus.NewDesc("vgw_model_max_concurrent", "The model's limit on requests in flight.", []string{"model"}, nil)
 	descState     = prometheus.NewDesc("vgw_model_state", "1 for the state each model is in: "+strings.Join(manager.StateNames(), ", ")+".", []string{"model", "state"}, nil)
@@ -174,7 +176,7 @@ var (
 type collector struct{ svc *Service }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descDecisions, descQueued, descAnswers, descQueue, descInFlight, descLimit, descState,
+	for _, d := range []*prometheus.Desc{descDecisions, descQueued, descAnswers, descQueue, descFlowQueue, descFlowReqs, descInFlight, descLimit, descState,
 		descGPUInfo, descGPUUsed, descGPUTotal, descHostUsed, descHostLimit, descPushes, descACKs, descNACKs, descEnvoys, descDraining, descSilent, descIdleEnded} {
 		ch <- d
 	}
@@ -205,6 +207,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(g.Queued), model)
 		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(g.InFlight), model)
 		ch <- prometheus.MustNewConstMetric(descLimit, prometheus.GaugeValue, float64(g.Limits.MaxConcurrent), model)
+		for _, b := range g.Bands {
+			p := strconv.Itoa(b.Priority)
+			for _, f := range b.Tenants {
+				ch <- prometheus.MustNewConstMetric(descFlowQueue, prometheus.GaugeValue, float64(f.Queued), model, p, f.Tenant)
+				ch <- prometheus.MustNewConstMetric(descFlowReqs, prometheus.CounterValue, float64(f.Admitted), model, p, f.Tenant, "admitted")
+				ch <- prometheus.MustNewConstMetric(descFlowReqs, prometheus.CounterValue, float64(f.Displaced), model, p, f.Tenant, "displaced")
+				ch <- prometheus.MustNewConstMetric(descFlowReqs, prometheus.CounterValue, float64(f.Rejected), model, p, f.Tenant, "rejected")
+			}
+		}
 	}
 	v := d.Manager.View()
 	for _, m := range v.Models {

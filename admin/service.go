@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -171,6 +173,7 @@ func (s *Service) model(m *manager.ModelView, g extproc.GateStats) *adminv1.Mode
 	for _, g := range m.GPUs {
 		pm.Gpus = append(pm.Gpus, int32(g))
 	}
+	pm.Queue = queueBands(g.Bands)
 	if t := m.LastUsed(); !t.IsZero() {
 		pm.LastUsed = timestamppb.New(t)
 	}
@@ -183,11 +186,25 @@ func (s *Service) model(m *manager.ModelView, g extproc.GateStats) *adminv1.Mode
 	return pm
 }
 
+// queueBands renders a model's queue by priority.
+func queueBands(bands []extproc.BandStats) []*adminv1.QueueBand {
+	out := make([]*adminv1.QueueBand, 0, len(bands))
+	for _, b := range bands {
+		qb := &adminv1.QueueBand{Priority: int32(b.Priority), Queued: int32(b.Queued)}
+		for _, f := range b.Tenants {
+			qb.Tenants = append(qb.Tenants, &adminv1.TenantQueue{Tenant: f.Tenant, Queued: int32(f.Queued),
+				Admitted: f.Admitted, Displaced: f.Displaced, Rejected: f.Rejected})
+		}
+		out = append(out, qb)
+	}
+	return out
+}
+
 // config renders the config in force. It leaves out every env map: they
 // carry secrets (HF_TOKEN and the like).
 func (s *Service) config() *adminv1.Config {
 	c := s.d.Config()
-	return &adminv1.Config{
+	pc := &adminv1.Config{
 		Path: c.Path, LogLevel: strings.ToLower(s.d.Level.Level().String()),
 		Runtime: c.Runtime.Kind, Image: c.Runtime.Image,
 		MaxConcurrent: int32(c.MaxConcurrent), MaxQueue: int32(c.MaxQueue),
@@ -197,7 +214,24 @@ func (s *Service) config() *adminv1.Config {
 		DrainTimeout: durationpb.New(c.DrainTimeout.Std()), MaxMessageTimeout: durationpb.New(c.Envoy.MaxMessageTimeout.Std()),
 		Listen: map[string]string{"extproc": c.Listen.ExtProc, "xds": c.Listen.XDS, "admin": c.Listen.Admin, "http": c.Listen.HTTP},
 		Sleep:  string(c.Sleep), HostMemory: c.HostMemory.String(),
+		TenantHeader: c.TenantHeader, ObjectiveHeader: c.ObjectiveHeader, MaxQueuePerTenant: int32(c.MaxQueuePerTenant),
+		Fairness: c.Fairness,
 	}
+	if len(c.Objectives) > 0 {
+		pc.Objectives = map[string]int32{}
+		for name, p := range c.Objectives {
+			pc.Objectives[name] = int32(p)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.Tenants)) {
+		t := c.Tenants[name]
+		pt := &adminv1.TenantConfig{Name: name, Weight: int32(t.FairWeight()), MaxQueue: int32(c.TenantMaxQueue(name))}
+		if t != nil {
+			pt.Rpm, pt.Tpm = int32(t.RPM), int32(t.TPM)
+		}
+		pc.Tenants = append(pc.Tenants, pt)
+	}
+	return pc
 }
 
 func (s *Service) GetStatus(context.Context, *adminv1.GetStatusRequest) (*adminv1.Status, error) {
@@ -332,7 +366,7 @@ func (s *Service) SetLogLevel(ctx context.Context, req *adminv1.SetLogLevelReque
 }
 
 func (s *Service) ListDecisions(_ context.Context, req *adminv1.ListDecisionsRequest) (*adminv1.ListDecisionsResponse, error) {
-	f := extproc.Filter{Model: req.GetModel(), Limit: int(req.GetLimit())}
+	f := extproc.Filter{Model: req.GetModel(), Tenant: req.GetTenant(), Limit: int(req.GetLimit())}
 	if f.Limit <= 0 {
 		f.Limit = 100
 	}
@@ -348,6 +382,7 @@ func (s *Service) ListDecisions(_ context.Context, req *adminv1.ListDecisionsReq
 		resp.Decisions = append(resp.Decisions, &adminv1.Decision{
 			Time: timestamppb.New(d.Time), Model: d.Model, Outcome: d.Outcome.String(), Reason: d.Reason.String(),
 			Status: int32(d.Status), QueueDepth: int32(d.QueueDepth), Wait: durationpb.New(d.Wait),
+			Tenant: d.Tenant, Priority: int32(d.Priority),
 		})
 	}
 	return resp, nil

@@ -334,6 +334,15 @@ func TestAdminWithGrpcurl(t *testing.T) {
 	if len(ds.GetDecisions()) != 0 {
 		t.Errorf("ListDecisions for qwen before any request: %v", &ds)
 	}
+	// The request named no tenant: it is the shared flow's, at priority 0.
+	g.call("ListDecisions", `{"tenant":"default-flow"}`, &ds)
+	if len(ds.GetDecisions()) == 0 || ds.GetDecisions()[0].GetTenant() != "default-flow" || ds.GetDecisions()[0].GetPriority() != 0 {
+		t.Errorf("ListDecisions for default-flow: %v", &ds)
+	}
+	g.call("ListDecisions", `{"tenant":"nobody"}`, &ds)
+	if len(ds.GetDecisions()) != 0 {
+		t.Errorf("ListDecisions for a tenant that sent nothing: %v", &ds)
+	}
 
 	// A request for qwen evicts llama (both do not fit) and waits for the
 	// load: an eviction, a load and a queue wait for the metrics.

@@ -314,10 +314,13 @@ type Model struct {
 	// profiling, capturing_graphs, ready; empty before it told any) and how
 	// far through it, where the log says, and how long it is expected to
 	// take yet, from how long its last load (or wake) took.
-	Began         *timestamppb.Timestamp `protobuf:"bytes,25,opt,name=began,proto3" json:"began,omitempty"`
-	Phase         string                 `protobuf:"bytes,26,opt,name=phase,proto3" json:"phase,omitempty"`
-	PhasePercent  *int32                 `protobuf:"varint,27,opt,name=phase_percent,json=phasePercent,proto3,oneof" json:"phase_percent,omitempty"`
-	ExpectedLeft  *durationpb.Duration   `protobuf:"bytes,28,opt,name=expected_left,json=expectedLeft,proto3" json:"expected_left,omitempty"`
+	Began        *timestamppb.Timestamp `protobuf:"bytes,25,opt,name=began,proto3" json:"began,omitempty"`
+	Phase        string                 `protobuf:"bytes,26,opt,name=phase,proto3" json:"phase,omitempty"`
+	PhasePercent *int32                 `protobuf:"varint,27,opt,name=phase_percent,json=phasePercent,proto3,oneof" json:"phase_percent,omitempty"`
+	ExpectedLeft *durationpb.Duration   `protobuf:"bytes,28,opt,name=expected_left,json=expectedLeft,proto3" json:"expected_left,omitempty"`
+	// The model's queue by priority, highest first: every priority, with
+	// each tenant that has sent requests at it (see Config.tenants).
+	Queue         []*QueueBand `protobuf:"bytes,29,rep,name=queue,proto3" json:"queue,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -548,6 +551,158 @@ func (x *Model) GetExpectedLeft() *durationpb.Duration {
 	return nil
 }
 
+func (x *Model) GetQueue() []*QueueBand {
+	if x != nil {
+		return x.Queue
+	}
+	return nil
+}
+
+// One priority's share of a model's queue.
+type QueueBand struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Priority      int32                  `protobuf:"varint,1,opt,name=priority,proto3" json:"priority,omitempty"`
+	Queued        int32                  `protobuf:"varint,2,opt,name=queued,proto3" json:"queued,omitempty"`
+	Tenants       []*TenantQueue         `protobuf:"bytes,3,rep,name=tenants,proto3" json:"tenants,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueBand) Reset() {
+	*x = QueueBand{}
+	mi := &file_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueBand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueBand) ProtoMessage() {}
+
+func (x *QueueBand) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueBand.ProtoReflect.Descriptor instead.
+func (*QueueBand) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *QueueBand) GetPriority() int32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *QueueBand) GetQueued() int32 {
+	if x != nil {
+		return x.Queued
+	}
+	return 0
+}
+
+func (x *QueueBand) GetTenants() []*TenantQueue {
+	if x != nil {
+		return x.Tenants
+	}
+	return nil
+}
+
+// One tenant's requests at one priority, for one model: those waiting,
+// and what became of them so far. A tenant that is not configured is
+// counted as default-flow.
+type TenantQueue struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Tenant string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Queued int32                  `protobuf:"varint,2,opt,name=queued,proto3" json:"queued,omitempty"`
+	// Given a slot, at once or after waiting.
+	Admitted uint64 `protobuf:"varint,3,opt,name=admitted,proto3" json:"admitted,omitempty"`
+	// Taken out of the full queue for a later request of a higher priority,
+	// or of a tenant further over its share: answered 429.
+	Displaced uint64 `protobuf:"varint,4,opt,name=displaced,proto3" json:"displaced,omitempty"`
+	// Turned away as they came: the queue, or the tenant's share of it,
+	// was full (429).
+	Rejected      uint64 `protobuf:"varint,5,opt,name=rejected,proto3" json:"rejected,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TenantQueue) Reset() {
+	*x = TenantQueue{}
+	mi := &file_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TenantQueue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TenantQueue) ProtoMessage() {}
+
+func (x *TenantQueue) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TenantQueue.ProtoReflect.Descriptor instead.
+func (*TenantQueue) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *TenantQueue) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *TenantQueue) GetQueued() int32 {
+	if x != nil {
+		return x.Queued
+	}
+	return 0
+}
+
+func (x *TenantQueue) GetAdmitted() uint64 {
+	if x != nil {
+		return x.Admitted
+	}
+	return 0
+}
+
+func (x *TenantQueue) GetDisplaced() uint64 {
+	if x != nil {
+		return x.Displaced
+	}
+	return 0
+}
+
+func (x *TenantQueue) GetRejected() uint64 {
+	if x != nil {
+		return x.Rejected
+	}
+	return 0
+}
+
 type EnvoyNode struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Node    string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -568,7 +723,7 @@ type EnvoyNode struct {
 
 func (x *EnvoyNode) Reset() {
 	*x = EnvoyNode{}
-	mi := &file_admin_proto_msgTypes[4]
+	mi := &file_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -580,7 +735,7 @@ func (x *EnvoyNode) String() string {
 func (*EnvoyNode) ProtoMessage() {}
 
 func (x *EnvoyNode) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[4]
+	mi := &file_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -593,7 +748,7 @@ func (x *EnvoyNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnvoyNode.ProtoReflect.Descriptor instead.
 func (*EnvoyNode) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{4}
+	return file_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *EnvoyNode) GetNode() string {
@@ -658,7 +813,7 @@ type NACK struct {
 
 func (x *NACK) Reset() {
 	*x = NACK{}
-	mi := &file_admin_proto_msgTypes[5]
+	mi := &file_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -670,7 +825,7 @@ func (x *NACK) String() string {
 func (*NACK) ProtoMessage() {}
 
 func (x *NACK) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[5]
+	mi := &file_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -683,7 +838,7 @@ func (x *NACK) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NACK.ProtoReflect.Descriptor instead.
 func (*NACK) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{5}
+	return file_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *NACK) GetTime() *timestamppb.Timestamp {
@@ -741,15 +896,25 @@ type Config struct {
 	MaxMessageTimeout *durationpb.Duration `protobuf:"bytes,15,opt,name=max_message_timeout,json=maxMessageTimeout,proto3" json:"max_message_timeout,omitempty"`
 	// The gateway's sleep setting, and host_memory as configured: a size
 	// or auto.
-	Sleep         string `protobuf:"bytes,16,opt,name=sleep,proto3" json:"sleep,omitempty"`
-	HostMemory    string `protobuf:"bytes,17,opt,name=host_memory,json=hostMemory,proto3" json:"host_memory,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Sleep      string `protobuf:"bytes,16,opt,name=sleep,proto3" json:"sleep,omitempty"`
+	HostMemory string `protobuf:"bytes,17,opt,name=host_memory,json=hostMemory,proto3" json:"host_memory,omitempty"`
+	// Fair queues: the headers a request's tenant and objective come
+	// from, each objective's priority, the tenants configured, the cap on
+	// one tenant's waiting requests per model (0: none), and the policy
+	// between tenants (round_robin or vtc).
+	TenantHeader      string           `protobuf:"bytes,18,opt,name=tenant_header,json=tenantHeader,proto3" json:"tenant_header,omitempty"`
+	ObjectiveHeader   string           `protobuf:"bytes,19,opt,name=objective_header,json=objectiveHeader,proto3" json:"objective_header,omitempty"`
+	Objectives        map[string]int32 `protobuf:"bytes,20,rep,name=objectives,proto3" json:"objectives,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	Tenants           []*TenantConfig  `protobuf:"bytes,21,rep,name=tenants,proto3" json:"tenants,omitempty"`
+	MaxQueuePerTenant int32            `protobuf:"varint,22,opt,name=max_queue_per_tenant,json=maxQueuePerTenant,proto3" json:"max_queue_per_tenant,omitempty"`
+	Fairness          string           `protobuf:"bytes,23,opt,name=fairness,proto3" json:"fairness,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Config) Reset() {
 	*x = Config{}
-	mi := &file_admin_proto_msgTypes[6]
+	mi := &file_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -761,7 +926,7 @@ func (x *Config) String() string {
 func (*Config) ProtoMessage() {}
 
 func (x *Config) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[6]
+	mi := &file_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -774,7 +939,7 @@ func (x *Config) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Config.ProtoReflect.Descriptor instead.
 func (*Config) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{6}
+	return file_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Config) GetPath() string {
@@ -896,6 +1061,126 @@ func (x *Config) GetHostMemory() string {
 	return ""
 }
 
+func (x *Config) GetTenantHeader() string {
+	if x != nil {
+		return x.TenantHeader
+	}
+	return ""
+}
+
+func (x *Config) GetObjectiveHeader() string {
+	if x != nil {
+		return x.ObjectiveHeader
+	}
+	return ""
+}
+
+func (x *Config) GetObjectives() map[string]int32 {
+	if x != nil {
+		return x.Objectives
+	}
+	return nil
+}
+
+func (x *Config) GetTenants() []*TenantConfig {
+	if x != nil {
+		return x.Tenants
+	}
+	return nil
+}
+
+func (x *Config) GetMaxQueuePerTenant() int32 {
+	if x != nil {
+		return x.MaxQueuePerTenant
+	}
+	return 0
+}
+
+func (x *Config) GetFairness() string {
+	if x != nil {
+		return x.Fairness
+	}
+	return ""
+}
+
+// A configured tenant.
+type TenantConfig struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Weight int32                  `protobuf:"varint,2,opt,name=weight,proto3" json:"weight,omitempty"`
+	// Its cap on requests waiting per model, resolved (0: none).
+	MaxQueue      int32 `protobuf:"varint,3,opt,name=max_queue,json=maxQueue,proto3" json:"max_queue,omitempty"`
+	Rpm           int32 `protobuf:"varint,4,opt,name=rpm,proto3" json:"rpm,omitempty"`
+	Tpm           int32 `protobuf:"varint,5,opt,name=tpm,proto3" json:"tpm,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TenantConfig) Reset() {
+	*x = TenantConfig{}
+	mi := &file_admin_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TenantConfig) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TenantConfig) ProtoMessage() {}
+
+func (x *TenantConfig) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TenantConfig.ProtoReflect.Descriptor instead.
+func (*TenantConfig) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *TenantConfig) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TenantConfig) GetWeight() int32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+func (x *TenantConfig) GetMaxQueue() int32 {
+	if x != nil {
+		return x.MaxQueue
+	}
+	return 0
+}
+
+func (x *TenantConfig) GetRpm() int32 {
+	if x != nil {
+		return x.Rpm
+	}
+	return 0
+}
+
+func (x *TenantConfig) GetTpm() int32 {
+	if x != nil {
+		return x.Tpm
+	}
+	return 0
+}
+
 type ListModelsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -904,7 +1189,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_admin_proto_msgTypes[7]
+	mi := &file_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -916,7 +1201,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[7]
+	mi := &file_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -929,7 +1214,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{7}
+	return file_admin_proto_rawDescGZIP(), []int{10}
 }
 
 type ListModelsResponse struct {
@@ -941,7 +1226,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_admin_proto_msgTypes[8]
+	mi := &file_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -953,7 +1238,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[8]
+	mi := &file_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -966,7 +1251,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{8}
+	return file_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListModelsResponse) GetModels() []*Model {
@@ -989,7 +1274,7 @@ type LoadModelRequest struct {
 
 func (x *LoadModelRequest) Reset() {
 	*x = LoadModelRequest{}
-	mi := &file_admin_proto_msgTypes[9]
+	mi := &file_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1001,7 +1286,7 @@ func (x *LoadModelRequest) String() string {
 func (*LoadModelRequest) ProtoMessage() {}
 
 func (x *LoadModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[9]
+	mi := &file_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1014,7 +1299,7 @@ func (x *LoadModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadModelRequest.ProtoReflect.Descriptor instead.
 func (*LoadModelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{9}
+	return file_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *LoadModelRequest) GetModel() string {
@@ -1047,7 +1332,7 @@ type LoadModelResponse struct {
 
 func (x *LoadModelResponse) Reset() {
 	*x = LoadModelResponse{}
-	mi := &file_admin_proto_msgTypes[10]
+	mi := &file_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1059,7 +1344,7 @@ func (x *LoadModelResponse) String() string {
 func (*LoadModelResponse) ProtoMessage() {}
 
 func (x *LoadModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[10]
+	mi := &file_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1072,7 +1357,7 @@ func (x *LoadModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadModelResponse.ProtoReflect.Descriptor instead.
 func (*LoadModelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{10}
+	return file_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *LoadModelResponse) GetModel() *Model {
@@ -1095,7 +1380,7 @@ type SleepModelRequest struct {
 
 func (x *SleepModelRequest) Reset() {
 	*x = SleepModelRequest{}
-	mi := &file_admin_proto_msgTypes[11]
+	mi := &file_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1107,7 +1392,7 @@ func (x *SleepModelRequest) String() string {
 func (*SleepModelRequest) ProtoMessage() {}
 
 func (x *SleepModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[11]
+	mi := &file_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1120,7 +1405,7 @@ func (x *SleepModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SleepModelRequest.ProtoReflect.Descriptor instead.
 func (*SleepModelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{11}
+	return file_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SleepModelRequest) GetModel() string {
@@ -1153,7 +1438,7 @@ type SleepModelResponse struct {
 
 func (x *SleepModelResponse) Reset() {
 	*x = SleepModelResponse{}
-	mi := &file_admin_proto_msgTypes[12]
+	mi := &file_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1165,7 +1450,7 @@ func (x *SleepModelResponse) String() string {
 func (*SleepModelResponse) ProtoMessage() {}
 
 func (x *SleepModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[12]
+	mi := &file_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1178,7 +1463,7 @@ func (x *SleepModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SleepModelResponse.ProtoReflect.Descriptor instead.
 func (*SleepModelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{12}
+	return file_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SleepModelResponse) GetModel() *Model {
@@ -1201,7 +1486,7 @@ type WakeModelRequest struct {
 
 func (x *WakeModelRequest) Reset() {
 	*x = WakeModelRequest{}
-	mi := &file_admin_proto_msgTypes[13]
+	mi := &file_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1498,7 @@ func (x *WakeModelRequest) String() string {
 func (*WakeModelRequest) ProtoMessage() {}
 
 func (x *WakeModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[13]
+	mi := &file_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1511,7 @@ func (x *WakeModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WakeModelRequest.ProtoReflect.Descriptor instead.
 func (*WakeModelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{13}
+	return file_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *WakeModelRequest) GetModel() string {
@@ -1259,7 +1544,7 @@ type WakeModelResponse struct {
 
 func (x *WakeModelResponse) Reset() {
 	*x = WakeModelResponse{}
-	mi := &file_admin_proto_msgTypes[14]
+	mi := &file_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1271,7 +1556,7 @@ func (x *WakeModelResponse) String() string {
 func (*WakeModelResponse) ProtoMessage() {}
 
 func (x *WakeModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[14]
+	mi := &file_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1284,7 +1569,7 @@ func (x *WakeModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WakeModelResponse.ProtoReflect.Descriptor instead.
 func (*WakeModelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{14}
+	return file_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *WakeModelResponse) GetModel() *Model {
@@ -1303,7 +1588,7 @@ type UnloadModelRequest struct {
 
 func (x *UnloadModelRequest) Reset() {
 	*x = UnloadModelRequest{}
-	mi := &file_admin_proto_msgTypes[15]
+	mi := &file_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1315,7 +1600,7 @@ func (x *UnloadModelRequest) String() string {
 func (*UnloadModelRequest) ProtoMessage() {}
 
 func (x *UnloadModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[15]
+	mi := &file_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1328,7 +1613,7 @@ func (x *UnloadModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnloadModelRequest.ProtoReflect.Descriptor instead.
 func (*UnloadModelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{15}
+	return file_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UnloadModelRequest) GetModel() string {
@@ -1347,7 +1632,7 @@ type UnloadModelResponse struct {
 
 func (x *UnloadModelResponse) Reset() {
 	*x = UnloadModelResponse{}
-	mi := &file_admin_proto_msgTypes[16]
+	mi := &file_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1359,7 +1644,7 @@ func (x *UnloadModelResponse) String() string {
 func (*UnloadModelResponse) ProtoMessage() {}
 
 func (x *UnloadModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[16]
+	mi := &file_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1372,7 +1657,7 @@ func (x *UnloadModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnloadModelResponse.ProtoReflect.Descriptor instead.
 func (*UnloadModelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{16}
+	return file_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UnloadModelResponse) GetModel() *Model {
@@ -1391,7 +1676,7 @@ type PinModelRequest struct {
 
 func (x *PinModelRequest) Reset() {
 	*x = PinModelRequest{}
-	mi := &file_admin_proto_msgTypes[17]
+	mi := &file_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1403,7 +1688,7 @@ func (x *PinModelRequest) String() string {
 func (*PinModelRequest) ProtoMessage() {}
 
 func (x *PinModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[17]
+	mi := &file_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1416,7 +1701,7 @@ func (x *PinModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinModelRequest.ProtoReflect.Descriptor instead.
 func (*PinModelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{17}
+	return file_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PinModelRequest) GetModel() string {
@@ -1435,7 +1720,7 @@ type PinModelResponse struct {
 
 func (x *PinModelResponse) Reset() {
 	*x = PinModelResponse{}
-	mi := &file_admin_proto_msgTypes[18]
+	mi := &file_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1447,7 +1732,7 @@ func (x *PinModelResponse) String() string {
 func (*PinModelResponse) ProtoMessage() {}
 
 func (x *PinModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[18]
+	mi := &file_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1460,7 +1745,7 @@ func (x *PinModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinModelResponse.ProtoReflect.Descriptor instead.
 func (*PinModelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{18}
+	return file_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *PinModelResponse) GetModel() *Model {
@@ -1479,7 +1764,7 @@ type UnpinModelRequest struct {
 
 func (x *UnpinModelRequest) Reset() {
 	*x = UnpinModelRequest{}
-	mi := &file_admin_proto_msgTypes[19]
+	mi := &file_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1491,7 +1776,7 @@ func (x *UnpinModelRequest) String() string {
 func (*UnpinModelRequest) ProtoMessage() {}
 
 func (x *UnpinModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[19]
+	mi := &file_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1504,7 +1789,7 @@ func (x *UnpinModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinModelRequest.ProtoReflect.Descriptor instead.
 func (*UnpinModelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{19}
+	return file_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *UnpinModelRequest) GetModel() string {
@@ -1523,7 +1808,7 @@ type UnpinModelResponse struct {
 
 func (x *UnpinModelResponse) Reset() {
 	*x = UnpinModelResponse{}
-	mi := &file_admin_proto_msgTypes[20]
+	mi := &file_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1535,7 +1820,7 @@ func (x *UnpinModelResponse) String() string {
 func (*UnpinModelResponse) ProtoMessage() {}
 
 func (x *UnpinModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[20]
+	mi := &file_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1548,7 +1833,7 @@ func (x *UnpinModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinModelResponse.ProtoReflect.Descriptor instead.
 func (*UnpinModelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{20}
+	return file_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *UnpinModelResponse) GetModel() *Model {
@@ -1568,7 +1853,7 @@ type SetLogLevelRequest struct {
 
 func (x *SetLogLevelRequest) Reset() {
 	*x = SetLogLevelRequest{}
-	mi := &file_admin_proto_msgTypes[21]
+	mi := &file_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1580,7 +1865,7 @@ func (x *SetLogLevelRequest) String() string {
 func (*SetLogLevelRequest) ProtoMessage() {}
 
 func (x *SetLogLevelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[21]
+	mi := &file_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1593,7 +1878,7 @@ func (x *SetLogLevelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLogLevelRequest.ProtoReflect.Descriptor instead.
 func (*SetLogLevelRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{21}
+	return file_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SetLogLevelRequest) GetLevel() string {
@@ -1613,7 +1898,7 @@ type SetLogLevelResponse struct {
 
 func (x *SetLogLevelResponse) Reset() {
 	*x = SetLogLevelResponse{}
-	mi := &file_admin_proto_msgTypes[22]
+	mi := &file_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1625,7 +1910,7 @@ func (x *SetLogLevelResponse) String() string {
 func (*SetLogLevelResponse) ProtoMessage() {}
 
 func (x *SetLogLevelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[22]
+	mi := &file_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1638,7 +1923,7 @@ func (x *SetLogLevelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLogLevelResponse.ProtoReflect.Descriptor instead.
 func (*SetLogLevelResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{22}
+	return file_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SetLogLevelResponse) GetPrevious() string {
@@ -1662,14 +1947,16 @@ type ListDecisionsRequest struct {
 	// Only this outcome: admitted, queued, rejected, timed_out, abandoned.
 	Outcome string `protobuf:"bytes,2,opt,name=outcome,proto3" json:"outcome,omitempty"`
 	// At most this many (default 100).
-	Limit         int32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	Limit int32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	// Only this tenant's: a configured tenant's name, or default-flow.
+	Tenant        string `protobuf:"bytes,4,opt,name=tenant,proto3" json:"tenant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListDecisionsRequest) Reset() {
 	*x = ListDecisionsRequest{}
-	mi := &file_admin_proto_msgTypes[23]
+	mi := &file_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1681,7 +1968,7 @@ func (x *ListDecisionsRequest) String() string {
 func (*ListDecisionsRequest) ProtoMessage() {}
 
 func (x *ListDecisionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[23]
+	mi := &file_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1694,7 +1981,7 @@ func (x *ListDecisionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDecisionsRequest.ProtoReflect.Descriptor instead.
 func (*ListDecisionsRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{23}
+	return file_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListDecisionsRequest) GetModel() string {
@@ -1718,6 +2005,13 @@ func (x *ListDecisionsRequest) GetLimit() int32 {
 	return 0
 }
 
+func (x *ListDecisionsRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
 type ListDecisionsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Decisions     []*Decision            `protobuf:"bytes,1,rep,name=decisions,proto3" json:"decisions,omitempty"`
@@ -1727,7 +2021,7 @@ type ListDecisionsResponse struct {
 
 func (x *ListDecisionsResponse) Reset() {
 	*x = ListDecisionsResponse{}
-	mi := &file_admin_proto_msgTypes[24]
+	mi := &file_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1739,7 +2033,7 @@ func (x *ListDecisionsResponse) String() string {
 func (*ListDecisionsResponse) ProtoMessage() {}
 
 func (x *ListDecisionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[24]
+	mi := &file_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1752,7 +2046,7 @@ func (x *ListDecisionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDecisionsResponse.ProtoReflect.Descriptor instead.
 func (*ListDecisionsResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{24}
+	return file_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListDecisionsResponse) GetDecisions() []*Decision {
@@ -1769,16 +2063,20 @@ type Decision struct {
 	Outcome string                 `protobuf:"bytes,3,opt,name=outcome,proto3" json:"outcome,omitempty"`
 	Reason  string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
 	// The HTTP status vgw answered with, or 0 when it sent the request on.
-	Status        int32                `protobuf:"varint,5,opt,name=status,proto3" json:"status,omitempty"`
-	QueueDepth    int32                `protobuf:"varint,6,opt,name=queue_depth,json=queueDepth,proto3" json:"queue_depth,omitempty"`
-	Wait          *durationpb.Duration `protobuf:"bytes,7,opt,name=wait,proto3" json:"wait,omitempty"`
+	Status     int32                `protobuf:"varint,5,opt,name=status,proto3" json:"status,omitempty"`
+	QueueDepth int32                `protobuf:"varint,6,opt,name=queue_depth,json=queueDepth,proto3" json:"queue_depth,omitempty"`
+	Wait       *durationpb.Duration `protobuf:"bytes,7,opt,name=wait,proto3" json:"wait,omitempty"`
+	// The request's tenant (a configured tenant, or default-flow) and
+	// priority.
+	Tenant        string `protobuf:"bytes,8,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Priority      int32  `protobuf:"varint,9,opt,name=priority,proto3" json:"priority,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Decision) Reset() {
 	*x = Decision{}
-	mi := &file_admin_proto_msgTypes[25]
+	mi := &file_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1790,7 +2088,7 @@ func (x *Decision) String() string {
 func (*Decision) ProtoMessage() {}
 
 func (x *Decision) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[25]
+	mi := &file_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1803,7 +2101,7 @@ func (x *Decision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Decision.ProtoReflect.Descriptor instead.
 func (*Decision) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{25}
+	return file_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Decision) GetTime() *timestamppb.Timestamp {
@@ -1855,6 +2153,20 @@ func (x *Decision) GetWait() *durationpb.Duration {
 	return nil
 }
 
+func (x *Decision) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *Decision) GetPriority() int32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
 type WatchEventsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only this model's events; empty for all.
@@ -1865,7 +2177,7 @@ type WatchEventsRequest struct {
 
 func (x *WatchEventsRequest) Reset() {
 	*x = WatchEventsRequest{}
-	mi := &file_admin_proto_msgTypes[26]
+	mi := &file_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1877,7 +2189,7 @@ func (x *WatchEventsRequest) String() string {
 func (*WatchEventsRequest) ProtoMessage() {}
 
 func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[26]
+	mi := &file_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1890,7 +2202,7 @@ func (x *WatchEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsRequest.ProtoReflect.Descriptor instead.
 func (*WatchEventsRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{26}
+	return file_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *WatchEventsRequest) GetModel() string {
@@ -1915,7 +2227,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_admin_proto_msgTypes[27]
+	mi := &file_admin_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1927,7 +2239,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[27]
+	mi := &file_admin_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1940,7 +2252,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{27}
+	return file_admin_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Event) GetTime() *timestamppb.Timestamp {
@@ -1981,7 +2293,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_admin_proto_msgTypes[28]
+	mi := &file_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1993,7 +2305,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[28]
+	mi := &file_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2006,7 +2318,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{28}
+	return file_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DrainRequest) GetDrain() bool {
@@ -2027,7 +2339,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_admin_proto_msgTypes[29]
+	mi := &file_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2039,7 +2351,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[29]
+	mi := &file_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2052,7 +2364,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{29}
+	return file_admin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DrainResponse) GetDraining() bool {
@@ -2097,7 +2409,7 @@ const file_admin_proto_rawDesc = "" +
 	"\n" +
 	"used_bytes\x18\x05 \x01(\x04R\tusedBytes\x12\x1d\n" +
 	"\n" +
-	"free_bytes\x18\x06 \x01(\x04R\tfreeBytes\"\x9b\b\n" +
+	"free_bytes\x18\x06 \x01(\x04R\tfreeBytes\"\xca\b\n" +
 	"\x05Model\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x12\n" +
@@ -2130,8 +2442,19 @@ const file_admin_proto_rawDesc = "" +
 	"\x05began\x18\x19 \x01(\v2\x1a.google.protobuf.TimestampR\x05began\x12\x14\n" +
 	"\x05phase\x18\x1a \x01(\tR\x05phase\x12(\n" +
 	"\rphase_percent\x18\x1b \x01(\x05H\x00R\fphasePercent\x88\x01\x01\x12>\n" +
-	"\rexpected_left\x18\x1c \x01(\v2\x19.google.protobuf.DurationR\fexpectedLeftB\x10\n" +
-	"\x0e_phase_percent\"\xa8\x02\n" +
+	"\rexpected_left\x18\x1c \x01(\v2\x19.google.protobuf.DurationR\fexpectedLeft\x12-\n" +
+	"\x05queue\x18\x1d \x03(\v2\x17.vgw.admin.v1.QueueBandR\x05queueB\x10\n" +
+	"\x0e_phase_percent\"t\n" +
+	"\tQueueBand\x12\x1a\n" +
+	"\bpriority\x18\x01 \x01(\x05R\bpriority\x12\x16\n" +
+	"\x06queued\x18\x02 \x01(\x05R\x06queued\x123\n" +
+	"\atenants\x18\x03 \x03(\v2\x19.vgw.admin.v1.TenantQueueR\atenants\"\x93\x01\n" +
+	"\vTenantQueue\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x16\n" +
+	"\x06queued\x18\x02 \x01(\x05R\x06queued\x12\x1a\n" +
+	"\badmitted\x18\x03 \x01(\x04R\badmitted\x12\x1c\n" +
+	"\tdisplaced\x18\x04 \x01(\x04R\tdisplaced\x12\x1a\n" +
+	"\brejected\x18\x05 \x01(\x04R\brejected\"\xa8\x02\n" +
 	"\tEnvoyNode\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\astreams\x18\x02 \x01(\x05R\astreams\x12)\n" +
@@ -2145,7 +2468,7 @@ const file_admin_proto_rawDesc = "" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x19\n" +
 	"\btype_url\x18\x03 \x01(\tR\atypeUrl\x12\x18\n" +
 	"\aversion\x18\x04 \x01(\tR\aversion\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error\"\xaf\x06\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\"\x87\t\n" +
 	"\x06Config\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1b\n" +
 	"\tlog_level\x18\x02 \x01(\tR\blogLevel\x12\x18\n" +
@@ -2166,10 +2489,27 @@ const file_admin_proto_rawDesc = "" +
 	"\x13max_message_timeout\x18\x0f \x01(\v2\x19.google.protobuf.DurationR\x11maxMessageTimeout\x12\x14\n" +
 	"\x05sleep\x18\x10 \x01(\tR\x05sleep\x12\x1f\n" +
 	"\vhost_memory\x18\x11 \x01(\tR\n" +
-	"hostMemory\x1a9\n" +
+	"hostMemory\x12#\n" +
+	"\rtenant_header\x18\x12 \x01(\tR\ftenantHeader\x12)\n" +
+	"\x10objective_header\x18\x13 \x01(\tR\x0fobjectiveHeader\x12D\n" +
+	"\n" +
+	"objectives\x18\x14 \x03(\v2$.vgw.admin.v1.Config.ObjectivesEntryR\n" +
+	"objectives\x124\n" +
+	"\atenants\x18\x15 \x03(\v2\x1a.vgw.admin.v1.TenantConfigR\atenants\x12/\n" +
+	"\x14max_queue_per_tenant\x18\x16 \x01(\x05R\x11maxQueuePerTenant\x12\x1a\n" +
+	"\bfairness\x18\x17 \x01(\tR\bfairness\x1a9\n" +
 	"\vListenEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x13\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a=\n" +
+	"\x0fObjectivesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"{\n" +
+	"\fTenantConfig\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06weight\x18\x02 \x01(\x05R\x06weight\x12\x1b\n" +
+	"\tmax_queue\x18\x03 \x01(\x05R\bmaxQueue\x12\x10\n" +
+	"\x03rpm\x18\x04 \x01(\x05R\x03rpm\x12\x10\n" +
+	"\x03tpm\x18\x05 \x01(\x05R\x03tpm\"\x13\n" +
 	"\x11ListModelsRequest\"A\n" +
 	"\x12ListModelsResponse\x12+\n" +
 	"\x06models\x18\x01 \x03(\v2\x13.vgw.admin.v1.ModelR\x06models\"q\n" +
@@ -2207,13 +2547,14 @@ const file_admin_proto_rawDesc = "" +
 	"\x05level\x18\x01 \x01(\tR\x05level\"G\n" +
 	"\x13SetLogLevelResponse\x12\x1a\n" +
 	"\bprevious\x18\x01 \x01(\tR\bprevious\x12\x14\n" +
-	"\x05level\x18\x02 \x01(\tR\x05level\"\\\n" +
+	"\x05level\x18\x02 \x01(\tR\x05level\"t\n" +
 	"\x14ListDecisionsRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x18\n" +
 	"\aoutcome\x18\x02 \x01(\tR\aoutcome\x12\x14\n" +
-	"\x05limit\x18\x03 \x01(\x05R\x05limit\"M\n" +
+	"\x05limit\x18\x03 \x01(\x05R\x05limit\x12\x16\n" +
+	"\x06tenant\x18\x04 \x01(\tR\x06tenant\"M\n" +
 	"\x15ListDecisionsResponse\x124\n" +
-	"\tdecisions\x18\x01 \x03(\v2\x16.vgw.admin.v1.DecisionR\tdecisions\"\xea\x01\n" +
+	"\tdecisions\x18\x01 \x03(\v2\x16.vgw.admin.v1.DecisionR\tdecisions\"\x9e\x02\n" +
 	"\bDecision\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x18\n" +
@@ -2222,7 +2563,9 @@ const file_admin_proto_rawDesc = "" +
 	"\x06status\x18\x05 \x01(\x05R\x06status\x12\x1f\n" +
 	"\vqueue_depth\x18\x06 \x01(\x05R\n" +
 	"queueDepth\x12-\n" +
-	"\x04wait\x18\a \x01(\v2\x19.google.protobuf.DurationR\x04wait\"*\n" +
+	"\x04wait\x18\a \x01(\v2\x19.google.protobuf.DurationR\x04wait\x12\x16\n" +
+	"\x06tenant\x18\b \x01(\tR\x06tenant\x12\x1a\n" +
+	"\bpriority\x18\t \x01(\x05R\bpriority\"*\n" +
 	"\x12WatchEventsRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\"y\n" +
 	"\x05Event\x12.\n" +
@@ -2264,107 +2607,115 @@ func file_admin_proto_rawDescGZIP() []byte {
 	return file_admin_proto_rawDescData
 }
 
-var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_admin_proto_goTypes = []any{
 	(*GetStatusRequest)(nil),      // 0: vgw.admin.v1.GetStatusRequest
 	(*Status)(nil),                // 1: vgw.admin.v1.Status
 	(*GPU)(nil),                   // 2: vgw.admin.v1.GPU
 	(*Model)(nil),                 // 3: vgw.admin.v1.Model
-	(*EnvoyNode)(nil),             // 4: vgw.admin.v1.EnvoyNode
-	(*NACK)(nil),                  // 5: vgw.admin.v1.NACK
-	(*Config)(nil),                // 6: vgw.admin.v1.Config
-	(*ListModelsRequest)(nil),     // 7: vgw.admin.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 8: vgw.admin.v1.ListModelsResponse
-	(*LoadModelRequest)(nil),      // 9: vgw.admin.v1.LoadModelRequest
-	(*LoadModelResponse)(nil),     // 10: vgw.admin.v1.LoadModelResponse
-	(*SleepModelRequest)(nil),     // 11: vgw.admin.v1.SleepModelRequest
-	(*SleepModelResponse)(nil),    // 12: vgw.admin.v1.SleepModelResponse
-	(*WakeModelRequest)(nil),      // 13: vgw.admin.v1.WakeModelRequest
-	(*WakeModelResponse)(nil),     // 14: vgw.admin.v1.WakeModelResponse
-	(*UnloadModelRequest)(nil),    // 15: vgw.admin.v1.UnloadModelRequest
-	(*UnloadModelResponse)(nil),   // 16: vgw.admin.v1.UnloadModelResponse
-	(*PinModelRequest)(nil),       // 17: vgw.admin.v1.PinModelRequest
-	(*PinModelResponse)(nil),      // 18: vgw.admin.v1.PinModelResponse
-	(*UnpinModelRequest)(nil),     // 19: vgw.admin.v1.UnpinModelRequest
-	(*UnpinModelResponse)(nil),    // 20: vgw.admin.v1.UnpinModelResponse
-	(*SetLogLevelRequest)(nil),    // 21: vgw.admin.v1.SetLogLevelRequest
-	(*SetLogLevelResponse)(nil),   // 22: vgw.admin.v1.SetLogLevelResponse
-	(*ListDecisionsRequest)(nil),  // 23: vgw.admin.v1.ListDecisionsRequest
-	(*ListDecisionsResponse)(nil), // 24: vgw.admin.v1.ListDecisionsResponse
-	(*Decision)(nil),              // 25: vgw.admin.v1.Decision
-	(*WatchEventsRequest)(nil),    // 26: vgw.admin.v1.WatchEventsRequest
-	(*Event)(nil),                 // 27: vgw.admin.v1.Event
-	(*DrainRequest)(nil),          // 28: vgw.admin.v1.DrainRequest
-	(*DrainResponse)(nil),         // 29: vgw.admin.v1.DrainResponse
-	nil,                           // 30: vgw.admin.v1.Config.ListenEntry
-	(*timestamppb.Timestamp)(nil), // 31: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 32: google.protobuf.Duration
+	(*QueueBand)(nil),             // 4: vgw.admin.v1.QueueBand
+	(*TenantQueue)(nil),           // 5: vgw.admin.v1.TenantQueue
+	(*EnvoyNode)(nil),             // 6: vgw.admin.v1.EnvoyNode
+	(*NACK)(nil),                  // 7: vgw.admin.v1.NACK
+	(*Config)(nil),                // 8: vgw.admin.v1.Config
+	(*TenantConfig)(nil),          // 9: vgw.admin.v1.TenantConfig
+	(*ListModelsRequest)(nil),     // 10: vgw.admin.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),    // 11: vgw.admin.v1.ListModelsResponse
+	(*LoadModelRequest)(nil),      // 12: vgw.admin.v1.LoadModelRequest
+	(*LoadModelResponse)(nil),     // 13: vgw.admin.v1.LoadModelResponse
+	(*SleepModelRequest)(nil),     // 14: vgw.admin.v1.SleepModelRequest
+	(*SleepModelResponse)(nil),    // 15: vgw.admin.v1.SleepModelResponse
+	(*WakeModelRequest)(nil),      // 16: vgw.admin.v1.WakeModelRequest
+	(*WakeModelResponse)(nil),     // 17: vgw.admin.v1.WakeModelResponse
+	(*UnloadModelRequest)(nil),    // 18: vgw.admin.v1.UnloadModelRequest
+	(*UnloadModelResponse)(nil),   // 19: vgw.admin.v1.UnloadModelResponse
+	(*PinModelRequest)(nil),       // 20: vgw.admin.v1.PinModelRequest
+	(*PinModelResponse)(nil),      // 21: vgw.admin.v1.PinModelResponse
+	(*UnpinModelRequest)(nil),     // 22: vgw.admin.v1.UnpinModelRequest
+	(*UnpinModelResponse)(nil),    // 23: vgw.admin.v1.UnpinModelResponse
+	(*SetLogLevelRequest)(nil),    // 24: vgw.admin.v1.SetLogLevelRequest
+	(*SetLogLevelResponse)(nil),   // 25: vgw.admin.v1.SetLogLevelResponse
+	(*ListDecisionsRequest)(nil),  // 26: vgw.admin.v1.ListDecisionsRequest
+	(*ListDecisionsResponse)(nil), // 27: vgw.admin.v1.ListDecisionsResponse
+	(*Decision)(nil),              // 28: vgw.admin.v1.Decision
+	(*WatchEventsRequest)(nil),    // 29: vgw.admin.v1.WatchEventsRequest
+	(*Event)(nil),                 // 30: vgw.admin.v1.Event
+	(*DrainRequest)(nil),          // 31: vgw.admin.v1.DrainRequest
+	(*DrainResponse)(nil),         // 32: vgw.admin.v1.DrainResponse
+	nil,                           // 33: vgw.admin.v1.Config.ListenEntry
+	nil,                           // 34: vgw.admin.v1.Config.ObjectivesEntry
+	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 36: google.protobuf.Duration
 }
 var file_admin_proto_depIdxs = []int32{
-	31, // 0: vgw.admin.v1.Status.started:type_name -> google.protobuf.Timestamp
+	35, // 0: vgw.admin.v1.Status.started:type_name -> google.protobuf.Timestamp
 	2,  // 1: vgw.admin.v1.Status.gpus:type_name -> vgw.admin.v1.GPU
 	3,  // 2: vgw.admin.v1.Status.models:type_name -> vgw.admin.v1.Model
-	4,  // 3: vgw.admin.v1.Status.envoys:type_name -> vgw.admin.v1.EnvoyNode
-	6,  // 4: vgw.admin.v1.Status.config:type_name -> vgw.admin.v1.Config
-	31, // 5: vgw.admin.v1.Model.last_used:type_name -> google.protobuf.Timestamp
-	31, // 6: vgw.admin.v1.Model.since:type_name -> google.protobuf.Timestamp
-	32, // 7: vgw.admin.v1.Model.queue_timeout:type_name -> google.protobuf.Duration
-	31, // 8: vgw.admin.v1.Model.retry_at:type_name -> google.protobuf.Timestamp
-	31, // 9: vgw.admin.v1.Model.began:type_name -> google.protobuf.Timestamp
-	32, // 10: vgw.admin.v1.Model.expected_left:type_name -> google.protobuf.Duration
-	5,  // 11: vgw.admin.v1.EnvoyNode.last_nack:type_name -> vgw.admin.v1.NACK
-	31, // 12: vgw.admin.v1.EnvoyNode.silent_since:type_name -> google.protobuf.Timestamp
-	31, // 13: vgw.admin.v1.NACK.time:type_name -> google.protobuf.Timestamp
-	32, // 14: vgw.admin.v1.Config.queue_timeout:type_name -> google.protobuf.Duration
-	32, // 15: vgw.admin.v1.Config.load_timeout:type_name -> google.protobuf.Duration
-	32, // 16: vgw.admin.v1.Config.inactivity_timeout:type_name -> google.protobuf.Duration
-	32, // 17: vgw.admin.v1.Config.min_resident:type_name -> google.protobuf.Duration
-	32, // 18: vgw.admin.v1.Config.drain_timeout:type_name -> google.protobuf.Duration
-	30, // 19: vgw.admin.v1.Config.listen:type_name -> vgw.admin.v1.Config.ListenEntry
-	32, // 20: vgw.admin.v1.Config.max_message_timeout:type_name -> google.protobuf.Duration
-	3,  // 21: vgw.admin.v1.ListModelsResponse.models:type_name -> vgw.admin.v1.Model
-	32, // 22: vgw.admin.v1.LoadModelRequest.timeout:type_name -> google.protobuf.Duration
-	3,  // 23: vgw.admin.v1.LoadModelResponse.model:type_name -> vgw.admin.v1.Model
-	32, // 24: vgw.admin.v1.SleepModelRequest.timeout:type_name -> google.protobuf.Duration
-	3,  // 25: vgw.admin.v1.SleepModelResponse.model:type_name -> vgw.admin.v1.Model
-	32, // 26: vgw.admin.v1.WakeModelRequest.timeout:type_name -> google.protobuf.Duration
-	3,  // 27: vgw.admin.v1.WakeModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 28: vgw.admin.v1.UnloadModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 29: vgw.admin.v1.PinModelResponse.model:type_name -> vgw.admin.v1.Model
-	3,  // 30: vgw.admin.v1.UnpinModelResponse.model:type_name -> vgw.admin.v1.Model
-	25, // 31: vgw.admin.v1.ListDecisionsResponse.decisions:type_name -> vgw.admin.v1.Decision
-	31, // 32: vgw.admin.v1.Decision.time:type_name -> google.protobuf.Timestamp
-	32, // 33: vgw.admin.v1.Decision.wait:type_name -> google.protobuf.Duration
-	31, // 34: vgw.admin.v1.Event.time:type_name -> google.protobuf.Timestamp
-	0,  // 35: vgw.admin.v1.Admin.GetStatus:input_type -> vgw.admin.v1.GetStatusRequest
-	7,  // 36: vgw.admin.v1.Admin.ListModels:input_type -> vgw.admin.v1.ListModelsRequest
-	9,  // 37: vgw.admin.v1.Admin.LoadModel:input_type -> vgw.admin.v1.LoadModelRequest
-	15, // 38: vgw.admin.v1.Admin.UnloadModel:input_type -> vgw.admin.v1.UnloadModelRequest
-	17, // 39: vgw.admin.v1.Admin.PinModel:input_type -> vgw.admin.v1.PinModelRequest
-	19, // 40: vgw.admin.v1.Admin.UnpinModel:input_type -> vgw.admin.v1.UnpinModelRequest
-	21, // 41: vgw.admin.v1.Admin.SetLogLevel:input_type -> vgw.admin.v1.SetLogLevelRequest
-	23, // 42: vgw.admin.v1.Admin.ListDecisions:input_type -> vgw.admin.v1.ListDecisionsRequest
-	26, // 43: vgw.admin.v1.Admin.WatchEvents:input_type -> vgw.admin.v1.WatchEventsRequest
-	28, // 44: vgw.admin.v1.Admin.Drain:input_type -> vgw.admin.v1.DrainRequest
-	11, // 45: vgw.admin.v1.Admin.SleepModel:input_type -> vgw.admin.v1.SleepModelRequest
-	13, // 46: vgw.admin.v1.Admin.WakeModel:input_type -> vgw.admin.v1.WakeModelRequest
-	1,  // 47: vgw.admin.v1.Admin.GetStatus:output_type -> vgw.admin.v1.Status
-	8,  // 48: vgw.admin.v1.Admin.ListModels:output_type -> vgw.admin.v1.ListModelsResponse
-	10, // 49: vgw.admin.v1.Admin.LoadModel:output_type -> vgw.admin.v1.LoadModelResponse
-	16, // 50: vgw.admin.v1.Admin.UnloadModel:output_type -> vgw.admin.v1.UnloadModelResponse
-	18, // 51: vgw.admin.v1.Admin.PinModel:output_type -> vgw.admin.v1.PinModelResponse
-	20, // 52: vgw.admin.v1.Admin.UnpinModel:output_type -> vgw.admin.v1.UnpinModelResponse
-	22, // 53: vgw.admin.v1.Admin.SetLogLevel:output_type -> vgw.admin.v1.SetLogLevelResponse
-	24, // 54: vgw.admin.v1.Admin.ListDecisions:output_type -> vgw.admin.v1.ListDecisionsResponse
-	27, // 55: vgw.admin.v1.Admin.WatchEvents:output_type -> vgw.admin.v1.Event
-	29, // 56: vgw.admin.v1.Admin.Drain:output_type -> vgw.admin.v1.DrainResponse
-	12, // 57: vgw.admin.v1.Admin.SleepModel:output_type -> vgw.admin.v1.SleepModelResponse
-	14, // 58: vgw.admin.v1.Admin.WakeModel:output_type -> vgw.admin.v1.WakeModelResponse
-	47, // [47:59] is the sub-list for method output_type
-	35, // [35:47] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	6,  // 3: vgw.admin.v1.Status.envoys:type_name -> vgw.admin.v1.EnvoyNode
+	8,  // 4: vgw.admin.v1.Status.config:type_name -> vgw.admin.v1.Config
+	35, // 5: vgw.admin.v1.Model.last_used:type_name -> google.protobuf.Timestamp
+	35, // 6: vgw.admin.v1.Model.since:type_name -> google.protobuf.Timestamp
+	36, // 7: vgw.admin.v1.Model.queue_timeout:type_name -> google.protobuf.Duration
+	35, // 8: vgw.admin.v1.Model.retry_at:type_name -> google.protobuf.Timestamp
+	35, // 9: vgw.admin.v1.Model.began:type_name -> google.protobuf.Timestamp
+	36, // 10: vgw.admin.v1.Model.expected_left:type_name -> google.protobuf.Duration
+	4,  // 11: vgw.admin.v1.Model.queue:type_name -> vgw.admin.v1.QueueBand
+	5,  // 12: vgw.admin.v1.QueueBand.tenants:type_name -> vgw.admin.v1.TenantQueue
+	7,  // 13: vgw.admin.v1.EnvoyNode.last_nack:type_name -> vgw.admin.v1.NACK
+	35, // 14: vgw.admin.v1.EnvoyNode.silent_since:type_name -> google.protobuf.Timestamp
+	35, // 15: vgw.admin.v1.NACK.time:type_name -> google.protobuf.Timestamp
+	36, // 16: vgw.admin.v1.Config.queue_timeout:type_name -> google.protobuf.Duration
+	36, // 17: vgw.admin.v1.Config.load_timeout:type_name -> google.protobuf.Duration
+	36, // 18: vgw.admin.v1.Config.inactivity_timeout:type_name -> google.protobuf.Duration
+	36, // 19: vgw.admin.v1.Config.min_resident:type_name -> google.protobuf.Duration
+	36, // 20: vgw.admin.v1.Config.drain_timeout:type_name -> google.protobuf.Duration
+	33, // 21: vgw.admin.v1.Config.listen:type_name -> vgw.admin.v1.Config.ListenEntry
+	36, // 22: vgw.admin.v1.Config.max_message_timeout:type_name -> google.protobuf.Duration
+	34, // 23: vgw.admin.v1.Config.objectives:type_name -> vgw.admin.v1.Config.ObjectivesEntry
+	9,  // 24: vgw.admin.v1.Config.tenants:type_name -> vgw.admin.v1.TenantConfig
+	3,  // 25: vgw.admin.v1.ListModelsResponse.models:type_name -> vgw.admin.v1.Model
+	36, // 26: vgw.admin.v1.LoadModelRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 27: vgw.admin.v1.LoadModelResponse.model:type_name -> vgw.admin.v1.Model
+	36, // 28: vgw.admin.v1.SleepModelRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 29: vgw.admin.v1.SleepModelResponse.model:type_name -> vgw.admin.v1.Model
+	36, // 30: vgw.admin.v1.WakeModelRequest.timeout:type_name -> google.protobuf.Duration
+	3,  // 31: vgw.admin.v1.WakeModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 32: vgw.admin.v1.UnloadModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 33: vgw.admin.v1.PinModelResponse.model:type_name -> vgw.admin.v1.Model
+	3,  // 34: vgw.admin.v1.UnpinModelResponse.model:type_name -> vgw.admin.v1.Model
+	28, // 35: vgw.admin.v1.ListDecisionsResponse.decisions:type_name -> vgw.admin.v1.Decision
+	35, // 36: vgw.admin.v1.Decision.time:type_name -> google.protobuf.Timestamp
+	36, // 37: vgw.admin.v1.Decision.wait:type_name -> google.protobuf.Duration
+	35, // 38: vgw.admin.v1.Event.time:type_name -> google.protobuf.Timestamp
+	0,  // 39: vgw.admin.v1.Admin.GetStatus:input_type -> vgw.admin.v1.GetStatusRequest
+	10, // 40: vgw.admin.v1.Admin.ListModels:input_type -> vgw.admin.v1.ListModelsRequest
+	12, // 41: vgw.admin.v1.Admin.LoadModel:input_type -> vgw.admin.v1.LoadModelRequest
+	18, // 42: vgw.admin.v1.Admin.UnloadModel:input_type -> vgw.admin.v1.UnloadModelRequest
+	20, // 43: vgw.admin.v1.Admin.PinModel:input_type -> vgw.admin.v1.PinModelRequest
+	22, // 44: vgw.admin.v1.Admin.UnpinModel:input_type -> vgw.admin.v1.UnpinModelRequest
+	24, // 45: vgw.admin.v1.Admin.SetLogLevel:input_type -> vgw.admin.v1.SetLogLevelRequest
+	26, // 46: vgw.admin.v1.Admin.ListDecisions:input_type -> vgw.admin.v1.ListDecisionsRequest
+	29, // 47: vgw.admin.v1.Admin.WatchEvents:input_type -> vgw.admin.v1.WatchEventsRequest
+	31, // 48: vgw.admin.v1.Admin.Drain:input_type -> vgw.admin.v1.DrainRequest
+	14, // 49: vgw.admin.v1.Admin.SleepModel:input_type -> vgw.admin.v1.SleepModelRequest
+	16, // 50: vgw.admin.v1.Admin.WakeModel:input_type -> vgw.admin.v1.WakeModelRequest
+	1,  // 51: vgw.admin.v1.Admin.GetStatus:output_type -> vgw.admin.v1.Status
+	11, // 52: vgw.admin.v1.Admin.ListModels:output_type -> vgw.admin.v1.ListModelsResponse
+	13, // 53: vgw.admin.v1.Admin.LoadModel:output_type -> vgw.admin.v1.LoadModelResponse
+	19, // 54: vgw.admin.v1.Admin.UnloadModel:output_type -> vgw.admin.v1.UnloadModelResponse
+	21, // 55: vgw.admin.v1.Admin.PinModel:output_type -> vgw.admin.v1.PinModelResponse
+	23, // 56: vgw.admin.v1.Admin.UnpinModel:output_type -> vgw.admin.v1.UnpinModelResponse
+	25, // 57: vgw.admin.v1.Admin.SetLogLevel:output_type -> vgw.admin.v1.SetLogLevelResponse
+	27, // 58: vgw.admin.v1.Admin.ListDecisions:output_type -> vgw.admin.v1.ListDecisionsResponse
+	30, // 59: vgw.admin.v1.Admin.WatchEvents:output_type -> vgw.admin.v1.Event
+	32, // 60: vgw.admin.v1.Admin.Drain:output_type -> vgw.admin.v1.DrainResponse
+	15, // 61: vgw.admin.v1.Admin.SleepModel:output_type -> vgw.admin.v1.SleepModelResponse
+	17, // 62: vgw.admin.v1.Admin.WakeModel:output_type -> vgw.admin.v1.WakeModelResponse
+	51, // [51:63] is the sub-list for method output_type
+	39, // [39:51] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_admin_proto_init() }
@@ -2379,7 +2730,7 @@ func file_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_admin_proto_rawDesc), len(file_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   31,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
