@@ -177,6 +177,18 @@ func tenantQueueFull(model, tenant string, retryAfter time.Duration) *rejection 
 		retryAfter: retryAfter, reason: ReasonTenantFull, outcome: OutcomeRejected}
 }
 
+// overBudget answers a request whose tenant has spent its budget of what
+// (requests or tokens) per minute; wait is until it has refilled enough.
+func overBudget(tenant, what string, perMinute int, wait time.Duration) *rejection {
+	code := "rpm_exceeded"
+	if what == "tokens" {
+		code = "tpm_exceeded"
+	}
+	return &rejection{status: 429, errType: "rate_limit_exceeded", code: code,
+		message:    "Tenant '" + tenant + "' has used its " + strconv.Itoa(perMinute) + " " + what + " per minute; retry later.",
+		retryAfter: max(wait, time.Millisecond), reason: ReasonOverBudget, outcome: OutcomeRejected}
+}
+
 // displacedBy answers a request taken out of a full queue to make room
 // for one of a higher priority, or of a tenant with fewer waiting.
 func displacedBy(model string, retryAfter time.Duration) *rejection {

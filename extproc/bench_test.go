@@ -295,7 +295,7 @@ func BenchmarkQueueDepth(b *testing.B) {
 	}
 	objectives := [][]byte{[]byte("interactive"), nil, []byte("batch")}
 	fair := func(vtc bool) *flowTable {
-		return newFlowTable(Fairness{Tenants: tenants, Objectives: map[string]int{"interactive": 10, "batch": -10}, VTC: vtc})
+		return newFlowTable(Fairness{Tenants: tenants, Objectives: map[string]int{"interactive": 10, "batch": -10}, VTC: vtc}, nil)
 	}
 	for _, tc := range []struct {
 		name string

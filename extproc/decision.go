@@ -60,11 +60,12 @@ const (
 	ReasonModelWoken          // sent on once its model had woken
 	ReasonTenantFull          // 429 its tenant has as many waiting as it may
 	ReasonDisplaced           // 429 taken out of the full queue for a request of a higher priority, or of a tenant further under its share
+	ReasonOverBudget          // 429 its tenant has spent its requests or tokens per minute
 )
 
 var reasonNames = [...]string{"", "slot_free", "slot_granted", "queue_full", "queue_timeout", "load_timeout",
 	"load_failed", "unknown_model", "bad_request", "too_large", "wait_slot", "wait_load", "client_gone", "draining", "model_ready", "not_routable",
-	"wait_wake", "model_woken", "tenant_queue_full", "displaced"}
+	"wait_wake", "model_woken", "tenant_queue_full", "displaced", "over_budget"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {

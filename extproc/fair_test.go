@@ -15,7 +15,7 @@ func fairTable(vtc bool) *flowTable {
 		Objectives: map[string]int{"interactive": 10, "batch": -10},
 		Tenants:    []Tenant{{Name: "a", Weight: 1, MaxQueue: -1}, {Name: "b", Weight: 3, MaxQueue: 2}, {Name: "c", MaxQueue: -1}},
 		VTC:        vtc,
-	})
+	}, nil)
 }
 
 // fkey is the flow of tenant (a header value) at objective.
@@ -262,7 +262,7 @@ func TestGateSetTable(t *testing.T) {
 	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 100}, fairTable(false))
 	qs := fill(t, g, "a/batch/1", "c//2", "a/interactive/3", "c//4")
 	// c is no longer configured, batch no longer an objective.
-	g.setTable(newFlowTable(Fairness{Objectives: map[string]int{"interactive": 10}, Tenants: []Tenant{{Name: "a", MaxQueue: -1}}}))
+	g.setTable(newFlowTable(Fairness{Objectives: map[string]int{"interactive": 10}, Tenants: []Tenant{{Name: "a", MaxQueue: -1}}}, nil))
 	checkGate(t, g)
 	want := []string{"a/interactive/3", "a/batch/1", "c//2", "c//4"}
 	if got := grants(t, g, qs, 4); !slices.Equal(got, want) {
@@ -418,7 +418,7 @@ func checkGate(t *testing.T, g *gate) {
 func TestFlowKey(t *testing.T) {
 	// printf %s sk-test-1 | sha256sum | cut -c1-16
 	const keyID = "sha256:db567a0dd8d24a1a"
-	byKey := newFlowTable(Fairness{TenantHeader: "authorization", Tenants: []Tenant{{Name: keyID}}, Objectives: map[string]int{"hi": 5}})
+	byKey := newFlowTable(Fairness{TenantHeader: "authorization", Tenants: []Tenant{{Name: keyID}}, Objectives: map[string]int{"hi": 5}}, nil)
 	tests := []struct {
 		name              string
 		t                 *flowTable

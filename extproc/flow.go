@@ -49,6 +49,13 @@ type Tenant struct {
 	// MaxQueue caps its requests waiting for each model: -1 leaves it to
 	// Fairness.MaxQueuePerTenant, 0 sets no cap.
 	MaxQueue int
+	// RPM and TPM are its budgets of requests and of tokens per minute,
+	// over all models; 0 sets none. Over either, a request is answered
+	// 429 with a Retry-After that says when the budget has refilled
+	// enough. Tokens are counted from the usage the model reports at the
+	// end of each response, which costs every response of the tenant a
+	// round trip to vgw per chunk (see stream.meter).
+	RPM, TPM int
 }
 
 // Header names, the shared tenant's name and key ids, as in the config
@@ -81,7 +88,8 @@ type flowTable struct {
 type tenantSpec struct {
 	name     string
 	weight   int
-	maxQueue int // 0: no cap
+	maxQueue int     // 0: no cap
+	rpm, tpm *budget // nil: none
 }
 
 // flowKey is a request's flow: its tenant and band in table t.
@@ -91,8 +99,10 @@ type flowKey struct {
 	band   uint8
 }
 
-// newFlowTable resolves f.
-func newFlowTable(f Fairness) *flowTable {
+// newFlowTable resolves f. A tenant's budgets carry over from prev (nil
+// for none) where their rates stay, so that a reload neither refills nor
+// empties them.
+func newFlowTable(f Fairness, prev *flowTable) *flowTable {
 	t := &flowTable{
 		tenantHeader:    f.TenantHeader,
 		objectiveHeader: f.ObjectiveHeader,
@@ -112,6 +122,11 @@ func newFlowTable(f Fairness) *flowTable {
 		if s.maxQueue < 0 {
 			s.maxQueue = max(f.MaxQueuePerTenant, 0)
 		}
+		var was tenantSpec
+		if i, ok := prev.tenant(x.Name); ok {
+			was = prev.tenants[i]
+		}
+		s.rpm, s.tpm = keepBudget(was.rpm, x.RPM), keepBudget(was.tpm, x.TPM)
 		return s
 	}
 	t.tenants = []tenantSpec{spec(Tenant{Name: DefaultTenant, MaxQueue: -1})}
@@ -143,6 +158,27 @@ func newFlowTable(f Fairness) *flowTable {
 		t.objectives[name] = t.band(p)
 	}
 	return t
+}
+
+// tenant returns the index of the tenant named name, if t has one.
+func (t *flowTable) tenant(name string) (uint16, bool) {
+	if t == nil {
+		return 0, false
+	}
+	i, ok := t.byName[name]
+	return i, ok
+}
+
+// keepBudget returns b if it is of the rate perMinute, else a new budget
+// of that rate (nil for none).
+func keepBudget(b *budget, perMinute int) *budget {
+	switch {
+	case perMinute <= 0:
+		return nil
+	case b != nil && b.rate == perMinute:
+		return b
+	}
+	return newBudget(perMinute)
 }
 
 // band returns the band of priority p, or the default band when p has

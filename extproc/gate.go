@@ -94,7 +94,7 @@ type flow struct {
 type flowCounts struct {
 	admitted  uint64 // given a slot, at once or after waiting
 	displaced uint64 // taken out of the queue for a request that came later
-	rejected  uint64 // turned away on arrival: the queue or the tenant's share was full
+	rejected  uint64 // turned away on arrival: the queue or the tenant's share was full, or its budget spent
 }
 
 // A waiter is one request queued at a gate. Waiters are pooled: a queued
@@ -171,6 +171,14 @@ func (g *gate) chargeLocked(f *flow, cost int) {
 		f.counter += float64(max(cost, 1)) / float64(f.weight)
 		g.bands[f.band].last = f.counter
 	}
+}
+
+// rejected counts a request of flow k turned away before it asked for a
+// slot: its tenant was over budget.
+func (g *gate) rejected(k flowKey) {
+	g.mu.Lock()
+	g.flowLocked(k).counts.rejected++
+	g.mu.Unlock()
 }
 
 // enqueue is tryAcquire's slow path: it takes a slot if one has come free

@@ -6,7 +6,7 @@ import (
 )
 
 // fifo is the fairness of a gate that has one flow: a FIFO.
-var fifo = newFlowTable(Fairness{})
+var fifo = newFlowTable(Fairness{}, nil)
 
 func newWaiter() *waiter { return &waiter{ready: make(chan struct{}, 1)} }
 

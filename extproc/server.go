@@ -130,7 +130,9 @@ type Server struct {
 
 	models atomic.Pointer[modelTable]
 	flows  atomic.Pointer[flowTable] // see Fairness
-	setMu  sync.Mutex                // serialises SetModels and SetFairness, and guards retired
+	setMu  sync.Mutex                // serialises SetModels and SetFairness, and guards retired and fairness
+	// fairness is what flows was made from.
+	fairness Fairness
 	// retired holds the entries of models removed from the config, and
 	// when each was, so that a model added back gets its old gate: the
 	// requests it still has in flight count against its max_concurrent,
@@ -379,7 +381,8 @@ func New(models []Model, leases Leases, o Options) *Server {
 		s.state = func(string) string { return "" }
 	}
 	s.trustModelHeader.Store(o.TrustModelHeader)
-	s.flows.Store(newFlowTable(o.Fairness))
+	s.fairness = o.Fairness
+	s.flows.Store(newFlowTable(o.Fairness, nil))
 	if s.decisions == nil {
 		s.decisions = NewDecisionLog(4096)
 	}
@@ -484,10 +487,11 @@ func (s *Server) SetModels(models []Model) {
 func (s *Server) SetFairness(f Fairness) {
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
-	t := newFlowTable(f)
-	if reflect.DeepEqual(t, s.flows.Load()) {
+	if reflect.DeepEqual(f, s.fairness) {
 		return
 	}
+	t := newFlowTable(f, s.flows.Load())
+	s.fairness = f
 	s.flows.Store(t)
 	for _, e := range s.models.Load().models {
 		e.gate.setTable(t)

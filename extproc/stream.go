@@ -114,11 +114,17 @@ type stream struct {
 	// body modes verbatim).
 	respBodyMode filterv3.ProcessingMode_BodySendMode
 
-	model      *modelEntry
-	key        flowKey // the request's tenant and priority
-	size       int     // the request's bytes (its content-length until its body is read), for VTC
-	held       bool    // a slot of model.gate is ours
-	lease      Lease   // the model's server is ours: admitted
+	model *modelEntry
+	key   flowKey // the request's tenant and priority
+	size  int     // the request's bytes (its content-length until its body is read), for VTC
+	held  bool    // a slot of model.gate is ours
+	// rpm is the budget the request was taken from, until it is admitted
+	// or given back; tpm the one its tokens go to, with meter reading
+	// them from the response (metering: its body comes to vgw).
+	rpm, tpm   *budget
+	meter      usageMeter
+	metering   bool
+	lease      Lease // the model's server is ours: admitted
 	admittedAt time.Time
 	status     int // upstream :status
 
@@ -220,6 +226,9 @@ func (st *stream) handle(req *extprocv3.ProcessingRequest) (done bool, err error
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
 		return false, st.responseHeaders(r.ResponseHeaders)
 	case *extprocv3.ProcessingRequest_ResponseBody:
+		if st.metering {
+			st.meter.read(r.ResponseBody.GetBody())
+		}
 		if r.ResponseBody.GetEndOfStream() {
 			st.finish()
 		}
@@ -425,6 +434,10 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 	if st.body != nil {
 		st.size = len(st.body)
 	}
+	if r := st.takeBudget(start); r != nil {
+		m.gate.rejected(st.key)
+		return true, st.reject(&m.name, r, m.gate.depth(), time.Time{})
+	}
 	if m.gate.tryAcquire(start, st.key, st.size) {
 		st.held = true
 		budget, margin := s.waitBudget(0)
@@ -443,11 +456,13 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 		return st.proceed(ReasonSlotFree, start, start, deadline, margin, 0, atHeaders)
 	case full:
 		waiterPool.Put(w)
+		st.giveBack(start)
 		r := queueFull(m.name, m.gate.retryAfter(start))
 		r.rendered = m.queueFullBody
 		return true, st.reject(&m.name, r, depth, time.Time{})
 	case tenantFull:
 		waiterPool.Put(w)
+		st.giveBack(start)
 		return true, st.reject(&m.name, tenantQueueFull(m.name, st.tenant(), m.gate.retryAfter(start)), depth, time.Time{})
 	}
 
@@ -467,6 +482,7 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 		st.abandoned(start)
 		return true, nil // Envoy reset the stream: nobody is listening
 	case ReasonDisplaced:
+		st.giveBack(time.Now())
 		return true, st.reject(&m.name, displacedBy(m.name, m.gate.retryAfter(time.Now())), m.gate.depth(), start)
 	default:
 		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), start)
@@ -612,7 +628,7 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	m := st.model
 	h := m.route.Load()
 	var resp *extprocv3.ProcessingResponse
-	if !atHeaders && (st.addKV != nil || st.bodyChanged || st.renamed || !st.form && m.defaults.Load() != nil) {
+	if !atHeaders && (st.addKV != nil || st.bodyChanged || st.renamed || !st.form && (m.defaults.Load() != nil || st.tpm != nil)) {
 		resp = st.mergedReply(h, depth)
 	}
 	switch {
@@ -670,6 +686,9 @@ func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingR
 		if st.addKV != nil {
 			also = [][]byte{st.addKV}
 		}
+		if st.tpm != nil && streamsWithoutOptions(merged) {
+			also = append(also, includeUsage)
+		}
 		var added bool
 		merged, added, _ = st.model.defaults.Load().mergeUnder(merged, also...)
 		changed = changed || added
@@ -681,6 +700,28 @@ func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingR
 	r.HeaderMutation.SetHeaders = append(r.HeaderMutation.SetHeaders, setHeader("content-length", strconv.AppendInt(nil, int64(len(merged)), 10)))
 	r.BodyMutation = &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: merged}}
 	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{Response: r}}}
+}
+
+// includeUsage is what a streamed request of a tenant with a token budget
+// gets, so that its server reports the usage at the stream's end (one more
+// event, with no choices, before [DONE], as OpenAI's API sends it).
+var includeUsage = []byte(`"stream_options":{"include_usage":true}`)
+
+// streamsWithoutOptions reports whether a JSON body asks for a stream
+// ("stream": true, the last of repeated keys, as vLLM reads them) and
+// sets no stream_options of its own, which vgw leaves as they are.
+func streamsWithoutOptions(body []byte) bool {
+	stream, options := false, false
+	_, _, err := topLevelKeys(body, func(k []byte, start, end int) bool {
+		switch string(k) {
+		case "stream":
+			stream = string(body[start:end]) == "true"
+		case "stream_options":
+			options = true
+		}
+		return true
+	})
+	return err == nil && stream && !options
 }
 
 // routeResponse sets the route headers and the queue depth, and clears the
@@ -745,6 +786,16 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) error {
 	depth := 0
 	if st.model != nil {
 		depth = st.model.gate.depth()
+	}
+	if st.tpm != nil && st.lease != nil {
+		// The tenant's tokens are counted from the usage at the
+		// response's end: its body comes to vgw, chunk by chunk (a mode
+		// override from the response headers, restating the request's
+		// body mode: ext_proc.cc effectiveModeOverride copies both).
+		st.metering = true
+		r := responseHeaderReply(depth)
+		r.ModeOverride = &filterv3.ProcessingMode{RequestBodyMode: st.reqBodyMode, ResponseBodyMode: filterv3.ProcessingMode_STREAMED}
+		return st.send(r)
 	}
 	if depth < len(responseHeaderReplies) {
 		return st.send(responseHeaderReplies[depth])
@@ -855,6 +906,43 @@ func (st *stream) finish() {
 	if st.lease != nil {
 		l := st.lease
 		st.lease = nil
+		if st.tpm != nil && st.status >= 200 && st.status < 300 {
+			st.tpm.spend(time.Now(), st.meter.tokens(st.size))
+		}
 		l.Release(Result{Status: st.status, Duration: took})
+	}
+}
+
+// takeBudget takes the request from its tenant's budgets, or answers why
+// it cannot: the tenant has spent its tokens for the minute (they are
+// counted once each response has ended), or its requests.
+func (st *stream) takeBudget(now time.Time) *rejection {
+	k := st.key
+	if k.t == nil {
+		return nil
+	}
+	t := &k.t.tenants[k.tenant]
+	if t.tpm != nil {
+		if wait := t.tpm.empty(now); wait > 0 {
+			return overBudget(t.name, "tokens", t.tpm.rate, wait)
+		}
+		st.tpm, st.meter = t.tpm, newUsageMeter()
+	}
+	if t.rpm != nil {
+		if wait := t.rpm.take(now); wait > 0 {
+			st.tpm = nil
+			return overBudget(t.name, "requests", t.rpm.rate, wait)
+		}
+		st.rpm = t.rpm
+	}
+	return nil
+}
+
+// giveBack returns to its tenant's budget a request turned away after it
+// was taken: it is not a request the tenant was served.
+func (st *stream) giveBack(now time.Time) {
+	if st.rpm != nil {
+		st.rpm.spend(now, -1)
+		st.rpm = nil
 	}
 }

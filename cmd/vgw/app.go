@@ -365,7 +365,11 @@ func fairnessOf(cfg *config.Config) extproc.Fairness {
 	}
 	for _, name := range slices.Sorted(maps.Keys(cfg.Tenants)) {
 		t := cfg.Tenants[name]
-		f.Tenants = append(f.Tenants, extproc.Tenant{Name: name, Weight: t.FairWeight(), MaxQueue: cfg.TenantMaxQueue(name)})
+		x := extproc.Tenant{Name: name, Weight: t.FairWeight(), MaxQueue: cfg.TenantMaxQueue(name)}
+		if t != nil {
+			x.RPM, x.TPM = t.RPM, t.TPM
+		}
+		f.Tenants = append(f.Tenants, x)
 	}
 	return f
 }
