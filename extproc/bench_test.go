@@ -155,13 +155,16 @@ func BenchmarkAdmitReleaseNaive(b *testing.B) {
 
 // admitRelease is the admission core, in the order the stream runs it,
 // with the same two clock reads: at the decision and at the response's end.
+// The request is tenant-7's at objective batch, which a server with
+// fairness (fairServer) knows.
 func admitRelease(ctx context.Context, s *Server, body []byte) {
+	k := s.flows.Load().key(benchTenant, benchObjective)
 	name, err := ExtractModel(body)
 	if err != nil {
 		panic(err)
 	}
 	m := s.models.Load().lookup(name).model
-	if m == nil || !m.gate.tryAcquire(time.Now(), flowKey{}, 0) {
+	if m == nil || !m.gate.tryAcquire(time.Now(), k, len(body)) {
 		panic("not admitted")
 	}
 	l, ok := s.leases.TryLease("", m.name)
@@ -170,14 +173,32 @@ func admitRelease(ctx context.Context, s *Server, body []byte) {
 	}
 	_ = m.route.Load()
 	start := time.Now()
-	st := stream{s: s, ctx: ctx, model: m}
+	st := stream{s: s, ctx: ctx, model: m, key: k}
 	st.record(&decision{at: start, model: &m.name, outcome: OutcomeAdmitted, reason: ReasonSlotFree})
 	m.gate.release(0)
 	l.Release(Result{Status: 200, Duration: time.Since(start)})
 }
 
+var benchTenant, benchObjective = []byte("tenant-7"), []byte("batch")
+
+// fairServer is benchServer with 100 tenants (weights 1 to 3) at three
+// priorities.
+func fairServer() *Server {
+	s := benchServer(slog.LevelInfo)
+	s.SetFairness(benchFairness(false))
+	return s
+}
+
+func benchFairness(vtc bool) Fairness {
+	tenants := make([]Tenant, 100)
+	for i := range tenants {
+		tenants[i] = Tenant{Name: "tenant-" + strconv.Itoa(i), Weight: 1 + i%3, MaxQueue: -1}
+	}
+	return Fairness{Tenants: tenants, Objectives: map[string]int{"interactive": 10, "batch": -10}, VTC: vtc}
+}
+
 func TestAdmitReleaseAllocs(t *testing.T) {
-	for _, s := range []*Server{benchServer(slog.LevelInfo), namedServer()} {
+	for _, s := range []*Server{benchServer(slog.LevelInfo), namedServer(), fairServer()} {
 		for _, first := range []bool{true, false} {
 			body := chatBody(1<<10, first)
 			if n := testing.AllocsPerRun(200, func() { admitRelease(context.Background(), s, body) }); n != 0 {
@@ -214,7 +235,7 @@ func BenchmarkAdmitReleaseNames(b *testing.B) {
 	for _, bc := range []struct {
 		name string
 		s    *Server
-	}{{"one_model", benchServer(slog.LevelInfo)}, {"2200_names", namedServer()}} {
+	}{{"one_model", benchServer(slog.LevelInfo)}, {"2200_names", namedServer()}, {"300_flows", fairServer()}} {
 		b.Run(bc.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
@@ -287,16 +308,12 @@ func BenchmarkStream(b *testing.B) {
 // priorities, the waiters spread over all of them, each arrival of the
 // next tenant at the next priority, under weighted round robin or VTC.
 func BenchmarkQueueDepth(b *testing.B) {
-	tenants := make([]Tenant, 100)
 	var names [][]byte
-	for i := range tenants {
-		tenants[i] = Tenant{Name: "tenant-" + strconv.Itoa(i), Weight: 1 + i%3, MaxQueue: -1}
-		names = append(names, []byte(tenants[i].Name))
+	for _, t := range benchFairness(false).Tenants {
+		names = append(names, []byte(t.Name))
 	}
 	objectives := [][]byte{[]byte("interactive"), nil, []byte("batch")}
-	fair := func(vtc bool) *flowTable {
-		return newFlowTable(Fairness{Tenants: tenants, Objectives: map[string]int{"interactive": 10, "batch": -10}, VTC: vtc}, nil)
-	}
+	fair := func(vtc bool) *flowTable { return newFlowTable(benchFairness(vtc), nil) }
 	for _, tc := range []struct {
 		name string
 		t    *flowTable
@@ -358,4 +375,29 @@ func (g *gate) peek() *waiter {
 		return f.q.head
 	}
 	return nil
+}
+
+// BenchmarkResponseChunk times what a response chunk costs vgw where the
+// request's tenant has a token budget, so that its response body comes
+// to vgw (metered): the message handled, the meter reading it, the reply;
+// against the same chunk's message handled and answered with metering off
+// (plain), as Envoy would send it to a processor that turned the body on
+// for another reason. An SSE event of a streamed chat answer, 140 bytes.
+func BenchmarkResponseChunk(b *testing.B) {
+	chunk := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseBody{ResponseBody: &extprocv3.HttpBody{
+		Body: []byte(`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"llama","choices":[{"index":0,"delta":{"content":" the"}}]}` + "\n\n"),
+	}}}
+	for _, metered := range []bool{false, true} {
+		b.Run(map[bool]string{false: "plain", true: "metered"}[metered], func(b *testing.B) {
+			st := newStream(benchServer(slog.LevelInfo), &discardStream{ctx: context.Background()})
+			st.metering, st.meter = metered, newUsageMeter()
+			b.SetBytes(int64(len(chunk.GetResponseBody().GetBody())))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := st.handle(chunk); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

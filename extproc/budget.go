@@ -121,16 +121,17 @@ func (m *usageMeter) read(chunk []byte) {
 
 // lastTotal finds the last complete `"total_tokens": N` in b, complete
 // meaning that what ends the number is in b, at or after from: a figure
-// ended before from was read with the chunk it ended in.
-func lastTotal(b []byte, from int) (int64, bool) {
-	for end := len(b); ; {
-		i := bytes.LastIndex(b[:end], totalTokensKey)
+// ended before from was read with the chunk it ended in. It searches
+// forward, as bytes.Index does fastest, a chunk seldom holding one.
+func lastTotal(b []byte, from int) (total int64, ok bool) {
+	for pos := 0; ; {
+		i := bytes.Index(b[pos:], totalTokensKey)
 		if i < 0 {
-			return 0, false
+			return total, ok
 		}
-		end = i
-		j := i + len(totalTokensKey)
-		for j < len(b) && j-i-len(totalTokensKey) < 8 && (b[j] == ' ' || b[j] == ':') {
+		j := pos + i + len(totalTokensKey)
+		pos += i + 1 // keys may overlap: "total_tokens"total_tokens"
+		for k := 0; j < len(b) && k < 8 && (b[j] == ' ' || b[j] == ':'); k++ {
 			j++
 		}
 		k := j
@@ -141,7 +142,7 @@ func lastTotal(b []byte, from int) (int64, bool) {
 		}
 		// A number cut off by the end of b is not complete.
 		if k > j && k < len(b) && k >= from {
-			return v, true
+			total, ok = v, true
 		}
 	}
 }
