@@ -190,22 +190,28 @@ func (g *gate) rejected(k flowKey) {
 // rate for Retry-After. depth is the queue length after the call.
 func (g *gate) enqueue(w *waiter, now time.Time, k flowKey, cost int) (res admitResult, depth int) {
 	g.mu.Lock()
-	defer g.mu.Unlock()
+	res = g.enqueueLocked(w, now, k, cost)
+	depth = g.queueLen
+	g.mu.Unlock()
+	return res, depth
+}
+
+func (g *gate) enqueueLocked(w *waiter, now time.Time, k flowKey, cost int) admitResult {
 	f := g.flowLocked(k)
 	if g.inflight < g.limits.MaxConcurrent && g.queueLen == 0 {
 		g.takeLocked(now, f, cost)
-		return admitted, 0
+		return admitted
 	}
 	g.rate.sample(now, g.completed)
 	if f.maxQueue > 0 && g.tenantQueued[f.tenant] >= f.maxQueue {
 		f.counts.rejected++
-		return tenantFull, g.queueLen
+		return tenantFull
 	}
 	if g.queueLen >= g.limits.MaxQueue {
 		v := g.victimLocked(f)
 		if v == nil {
 			f.counts.rejected++
-			return full, g.queueLen
+			return full
 		}
 		v.flow.counts.displaced++
 		g.removeLocked(v)
@@ -213,7 +219,7 @@ func (g *gate) enqueue(w *waiter, now time.Time, k flowKey, cost int) (res admit
 		v.ready <- struct{}{} // never blocks: capacity 1, one word per queuing
 	}
 	g.pushLocked(w, f, cost)
-	return enqueued, g.queueLen
+	return enqueued
 }
 
 // victimLocked chooses whom a request of f displaces from a full queue:
@@ -263,6 +269,8 @@ func (b *band) newest() *waiter {
 
 // pushLocked queues w in f.
 func (g *gate) pushLocked(w *waiter, f *flow, cost int) {
+	g.queueLen++
+	g.queued.Store(int64(g.queueLen))
 	b := &g.bands[f.band]
 	if f.q.len == 0 {
 		g.activateLocked(b, f)
@@ -274,8 +282,6 @@ func (g *gate) pushLocked(w *waiter, f *flow, cost int) {
 	if f.maxQueue > 0 {
 		g.tenantQueued[f.tenant]++
 	}
-	g.queueLen++
-	g.queued.Store(int64(g.queueLen))
 }
 
 // activateLocked puts a flow that has its first waiter in its band's
@@ -306,6 +312,8 @@ func (g *gate) activateLocked(b *band, f *flow) {
 
 // removeLocked takes w out of the queue.
 func (g *gate) removeLocked(w *waiter) {
+	g.queueLen--
+	g.queued.Store(int64(g.queueLen))
 	f := w.flow
 	b := &g.bands[f.band]
 	f.q.remove(w)
@@ -314,8 +322,6 @@ func (g *gate) removeLocked(w *waiter) {
 	if f.maxQueue > 0 {
 		g.tenantQueued[f.tenant]--
 	}
-	g.queueLen--
-	g.queued.Store(int64(g.queueLen))
 	if f.q.len > 0 {
 		return
 	}
