@@ -148,35 +148,41 @@ func (m *Metrics) Event(model, kind string, took time.Duration) {
 const unknownModel = "_unknown"
 
 var (
-	descDecisions = prometheus.NewDesc("vgw_decisions_total", "Requests by model and how admission ended for them: admitted, rejected, timed_out, abandoned (model _unknown: requests that named no configured model).", []string{"model", "outcome"}, nil)
-	descQueued    = prometheus.NewDesc("vgw_queued_total", "Times a request had to wait, for a slot or for its model to load, by model.", []string{"model"}, nil)
-	descAnswers   = prometheus.NewDesc("vgw_answers_total", "Errors vgw answered itself instead of sending the request on, by model and HTTP status (other: a status not listed).", []string{"model", "status"}, nil)
-	descQueue     = prometheus.NewDesc("vgw_queue_depth", "Requests waiting for a slot, by model.", []string{"model"}, nil)
-	descFlowQueue = prometheus.NewDesc("vgw_flow_queue_depth", "Requests waiting for a slot, by model, priority and tenant (a configured tenant, or default-flow for every other); sum by priority for a band's, by tenant for a tenant's.", []string{"model", "priority", "tenant"}, nil)
-	descFlowReqs  = prometheus.NewDesc("vgw_flow_requests_total", "What became of requests as they asked a model for a slot, by model, priority, tenant and result: admitted (given a slot, at once or after waiting), displaced (taken out of the full queue for a later request of a higher priority or of a tenant further under its share: 429), rejected (the queue or the tenant's share of it was full as it came: 429).", []string{"model", "priority", "tenant", "result"}, nil)
-	descInFlight  = prometheus.NewDesc("vgw_requests_in_flight", "Requests holding a slot (sent on, or waiting for their model to load), by model.", []string{"model"}, nil)
-	descLimit     = prometheus.NewDesc("vgw_model_max_concurrent", "The model's limit on requests in flight.", []string{"model"}, nil)
-	descState     = prometheus.NewDesc("vgw_model_state", "1 for the state each model is in: "+strings.Join(manager.StateNames(), ", ")+".", []string{"model", "state"}, nil)
-	descHostUsed  = prometheus.NewDesc("vgw_host_memory_used_bytes", "Host memory sleeping models hold.", nil, nil)
-	descHostLimit = prometheus.NewDesc("vgw_host_memory_budget_bytes", "Host memory sleeping models may hold (host_memory).", nil, nil)
-	descGPUInfo   = prometheus.NewDesc("vgw_gpu_info", "1 for each GPU, with its name and UUID.", []string{"gpu", "name", "uuid"}, nil)
-	descGPUUsed   = prometheus.NewDesc("vgw_gpu_memory_used_bytes", "GPU memory in use at the latest reading.", []string{"gpu"}, nil)
-	descGPUTotal  = prometheus.NewDesc("vgw_gpu_memory_total_bytes", "GPU memory in all.", []string{"gpu"}, nil)
-	descPushes    = prometheus.NewDesc("vgw_xds_pushes_total", "xDS snapshots published.", nil, nil)
-	descACKs      = prometheus.NewDesc("vgw_xds_acks_total", "xDS responses Envoys acknowledged.", nil, nil)
-	descNACKs     = prometheus.NewDesc("vgw_xds_nacks_total", "xDS responses Envoys rejected.", nil, nil)
-	descEnvoys    = prometheus.NewDesc("vgw_xds_connected_envoys", "Envoys connected to xDS.", nil, nil)
-	descDraining  = prometheus.NewDesc("vgw_draining", "1 while vgw admits no new requests.", nil, nil)
-	descSilent    = prometheus.NewDesc("vgw_xds_silent_streams", "xDS streams that have left a version unanswered for longer than envoy.xds_ack_timeout; requests of unknown Envoys do not wait for them.", nil, nil)
-	descIdleEnded = prometheus.NewDesc("vgw_extproc_idle_streams_ended_total", "ext_proc streams vgw ended because Envoy sent nothing on them for longer than envoy.stream_idle_timeout + 1m before their response began: no real Envoy's.", nil, nil)
+	descDecisions   = prometheus.NewDesc("vgw_decisions_total", "Requests by model and how admission ended for them: admitted, rejected, timed_out, abandoned (model _unknown: requests that named no configured model).", []string{"model", "outcome"}, nil)
+	descQueued      = prometheus.NewDesc("vgw_queued_total", "Times a request had to wait, for a slot or for its model to load, by model.", []string{"model"}, nil)
+	descAnswers     = prometheus.NewDesc("vgw_answers_total", "Errors vgw answered itself instead of sending the request on, by model and HTTP status (other: a status not listed).", []string{"model", "status"}, nil)
+	descQueue       = prometheus.NewDesc("vgw_queue_depth", "Requests waiting for a slot, by model.", []string{"model"}, nil)
+	descBandQueue   = prometheus.NewDesc("vgw_band_queue_depth", "Requests waiting for a slot, by model and priority.", []string{"model", "priority"}, nil)
+	descBandReqs    = prometheus.NewDesc("vgw_band_requests_total", "What became of requests as they asked a model for a slot, by model, priority and result: "+flowResults, []string{"model", "priority", "result"}, nil)
+	descTenantQueue = prometheus.NewDesc("vgw_tenant_queue_depth", "Requests waiting for a slot, by model and tenant (a configured tenant, or default-flow for every other).", []string{"model", "tenant"}, nil)
+	descTenantReqs  = prometheus.NewDesc("vgw_tenant_requests_total", "What became of requests as they asked a model for a slot, by model, tenant (a configured tenant, or default-flow for every other) and result: "+flowResults, []string{"model", "tenant", "result"}, nil)
+	descInFlight    = prometheus.NewDesc("vgw_requests_in_flight", "Requests holding a slot (sent on, or waiting for their model to load), by model.", []string{"model"}, nil)
+	descLimit       = prometheus.NewDesc("vgw_model_max_concurrent", "The model's limit on requests in flight.", []string{"model"}, nil)
+	descState       = prometheus.NewDesc("vgw_model_state", "1 for the state each model is in: "+strings.Join(manager.StateNames(), ", ")+".", []string{"model", "state"}, nil)
+	descHostUsed    = prometheus.NewDesc("vgw_host_memory_used_bytes", "Host memory sleeping models hold.", nil, nil)
+	descHostLimit   = prometheus.NewDesc("vgw_host_memory_budget_bytes", "Host memory sleeping models may hold (host_memory).", nil, nil)
+	descGPUInfo     = prometheus.NewDesc("vgw_gpu_info", "1 for each GPU, with its name and UUID.", []string{"gpu", "name", "uuid"}, nil)
+	descGPUUsed     = prometheus.NewDesc("vgw_gpu_memory_used_bytes", "GPU memory in use at the latest reading.", []string{"gpu"}, nil)
+	descGPUTotal    = prometheus.NewDesc("vgw_gpu_memory_total_bytes", "GPU memory in all.", []string{"gpu"}, nil)
+	descPushes      = prometheus.NewDesc("vgw_xds_pushes_total", "xDS snapshots published.", nil, nil)
+	descACKs        = prometheus.NewDesc("vgw_xds_acks_total", "xDS responses Envoys acknowledged.", nil, nil)
+	descNACKs       = prometheus.NewDesc("vgw_xds_nacks_total", "xDS responses Envoys rejected.", nil, nil)
+	descEnvoys      = prometheus.NewDesc("vgw_xds_connected_envoys", "Envoys connected to xDS.", nil, nil)
+	descDraining    = prometheus.NewDesc("vgw_draining", "1 while vgw admits no new requests.", nil, nil)
+	descSilent      = prometheus.NewDesc("vgw_xds_silent_streams", "xDS streams that have left a version unanswered for longer than envoy.xds_ack_timeout; requests of unknown Envoys do not wait for them.", nil, nil)
+	descIdleEnded   = prometheus.NewDesc("vgw_extproc_idle_streams_ended_total", "ext_proc streams vgw ended because Envoy sent nothing on them for longer than envoy.stream_idle_timeout + 1m before their response began: no real Envoy's.", nil, nil)
 )
+
+// flowResults says what the results of the band and tenant request
+// counts are.
+const flowResults = "admitted (given a slot, at once or after waiting), displaced (taken out of the full queue for a later request of a higher priority or of a tenant further under its share: 429), rejected (429 as it came: the queue or the tenant's share of it was full, or the tenant's budget spent)."
 
 // collector reads what the request path, the manager and xDS keep, at
 // scrape time.
 type collector struct{ svc *Service }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descDecisions, descQueued, descAnswers, descQueue, descFlowQueue, descFlowReqs, descInFlight, descLimit, descState,
+	for _, d := range []*prometheus.Desc{descDecisions, descQueued, descAnswers, descQueue, descBandQueue, descBandReqs, descTenantQueue, descTenantReqs, descInFlight, descLimit, descState,
 		descGPUInfo, descGPUUsed, descGPUTotal, descHostUsed, descHostLimit, descPushes, descACKs, descNACKs, descEnvoys, descDraining, descSilent, descIdleEnded} {
 		ch <- d
 	}
@@ -207,15 +213,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(g.Queued), model)
 		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(g.InFlight), model)
 		ch <- prometheus.MustNewConstMetric(descLimit, prometheus.GaugeValue, float64(g.Limits.MaxConcurrent), model)
-		for _, b := range g.Bands {
-			p := strconv.Itoa(b.Priority)
-			for _, f := range b.Tenants {
-				ch <- prometheus.MustNewConstMetric(descFlowQueue, prometheus.GaugeValue, float64(f.Queued), model, p, f.Tenant)
-				ch <- prometheus.MustNewConstMetric(descFlowReqs, prometheus.CounterValue, float64(f.Admitted), model, p, f.Tenant, "admitted")
-				ch <- prometheus.MustNewConstMetric(descFlowReqs, prometheus.CounterValue, float64(f.Displaced), model, p, f.Tenant, "displaced")
-				ch <- prometheus.MustNewConstMetric(descFlowReqs, prometheus.CounterValue, float64(f.Rejected), model, p, f.Tenant, "rejected")
-			}
-		}
+		flowMetrics(ch, model, g.Bands)
 	}
 	v := d.Manager.View()
 	for _, m := range v.Models {
@@ -252,4 +250,43 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		draining = 1
 	}
 	ch <- prometheus.MustNewConstMetric(descDraining, prometheus.GaugeValue, draining)
+}
+
+// flowMetrics sends a model's queue and counts by priority and by
+// tenant: two families rather than one by both, so that the series grow
+// with priorities plus tenants, not their product.
+func flowMetrics(ch chan<- prometheus.Metric, model string, bands []extproc.BandStats) {
+	type sums struct {
+		queued                        int
+		admitted, displaced, rejected uint64
+	}
+	add := func(s *sums, f extproc.FlowStats) {
+		s.queued += f.Queued
+		s.admitted += f.Admitted
+		s.displaced += f.Displaced
+		s.rejected += f.Rejected
+	}
+	emit := func(queue, reqs *prometheus.Desc, label string, s sums) {
+		ch <- prometheus.MustNewConstMetric(queue, prometheus.GaugeValue, float64(s.queued), model, label)
+		ch <- prometheus.MustNewConstMetric(reqs, prometheus.CounterValue, float64(s.admitted), model, label, "admitted")
+		ch <- prometheus.MustNewConstMetric(reqs, prometheus.CounterValue, float64(s.displaced), model, label, "displaced")
+		ch <- prometheus.MustNewConstMetric(reqs, prometheus.CounterValue, float64(s.rejected), model, label, "rejected")
+	}
+	tenants := map[string]*sums{}
+	for _, b := range bands {
+		var band sums
+		for _, f := range b.Tenants {
+			add(&band, f)
+			t := tenants[f.Tenant]
+			if t == nil {
+				t = &sums{}
+				tenants[f.Tenant] = t
+			}
+			add(t, f)
+		}
+		emit(descBandQueue, descBandReqs, strconv.Itoa(b.Priority), band)
+	}
+	for name, t := range tenants {
+		emit(descTenantQueue, descTenantReqs, name, *t)
+	}
 }

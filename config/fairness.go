@@ -69,6 +69,9 @@ var tenantNamePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@+/=-]{0,12
 // sends it: lower case.
 var headerNamePattern = regexp.MustCompile("^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
+// keyTenantPattern is the name of a key's tenant.
+var keyTenantPattern = regexp.MustCompile(`^sha256:[0-9a-f]{16}$`)
+
 // CredentialHeaders are the headers that carry an API key. A tenant
 // read from one of these is the key's id (KeyTenantPrefix and a hash),
 // never the key itself.
@@ -119,6 +122,8 @@ func (v *validator) fairness(c *Config) {
 			v.at([]string{h.key}, "%s %s must be a header name in lower case, as Envoy sends it", h.key, trimmed(h.name))
 		case strings.HasPrefix(h.name, "x-vgw-"):
 			v.at([]string{h.key}, "%s %s may not be an x-vgw- header: Envoy removes those from clients' requests", h.key, trimmed(h.name))
+		case h.name == "content-type" || h.name == "content-length" || h.name == "host":
+			v.at([]string{h.key}, "%s %s may not be a header that describes the request itself", h.key, trimmed(h.name))
 		}
 	}
 	if c.TenantHeader == c.ObjectiveHeader {
@@ -147,11 +152,14 @@ func (v *validator) fairness(c *Config) {
 	if len(c.Tenants) > MaxTenants {
 		v.at([]string{"tenants"}, "%d tenants configured; at most %d (the others share %s)", len(c.Tenants), MaxTenants, DefaultTenant)
 	}
+	keyed := slices.Contains(CredentialHeaders, c.TenantHeader)
 	for _, name := range slices.Sorted(maps.Keys(c.Tenants)) {
 		t := c.Tenants[name]
 		at := func(k ...string) []string { return append([]string{"tenants", name}, k...) }
 		if !tenantNamePattern.MatchString(name) {
 			v.at(at(), "tenant name %s must be 1-128 of letters, digits and . _ : @ + / = -, starting with a letter or digit", trimmed(name))
+		} else if keyed && name != DefaultTenant && !keyTenantPattern.MatchString(name) {
+			v.at(at(), "tenant name %s can never match: tenant_header %s carries API keys, and a key's tenant is %s and the first 16 hex digits of its SHA-256", trimmed(name), c.TenantHeader, KeyTenantPrefix)
 		}
 		if t == nil {
 			continue

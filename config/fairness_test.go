@@ -49,6 +49,8 @@ func TestFairnessErrors(t *testing.T) {
 		{"weight", "tenants:\n  a: {weight: -2}\n", "c.yaml:5: weight must be between 1 and 1000"},
 		{"budgets", "tenants:\n  a: {rpm: -1}\n", "c.yaml:5: rpm and tpm must not be negative"},
 		{"unknown key", "tenants:\n  a: {share: 2}\n", "c.yaml:5: unknown field \"share\""},
+		{"a header vgw reads itself", "tenant_header: content-type\n", "c.yaml:4: tenant_header \"content-type\" may not be a header that describes the request itself"},
+		{"a name no key has", "tenant_header: authorization\ntenants:\n  team-a: {}\n", "c.yaml:6: tenant name \"team-a\" can never match"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

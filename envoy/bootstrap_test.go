@@ -300,3 +300,31 @@ func TestCheckAgainstH2Window(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckAgainstObjectiveHeader: the shipped bootstraps drop a client's
+// x-gateway-inference-objective, so no client sets its own priority; an
+// objective_header they leave alone is warned about.
+func TestCheckAgainstObjectiveHeader(t *testing.T) {
+	for _, file := range []string{"envoy.yaml", "envoy-local.yaml"} {
+		b, err := Load(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fr, _ := FrontOf(b)
+		if !StripsEarly(fr.HCM, "x-gateway-inference-objective") || StripsEarly(fr.HCM, "x-gateway-inference-fairness-id") {
+			t.Errorf("%s: the objective header must be dropped, the tenant header kept", file)
+		}
+		want := Expect{MessageTimeout: 200 * time.Millisecond, MaxMessageTimeout: 900 * time.Second, MaxBodyBytes: 8 << 20, MaxAudioBodyBytes: 25 << 20,
+			StreamIdleTimeout: 960 * time.Second, ObjectiveHeader: "x-gateway-inference-objective"}
+		if file == "envoy-local.yaml" {
+			continue // its limits differ; the header is what this test is about
+		}
+		if ps := CheckAgainst(b, want); len(ps) > 0 {
+			t.Fatalf("%s as shipped: %v", file, ps)
+		}
+		want.ObjectiveHeader = "x-priority"
+		if ps := CheckAgainst(b, want); len(ps) != 1 || !ps[0].Warning || !strings.Contains(ps[0].String(), "chooses its own priority") {
+			t.Fatalf("%s with objective_header x-priority: %v, want one warning", file, ps)
+		}
+	}
+}

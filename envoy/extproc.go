@@ -223,6 +223,9 @@ type Expect struct {
 	// TrustModelHeader is vgw's trust_model_header: a front that sets
 	// x-vgw-model must not have Envoy drop it.
 	TrustModelHeader bool
+	// ObjectiveHeader is vgw's objective_header, which sets a request's
+	// priority: unless Envoy drops a client's, clients choose their own.
+	ObjectiveHeader string
 }
 
 // CheckAgainst reports where b's ext_proc filter and body buffer limit
@@ -248,6 +251,9 @@ func CheckAgainst(b *bootstrapv3.Bootstrap, want Expect) []Problem {
 	}
 	if fr, ok := FrontOf(b); ok && want.TrustModelHeader && StripsEarly(fr.HCM, "x-vgw-model") {
 		c.errorf("early_header_mutation_extensions", "removes x-vgw-model, which vgw's trust_model_header says a trusted front sets: remove only x-vgw-cluster and x-vgw-queue-depth")
+	}
+	if fr, ok := FrontOf(b); ok && want.ObjectiveHeader != "" && !StripsEarly(fr.HCM, want.ObjectiveHeader) {
+		c.warnf("early_header_mutation_extensions", "does not remove %s, vgw's objective_header: each client chooses its own priority (remove_on_match it, as envoy/envoy.yaml does, unless that is meant)", want.ObjectiveHeader)
 	}
 	seen := map[string]bool{} // the connection manager's, for each of its routes
 	for _, idle := range streamIdleTimeouts(b) {

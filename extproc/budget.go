@@ -2,6 +2,7 @@ package extproc
 
 import (
 	"bytes"
+	"math"
 	"sync/atomic"
 	"time"
 )
@@ -14,20 +15,35 @@ import (
 type budget struct {
 	rate int           // per minute, as configured
 	per  time.Duration // the time one unit takes to refill
-	tat  atomic.Int64  // unix nanoseconds
+	tat  atomic.Int64  // since budgetEpoch (ticks)
 }
 
 // budgetWindow is how much a budget holds: a minute's worth.
 const budgetWindow = time.Minute
 
+// budgetEpoch is what budgets count time from: times are taken as
+// durations since it, on the monotonic clock where both have one, so
+// that a step of the wall clock (NTP, a VM resumed) neither refuses
+// tenants for as long nor refills them early.
+var budgetEpoch = time.Now()
+
+// ticks is now as a budget counts it.
+func ticks(now time.Time) int64 { return int64(now.Sub(budgetEpoch)) }
+
+// longAgo is where a new budget's time starts: full, whatever the
+// times it is given (tests give wall-clock ones, before the epoch).
+const longAgo = math.MinInt64 / 4
+
 func newBudget(perMinute int) *budget {
-	return &budget{rate: perMinute, per: budgetWindow / time.Duration(perMinute)}
+	b := &budget{rate: perMinute, per: budgetWindow / time.Duration(perMinute)}
+	b.tat.Store(longAgo)
+	return b
 }
 
 // take spends one unit at now if the budget has it, and otherwise says
 // how long until it will.
 func (b *budget) take(now time.Time) (wait time.Duration) {
-	t := now.UnixNano()
+	t := ticks(now)
 	for {
 		tat := b.tat.Load()
 		next := max(tat, t) + int64(b.per)
@@ -43,17 +59,20 @@ func (b *budget) take(now time.Time) (wait time.Duration) {
 // empty says how long until the budget has anything left at all, 0 when
 // it has: for a budget spent only once what a request cost is known.
 func (b *budget) empty(now time.Time) (wait time.Duration) {
-	return max(0, time.Duration(b.tat.Load()-now.UnixNano()-int64(budgetWindow)))
+	return max(0, time.Duration(b.tat.Load()-ticks(now)-int64(budgetWindow)))
 }
 
 // spend takes n units at now whether or not the budget has them (a
 // budget in debt refuses requests until it has refilled), or gives back
-// -n of them.
+// -n of them. One spend is at most an hour's worth: a response that
+// claims more (a server gone wrong) leaves the tenant an hour in debt,
+// not for ever.
 func (b *budget) spend(now time.Time, n int64) {
 	if n == 0 {
 		return
 	}
-	t := now.UnixNano()
+	n = min(n, int64(b.rate)*60)
+	t := ticks(now)
 	for {
 		tat := b.tat.Load()
 		next := max(tat, t) + n*int64(b.per)
@@ -150,10 +169,11 @@ func lastTotal(b []byte, from int) (total int64, ok bool) {
 // tokens is what the response cost: the usage it reported, or, where it
 // reported none (a client that turned usage off, a stream cut short), an
 // estimate: one token per event streamed, and one per four bytes of the
-// request for its prompt.
-func (m *usageMeter) tokens(requestBytes int) int64 {
+// prompt, promptBytes (0 for a request whose body is not its prompt, such
+// as an audio upload).
+func (m *usageMeter) tokens(promptBytes int) int64 {
 	if m.total >= 0 {
 		return m.total
 	}
-	return m.events + int64(requestBytes/4)
+	return m.events + int64(promptBytes/4)
 }

@@ -3,11 +3,14 @@ package extproc_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/vgw-project/vgw/extproc"
+	"github.com/vgw-project/vgw/extproc/extproctest"
 )
 
 // TestRequestBudget: a tenant of 3 requests a minute has them at once;
@@ -29,9 +32,9 @@ func TestRequestBudget(t *testing.T) {
 	if typ, code, _ := openAIError(t, res.Body); typ != "rate_limit_exceeded" || code != "rpm_exceeded" {
 		t.Errorf("type %q code %q", typ, code)
 	}
-	// One request refills every 20s.
-	if ra := res.Get("retry-after"); ra != "20" {
-		t.Errorf("Retry-After %q, want 20", ra)
+	// One request refills every 20s, from the first one's time.
+	if ra, _ := strconv.Atoi(res.Get("retry-after")); ra < 19 || ra > 20 {
+		t.Errorf("Retry-After %q, want 20 (less the time the requests took)", res.Get("retry-after"))
 	}
 	if res := do(t, h, ctx, fairReq("b", "b", "")); res.Status != 200 {
 		t.Errorf("another tenant: %d %s", res.Status, res.Details)
@@ -123,5 +126,78 @@ func BenchmarkMeteredResponse(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestTokenBudgetEdges: what is charged, and what a request forwarded,
+// where the usage does not come as for a plain chat stream: an audio
+// upload (its answer has no total_tokens, and its body is a file, not a
+// prompt: it is not charged by its size); a model whose request defaults
+// set stream_options (left as they are, never a second key) or stream.
+func TestTokenBudgetEdges(t *testing.T) {
+	t.Run("an audio upload", func(t *testing.T) {
+		h := start(t, []extproc.Model{{Name: "whisper", Limits: limits(4, 4, time.Second)}},
+			extproc.Options{Fairness: extproc.Fairness{Tenants: []extproc.Tenant{{Name: "a", TPM: 100000}}}})
+		body, ct := form(t, "", [2]string{"model", "whisper"}, [2]string{"file", strings.Repeat("a", 2<<20)})
+		r := extproctest.Request{Path: "/v1/audio/transcriptions", Headers: []extproctest.Header{{Key: "content-type", Value: ct}, {Key: extproc.DefaultTenantHeader, Value: "a"}}, Body: body}
+		if res := do(t, h, context.Background(), r); res.Status != 200 {
+			t.Fatalf("upload: %d %s", res.Status, res.Details)
+		}
+		h.idle(t, "whisper")
+		r.Body, r.Headers[0].Value = []byte(`{"model":"whisper"}`), "application/json"
+		r.Path = "/v1/chat/completions"
+		if res := do(t, h, context.Background(), r); res.Status != 200 {
+			t.Fatalf("the tenant's next request after a 2 MiB upload: %d %s, Retry-After %s", res.Status, res.Details, res.Get("retry-after"))
+		}
+	})
+	for _, tc := range []struct {
+		name, defaults, want string
+	}{
+		{"defaults with stream_options", `{"stream_options":{"continuous_usage_stats":false}}`, `"stream_options":{"continuous_usage_stats":false}`},
+		{"defaults that stream", `{"stream":true}`, `"stream_options":{"include_usage":true}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := start(t, []extproc.Model{{Name: "llama", Limits: limits(4, 4, time.Second), Defaults: []byte(tc.defaults)}},
+				extproc.Options{Fairness: extproc.Fairness{Tenants: []extproc.Tenant{{Name: "a", TPM: 100000}}}})
+			r := fairReq("1", "a", "")
+			r.Body = []byte(`{"model":"llama","messages":[]}`)
+			res := do(t, h, context.Background(), r)
+			if res.Status != 200 {
+				t.Fatal(res.Status)
+			}
+			if fwd := string(res.Forwarded.Body); strings.Count(fwd, `"stream_options"`) != 1 || !strings.Contains(fwd, tc.want) {
+				t.Errorf("forwarded %s, want one stream_options, %s", fwd, tc.want)
+			}
+		})
+	}
+}
+
+// TestRequestBudgetGivenBack: a request the queue turns away, or that
+// times out waiting, never reached its model: it is given back to its
+// tenant's request budget, so a tenant refused by a busy model is not
+// also refused by its budget once the model is free.
+func TestRequestBudgetGivenBack(t *testing.T) {
+	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, 50*time.Millisecond)}},
+		extproc.Options{Fairness: extproc.Fairness{Tenants: []extproc.Tenant{{Name: "a", RPM: 2}}}})
+	ctx := context.Background()
+	busy, doneBusy := h.streaming(t, ctx, "busy", "llama")
+	// The first waits and times out (504); the next three find the queue
+	// full or time out: none reaches the model.
+	for i := range 4 {
+		res := do(t, h, ctx, fairReq(fmt.Sprint("a", i), "a", ""))
+		if res.Status != 504 && res.Status != 429 || res.Details == "vgw_over_budget" {
+			t.Fatalf("a%d while the model is busy: %d %s, want 504 or 429 queue_full", i, res.Status, res.Details)
+		}
+	}
+	close(busy.chunks)
+	<-doneBusy
+	h.idle(t, "llama")
+	for i := range 2 {
+		if res := do(t, h, ctx, fairReq(fmt.Sprint("b", i), "a", "")); res.Status != 200 {
+			t.Fatalf("a's request %d once the model is free: %d %s", i, res.Status, res.Details)
+		}
+	}
+	if res := do(t, h, ctx, fairReq("c", "a", "")); res.Status != 429 || res.Details != "vgw_over_budget" {
+		t.Fatalf("a's third served request in the minute: %d %s, want over budget", res.Status, res.Details)
 	}
 }

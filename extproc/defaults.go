@@ -59,6 +59,17 @@ func parseDefaults(obj []byte) (*defaults, error) {
 	return d, nil
 }
 
+// value returns the default for key, as compact JSON; d may be nil.
+func (d *defaults) value(key string) ([]byte, bool) {
+	if d == nil {
+		return nil, false
+	}
+	if i, ok := slices.BinarySearch(d.keys, key); ok {
+		return d.values[i], true
+	}
+	return nil, false
+}
+
 // errNotMerged says why a body was sent on as it came; errStopped that a
 // walk of its keys stopped where its caller had what it wanted.
 var (

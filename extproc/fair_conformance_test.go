@@ -247,7 +247,12 @@ func TestFairShares(t *testing.T) {
 		for _, n := range got {
 			xs = append(xs, float64(n))
 		}
-		t.Logf("served %v, Jain's index %.3f", got, jain(xs))
+		j := jain(xs)
+		t.Logf("served %v, Jain's index %.3f", got, j)
+		// Served by clients, 4:8:16:32, the index is 0.66.
+		if j > 0.8 {
+			t.Errorf("one FIFO served %v (Jain's index %.3f): not by clients", got, j)
+		}
 	})
 	t.Run("weights 1 and 3", func(t *testing.T) {
 		got := shares(t, extproc.Fairness{Tenants: []extproc.Tenant{{Name: "w1", Weight: 1}, {Name: "w3", Weight: 3}}},
@@ -305,4 +310,56 @@ func jain(xs []float64) float64 {
 		sq += x * x
 	}
 	return sum * sum / (float64(len(xs)) * sq)
+}
+
+// TestFairReloadWhileWaiting: a reload of the fairness settings while
+// requests wait keeps every one of them, each in its flow under the new
+// settings (a tenant no longer configured in the shared flow, an
+// objective no longer configured at priority 0), in the order they came
+// within a flow, and loses no slot.
+func TestFairReloadWhileWaiting(t *testing.T) {
+	h := startEdited(t, []extproc.Model{{Name: "llama", Limits: limits(1, 10, time.Minute)}}, keepObjective,
+		extproc.Options{Fairness: extproc.Fairness{Objectives: map[string]int{"interactive": 10, "batch": -10},
+			Tenants: []extproc.Tenant{{Name: "a"}, {Name: "b"}}}})
+	waiters := []struct{ id, tenant, objective string }{
+		{"b1", "b", "batch"}, {"a1", "a", "interactive"}, {"b2", "b", ""}, {"a2", "a", "batch"}, {"a3", "a", "interactive"},
+	}
+	ids := []string{"x"}
+	for _, w := range waiters {
+		ids = append(ids, w.id)
+	}
+	s := newServed(t, h, ids...)
+	ctx := context.Background()
+	done := make(chan *extproctest.Result, len(ids))
+	go func() { done <- do(t, h, ctx, fairReq("x", "", "")) }()
+	s.arrived()
+	for i, w := range waiters {
+		go func() { done <- do(t, h, ctx, fairReq(w.id, w.tenant, w.objective)) }()
+		poll.Until(t, w.id+" is queued", func() bool { return h.stats(t, "llama").Queued == i+1 })
+	}
+	// b is no longer a tenant; batch no longer an objective.
+	h.srv.SetFairness(extproc.Fairness{Objectives: map[string]int{"interactive": 10}, Tenants: []extproc.Tenant{{Name: "a"}}})
+	st := h.stats(t, "llama")
+	if st.Queued != len(waiters) || len(st.Bands) != 2 || st.Bands[0].Queued != 2 || st.Bands[1].Queued != 3 {
+		t.Fatalf("after the reload: %d queued, bands %+v; want a1 and a3 at 10, the rest at 0", st.Queued, st.Bands)
+	}
+	var order []string
+	for range waiters {
+		s.endOldest()
+		order = append(order, s.arrived())
+	}
+	// Priority 10 first (a's, in order), then priority 0: the shared flow
+	// (b1, b2) and a (a2) take turns, the shared flow first as it came first.
+	if got, want := strings.Join(order, " "), "a1 a3 b1 a2 b2"; got != want {
+		t.Errorf("served %s, want %s", got, want)
+	}
+	for len(s.live) > 0 {
+		s.endOldest()
+	}
+	for range ids {
+		if res := <-done; res.Status != 200 {
+			t.Errorf("%d %s", res.Status, res.Details)
+		}
+	}
+	h.idle(t, "llama")
 }

@@ -449,3 +449,122 @@ func TestFlowKey(t *testing.T) {
 		})
 	}
 }
+
+// reloadTables are four fairness settings, each made from the one
+// before (budgets carried), for reloads.
+func reloadTables() []*flowTable {
+	var ts []*flowTable
+	var prev *flowTable
+	for _, f := range []Fairness{
+		{Objectives: map[string]int{"interactive": 10, "batch": -10}, Tenants: []Tenant{{Name: "a", Weight: 1, MaxQueue: -1}, {Name: "b", Weight: 3, MaxQueue: 2}, {Name: "c", MaxQueue: -1}}},
+		{Objectives: map[string]int{"interactive": 10}, Tenants: []Tenant{{Name: "a", MaxQueue: 1}}, VTC: true},
+		{},
+		{Objectives: map[string]int{"batch": -10, "x": 5, "y": 7}, Tenants: []Tenant{{Name: "c", Weight: 5, MaxQueue: 3}, {Name: "b", MaxQueue: -1}, {Name: DefaultTenant, MaxQueue: 4}}, MaxQueuePerTenant: 2, VTC: true},
+	} {
+		t := newFlowTable(f, prev)
+		ts = append(ts, t)
+		prev = t
+	}
+	return ts
+}
+
+// TestGateRandomReload: random arrivals (their flows read under any of
+// the tables, as a request that read its headers before a reload),
+// releases, abandons, limits and reloads; after each step the books
+// balance, no slot is free while a request waits, and in the end every
+// waiter has heard once.
+func TestGateRandomReload(t *testing.T) {
+	for seed := range uint64(40) {
+		rng := rand.New(rand.NewPCG(seed, 7))
+		tables := reloadTables()
+		g := newGate(Limits{MaxConcurrent: 1 + rng.IntN(3), MaxQueue: rng.IntN(20)}, tables[0])
+		tenants := []string{"a", "b", "c", "x", ""}
+		objectives := []string{"interactive", "", "batch", "x", "y"}
+		type entry struct {
+			w      *waiter
+			closed bool
+		}
+		var live []*entry
+		held := 0
+		now := time.Now()
+		for step := range 2000 {
+			switch op := rng.IntN(12); {
+			case op < 5:
+				// a flow read under a random (perhaps stale) table
+				kt := tables[rng.IntN(len(tables))]
+				k := fkey(kt, tenants[rng.IntN(len(tenants))], objectives[rng.IntN(len(objectives))])
+				if rng.IntN(4) == 0 && g.tryAcquire(now, k, rng.IntN(3)) {
+					held++
+					continue
+				}
+				w := newWaiter()
+				switch res, _ := g.enqueue(w, now, k, rng.IntN(2000)); res {
+				case admitted:
+					held++
+				case enqueued:
+					live = append(live, &entry{w: w})
+				}
+			case op < 8 && held > 0:
+				g.release(0)
+				held--
+			case op < 9 && len(live) > 0:
+				e := live[rng.IntN(len(live))]
+				if e.closed {
+					continue
+				}
+				switch g.abandon(e.w) {
+				case granted:
+					<-e.w.ready
+					g.release(0)
+				case displaced:
+					<-e.w.ready
+				}
+				e.closed = true
+			case op < 10:
+				g.setTable(tables[rng.IntN(len(tables))])
+			default:
+				g.setLimits(Limits{MaxConcurrent: 1 + rng.IntN(3), MaxQueue: rng.IntN(20)})
+			}
+			for _, e := range live {
+				if e.closed {
+					continue
+				}
+				select {
+				case <-e.w.ready:
+					e.closed = true
+					if e.w.state == granted {
+						held++
+					}
+				default:
+				}
+			}
+			if g.inflight != held {
+				t.Fatalf("seed %d step %d: gate holds %d, callers %d", seed, step, g.inflight, held)
+			}
+			checkGate(t, g)
+			// no waiter while a slot is free
+			if g.inflight < g.limits.MaxConcurrent && g.queueLen > 0 {
+				t.Fatalf("seed %d step %d: free slot with waiters", seed, step)
+			}
+		}
+		// Drain: every live waiter must be heard.
+		for held > 0 {
+			g.release(0)
+			held--
+			for _, e := range live {
+				if !e.closed && signalled(e.w) {
+					e.closed = true
+					if e.w.state == granted {
+						held++
+					}
+				}
+			}
+		}
+		for _, e := range live {
+			if !e.closed {
+				t.Fatalf("seed %d: a waiter was never heard (state %v)", seed, e.w.state)
+			}
+		}
+		checkGate(t, g)
+	}
+}

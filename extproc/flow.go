@@ -150,8 +150,11 @@ func newFlowTable(f Fairness, prev *flowTable) *flowTable {
 	}
 	slices.Sort(t.priorities)
 	slices.Reverse(t.priorities)
-	if len(t.priorities) > 256 {
-		t.priorities = t.priorities[:256] // the config allows far fewer
+	if len(t.priorities) > 256 { // the config allows 16
+		t.priorities = t.priorities[:255]
+		if !slices.Contains(t.priorities, 0) {
+			t.priorities = append(t.priorities, 0) // below every one kept
+		}
 	}
 	t.defaultBand = t.band(0)
 	for name, p := range f.Objectives {
@@ -170,7 +173,8 @@ func (t *flowTable) tenant(name string) (uint16, bool) {
 }
 
 // keepBudget returns b if it is of the rate perMinute, else a new budget
-// of that rate (nil for none).
+// of that rate (nil for none) that carries b's debt over: what b has
+// spent ahead, in time, at the new rate.
 func keepBudget(b *budget, perMinute int) *budget {
 	switch {
 	case perMinute <= 0:
@@ -178,7 +182,11 @@ func keepBudget(b *budget, perMinute int) *budget {
 	case b != nil && b.rate == perMinute:
 		return b
 	}
-	return newBudget(perMinute)
+	nb := newBudget(perMinute)
+	if b != nil {
+		nb.tat.Store(b.tat.Load())
+	}
+	return nb
 }
 
 // band returns the band of priority p, or the default band when p has

@@ -483,8 +483,7 @@ func (g *gate) setTableLocked(t *flowTable) {
 		g.bands[i].flows = make([]*flow, len(t.tenants))
 	}
 	g.tenantQueued = make([]int, len(t.tenants))
-	g.queueLen = 0
-	g.queued.Store(0)
+	g.queueLen = 0 // the mirror, queued, is left as it is: the waiters are queued again at once
 }
 
 // GateStats is a snapshot of one model's admission state.
@@ -513,6 +512,13 @@ type FlowStats struct {
 	Tenant                        string
 	Queued                        int
 	Admitted, Displaced, Rejected uint64
+}
+
+// getLimits returns the limits in force.
+func (g *gate) getLimits() Limits {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.limits
 }
 
 func (g *gate) stats() GateStats {
@@ -565,7 +571,37 @@ const fallbackService = time.Second
 func (g *gate) retryAfter(now time.Time) time.Duration {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	service, first := g.served, time.Duration(0)
+	first, turn := g.turnsLocked(now)
+	at := now.Add(first)
+	if next := g.nextTurn.Add(turn); next.After(at) {
+		at = next
+	}
+	g.nextTurn = at
+	return spread(at.Sub(now))
+}
+
+// tenantRetryAfter tells a request turned away because its tenant has as
+// many waiting as it may when to come back: once one of them has been
+// served, which takes at most a round of the tenants waiting in its band.
+// It gives out no turn (nextTurn stays): the queue has room for others.
+func (g *gate) tenantRetryAfter(now time.Time, k flowKey) time.Duration {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	first, turn := g.turnsLocked(now)
+	b := &g.bands[g.flowLocked(k).band]
+	round := 0
+	if b.cursor != nil {
+		for x := b.cursor.next; x != b.cursor; x = x.next {
+			round++
+		}
+	}
+	return spread(first + time.Duration(round)*turn)
+}
+
+// turnsLocked is how soon the first queue place frees, and how often one
+// frees after that (see retryAfter).
+func (g *gate) turnsLocked(now time.Time) (first, turn time.Duration) {
+	service := g.served
 	slots := time.Duration(max(1, g.limits.MaxConcurrent))
 	if service == 0 {
 		var age time.Duration
@@ -577,13 +613,12 @@ func (g *gate) retryAfter(now time.Time) time.Duration {
 	} else {
 		first = service / slots / 2
 	}
-	turn := service / slots
-	at := now.Add(first)
-	if next := g.nextTurn.Add(turn); next.After(at) {
-		at = next
-	}
-	g.nextTurn = at
-	d := at.Sub(now)
+	return first, service / slots
+}
+
+// spread spreads a wait by up to 10% either way, within 100 ms and
+// MaxRetryAfter.
+func spread(d time.Duration) time.Duration {
 	d += time.Duration((rand.Float64()*2 - 1) * 0.1 * float64(d))
 	return min(MaxRetryAfter, max(100*time.Millisecond, d))
 }

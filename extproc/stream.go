@@ -118,9 +118,10 @@ type stream struct {
 	key   flowKey // the request's tenant and priority
 	size  int     // the request's bytes (its content-length until its body is read), for VTC
 	held  bool    // a slot of model.gate is ours
-	// rpm is the budget the request was taken from, until it is admitted
-	// or given back; tpm the one its tokens go to, with meter reading
-	// them from the response (metering: its body comes to vgw).
+	// rpm is the request budget the request was taken from, until it is
+	// admitted (giveBack returns it if it never is); tpm the token budget
+	// its tokens go to, with meter reading them from the response
+	// (metering: its body comes to vgw).
 	rpm, tpm   *budget
 	meter      usageMeter
 	metering   bool
@@ -444,7 +445,7 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 		return st.proceed(ReasonSlotFree, start, start, start.Add(budget), margin, 0, atHeaders)
 	}
 
-	limits := m.gate.stats().Limits
+	limits := m.gate.getLimits()
 	budget, margin := s.waitBudget(limits.QueueTimeout)
 	deadline := start.Add(budget)
 	w := waiterPool.Get().(*waiter)
@@ -456,14 +457,12 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 		return st.proceed(ReasonSlotFree, start, start, deadline, margin, 0, atHeaders)
 	case full:
 		waiterPool.Put(w)
-		st.giveBack(start)
 		r := queueFull(m.name, m.gate.retryAfter(start))
 		r.rendered = m.queueFullBody
 		return true, st.reject(&m.name, r, depth, time.Time{})
 	case tenantFull:
 		waiterPool.Put(w)
-		st.giveBack(start)
-		return true, st.reject(&m.name, tenantQueueFull(m.name, st.tenant(), m.gate.retryAfter(start)), depth, time.Time{})
+		return true, st.reject(&m.name, tenantQueueFull(m.name, st.tenant(), m.gate.tenantRetryAfter(start, st.key)), depth, time.Time{})
 	}
 
 	st.record(&decision{at: start, model: &m.name, outcome: OutcomeQueued, reason: ReasonWaitSlot, depth: depth})
@@ -482,7 +481,6 @@ func (st *stream) decideIn(t *modelTable, name []byte, atHeaders bool) (bool, er
 		st.abandoned(start)
 		return true, nil // Envoy reset the stream: nobody is listening
 	case ReasonDisplaced:
-		st.giveBack(time.Now())
 		return true, st.reject(&m.name, displacedBy(m.name, m.gate.retryAfter(time.Now())), m.gate.depth(), start)
 	default:
 		return true, st.reject(&m.name, timedOut(m.name, ReasonQueueTimeout), m.gate.depth(), start)
@@ -646,6 +644,7 @@ func (st *stream) admit(l Lease, reason Reason, depth int, now time.Time, wait t
 	st.phase = phaseResponse
 	st.streamed = atHeaders
 	st.lease, st.admittedAt = l, now
+	st.rpm = nil // spent: the request goes to its model
 	st.record(&decision{at: now, model: &m.name, outcome: OutcomeAdmitted, reason: reason, depth: depth, wait: wait})
 	return st.send(resp)
 }
@@ -686,7 +685,7 @@ func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingR
 		if st.addKV != nil {
 			also = [][]byte{st.addKV}
 		}
-		if st.tpm != nil && streamsWithoutOptions(merged) {
+		if st.tpm != nil && streamsWithoutOptions(merged, st.model.defaults.Load()) {
 			also = append(also, includeUsage)
 		}
 		var added bool
@@ -707,21 +706,32 @@ func (st *stream) mergedReply(h *routeHeaders, depth int) *extprocv3.ProcessingR
 // event, with no choices, before [DONE], as OpenAI's API sends it).
 var includeUsage = []byte(`"stream_options":{"include_usage":true}`)
 
-// streamsWithoutOptions reports whether a JSON body asks for a stream
-// ("stream": true, the last of repeated keys, as vLLM reads them) and
-// sets no stream_options of its own, which vgw leaves as they are.
-func streamsWithoutOptions(body []byte) bool {
-	stream, options := false, false
+// streamsWithoutOptions reports whether a JSON body, with request
+// defaults d merged under it, asks for a stream ("stream": true, the
+// last of repeated keys, as vLLM reads them) and sets no stream_options,
+// which vgw leaves as the client or the defaults set them.
+func streamsWithoutOptions(body []byte, d *defaults) bool {
+	var stream []byte
+	hasStream, options := false, false
 	_, _, err := topLevelKeys(body, func(k []byte, start, end int) bool {
 		switch string(k) {
 		case "stream":
-			stream = string(body[start:end]) == "true"
+			stream, hasStream = body[start:end], true
 		case "stream_options":
 			options = true
 		}
 		return true
 	})
-	return err == nil && stream && !options
+	if err != nil {
+		return false
+	}
+	if !hasStream {
+		stream, _ = d.value("stream")
+	}
+	if !options {
+		_, options = d.value("stream_options")
+	}
+	return string(stream) == "true" && !options
 }
 
 // routeResponse sets the route headers and the queue depth, and clears the
@@ -787,14 +797,21 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) error {
 	if st.model != nil {
 		depth = st.model.gate.depth()
 	}
-	if st.tpm != nil && st.lease != nil {
-		// The tenant's tokens are counted from the usage at the
-		// response's end: its body comes to vgw, chunk by chunk (a mode
-		// override from the response headers, restating the request's
-		// body mode: ext_proc.cc effectiveModeOverride copies both).
+	if st.tpm != nil && st.lease != nil && st.status >= 200 && st.status < 300 {
+		// The tenant's tokens are counted from the usage at the end of
+		// a response that succeeded: its body comes to vgw, chunk by
+		// chunk (a mode override from the response headers). The
+		// override sets both body modes (ext_proc.cc
+		// effectiveModeOverride copies both), so the request's is
+		// restated as it stands: NONE where vgw turned it off at the
+		// headers, else the filter's, whose body is whole by now.
 		st.metering = true
+		reqMode := st.reqBodyMode
+		if st.streamed {
+			reqMode = filterv3.ProcessingMode_NONE
+		}
 		r := responseHeaderReply(depth)
-		r.ModeOverride = &filterv3.ProcessingMode{RequestBodyMode: st.reqBodyMode, ResponseBodyMode: filterv3.ProcessingMode_STREAMED}
+		r.ModeOverride = &filterv3.ProcessingMode{RequestBodyMode: reqMode, ResponseBodyMode: filterv3.ProcessingMode_STREAMED}
 		return st.send(r)
 	}
 	if depth < len(responseHeaderReplies) {
@@ -825,6 +842,7 @@ var responseHeaderReplies = func() (rs [64]*extprocv3.ProcessingResponse) {
 // the request began to wait, or zero if it never did.
 func (st *stream) reject(model *string, r *rejection, depth int, start time.Time) error {
 	now := time.Now()
+	st.giveBack(now)
 	var wait time.Duration
 	if !start.IsZero() {
 		wait = now.Sub(start)
@@ -876,6 +894,7 @@ func (st *stream) tenant() string {
 // abandoned records that the client left while its request waited.
 func (st *stream) abandoned(start time.Time) {
 	now := time.Now()
+	st.giveBack(now)
 	st.record(&decision{at: now, model: &st.model.name, outcome: OutcomeAbandoned, reason: ReasonClientGone, depth: st.model.gate.depth(), wait: now.Sub(start)})
 }
 
@@ -907,7 +926,11 @@ func (st *stream) finish() {
 		l := st.lease
 		st.lease = nil
 		if st.tpm != nil && st.status >= 200 && st.status < 300 {
-			st.tpm.spend(time.Now(), st.meter.tokens(st.size))
+			prompt := st.size
+			if st.form {
+				prompt = 0 // a file, not words
+			}
+			st.tpm.spend(time.Now(), st.meter.tokens(prompt))
 		}
 		l.Release(Result{Status: st.status, Duration: took})
 	}
@@ -938,8 +961,10 @@ func (st *stream) takeBudget(now time.Time) *rejection {
 	return nil
 }
 
-// giveBack returns to its tenant's budget a request turned away after it
-// was taken: it is not a request the tenant was served.
+// giveBack returns to its tenant's request budget a request that was
+// taken from it and then never went to its model (the queue turned it
+// away or displaced it, it timed out, its model failed, its client left):
+// it is not a request the tenant was served.
 func (st *stream) giveBack(now time.Time) {
 	if st.rpm != nil {
 		st.rpm.spend(now, -1)

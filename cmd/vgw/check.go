@@ -63,6 +63,7 @@ func envoyCheck(args []string, stdout, stderr io.Writer) error {
 			RecvLimit:         int64(extproc.RecvLimit(int(max(c.MaxBodyBytes, c.MaxAudioBodyBytes)))),
 			StreamIdleTimeout: c.Envoy.StreamIdleTimeout.Std(),
 			TrustModelHeader:  c.TrustModelHeader,
+			ObjectiveHeader:   c.ObjectiveHeader,
 		}
 	}
 	failed := 0

@@ -631,8 +631,8 @@ type TenantQueue struct {
 	// Taken out of the full queue for a later request of a higher priority,
 	// or of a tenant further over its share: answered 429.
 	Displaced uint64 `protobuf:"varint,4,opt,name=displaced,proto3" json:"displaced,omitempty"`
-	// Turned away as they came: the queue, or the tenant's share of it,
-	// was full (429).
+	// Turned away as they came (429): the queue, or the tenant's share of
+	// it, was full, or the tenant's budget was spent.
 	Rejected      uint64 `protobuf:"varint,5,opt,name=rejected,proto3" json:"rejected,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
