@@ -363,6 +363,13 @@ func (g *gate) nextLocked() *waiter {
 			}
 		}
 		w := f.q.head
+		if n := f.next.q.head; n != w {
+			// The next flow's oldest waiter is likely the next one
+			// granted: reading its channel's length fetches it and its
+			// channel now, while this grant's own are fetched, as
+			// unlinking a FIFO's head fetches the next head.
+			_ = len(n.ready)
+		}
 		g.removeLocked(w)
 		f.counts.admitted++
 		switch {
