@@ -356,48 +356,9 @@ func BenchmarkQueueDepth(b *testing.B) {
 	}
 }
 
-// peek returns the waiter whose turn it is, as nextLocked would choose it,
-// without taking it out; for the benchmark, which is the gate's only user.
+// peek returns the waiter whose turn it is, without taking it out; for
+// the benchmark, which is the gate's only user.
 func (g *gate) peek() *waiter {
-	for i := range g.bands {
-		b := &g.bands[i]
-		if b.len == 0 {
-			continue
-		}
-		f := b.cursor
-		if g.vtc {
-			for x := f.next; x != b.cursor; x = x.next {
-				if x.counter < f.counter {
-					f = x
-				}
-			}
-		}
-		return f.q.head
-	}
-	return nil
-}
-
-// BenchmarkResponseChunk times what a response chunk costs vgw where the
-// request's tenant has a token budget, so that its response body comes
-// to vgw (metered): the message handled, the meter reading it, the reply;
-// against the same chunk's message handled and answered with metering off
-// (plain), as Envoy would send it to a processor that turned the body on
-// for another reason. An SSE event of a streamed chat answer, 140 bytes.
-func BenchmarkResponseChunk(b *testing.B) {
-	chunk := &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseBody{ResponseBody: &extprocv3.HttpBody{
-		Body: []byte(`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"llama","choices":[{"index":0,"delta":{"content":" the"}}]}` + "\n\n"),
-	}}}
-	for _, metered := range []bool{false, true} {
-		b.Run(map[bool]string{false: "plain", true: "metered"}[metered], func(b *testing.B) {
-			st := newStream(benchServer(slog.LevelInfo), &discardStream{ctx: context.Background()})
-			st.metering, st.meter = metered, newUsageMeter()
-			b.SetBytes(int64(len(chunk.GetResponseBody().GetBody())))
-			b.ReportAllocs()
-			for b.Loop() {
-				if _, err := st.handle(chunk); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
-	}
+	_, f := g.turnOfLocked()
+	return f.q.head
 }

@@ -84,6 +84,52 @@ func (s *served) endOldest() {
 	s.live = s.live[1:]
 }
 
+// queuedReq is a request that waits: its id, tenant and objective.
+type queuedReq struct{ id, tenant, objective string }
+
+// queueBehind holds the model's only slot with a request, x, then queues
+// the waiters in order, each once the one before is queued. It returns
+// the model's side, holding x, and where every answer arrives.
+func queueBehind(t *testing.T, h *harness, waiters []queuedReq) (*served, <-chan *extproctest.Result) {
+	ids := []string{"x"}
+	for _, w := range waiters {
+		ids = append(ids, w.id)
+	}
+	s := newServed(t, h, ids...)
+	ctx := context.Background()
+	done := make(chan *extproctest.Result, len(ids))
+	go func() { done <- do(t, h, ctx, fairReq("x", "", "")) }()
+	s.arrived()
+	for i, w := range waiters {
+		go func() { done <- do(t, h, ctx, fairReq(w.id, w.tenant, w.objective)) }()
+		poll.Until(t, w.id+" is queued", func() bool { return h.stats(t, "llama").Queued == i+1 })
+	}
+	return s, done
+}
+
+// serveEach frees the slot n times, one request at a time, and returns
+// the ids of the requests it went to.
+func (s *served) serveEach(n int) []string {
+	var order []string
+	for range n {
+		s.endOldest()
+		order = append(order, s.arrived())
+	}
+	return order
+}
+
+// endAll ends every request held and checks that all n answered 200.
+func (s *served) endAll(done <-chan *extproctest.Result, n int) {
+	for len(s.live) > 0 {
+		s.endOldest()
+	}
+	for range n {
+		if res := <-done; res.Status != 200 {
+			s.t.Errorf("%d %s", res.Status, res.Details)
+		}
+	}
+}
+
 // TestFairFlood: tenant a floods the model with thousands of requests,
 // filling its slots and its queue and being turned away for the rest;
 // tenant b then sends a few. Each of b's displaces a's newest waiter,
@@ -128,19 +174,12 @@ func TestFairFlood(t *testing.T) {
 		poll.Until(t, id+" is queued", func() bool { return flowStat(h, t, 0, "b").Queued == i+1 })
 	}
 	// Slots free one at a time: b's come in the first few.
-	var order []string
-	for len(order) < 2*len(bs) {
-		s.endOldest()
-		order = append(order, s.arrived())
-	}
+	order := s.serveEach(2 * len(bs))
 	if got := strings.Count(strings.Join(order, " "), "b"); got != len(bs) {
 		t.Errorf("the first %d slots went to %v: %d of b's %d requests, want all", len(order), order, got, len(bs))
 	}
 	// The rest of a's backlog is served.
-	for range queue - len(order) {
-		s.endOldest()
-		s.arrived()
-	}
+	s.serveEach(queue - len(order))
 	for len(s.live) > 0 {
 		s.endOldest()
 	}
@@ -157,38 +196,13 @@ func TestFairFlood(t *testing.T) {
 func TestFairPriorities(t *testing.T) {
 	h := startEdited(t, []extproc.Model{{Name: "llama", Limits: limits(1, 10, time.Minute)}}, keepObjective,
 		extproc.Options{Fairness: extproc.Fairness{Objectives: map[string]int{"interactive": 10, "batch": -10}}})
-	waiters := []struct{ id, objective string }{
-		{"b1", "batch"}, {"b2", "batch"}, {"d1", ""}, {"i1", "interactive"}, {"b3", "batch"}, {"i2", "interactive"}, {"u1", "unknown"},
+	s, done := queueBehind(t, h, []queuedReq{
+		{"b1", "", "batch"}, {"b2", "", "batch"}, {"d1", "", ""}, {"i1", "", "interactive"}, {"b3", "", "batch"}, {"i2", "", "interactive"}, {"u1", "", "unknown"},
+	})
+	if got, want := strings.Join(s.serveEach(7), " "), "i1 i2 d1 u1 b1 b2 b3"; got != want {
+		t.Errorf("served %s, want %s", got, want)
 	}
-	ids := []string{"x"}
-	for _, w := range waiters {
-		ids = append(ids, w.id)
-	}
-	s := newServed(t, h, ids...)
-	ctx := context.Background()
-	done := make(chan *extproctest.Result, len(ids))
-	go func() { done <- do(t, h, ctx, fairReq("x", "", "")) }()
-	s.arrived()
-	for i, w := range waiters {
-		go func() { done <- do(t, h, ctx, fairReq(w.id, "", w.objective)) }()
-		poll.Until(t, w.id+" is queued", func() bool { return h.stats(t, "llama").Queued == i+1 })
-	}
-	var order []string
-	for range waiters {
-		s.endOldest()
-		order = append(order, s.arrived())
-	}
-	if want := "i1 i2 d1 u1 b1 b2 b3"; strings.Join(order, " ") != want {
-		t.Errorf("served %v, want %s", order, want)
-	}
-	for len(s.live) > 0 {
-		s.endOldest()
-	}
-	for range ids {
-		if res := <-done; res.Status != 200 {
-			t.Errorf("%d %s", res.Status, res.Details)
-		}
-	}
+	s.endAll(done, 8)
 	got := map[int]int{}
 	for _, d := range h.srv.Decisions().Recent(extproc.Filter{Model: "llama", Outcome: extproc.OutcomeQueued}) {
 		if d.Tenant != extproc.DefaultTenant {
@@ -321,45 +335,20 @@ func TestFairReloadWhileWaiting(t *testing.T) {
 	h := startEdited(t, []extproc.Model{{Name: "llama", Limits: limits(1, 10, time.Minute)}}, keepObjective,
 		extproc.Options{Fairness: extproc.Fairness{Objectives: map[string]int{"interactive": 10, "batch": -10},
 			Tenants: []extproc.Tenant{{Name: "a"}, {Name: "b"}}}})
-	waiters := []struct{ id, tenant, objective string }{
-		{"b1", "b", "batch"}, {"a1", "a", "interactive"}, {"b2", "b", ""}, {"a2", "a", "batch"}, {"a3", "a", "interactive"},
-	}
-	ids := []string{"x"}
-	for _, w := range waiters {
-		ids = append(ids, w.id)
-	}
-	s := newServed(t, h, ids...)
-	ctx := context.Background()
-	done := make(chan *extproctest.Result, len(ids))
-	go func() { done <- do(t, h, ctx, fairReq("x", "", "")) }()
-	s.arrived()
-	for i, w := range waiters {
-		go func() { done <- do(t, h, ctx, fairReq(w.id, w.tenant, w.objective)) }()
-		poll.Until(t, w.id+" is queued", func() bool { return h.stats(t, "llama").Queued == i+1 })
-	}
+	waiters := []queuedReq{{"b1", "b", "batch"}, {"a1", "a", "interactive"}, {"b2", "b", ""}, {"a2", "a", "batch"}, {"a3", "a", "interactive"}}
+	s, done := queueBehind(t, h, waiters)
 	// b is no longer a tenant; batch no longer an objective.
 	h.srv.SetFairness(extproc.Fairness{Objectives: map[string]int{"interactive": 10}, Tenants: []extproc.Tenant{{Name: "a"}}})
 	st := h.stats(t, "llama")
 	if st.Queued != len(waiters) || len(st.Bands) != 2 || st.Bands[0].Queued != 2 || st.Bands[1].Queued != 3 {
 		t.Fatalf("after the reload: %d queued, bands %+v; want a1 and a3 at 10, the rest at 0", st.Queued, st.Bands)
 	}
-	var order []string
-	for range waiters {
-		s.endOldest()
-		order = append(order, s.arrived())
-	}
+	order := s.serveEach(len(waiters))
 	// Priority 10 first (a's, in order), then priority 0: the shared flow
 	// (b1, b2) and a (a2) take turns, the shared flow first as it came first.
 	if got, want := strings.Join(order, " "), "a1 a3 b1 a2 b2"; got != want {
 		t.Errorf("served %s, want %s", got, want)
 	}
-	for len(s.live) > 0 {
-		s.endOldest()
-	}
-	for range ids {
-		if res := <-done; res.Status != 200 {
-			t.Errorf("%d %s", res.Status, res.Details)
-		}
-	}
+	s.endAll(done, len(waiters)+1)
 	h.idle(t, "llama")
 }

@@ -313,13 +313,7 @@ func TestGateRandom(t *testing.T) {
 				if e.closed {
 					continue
 				}
-				switch g.abandon(e.w) {
-				case granted:
-					<-e.w.ready
-					g.release(0)
-				case displaced:
-					<-e.w.ready
-				}
+				giveUp(g, e.w)
 				e.closed = true
 			default:
 				g.setLimits(Limits{MaxConcurrent: 1 + rng.IntN(3), MaxQueue: rng.IntN(20)})
@@ -351,6 +345,18 @@ func TestGateRandom(t *testing.T) {
 			}
 			checkGate(t, g)
 		}
+	}
+}
+
+// giveUp abandons w as its request's stream does (leaveQueue): a slot
+// handed over is given back, a word received.
+func giveUp(g *gate, w *waiter) {
+	switch g.abandon(w) {
+	case granted:
+		<-w.ready
+		g.release(0)
+	case displaced:
+		<-w.ready
 	}
 }
 
@@ -512,13 +518,7 @@ func TestGateRandomReload(t *testing.T) {
 				if e.closed {
 					continue
 				}
-				switch g.abandon(e.w) {
-				case granted:
-					<-e.w.ready
-					g.release(0)
-				case displaced:
-					<-e.w.ready
-				}
+				giveUp(g, e.w)
 				e.closed = true
 			case op < 10:
 				g.setTable(tables[rng.IntN(len(tables))])

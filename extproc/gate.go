@@ -343,12 +343,11 @@ func (g *gate) turnLocked(b *band, f *flow) {
 	f.credit = f.weight
 }
 
-// nextLocked takes the waiter whose turn it is out of the queue: from the
-// highest band with waiters, the flow whose turn it is (round robin: the
-// cursor's, which keeps the turn for as many requests as its weight; VTC:
-// the least served), its oldest waiter, counted admitted. nil when nobody
-// waits.
-func (g *gate) nextLocked() *waiter {
+// turnOfLocked returns the band and flow whose turn it is: the highest
+// band with waiters, and in it the flow the policy picks (round robin:
+// the cursor's, which keeps the turn for as many requests as its weight;
+// VTC: the least served). nil when nobody waits.
+func (g *gate) turnOfLocked() (*band, *flow) {
 	for i := range g.bands {
 		b := &g.bands[i]
 		if b.len == 0 {
@@ -362,30 +361,41 @@ func (g *gate) nextLocked() *waiter {
 				}
 			}
 		}
-		w := f.q.head
-		if n := f.next.q.head; n != w {
-			// The next flow's oldest waiter is likely the next one
-			// granted: reading its channel's length fetches it and its
-			// channel now, while this grant's own are fetched, as
-			// unlinking a FIFO's head fetches the next head.
-			_ = len(n.ready)
-		}
-		g.removeLocked(w)
-		f.counts.admitted++
-		switch {
-		case g.vtc:
-			g.chargeLocked(f, w.cost)
-			if f.next != nil {
-				b.cursor = f.next // ties go round
-			}
-		case f.next != nil: // still waiting: the turn goes on or passes
-			if f.credit--; f.credit <= 0 {
-				g.turnLocked(b, f.next)
-			}
-		}
-		return w
+		return b, f
 	}
-	return nil
+	return nil, nil
+}
+
+// nextLocked takes the waiter whose turn it is out of the queue (the
+// oldest of the flow turnOfLocked picks), counted admitted, and moves the
+// turn on. nil when nobody waits.
+func (g *gate) nextLocked() *waiter {
+	b, f := g.turnOfLocked()
+	if f == nil {
+		return nil
+	}
+	w := f.q.head
+	if n := f.next.q.head; n != w {
+		// The next flow's oldest waiter is likely the next one granted:
+		// reading its channel's length fetches it and its channel now,
+		// while this grant's own are fetched, as unlinking a FIFO's head
+		// fetches the next head.
+		_ = len(n.ready)
+	}
+	g.removeLocked(w)
+	f.counts.admitted++
+	switch {
+	case g.vtc:
+		g.chargeLocked(f, w.cost)
+		if f.next != nil {
+			b.cursor = f.next // ties go round
+		}
+	case f.next != nil: // still waiting: the turn goes on or passes
+		if f.credit--; f.credit <= 0 {
+			g.turnLocked(b, f.next)
+		}
+	}
+	return w
 }
 
 // depth is the number of requests waiting, read without the lock.
