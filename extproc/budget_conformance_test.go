@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/vgw-project/vgw/extproc"
 	"github.com/vgw-project/vgw/extproc/extproctest"
+	"github.com/vgw-project/vgw/internal/poll"
 )
 
 // TestRequestBudget: a tenant of 3 requests a minute has them at once;
@@ -144,6 +146,14 @@ func TestTokenBudgetEdges(t *testing.T) {
 			t.Fatalf("upload: %d %s", res.Status, res.Details)
 		}
 		h.idle(t, "whisper")
+		// The same upload routed by its headers (a trusted x-vgw-model).
+		h.srv.SetTrustModelHeader(true)
+		hr := r
+		hr.Headers = append(slices.Clone(r.Headers), extproctest.Header{Key: extproc.HeaderModel, Value: "whisper"})
+		if res := do(t, h, context.Background(), hr); res.Status != 200 {
+			t.Fatalf("upload at its headers: %d %s", res.Status, res.Details)
+		}
+		h.idle(t, "whisper")
 		r.Body, r.Headers[0].Value = []byte(`{"model":"whisper"}`), "application/json"
 		r.Path = "/v1/chat/completions"
 		if res := do(t, h, context.Background(), r); res.Status != 200 {
@@ -172,32 +182,99 @@ func TestTokenBudgetEdges(t *testing.T) {
 	}
 }
 
-// TestRequestBudgetGivenBack: a request the queue turns away, or that
-// times out waiting, never reached its model: it is given back to its
-// tenant's request budget, so a tenant refused by a busy model is not
-// also refused by its budget once the model is free.
+// TestRequestBudgetGivenBack: a request that never reaches its model (it
+// times out waiting, the queue is full, or it is displaced) is given back
+// to its tenant's request budget, so a tenant refused by a busy model is
+// not also refused by its budget once the model is free.
 func TestRequestBudgetGivenBack(t *testing.T) {
-	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, 50*time.Millisecond)}},
-		extproc.Options{Fairness: extproc.Fairness{Tenants: []extproc.Tenant{{Name: "a", RPM: 2}}}})
 	ctx := context.Background()
-	busy, doneBusy := h.streaming(t, ctx, "busy", "llama")
-	// The first waits and times out (504); the next three find the queue
-	// full or time out: none reaches the model.
-	for i := range 4 {
-		res := do(t, h, ctx, fairReq(fmt.Sprint("a", i), "a", ""))
-		if res.Status != 504 && res.Status != 429 || res.Details == "vgw_over_budget" {
-			t.Fatalf("a%d while the model is busy: %d %s, want 504 or 429 queue_full", i, res.Status, res.Details)
+	// spent checks that a (2 requests a minute) has both left once the
+	// model is free, and no more.
+	spent := func(t *testing.T, h *harness) {
+		t.Helper()
+		h.idle(t, "llama")
+		for i := range 2 {
+			if res := do(t, h, ctx, fairReq(fmt.Sprint("ok", i), "a", "")); res.Status != 200 {
+				t.Fatalf("a's request %d once the model is free: %d %s", i, res.Status, res.Details)
+			}
+		}
+		if res := do(t, h, ctx, fairReq("over", "a", "")); res.Status != 429 || res.Details != "vgw_over_budget" {
+			t.Fatalf("a's third served request in the minute: %d %s, want over budget", res.Status, res.Details)
 		}
 	}
-	close(busy.chunks)
-	<-doneBusy
+	t.Run("timed out", func(t *testing.T) {
+		h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, 50*time.Millisecond)}},
+			extproc.Options{Fairness: extproc.Fairness{Tenants: []extproc.Tenant{{Name: "a", RPM: 2}}}})
+		busy, doneBusy := h.streaming(t, ctx, "busy", "llama")
+		for i := range 3 {
+			if res := do(t, h, ctx, fairReq(fmt.Sprint("a", i), "a", "")); res.Status != 504 {
+				t.Fatalf("a%d while the model is busy: %d %s, want 504", i, res.Status, res.Details)
+			}
+		}
+		close(busy.chunks)
+		<-doneBusy
+		spent(t, h)
+	})
+	t.Run("turned away and displaced", func(t *testing.T) {
+		h := startEdited(t, []extproc.Model{{Name: "llama", Limits: limits(1, 1, time.Minute)}}, keepObjective,
+			extproc.Options{Fairness: extproc.Fairness{Objectives: map[string]int{"hi": 10}, Tenants: []extproc.Tenant{{Name: "a", RPM: 2}}}})
+		busy, doneBusy := h.streaming(t, ctx, "busy", "llama")
+		doneA := h.async(t, ctx, fairReq("a0", "a", ""))
+		poll.Until(t, "a0 is queued", func() bool { return h.stats(t, "llama").Queued == 1 })
+		doneHi := h.async(t, ctx, fairReq("hi", "", "hi"))
+		if res := <-doneA; res.Status != 429 || res.Details != "vgw_displaced" {
+			t.Fatalf("a0: %d %s, want displaced", res.Status, res.Details)
+		}
+		for i := range 3 {
+			if res := do(t, h, ctx, fairReq(fmt.Sprint("a", i+1), "a", "")); res.Status != 429 || res.Details != "vgw_queue_full" {
+				t.Fatalf("a%d: %d %s, want queue_full", i+1, res.Status, res.Details)
+			}
+		}
+		close(busy.chunks)
+		<-doneBusy
+		if res := <-doneHi; res.Status != 200 {
+			t.Fatalf("hi: %d %s", res.Status, res.Details)
+		}
+		spent(t, h)
+	})
+}
+
+// TestMeteredReset: a client that leaves in the middle of a metered
+// stream ends its request once: one release, the slot back, and the
+// tenant charged what it was sent (an estimate: no usage came).
+func TestMeteredReset(t *testing.T) {
+	h := start(t, []extproc.Model{{Name: "llama", Limits: limits(1, 4, time.Minute)}},
+		extproc.Options{Fairness: extproc.Fairness{Tenants: []extproc.Tenant{{Name: "a", TPM: 40}}}})
+	ctx, cancel := context.WithCancel(context.Background())
+	hold := h.up.hold("r")
+	done := h.async(t, ctx, fairReq("r", "a", ""))
+	up := <-hold
+	up.chunks <- []byte("data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n")
+	cancel()
+	if res := <-done; !res.ClientReset {
+		t.Fatalf("%d %s, want the client gone", res.Status, res.Details)
+	}
 	h.idle(t, "llama")
-	for i := range 2 {
-		if res := do(t, h, ctx, fairReq(fmt.Sprint("b", i), "a", "")); res.Status != 200 {
-			t.Fatalf("a's request %d once the model is free: %d %s", i, res.Status, res.Details)
+	select {
+	case o := <-h.leases.obsCh:
+		if o.model != "llama" {
+			t.Fatalf("released %q", o.model)
 		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the lease was never released")
 	}
-	if res := do(t, h, ctx, fairReq("c", "a", "")); res.Status != 429 || res.Details != "vgw_over_budget" {
-		t.Fatalf("a's third served request in the minute: %d %s, want over budget", res.Status, res.Details)
+	select {
+	case o := <-h.leases.obsCh:
+		t.Fatalf("released twice: %+v", o)
+	default:
+	}
+	// The reset was charged one event and its prompt (87 bytes: 21
+	// tokens), 22 of a's 40; the next request (no usage, no events) 21
+	// more: only with the reset's counted is a in debt after it.
+	if res := do(t, h, context.Background(), fairReq("next", "a", "")); res.Status != 200 {
+		t.Fatalf("a's next: %d %s", res.Status, res.Details)
+	}
+	if res := do(t, h, context.Background(), fairReq("then", "a", "")); res.Status != 429 || res.Details != "vgw_over_budget" {
+		t.Fatalf("a's third: %d %s, want over budget (the reset's tokens counted)", res.Status, res.Details)
 	}
 }

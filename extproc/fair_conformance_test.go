@@ -147,11 +147,13 @@ func TestFairFlood(t *testing.T) {
 	s := newServed(t, h, append(ids, bs...)...)
 	ctx := context.Background()
 	doneA := make(chan *extproctest.Result, flood)
-	for _, id := range ids {
+	// a's first take the slots; then the flood.
+	for _, id := range ids[:slots] {
 		go func() { doneA <- do(t, h, ctx, fairReq(id, "a", "")) }()
-	}
-	for range slots {
 		s.arrived()
+	}
+	for _, id := range ids[slots:] {
+		go func() { doneA <- do(t, h, ctx, fairReq(id, "a", "")) }()
 	}
 	for range flood - slots - queue {
 		if res := <-doneA; res.Status != 429 || res.Details != "vgw_queue_full" {

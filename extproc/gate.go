@@ -375,12 +375,13 @@ func (g *gate) nextLocked() *waiter {
 		return nil
 	}
 	w := f.q.head
-	if n := f.next.q.head; n != w {
-		// The next flow's oldest waiter is likely the next one granted:
-		// reading its channel's length fetches it and its channel now,
-		// while this grant's own are fetched, as unlinking a FIFO's head
-		// fetches the next head.
-		_ = len(n.ready)
+	if !g.vtc && f.credit == 1 && f.next != f {
+		// This grant ends f's turn: the next flow's oldest waiter is
+		// the next one granted, unless a higher band's request comes
+		// first. Reading its channel's length fetches it and its
+		// channel now, alongside this grant's own, as unlinking a
+		// FIFO's head fetches the next head.
+		_ = len(f.next.q.head.ready)
 	}
 	g.removeLocked(w)
 	f.counts.admitted++
@@ -457,8 +458,10 @@ func (g *gate) setLimits(l Limits) {
 
 // setTable puts new fairness in force. The waiters go on waiting, in the
 // order they came, each in its flow under the new table (its tenant by
-// name, or the shared one; its priority, or the default); flows' counts
-// carry over the same way.
+// name, or the shared one; its priority, or the default). A flow's counts
+// carry over where the new table has its tenant and priority, and go
+// with it where not, rather than swell another flow's: counters that
+// jumped would read as a burst.
 func (g *gate) setTable(t *flowTable) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -478,11 +481,12 @@ func (g *gate) setTable(t *flowTable) {
 	g.setTableLocked(t)
 	for i := range oldBands {
 		for _, f := range oldBands[i].flows {
-			if f != nil {
-				c := g.flowLocked(flowKey{t: old, tenant: f.tenant, band: f.band})
-				c.counts.admitted += f.counts.admitted
-				c.counts.displaced += f.counts.displaced
-				c.counts.rejected += f.counts.rejected
+			if f == nil {
+				continue
+			}
+			name, p := old.tenants[f.tenant].name, old.priorities[f.band]
+			if _, ok := t.tenant(name); ok && slices.Contains(t.priorities, p) {
+				g.flowLocked(flowKey{t: old, tenant: f.tenant, band: f.band}).counts = f.counts
 			}
 		}
 	}
@@ -538,23 +542,48 @@ func (g *gate) getLimits() Limits {
 	return g.limits
 }
 
+// stats takes a snapshot. Under the lock it copies counters only, into
+// one slice; names are looked up and sorted once the lock is let go.
 func (g *gate) stats() GateStats {
+	type flowSnap struct {
+		band   uint8
+		tenant uint16
+		queued int
+		counts flowCounts
+	}
 	g.mu.Lock()
-	defer g.mu.Unlock()
-	s := GateStats{Limits: g.limits, InFlight: g.inflight, Queued: g.queueLen, Completed: g.completed, Rate: g.rate.perSec,
-		Bands: make([]BandStats, len(g.bands))}
+	s := GateStats{Limits: g.limits, InFlight: g.inflight, Queued: g.queueLen, Completed: g.completed, Rate: g.rate.perSec}
+	t, queued := g.table, make([]int, len(g.bands))
+	var flows []flowSnap
 	for i := range g.bands {
-		b := &g.bands[i]
-		s.Bands[i] = BandStats{Priority: g.table.priorities[i], Queued: b.len}
-		for _, f := range b.flows {
+		queued[i] = g.bands[i].len
+		for _, f := range g.bands[i].flows {
 			if f != nil {
-				s.Bands[i].Tenants = append(s.Bands[i].Tenants, FlowStats{Tenant: g.table.tenants[f.tenant].name, Queued: f.q.len,
-					Admitted: f.counts.admitted, Displaced: f.counts.displaced, Rejected: f.counts.rejected})
+				flows = append(flows, flowSnap{f.band, f.tenant, f.q.len, f.counts})
 			}
 		}
+	}
+	g.mu.Unlock()
+	s.Bands = make([]BandStats, len(queued))
+	for i := range queued {
+		s.Bands[i] = BandStats{Priority: t.priorities[i], Queued: queued[i]}
+	}
+	for _, f := range flows {
+		b := &s.Bands[f.band]
+		b.Tenants = append(b.Tenants, FlowStats{Tenant: t.tenants[f.tenant].name, Queued: f.queued,
+			Admitted: f.counts.admitted, Displaced: f.counts.displaced, Rejected: f.counts.rejected})
+	}
+	for i := range s.Bands {
 		slices.SortFunc(s.Bands[i].Tenants, func(a, b FlowStats) int { return strings.Compare(a.Tenant, b.Tenant) })
 	}
 	return s
+}
+
+// busy reports whether the gate has a request in flight or waiting.
+func (g *gate) busy() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.inflight > 0 || g.queueLen > 0
 }
 
 // MaxRetryAfter is the longest Retry-After vgw gives: the OpenAI Python
@@ -598,21 +627,31 @@ func (g *gate) retryAfter(now time.Time) time.Duration {
 }
 
 // tenantRetryAfter tells a request turned away because its tenant has as
-// many waiting as it may when to come back: once one of them has been
-// served, which takes at most a round of the tenants waiting in its band.
-// It gives out no turn (nextTurn stays): the queue has room for others.
+// many waiting as it may when to come back: about when one of them will
+// have been served, were they in the request's band: after the waiters
+// of higher bands and a round of the other tenants of its own (a turn per
+// weight each). It gives out no turn (nextTurn stays): the queue has
+// room for others.
 func (g *gate) tenantRetryAfter(now time.Time, k flowKey) time.Duration {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	first, turn := g.turnsLocked(now)
-	b := &g.bands[g.flowLocked(k).band]
-	round := 0
-	if b.cursor != nil {
-		for x := b.cursor.next; x != b.cursor; x = x.next {
-			round++
+	f := g.flowLocked(k)
+	ahead := 0
+	for i := range int(f.band) {
+		ahead += g.bands[i].len
+	}
+	if b := &g.bands[f.band]; b.cursor != nil {
+		for x := b.cursor; ; {
+			if x != f {
+				ahead += min(x.weight, x.q.len)
+			}
+			if x = x.next; x == b.cursor {
+				break
+			}
 		}
 	}
-	return spread(first + time.Duration(round)*turn)
+	return spread(first + time.Duration(ahead)*turn)
 }
 
 // turnsLocked is how soon the first queue place frees, and how often one

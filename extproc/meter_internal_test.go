@@ -67,25 +67,34 @@ func TestMeterOverride(t *testing.T) {
 }
 
 // TestTenantFullLeavesTurns: a tenant turned away at its cap is told to
-// come back once one of its own is served, and moves no one else's turn:
-// a flood at the cap does not push another tenant's Retry-After out.
+// come back about when the first of its own is served, and moves no one
+// else's turn: a flood at the cap does not push another tenant's
+// Retry-After out.
 func TestTenantFullLeavesTurns(t *testing.T) {
-	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 2}, fairTable(false))
-	g.served = time.Second
-	fill(t, g, "b/interactive/1", "b/interactive/2")
+	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 3}, fairTable(false)) // b's cap is 2
+	g.served = time.Second                                                // a turn: 1s
+	fill(t, g, "b//1", "b//2")
 	now := time.Now()
 	for range 200 { // b's flood, each answered as decideIn answers it
 		if res, _ := g.enqueue(newWaiter(), now, fkey(g.table, "b", ""), 1); res != tenantFull {
 			t.Fatal(res)
 		}
-		if d := g.tenantRetryAfter(now, fkey(g.table, "b", "")); d > 2*time.Second {
-			t.Fatalf("b told %v, want within a turn or so (1s a request)", d)
+		// b's first is next: in half a turn, spread by 10%.
+		if d := g.tenantRetryAfter(now, fkey(g.table, "b", "")); d > 550*time.Millisecond {
+			t.Fatalf("b told %v, want about half a second", d)
 		}
 	}
+	// With c waiting too, b's next comes a turn later.
+	fill(t, g, "c//1")
+	if d := g.tenantRetryAfter(now, fkey(g.table, "b", "")); d < 1350*time.Millisecond || d > 1650*time.Millisecond {
+		t.Fatalf("b told %v with c waiting, want about a second and a half", d)
+	}
+	// The queue is full: c, turned away, is told its own turn, as if b's
+	// flood had not been.
 	if res, _ := g.enqueue(newWaiter(), now, fkey(g.table, "c", ""), 1); res != full {
 		t.Fatal(res)
 	}
-	if d := g.retryAfter(now); d > time.Second {
-		t.Errorf("c, turned away by the full queue after b's flood, told %v, want its own turn (half a second)", d)
+	if d := g.retryAfter(now); d > 550*time.Millisecond {
+		t.Errorf("c told %v, want its own turn (half a second)", d)
 	}
 }

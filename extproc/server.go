@@ -415,7 +415,7 @@ func (s *Server) SetModels(models []Model) {
 	// were in has long since taken its slot.
 	now := time.Now()
 	for name, r := range s.retired {
-		if st := r.entry.gate.stats(); st.InFlight == 0 && st.Queued == 0 && now.Sub(r.at) > time.Minute {
+		if !r.entry.gate.busy() && now.Sub(r.at) > time.Minute {
 			delete(s.retired, name)
 		}
 	}

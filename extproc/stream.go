@@ -119,12 +119,15 @@ type stream struct {
 	size  int     // the request's bytes (its content-length until its body is read), for VTC
 	held  bool    // a slot of model.gate is ours
 	// rpm is the request budget the request was taken from, until it is
-	// admitted (giveBack returns it if it never is); tpm the token budget
-	// its tokens go to, with meter reading them from the response
-	// (metering: its body comes to vgw).
+	// admitted (the stream's close gives it back if it never is); tpm
+	// the token budget its tokens go to, with meter reading them from
+	// the response (metering: its body comes to vgw). upload says the
+	// request's body is a file, not a prompt, which an estimate of its
+	// tokens must not count.
 	rpm, tpm   *budget
 	meter      usageMeter
 	metering   bool
+	upload     bool
 	lease      Lease // the model's server is ours: admitted
 	admittedAt time.Time
 	status     int // upstream :status
@@ -179,6 +182,7 @@ func (st *stream) bounded() bool {
 // close runs when the stream's handler returns, however it returns.
 func (st *stream) close() {
 	st.finish()
+	st.giveBack(time.Now())
 	if st.idle != nil {
 		st.idle.disarm()
 	}
@@ -290,6 +294,8 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 		}
 		st.size = int(max(n, 0))
 	}
+	st.boundary, st.form = FormBoundary(contentType)
+	st.upload = st.form || t == targetAudio
 	if hasModel && st.s.trustModelHeader.Load() {
 		// The header fast path, where the operator trusts whoever sets
 		// x-vgw-model: decide now and tell Envoy not to send the body.
@@ -298,7 +304,6 @@ func (st *stream) requestHeaders(h *extprocv3.HttpHeaders) (bool, error) {
 	if h.GetEndOfStream() {
 		return true, st.noBody()
 	}
-	st.boundary, st.form = FormBoundary(contentType)
 	st.phase = phaseRequestBody
 	st.extended = false
 	if hasCluster {
@@ -842,7 +847,6 @@ var responseHeaderReplies = func() (rs [64]*extprocv3.ProcessingResponse) {
 // the request began to wait, or zero if it never did.
 func (st *stream) reject(model *string, r *rejection, depth int, start time.Time) error {
 	now := time.Now()
-	st.giveBack(now)
 	var wait time.Duration
 	if !start.IsZero() {
 		wait = now.Sub(start)
@@ -894,7 +898,6 @@ func (st *stream) tenant() string {
 // abandoned records that the client left while its request waited.
 func (st *stream) abandoned(start time.Time) {
 	now := time.Now()
-	st.giveBack(now)
 	st.record(&decision{at: now, model: &st.model.name, outcome: OutcomeAbandoned, reason: ReasonClientGone, depth: st.model.gate.depth(), wait: now.Sub(start)})
 }
 
@@ -927,7 +930,7 @@ func (st *stream) finish() {
 		st.lease = nil
 		if st.tpm != nil && st.status >= 200 && st.status < 300 {
 			prompt := st.size
-			if st.form {
+			if st.upload {
 				prompt = 0 // a file, not words
 			}
 			st.tpm.spend(time.Now(), st.meter.tokens(prompt))
@@ -963,8 +966,9 @@ func (st *stream) takeBudget(now time.Time) *rejection {
 
 // giveBack returns to its tenant's request budget a request that was
 // taken from it and then never went to its model (the queue turned it
-// away or displaced it, it timed out, its model failed, its client left):
-// it is not a request the tenant was served.
+// away or displaced it, it timed out, its model failed, its client or
+// the stream went): it is not a request the tenant was served. The
+// stream's close calls it, once the request can no longer be admitted.
 func (st *stream) giveBack(now time.Time) {
 	if st.rpm != nil {
 		st.rpm.spend(now, -1)

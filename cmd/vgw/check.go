@@ -63,7 +63,9 @@ func envoyCheck(args []string, stdout, stderr io.Writer) error {
 			RecvLimit:         int64(extproc.RecvLimit(int(max(c.MaxBodyBytes, c.MaxAudioBodyBytes)))),
 			StreamIdleTimeout: c.Envoy.StreamIdleTimeout.Std(),
 			TrustModelHeader:  c.TrustModelHeader,
-			ObjectiveHeader:   c.ObjectiveHeader,
+		}
+		if len(c.Objectives) > 0 { // else the header sets nothing
+			want.ObjectiveHeader = c.ObjectiveHeader
 		}
 	}
 	failed := 0
