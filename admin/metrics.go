@@ -213,7 +213,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(g.Queued), model)
 		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(g.InFlight), model)
 		ch <- prometheus.MustNewConstMetric(descLimit, prometheus.GaugeValue, float64(g.Limits.MaxConcurrent), model)
-		flowMetrics(ch, model, g.Bands)
+		flowMetrics(ch, model, g.Bands, g.GonePriorities)
 	}
 	v := d.Manager.View()
 	for _, m := range v.Models {
@@ -254,8 +254,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 
 // flowMetrics sends a model's queue and counts by priority and by
 // tenant: two families rather than one by both, so that the series grow
-// with priorities plus tenants, not their product.
-func flowMetrics(ch chan<- prometheus.Metric, model string, bands []extproc.BandStats) {
+// with priorities plus tenants, not their product. The counts of flows a
+// reload took away stay in their priority's and their tenant's sums.
+func flowMetrics(ch chan<- prometheus.Metric, model string, bands []extproc.BandStats, gonePriorities []extproc.FlowStats) {
 	type sums struct {
 		queued                        int
 		admitted, displaced, rejected uint64
@@ -273,8 +274,13 @@ func flowMetrics(ch chan<- prometheus.Metric, model string, bands []extproc.Band
 		ch <- prometheus.MustNewConstMetric(reqs, prometheus.CounterValue, float64(s.rejected), model, label, "rejected")
 	}
 	tenants := map[string]*sums{}
+	for _, f := range gonePriorities {
+		tenants[f.Tenant] = &sums{}
+		add(tenants[f.Tenant], f)
+	}
 	for _, b := range bands {
 		var band sums
+		add(&band, b.GoneTenants)
 		for _, f := range b.Tenants {
 			add(&band, f)
 			t := tenants[f.Tenant]

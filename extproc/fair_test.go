@@ -568,3 +568,42 @@ func TestGateRandomReload(t *testing.T) {
 		checkGate(t, g)
 	}
 }
+
+// TestGateReloadKeepsCounts: a reload that takes a tenant or a priority
+// away keeps the counts of its flows in the sums by priority and by
+// tenant that stay, so that no count metrics report goes down, and none
+// jumps into another flow's.
+func TestGateReloadKeepsCounts(t *testing.T) {
+	g := newGate(Limits{MaxConcurrent: 1, MaxQueue: 10}, fairTable(false))
+	now := time.Now()
+	for _, k := range []flowKey{fkey(g.table, "c", ""), fkey(g.table, "a", "batch"), fkey(g.table, "a", ""), fkey(g.table, "x", "")} {
+		if !g.tryAcquire(now, k, 1) {
+			t.Fatal("no slot")
+		}
+		g.release(0)
+	}
+	sums := func(st GateStats) (byPriority map[int]uint64, byTenant map[string]uint64) {
+		byPriority, byTenant = map[int]uint64{}, map[string]uint64{}
+		for _, f := range st.GonePriorities {
+			byTenant[f.Tenant] += f.Admitted
+		}
+		for _, b := range st.Bands {
+			byPriority[b.Priority] += b.GoneTenants.Admitted
+			for _, f := range b.Tenants {
+				byPriority[b.Priority] += f.Admitted
+				byTenant[f.Tenant] += f.Admitted
+			}
+		}
+		return byPriority, byTenant
+	}
+	p0, t0 := sums(g.stats())
+	// c is no longer a tenant, batch no longer an objective.
+	g.setTable(newFlowTable(Fairness{Objectives: map[string]int{"interactive": 10}, Tenants: []Tenant{{Name: "a", MaxQueue: -1}}}, g.table))
+	p1, t1 := sums(g.stats())
+	if p1[0] != p0[0] || t1["a"] != t0["a"] || t1[DefaultTenant] != t0[DefaultTenant] {
+		t.Errorf("by priority %v then %v; by tenant %v then %v: priority 0, a and default-flow must keep theirs", p0, p1, t0, t1)
+	}
+	if p1[0] != 3 || t1["a"] != 2 || t1[DefaultTenant] != 1 {
+		t.Errorf("by priority %v, by tenant %v; want 3 at priority 0, a 2, default-flow 1", p1, t1)
+	}
+}

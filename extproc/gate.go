@@ -53,8 +53,13 @@ type gate struct {
 	tenantQueued []int
 	queueLen     int
 	seq          uint64 // arrival order of waiters, for a band's newest
-	completed    uint64 // requests released so far, for the rate estimate
-	rate         rateEstimate
+	// goneTenants and gonePriorities keep the counts of flows a reload
+	// took away, by the priority and by the tenant that stayed, so that
+	// the counts by priority and by tenant never go down (see setTable).
+	goneTenants    map[int]flowCounts    // by priority: tenants no longer configured
+	gonePriorities map[string]flowCounts // by tenant: priorities no longer configured
+	completed      uint64                // requests released so far, for the rate estimate
+	rate           rateEstimate
 	// For Retry-After (retryAfter): since when a slot has been taken
 	// without a break (inflight above 0), the model's service time (an
 	// average of the requests it served; 0 while none has been), and the
@@ -95,6 +100,10 @@ type flowCounts struct {
 	admitted  uint64 // given a slot, at once or after waiting
 	displaced uint64 // taken out of the queue for a request that came later
 	rejected  uint64 // turned away on arrival: the queue or the tenant's share was full, or its budget spent
+}
+
+func (c flowCounts) plus(d flowCounts) flowCounts {
+	return flowCounts{c.admitted + d.admitted, c.displaced + d.displaced, c.rejected + d.rejected}
 }
 
 // A waiter is one request queued at a gate. Waiters are pooled: a queued
@@ -459,9 +468,11 @@ func (g *gate) setLimits(l Limits) {
 // setTable puts new fairness in force. The waiters go on waiting, in the
 // order they came, each in its flow under the new table (its tenant by
 // name, or the shared one; its priority, or the default). A flow's counts
-// carry over where the new table has its tenant and priority, and go
-// with it where not, rather than swell another flow's: counters that
-// jumped would read as a burst.
+// carry over where the new table has its tenant and priority. Where it
+// has only one of them, they are kept for that one (goneTenants,
+// gonePriorities), so that a count by priority or by tenant neither
+// jumps (folded into another flow's) nor drops (lost): Prometheus would
+// read either as a burst.
 func (g *gate) setTable(t *flowTable) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -479,17 +490,36 @@ func (g *gate) setTable(t *flowTable) {
 	}
 	slices.SortFunc(ws, func(a, b *waiter) int { return cmp.Compare(a.seq, b.seq) })
 	g.setTableLocked(t)
+	goneT, goneP := map[int]flowCounts{}, map[string]flowCounts{}
+	for p, c := range g.goneTenants {
+		if slices.Contains(t.priorities, p) {
+			goneT[p] = c
+		}
+	}
+	for name, c := range g.gonePriorities {
+		if _, ok := t.tenant(name); ok {
+			goneP[name] = c
+		}
+	}
 	for i := range oldBands {
 		for _, f := range oldBands[i].flows {
 			if f == nil {
 				continue
 			}
 			name, p := old.tenants[f.tenant].name, old.priorities[f.band]
-			if _, ok := t.tenant(name); ok && slices.Contains(t.priorities, p) {
+			_, keepT := t.tenant(name)
+			keepP := slices.Contains(t.priorities, p)
+			switch {
+			case keepT && keepP:
 				g.flowLocked(flowKey{t: old, tenant: f.tenant, band: f.band}).counts = f.counts
+			case keepP:
+				goneT[p] = goneT[p].plus(f.counts)
+			case keepT:
+				goneP[name] = goneP[name].plus(f.counts)
 			}
 		}
 	}
+	g.goneTenants, g.gonePriorities = goneT, goneP
 	for _, w := range ws {
 		k := flowKey{t: old, tenant: w.flow.tenant, band: w.flow.band}
 		g.pushLocked(w, g.flowLocked(k), w.cost)
@@ -519,6 +549,9 @@ type GateStats struct {
 	// Bands are the model's queue by priority, highest first: every
 	// priority, with the tenants that have sent it requests.
 	Bands []BandStats
+	// GonePriorities are, by tenant, the counts of its requests at
+	// priorities a reload has since taken away.
+	GonePriorities []FlowStats
 }
 
 // BandStats is one priority's share of a model's queue.
@@ -526,6 +559,9 @@ type BandStats struct {
 	Priority int
 	Queued   int
 	Tenants  []FlowStats // by tenant name
+	// GoneTenants counts the requests of tenants a reload has since
+	// taken away (no Tenant, nothing queued).
+	GoneTenants FlowStats
 }
 
 // FlowStats is one tenant's requests at one priority.
@@ -563,20 +599,30 @@ func (g *gate) stats() GateStats {
 			}
 		}
 	}
+	goneT, goneP := g.goneTenants, g.gonePriorities // replaced whole, never written
 	g.mu.Unlock()
 	s.Bands = make([]BandStats, len(queued))
 	for i := range queued {
-		s.Bands[i] = BandStats{Priority: t.priorities[i], Queued: queued[i]}
+		s.Bands[i] = BandStats{Priority: t.priorities[i], Queued: queued[i], GoneTenants: goneT[t.priorities[i]].stats("")}
+	}
+	for name, c := range goneP {
+		s.GonePriorities = append(s.GonePriorities, c.stats(name))
 	}
 	for _, f := range flows {
 		b := &s.Bands[f.band]
-		b.Tenants = append(b.Tenants, FlowStats{Tenant: t.tenants[f.tenant].name, Queued: f.queued,
-			Admitted: f.counts.admitted, Displaced: f.counts.displaced, Rejected: f.counts.rejected})
+		fs := f.counts.stats(t.tenants[f.tenant].name)
+		fs.Queued = f.queued
+		b.Tenants = append(b.Tenants, fs)
 	}
 	for i := range s.Bands {
 		slices.SortFunc(s.Bands[i].Tenants, func(a, b FlowStats) int { return strings.Compare(a.Tenant, b.Tenant) })
 	}
 	return s
+}
+
+// stats renders c as a tenant's.
+func (c flowCounts) stats(tenant string) FlowStats {
+	return FlowStats{Tenant: tenant, Admitted: c.admitted, Displaced: c.displaced, Rejected: c.rejected}
 }
 
 // busy reports whether the gate has a request in flight or waiting.
@@ -627,11 +673,13 @@ func (g *gate) retryAfter(now time.Time) time.Duration {
 }
 
 // tenantRetryAfter tells a request turned away because its tenant has as
-// many waiting as it may when to come back: about when one of them will
-// have been served, were they in the request's band: after the waiters
-// of higher bands and a round of the other tenants of its own (a turn per
-// weight each). It gives out no turn (nextTurn stays): the queue has
-// room for others.
+// many waiting as it may when to come back: about when the first of them
+// will have been served, were they in the request's band: after the
+// waiters of higher bands and the turns that come before its flow's in
+// the band (what is left of the current turn, then each flow's weight,
+// as far as its waiters go; under VTC a request of each flow served less
+// so far). It gives out no turn (nextTurn stays): the queue has room for
+// others.
 func (g *gate) tenantRetryAfter(now time.Time, k flowKey) time.Duration {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -643,7 +691,14 @@ func (g *gate) tenantRetryAfter(now time.Time, k flowKey) time.Duration {
 	}
 	if b := &g.bands[f.band]; b.cursor != nil {
 		for x := b.cursor; ; {
-			if x != f {
+			switch {
+			case x == f && !g.vtc:
+				return spread(first + time.Duration(ahead)*turn) // its turn comes
+			case g.vtc && x != f && (f.next == nil || x.counter < f.counter):
+				ahead++
+			case !g.vtc && x == b.cursor:
+				ahead += min(x.credit, x.q.len)
+			case !g.vtc:
 				ahead += min(x.weight, x.q.len)
 			}
 			if x = x.next; x == b.cursor {

@@ -84,10 +84,15 @@ func TestTenantFullLeavesTurns(t *testing.T) {
 			t.Fatalf("b told %v, want about half a second", d)
 		}
 	}
-	// With c waiting too, b's next comes a turn later.
+	// With c waiting too: while b holds the turn, b's first is still
+	// next; once the turn is c's, b's comes a turn later.
 	fill(t, g, "c//1")
+	if d := g.tenantRetryAfter(now, fkey(g.table, "b", "")); d > 550*time.Millisecond {
+		t.Fatalf("b told %v with the turn its own, want about half a second", d)
+	}
+	g.turnLocked(&g.bands[1], g.bands[1].flows[3])
 	if d := g.tenantRetryAfter(now, fkey(g.table, "b", "")); d < 1350*time.Millisecond || d > 1650*time.Millisecond {
-		t.Fatalf("b told %v with c waiting, want about a second and a half", d)
+		t.Fatalf("b told %v with the turn c's, want about a second and a half", d)
 	}
 	// The queue is full: c, turned away, is told its own turn, as if b's
 	// flood had not been.
