@@ -205,6 +205,17 @@ models:
   broken: {vram: 10GiB, extra_args: ["--api-key", "` + apiKey + `"], sim: {fail_start: true}}
 `
 
+// serveWithToken runs vgw serve on config (YAML), its admin service
+// behind adminToken, read from a file as an operator keeps it.
+func serveWithToken(t *testing.T, config string) (*lockedBuffer, func(string) string) {
+	t.Helper()
+	dir := t.TempDir()
+	cfgPath, tokenPath := filepath.Join(dir, "vgw.yaml"), filepath.Join(dir, "token")
+	os.WriteFile(cfgPath, []byte(config), 0o600)
+	os.WriteFile(tokenPath, []byte(adminToken+"\n"), 0o600)
+	return startServe(t, "--config", cfgPath, "--admin-token-file", tokenPath)
+}
+
 // TestAdminWithGrpcurl drives a running vgw serve (sim runtime, a token,
 // an Envoy in front) with the real grpcurl, as an operator would: it
 // lists and describes the service, loads, pins and unloads models, turns
@@ -212,11 +223,7 @@ models:
 // refused without the token; then it scrapes /metrics and reads /status.
 // Nothing it sees carries a secret.
 func TestAdminWithGrpcurl(t *testing.T) {
-	dir := t.TempDir()
-	cfgPath, tokenPath := filepath.Join(dir, "vgw.yaml"), filepath.Join(dir, "token")
-	os.WriteFile(cfgPath, []byte(adminConfig), 0o600)
-	os.WriteFile(tokenPath, []byte(adminToken+"\n"), 0o600)
-	logs, addr := startServe(t, "--config", cfgPath, "--admin-token-file", tokenPath)
+	logs, addr := serveWithToken(t, adminConfig)
 	ctx := context.Background()
 	g := newGrpcurl(t, addr("admin"), adminToken)
 	envoy := newFakeEnvoy(t, addr("extproc"), addr("xds"))

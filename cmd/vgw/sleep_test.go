@@ -1,8 +1,6 @@
 package main
 
 import (
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -29,11 +27,7 @@ models:
 // request through Envoy wakes it, without a new start, and the wake shows
 // in the events and in /metrics. What cannot sleep or wake says why.
 func TestSleepWithGrpcurl(t *testing.T) {
-	dir := t.TempDir()
-	cfgPath, tokenPath := filepath.Join(dir, "vgw.yaml"), filepath.Join(dir, "token")
-	os.WriteFile(cfgPath, []byte(sleepConfig), 0o600)
-	os.WriteFile(tokenPath, []byte(adminToken+"\n"), 0o600)
-	_, addr := startServe(t, "--config", cfgPath, "--admin-token-file", tokenPath)
+	_, addr := serveWithToken(t, sleepConfig)
 	g := newGrpcurl(t, addr("admin"), adminToken)
 	envoy := newFakeEnvoy(t, addr("extproc"), addr("xds"))
 	events := g.watch()
@@ -121,11 +115,7 @@ func TestSleepWithGrpcurl(t *testing.T) {
 // load began and the phase of its start its server's log last told, and
 // WatchEvents streams each new phase.
 func TestProgressWithGrpcurl(t *testing.T) {
-	dir := t.TempDir()
-	cfgPath, tokenPath := filepath.Join(dir, "vgw.yaml"), filepath.Join(dir, "token")
-	os.WriteFile(cfgPath, []byte(sleepConfig), 0o600)
-	os.WriteFile(tokenPath, []byte(adminToken+"\n"), 0o600)
-	_, addr := startServe(t, "--config", cfgPath, "--admin-token-file", tokenPath)
+	_, addr := serveWithToken(t, sleepConfig)
 	g := newGrpcurl(t, addr("admin"), adminToken)
 	events := g.watch()
 	var loaded adminv1.LoadModelResponse

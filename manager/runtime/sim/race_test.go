@@ -138,16 +138,7 @@ func TestEvictedModelWokenFirst(t *testing.T) {
 	}
 	d := tm.leaseLater("d") // loading on GPU 1 for 2 s
 	poll.Until(t, "d loading", func() bool { return tm.status("d").State == manager.Loading && tm.status("d").Instance != "" })
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	c := make(chan error, 1)
-	go func() {
-		l, err := tm.Lease(ctx, "c")
-		if err == nil {
-			l.Release()
-		}
-		c <- err
-	}()
+	c := tm.ensureWithin("c", 15*time.Second)
 	poll.Until(t, "a asleep for c", func() bool { return tm.status("a").State == manager.Sleeping })
 	if err := tm.ensure("a"); err != nil { // woken, b put to sleep for it
 		t.Fatal(err)
@@ -159,6 +150,22 @@ func TestEvictedModelWokenFirst(t *testing.T) {
 		t.Errorf("c never started: %v; c %v, a %v, b %v, d %v; events %v", err, tm.status("c").State, tm.status("a").State,
 			tm.status("b").State, tm.status("d").State, tm.allEvents())
 	}
+}
+
+// ensureWithin leases model on a goroutine of its own and gives the
+// lease back at once: why it was not ready within d comes on the channel.
+func (tm *testManager) ensureWithin(model string, d time.Duration) <-chan error {
+	c := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), d)
+		defer cancel()
+		l, err := tm.Lease(ctx, model)
+		if err == nil {
+			l.Release()
+		}
+		c <- err
+	}()
+	return c
 }
 
 // hostHook runs before a sleeping server's host memory is read.
@@ -236,16 +243,7 @@ models:
 	}
 	d := tm.leaseLater("d")
 	poll.Until(t, "d loading", func() bool { return tm.status("d").State == manager.Loading && tm.status("d").Instance != "" })
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	c := make(chan error, 1)
-	go func() {
-		l, err := tm.Lease(ctx, "c")
-		if err == nil {
-			l.Release()
-		}
-		c <- err
-	}()
+	c := tm.ensureWithin("c", 15*time.Second)
 	poll.Until(t, "a stopped for c", func() bool { return tm.status("a").State == manager.Stopped && tm.status("c").State == manager.Loading })
 	if err := tm.ensure("a"); err != nil {
 		t.Fatal(err)
