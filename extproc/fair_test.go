@@ -320,24 +320,21 @@ func TestGateRandom(t *testing.T) {
 			}
 			// Collect grants and displacements; check grant order.
 			for _, e := range live {
-				if e.closed {
+				if e.closed || !signalled(e.w) {
 					continue
 				}
-				select {
-				case <-e.w.ready:
-					e.closed = true
-					if e.w.state == granted {
-						held++
-						for _, o := range live {
-							if !o.closed && o.w.state == waiting && o.key.band < e.key.band {
-								t.Fatalf("seed %d step %d: a waiter of band %d was granted while one of band %d waited", seed, step, e.key.band, o.key.band)
-							}
-							if !o.closed && o.w.state == waiting && o.key == e.key && o.seq < e.seq {
-								t.Fatalf("seed %d step %d: a tenant's newer waiter was granted before its older one", seed, step)
-							}
-						}
+				e.closed = true
+				if e.w.state != granted {
+					continue
+				}
+				held++
+				for _, o := range live {
+					if !o.closed && o.w.state == waiting && o.key.band < e.key.band {
+						t.Fatalf("seed %d step %d: a waiter of band %d was granted while one of band %d waited", seed, step, e.key.band, o.key.band)
 					}
-				default:
+					if !o.closed && o.w.state == waiting && o.key == e.key && o.seq < e.seq {
+						t.Fatalf("seed %d step %d: a tenant's newer waiter was granted before its older one", seed, step)
+					}
 				}
 			}
 			if g.inflight != held {
@@ -526,16 +523,11 @@ func TestGateRandomReload(t *testing.T) {
 				g.setLimits(Limits{MaxConcurrent: 1 + rng.IntN(3), MaxQueue: rng.IntN(20)})
 			}
 			for _, e := range live {
-				if e.closed {
-					continue
-				}
-				select {
-				case <-e.w.ready:
+				if !e.closed && signalled(e.w) {
 					e.closed = true
 					if e.w.state == granted {
 						held++
 					}
-				default:
 				}
 			}
 			if g.inflight != held {
